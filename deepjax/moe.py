@@ -33,7 +33,9 @@ def route(logits_TE: jnp.ndarray, bias_E: jnp.ndarray | None, cfg: ModelConfig):
         scores_TE = jax.nn.sigmoid(logits_TE)
     else:
         scores_TE = jax.nn.softmax(logits_TE, axis=-1)
-    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.astype(jnp.float32)
+    choice_TE = scores_TE
+    if bias_E is not None:
+        choice_TE = scores_TE + bias_E.astype(jnp.float32).reshape((1,) * (scores_TE.ndim - 1) + (E,))
     if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and G > 1:
         grouped_TGe = choice_TE.reshape(*choice_TE.shape[:-1], G, E // G)
         if cfg.topk_method == "noaux_tc":

@@ -42,7 +42,8 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+        w = self.weight[...].astype(x.dtype)
+        return w.reshape((1,) * (x.ndim - 1) + w.shape) * y.astype(x.dtype)
 
 
 class MLP(nnx.Module):

@@ -51,7 +51,7 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
 def rope_tables(cfg: ModelConfig, positions_BT: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos and sin [B, T, P] in float32 for integer positions."""
     inv_freq_P = jnp.asarray(yarn_inv_freq(cfg))
-    angle_BTP = positions_BT.astype(jnp.float32)[..., None] * inv_freq_P
+    angle_BTP = positions_BT.astype(jnp.float32)[..., None] * inv_freq_P[None, None, :]
     a = rope_attention_factor(cfg)
     return jnp.cos(angle_BTP) * a, jnp.sin(angle_BTP) * a
 
