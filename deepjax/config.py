@@ -84,6 +84,7 @@ class ModelConfig:
     dtype: str = "float32"  # activations and matmul inputs
     param_dtype: str = "float32"
     remat: str = "none"  # per-layer rematerialization: none | full | save_dots
+    capacity_factor: Optional[float] = None  # None: dropless MoE; c: expert-parallel slots = c x balanced load
 
     # ---- derived values ---------------------------------------------------------------------
     @property
@@ -167,7 +168,7 @@ class ModelConfig:
         d = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("dtype", "param_dtype", "remat", "rope_scaling")
+            if f.name not in ("dtype", "param_dtype", "remat", "capacity_factor", "rope_scaling")
         }
         d["rope_scaling"] = None if self.rope_scaling is None else dataclasses.asdict(self.rope_scaling)
         d["model_type"] = "deepseek_v3" if is_v3 else "deepseek_v2"
@@ -372,6 +373,8 @@ def validate_model(m: ModelConfig) -> None:
     for f in ("dtype", "param_dtype"):
         if getattr(m, f) not in DTYPES:
             bad(f, f"unknown; choose from {DTYPES}")
+    if m.capacity_factor is not None and not m.capacity_factor > 0:
+        bad("capacity_factor", "must be positive, or None for dropless")
     if m.remat not in REMAT_POLICIES:
         bad("remat", f"unknown; choose from {REMAT_POLICIES}")
     rs = m.rope_scaling

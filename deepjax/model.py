@@ -21,11 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepjax import sharding
 from deepjax.config import ModelConfig
+from deepjax.expert_parallel import ShardedExperts
 from deepjax.mla import MLA
 from deepjax.moe import MoE, routed_experts_dropless
 from deepjax.nn import MLP, Param, RMSNorm, RouterBias, dtype_of, normal_init
 from deepjax.rope import rope_tables
+
+
+ACT_AXES = ("batch", "length", "act_embed")  # the residual stream between blocks
 
 
 class Output(NamedTuple):
@@ -35,6 +40,7 @@ class Output(NamedTuple):
     balance_loss: jnp.ndarray  # [L_moe] sequence-wise balance loss per MoE layer (without alpha)
     mtp_expert_load: Optional[jnp.ndarray]  # [M, E]
     mtp_balance_loss: Optional[jnp.ndarray]  # [M]
+    dropped_tokens: jnp.ndarray  # (token, expert) assignments dropped by a capacity limit, all layers
     hidden: jnp.ndarray  # [B, T, D] last hidden state before the final norm
 
 
@@ -51,8 +57,8 @@ class Block(nnx.Module):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS)
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoE):
-            y_BTD, load_E, bal = self.ffn(h_BTD, valid_BT, experts_fn)
-            return x_BTD + y_BTD, (load_E, bal)
+            y_BTD, load_E, bal, dropped = self.ffn(h_BTD, valid_BT, experts_fn)
+            return x_BTD + y_BTD, (load_E, bal, dropped)
         return x_BTD + self.ffn(h_BTD), None
 
 
@@ -97,7 +103,8 @@ class Transformer(nnx.Module):
         graphdef, state = nnx.split(stack)
 
         def body(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask_BTS, valid_BT, experts_fn)
+            x, aux = nnx.merge(graphdef, layer_state)(x, cos, sin, mask_BTS, valid_BT, experts_fn)
+            return sharding.constrain(x, ACT_AXES), aux
 
         if self.cfg.remat == "full":
             body = jax.checkpoint(body)
@@ -106,11 +113,13 @@ class Transformer(nnx.Module):
         return jax.lax.scan(body, x_BTD, state)
 
     def logits(self, h_BTD, norm: RMSNorm):
-        return (norm(h_BTD) @ self.head[...].astype(h_BTD.dtype)).astype(jnp.float32)
+        logits_BTV = (norm(h_BTD) @ self.head[...].astype(h_BTD.dtype)).astype(jnp.float32)
+        return sharding.constrain(logits_BTV, ("batch", "length", "vocab"))
 
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None,
-                 experts_fn=routed_experts_dropless) -> Output:
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None) -> Output:
         cfg = self.cfg
+        if experts_fn is None:
+            experts_fn = default_experts_fn(cfg)
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -123,14 +132,16 @@ class Transformer(nnx.Module):
         mask_BTS = causal_TS[None] & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
         valid_BT = segment_ids_BT > 0
 
-        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+        x_BTD = sharding.constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt), ACT_AXES)
         if self.dense_layers is not None:
             x_BTD, _ = self._scan(self.dense_layers, x_BTD, cos, sin, mask_BTS, valid_BT, experts_fn)
         E = cfg.n_routed_experts
         load_LE, bal_L = jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
+        dropped = jnp.zeros((), jnp.int32)
         if self.moe_layers is not None:
-            x_BTD, (load_LE, bal_L) = self._scan(self.moe_layers, x_BTD, cos, sin, mask_BTS, valid_BT,
+            x_BTD, (load_LE, bal_L, dropped_L) = self._scan(self.moe_layers, x_BTD, cos, sin, mask_BTS, valid_BT,
                                                  experts_fn)
+            dropped = dropped_L.sum()
         logits = self.logits(x_BTD, self.norm)
 
         mtp_logits, mtp_load, mtp_bal = [], [], []
@@ -145,8 +156,19 @@ class Transformer(nnx.Module):
             mtp_logits.append(self.logits(h_BTD, mod.norm))
             mtp_load.append(aux[0])
             mtp_bal.append(aux[1])
+            dropped = dropped + aux[2]
         stack = lambda xs: jnp.stack(xs) if xs else None
-        return Output(logits, stack(mtp_logits), load_LE, bal_L, stack(mtp_load), stack(mtp_bal), x_BTD)
+        return Output(logits, stack(mtp_logits), load_LE, bal_L, stack(mtp_load), stack(mtp_bal), dropped,
+                      x_BTD)
+
+
+def default_experts_fn(cfg: ModelConfig):
+    """Local dropless experts on one device; under a mesh (`sharding.use_mesh`), the shard_map path:
+    all-to-all over `expert` when experts are sharded, a capacity limit when cfg.capacity_factor is set."""
+    ctx = sharding.current()
+    if ctx is None:
+        return routed_experts_dropless
+    return ShardedExperts(*ctx, capacity_factor=cfg.capacity_factor)
 
 
 def mtp_targets(tokens_BT, segment_ids_BT, k: int):
@@ -175,9 +197,9 @@ def abstract_init(cfg: ModelConfig):
     return nnx.split(model)
 
 
-def forward(graphdef, params, tokens_BT, positions_BT=None, segment_ids_BT=None,
-            experts_fn=routed_experts_dropless) -> Output:
-    """The pure forward pass. Jit with `jax.jit(forward, static_argnums=0)` (see `jit_forward`)."""
+def forward(graphdef, params, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None) -> Output:
+    """The pure forward pass. Jit with `jax.jit(forward, static_argnums=0)` (see `jit_forward`).
+    Inside `deepjax.sharding.use_mesh(...)` the MoE layers dispatch tokens over the mesh."""
     return nnx.merge(graphdef, params)(tokens_BT, positions_BT, segment_ids_BT, experts_fn)
 
 

@@ -116,7 +116,8 @@ class MoE(nnx.Module):
         self.shared = MLP(cfg, cfg.n_shared_experts * I, rngs=rngs) if cfg.n_shared_experts else None
 
     def __call__(self, x_BTD, valid_BT, experts_fn=routed_experts_dropless):
-        """Returns (y_BTD, load_E, balance_loss)."""
+        """Returns (y_BTD, load_E, balance_loss, dropped): dropped counts (token, expert) assignments
+        past capacity (always 0 when dropless). experts_fn may return y or (y, dropped)."""
         cfg = self.cfg
         B, T, D = x_BTD.shape
         logits_BTE = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), self.gate[...].astype(jnp.float32))
@@ -125,9 +126,12 @@ class MoE(nnx.Module):
         dt = x_BTD.dtype
         y_TD = experts_fn(x_BTD.reshape(B * T, D), w_BTK.reshape(B * T, -1), idx_BTK.reshape(B * T, -1),
                           self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        dropped = jnp.zeros((), jnp.int32)
+        if isinstance(y_TD, tuple):
+            y_TD, dropped = y_TD
         y_BTD = y_TD.reshape(B, T, D)
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD)
         load_E = expert_load(idx_BTK, valid_BT, cfg.n_routed_experts)
         bal = sequence_balance_loss(scores_BTE, idx_BTK, valid_BT, cfg)
-        return y_BTD, load_E, bal
+        return y_BTD, load_E, bal, dropped

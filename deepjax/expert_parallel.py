@@ -1,0 +1,129 @@
+"""Expert parallelism: routed experts spread over the `expert` mesh axis, tokens sent to them by all-to-all.
+
+Shape key (per device, inside shard_map): T local tokens, K experts per token, X = T*K assignments,
+D hidden, E_l = experts on this device, I_l = moe_intermediate_size on this device (split over `tensor`),
+P = expert-parallel size, C = slots per (source, destination) pair.
+
+Per MoE layer, on every device:
+  1. sort the X (token, expert) assignments by expert; destination device = expert // E_l;
+  2. all-to-all the tokens: each destination gets a [C, D] block from every source;
+  3. a dropless grouped matmul (`jax.lax.ragged_dot`) over the received tokens, sorted by local expert;
+  4. all-to-all the results back, weight them by the gate and add them into their tokens;
+  5. with `tensor` > 1, each device held an I-slice of every expert: psum the partial outputs.
+
+Dropless by default: C = X, so no token is ever dropped (the buffer is sized for the worst case, every
+assignment going to one device). `capacity_factor` c sets C = ceil(c X / P) as DeepSeek-V2 did: an
+assignment past its destination's C slots is dropped (contributes zero) and counted.
+
+This exchange uses a padded `all_to_all`, which every backend implements (XLA:CPU has no
+`ragged_all_to_all`). Load counts are computed outside, on the global arrays, so balancing sees the
+global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from deepjax.moe import routed_experts_dropless
+from deepjax.sharding import logical_to_spec
+
+
+def _axes(spec_entry) -> tuple[str, ...]:
+    return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry or ())
+
+
+def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str):
+    """Steps 1-4 on one device. Returns (y_TD float32, number of dropped assignments)."""
+    T, K = idx_TK.shape
+    E_l, D = wg.shape[0], x_TD.shape[-1]
+    X = T * K
+    flat_e = idx_TK.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)
+    e_sorted = flat_e[order]
+    dest = e_sorted // E_l
+    counts = jnp.bincount(dest, length=ep)
+    starts = jnp.cumsum(counts) - counts
+    pos = jnp.arange(X) - starts[dest]  # slot within the destination's block
+    keep = pos < capacity
+    slot = jnp.where(keep, pos, capacity)  # out of range: dropped by mode="drop"
+    token = order // K
+    send_x = jnp.zeros((ep, capacity, D), x_TD.dtype).at[dest, slot].set(x_TD[token], mode="drop")
+    send_e = jnp.full((ep, capacity), E_l, jnp.int32).at[dest, slot].set(e_sorted % E_l, mode="drop")
+    recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True).reshape(ep * capacity, D)
+    recv_e = jax.lax.all_to_all(send_e, axis, 0, 0, tiled=True).reshape(ep * capacity)
+    # Local dropless grouped matmul; empty slots (id E_l) sort last and fall outside every group.
+    o2 = jnp.argsort(recv_e, stable=True)
+    sizes = jnp.bincount(recv_e, length=E_l + 1)[:E_l].astype(jnp.int32)
+    xs = recv_x[o2]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, wg, sizes)) * jax.lax.ragged_dot(xs, wu, sizes)
+    ys = jax.lax.ragged_dot(h, wd, sizes)
+    valid = (recv_e[o2] < E_l)[:, None]
+    ys = jnp.where(valid, ys, 0)
+    back = jnp.zeros_like(ys).at[o2].set(ys).reshape(ep, capacity, D)
+    ret = jax.lax.all_to_all(back, axis, 0, 0, tiled=True)
+    y_X = ret.at[dest, slot].get(mode="fill", fill_value=0).astype(jnp.float32)
+    w_X = (w_TK.reshape(-1)[order] * keep).astype(jnp.float32)
+    y_TD = jnp.zeros((T, D), jnp.float32).at[token].add(y_X * w_X[:, None])
+    return y_TD, X - keep.sum()
+
+
+class ShardedExperts:
+    """An `experts_fn` for MoE that runs inside shard_map on `mesh` (hashable: usable as a static arg)."""
+
+    def __init__(self, mesh: Mesh, rules: dict, capacity_factor: Optional[float] = None):
+        self.mesh, self.rules, self.capacity_factor = mesh, rules, capacity_factor
+        self.batch_axes = _axes(logical_to_spec(("batch",), rules, mesh)[0] if logical_to_spec(
+            ("batch",), rules, mesh) else None)
+        exp_spec = logical_to_spec(("exp",), rules, mesh)
+        self.exp_axes = _axes(exp_spec[0] if exp_spec else None)
+        mlp_spec = logical_to_spec(("moe_mlp",), rules, mesh)
+        self.mlp_axes = _axes(mlp_spec[0] if mlp_spec else None)
+        if len(self.exp_axes) > 1:
+            raise ValueError(f"experts may be sharded over one mesh axis, got {self.exp_axes}")
+        if self.exp_axes and self.exp_axes[0] not in self.batch_axes:
+            raise ValueError(f"expert axis {self.exp_axes[0]!r} must also split the batch "
+                             f"(batch axes: {self.batch_axes}) for all-to-all dispatch")
+
+    def _key(self):
+        return (id(self.mesh), tuple(sorted((k, str(v)) for k, v in self.rules.items())), self.capacity_factor)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, ShardedExperts) and self._key() == other._key() and self.mesh == other.mesh
+
+    def __call__(self, x_TD, w_TK, idx_TK, wg_EDI, wu_EDI, wd_EID):
+        mesh = self.mesh
+        ep = math.prod(mesh.shape[a] for a in self.exp_axes) if self.exp_axes else 1
+        n_tok = math.prod(mesh.shape[a] for a in self.batch_axes) if self.batch_axes else 1
+        T_local = x_TD.shape[0] // n_tok
+        if x_TD.shape[0] % n_tok:
+            raise ValueError(f"{x_TD.shape[0]} tokens do not split over batch axes {self.batch_axes} ({n_tok})")
+        X = T_local * idx_TK.shape[1]
+        capacity = X if self.capacity_factor is None else max(1, math.ceil(self.capacity_factor * X / ep))
+        tok = P(self.batch_axes or None)
+        e_ax = self.exp_axes[0] if self.exp_axes else None
+        m_ax = self.mlp_axes or None
+        in_specs = (tok, tok, tok, P(e_ax, None, m_ax), P(e_ax, None, m_ax), P(e_ax, m_ax, None))
+
+        def inner(x, w, idx, wg, wu, wd):
+            if ep == 1:
+                y = routed_experts_dropless(x, w, idx, wg, wu, wd).astype(jnp.float32)
+                dropped = jnp.zeros((), jnp.int32)
+            else:
+                y, dropped = _exchange(x, w, idx, wg, wu, wd, ep=ep, capacity=capacity, axis=e_ax)
+            if self.mlp_axes:
+                y = jax.lax.psum(y, self.mlp_axes)
+            if self.batch_axes:  # identical across the other axes, where tokens are replicated
+                dropped = jax.lax.psum(dropped, self.batch_axes)
+            return y.astype(x.dtype), dropped
+
+        fn = jax.shard_map(inner, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()), check_vma=False)
+        return fn(x_TD, w_TK, idx_TK, wg_EDI, wu_EDI, wd_EID)

@@ -1,0 +1,222 @@
+"""The device mesh and the one table from logical axis names to mesh axes.
+
+Mesh axes: `data` (pure data parallel: replicated params), `fsdp` (data parallel with params, grads and
+optimizer state sharded, ZeRO-3), `expert` (routed experts spread over devices; tokens reach them by
+all-to-all, and these devices also split the batch), `tensor` (heads / FFN width split, Megatron style).
+Pods add `dcn_data`: data parallel across slices over the data-center network, folded into `data`.
+
+Parameters name their dims where they are created (`axes=(...)` in deepjax/nn.py, mla.py, moe.py);
+activations are constrained at block boundaries with the same vocabulary (`constrain`). A preset is a
+small dict of changes to BASE_RULES; each says why it exists.
+
+Axis types are chosen on purpose: Auto. deepjax states shardings at parameter creation and block
+boundaries and lets XLA's propagation fill in the rest (the nanodo / MaxText model); Explicit mode would
+put a sharding in every array's type and need annotations on every op, and MoE dispatch is a manual
+`shard_map` either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated)
+BASE_RULES: dict[str, object] = {
+    "batch": ("data", "fsdp", "expert"),  # every non-tensor device takes its own slice of the batch
+    "length": None,
+    "act_embed": None,  # activations keep the hidden dim whole
+    "embed": "fsdp",  # ZeRO-3: each param's hidden dim split over fsdp, gathered per layer
+    "vocab": "tensor",
+    "heads": "tensor",
+    "head_dim": None,
+    "q_lora": None,
+    "kv_lora": None,
+    "mlp": "tensor",
+    "exp": "expert",
+    "moe_mlp": "tensor",
+    "layers": None,
+}
+
+RULE_PRESETS: dict[str, tuple[str, dict]] = {
+    "fsdp": ("weights sharded over fsdp only; experts stay whole on each device (no all-to-all): "
+             "simplest, best when the model fits comfortably",
+             {"exp": None, "vocab": None, "heads": None, "mlp": None, "moe_mlp": None}),
+    "fsdp_tensor": ("adds tensor parallelism: heads and FFN widths split, for layers too wide for fsdp alone",
+                    {"exp": None}),
+    "fsdp_expert": ("adds expert parallelism: routed experts spread over `expert`, tokens all-to-all'd to "
+                    "them; DeepSeek-V3's own layout (64-way EP, no TP)",
+                    {"vocab": None, "heads": None, "mlp": None, "moe_mlp": None}),
+    "fsdp_expert_tensor": ("all three: for meshes that use every axis", {}),
+}
+
+
+def rules_for(preset: str) -> dict[str, object]:
+    if preset not in RULE_PRESETS:
+        raise ValueError(f"sharding preset {preset!r}: unknown; choose from {sorted(RULE_PRESETS)}")
+    return {**BASE_RULES, **RULE_PRESETS[preset][1]}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 (fill with the remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    expert: int = 1
+    tensor: int = 1
+    dcn_data: int = 1  # slices (multi-slice pods): multiplies the data axis over DCN
+    rules: str = "fsdp_expert_tensor"
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+    sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
+    n_fill = sum(s == -1 for s in sizes)
+    if n_fill > 1 or any(s == 0 or s < -1 for s in sizes) or cfg.dcn_data < 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}, dcn_data={cfg.dcn_data}: sizes must be "
+                         "positive, with at most one -1")
+    per_slice = n_devices // cfg.dcn_data
+    known = math.prod(s for s in sizes if s != -1)
+    if n_fill:
+        if per_slice % known:
+            raise ValueError(f"mesh: {per_slice} devices per slice do not divide by the fixed axes ({known})")
+        sizes[sizes.index(-1)] = per_slice // known
+    if math.prod(sizes) * cfg.dcn_data != n_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} x dcn_data={cfg.dcn_data} needs "
+                         f"{math.prod(sizes) * cfg.dcn_data} devices, have {n_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: Optional[Sequence] = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(cfg, len(devices))
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    if cfg.dcn_data > 1:
+        from jax.experimental import mesh_utils
+
+        ici = shape
+        dcn = (cfg.dcn_data, 1, 1, 1)
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        return Mesh(arr, MESH_AXES, axis_types=types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+
+
+# ---- logical -> physical ------------------------------------------------------------------------
+
+def logical_to_spec(axes: Sequence[Optional[str]], rules: dict, mesh: Optional[Mesh] = None) -> P:
+    """PartitionSpec for logical axes. A mesh axis is used at most once per array (first dim wins);
+    with a mesh given, axes of size 1 are left out (they shard nothing)."""
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        target = rules.get(name) if name is not None else None
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no sharding rule")
+        phys = (target,) if isinstance(target, str) else tuple(target or ())
+        phys = tuple(a for a in phys if a not in used and (mesh is None or mesh.shape[a] > 1))
+        used.update(phys)
+        out.append(None if not phys else phys[0] if len(phys) == 1 else phys)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def param_specs(params, rules: dict, mesh: Optional[Mesh] = None):
+    """PartitionSpec per variable (same tree as params), from the `axes` each parameter was created with."""
+    from deepjax.model import logical_axes
+
+    return jax.tree.map(lambda axes: logical_to_spec(axes, rules, mesh), logical_axes(params),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _path_name(path) -> str:
+    return ".".join(str(getattr(p, "key", p)) for p in path)
+
+
+def check_divisible(params, specs, mesh: Mesh) -> None:
+    """Every sharded dim must divide by its mesh axes; the error names the parameter, dim and axis."""
+    shapes = {_path_name(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(
+        params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+    spec_leaves = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
+    for path, spec in spec_leaves:
+        name = _path_name(path)
+        shape = shapes[name]
+        for dim, part in enumerate(spec):
+            axes = (part,) if isinstance(part, str) else tuple(part or ())
+            n = math.prod(mesh.shape[a] for a in axes)
+            if n > 1 and shape[dim] % n:
+                raise ValueError(f"parameter {name} dim {dim} (size {shape[dim]}) is not divisible by mesh "
+                                 f"axis {'x'.join(axes)} (size {n})")
+
+
+def param_shardings(params, mesh: Mesh, rules: dict):
+    specs = param_specs(params, rules, mesh)
+    check_divisible(params, specs, mesh)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def init_sharded(cfg, key: jax.Array, mesh: Mesh, rules: dict):
+    """(graphdef, params, shardings): params created directly in their shardings under one jit, so the
+    full model never exists on one device."""
+    from deepjax.model import Transformer, abstract_init
+
+    graphdef, abstract = abstract_init(cfg)
+    shardings = param_shardings(abstract, mesh, rules)
+
+    def create(k):
+        return nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=k)))[1]
+
+    params = jax.jit(create, out_shardings=shardings)(key)
+    return graphdef, params, shardings
+
+
+# ---- activations --------------------------------------------------------------------------------
+
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("deepjax_sharding", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: dict):
+    """Within this context, `constrain` pins activations and MoE layers dispatch over `expert`."""
+    token = _CURRENT.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def current() -> Optional[tuple[Mesh, dict]]:
+    return _CURRENT.get()
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+    """with_sharding_constraint by logical names; a no-op outside `use_mesh`."""
+    ctx = _CURRENT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
+
+
+def batch_spec(mesh: Mesh, rules: dict, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [B, T, ...] input batch."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def spec_table(params, rules: dict) -> dict[str, str]:
+    """param path -> PartitionSpec string (mesh-independent), for golden dumps and docs."""
+    specs = param_specs(params, rules)
+    return {_path_name(p): str(s) for p, s in jax.tree_util.tree_leaves_with_path(
+        specs, is_leaf=lambda x: isinstance(x, P))}
+
+
+__all__ = ["MeshConfig", "make_mesh", "rules_for", "RULE_PRESETS", "param_shardings", "init_sharded",
+           "use_mesh", "constrain", "batch_spec", "spec_table", "logical_to_spec"]
