@@ -14,6 +14,7 @@ Departures: none in the math. Router statistics (per-layer expert loads, sequenc
 are returned with the logits rather than accumulated in module state, to keep forward pure.
 """
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -203,7 +204,16 @@ def forward(graphdef, params, tokens_BT, positions_BT=None, segment_ids_BT=None,
     return nnx.merge(graphdef, params)(tokens_BT, positions_BT, segment_ids_BT, experts_fn)
 
 
-jit_forward = jax.jit(forward, static_argnums=(0,), static_argnames=("experts_fn",))
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("experts_fn", "mesh_context"))
+def _jit_forward(graphdef, params, tokens_BT, positions_BT, segment_ids_BT, experts_fn, mesh_context):
+    del mesh_context  # only keys the cache: a trace made under one mesh is never reused under another
+    return forward(graphdef, params, tokens_BT, positions_BT, segment_ids_BT, experts_fn)
+
+
+def jit_forward(graphdef, params, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None) -> Output:
+    """`forward` under jax.jit, retraced when the `sharding.use_mesh` context changes."""
+    return _jit_forward(graphdef, params, tokens_BT, positions_BT, segment_ids_BT, experts_fn=experts_fn,
+                        mesh_context=sharding.context_key())
 
 
 # ---- parameter inventory ------------------------------------------------------------------------

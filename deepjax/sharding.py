@@ -197,6 +197,16 @@ def current() -> Optional[tuple[Mesh, dict]]:
     return _CURRENT.get()
 
 
+def context_key():
+    """A hashable stand-in for the active `use_mesh` context. Pass it as a static argument to a jit that
+    may run both inside and outside a mesh context: jit's trace cache does not see context variables."""
+    ctx = _CURRENT.get()
+    if ctx is None:
+        return None
+    mesh, rules = ctx
+    return mesh, tuple(sorted((k, v if not isinstance(v, list) else tuple(v)) for k, v in rules.items()))
+
+
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op outside `use_mesh`."""
     ctx = _CURRENT.get()
@@ -211,11 +221,11 @@ def batch_spec(mesh: Mesh, rules: dict, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
 
 
-def spec_table(params, rules: dict) -> dict[str, str]:
-    """param path -> PartitionSpec string (mesh-independent), for golden dumps and docs."""
+def spec_table(params, rules: dict) -> dict[str, list]:
+    """param path -> PartitionSpec as a JSON list (mesh-independent), for golden dumps and docs."""
     specs = param_specs(params, rules)
-    return {_path_name(p): str(s) for p, s in jax.tree_util.tree_leaves_with_path(
-        specs, is_leaf=lambda x: isinstance(x, P))}
+    return {_path_name(p): [list(e) if isinstance(e, tuple) else e for e in s]
+            for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))}
 
 
 __all__ = ["MeshConfig", "make_mesh", "rules_for", "RULE_PRESETS", "param_shardings", "init_sharded",
