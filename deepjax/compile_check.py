@@ -1,0 +1,124 @@
+"""Compile the full training step for a TPU pod on this (CPU) machine, and report per-chip memory and FLOPs.
+
+    pip install -e '.[tpu]'     # libtpu: lets jax describe and compile for TPU topologies without a TPU
+    python -m deepjax.compile_check configs/deepseek_v3.py --topology v5p:8x8x8 \\
+        --mesh.fsdp=64 --mesh.expert=8 --batch 512 --seq 4096
+
+Nothing is allocated: parameters, optimizer state and the batch are abstract (`jax.ShapeDtypeStruct` with
+shardings), the step is lowered and compiled by XLA:TPU for the topology's devices, and the compiled
+executable's memory analysis says what one chip would hold. Defaults for the check: activations in bf16,
+full per-layer rematerialization (override with --config.model.dtype / --config.model.remat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from deepjax import model as M
+from deepjax import sharding as S
+from deepjax import train_step as TS
+from deepjax.config import ConfigError, load_config
+
+V5P_HBM_GIB = 95.0
+
+
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs carrying shardings; `shardings` may be a prefix of `tree` (a sharding per Variable)."""
+
+    def one(s, x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    return jax.tree.map(one, shardings, tree)
+
+
+def compile_step(cfg, devices, mesh_cfg: S.MeshConfig, batch: int, seq: int, micro_batches: int = 1):
+    """Lowers and compiles the training step; returns (compiled, seconds, mesh)."""
+    mesh = S.make_mesh(mesh_cfg, devices)
+    rules = S.rules_for(mesh_cfg.rules)
+    graphdef, abstract = M.abstract_init(cfg)
+    trainable, frozen = TS.split_params(abstract)
+    tr_sh = S.param_shardings(trainable, mesh, rules)
+    fr_sh = S.param_shardings(frozen, mesh, rules)
+    optimizer = TS.adamw(2.2e-4, trainable)
+    # Optimizer-state shardings: let XLA derive them from the params' (compile-only, nothing runs).
+    opt_init = jax.jit(optimizer.init, in_shardings=(tr_sh,))
+    opt_sh = opt_init.lower(_abstract(trainable, tr_sh)).compile().output_shardings
+    replicated = NamedSharding(mesh, P())  # fresh scalars (the step count) come out on a default device
+    opt_sh = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, opt_sh)
+    opt_abstract = _abstract(jax.eval_shape(optimizer.init, trainable), opt_sh)
+    data = S.batch_spec(mesh, rules)
+    b = TS.Batch(*(jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=data) for _ in range(3)))
+    with S.use_mesh(mesh, rules):
+        step = TS.make_train_step(graphdef, cfg, optimizer, micro_batches=micro_batches)
+        jitted = jax.jit(step, donate_argnums=(0, 2), out_shardings=(tr_sh, opt_sh, None, None))
+        t = time.time()
+        compiled = jitted.lower(_abstract(trainable, tr_sh), _abstract(frozen, fr_sh), opt_abstract, b).compile()
+    return compiled, time.time() - t, mesh
+
+
+def report(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    gib = 2**30
+    out = {
+        "argument_gib": mem.argument_size_in_bytes / gib,
+        "output_gib": mem.output_size_in_bytes / gib,
+        "temp_gib": mem.temp_size_in_bytes / gib,
+        "alias_gib": mem.alias_size_in_bytes / gib,
+        "generated_code_gib": mem.generated_code_size_in_bytes / gib,
+        "flops_per_chip": float(cost.get("flops", float("nan"))) if cost else float("nan"),
+    }
+    # Donated outputs alias their arguments: peak ~ arguments + temporaries + non-aliased outputs.
+    out["peak_gib"] = out["argument_gib"] + out["temp_gib"] + out["output_gib"] - out["alias_gib"]
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--topology", default="v5p:8x8x8")
+    ap.add_argument("--batch", type=int, default=512, help="global sequences per optimizer step")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--micro-batches", type=int, default=1)
+    ap.add_argument("--hbm-gib", type=float, default=V5P_HBM_GIB)
+    args, rest = ap.parse_known_args(argv)
+    mesh_kw, overrides = {}, []
+    for r in rest:
+        if r.startswith("--mesh."):
+            k, v = r[len("--mesh."):].split("=", 1)
+            mesh_kw[k] = v if k == "rules" else int(v)
+        else:
+            overrides.append(r)
+    try:
+        cfg = load_config(args.config, ["--config.model.dtype=bfloat16", "--config.model.remat=full",
+                                        *overrides])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(args.topology, "tpu")
+    mesh_cfg = S.MeshConfig(**mesh_kw)
+    compiled, secs, mesh = compile_step(cfg.model, topo.devices, mesh_cfg, args.batch, args.seq,
+                                        args.micro_batches)
+    rep = report(compiled)
+    rep.update(topology=args.topology, chips=len(topo.devices), mesh=dict(mesh.shape), rules=mesh_cfg.rules,
+               batch=args.batch, seq=args.seq, micro_batches=args.micro_batches, compile_s=round(secs, 1),
+               fits=rep["peak_gib"] <= args.hbm_gib)
+    print(json.dumps(rep, indent=1))
+    return 0 if rep["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
