@@ -21,12 +21,32 @@ from deepjax.nn import Param, RMSNorm, dtype_of, normal_init
 from deepjax.rope import apply_rope
 
 
-def attention(q_BTNK, k_BSNK, v_BSNV, mask_BTS, scale: float):
-    """Softmax attention with the softmax in float32. mask True = may attend."""
+Q_CHUNK = 1024  # queries per block when T is longer: scores live as [B, N, Q_CHUNK, S], not [B, N, T, S]
+
+
+def _attention_block(q_BTNK, k_BSNK, v_BSNV, mask_BTS, scale: float):
     s_BNTS = jnp.einsum("btnk,bsnk->bnts", q_BTNK, k_BSNK, preferred_element_type=jnp.float32) * scale
     s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS, jnp.finfo(jnp.float32).min)
     p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(v_BSNV.dtype)
     return jnp.einsum("bnts,bsnv->btnv", p_BNTS, v_BSNV)
+
+
+def attention(q_BTNK, k_BSNK, v_BSNV, mask_BTS, scale: float):
+    """Softmax attention with the softmax in float32. mask True = may attend.
+
+    Long sequences go through query blocks of Q_CHUNK under `lax.map` with each block rematerialized,
+    so neither the forward nor the backward ever holds the full [B, N, T, S] score tensor (at V3 shape
+    and T = 4096 that is 8.6 GB per sequence). Each query row's softmax is independent of the others,
+    so the result is the same as one block."""
+    T = q_BTNK.shape[1]
+    if T <= Q_CHUNK or T % Q_CHUNK:
+        return _attention_block(q_BTNK, k_BSNK, v_BSNV, mask_BTS, scale)
+    n = T // Q_CHUNK
+    q_nBCNK = jnp.moveaxis(q_BTNK.reshape(q_BTNK.shape[0], n, Q_CHUNK, *q_BTNK.shape[2:]), 1, 0)
+    m_nBCS = jnp.moveaxis(mask_BTS.reshape(mask_BTS.shape[0], n, Q_CHUNK, -1), 1, 0)
+    block = jax.checkpoint(lambda qm: _attention_block(qm[0], k_BSNK, v_BSNV, qm[1], scale))
+    o_nBCNV = jax.lax.map(block, (q_nBCNK, m_nBCS))
+    return jnp.moveaxis(o_nBCNV, 0, 1).reshape(*q_BTNK.shape[:3], v_BSNV.shape[-1])
 
 
 class MLA(nnx.Module):
