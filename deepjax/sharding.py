@@ -163,6 +163,26 @@ def param_shardings(params, mesh: Mesh, rules: dict):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def shardings_like_params(tree, params, shardings, mesh: Mesh):
+    """Shardings for a tree that mirrors params inside (optimizer state: mu, nu, ...): a leaf whose path
+    ends with a parameter's path and has its shape gets that parameter's sharding; the rest (step counts)
+    are replicated. Needed because XLA does not carry a sharding into `zeros_like`."""
+    by_path = {}
+    for (path, v), (_, sh) in zip(jax.tree_util.tree_leaves_with_path(params),
+                                  jax.tree_util.tree_leaves_with_path(shardings)):
+        by_path[jax.tree_util.keystr(path)] = (v.shape, sh)
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for p, (shape, sh) in by_path.items():
+            if key.endswith(p) and tuple(leaf.shape) == tuple(shape):
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def init_sharded(cfg, key: jax.Array, mesh: Mesh, rules: dict):
     """(graphdef, params, shardings): params created directly in their shardings under one jit, so the
     full model never exists on one device."""
