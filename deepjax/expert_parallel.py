@@ -15,8 +15,9 @@ Dropless by default: C = X, so no token is ever dropped (the buffer is sized for
 assignment going to one device). `capacity_factor` c sets C = ceil(c X / P) as DeepSeek-V2 did: an
 assignment past its destination's C slots is dropped (contributes zero) and counted.
 
-This exchange uses a padded `all_to_all`, which every backend implements (XLA:CPU has no
-`ragged_all_to_all`). Load counts are computed outside, on the global arrays, so balancing sees the
+The exchange is `ragged_all_to_all` where the backend implements it (GPU, TPU): only real assignments
+travel. XLA:CPU lacks it, so there the same exchange runs on a padded `all_to_all` ([P, C, D] blocks);
+both give the same result. Load counts are computed outside, on the global arrays, so balancing sees the
 global batch.
 """
 
@@ -31,6 +32,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from deepjax.moe import routed_experts_dropless
+
+ragged_all_to_all = jax.lax.ragged_all_to_all  # module-level so tests can stand in an emulation on CPU
 from deepjax.sharding import logical_to_spec
 
 
@@ -38,8 +41,52 @@ def _axes(spec_entry) -> tuple[str, ...]:
     return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry or ())
 
 
+def _local_experts(xs, local_e, E_l, wg, wu, wd):
+    """Dropless grouped matmul over received rows; rows with id E_l (empty slots) give zeros."""
+    o2 = jnp.argsort(local_e, stable=True)
+    sizes = jnp.bincount(local_e, length=E_l + 1)[:E_l].astype(jnp.int32)
+    xs = xs[o2]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, wg, sizes)) * jax.lax.ragged_dot(xs, wu, sizes)
+    ys = jnp.where((local_e[o2] < E_l)[:, None], jax.lax.ragged_dot(h, wd, sizes), 0)
+    return jnp.zeros_like(ys).at[o2].set(ys)
+
+
+def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str):
+    """Steps 1-4 with `ragged_all_to_all` (GPU, TPU): only the assignments travel, no padding.
+    The receive buffer is sized for the worst case (ep x capacity rows)."""
+    T, K = idx_TK.shape
+    E_l, D = wg.shape[0], x_TD.shape[-1]
+    X = T * K
+    flat_e = idx_TK.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)
+    e_sorted = flat_e[order]
+    dest = e_sorted // E_l
+    counts = jnp.bincount(dest, length=ep).astype(jnp.int32)
+    starts = jnp.cumsum(counts) - counts
+    pos = jnp.arange(X) - starts[dest]
+    keep = pos < capacity
+    send = jnp.minimum(counts, capacity)  # the first `capacity` of each destination's block travel
+    me = jax.lax.axis_index(axis)
+    table = jax.lax.all_gather(send, axis)  # [source, destination] rows sent
+    at_receiver = jnp.cumsum(table, axis=0) - table  # where source s's rows land on destination d
+    at_sender = jax.lax.all_gather(starts, axis)  # replies land where each source's block began
+    recv = table[:, me]
+    token = order // K
+    R = ep * capacity
+    rows = ragged_all_to_all(x_TD[token], jnp.zeros((R, D), x_TD.dtype), starts, send,
+                                     at_receiver[me], recv, axis_name=axis)
+    ids = ragged_all_to_all((e_sorted % E_l).astype(jnp.int32), jnp.full((R,), E_l, jnp.int32),
+                                    starts, send, at_receiver[me], recv, axis_name=axis)
+    ys = _local_experts(rows, ids, E_l, wg, wu, wd).astype(x_TD.dtype)
+    back = ragged_all_to_all(ys, jnp.zeros((X, D), x_TD.dtype), at_receiver[:, me], recv,
+                                     at_sender[:, me], send, axis_name=axis)
+    w_X = (w_TK.reshape(-1)[order] * keep).astype(jnp.float32)
+    y_TD = jnp.zeros((T, D), jnp.float32).at[token].add(back.astype(jnp.float32) * w_X[:, None])
+    return y_TD, X - keep.sum()
+
+
 def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str):
-    """Steps 1-4 on one device. Returns (y_TD float32, number of dropped assignments)."""
+    """Steps 1-4 on one device with a padded all_to_all (every backend). Returns (y_TD float32, dropped)."""
     T, K = idx_TK.shape
     E_l, D = wg.shape[0], x_TD.shape[-1]
     X = T * K
@@ -57,15 +104,7 @@ def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: s
     send_e = jnp.full((ep, capacity), E_l, jnp.int32).at[dest, slot].set(e_sorted % E_l, mode="drop")
     recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True).reshape(ep * capacity, D)
     recv_e = jax.lax.all_to_all(send_e, axis, 0, 0, tiled=True).reshape(ep * capacity)
-    # Local dropless grouped matmul; empty slots (id E_l) sort last and fall outside every group.
-    o2 = jnp.argsort(recv_e, stable=True)
-    sizes = jnp.bincount(recv_e, length=E_l + 1)[:E_l].astype(jnp.int32)
-    xs = recv_x[o2]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, wg, sizes)) * jax.lax.ragged_dot(xs, wu, sizes)
-    ys = jax.lax.ragged_dot(h, wd, sizes)
-    valid = (recv_e[o2] < E_l)[:, None]
-    ys = jnp.where(valid, ys, 0)
-    back = jnp.zeros_like(ys).at[o2].set(ys).reshape(ep, capacity, D)
+    back = _local_experts(recv_x, recv_e, E_l, wg, wu, wd).reshape(ep, capacity, D)
     ret = jax.lax.all_to_all(back, axis, 0, 0, tiled=True)
     y_X = ret.at[dest, slot].get(mode="fill", fill_value=0).astype(jnp.float32)
     w_X = (w_TK.reshape(-1)[order] * keep).astype(jnp.float32)
@@ -76,8 +115,16 @@ def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: s
 class ShardedExperts:
     """An `experts_fn` for MoE that runs inside shard_map on `mesh` (hashable: usable as a static arg)."""
 
-    def __init__(self, mesh: Mesh, rules: dict, capacity_factor: Optional[float] = None):
+    def __init__(self, mesh: Mesh, rules: dict, capacity_factor: Optional[float] = None,
+                 exchange: str = "auto"):
+        """exchange: "ragged" (ragged_all_to_all), "padded" (all_to_all), or "auto": ragged where the
+        backend implements it (GPU, TPU), padded on CPU."""
         self.mesh, self.rules, self.capacity_factor = mesh, rules, capacity_factor
+        if exchange == "auto":
+            exchange = "padded" if mesh.devices.flat[0].platform == "cpu" else "ragged"
+        if exchange not in ("ragged", "padded"):
+            raise ValueError(f"exchange={exchange!r}: choose ragged, padded or auto")
+        self.exchange = exchange
         self.batch_axes = _axes(logical_to_spec(("batch",), rules, mesh)[0] if logical_to_spec(
             ("batch",), rules, mesh) else None)
         exp_spec = logical_to_spec(("exp",), rules, mesh)
@@ -91,7 +138,8 @@ class ShardedExperts:
                              f"(batch axes: {self.batch_axes}) for all-to-all dispatch")
 
     def _key(self):
-        return (id(self.mesh), tuple(sorted((k, str(v)) for k, v in self.rules.items())), self.capacity_factor)
+        return (id(self.mesh), tuple(sorted((k, str(v)) for k, v in self.rules.items())), self.capacity_factor,
+                self.exchange)
 
     def __hash__(self):
         return hash(self._key())
@@ -118,7 +166,8 @@ class ShardedExperts:
                 y = routed_experts_dropless(x, w, idx, wg, wu, wd).astype(jnp.float32)
                 dropped = jnp.zeros((), jnp.int32)
             else:
-                y, dropped = _exchange(x, w, idx, wg, wu, wd, ep=ep, capacity=capacity, axis=e_ax)
+                fn = _exchange_ragged if self.exchange == "ragged" else _exchange
+                y, dropped = fn(x, w, idx, wg, wu, wd, ep=ep, capacity=capacity, axis=e_ax)
             if self.mlp_axes:
                 y = jax.lax.psum(y, self.mlp_axes)
             if self.batch_axes:  # identical across the other axes, where tokens are replicated
