@@ -86,8 +86,13 @@ def _moe_inputs(T=64, D=16, I=8, E=8, K=3, seed=0):
     return x, w, idx, wg, wu, wd
 
 
-@pytest.mark.parametrize("mcfg", [S.MeshConfig(fsdp=1, expert=8), S.MeshConfig(fsdp=2, expert=2, tensor=2)])
-def test_expert_parallel_dropless_equals_dense_reference(mcfg):
+@pytest.mark.parametrize("mcfg,chunk", [(S.MeshConfig(fsdp=1, expert=8), 1024), (S.MeshConfig(fsdp=1, expert=8), 4),
+                                        (S.MeshConfig(fsdp=2, expert=2, tensor=2), 1024)])
+def test_expert_parallel_dropless_equals_dense_reference(monkeypatch, mcfg, chunk):
+    """chunk 4: each device's 8 tokens go through the exchange in two blocks."""
+    import deepjax.expert_parallel as EP
+
+    monkeypatch.setattr(EP, "TOKEN_CHUNK", chunk)
     mesh, rules = S.make_mesh(mcfg), S.rules_for(mcfg.rules)
     args = _moe_inputs()
     fn = ShardedExperts(mesh, rules)
