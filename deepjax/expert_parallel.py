@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from deepjax.moe import routed_experts_dropless
+from deepjax.moe import inverse_permutation, routed_experts_dropless, unsort_sum
 
 ragged_all_to_all = jax.lax.ragged_all_to_all  # module-level so tests can stand in an emulation on CPU
 # Local tokens per exchange. Longer local batches go through in blocks (lax.map, rematerialized): the
@@ -53,7 +53,7 @@ def _local_experts(xs, local_e, E_l, wg, wu, wd):
     xs = xs[o2]
     h = jax.nn.silu(jax.lax.ragged_dot(xs, wg, sizes)) * jax.lax.ragged_dot(xs, wu, sizes)
     ys = jnp.where((local_e[o2] < E_l)[:, None], jax.lax.ragged_dot(h, wd, sizes), 0)
-    return jnp.zeros_like(ys).at[o2].set(ys)
+    return ys[inverse_permutation(o2)]
 
 
 def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str):
@@ -86,8 +86,7 @@ def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, 
     back = ragged_all_to_all(ys, jnp.zeros((X, D), x_TD.dtype), at_receiver[:, me], recv,
                                      at_sender[:, me], send, axis_name=axis)
     w_X = (w_TK.reshape(-1)[order] * keep).astype(jnp.float32)
-    y_TD = jnp.zeros((T, D), jnp.float32).at[token].add(back.astype(jnp.float32) * w_X[:, None])
-    return y_TD, X - keep.sum()
+    return unsort_sum(back.astype(jnp.float32) * w_X[:, None], order, T, K), X - keep.sum()
 
 
 def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str):
@@ -113,8 +112,7 @@ def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: s
     ret = jax.lax.all_to_all(back, axis, 0, 0, tiled=True)
     y_X = ret.at[dest, slot].get(mode="fill", fill_value=0).astype(jnp.float32)
     w_X = (w_TK.reshape(-1)[order] * keep).astype(jnp.float32)
-    y_TD = jnp.zeros((T, D), jnp.float32).at[token].add(y_X * w_X[:, None])
-    return y_TD, X - keep.sum()
+    return unsort_sum(y_X * w_X[:, None], order, T, K), X - keep.sum()
 
 
 class ShardedExperts:

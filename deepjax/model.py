@@ -133,7 +133,9 @@ class Transformer(nnx.Module):
         mask_BTS = causal_TS[None] & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
         valid_BT = segment_ids_BT > 0
 
-        x_BTD = sharding.constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt), ACT_AXES)
+        # Cast before the lookup: the table's gradient (a scatter-add, full [V, D] per device under FSDP)
+        # is then built in the compute dtype.
+        x_BTD = sharding.constrain(jnp.take(self.embed[...].astype(dt), tokens_BT, axis=0), ACT_AXES)
         if self.dense_layers is not None:
             x_BTD, _ = self._scan(self.dense_layers, x_BTD, cos, sin, mask_BTS, valid_BT, experts_fn)
         E = cfg.n_routed_experts
@@ -149,7 +151,7 @@ class Transformer(nnx.Module):
         h_BTD = x_BTD
         for k, mod in enumerate(self.mtp, start=1):
             next_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
-            e_BTD = jnp.take(self.embed[...], next_BT, axis=0).astype(dt)
+            e_BTD = jnp.take(self.embed[...].astype(dt), next_BT, axis=0)
             eh_BTD = jnp.concatenate([mod.enorm(e_BTD), mod.hnorm(h_BTD)], axis=-1)
             h_BTD = eh_BTD @ mod.eh_proj[...].astype(dt)
             _, mtp_valid_BT = mtp_targets(tokens_BT, segment_ids_BT, k - 1)

@@ -74,6 +74,17 @@ def sequence_balance_loss(scores_BTE, idx_BTK, valid_BT, cfg: ModelConfig) -> jn
     return (per_row_B * has_tokens_B).sum() / jnp.maximum(has_tokens_B.sum(), 1.0)
 
 
+def inverse_permutation(order_X):
+    return jnp.zeros_like(order_X).at[order_X].set(jnp.arange(order_X.shape[0], dtype=order_X.dtype))
+
+
+def unsort_sum(y_XD, order_X, T: int, K: int):
+    """Rows in expert-sorted order -> per-token sums over its K experts: a gather by the inverse permutation
+    and a reduction, not a scatter-add into [T, D] (scatters of activations are slow and memory-hungry on
+    TPU)."""
+    return y_XD[inverse_permutation(order_X)].reshape(T, K, y_XD.shape[-1]).sum(1)
+
+
 def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
     """Every token to each of its K experts: sort the T*K assignments by expert, grouped matmuls, unsort."""
     T, K = idx_TK.shape
@@ -87,7 +98,7 @@ def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
         xs_XD, w_up_EDI, group_sizes_E)
     y_XD = jax.lax.ragged_dot(h_XI, w_down_EID, group_sizes_E)
     y_XD = y_XD.astype(jnp.float32) * w_TK.reshape(-1)[order_X][:, None]
-    return jnp.zeros((T, x_TD.shape[-1]), jnp.float32).at[token_X].add(y_XD).astype(x_TD.dtype)
+    return unsort_sum(y_XD, order_X, T, K).astype(x_TD.dtype)
 
 
 def routed_experts_dense(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
