@@ -158,7 +158,7 @@ class ModelConfig:
             if kw.get(k) is None:
                 kw.pop(k, None)
         kw = {k: _coerce(cls, k, v) for k, v in kw.items()}
-        cfg = dataclasses.replace(cls(), **kw, **overrides)
+        cfg = dataclasses.replace(cls(), **{**kw, **overrides})  # overrides win over the file
         validate_model(cfg)
         return cfg
 
@@ -291,20 +291,24 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 
 # ---- loading --------------------------------------------------------------------------------
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# configs/ sits beside the package in a checkout; an installed wheel carries it inside the package, as
+# deepjax/configs (pyproject.toml maps it there).
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CONFIG_DIRS = (os.path.join(_PACKAGE_DIR, "configs"), os.path.join(os.path.dirname(_PACKAGE_DIR), "configs"))
 
 
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
     """Loads `configs/NAME.py` (or any file defining get_config()), or a preset by name, then overrides."""
     path = name_or_path
     if not path.endswith(".py"):
-        candidate = os.path.join(CONFIG_DIR, f"{path}.py")
-        if os.path.exists(candidate):
-            path = candidate
+        found = next((c for c in (os.path.join(d, f"{path}.py") for d in CONFIG_DIRS) if os.path.exists(c)), None)
+        if found:
+            path = found
         else:
             from deepjax import presets
 
-            if not hasattr(presets, name_or_path):
+            # Only the names in PRESETS: the module also holds imports and helpers.
+            if name_or_path not in presets.PRESETS:
                 raise ConfigError(f"config {name_or_path!r}: no such file or preset "
                                   f"(presets: {', '.join(presets.PRESETS)})")
             cfg = Config(model=getattr(presets, name_or_path)())
@@ -316,7 +320,10 @@ def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
     spec.loader.exec_module(mod)
     if not hasattr(mod, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config()")
-    return apply_overrides(mod.get_config(), overrides)
+    cfg = mod.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"config file {path!r}: get_config() returned {type(cfg).__name__}, not a Config")
+    return apply_overrides(cfg, overrides)
 
 
 # ---- validation (the one place) ---------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""The `deepjax` command: parses the command line, loads the config, dispatches.
+
+    deepjax info [CONFIG] [--config.FIELD=VALUE ...] [--batch B] [--length T]
+
+CONFIG is a file defining `get_config()` (`configs/tiny.py`) or a preset name (`tiny`, `bench`, `deepseek_v3`,
+...); default `tiny`. `info` builds the model, prints its parameter table and runs one jitted forward pass on a
+random batch. A bad config prints one line naming the field and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepjax import model as M
+from deepjax.config import Config, ConfigError, ModelConfig, load_config
+
+# Model order for the parameter table (the state itself is sorted by name).
+GROUP_ORDER = ("embed", "dense_layers", "moe_layers", "norm", "head", "mtp")
+# Above this `info` builds shapes only (jax.eval_shape): a float32 init of 2B parameters is already 8 GB.
+FORWARD_MAX_PARAMS = 2_000_000_000
+
+
+# ---- info ---------------------------------------------------------------------------------------
+
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def describe_model(m: ModelConfig) -> str:
+    q = f"q_lora {m.q_lora_rank}" if m.q_lora_rank is not None else "plain q_proj"
+    return (f"vocab {m.vocab_size}, hidden {m.hidden_size}, {m.num_hidden_layers} layers ({m.n_dense_layers} dense, "
+            f"{m.n_moe_layers} MoE), {m.num_attention_heads} heads, MLA {q} kv_lora {m.kv_lora_rank}\n"
+            f"experts: {m.n_routed_experts} routed, top-{m.num_experts_per_tok} ({m.scoring_func}/{m.topk_method}, "
+            f"{m.n_group} groups keep {m.topk_group}), {m.n_shared_experts} shared; "
+            f"MTP depth {m.num_nextn_predict_layers}; dtype {m.dtype}, params {m.param_dtype}")
+
+
+def param_report(m: ModelConfig, params) -> str:
+    """One row per variable under a row per top-level group (embed, dense_layers, moe_layers, norm, head,
+    mtp), then the totals."""
+    groups: dict[str, list[tuple[str, tuple]]] = {g: [] for g in GROUP_ORDER}
+    for path, shape, _ in M.param_table(params):
+        group, _, rest = path.partition(".")
+        groups.setdefault(group, []).append((rest, shape))
+    width = max(len(rest) for rows in groups.values() for rest, _ in rows) + 4
+    lines = [f"{'parameters':<{width}} {'count':>17}  shape"]
+    for group, rows in groups.items():
+        if not rows:
+            continue
+        n = sum(int(np.prod(s)) for _, s in rows)
+        if len(rows) == 1:  # embed, head, norm: one variable, one line
+            lines.append(f"{'.'.join(filter(None, (group, rows[0][0]))):<{width}} {n:>17,}  {_shape(rows[0][1])}")
+            continue
+        lines.append(f"{group:<{width}} {n:>17,}")
+        for rest, s in rows:
+            lines.append(f"  {rest:<{width - 2}} {int(np.prod(s)):>17,}  {_shape(s)}")
+    main = M.count_params(params, include_mtp=False)
+    total = M.count_params(params)
+    active = M.count_active_params(m, params)
+    lines += [
+        "",
+        f"{'main model (without MTP)':<{width}} {main:>17,}",
+        f"{'MTP modules':<{width}} {total - main:>17,}",
+        f"{'total':<{width}} {total:>17,}",
+        f"{'activated per token':<{width}} {active:>17,}  (main model less the "
+        f"{m.n_routed_experts - m.num_experts_per_tok} unchosen experts of each MoE layer)",
+    ]
+    return "\n".join(lines)
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t
+
+
+def _load_lines(name: str, load_LE: np.ndarray, balance_L: np.ndarray) -> list[str]:
+    """Expert load per MoE layer: min / mean / max tokens per expert and MaxVio = max / mean - 1 (V3 paper)."""
+    lines = []
+    for i, (load_E, bal) in enumerate(zip(load_LE, balance_L)):
+        mean = load_E.mean()
+        vio = load_E.max() / mean - 1 if mean > 0 else float("nan")
+        lines.append(f"  {name(i):<14} min {load_E.min():6.0f}  mean {mean:8.1f}  max {load_E.max():6.0f}  "
+                     f"MaxVio {vio:5.2f}  balance loss {bal:.4f}")
+    return lines
+
+
+def forward_report(cfg: Config, graphdef, params, batch: int, length: int) -> str:
+    m = cfg.model
+    tokens_BT = jax.random.randint(jax.random.key(cfg.seed + 1), (batch, length), 0, m.vocab_size, jnp.int32)
+    out, first = _timed(lambda: M.jit_forward(graphdef, params, tokens_BT))
+    n_steady = 3
+    _, steady = _timed(lambda: [M.jit_forward(graphdef, params, tokens_BT) for _ in range(n_steady)])
+    lines = [f"forward on random tokens {_shape(tokens_BT.shape)}:"]
+    for field, value in out._asdict().items():
+        desc = "None" if value is None else f"{_shape(value.shape)} {value.dtype}"
+        lines.append(f"  {field:<16} {desc}")
+    finite = bool(jnp.isfinite(out.logits).all())
+    lines.append(f"  logits finite: {finite}, std {float(out.logits.std()):.4f}; "
+                 f"dropped (token, expert) assignments: {int(out.dropped_tokens)}")
+    lines.append("expert load (tokens per routed expert):")
+    k = m.first_k_dense_replace
+    lines += _load_lines(lambda i: f"layer {k + i}", np.asarray(out.expert_load), np.asarray(out.balance_loss))
+    if out.mtp_expert_load is not None:
+        lines += _load_lines(lambda i: f"mtp {i + 1}", np.asarray(out.mtp_expert_load),
+                             np.asarray(out.mtp_balance_loss))
+    lines.append(f"timing: first forward (trace + compile + run) {first:.2f} s, "
+                 f"then {steady / n_steady * 1e3:.2f} ms per forward")
+    return "\n".join(lines)
+
+
+def info(cfg: Config, name: str, batch: int, length: int) -> None:
+    devices = jax.devices()
+    print(f"config: {name}")
+    print(f"device: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(describe_model(cfg.model))
+    print()
+    graphdef, params = M.abstract_init(cfg.model)
+    n = M.count_params(params)
+    if n <= FORWARD_MAX_PARAMS:
+        (graphdef, params), secs = _timed(lambda: M.init(cfg.model, jax.random.key(cfg.seed)))
+        print(param_report(cfg.model, params))
+        print(f"init (trace + compile + run): {secs:.2f} s")
+        print()
+        print(forward_report(cfg, graphdef, params, batch, length))
+    else:
+        print(param_report(cfg.model, params))
+        print()
+        print(f"forward: skipped ({n:,} parameters > {FORWARD_MAX_PARAMS:,}); "
+              "the table above comes from shapes only (jax.eval_shape)")
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {s}")
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="deepjax", description="DeepSeek-V3/R1 in JAX.",
+        epilog="Config fields are overridden with --config.FIELD=VALUE, e.g. --config.model.n_routed_experts=16.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("info", help="parameter table and one forward pass of a config",
+                       description="Builds the model, prints its parameters and runs one jitted forward pass on "
+                                   f"a random batch (shapes only above {FORWARD_MAX_PARAMS:,} parameters).",
+                       epilog="Any config field: --config.model.FIELD=VALUE (repeatable).")
+    p.add_argument("config", nargs="?", default="tiny",
+                   help="configs/NAME.py file or preset name (default: tiny)")
+    p.add_argument("--batch", type=_positive_int, default=2, help="rows of the random batch (default 2)")
+    p.add_argument("--length", type=_positive_int, default=32, help="tokens per row (default 32)")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = parser()
+    args, rest = ap.parse_known_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 0
+    unknown = [r for r in rest if not r.startswith("--config.")]
+    if unknown:
+        print(f"deepjax: error: unrecognized arguments: {' '.join(unknown)} "
+              "(config fields are set with --config.FIELD=VALUE)", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, rest)
+    except ConfigError as e:
+        print(f"deepjax: error: {e}", file=sys.stderr)
+        return 2
+    name = " ".join([args.config, *rest])
+    info(cfg, name, args.batch, args.length)
+    return 0

@@ -1,0 +1,81 @@
+"""The `deepjax` command: `info` end to end in a subprocess (as a user runs it), errors, help; CI = README."""
+
+import os
+import re
+import subprocess
+import sys
+
+from deepjax import cli
+from deepjax import model as M
+from deepjax.config import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    # The environment carries conftest's XLA_FLAGS (cheap compiles) and JAX_PLATFORMS=cpu.
+    return subprocess.run([sys.executable, "-m", "deepjax", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_info_tiny_with_overrides():
+    overrides = ["--config.model.n_routed_experts=4", "--config.model.n_group=2"]
+    r = _run("info", "tiny", *overrides)
+    assert r.returncode == 0, r.stderr
+    cfg = load_config("tiny", overrides)
+    _, params = M.abstract_init(cfg.model)
+    out = r.stdout
+    for label, n in [("total", M.count_params(params)),
+                     ("main model (without MTP)", M.count_params(params, include_mtp=False)),
+                     ("activated per token", M.count_active_params(cfg.model, params))]:
+        assert any(line.startswith(label) and f" {n:,}" in line for line in out.splitlines()), (label, n, out)
+    assert "logits           [2, 32, 512] float32" in out
+    assert "expert_load      [2, 4] float32" in out  # 2 MoE layers x 4 experts: the overrides took effect
+    assert "logits finite: True" in out
+    # One load line per MoE layer (layers 1 and 2; layer 0 is dense) and one for the MTP module.
+    assert [line.split()[:2] for line in out.splitlines() if "MaxVio" in line] == [
+        ["layer", "1"], ["layer", "2"], ["mtp", "1"]]
+
+
+def test_bad_override_exits_2_naming_the_field():
+    r = _run("info", "tiny", "--config.model.hidden_size=abc")
+    assert r.returncode == 2
+    assert "hidden_size" in r.stderr and "'abc'" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_invalid_config_exits_2(capsys):
+    assert cli.main(["info", "tiny", "--config.model.num_experts_per_tok=9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deepjax: error: model.num_experts_per_tok=9") and err.count("\n") == 1
+    assert cli.main(["info", "no_such_config"]) == 2
+    assert "'no_such_config'" in capsys.readouterr().err
+    assert cli.main(["info", "tiny", "--batch=2", "--bogus"]) == 2
+    assert "--bogus" in capsys.readouterr().err
+
+
+def test_large_model_is_shapes_only(capsys):
+    assert cli.main(["info", "deepseek_v3"]) == 0
+    out = capsys.readouterr().out
+    assert "main model (without MTP)          671,026,419,200" in out
+    assert "forward: skipped" in out and "logits" not in out
+    lines = out.splitlines()
+    groups = [line.split()[0] for line in lines[lines.index("") + 2:] if line and not line.startswith(" ")]
+    assert groups[:6] == ["embed", "dense_layers", "moe_layers", "norm.weight", "head", "mtp"]
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: deepjax") and "info" in out
+
+
+def test_ci_runs_the_readme_test_command():
+    """The README's second Quickstart block is what CI runs, verbatim."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        blocks = re.findall(r"```bash\n(.*?)\n```", f.read().split("## Quickstart")[1].split("\n## ")[0], re.S)
+    assert len(blocks) == 2
+    with open(os.path.join(REPO, ".ci", "run")) as f:
+        commands = [line for line in f.read().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert commands == [blocks[1]]
+    assert os.access(os.path.join(REPO, ".ci", "run"), os.X_OK)
