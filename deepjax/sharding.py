@@ -38,8 +38,8 @@ BASE_RULES: dict[str, object] = {
     "vocab": "tensor",
     "heads": "tensor",
     "head_dim": None,
-    "q_lora": None,
-    "kv_lora": None,
+    "q_lora": "fsdp",  # wq_b / wkv_b have no embed dim: their low-rank input dim carries the fsdp split
+    "kv_lora": "fsdp",
     "mlp": "tensor",
     "exp": "expert",
     "moe_mlp": "tensor",

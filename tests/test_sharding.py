@@ -224,7 +224,7 @@ def test_golden_partition_specs_for_bench():
     # Spot checks that the golden file itself says what we mean.
     assert golden["fsdp_expert"]["moe_layers.ffn.w_gate"] == [None, "expert", "fsdp"]  # [layer, E, D, I]
     assert golden["fsdp"]["moe_layers.ffn.w_gate"] == [None, None, "fsdp"]
-    assert golden["fsdp_tensor"]["moe_layers.attn.wq_b"] == [None, None, "tensor"]  # [layer, Q, N, K]
+    assert golden["fsdp_tensor"]["moe_layers.attn.wq_b"] == [None, "fsdp", "tensor"]  # [layer, Q, N, K]
     assert golden["fsdp_expert_tensor"]["embed"] == ["tensor", "fsdp"]  # [V, D]
 
 
