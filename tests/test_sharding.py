@@ -261,3 +261,14 @@ def test_no_recompilation_across_steps(reference):
         losses.append(float(loss))
     assert step._cache_size() == 1
     assert losses[0] != losses[2]
+
+
+@pytest.mark.parametrize("preset", sorted(S.RULE_PRESETS))
+def test_no_large_parameter_left_replicated_at_v3_scale(preset):
+    """Every DeepSeek-V3 parameter over 1M values is split over some mesh axis under every preset: a
+    replicated one costs every chip its full size (wq_b alone is 2.2B values)."""
+    _, abstract = M.abstract_init(presets.deepseek_v3())
+    specs = S.spec_table(abstract, S.rules_for(preset))
+    sizes = {path: math.prod(shape) for path, shape, _ in M.param_table(abstract)}
+    replicated = [p for p, spec in specs.items() if sizes[p] > 1_000_000 and not any(spec)]
+    assert not replicated, replicated
