@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,63 +56,71 @@ def _local_experts(xs, local_e, E_l, wg, wu, wd):
     return ys[inverse_permutation(o2)]
 
 
-def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str):
-    """Steps 1-4 with `ragged_all_to_all` (GPU, TPU): only the assignments travel, no padding.
-    The receive buffer is sized for the worst case (ep x capacity rows)."""
-    T, K = idx_TK.shape
-    E_l, D = wg.shape[0], x_TD.shape[-1]
-    X = T * K
+class _Plan(NamedTuple):
+    """Step 1 for X = T*K assignments, sorted by expert (hence by destination device)."""
+
+    order: jax.Array  # [X] assignment index (t*K + k) in sorted position
+    local_e: jax.Array  # [X] expert id on its destination device
+    dest: jax.Array  # [X] destination device
+    counts: jax.Array  # [P] assignments per destination
+    starts: jax.Array  # [P] where each destination's block starts in sorted order
+    pos: jax.Array  # [X] place within its destination's block
+    keep: jax.Array  # [X] within capacity
+
+
+def _plan(idx_TK, E_l: int, ep: int, capacity: int) -> _Plan:
     flat_e = idx_TK.reshape(-1)
     order = jnp.argsort(flat_e, stable=True)
     e_sorted = flat_e[order]
     dest = e_sorted // E_l
     counts = jnp.bincount(dest, length=ep).astype(jnp.int32)
     starts = jnp.cumsum(counts) - counts
-    pos = jnp.arange(X) - starts[dest]
-    keep = pos < capacity
-    send = jnp.minimum(counts, capacity)  # the first `capacity` of each destination's block travel
+    pos = jnp.arange(flat_e.shape[0]) - starts[dest]
+    return _Plan(order, (e_sorted % E_l).astype(jnp.int32), dest, counts, starts, pos, pos < capacity)
+
+
+def _combine(y_X, w_TK, plan: _Plan, T: int, K: int):
+    """Step 4's end: gate-weight the returned rows (dropped ones weigh 0), back to tokens."""
+    w_X = (w_TK.reshape(-1)[plan.order] * plan.keep).astype(jnp.float32)
+    return unsort_sum(y_X.astype(jnp.float32) * w_X[:, None], plan.order, T, K), T * K - plan.keep.sum()
+
+
+def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str):
+    """Steps 1-4 with `ragged_all_to_all` (GPU, TPU): only the assignments travel, no padding.
+    The receive buffer is sized for the worst case (ep x capacity rows)."""
+    T, K = idx_TK.shape
+    E_l, D = wg.shape[0], x_TD.shape[-1]
+    plan = _plan(idx_TK, E_l, ep, capacity)
+    send = jnp.minimum(plan.counts, capacity)  # the first `capacity` of each destination's block travel
     me = jax.lax.axis_index(axis)
     table = jax.lax.all_gather(send, axis)  # [source, destination] rows sent
     at_receiver = jnp.cumsum(table, axis=0) - table  # where source s's rows land on destination d
-    at_sender = jax.lax.all_gather(starts, axis)  # replies land where each source's block began
+    at_sender = jax.lax.all_gather(plan.starts, axis)  # replies land where each source's block began
     recv = table[:, me]
-    token = order // K
     R = ep * capacity
-    rows = ragged_all_to_all(x_TD[token], jnp.zeros((R, D), x_TD.dtype), starts, send,
-                                     at_receiver[me], recv, axis_name=axis)
-    ids = ragged_all_to_all((e_sorted % E_l).astype(jnp.int32), jnp.full((R,), E_l, jnp.int32),
-                                    starts, send, at_receiver[me], recv, axis_name=axis)
+    rows = ragged_all_to_all(x_TD[plan.order // K], jnp.zeros((R, D), x_TD.dtype), plan.starts, send,
+                             at_receiver[me], recv, axis_name=axis)
+    ids = ragged_all_to_all(plan.local_e, jnp.full((R,), E_l, jnp.int32), plan.starts, send,
+                            at_receiver[me], recv, axis_name=axis)
     ys = _local_experts(rows, ids, E_l, wg, wu, wd).astype(x_TD.dtype)
-    back = ragged_all_to_all(ys, jnp.zeros((X, D), x_TD.dtype), at_receiver[:, me], recv,
-                                     at_sender[:, me], send, axis_name=axis)
-    w_X = (w_TK.reshape(-1)[order] * keep).astype(jnp.float32)
-    return unsort_sum(back.astype(jnp.float32) * w_X[:, None], order, T, K), X - keep.sum()
+    back = ragged_all_to_all(ys, jnp.zeros((T * K, D), x_TD.dtype), at_receiver[:, me], recv,
+                             at_sender[:, me], send, axis_name=axis)
+    return _combine(back, w_TK, plan, T, K)
 
 
 def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str):
     """Steps 1-4 on one device with a padded all_to_all (every backend). Returns (y_TD float32, dropped)."""
     T, K = idx_TK.shape
     E_l, D = wg.shape[0], x_TD.shape[-1]
-    X = T * K
-    flat_e = idx_TK.reshape(-1)
-    order = jnp.argsort(flat_e, stable=True)
-    e_sorted = flat_e[order]
-    dest = e_sorted // E_l
-    counts = jnp.bincount(dest, length=ep)
-    starts = jnp.cumsum(counts) - counts
-    pos = jnp.arange(X) - starts[dest]  # slot within the destination's block
-    keep = pos < capacity
-    slot = jnp.where(keep, pos, capacity)  # out of range: dropped by mode="drop"
-    token = order // K
-    send_x = jnp.zeros((ep, capacity, D), x_TD.dtype).at[dest, slot].set(x_TD[token], mode="drop")
-    send_e = jnp.full((ep, capacity), E_l, jnp.int32).at[dest, slot].set(e_sorted % E_l, mode="drop")
+    plan = _plan(idx_TK, E_l, ep, capacity)
+    slot = jnp.where(plan.keep, plan.pos, capacity)  # out of range: dropped by mode="drop"
+    send_x = jnp.zeros((ep, capacity, D), x_TD.dtype).at[plan.dest, slot].set(x_TD[plan.order // K], mode="drop")
+    send_e = jnp.full((ep, capacity), E_l, jnp.int32).at[plan.dest, slot].set(plan.local_e, mode="drop")
     recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True).reshape(ep * capacity, D)
     recv_e = jax.lax.all_to_all(send_e, axis, 0, 0, tiled=True).reshape(ep * capacity)
     back = _local_experts(recv_x, recv_e, E_l, wg, wu, wd).reshape(ep, capacity, D)
     ret = jax.lax.all_to_all(back, axis, 0, 0, tiled=True)
-    y_X = ret.at[dest, slot].get(mode="fill", fill_value=0).astype(jnp.float32)
-    w_X = (w_TK.reshape(-1)[order] * keep).astype(jnp.float32)
-    return unsort_sum(y_X * w_X[:, None], order, T, K), X - keep.sum()
+    return _combine(ret.at[plan.dest, slot].get(mode="fill", fill_value=0), w_TK, plan, T, K)
 
 
 class ShardedExperts:
