@@ -23,6 +23,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from deepjax import model as M
@@ -45,24 +46,21 @@ def _abstract(tree, shardings):
 
 
 def compile_step(cfg, devices, mesh_cfg: S.MeshConfig, batch: int, seq: int, micro_batches: int = 1):
-    """Lowers and compiles the training step; returns (compiled, seconds, mesh)."""
+    """Lowers and compiles the training step (deepjax/train_step.py, the one `deepjax train` runs: AdamW,
+    the aux-loss-free bias update, the non-finite guard); returns (compiled, seconds, mesh)."""
     mesh = S.make_mesh(mesh_cfg, devices)
     rules = S.rules_for(mesh_cfg.rules)
     graphdef, abstract = M.abstract_init(cfg)
-    trainable, frozen = TS.split_params(abstract)
-    tr_sh = S.param_shardings(trainable, mesh, rules)
-    fr_sh = S.param_shardings(frozen, mesh, rules)
-    optimizer = TS.adamw(2.2e-4, trainable)
-    opt_shapes = jax.eval_shape(optimizer.init, trainable)
-    opt_sh = S.shardings_like_params(opt_shapes, trainable, tr_sh, mesh)
-    opt_abstract = _abstract(opt_shapes, opt_sh)
+    optimizer = TS.adamw(optax.constant_schedule(2.2e-4), TS.split_params(abstract)[0])
+    state = jax.eval_shape(lambda p: TS.init_state(p, optimizer, 0), abstract)
+    state_sh = S.state_shardings(state, mesh, rules)
     data = S.batch_spec(mesh, rules)
-    b = TS.Batch(*(jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=data) for _ in range(3)))
+    b = TS.Batch(*(jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=data) for _ in range(4)))
     with S.use_mesh(mesh, rules):
         step = TS.make_train_step(graphdef, cfg, optimizer, micro_batches=micro_batches)
-        jitted = jax.jit(step, donate_argnums=(0, 2), out_shardings=(tr_sh, opt_sh, None, None))
+        jitted = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, None))
         t = time.time()
-        compiled = jitted.lower(_abstract(trainable, tr_sh), _abstract(frozen, fr_sh), opt_abstract, b).compile()
+        compiled = jitted.lower(_abstract(state, state_sh), b).compile()
     return compiled, time.time() - t, mesh
 
 

@@ -185,11 +185,92 @@ def yarn_mscale(factor: float, mscale: float) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 (fill with the remaining devices). See deepjax/sharding.py."""
+
+    data: int = 1
+    fsdp: int = -1
+    expert: int = 1
+    tensor: int = 1
+    dcn_data: int = 1  # slices (multi-slice pods): multiplies the data axis over DCN
+    rules: str = "fsdp_expert_tensor"
+
+
+DATA_SOURCES = ("arithmetic", "countdown", "jsonl_math", "text")
+DATA_MODES = ("pretrain", "sft")
+SCHEDULES = ("constant", "warmup_cosine", "deepseek_v3")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the model is trained on (deepjax/datasets.py builds it as TFDS, deepjax/pipeline.py reads it)."""
+
+    source: str = "arithmetic"  # arithmetic | countdown (generated from seed) | jsonl_math | text (local files)
+    path: Optional[str] = None  # jsonl_math: JSONL file(s); text: text file(s); comma-separated, globs allowed
+    data_dir: Optional[str] = None  # TFDS data_dir; None: <workdir>/tfds
+    split: str = "train"
+    mode: str = "sft"  # pretrain: every token is a target | sft: completion tokens only
+    template: str = "r1"  # prompt template for question/answer sources: r1 (DEEPSEEK.md section 7) | plain
+    tokenizer: str = "byte"  # byte (built in) or a path to an HF tokenizer.json
+    seq_len: int = 128  # packed sequence length
+    global_batch: int = 16  # packed sequences per optimizer step, over all hosts
+    seed: int = 0  # shuffle seed (deterministic order)
+    num_train: int = 20000  # generated tasks: examples in the train split
+    num_test: int = 500  # generated tasks: examples in the test split
+    task_seed: int = 0  # generated tasks: the seed they are generated from
+    worker_count: int = 0  # Grain worker processes (0: in-process)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and the learning-rate schedule (DEEPSEEK.md section 5)."""
+
+    lr: float = 1e-3  # peak learning rate
+    schedule: str = "warmup_cosine"  # constant | warmup_cosine | deepseek_v3
+    warmup_steps: int = 20
+    # deepseek_v3: warmup -> constant until constant_steps -> cosine to lr*final_ratio over decay_steps
+    # -> lr*final_ratio, then lr*tail_ratio for the last tail_steps (V3: 2.2e-4 -> 2.2e-5 -> 7.3e-6)
+    constant_steps: int = 0
+    decay_steps: int = 0
+    final_ratio: float = 0.1  # warmup_cosine decays to lr*final_ratio at the last step
+    tail_ratio: float = 0.0331  # deepseek_v3 only: 7.3e-6 / 2.2e-4
+    tail_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # matrices only
+    clip_norm: float = 1.0  # global-norm clipping
+    micro_batches: int = 1  # gradient accumulation: the global batch is split this many ways
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: losses, balancing, checkpoints, logging."""
+
+    steps: int = 200
+    mtp_lambda: float = 0.3  # lambda: weight of the MTP loss (V3: 0.3, then 0.1)
+    balance_alpha: float = 1e-4  # alpha: sequence-wise balance loss weight (V3: 1e-4)
+    bias_update_speed: float = 1e-3  # gamma: aux-loss-free bias update speed (V3: 0.001; 0 = off)
+    max_nonfinite: int = 3  # stop after this many non-finite steps in a row
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    fallback_on_damage: bool = False  # on a damaged latest checkpoint: restore the previous good one
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None: guessed from the device kind
+    plot: bool = True  # write loss / MaxVio PNG at the end
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """A run: the model plus what the run does with it. Later stages add their own sub-configs."""
+    """A run: the model plus what the run does with it."""
 
     model: ModelConfig = ModelConfig()
-    seed: int = 0
+    seed: int = 0  # parameter init and every other RNG of the run
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
 
 
 # ---- overrides ------------------------------------------------------------------------------
@@ -396,9 +477,54 @@ def validate_model(m: ModelConfig) -> None:
                 raise ConfigError(f"model.rope_scaling.{f}={getattr(rs, f)!r}: must be >= 0")
 
 
+def validate_run(cfg: Config) -> None:
+    def bad(section, field, why):
+        raise ConfigError(f"{section}.{field}={getattr(getattr(cfg, section), field)!r}: {why}")
+
+    d, o, t, me = cfg.data, cfg.optim, cfg.train, cfg.mesh
+    if d.source not in DATA_SOURCES:
+        bad("data", "source", f"unknown; choose from {DATA_SOURCES}")
+    if d.mode not in DATA_MODES:
+        bad("data", "mode", f"unknown; choose from {DATA_MODES}")
+    if d.template not in ("r1", "plain"):
+        bad("data", "template", "unknown; choose from ('r1', 'plain')")
+    if d.source in ("jsonl_math", "text") and not d.path:
+        bad("data", "path", f"data.source={d.source!r} reads local files: set data.path")
+    for f in ("seq_len", "global_batch", "num_train", "num_test"):
+        if getattr(d, f) <= 0:
+            bad("data", f, "must be positive")
+    if d.worker_count < 0:
+        bad("data", "worker_count", "must be >= 0")
+    if o.schedule not in SCHEDULES:
+        bad("optim", "schedule", f"unknown; choose from {SCHEDULES}")
+    for f in ("lr", "b2", "eps", "clip_norm"):
+        if not getattr(o, f) > 0:
+            bad("optim", f, "must be positive")
+    for f in ("warmup_steps", "constant_steps", "decay_steps", "tail_steps", "weight_decay", "final_ratio",
+              "tail_ratio", "b1"):
+        if getattr(o, f) < 0:
+            bad("optim", f, "must be >= 0")
+    if o.micro_batches <= 0:
+        bad("optim", "micro_batches", "must be positive")
+    if d.global_batch % o.micro_batches:
+        bad("optim", "micro_batches", f"does not divide data.global_batch={d.global_batch}")
+    for f in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
+        if getattr(t, f) <= 0:
+            bad("train", f, "must be positive")
+    for f in ("mtp_lambda", "balance_alpha", "bias_update_speed"):
+        if getattr(t, f) < 0:
+            bad("train", f, "must be >= 0")
+    if t.peak_tflops is not None and not t.peak_tflops > 0:
+        bad("train", "peak_tflops", "must be positive, or None")
+    sizes = [me.data, me.fsdp, me.expert, me.tensor]
+    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes) or me.dcn_data < 1:
+        raise ConfigError(f"mesh={me}: axis sizes must be positive, with at most one -1")
+
+
 def validate(cfg: Config) -> None:
     _check_types(cfg, "")
     validate_model(cfg.model)
+    validate_run(cfg)
 
 
 def to_dict(cfg) -> dict:

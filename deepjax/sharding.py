@@ -27,6 +27,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from deepjax.config import MeshConfig
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)
@@ -63,18 +65,6 @@ def rules_for(preset: str) -> dict[str, object]:
     if preset not in RULE_PRESETS:
         raise ValueError(f"sharding preset {preset!r}: unknown; choose from {sorted(RULE_PRESETS)}")
     return {**BASE_RULES, **RULE_PRESETS[preset][1]}
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh axis sizes; one of them may be -1 (fill with the remaining devices)."""
-
-    data: int = 1
-    fsdp: int = -1
-    expert: int = 1
-    tensor: int = 1
-    dcn_data: int = 1  # slices (multi-slice pods): multiplies the data axis over DCN
-    rules: str = "fsdp_expert_tensor"
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
@@ -183,6 +173,17 @@ def shardings_like_params(tree, params, shardings, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def state_shardings(state, mesh: Mesh, rules: dict):
+    """Shardings for a train_step.TrainState: params and router biases by their logical axes, optimizer
+    moments like their parameters, counters and the RNG replicated."""
+    rep = NamedSharding(mesh, P())
+    params = param_shardings(state.params, mesh, rules)
+    return state._replace(
+        step=rep, params=params, router_bias=param_shardings(state.router_bias, mesh, rules),
+        opt_state=shardings_like_params(state.opt_state, state.params, params, mesh), rng=rep,
+        nonfinite_streak=rep, nonfinite_total=rep)
+
+
 def init_sharded(cfg, key: jax.Array, mesh: Mesh, rules: dict):
     """(graphdef, params, shardings): params created directly in their shardings under one jit, so the
     full model never exists on one device."""
@@ -248,5 +249,5 @@ def spec_table(params, rules: dict) -> dict[str, list]:
             for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))}
 
 
-__all__ = ["MeshConfig", "make_mesh", "rules_for", "RULE_PRESETS", "param_shardings", "init_sharded",
+__all__ = ["MeshConfig", "make_mesh", "rules_for", "RULE_PRESETS", "param_shardings", "init_sharded", "state_shardings",
            "use_mesh", "constrain", "batch_spec", "spec_table", "logical_to_spec"]
