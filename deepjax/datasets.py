@@ -79,8 +79,12 @@ def files_hash(paths: list[str]) -> str:
 
 def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-empty line; a bad line is an error naming the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e})") from None
             if not line.strip():
                 continue
             try:

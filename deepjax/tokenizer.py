@@ -193,8 +193,14 @@ def _tokenizer_config(directory: str) -> dict:
     path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"could not read {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
