@@ -41,7 +41,7 @@ def _files(step_dir: str) -> dict[str, int]:
     out = {}
     for root, _, names in os.walk(step_dir):
         for n in names:
-            if n == MANIFEST:
+            if n.startswith(MANIFEST):  # the manifest itself, and its temporary while written
                 continue
             p = os.path.join(root, n)
             out[os.path.relpath(p, step_dir)] = os.path.getsize(p)
@@ -61,12 +61,14 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self._pending: list[int] = []
+        self._async = async_save
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data", "config"),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-                async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifests)),
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifests)
+                if async_save else None),
         )
 
     # ---- saving --------------------------------------------------------------------------------
@@ -98,7 +100,7 @@ class Checkpointer:
             config=ocp.args.JsonSave(config)), force=force)
         if not saved:
             self._pending.remove(step)
-        elif not self._manager._options.enable_async_checkpointing:  # noqa: SLF001
+        elif not self._async:
             self._write_manifests()
         return saved
 

@@ -1,10 +1,12 @@
 """The `deepjax` command: parses the command line, loads the config, dispatches.
 
     deepjax info [CONFIG] [--config.FIELD=VALUE ...] [--batch B] [--length T]
+    deepjax train CONFIG [--config.FIELD=VALUE ...] [--workdir DIR] [--no-progress]
 
 CONFIG is a file defining `get_config()` (`configs/tiny.py`) or a preset name (`tiny`, `bench`, `deepseek_v3`,
 ...); default `tiny`. `info` builds the model, prints its parameter table and runs one jitted forward pass on a
-random batch. A bad config prints one line naming the field and exits with status 2.
+random batch. `train` runs or resumes training (deepjax/train.py) in the work directory (default
+runs/<config name>). A bad config prints one line naming the field and exits with status 2.
 """
 
 from __future__ import annotations
@@ -159,6 +161,16 @@ def parser() -> argparse.ArgumentParser:
                    help="configs/NAME.py file or preset name (default: tiny)")
     p.add_argument("--batch", type=_positive_int, default=2, help="rows of the random batch (default 2)")
     p.add_argument("--length", type=_positive_int, default=32, help="tokens per row (default 32)")
+    p = sub.add_parser("train", help="train (or resume) a model: data, optimizer, checkpoints, logs",
+                       description="Trains CONFIG for train.steps optimizer steps in --workdir: builds the dataset "
+                                   "(TFDS), runs the jitted train step, writes checkpoints, metrics.jsonl, "
+                                   "TensorBoard events and train_curves.png. Rerun the same command to resume from "
+                                   "the newest checkpoint.",
+                       epilog="Any config field: --config.SECTION.FIELD=VALUE (sections: model, data, optim, train, "
+                              "mesh), e.g. --config.train.steps=400 --config.optim.lr=3e-3.")
+    p.add_argument("config", nargs="?", default="tiny", help="configs/NAME.py file or preset name (default: tiny)")
+    p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
@@ -179,5 +191,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"deepjax: error: {e}", file=sys.stderr)
         return 2
     name = " ".join([args.config, *rest])
+    if args.command == "train":
+        return train_command(cfg, args)
     info(cfg, name, args.batch, args.length)
+    return 0
+
+
+def train_command(cfg: Config, args) -> int:
+    import os
+
+    from deepjax import train as T
+    from deepjax.checkpoint import CheckpointError
+
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    print(f"workdir: {os.path.abspath(workdir)}", flush=True)
+    try:
+        last = T.train(cfg, workdir, progress=not args.no_progress)
+    except ConfigError as e:
+        print(f"deepjax: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"deepjax: error: {e}", file=sys.stderr)
+        return 1
+    except T.NonFiniteError as e:
+        print(f"deepjax: stopped: {e}", file=sys.stderr)
+        return 1
+    if last:
+        print(f"step {last['step']}: loss {last['loss']:.4f}, mtp loss {last['mtp_loss']:.4f}, "
+              f"MaxVio {sum(last['maxvio']) / len(last['maxvio']):.3f} (mean over MoE layers)")
+    print(f"run directory: {os.path.abspath(workdir)} (metrics.jsonl, tb/, train_curves.png, checkpoints/)")
     return 0

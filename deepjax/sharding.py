@@ -184,6 +184,18 @@ def state_shardings(state, mesh: Mesh, rules: dict):
         nonfinite_streak=rep, nonfinite_total=rep)
 
 
+def abstract_with_shardings(tree, shardings):
+    """jax.ShapeDtypeStructs carrying shardings (for lowering, or as an Orbax restore target); `shardings` may be a
+    prefix of `tree` (one sharding per nnx.Variable)."""
+
+    def one(s, x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    return jax.tree.map(one, shardings, tree)
+
+
 def init_sharded(cfg, key: jax.Array, mesh: Mesh, rules: dict):
     """(graphdef, params, shardings): params created directly in their shardings under one jit, so the
     full model never exists on one device."""
@@ -250,4 +262,5 @@ def spec_table(params, rules: dict) -> dict[str, list]:
 
 
 __all__ = ["MeshConfig", "make_mesh", "rules_for", "RULE_PRESETS", "param_shardings", "init_sharded", "state_shardings",
+           "abstract_with_shardings",
            "use_mesh", "constrain", "batch_spec", "spec_table", "logical_to_spec"]

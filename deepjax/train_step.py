@@ -58,10 +58,17 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
                       jax.random.key_data(jax.random.key(seed)), z(), z())
 
 
-def masked_ce(logits_BTV, targets_BT, mask_BT):
+def masked_ce(logits_BTV, targets_BT, mask_BT, denom=None):
+    """Mean cross-entropy over the masked positions; with `denom`, the masked sum divided by it instead (a
+    micro-batch's share of the whole batch's mean)."""
     ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
     m = mask_BT.astype(jnp.float32)
-    return (ce_BT * m).sum() / jnp.maximum(m.sum(), 1.0)
+    return (ce_BT * m).sum() / jnp.maximum(m.sum() if denom is None else denom, 1.0)
+
+
+def target_counts(batch: Batch, depths: int) -> jax.Array:
+    """[1 + depths] float32: how many targets the main head and each MTP depth have in `batch`."""
+    return jnp.stack([depth_targets(batch, k)[1].sum() for k in range(depths + 1)]).astype(jnp.float32)
 
 
 def depth_targets(batch: Batch, k: int):
@@ -75,23 +82,27 @@ def depth_targets(batch: Batch, k: int):
 
 
 def lm_loss(trainable, bias, graphdef, batch: Batch, cfg: ModelConfig, mtp_lambda: float,
-            balance_alpha: float, experts_fn=None):
-    """(total loss, (metrics, loads)). loads: (expert_load [L, E], mtp_expert_load [D, E] or None)."""
+            balance_alpha: float, experts_fn=None, denoms=None, share: float = 1.0):
+    """(total loss, (metrics, loads)). loads: (expert_load [L, E], mtp_expert_load [D, E] or None).
+
+    For one micro-batch of several: `denoms` are the whole batch's `target_counts` and `share` the micro-batch's
+    fraction of the rows, so that the micro-batch losses (and gradients) sum to the whole batch's exactly."""
     out = M.forward(graphdef, nnx.merge_state(trainable, bias), batch.tokens, batch.positions,
                     batch.segment_ids, experts_fn)
+    d = (lambda k: None) if denoms is None else (lambda k: denoms[k])  # noqa: E731
     targets, valid = depth_targets(batch, 0)
-    ce = masked_ce(out.logits, targets, valid)
+    ce = masked_ce(out.logits, targets, valid, d(0))
     mtp = jnp.zeros((), jnp.float32)
     if out.mtp_logits is not None:
         D = out.mtp_logits.shape[0]
         for k in range(D):
             t_k, v_k = depth_targets(batch, k + 1)
-            mtp = mtp + masked_ce(out.mtp_logits[k], t_k, v_k)
+            mtp = mtp + masked_ce(out.mtp_logits[k], t_k, v_k, d(k + 1))
         mtp = mtp * mtp_lambda / D
-    bal = out.balance_loss.sum()
+    bal = out.balance_loss.sum()  # each layer's loss is a mean over rows: a micro-batch contributes its share
     if out.mtp_balance_loss is not None:
         bal = bal + out.mtp_balance_loss.sum()
-    bal = balance_alpha * bal
+    bal = balance_alpha * bal * share
     metrics = {"loss": ce, "mtp_loss": mtp, "balance_loss": bal, "dropped_tokens": out.dropped_tokens,
                "target_tokens": valid.sum().astype(jnp.float32)}
     return ce + mtp + bal, (metrics, (out.expert_load, out.mtp_expert_load))
@@ -122,6 +133,9 @@ def update_router_bias(bias, loads, gamma: float):
     return jax.tree_util.tree_map_with_path(one, bias)
 
 
+_global_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
+
+
 def _tree_finite(tree):
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -134,33 +148,33 @@ def make_train_step(graphdef, cfg: ModelConfig, optimizer: optax.GradientTransfo
     """step(state, batch) -> (state, metrics), pure; jit it with the state donated.
 
     With micro_batches M the batch's leading dim is split M ways and gradients, metrics and expert loads are
-    accumulated in a `lax.scan` (gradient accumulation). Metrics: loss, mtp_loss, balance_loss, grad_norm,
+    summed in a `lax.scan` (gradient accumulation, exact: equal to the whole batch's up to float rounding). Metrics: loss, mtp_loss, balance_loss, grad_norm,
     lr, applied (1/0), maxvio [L] (per MoE layer, this batch), maxvio_mtp [D], dropped_tokens, target_tokens.
     """
     grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
 
-    def grads_of(state, b):
+    def grads_of(state, b, denoms=None):
         (_, (metrics, loads)), grads = grad_fn(state.params, state.router_bias, graphdef, b, cfg, mtp_lambda,
-                                               balance_alpha, experts_fn)
+                                               balance_alpha, experts_fn, denoms, 1.0 / micro_batches)
         return grads, metrics, loads
 
     def step(state: TrainState, batch: Batch):
         if micro_batches == 1:
             grads, metrics, loads = grads_of(state, batch)
         else:
+            # Exact accumulation: each micro-batch's CE is divided by the whole batch's target count, so the
+            # summed gradients equal the whole batch's (not a mean of per-micro-batch means).
+            denoms = target_counts(batch, cfg.num_nextn_predict_layers)
             split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]),
                                  batch)
 
             def body(acc, b):
-                return jax.tree.map(jnp.add, acc, grads_of(state, b)), None
+                return jax.tree.map(jnp.add, acc, grads_of(state, b, denoms)), None
 
             zeros = jax.tree.map(jnp.zeros_like,
-                                 jax.eval_shape(grads_of, state, jax.tree.map(lambda x: x[0], split)))
+                                 jax.eval_shape(grads_of, state, jax.tree.map(lambda x: x[0], split), denoms))
             (grads, metrics, loads), _ = jax.lax.scan(body, zeros, split)
-            grads = jax.tree.map(lambda g: g / micro_batches, grads)
-            metrics = {k: v if k in ("dropped_tokens", "target_tokens") else v / micro_batches
-                       for k, v in metrics.items()}
-        grad_norm = optax.global_norm(grads)
+        grad_norm = _global_norm(grads)
         total = metrics["loss"] + metrics["mtp_loss"] + metrics["balance_loss"]
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
 

@@ -1,0 +1,312 @@
+"""The training loop behind `deepjax train`: data, sharded state, the jitted step, checkpoints, logs, plots.
+
+    deepjax train configs/tiny.py --workdir runs/tiny [--config.train.steps=400 ...]
+
+What a run directory holds:
+
+    config.json           the resolved config (every field, after overrides)
+    checkpoints/<step>/   Orbax checkpoints (deepjax/checkpoint.py): state, Grain iterator state, config
+    metrics.jsonl         one JSON line per step: loss, mtp_loss, balance_loss, grad_norm, lr, applied, maxvio
+                          (per MoE layer), tokens_per_s, mfu, and `data` (a hash of the step's batch)
+    tb/                   TensorBoard event files (tensorboardX: no TensorFlow needed), every train.log_every steps
+    train_curves.png      loss, MTP loss, MaxVio and learning rate against the step, written at the end
+
+Restarting with the same work directory resumes from the newest checkpoint: the same state, the same RNG stream
+and the same next batch, so a run interrupted at any point and resumed ends bitwise equal to one that never
+stopped (tests/test_train.py kills a run with SIGKILL to check this). The model part of the config must match the
+checkpoint's; the rest (steps, logging, ...) may change between restarts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepjax import distributed as D
+from deepjax import model as M
+from deepjax import optim
+from deepjax import sharding as S
+from deepjax import train_step as TS
+from deepjax.config import Config, ConfigError, to_dict
+
+log = logging.getLogger("deepjax.train")
+
+# Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is not set (substring of device_kind).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "v6": 918.0, "v5p": 459.0, "v5 lite": 197.0,
+               "v5e": 197.0, "v4": 275.0}
+
+# Test hook: SIGKILL this process right after this step (once every checkpoint started so far is committed), to
+# check that a killed run resumes exactly. Not a clean stop: nothing is flushed or closed.
+KILL_ENV = "DEEPJAX_TEST_SIGKILL_AFTER_STEP"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the message names the step."""
+
+
+def peak_tflops(cfg: Config) -> Optional[float]:
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def _check_vocab(cfg: Config, tokenizer) -> None:
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size} ids, data.tokenizer={cfg.data.tokenizer!r})")
+
+
+def _check_same_model(saved: dict, cfg: Config, where: str) -> None:
+    now = to_dict(cfg)["model"]
+    old = saved.get("model", {})
+    diff = [k for k in sorted(set(now) | set(old)) if now.get(k) != old.get(k)]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"model.{k}={now.get(k)!r} but the checkpoint in {where} was trained with "
+                          f"model.{k}={old.get(k)!r} ({len(diff)} model field(s) differ: {diff}); use a new --workdir")
+
+
+class Run:
+    """Everything a training run holds: mesh, data iterator, jitted step, checkpointer and the current state."""
+
+    def __init__(self, cfg: Config, workdir: str):
+        # The data stack (grain, tfds, tokenizers) is imported here, not at module level: the model, sampling and RL
+        # code must import on machines without it.
+        from deepjax import datasets, pipeline
+        from deepjax.checkpoint import Checkpointer
+        from deepjax.tokenizer import load_tokenizer
+
+        self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+        D.initialize()
+        self.is_main = jax.process_index() == 0
+        os.makedirs(self.workdir, exist_ok=True)
+
+        # ---- mesh, tokenizer, data
+        self.mesh = S.make_mesh(cfg.mesh)
+        self.rules = S.rules_for(cfg.mesh.rules)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        _check_vocab(cfg, self.tokenizer)
+        data_dir = cfg.data.data_dir or os.path.join(self.workdir, "tfds")
+        if not self.is_main:  # process 0 builds, the others wait and read
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("deepjax: dataset built")
+        sources = datasets.build(cfg.data, data_dir)
+        if self.is_main and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("deepjax: dataset built")
+        if cfg.data.split not in sources:
+            raise ConfigError(f"data.split={cfg.data.split!r}: the dataset has splits {sorted(sources)}")
+        G = cfg.data.global_batch
+        rows = D.process_rows(G, self.mesh, self.rules)
+        self.local_batch = rows.stop - rows.start
+        self._make_iterator = lambda state=None: pipeline.make_iterator(
+            cfg.data, self.tokenizer, sources[cfg.data.split], self.local_batch, jax.process_index(),
+            jax.process_count(), state)
+        self.fingerprint = pipeline.fingerprint
+
+        # ---- state: abstract first, so a resumed run never allocates a fresh init it would throw away
+        graphdef, abstract_params = M.abstract_init(cfg.model)
+        self.graphdef = graphdef
+        trainable = TS.split_params(abstract_params)[0]
+        self.optimizer, self.schedule = optim.make_optimizer(cfg.optim, trainable, cfg.train.steps)
+        abstract_state = jax.eval_shape(lambda p: TS.init_state(p, self.optimizer, cfg.seed), abstract_params)
+        self.state_shardings = S.state_shardings(abstract_state, self.mesh, self.rules)
+        self.abstract_state = S.abstract_with_shardings(abstract_state, self.state_shardings)
+        self.batch_sharding = S.batch_spec(self.mesh, self.rules)
+
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                         async_save=cfg.train.async_checkpoint)
+        self.resumed_from = self.checkpointer.latest_step()
+        if self.resumed_from is None:
+            _, params, _ = S.init_sharded(cfg.model, jax.random.key(cfg.seed), self.mesh, self.rules)
+            self.state = jax.jit(lambda p: TS.init_state(p, self.optimizer, cfg.seed),
+                                 out_shardings=self.state_shardings)(params)
+            del params
+            self.iterator = self._make_iterator()
+        else:
+            step, state, data_state, saved_cfg = self.checkpointer.restore(
+                self.abstract_state, fallback=cfg.train.fallback_on_damage)
+            _check_same_model(saved_cfg, cfg, self.checkpointer.step_dir(step))
+            self.resumed_from = step
+            self.state = state
+            self.iterator = self._make_iterator(data_state)
+        if self.is_main:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                json.dump(to_dict(cfg), f, indent=1)
+
+        # ---- the step
+        t = cfg.train
+        with S.use_mesh(self.mesh, self.rules):
+            step_fn = TS.make_train_step(graphdef, cfg.model, self.optimizer, self.schedule,
+                                         micro_batches=cfg.optim.micro_batches, mtp_lambda=t.mtp_lambda,
+                                         balance_alpha=t.balance_alpha, bias_update_speed=t.bias_update_speed)
+            self._step = jax.jit(step_fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
+        n_active = M.count_active_params(cfg.model, abstract_params)
+        self.flops_per_token = TS.matmul_flops_per_token(cfg.model, cfg.data.seq_len, n_active)
+        self.peak = peak_tflops(cfg)
+
+    # ---------------------------------------------------------------------------------------------------- stepping
+    def next_batch(self) -> tuple[TS.Batch, str]:
+        local = next(self.iterator)
+        arrays = {k: D.global_batch(np.asarray(v, np.int32), self.cfg.data.global_batch, self.mesh, self.rules)
+                  for k, v in local.items()}
+        return TS.Batch(**arrays), self.fingerprint(local)
+
+    def step(self, batch: TS.Batch):
+        with S.use_mesh(self.mesh, self.rules):
+            self.state, metrics = self._step(self.state, batch)
+        return metrics
+
+    def save(self, step: int, force: bool = False) -> bool:
+        return self.checkpointer.save(step, self.state, self.iterator.get_state(), to_dict(self.cfg), force=force)
+
+
+def _scalars(m: dict) -> dict:
+    out = {}
+    for k, v in m.items():
+        v = np.asarray(v)
+        out[k] = v.item() if v.ndim == 0 else v.tolist()
+    return out
+
+
+def _read_history(path: str) -> dict[int, dict]:
+    """step -> record from metrics.jsonl (a step redone after a resume keeps its last record)."""
+    hist = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                hist[r["step"]] = r
+    return hist
+
+
+def plot_curves(history: dict[int, dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(history)
+    if not steps:
+        return
+    get = lambda k: np.array([history[s].get(k, np.nan) for s in steps], dtype=float)  # noqa: E731
+    vio = [history[s].get("maxvio") or [np.nan] for s in steps]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].plot(steps, get("loss"), label="next-token CE")
+    if np.nanmax(np.abs(get("mtp_loss"))) > 0:
+        ax[0].plot(steps, get("mtp_loss"), label="MTP loss (x lambda)")
+    ax[0].set_xlabel("step"), ax[0].set_ylabel("loss"), ax[0].legend(), ax[0].set_title("loss")
+    ax[1].plot(steps, [float(np.mean(v)) for v in vio], label="mean over MoE layers")
+    ax[1].plot(steps, [float(np.max(v)) for v in vio], label="worst layer")
+    ax[1].set_xlabel("step"), ax[1].set_ylabel("MaxVio"), ax[1].legend(), ax[1].set_title("expert load MaxVio")
+    ax[2].plot(steps, get("lr"))
+    ax[2].set_xlabel("step"), ax[2].set_title("learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: Config, workdir: str, progress: bool = True) -> dict:
+    """Runs (or resumes) training to `cfg.train.steps`; returns a summary of the last logged metrics."""
+    from tqdm import tqdm
+
+    run = Run(cfg, workdir)
+    t = cfg.train
+    start = int(jax.device_get(run.state.step))
+    streak = int(jax.device_get(run.state.nonfinite_streak))
+    if run.resumed_from is not None and run.is_main:
+        print(f"resumed from {run.checkpointer.step_dir(run.resumed_from)} (step {start})", flush=True)
+    writer = None
+    metrics_path = os.path.join(run.workdir, "metrics.jsonl")
+    if run.is_main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(os.path.join(run.workdir, "tb"))
+    kill_after = int(os.environ.get(KILL_ENV, "-1"))
+    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+    n_dev = jax.device_count()
+    bar = tqdm(total=t.steps, initial=start, disable=not (progress and run.is_main), dynamic_ncols=True,
+               desc="train", unit="step")
+    last = {}
+    out_f = open(metrics_path, "a") if run.is_main else None
+    try:
+        pending = None  # (step, metrics on device, data hash, dispatch time): fetched one step late, so the host
+        t_prev = time.perf_counter()  # prepares batch s+1 while the device runs step s
+
+        def finish(p):
+            nonlocal streak, last, t_prev
+            s, m, data_hash = p
+            rec = _scalars(jax.device_get(m))
+            now = time.perf_counter()
+            dt, t_prev = now - t_prev, now
+            rec.update(step=s + 1, data=data_hash, step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+            if run.peak:
+                rec["mfu"] = run.flops_per_token * tokens_per_step / dt / (run.peak * 1e12 * n_dev)
+            streak = 0 if rec["applied"] else streak + 1
+            if out_f:
+                out_f.write(json.dumps(rec) + "\n")
+                out_f.flush()
+            if writer and ((s + 1) % t.log_every == 0 or s + 1 == t.steps):
+                for k, v in rec.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        writer.add_scalar(f"train/{k}", v, s + 1)
+                    elif k in ("maxvio", "maxvio_mtp"):
+                        for i, x in enumerate(v):
+                            writer.add_scalar(f"{k}/layer_{i}", x, s + 1)
+                writer.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            maxvio=f"{float(np.mean(rec['maxvio'])):.2f}")
+            last = rec
+            if streak >= t.max_nonfinite:
+                raise NonFiniteError(
+                    f"step {s + 1}: the loss or gradient was not finite for {streak} steps in a row "
+                    f"(train.max_nonfinite={t.max_nonfinite}); those steps were not applied. Last good checkpoint: "
+                    f"{run.checkpointer.latest_step()}. Lower optim.lr or check the data.")
+
+        for s in range(start, t.steps):
+            batch, data_hash = run.next_batch()
+            metrics = run.step(batch)
+            if pending is not None:
+                finish(pending)
+            pending = (s, metrics, data_hash)
+            done = s + 1
+            if done % t.checkpoint_every == 0 or done == t.steps:
+                finish(pending)  # a step's checkpoint follows its metrics (and its non-finite check)
+                pending = None
+                run.save(done, force=done == t.steps)
+            if done == kill_after:
+                if pending is not None:
+                    finish(pending)
+                    pending = None
+                run.checkpointer.wait()
+                out_f and out_f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        if pending is not None:
+            finish(pending)
+    finally:
+        bar.close()
+        run.checkpointer.close()
+        if writer:
+            writer.close()
+        if out_f:
+            out_f.close()
+    if run.is_main and t.plot:
+        plot_curves(_read_history(metrics_path), os.path.join(run.workdir, "train_curves.png"))
+    return last
+
+
+__all__ = ["train", "Run", "NonFiniteError", "plot_curves", "peak_tflops", "KILL_ENV"]
