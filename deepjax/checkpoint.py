@@ -48,11 +48,15 @@ def _files(step_dir: str) -> dict[str, int]:
     return out
 
 
+@jax.jit
+def _all_finite(leaves):
+    return jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]).all()
+
+
 def _finite(tree) -> bool:
-    for x in jax.tree.leaves(tree):
-        if hasattr(x, "dtype") and np.issubdtype(x.dtype, np.inexact) and not bool(jax.numpy.isfinite(x).all()):
-            return False
-    return True
+    """Whether every float in `tree` is finite: one jitted reduction (not one eager collective per leaf)."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and np.issubdtype(x.dtype, np.inexact)]
+    return bool(_all_finite(leaves)) if leaves else True
 
 
 class Checkpointer:
@@ -76,32 +80,35 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def _write_manifests(self) -> None:
-        """Records the file sizes of committed steps (runs after Orbax finalizes an async save)."""
+        """Records the file sizes of committed steps. Orbax calls this after finalizing an async save, but before
+        the temporary directory is renamed, so steps not yet committed stay pending until the next call (each
+        save, wait and close)."""
         if jax.process_index() != 0:
             self._pending.clear()
             return
-        while self._pending:
-            step = self._pending.pop(0)
+        still = []
+        for step in self._pending:
             d = self.step_dir(step)
-            if os.path.isdir(d):
-                tmp = os.path.join(d, MANIFEST + ".tmp")
-                with open(tmp, "w") as f:
-                    json.dump({"step": step, "files": _files(d)}, f)
-                os.replace(tmp, os.path.join(d, MANIFEST))
+            if not os.path.isdir(d):
+                still.append(step)
+                continue
+            tmp = os.path.join(d, MANIFEST + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"step": step, "files": _files(d)}, f)
+            os.replace(tmp, os.path.join(d, MANIFEST))
+        self._pending = still
 
     def save(self, step: int, state, data_state: Any, config: dict, force: bool = False) -> bool:
         """Starts an asynchronous save; returns whether a save started. Raises on a non-finite state."""
         if not _finite(state):
             raise CheckpointError(f"step {step}: the state holds non-finite values; refusing to save it")
-        self._pending.append(step)
         saved = self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave({"iterator": data_state}),
             config=ocp.args.JsonSave(config)), force=force)
-        if not saved:
-            self._pending.remove(step)
-        elif not self._async:
-            self._write_manifests()
+        if saved:  # the manager waited for the previous save to commit: its manifest can be written now
+            self._pending.append(step)
+        self._write_manifests()
         return saved
 
     def wait(self) -> None:
@@ -146,8 +153,9 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                 config=ocp.args.JsonRestore()))
         except Exception as e:  # Orbax / tensorstore raise many types; all mean "this step is unusable"
+            why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             raise CheckpointError(f"checkpoint step {step} in {self.step_dir(step)} is damaged or does not "
-                                  f"match this model: {type(e).__name__}: {e}") from e
+                                  f"match this model: {type(e).__name__}: {why}") from e
         return out["state"], out["data"]["iterator"], out["config"]
 
     def restore(self, abstract_state, step: Optional[int] = None, fallback: bool = False):

@@ -78,6 +78,16 @@ def _check_same_model(saved: dict, cfg: Config, where: str) -> None:
                           f"model.{k}={old.get(k)!r} ({len(diff)} model field(s) differ: {diff}); use a new --workdir")
 
 
+def abstract_train_state(cfg: Config, mesh, rules):
+    """(graphdef, abstract params, optimizer, lr schedule, state shardings, abstract TrainState with shardings):
+    what restoring a checkpoint of `cfg` onto `mesh` needs, with nothing allocated."""
+    graphdef, abstract_params = M.abstract_init(cfg.model)
+    optimizer, schedule = optim.make_optimizer(cfg.optim, TS.split_params(abstract_params)[0], cfg.train.steps)
+    state = jax.eval_shape(lambda p: TS.init_state(p, optimizer, cfg.seed), abstract_params)
+    shardings = S.state_shardings(state, mesh, rules)
+    return graphdef, abstract_params, optimizer, schedule, shardings, S.abstract_with_shardings(state, shardings)
+
+
 class Run:
     """Everything a training run holds: mesh, data iterator, jitted step, checkpointer and the current state."""
 
@@ -117,13 +127,9 @@ class Run:
         self.fingerprint = pipeline.fingerprint
 
         # ---- state: abstract first, so a resumed run never allocates a fresh init it would throw away
-        graphdef, abstract_params = M.abstract_init(cfg.model)
+        (graphdef, abstract_params, self.optimizer, self.schedule, self.state_shardings,
+         self.abstract_state) = abstract_train_state(cfg, self.mesh, self.rules)
         self.graphdef = graphdef
-        trainable = TS.split_params(abstract_params)[0]
-        self.optimizer, self.schedule = optim.make_optimizer(cfg.optim, trainable, cfg.train.steps)
-        abstract_state = jax.eval_shape(lambda p: TS.init_state(p, self.optimizer, cfg.seed), abstract_params)
-        self.state_shardings = S.state_shardings(abstract_state, self.mesh, self.rules)
-        self.abstract_state = S.abstract_with_shardings(abstract_state, self.state_shardings)
         self.batch_sharding = S.batch_spec(self.mesh, self.rules)
 
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
@@ -136,9 +142,13 @@ class Run:
             del params
             self.iterator = self._make_iterator()
         else:
-            step, state, data_state, saved_cfg = self.checkpointer.restore(
-                self.abstract_state, fallback=cfg.train.fallback_on_damage)
-            _check_same_model(saved_cfg, cfg, self.checkpointer.step_dir(step))
+            try:
+                step, state, data_state, saved_cfg = self.checkpointer.restore(
+                    self.abstract_state, fallback=cfg.train.fallback_on_damage)
+                _check_same_model(saved_cfg, cfg, self.checkpointer.step_dir(step))
+            except Exception:
+                self.checkpointer.close()  # no Orbax threads left behind to fail at exit
+                raise
             self.resumed_from = step
             self.state = state
             self.iterator = self._make_iterator(data_state)
@@ -309,4 +319,4 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict:
     return last
 
 
-__all__ = ["train", "Run", "NonFiniteError", "plot_curves", "peak_tflops", "KILL_ENV"]
+__all__ = ["train", "Run", "abstract_train_state", "NonFiniteError", "plot_curves", "peak_tflops", "KILL_ENV"]

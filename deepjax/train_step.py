@@ -203,7 +203,7 @@ def make_train_step(graphdef, cfg: ModelConfig, optimizer: optax.GradientTransfo
 
 def state_is_finite(state: TrainState) -> jax.Array:
     """True when params, biases and optimizer state hold only finite values (checked before every save)."""
-    return _tree_finite((state.params, state.router_bias, state.opt_state))
+    return jax.jit(_tree_finite)((state.params, state.router_bias, state.opt_state))
 
 
 def matmul_flops_per_token(cfg: ModelConfig, seq_len: int, active_params: int) -> float:

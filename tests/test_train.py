@@ -390,9 +390,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
 
 
 def _abstract_state(cfg):
-    _, abstract = M.abstract_init(cfg.model)
-    opt, _ = optim.make_optimizer(cfg.optim, TS.split_params(abstract)[0], cfg.train.steps)
-    return jax.eval_shape(lambda p: TS.init_state(p, opt, cfg.seed), abstract)
+    return T.abstract_train_state(cfg, S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules))[-1]
 
 
 def test_training_stops_after_k_nonfinite_steps(tmp_path, data_dir):
