@@ -1,0 +1,345 @@
+"""Sampling: a pure, jittable generator over the compressed MLA cache.
+
+    out = generate(graphdef, params, prompts_BP, lengths_B, jax.random.key(0), SamplingConfig(...))
+    out.tokens [B, N], out.logprobs [B, N], out.lengths [B], out.done [B]
+
+Shape key: B batch, P prompt (padded) length, N max_new_tokens, S = P + N cache length, L layers of a stack,
+D hidden, N_h heads, H qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank.
+
+Prompts are right-padded to P; row b's prompt is prompts[b, :lengths[b]]. Prefill runs the naive (expanded)
+attention over the prompts and fills the cache; then a `lax.while_loop` decodes one token per row per step,
+row b writing its i-th new token at position lengths[b] + i, until every row has stopped or N tokens are out.
+
+The cache (`Cache`) holds, per layer and token, only what DeepSeek's inference code keeps in its "absorb" mode:
+the normalized KV latent c (C values) and the rotated shared rope key (R values); C + R = 576 at V3 shape.
+Decoding in absorbed form never expands keys or values per head:
+
+    q_c   = q_nope . W_uk                  [B, N_h, C]   (W_uk = wkv_b[:, :, :H]: the key up-projection
+    score = (q_c . c_s + q_pe . k_pe_s) * softmax_scale           folded into the query)
+    o_c   = sum_s softmax(score)_s c_s      [B, N_h, C]
+    out   = (o_c . W_uv) . W_o             (W_uv = wkv_b[:, :, H:]: the value up-projection folded into the output)
+
+`SamplingConfig.attention="naive"` expands k and v from the cached latents instead (the check path).
+
+Log-probabilities. `logprobs[b, i]` is the log-probability of the sampled token under softmax(logits /
+temperature), taken BEFORE top-k / top-p truncation (the truncated distribution is only used to draw). Greedy
+(temperature 0) reports the log-probability under softmax(logits) (temperature 1). A trainer that recomputes
+log_softmax(logits / temperature) at the same tokens gets the same numbers (tests/test_sampling.py).
+
+Under `sharding.use_mesh(mesh, rules)` the same code runs sharded: params in their training shardings, the
+batch and the cache split over the batch axes, routed experts dispatched over `expert` as in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepjax import sharding
+from deepjax.config import ModelConfig
+from deepjax.model import ACT_AXES, Transformer, default_experts_fn
+from deepjax.moe import MoE
+from deepjax.nn import dtype_of
+from deepjax.rope import rope_tables
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens; 0: off
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p; 1: off
+    eos_ids: tuple[int, ...] = ()  # a row stops after sampling any of these (the EOS is kept in its output)
+    pad_id: int = 0  # what fills a row's output after it stopped
+    attention: str = "absorbed"  # absorbed | naive (expanded k/v from the cached latents; for checking)
+    cache_len: Optional[int] = None  # cache positions; None: prompt length + max_new_tokens
+
+
+def validate(sc: SamplingConfig, prompt_len: int) -> int:
+    """Checks `sc` against a prompt batch of padded length `prompt_len`; returns the cache length."""
+    def bad(field, why):
+        raise ValueError(f"sampling.{field}={getattr(sc, field)!r}: {why}")
+
+    if not isinstance(sc.max_new_tokens, int) or sc.max_new_tokens <= 0:
+        bad("max_new_tokens", "must be a positive int")
+    if not sc.temperature >= 0:
+        bad("temperature", "must be >= 0 (0 = greedy)")
+    if not isinstance(sc.top_k, int) or sc.top_k < 0:
+        bad("top_k", "must be an int >= 0 (0 = off)")
+    if not 0 < sc.top_p <= 1:
+        bad("top_p", "must be in (0, 1]")
+    if sc.attention not in ("absorbed", "naive"):
+        bad("attention", "choose from ('absorbed', 'naive')")
+    S = prompt_len + sc.max_new_tokens if sc.cache_len is None else sc.cache_len
+    if prompt_len + sc.max_new_tokens > S:
+        raise ValueError(f"prompt length {prompt_len} + sampling.max_new_tokens={sc.max_new_tokens} exceed "
+                         f"sampling.cache_len={S}")
+    return S
+
+
+class Cache(NamedTuple):
+    """Per scanned stack (dense, MoE): c [L, B, S, C] (normalized latent), k_pe [L, B, S, R] (rotated)."""
+    dense_c: Optional[jax.Array]
+    dense_k_pe: Optional[jax.Array]
+    moe_c: Optional[jax.Array]
+    moe_k_pe: Optional[jax.Array]
+
+
+CACHE_AXES = (None, "batch", "length", None)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
+    dt = dtype_of(cfg.dtype)
+    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+
+    def zeros(n, d):
+        return sharding.constrain(jnp.zeros((n, batch, length, d), dt), CACHE_AXES) if n else None
+
+    return Cache(zeros(cfg.n_dense_layers, C), zeros(cfg.n_dense_layers, R), zeros(cfg.n_moe_layers, C),
+                 zeros(cfg.n_moe_layers, R))
+
+
+def cache_bytes_per_token(cfg: ModelConfig) -> int:
+    """Bytes the cache holds per token over all layers (MTP excluded)."""
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype_of(cfg.dtype)).itemsize
+
+
+def _ffn(blk, h_BTD, valid_BT, experts_fn):
+    if isinstance(blk.ffn, MoE):
+        return blk.ffn(h_BTD, valid_BT, experts_fn)[0]
+    return blk.ffn(h_BTD)
+
+
+# ---------------------------------------------------------------------------------------------------------- prefill
+
+
+def _prefill_stack(stack, x_BPD, cos, sin, mask_BPP, valid_BP, experts_fn):
+    """Runs a scanned stack over the prompts; returns x and the stack's (c [L,B,P,C], k_pe [L,B,P,R])."""
+    graphdef, state = nnx.split(stack)
+
+    def body(x, layer_state):
+        blk = nnx.merge(graphdef, layer_state)
+        h = blk.attn_norm(x)
+        c, k_pe = blk.attn.latent(h, cos, sin)
+        x = x + blk.attn(h, cos, sin, mask_BPP)
+        x = x + _ffn(blk, blk.ffn_norm(x), valid_BP, experts_fn)
+        return sharding.constrain(x, ACT_AXES), (c, k_pe)
+
+    return jax.lax.scan(body, x_BPD, state)
+
+
+def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn):
+    """(logits [B, V] at each row's last prompt token, cache with positions [0, P) filled)."""
+    cfg = model.cfg
+    B, P = prompts_BP.shape
+    pos_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    valid_BP = pos_BP < lengths_B[:, None]
+    seg_BP = valid_BP.astype(jnp.int32)  # padding (0) attends only to padding
+    cos, sin = rope_tables(cfg, pos_BP)
+    mask_BPP = jnp.tril(jnp.ones((P, P), jnp.bool_))[None] & (seg_BP[:, :, None] == seg_BP[:, None, :])
+    dt = dtype_of(cfg.dtype)
+    x = sharding.constrain(jnp.take(model.embed[...].astype(dt), prompts_BP, axis=0), ACT_AXES)
+    caches = list(cache)
+    for i, stack in ((0, model.dense_layers), (2, model.moe_layers)):
+        if stack is None:
+            continue
+        x, (c, k_pe) = _prefill_stack(stack, x, cos, sin, mask_BPP, valid_BP, experts_fn)
+        caches[i] = jax.lax.dynamic_update_slice(caches[i], c.astype(caches[i].dtype), (0, 0, 0, 0))
+        caches[i + 1] = jax.lax.dynamic_update_slice(caches[i + 1], k_pe.astype(caches[i + 1].dtype), (0, 0, 0, 0))
+    last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)  # [B, 1, D]
+    return model.logits(last_BD, model.norm)[:, 0], Cache(*caches)
+
+
+# ----------------------------------------------------------------------------------------------------------- decode
+
+
+def _attend_absorbed(attn, q_nope_BNH, q_pe_BNR, c_BSC, k_pe_BSR, mask_BS, dt):
+    H = attn.cfg.qk_nope_head_dim
+    wkv_b = attn.wkv_b[...].astype(dt)  # [C, N, H + V]
+    q_c_BNC = jnp.einsum("bnh,cnh->bnc", q_nope_BNH, wkv_b[..., :H])
+    s_BNS = (jnp.einsum("bnc,bsc->bns", q_c_BNC, c_BSC, preferred_element_type=jnp.float32)
+             + jnp.einsum("bnr,bsr->bns", q_pe_BNR, k_pe_BSR, preferred_element_type=jnp.float32))
+    s_BNS = jnp.where(mask_BS[:, None], s_BNS * attn.cfg.softmax_scale, jnp.finfo(jnp.float32).min)
+    p_BNS = jax.nn.softmax(s_BNS, axis=-1).astype(dt)
+    o_c_BNC = jnp.einsum("bns,bsc->bnc", p_BNS, c_BSC)
+    o_BNV = jnp.einsum("bnc,cnv->bnv", o_c_BNC, wkv_b[..., H:])
+    return jnp.einsum("bnv,nvd->bd", o_BNV, attn.wo[...].astype(dt))
+
+
+def _attend_naive(attn, q_nope_BNH, q_pe_BNR, c_BSC, k_pe_BSR, mask_BS, dt):
+    H = attn.cfg.qk_nope_head_dim
+    kv_BSNK = jnp.einsum("bsc,cnk->bsnk", c_BSC, attn.wkv_b[...].astype(dt))
+    s_BNS = (jnp.einsum("bnh,bsnh->bns", q_nope_BNH, kv_BSNK[..., :H], preferred_element_type=jnp.float32)
+             + jnp.einsum("bnr,bsr->bns", q_pe_BNR, k_pe_BSR, preferred_element_type=jnp.float32))
+    s_BNS = jnp.where(mask_BS[:, None], s_BNS * attn.cfg.softmax_scale, jnp.finfo(jnp.float32).min)
+    p_BNS = jax.nn.softmax(s_BNS, axis=-1).astype(dt)
+    o_BNV = jnp.einsum("bns,bsnv->bnv", p_BNS, kv_BSNK[..., H:])
+    return jnp.einsum("bnv,nvd->bd", o_BNV, attn.wo[...].astype(dt))
+
+
+def _decode_stack(stack, x_BD, c_LBSC, k_pe_LBSR, pos_B, cos, sin, experts_fn, attention: str):
+    """One token per row through a scanned stack, writing its latent at pos_B; returns (x, c, k_pe)."""
+    graphdef, state = nnx.split(stack)
+    B = x_BD.shape[0]
+    rows = jnp.arange(B)
+    S = c_LBSC.shape[2]
+    mask_BS = jnp.arange(S)[None, :] <= pos_B[:, None]
+    attend = _attend_absorbed if attention == "absorbed" else _attend_naive
+    valid = jnp.ones((B, 1), jnp.bool_)
+
+    def body(carry, layer_state):
+        x, c_all, k_all, i = carry
+        blk = nnx.merge(graphdef, layer_state)
+        dt = x.dtype
+        h = blk.attn_norm(x)[:, None]  # [B, 1, D]
+        q_nope, q_pe = blk.attn.query(h, cos, sin)
+        c_new, k_new = blk.attn.latent(h, cos, sin)
+        c_all = c_all.at[i, rows, pos_B].set(c_new[:, 0].astype(c_all.dtype))
+        k_all = k_all.at[i, rows, pos_B].set(k_new[:, 0].astype(k_all.dtype))
+        c_BSC = jax.lax.dynamic_index_in_dim(c_all, i, keepdims=False)
+        k_BSR = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
+        x = x + attend(blk.attn, q_nope[:, 0], q_pe[:, 0], c_BSC, k_BSR, mask_BS, dt)
+        x = x + _ffn(blk, blk.ffn_norm(x)[:, None], valid, experts_fn)[:, 0]
+        return (x, c_all, k_all, i + 1), None
+
+    (x_BD, c_LBSC, k_pe_LBSR, _), _ = jax.lax.scan(body, (x_BD, c_LBSC, k_pe_LBSR, 0), state)
+    return x_BD, c_LBSC, k_pe_LBSR
+
+
+def decode_step(model: Transformer, tokens_B, pos_B, cache: Cache, experts_fn, attention: str = "absorbed"):
+    """Logits [B, V] for one new token per row at positions pos_B, and the cache with that token written."""
+    cfg = model.cfg
+    dt = dtype_of(cfg.dtype)
+    cos, sin = rope_tables(cfg, pos_B[:, None])  # [B, 1, R/2]
+    x = jnp.take(model.embed[...].astype(dt), tokens_B, axis=0)
+    caches = list(cache)
+    for i, stack in ((0, model.dense_layers), (2, model.moe_layers)):
+        if stack is None:
+            continue
+        x, caches[i], caches[i + 1] = _decode_stack(stack, x, caches[i], caches[i + 1], pos_B, cos, sin,
+                                                    experts_fn, attention)
+    return model.logits(x[:, None], model.norm)[:, 0], Cache(*caches)
+
+
+# --------------------------------------------------------------------------------------------------------- sampling
+
+
+def truncate_logits(logits_BV, top_k: int, top_p: float):
+    """Logits with everything outside the top-k / top-p set at -inf (the most likely token always stays)."""
+    neg = jnp.finfo(jnp.float32).min
+    if top_k:
+        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth, neg, logits_BV)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits_BV, axis=-1)
+        sorted_BV = jnp.take_along_axis(logits_BV, order, axis=-1)
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
+        keep_sorted = before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits_BV.shape[0])[:, None], order].set(keep_sorted)
+        logits_BV = jnp.where(keep, logits_BV, neg)
+    return logits_BV
+
+
+def sample(logits_BV, key, sc: SamplingConfig):
+    """(tokens [B], log-probs [B]): see the module docstring for which distribution the log-probs are under."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if sc.temperature == 0:
+        tok = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    else:
+        scaled = logits_BV / sc.temperature
+        logp_BV = jax.nn.log_softmax(scaled, axis=-1)
+        tok = jax.random.categorical(key, truncate_logits(scaled, sc.top_k, sc.top_p), axis=-1).astype(jnp.int32)
+    return tok, jnp.take_along_axis(logp_BV, tok[:, None], axis=-1)[:, 0]
+
+
+class Output(NamedTuple):
+    tokens: jax.Array  # [B, N] int32: new tokens; pad_id after a row stopped
+    logprobs: jax.Array  # [B, N] float32: log-prob of each new token (0 after a row stopped)
+    lengths: jax.Array  # [B] int32: new tokens per row, EOS included
+    done: jax.Array  # [B] bool: the row stopped on an EOS (False: it ran out of max_new_tokens)
+
+
+def _is_eos(tok_B, eos_ids):
+    if not eos_ids:
+        return jnp.zeros(tok_B.shape, jnp.bool_)
+    return jnp.any(tok_B[:, None] == jnp.asarray(eos_ids, jnp.int32)[None], axis=-1)
+
+
+def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None) -> Output:
+    """Samples up to sc.max_new_tokens per row (see the module docstring). Pure; `jit_generate` jits it."""
+    B, P = prompts_BP.shape
+    S = validate(sc, P)
+    model = nnx.merge(graphdef, params)
+    cfg = model.cfg
+    if experts_fn is None:
+        experts_fn = default_experts_fn(cfg)
+    lengths_B = lengths_B.astype(jnp.int32)
+    cache = init_cache(cfg, B, S)
+    logits, cache = prefill(model, prompts_BP.astype(jnp.int32), lengths_B, cache, experts_fn)
+    key, k0 = jax.random.split(key)
+    tok, lp = sample(logits, k0, sc)
+    N = sc.max_new_tokens
+    out_tok = jnp.full((B, N), sc.pad_id, jnp.int32)
+    out_lp = jnp.zeros((B, N), jnp.float32)
+    done = jnp.zeros((B,), jnp.bool_)
+    n_new = jnp.zeros((B,), jnp.int32)
+
+    def cond(c):
+        i, done = c[0], c[5]
+        return (i < N) & ~jnp.all(done)
+
+    def body(c):
+        i, tok, lp, out_tok, out_lp, done, n_new, cache, key = c
+        active = ~done
+        out_tok = out_tok.at[:, i].set(jnp.where(active, tok, sc.pad_id))
+        out_lp = out_lp.at[:, i].set(jnp.where(active, lp, 0.0))
+        n_new = n_new + active.astype(jnp.int32)
+        done = done | (active & _is_eos(tok, sc.eos_ids))
+        pos = lengths_B + i  # where this token goes in the cache
+        logits, cache = decode_step(model, tok, pos, cache, experts_fn, sc.attention)
+        key, k = jax.random.split(key)
+        tok, lp = sample(logits, k, sc)
+        return i + 1, tok, lp, out_tok, out_lp, done, n_new, cache, key
+
+    carry = (jnp.int32(0), tok, lp, out_tok, out_lp, done, n_new, cache, key)
+    _, _, _, out_tok, out_lp, done, n_new, _, _ = jax.lax.while_loop(cond, body, carry)
+    return Output(out_tok, out_lp, n_new, done)
+
+
+def jit_generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None) -> Output:
+    """`generate` under jax.jit (graphdef, sampling config and experts_fn static; retraced per mesh context)."""
+    validate(sc, prompts_BP.shape[1])
+    return _jit_generate(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, sharding.context_key())
+
+
+def _make_jit():
+    def f(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, mesh_context):
+        del mesh_context
+        return generate(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn)
+    return jax.jit(f, static_argnums=(0, 5, 6, 7))
+
+
+_jit_generate = _make_jit()
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
+    """Right-padded int32 [B, P] (P rounded up to `multiple`, so prompt batches share compilations) and lengths."""
+    import numpy as np
+
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    P = -(-max(len(p) for p in prompts) // multiple) * multiple
+    out = np.full((len(prompts), P), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        out[i, :len(p)] = p
+    return out, np.asarray([len(p) for p in prompts], np.int32)
+
+
+__all__ = ["SamplingConfig", "generate", "jit_generate", "prefill", "decode_step", "sample", "truncate_logits",
+           "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "validate"]
