@@ -1,0 +1,175 @@
+"""The sampler: absorbed-MLA decode vs the full forward, greedy vs argmax, log-probs vs the training forward,
+sampled frequencies vs the (truncated) softmax, EOS / max length per row, sharded vs single device, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepjax import model as M
+from deepjax import presets
+from deepjax import sampling as SP
+from deepjax import sharding as S
+from deepjax.config import MeshConfig, load_config
+
+PROMPTS = ([5, 17, 300], [9, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11], [400, 2, 2, 2, 41, 7])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny preset with weights drawn 30x larger than init: peaked next-token distributions and far from
+    uniform routing, so greedy choices and expert choices are decisive (random init is nearly uniform)."""
+    cfg = dataclasses.replace(load_config("tiny").model, initializer_range=0.2)
+    graphdef, params = M.init(cfg, jax.random.key(0))
+    return cfg, graphdef, params
+
+
+def _forward_logits(graphdef, params, seq):
+    return np.asarray(M.jit_forward(graphdef, params, jnp.asarray([seq], jnp.int32)).logits[0])
+
+
+@pytest.mark.parametrize("attention", ["absorbed", "naive"])
+def test_cached_decode_equals_full_forward_teacher_forced(tiny, attention):
+    cfg, graphdef, params = tiny
+    rng = np.random.default_rng(1)
+    cont = rng.integers(0, cfg.vocab_size, (len(PROMPTS), 5)).astype(np.int32)
+    prompts, lengths = SP.pad_prompts(list(PROMPTS))
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(graphdef, params)
+        fn = M.default_experts_fn(cfg)
+        cache = SP.init_cache(cfg, len(PROMPTS), prompts.shape[1] + 5)
+        logits, cache = SP.prefill(model, jnp.asarray(prompts), jnp.asarray(lengths), cache, fn)
+        out = [logits]
+        for i in range(4):
+            logits, cache = SP.decode_step(model, jnp.asarray(cont[:, i]), jnp.asarray(lengths) + i, cache, fn,
+                                           attention)
+            out.append(logits)
+        return jnp.stack(out, 1)
+
+    got = np.asarray(run(params))
+    for b, p in enumerate(PROMPTS):
+        full = _forward_logits(graphdef, params, list(p) + list(cont[b, :4]))
+        want = full[len(p) - 1:len(p) + 4]
+        assert np.abs(want).max() > 1.0  # not a near-zero comparison
+        np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=2e-5)
+
+
+def test_greedy_equals_repeated_full_forward_argmax(tiny):
+    cfg, graphdef, params = tiny
+    prompts, lengths = SP.pad_prompts(list(PROMPTS))
+    sc = SP.SamplingConfig(max_new_tokens=8, temperature=0.0)
+    out = SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0), sc)
+    for b, p in enumerate(PROMPTS):
+        seq = list(p)
+        for _ in range(8):
+            seq.append(int(np.argmax(_forward_logits(graphdef, params, seq)[-1])))
+        assert np.asarray(out.tokens[b]).tolist() == seq[len(p):]
+    assert np.asarray(out.lengths).tolist() == [8, 8, 8] and not np.asarray(out.done).any()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9), (0.0, 0, 1.0)])
+def test_sampler_logprobs_equal_training_forward(tiny, temperature, top_k, top_p):
+    cfg, graphdef, params = tiny
+    prompts, lengths = SP.pad_prompts(list(PROMPTS))
+    sc = SP.SamplingConfig(max_new_tokens=7, temperature=temperature, top_k=top_k, top_p=top_p)
+    out = SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(3), sc)
+    t = temperature or 1.0
+    for b, p in enumerate(PROMPTS):
+        new = np.asarray(out.tokens[b]).tolist()
+        logits = _forward_logits(graphdef, params, list(p) + new)
+        logp = jax.nn.log_softmax(jnp.asarray(logits[len(p) - 1:-1]) / t, axis=-1)
+        want = np.asarray(jnp.take_along_axis(logp, jnp.asarray(new)[:, None], axis=-1)[:, 0])
+        np.testing.assert_allclose(np.asarray(out.logprobs[b]), want, atol=1e-5, rtol=0)
+
+
+def test_sampled_frequencies_match_the_truncated_softmax():
+    logits = jnp.asarray([[2.0, 1.5, 0.3, -0.5, -1.0, 0.9]])
+    p = np.asarray(jax.nn.softmax(logits[0] / 0.8))
+    n = 40_000
+    keys = jax.random.split(jax.random.key(0), n)
+
+    def freqs(sc):
+        tok, lp = jax.jit(jax.vmap(lambda k: SP.sample(logits, k, sc)))(keys)
+        np.testing.assert_allclose(np.asarray(lp[:, 0]), np.log(p[np.asarray(tok[:, 0])]), atol=1e-5)
+        return np.bincount(np.asarray(tok[:, 0]), minlength=6) / n
+
+    def close(f, q):  # 5 standard errors
+        assert np.all(np.abs(f - q) <= 5 * np.sqrt(q * (1 - q) / n) + 1e-9), (f, q)
+
+    close(freqs(SP.SamplingConfig(temperature=0.8)), p)
+    top2 = np.where(np.isin(np.arange(6), [0, 1]), p, 0)
+    close(freqs(SP.SamplingConfig(temperature=0.8, top_k=2)), top2 / top2.sum())
+    order = np.argsort(-p)
+    keep = order[:np.searchsorted(np.cumsum(p[order]), 0.75) + 1]  # smallest set reaching 0.75
+    nucleus = np.where(np.isin(np.arange(6), keep), p, 0)
+    assert 2 <= len(keep) < 6
+    close(freqs(SP.SamplingConfig(temperature=0.8, top_p=0.75)), nucleus / nucleus.sum())
+
+
+def test_eos_and_max_length_per_row(tiny):
+    cfg, graphdef, params = tiny
+    prompts, lengths = SP.pad_prompts(list(PROMPTS))
+    args = (graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0))
+    free = SP.jit_generate(*args, SP.SamplingConfig(max_new_tokens=8, temperature=0.0))
+    free_tok = np.asarray(free.tokens)
+    eos = int(free_tok[0, 2])
+    out = SP.jit_generate(*args, SP.SamplingConfig(max_new_tokens=8, temperature=0.0, eos_ids=(eos, 99999),
+                                                   pad_id=-1))
+    tok, lp = np.asarray(out.tokens), np.asarray(out.logprobs)
+    for b in range(len(PROMPTS)):
+        hits = np.nonzero(free_tok[b] == eos)[0]
+        n = hits[0] + 1 if len(hits) else 8
+        assert int(out.lengths[b]) == n and bool(out.done[b]) == bool(len(hits))
+        np.testing.assert_array_equal(tok[b, :n], free_tok[b, :n])
+        assert (tok[b, n:] == -1).all() and (lp[b, n:] == 0).all() and (lp[b, :n] < 0).all()
+    assert int(out.lengths[0]) == 3 and bool(out.done[0])
+
+
+def test_sharded_generation_equals_single_device(tiny):
+    cfg, graphdef, params = tiny
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (3, 9, 5, 12, 7, 2, 8, 4)]
+    P, L = SP.pad_prompts(prompts)
+    sc = SP.SamplingConfig(max_new_tokens=6, temperature=0.0)
+    ref = SP.jit_generate(graphdef, params, jnp.asarray(P), jnp.asarray(L), jax.random.key(0), sc)
+    mcfg = MeshConfig(data=2, fsdp=2, expert=2)
+    mesh, rules = S.make_mesh(mcfg), S.rules_for(mcfg.rules)
+    shardings = S.param_shardings(params, mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    batch = S.batch_spec(mesh, rules)
+    with S.use_mesh(mesh, rules):
+        out = SP.jit_generate(graphdef, sharded, jax.device_put(jnp.asarray(P), batch),
+                              jax.device_put(jnp.asarray(L), S.batch_spec(mesh, rules, ndim=1)),
+                              jax.random.key(0), sc)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+    assert len(out.tokens.sharding.device_set) == 8
+
+
+def test_bad_sampling_settings_are_named(tiny):
+    cfg, graphdef, params = tiny
+    prompts, lengths = SP.pad_prompts(list(PROMPTS))
+    cases = [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+             (dict(temperature=-0.5), "temperature"), (dict(max_new_tokens=0), "max_new_tokens"),
+             (dict(attention="flash"), "attention"), (dict(cache_len=10), "cache_len")]
+    for kw, field in cases:
+        with pytest.raises(ValueError, match=f"sampling.{field}|{field}"):
+            SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0),
+                            SP.SamplingConfig(**kw))
+    with pytest.raises(ValueError, match="at least one token"):
+        SP.pad_prompts([[1, 2], []])
+
+
+def test_cache_is_576_values_per_token_per_layer_at_v3():
+    v3 = dataclasses.replace(presets.deepseek_v3(), dtype="bfloat16")
+    assert v3.kv_lora_rank + v3.qk_rope_head_dim == 576
+    assert SP.cache_bytes_per_token(v3) == 70_272  # DEEPSEEK.md: 61 layers x 576 x 2 bytes
+    cache = jax.eval_shape(lambda: SP.init_cache(v3, 2, 16))
+    assert cache.dense_c.shape == (3, 2, 16, 512) and cache.moe_k_pe.shape == (58, 2, 16, 64)
