@@ -42,7 +42,7 @@ from flax import nnx
 from deepjax import sharding
 from deepjax.config import ModelConfig
 from deepjax.model import ACT_AXES, Transformer, default_experts_fn
-from deepjax.moe import MoE
+from deepjax.moe import MoE, routed_experts_dense, routed_experts_dropless
 from deepjax.nn import dtype_of
 from deepjax.rope import rope_tables
 
@@ -106,6 +106,36 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
 def cache_bytes_per_token(cfg: ModelConfig) -> int:
     """Bytes the cache holds per token over all layers (MTP excluded)."""
     return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype_of(cfg.dtype)).itemsize
+
+
+# Routed experts while decoding (one token per row), on one device: which way reads the fewest bytes.
+#   T*K <= E      gather the chosen experts' weights (batch 1 at V3 shape reads 8 of 256 experts)
+#   T <= DENSE_DECODE_MAX_TOKENS   every expert on every token: nearly every expert is chosen by someone, so all
+#                  weights are read anyway, and one dense batched matmul beats a sort + grouped matmul
+#   otherwise      the training path (sort + ragged_dot)
+# Under a mesh, decode uses the training dispatch (all-to-all over `expert`).
+DENSE_DECODE_MAX_TOKENS = 128
+
+
+def routed_experts_gathered(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
+    """Each token through its K experts by gathering those experts' weights: reads T*K experts, not E."""
+    T, K = idx_TK.shape
+    flat = idx_TK.reshape(-1)
+    x_XD = jnp.repeat(x_TD, K, axis=0)
+    h_XI = jax.nn.silu(jnp.einsum("xd,xdi->xi", x_XD, w_gate_EDI[flat])) * jnp.einsum(
+        "xd,xdi->xi", x_XD, w_up_EDI[flat])
+    y_XD = jnp.einsum("xi,xid->xd", h_XI, w_down_EID[flat]).astype(jnp.float32)
+    return (y_XD.reshape(T, K, -1) * w_TK[..., None]).sum(1).astype(x_TD.dtype)
+
+
+def decode_experts_fn(cfg: ModelConfig, n_tokens: int):
+    if sharding.current() is not None:
+        return default_experts_fn(cfg)
+    if n_tokens * cfg.num_experts_per_tok <= cfg.n_routed_experts:
+        return routed_experts_gathered
+    if n_tokens <= DENSE_DECODE_MAX_TOKENS:
+        return routed_experts_dense
+    return routed_experts_dropless
 
 
 def _ffn(blk, h_BTD, valid_BT, experts_fn):
@@ -206,7 +236,9 @@ def _decode_stack(stack, x_BD, c_LBSC, k_pe_LBSR, pos_B, cos, sin, experts_fn, a
         x = x + _ffn(blk, blk.ffn_norm(x)[:, None], valid, experts_fn)[:, 0]
         return (x, c_all, k_all, i + 1), None
 
-    (x_BD, c_LBSC, k_pe_LBSR, _), _ = jax.lax.scan(body, (x_BD, c_LBSC, k_pe_LBSR, 0), state)
+    # Unrolled: a rolled loop over layers inside the decode while_loop costs a device-to-host round trip per
+    # layer on GPU (measured: 4x slower at batch 1 on the bench preset).
+    (x_BD, c_LBSC, k_pe_LBSR, _), _ = jax.lax.scan(body, (x_BD, c_LBSC, k_pe_LBSR, 0), state, unroll=True)
     return x_BD, c_LBSC, k_pe_LBSR
 
 
@@ -277,11 +309,11 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
     S = validate(sc, P)
     model = nnx.merge(graphdef, params)
     cfg = model.cfg
-    if experts_fn is None:
-        experts_fn = default_experts_fn(cfg)
+    prefill_fn = experts_fn or default_experts_fn(cfg)
+    decode_fn = experts_fn or decode_experts_fn(cfg, B)
     lengths_B = lengths_B.astype(jnp.int32)
     cache = init_cache(cfg, B, S)
-    logits, cache = prefill(model, prompts_BP.astype(jnp.int32), lengths_B, cache, experts_fn)
+    logits, cache = prefill(model, prompts_BP.astype(jnp.int32), lengths_B, cache, prefill_fn)
     key, k0 = jax.random.split(key)
     tok, lp = sample(logits, k0, sc)
     N = sc.max_new_tokens
@@ -302,7 +334,7 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
         n_new = n_new + active.astype(jnp.int32)
         done = done | (active & _is_eos(tok, sc.eos_ids))
         pos = lengths_B + i  # where this token goes in the cache
-        logits, cache = decode_step(model, tok, pos, cache, experts_fn, sc.attention)
+        logits, cache = decode_step(model, tok, pos, cache, decode_fn, sc.attention)
         key, k = jax.random.split(key)
         tok, lp = sample(logits, k, sc)
         return i + 1, tok, lp, out_tok, out_lp, done, n_new, cache, key
@@ -342,4 +374,5 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
 
 
 __all__ = ["SamplingConfig", "generate", "jit_generate", "prefill", "decode_step", "sample", "truncate_logits",
-           "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "validate"]
+           "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "validate", "decode_experts_fn",
+           "routed_experts_gathered"]

@@ -61,6 +61,23 @@ def test_cached_decode_equals_full_forward_teacher_forced(tiny, attention):
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=2e-5)
 
 
+def test_decode_expert_paths_agree():
+    from deepjax import moe
+    rng = np.random.default_rng(0)
+    T, D, I, E, K = 5, 16, 8, 8, 3
+    x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
+    w = jnp.asarray(rng.random((T, K)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]), jnp.int32)
+    ws = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
+    ref = moe.routed_experts_dense(x, w, idx, *ws)
+    np.testing.assert_allclose(SP.routed_experts_gathered(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(moe.routed_experts_dropless(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
+    cfg = load_config("tiny").model  # 8 experts, top-2
+    assert SP.decode_experts_fn(cfg, 4) is SP.routed_experts_gathered
+    assert SP.decode_experts_fn(cfg, 64) is moe.routed_experts_dense
+    assert SP.decode_experts_fn(cfg, 1024) is moe.routed_experts_dropless
+
+
 def test_greedy_equals_repeated_full_forward_argmax(tiny):
     cfg, graphdef, params = tiny
     prompts, lengths = SP.pad_prompts(list(PROMPTS))

@@ -1,0 +1,61 @@
+"""Profile the sampler's decode loop on the GPU: a jax.profiler trace (Perfetto JSON) of one generate call.
+
+    PYTHONPATH=. python bench/profile_decode.py --batch 64 --out /tmp/prof     # then: python bench/profile_decode.py --summarize /tmp/prof
+
+--summarize prints GPU time per kernel name (top 40) from the trace's perfetto_trace.json.gz.
+"""
+import argparse
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+
+
+def run(batch, new, out):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from deepjax import model as M, presets, sampling as SP
+    cfg = dataclasses.replace(presets.bench(), dtype="bfloat16", param_dtype="bfloat16")
+    graphdef, params = M.init(cfg, jax.random.key(0))
+    prompts = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 128)), jnp.int32)
+    lengths = jnp.full((batch,), 128, jnp.int32)
+    sc = SP.SamplingConfig(max_new_tokens=new, temperature=0.0)
+    jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(0), sc))
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+        jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(1), sc))
+
+
+def summarize(out, top=40):
+    path = sorted(glob.glob(os.path.join(out, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    pids = {e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {p for p, n in pids.items() if "GPU" in n or "/device:" in n}
+    tot = collections.Counter()
+    cnt = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu:
+            tot[e["name"]] += e.get("dur", 0)
+            cnt[e["name"]] += 1
+    all_us = sum(tot.values())
+    print(f"GPU processes: {[pids[p] for p in gpu]}; total kernel time {all_us / 1e3:.1f} ms")
+    for name, us in tot.most_common(top):
+        print(f"{us / 1e3:9.2f} ms {100 * us / all_us:5.1f}% {cnt[name]:7d}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--out", default="/tmp/prof")
+    ap.add_argument("--summarize", default=None)
+    a = ap.parse_args()
+    if a.summarize:
+        summarize(a.summarize)
+    else:
+        run(a.batch, a.new, a.out)
+        summarize(a.out)

@@ -1,0 +1,139 @@
+"""Decode throughput of deepjax's sampler on the `bench` preset (bf16), beside HF transformers in the same run.
+
+    PYTHONPATH=. python bench/sampling_bench.py                 # batch 1 and 64, prompt 128, 256 new tokens
+    PYTHONPATH=. python bench/sampling_bench.py --no-hf --batches 1 8 64
+
+Prints JSON lines, then a table: tokens/s (new tokens over the whole generate call, prefill included, as HF's
+figure), decode-only tokens/s, the cache bytes per token, and the memory-bandwidth roofline of one decode step:
+
+    bytes per step = weights a step must read (embedding row, attention, dense FFN, shared experts, the
+                     routed experts the batch selects: E (1 - (1 - K/E)^B) per layer expected under uniform
+                     routing, the head) + the cache read (B x positions x layers x (C + R) x 2 bytes)
+    roofline tokens/s = B / (bytes per step / measured copy bandwidth)
+
+The copy bandwidth is measured here (as shared/anchors/jax_peak.py: read + write of a 2 GiB array).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepjax import model as M
+from deepjax import presets
+from deepjax import sampling as SP
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+    return kw
+
+
+def copy_bandwidth() -> float:
+    x = jax.random.normal(jax.random.key(0), (1024, 1024, 512), jnp.float32)  # 2 GiB
+    cp = jax.jit(lambda x: x * 1.0001)
+    cp(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(10):
+        y = cp(x)
+    y.block_until_ready()
+    bw = 2 * x.nbytes / ((time.perf_counter() - t) / 10)
+    del x, y
+    return bw
+
+
+def step_bytes(cfg, params, B: int, positions: int) -> dict:
+    """Bytes one decode step must read (see the module docstring)."""
+    item = jnp.dtype(cfg.param_dtype).itemsize
+    E, K, D, I = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    total = M.count_params(params, include_mtp=False)
+    routed_all = cfg.n_moe_layers * E * 3 * D * I
+    embed = cfg.vocab_size * D
+    distinct = E * (1 - (1 - K / E) ** B)
+    weights = (total - routed_all - embed + cfg.n_moe_layers * distinct * 3 * D * I) * item + B * D * item
+    cache = B * positions * SP.cache_bytes_per_token(cfg)
+    return {"weights": weights, "cache": cache, "total": weights + cache, "experts_read_per_layer": distinct}
+
+
+def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: int) -> dict:
+    rng = np.random.default_rng(0)
+    prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, prompt)), jnp.int32)
+    lengths = jnp.full((B,), prompt, jnp.int32)
+    out = {}
+    for n in (1, new):  # 1 new token: prefill (+ one sample); the difference is the decode loop
+        sc = SP.SamplingConfig(max_new_tokens=n, temperature=0.0)
+        t = time.perf_counter()
+        jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(0), sc))
+        compile_s = time.perf_counter() - t
+        times = []
+        for r in range(reps):
+            t = time.perf_counter()
+            o = jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(r), sc))
+            times.append(time.perf_counter() - t)
+        assert int(o.lengths.min()) == n
+        out[n] = (min(times), compile_s)
+    total, first = out[new][0], out[1][0]
+    return {"batch": B, "new_tokens": B * new, "s": total, "tokens_per_s": B * new / total,
+            "decode_tokens_per_s": B * (new - 1) / max(total - first, 1e-9), "prefill_s": first,
+            "compile_s": out[new][1]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers anchor")
+    args = ap.parse_args(argv)
+
+    dev = jax.devices()[0]
+    emit(what="device", kind=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__)
+    bw = copy_bandwidth()
+    emit(what="copy_bandwidth_tb_s", value=bw / 1e12)
+    cfg = dataclasses.replace(presets.bench(), dtype="bfloat16", param_dtype="bfloat16")
+    graphdef, params = M.init(cfg, jax.random.key(0))
+    emit(what="model", preset="bench", params=M.count_params(params), cache_bytes_per_token=SP.cache_bytes_per_token(cfg))
+    rows = []
+    for B in args.batches:
+        r = time_generate(graphdef, params, cfg, B, args.prompt, args.new, args.reps)
+        mid = args.prompt + args.new // 2  # mean cache positions read per decode step
+        by = step_bytes(cfg, params, B, mid)
+        r.update(step_bytes=by["total"], roofline_tokens_per_s=B / (by["total"] / bw),
+                 experts_read_per_layer=round(by["experts_read_per_layer"], 1))
+        rows.append(emit(what="deepjax_generate", **r))
+    hf = {}
+    if not args.no_hf:
+        here = os.path.dirname(os.path.abspath(__file__))
+        del params
+        p = subprocess.run([sys.executable, os.path.join(here, "anchors", "hf_generate.py"), *map(str, args.batches)],
+                           capture_output=True, text=True, env=dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"))
+        for line in p.stdout.splitlines():
+            if line.startswith("{"):
+                d = json.loads(line)
+                hf[d["batch"]] = d["tokens_per_s"]
+                print(line, flush=True)
+        if p.returncode:
+            print(p.stderr[-3000:], file=sys.stderr)
+    print(f"\n{dev.device_kind}, bench preset bf16, prompt {args.prompt}, {args.new} new tokens, greedy; "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s; cache {SP.cache_bytes_per_token(cfg)} bytes/token")
+    print(f"{'batch':>5} {'deepjax tok/s':>14} {'decode tok/s':>13} {'roofline tok/s':>15} {'% roofline':>10} "
+          f"{'HF tok/s':>9} {'x HF':>7}")
+    for r in rows:
+        h = hf.get(r["batch"])
+        print(f"{r['batch']:>5} {r['tokens_per_s']:>14,.0f} {r['decode_tokens_per_s']:>13,.0f} "
+              f"{r['roofline_tokens_per_s']:>15,.0f} {100 * r['decode_tokens_per_s'] / r['roofline_tokens_per_s']:>9.1f}% "
+              f"{h or float('nan'):>9,.1f} {r['tokens_per_s'] / h if h else float('nan'):>7.1f}")
+
+
+if __name__ == "__main__":
+    main()
