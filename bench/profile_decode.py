@@ -37,14 +37,18 @@ def summarize(out, top=40):
     gpu = {p for p, n in pids.items() if "GPU" in n or "/device:" in n}
     tot = collections.Counter()
     cnt = collections.Counter()
+    info = {}
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu:
             tot[e["name"]] += e.get("dur", 0)
             cnt[e["name"]] += 1
+            info.setdefault(e["name"], e.get("args", {}))
     all_us = sum(tot.values())
     print(f"GPU processes: {[pids[p] for p in gpu]}; total kernel time {all_us / 1e3:.1f} ms")
     for name, us in tot.most_common(top):
-        print(f"{us / 1e3:9.2f} ms {100 * us / all_us:5.1f}% {cnt[name]:7d}  {name[:110]}")
+        a = info[name]
+        hlo = a.get("long_name") or a.get("hlo_op") or a.get("tf_op") or ""
+        print(f"{us / 1e3:9.2f} ms {100 * us / all_us:5.1f}% {cnt[name]:7d}  {name[:60]}  {str(hlo)[:160]}")
 
 
 if __name__ == "__main__":

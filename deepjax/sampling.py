@@ -42,7 +42,7 @@ from flax import nnx
 from deepjax import sharding
 from deepjax.config import ModelConfig
 from deepjax.model import ACT_AXES, Transformer, default_experts_fn
-from deepjax.moe import MoE, routed_experts_dense, routed_experts_dropless
+from deepjax.moe import MoE, routed_experts_dropless
 from deepjax.nn import dtype_of
 from deepjax.rope import rope_tables
 
@@ -128,13 +128,24 @@ def routed_experts_gathered(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
     return (y_XD.reshape(T, K, -1) * w_TK[..., None]).sum(1).astype(x_TD.dtype)
 
 
+def routed_experts_all(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
+    """Every expert on every token, as batched matmuls over the expert axis (the weights' own layout, so no
+    transposed copy of them is made), combined with the routing weights."""
+    E = w_gate_EDI.shape[0]
+    x_ETD = jnp.broadcast_to(x_TD[None], (E, *x_TD.shape))
+    h_ETI = jax.nn.silu(jnp.einsum("etd,edi->eti", x_ETD, w_gate_EDI)) * jnp.einsum("etd,edi->eti", x_ETD, w_up_EDI)
+    y_ETD = jnp.einsum("eti,eid->etd", h_ETI, w_down_EID)
+    comb_ET = jnp.einsum("tk,tke->et", w_TK, jax.nn.one_hot(idx_TK, E, dtype=jnp.float32))
+    return jnp.einsum("etd,et->td", y_ETD.astype(jnp.float32), comb_ET).astype(x_TD.dtype)
+
+
 def decode_experts_fn(cfg: ModelConfig, n_tokens: int):
     if sharding.current() is not None:
         return default_experts_fn(cfg)
     if n_tokens * cfg.num_experts_per_tok <= cfg.n_routed_experts:
         return routed_experts_gathered
     if n_tokens <= DENSE_DECODE_MAX_TOKENS:
-        return routed_experts_dense
+        return routed_experts_all
     return routed_experts_dropless
 
 
@@ -375,4 +386,4 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
 
 __all__ = ["SamplingConfig", "generate", "jit_generate", "prefill", "decode_step", "sample", "truncate_logits",
            "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "validate", "decode_experts_fn",
-           "routed_experts_gathered"]
+           "routed_experts_gathered", "routed_experts_all"]

@@ -72,9 +72,10 @@ def test_decode_expert_paths_agree():
     ref = moe.routed_experts_dense(x, w, idx, *ws)
     np.testing.assert_allclose(SP.routed_experts_gathered(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(moe.routed_experts_dropless(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(SP.routed_experts_all(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
     cfg = load_config("tiny").model  # 8 experts, top-2
     assert SP.decode_experts_fn(cfg, 4) is SP.routed_experts_gathered
-    assert SP.decode_experts_fn(cfg, 64) is moe.routed_experts_dense
+    assert SP.decode_experts_fn(cfg, 64) is SP.routed_experts_all
     assert SP.decode_experts_fn(cfg, 1024) is moe.routed_experts_dropless
 
 
