@@ -120,11 +120,15 @@ def run_one(name: str, seed: int, a) -> tuple[str, float]:
         with open(saved) as f:
             if json.load(f) != json.loads(json.dumps(to_dict(cfg))):
                 raise SystemExit(f"{workdir} holds a run of another config: pass --fresh or another --root")
-        if len(read_metrics(workdir)) >= a.steps:
-            return workdir, float("nan")  # finished: reuse
+        if len(read_metrics(workdir)) >= a.steps:  # finished: reuse, with the wall time it took
+            wall = os.path.join(workdir, "wall_s.txt")
+            return workdir, float(open(wall).read()) if os.path.exists(wall) else float("nan")
     t0 = time.perf_counter()
     train(cfg, workdir, progress=False)
-    return workdir, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    with open(os.path.join(workdir, "wall_s.txt"), "w") as f:
+        f.write(f"{wall:.1f}\n")
+    return workdir, wall
 
 
 def plot(curves: dict, a, path: str) -> None:
@@ -182,7 +186,7 @@ def main(argv=None) -> int:
             curves[(name, seed)] = recs
             s = summarize(recs)
             rows.append({"setting": name, "seed": seed, "wall_s": wall, **setting_overrides(name, a), **s})
-            print(f"  done {name} seed {seed}: {wall:.0f} s" if wall == wall else f"  reused {workdir}",
+            print(f"  {name} seed {seed}: {workdir}, {wall:.0f} s", 
                   flush=True)
 
     hdr = (f"{'setting':<9} {'gamma':>7} {'alpha':>7} {'seed':>5} {'loss final':>10} {'loss run':>9} "

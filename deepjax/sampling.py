@@ -57,6 +57,7 @@ class SamplingConfig:
     pad_id: int = 0  # what fills a row's output after it stopped
     attention: str = "absorbed"  # absorbed | naive (expanded k/v from the cached latents; for checking)
     cache_len: Optional[int] = None  # cache positions; None: prompt length + max_new_tokens
+    unstack_layers: bool = True  # per-layer weight copies for the decode loop (faster on GPU; see unstack_layers)
 
 
 def validate(sc: SamplingConfig, prompt_len: int) -> int:
@@ -82,14 +83,16 @@ def validate(sc: SamplingConfig, prompt_len: int) -> int:
 
 
 class Cache(NamedTuple):
-    """Per scanned stack (dense, MoE): c [L, B, S, C] (normalized latent), k_pe [L, B, S, R] (rotated)."""
-    dense_c: Optional[jax.Array]
-    dense_k_pe: Optional[jax.Array]
-    moe_c: Optional[jax.Array]
-    moe_k_pe: Optional[jax.Array]
+    """Per stack (dense, MoE), one array per layer: c [B, S, C] (normalized latent), k_pe [B, S, R] (rotated).
+    Separate buffers per layer, not one stacked [L, ...] array: the decode loop updates each in place, where
+    reading a layer out of a stacked cache copies it at every step on GPU."""
+    dense_c: tuple
+    dense_k_pe: tuple
+    moe_c: tuple
+    moe_k_pe: tuple
 
 
-CACHE_AXES = (None, "batch", "length", None)
+CACHE_AXES = ("batch", "length", None)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
@@ -97,7 +100,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
     C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
 
     def zeros(n, d):
-        return sharding.constrain(jnp.zeros((n, batch, length, d), dt), CACHE_AXES) if n else None
+        return tuple(sharding.constrain(jnp.zeros((batch, length, d), dt), CACHE_AXES) for _ in range(n))
 
     return Cache(zeros(cfg.n_dense_layers, C), zeros(cfg.n_dense_layers, R), zeros(cfg.n_moe_layers, C),
                  zeros(cfg.n_moe_layers, R))
@@ -193,8 +196,10 @@ def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn)
         if stack is None:
             continue
         x, (c, k_pe) = _prefill_stack(stack, x, cos, sin, mask_BPP, valid_BP, experts_fn)
-        caches[i] = jax.lax.dynamic_update_slice(caches[i], c.astype(caches[i].dtype), (0, 0, 0, 0))
-        caches[i + 1] = jax.lax.dynamic_update_slice(caches[i + 1], k_pe.astype(caches[i + 1].dtype), (0, 0, 0, 0))
+        caches[i] = tuple(jax.lax.dynamic_update_slice(buf, c[l].astype(buf.dtype), (0, 0, 0))
+                          for l, buf in enumerate(caches[i]))
+        caches[i + 1] = tuple(jax.lax.dynamic_update_slice(buf, k_pe[l].astype(buf.dtype), (0, 0, 0))
+                              for l, buf in enumerate(caches[i + 1]))
     last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)  # [B, 1, D]
     return model.logits(last_BD, model.norm)[:, 0], Cache(*caches)
 
@@ -226,12 +231,36 @@ def _attend_naive(attn, q_nope_BNH, q_pe_BNR, c_BSC, k_pe_BSR, mask_BS, dt):
     return jnp.einsum("bnv,nvd->bd", o_BNV, attn.wo[...].astype(dt))
 
 
-def _decode_stack(stack, x_BD, c_LBSC, k_pe_LBSR, pos_B, cos, sin, experts_fn, attention: str):
-    """One token per row through a scanned stack, writing its latent at pos_B; returns (x, c, k_pe)."""
-    graphdef, state = nnx.split(stack)
+def unstack_layers(model: Transformer):
+    """{"dense_layers": [layer module, ...], "moe_layers": [...]}: each scanned stack split into per-layer modules
+    (copies of the weights). `generate` does this once per call, outside its decode loop: on GPU, a layer sliced
+    out of a stacked weight inside the loop is copied at every step (measured: half the step time at batch 64 on
+    the bench preset). Costs one extra copy of the stacked weights while generating."""
+    out = {}
+    for name in ("dense_layers", "moe_layers"):
+        stack = getattr(model, name)
+        if stack is None:
+            out[name] = None
+            continue
+        graphdef, state = nnx.split(stack)
+        n = jax.tree.leaves(state)[0].shape[0]
+        out[name] = [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)]
+    return out
+
+
+def _decode_stack(stack, x_BD, c_L, k_pe_L, pos_B, cos, sin, experts_fn, attention: str):
+    """One token per row through a stack (a scanned module, or a list of per-layer modules from
+    `unstack_layers`), writing its latent at pos_B; returns (x, c, k_pe)."""
+    if isinstance(stack, list):
+        layers = stack
+    else:
+        graphdef, state = nnx.split(stack)
+        n = jax.tree.leaves(state)[0].shape[0]
+        layers = [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)]
     B = x_BD.shape[0]
     rows = jnp.arange(B)
-    S = c_LBSC.shape[2]
+    S = c_L[0].shape[1]
+    c_L, k_pe_L = list(c_L), list(k_pe_L)
     mask_BS = jnp.arange(S)[None, :] <= pos_B[:, None]
     attend = _attend_absorbed if attention == "absorbed" else _attend_naive
     valid = jnp.ones((B, 1), jnp.bool_)
@@ -240,28 +269,29 @@ def _decode_stack(stack, x_BD, c_LBSC, k_pe_LBSR, pos_B, cos, sin, experts_fn, a
     # a device-to-host round trip per layer on GPU (4x slower at batch 1 on the bench preset), and an unrolled
     # scan still slices each layer's weights at a traced index, which XLA materializes as copies of the
     # weights before the cuBLAS calls (half the step time at batch 64). Static slices are plain offsets.
-    n_layers = jax.tree.leaves(state)[0].shape[0]
-    for i in range(n_layers):
-        blk = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+    for i, blk in enumerate(layers):
         dt = x_BD.dtype
         h = blk.attn_norm(x_BD)[:, None]  # [B, 1, D]
         q_nope, q_pe = blk.attn.query(h, cos, sin)
         c_new, k_new = blk.attn.latent(h, cos, sin)
-        c_LBSC = c_LBSC.at[i, rows, pos_B].set(c_new[:, 0].astype(c_LBSC.dtype))
-        k_pe_LBSR = k_pe_LBSR.at[i, rows, pos_B].set(k_new[:, 0].astype(k_pe_LBSR.dtype))
-        x_BD = x_BD + attend(blk.attn, q_nope[:, 0], q_pe[:, 0], c_LBSC[i], k_pe_LBSR[i], mask_BS, dt)
+        c_L[i] = c_L[i].at[rows, pos_B].set(c_new[:, 0].astype(c_L[i].dtype))
+        k_pe_L[i] = k_pe_L[i].at[rows, pos_B].set(k_new[:, 0].astype(k_pe_L[i].dtype))
+        x_BD = x_BD + attend(blk.attn, q_nope[:, 0], q_pe[:, 0], c_L[i], k_pe_L[i], mask_BS, dt)
         x_BD = x_BD + _ffn(blk, blk.ffn_norm(x_BD)[:, None], valid, experts_fn)[:, 0]
-    return x_BD, c_LBSC, k_pe_LBSR
+    return x_BD, tuple(c_L), tuple(k_pe_L)
 
 
-def decode_step(model: Transformer, tokens_B, pos_B, cache: Cache, experts_fn, attention: str = "absorbed"):
-    """Logits [B, V] for one new token per row at positions pos_B, and the cache with that token written."""
+def decode_step(model: Transformer, tokens_B, pos_B, cache: Cache, experts_fn, attention: str = "absorbed",
+                layers: Optional[dict] = None):
+    """Logits [B, V] for one new token per row at positions pos_B, and the cache with that token written.
+    `layers`: `unstack_layers(model)`, when the caller made it once outside its loop."""
     cfg = model.cfg
     dt = dtype_of(cfg.dtype)
     cos, sin = rope_tables(cfg, pos_B[:, None])  # [B, 1, R/2]
     x = jnp.take(model.embed[...].astype(dt), tokens_B, axis=0)
     caches = list(cache)
-    for i, stack in ((0, model.dense_layers), (2, model.moe_layers)):
+    layers = layers or {"dense_layers": model.dense_layers, "moe_layers": model.moe_layers}
+    for i, stack in ((0, layers["dense_layers"]), (2, layers["moe_layers"])):
         if stack is None:
             continue
         x, caches[i], caches[i + 1] = _decode_stack(stack, x, caches[i], caches[i + 1], pos_B, cos, sin,
@@ -329,6 +359,7 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
     key, k0 = jax.random.split(key)
     tok, lp = sample(logits, k0, sc)
     N = sc.max_new_tokens
+    layers = unstack_layers(model) if sc.unstack_layers else None
     out_tok = jnp.full((B, N), sc.pad_id, jnp.int32)
     out_lp = jnp.zeros((B, N), jnp.float32)
     done = jnp.zeros((B,), jnp.bool_)
@@ -346,7 +377,7 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
         n_new = n_new + active.astype(jnp.int32)
         done = done | (active & _is_eos(tok, sc.eos_ids))
         pos = lengths_B + i  # where this token goes in the cache
-        logits, cache = decode_step(model, tok, pos, cache, decode_fn, sc.attention)
+        logits, cache = decode_step(model, tok, pos, cache, decode_fn, sc.attention, layers)
         key, k = jax.random.split(key)
         tok, lp = sample(logits, k, sc)
         return i + 1, tok, lp, out_tok, out_lp, done, n_new, cache, key

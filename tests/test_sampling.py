@@ -190,4 +190,5 @@ def test_cache_is_576_values_per_token_per_layer_at_v3():
     assert v3.kv_lora_rank + v3.qk_rope_head_dim == 576
     assert SP.cache_bytes_per_token(v3) == 70_272  # DEEPSEEK.md: 61 layers x 576 x 2 bytes
     cache = jax.eval_shape(lambda: SP.init_cache(v3, 2, 16))
-    assert cache.dense_c.shape == (3, 2, 16, 512) and cache.moe_k_pe.shape == (58, 2, 16, 64)
+    assert len(cache.dense_c) == 3 and len(cache.moe_k_pe) == 58
+    assert cache.dense_c[0].shape == (2, 16, 512) and cache.moe_k_pe[0].shape == (2, 16, 64)
