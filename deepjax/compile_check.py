@@ -29,7 +29,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from deepjax import model as M
 from deepjax import sharding as S
@@ -37,17 +36,6 @@ from deepjax import train_step as TS
 from deepjax.config import ConfigError, load_config
 
 V5P_HBM_GIB = 95.0
-
-
-def _abstract(tree, shardings):
-    """ShapeDtypeStructs carrying shardings; `shardings` may be a prefix of `tree` (a sharding per Variable)."""
-
-    def one(s, x):
-        if isinstance(x, nnx.Variable):
-            return x.replace(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s))
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-
-    return jax.tree.map(one, shardings, tree)
 
 
 def compile_step(cfg, devices, mesh_cfg: S.MeshConfig, batch: int, seq: int, micro_batches: int = 1):
@@ -65,7 +53,7 @@ def compile_step(cfg, devices, mesh_cfg: S.MeshConfig, batch: int, seq: int, mic
         step = TS.make_train_step(graphdef, cfg, optimizer, micro_batches=micro_batches)
         jitted = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, None))
         t = time.time()
-        compiled = jitted.lower(_abstract(state, state_sh), b).compile()
+        compiled = jitted.lower(S.abstract_with_shardings(state, state_sh), b).compile()
     return compiled, time.time() - t, mesh
 
 
