@@ -42,7 +42,7 @@ from flax import nnx
 from deepjax import sharding
 from deepjax.config import ModelConfig
 from deepjax.model import ACT_AXES, Transformer, default_experts_fn
-from deepjax.moe import MoE, routed_experts_dropless
+from deepjax.moe import MoE, route, routed_experts_dropless
 from deepjax.nn import dtype_of
 from deepjax.rope import rope_tables
 
@@ -58,6 +58,7 @@ class SamplingConfig:
     attention: str = "absorbed"  # absorbed | naive (expanded k/v from the cached latents; for checking)
     cache_len: Optional[int] = None  # cache positions; None: prompt length + max_new_tokens
     unstack_layers: bool = True  # per-layer weight copies for the decode loop (faster on GPU; see unstack_layers)
+    mtp_draft: bool = False  # greedy only: the MTP module drafts one extra token per step, the main model checks it
 
 
 def validate(sc: SamplingConfig, prompt_len: int) -> int:
@@ -75,10 +76,13 @@ def validate(sc: SamplingConfig, prompt_len: int) -> int:
         bad("top_p", "must be in (0, 1]")
     if sc.attention not in ("absorbed", "naive"):
         bad("attention", "choose from ('absorbed', 'naive')")
-    S = prompt_len + sc.max_new_tokens if sc.cache_len is None else sc.cache_len
-    if prompt_len + sc.max_new_tokens > S:
-        raise ValueError(f"prompt length {prompt_len} + sampling.max_new_tokens={sc.max_new_tokens} exceed "
-                         f"sampling.cache_len={S}")
+    if sc.mtp_draft and sc.temperature != 0:
+        bad("mtp_draft", "drafting is greedy only: set sampling.temperature=0")
+    need = prompt_len + sc.max_new_tokens + int(sc.mtp_draft)  # a draft is written one position ahead
+    S = need if sc.cache_len is None else sc.cache_len
+    if need > S:
+        raise ValueError(f"prompt length {prompt_len} + sampling.max_new_tokens={sc.max_new_tokens}"
+                         f"{' + 1 (MTP draft)' if sc.mtp_draft else ''} exceed sampling.cache_len={S}")
     return S
 
 
@@ -156,6 +160,20 @@ def decode_experts_fn(cfg: ModelConfig, n_tokens: int):
     return routed_experts_dropless
 
 
+def _ffn_decode(blk, h_BD, experts_fn):
+    """The block's FFN on one token per row, without the load statistics and balance loss that training needs."""
+    ffn = blk.ffn
+    if not isinstance(ffn, MoE):
+        return ffn(h_BD)
+    dt = h_BD.dtype
+    logits_BE = h_BD.astype(jnp.float32) @ ffn.gate[...].astype(jnp.float32)
+    w_BK, idx_BK, _ = route(logits_BE, None if ffn.bias is None else ffn.bias[...], ffn.cfg)
+    y = experts_fn(h_BD, w_BK, idx_BK, ffn.w_gate[...].astype(dt), ffn.w_up[...].astype(dt),
+                   ffn.w_down[...].astype(dt))
+    y = y[0] if isinstance(y, tuple) else y
+    return y if ffn.shared is None else y + ffn.shared(h_BD)
+
+
 def _ffn(blk, h_BTD, valid_BT, experts_fn):
     if isinstance(blk.ffn, MoE):
         return blk.ffn(h_BTD, valid_BT, experts_fn)[0]
@@ -165,30 +183,44 @@ def _ffn(blk, h_BTD, valid_BT, experts_fn):
 # ---------------------------------------------------------------------------------------------------------- prefill
 
 
+def _prefill_block(blk, x, cos, sin, mask_BPP, valid_BP, experts_fn):
+    """One block over the prompts (naive attention); returns x and the block's cache entries (c, k_pe)."""
+    h = blk.attn_norm(x)
+    c, k_pe = blk.attn.latent(h, cos, sin)
+    x = x + blk.attn(h, cos, sin, mask_BPP)
+    x = x + _ffn(blk, blk.ffn_norm(x), valid_BP, experts_fn)
+    return sharding.constrain(x, ACT_AXES), (c, k_pe)
+
+
 def _prefill_stack(stack, x_BPD, cos, sin, mask_BPP, valid_BP, experts_fn):
     """Runs a scanned stack over the prompts; returns x and the stack's (c [L,B,P,C], k_pe [L,B,P,R])."""
     graphdef, state = nnx.split(stack)
 
     def body(x, layer_state):
-        blk = nnx.merge(graphdef, layer_state)
-        h = blk.attn_norm(x)
-        c, k_pe = blk.attn.latent(h, cos, sin)
-        x = x + blk.attn(h, cos, sin, mask_BPP)
-        x = x + _ffn(blk, blk.ffn_norm(x), valid_BP, experts_fn)
-        return sharding.constrain(x, ACT_AXES), (c, k_pe)
+        return _prefill_block(nnx.merge(graphdef, layer_state), x, cos, sin, mask_BPP, valid_BP, experts_fn)
 
     return jax.lax.scan(body, x_BPD, state)
 
 
-def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn):
-    """(logits [B, V] at each row's last prompt token, cache with positions [0, P) filled)."""
-    cfg = model.cfg
-    B, P = prompts_BP.shape
+def _fill(buf, values):
+    return jax.lax.dynamic_update_slice(buf, values.astype(buf.dtype), (0,) * buf.ndim)
+
+
+def _prompt_geometry(cfg, B: int, P: int, lengths_B):
     pos_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     valid_BP = pos_BP < lengths_B[:, None]
     seg_BP = valid_BP.astype(jnp.int32)  # padding (0) attends only to padding
     cos, sin = rope_tables(cfg, pos_BP)
     mask_BPP = jnp.tril(jnp.ones((P, P), jnp.bool_))[None] & (seg_BP[:, :, None] == seg_BP[:, None, :])
+    return cos, sin, mask_BPP, valid_BP
+
+
+def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn, return_hidden: bool = False):
+    """(logits [B, V] at each row's last prompt token, cache with positions [0, P) filled); with return_hidden,
+    also the last hidden states [B, P, D] (before the final norm: what an MTP module reads)."""
+    cfg = model.cfg
+    B, P = prompts_BP.shape
+    cos, sin, mask_BPP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
     dt = dtype_of(cfg.dtype)
     x = sharding.constrain(jnp.take(model.embed[...].astype(dt), prompts_BP, axis=0), ACT_AXES)
     caches = list(cache)
@@ -196,39 +228,39 @@ def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn)
         if stack is None:
             continue
         x, (c, k_pe) = _prefill_stack(stack, x, cos, sin, mask_BPP, valid_BP, experts_fn)
-        caches[i] = tuple(jax.lax.dynamic_update_slice(buf, c[l].astype(buf.dtype), (0, 0, 0))
-                          for l, buf in enumerate(caches[i]))
-        caches[i + 1] = tuple(jax.lax.dynamic_update_slice(buf, k_pe[l].astype(buf.dtype), (0, 0, 0))
-                              for l, buf in enumerate(caches[i + 1]))
+        caches[i] = tuple(_fill(buf, c[l]) for l, buf in enumerate(caches[i]))
+        caches[i + 1] = tuple(_fill(buf, k_pe[l]) for l, buf in enumerate(caches[i + 1]))
     last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)  # [B, 1, D]
-    return model.logits(last_BD, model.norm)[:, 0], Cache(*caches)
+    logits = model.logits(last_BD, model.norm)[:, 0]
+    return (logits, Cache(*caches), x) if return_hidden else (logits, Cache(*caches))
 
 
 # ----------------------------------------------------------------------------------------------------------- decode
+# T query tokens per row (1 when sampling; 2 when verifying an MTP draft) at positions pos_B + [0, T).
 
 
-def _attend_absorbed(attn, q_nope_BNH, q_pe_BNR, c_BSC, k_pe_BSR, mask_BS, dt):
+def _attend_absorbed(attn, q_nope_BTNH, q_pe_BTNR, c_BSC, k_pe_BSR, mask_BTS, dt):
     H = attn.cfg.qk_nope_head_dim
     wkv_b = attn.wkv_b[...].astype(dt)  # [C, N, H + V]
-    q_c_BNC = jnp.einsum("bnh,cnh->bnc", q_nope_BNH, wkv_b[..., :H])
-    s_BNS = (jnp.einsum("bnc,bsc->bns", q_c_BNC, c_BSC, preferred_element_type=jnp.float32)
-             + jnp.einsum("bnr,bsr->bns", q_pe_BNR, k_pe_BSR, preferred_element_type=jnp.float32))
-    s_BNS = jnp.where(mask_BS[:, None], s_BNS * attn.cfg.softmax_scale, jnp.finfo(jnp.float32).min)
-    p_BNS = jax.nn.softmax(s_BNS, axis=-1).astype(dt)
-    o_c_BNC = jnp.einsum("bns,bsc->bnc", p_BNS, c_BSC)
-    o_BNV = jnp.einsum("bnc,cnv->bnv", o_c_BNC, wkv_b[..., H:])
-    return jnp.einsum("bnv,nvd->bd", o_BNV, attn.wo[...].astype(dt))
+    q_c_BTNC = jnp.einsum("btnh,cnh->btnc", q_nope_BTNH, wkv_b[..., :H])
+    s_BNTS = (jnp.einsum("btnc,bsc->bnts", q_c_BTNC, c_BSC, preferred_element_type=jnp.float32)
+              + jnp.einsum("btnr,bsr->bnts", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32))
+    s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS * attn.cfg.softmax_scale, jnp.finfo(jnp.float32).min)
+    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(dt)
+    o_c_BTNC = jnp.einsum("bnts,bsc->btnc", p_BNTS, c_BSC)
+    o_BTNV = jnp.einsum("btnc,cnv->btnv", o_c_BTNC, wkv_b[..., H:])
+    return jnp.einsum("btnv,nvd->btd", o_BTNV, attn.wo[...].astype(dt))
 
 
-def _attend_naive(attn, q_nope_BNH, q_pe_BNR, c_BSC, k_pe_BSR, mask_BS, dt):
+def _attend_naive(attn, q_nope_BTNH, q_pe_BTNR, c_BSC, k_pe_BSR, mask_BTS, dt):
     H = attn.cfg.qk_nope_head_dim
     kv_BSNK = jnp.einsum("bsc,cnk->bsnk", c_BSC, attn.wkv_b[...].astype(dt))
-    s_BNS = (jnp.einsum("bnh,bsnh->bns", q_nope_BNH, kv_BSNK[..., :H], preferred_element_type=jnp.float32)
-             + jnp.einsum("bnr,bsr->bns", q_pe_BNR, k_pe_BSR, preferred_element_type=jnp.float32))
-    s_BNS = jnp.where(mask_BS[:, None], s_BNS * attn.cfg.softmax_scale, jnp.finfo(jnp.float32).min)
-    p_BNS = jax.nn.softmax(s_BNS, axis=-1).astype(dt)
-    o_BNV = jnp.einsum("bns,bsnv->bnv", p_BNS, kv_BSNK[..., H:])
-    return jnp.einsum("bnv,nvd->bd", o_BNV, attn.wo[...].astype(dt))
+    s_BNTS = (jnp.einsum("btnh,bsnh->bnts", q_nope_BTNH, kv_BSNK[..., :H], preferred_element_type=jnp.float32)
+              + jnp.einsum("btnr,bsr->bnts", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32))
+    s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS * attn.cfg.softmax_scale, jnp.finfo(jnp.float32).min)
+    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(dt)
+    o_BTNV = jnp.einsum("bnts,bsnv->btnv", p_BNTS, kv_BSNK[..., H:])
+    return jnp.einsum("btnv,nvd->btd", o_BTNV, attn.wo[...].astype(dt))
 
 
 def unstack_layers(model: Transformer):
@@ -239,64 +271,100 @@ def unstack_layers(model: Transformer):
     out = {}
     for name in ("dense_layers", "moe_layers"):
         stack = getattr(model, name)
-        if stack is None:
-            out[name] = None
-            continue
-        graphdef, state = nnx.split(stack)
-        n = jax.tree.leaves(state)[0].shape[0]
-        out[name] = [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)]
+        out[name] = None if stack is None else _layers_of(stack)
     return out
 
 
-def _decode_stack(stack, x_BD, c_L, k_pe_L, pos_B, cos, sin, experts_fn, attention: str):
-    """One token per row through a stack (a scanned module, or a list of per-layer modules from
-    `unstack_layers`), writing its latent at pos_B; returns (x, c, k_pe)."""
-    if isinstance(stack, list):
-        layers = stack
-    else:
-        graphdef, state = nnx.split(stack)
-        n = jax.tree.leaves(state)[0].shape[0]
-        layers = [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)]
-    B = x_BD.shape[0]
-    rows = jnp.arange(B)
-    S = c_L[0].shape[1]
-    c_L, k_pe_L = list(c_L), list(k_pe_L)
-    mask_BS = jnp.arange(S)[None, :] <= pos_B[:, None]
-    attend = _attend_absorbed if attention == "absorbed" else _attend_naive
-    valid = jnp.ones((B, 1), jnp.bool_)
+def _layers_of(stack):
+    graphdef, state = nnx.split(stack)
+    n = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)]
 
-    # A Python loop over layers with static indices, not a scan: a rolled loop inside the decode while_loop costs
-    # a device-to-host round trip per layer on GPU (4x slower at batch 1 on the bench preset), and an unrolled
-    # scan still slices each layer's weights at a traced index, which XLA materializes as copies of the
-    # weights before the cuBLAS calls (half the step time at batch 64). Static slices are plain offsets.
-    for i, blk in enumerate(layers):
-        dt = x_BD.dtype
-        h = blk.attn_norm(x_BD)[:, None]  # [B, 1, D]
-        q_nope, q_pe = blk.attn.query(h, cos, sin)
-        c_new, k_new = blk.attn.latent(h, cos, sin)
-        c_L[i] = c_L[i].at[rows, pos_B].set(c_new[:, 0].astype(c_L[i].dtype))
-        k_pe_L[i] = k_pe_L[i].at[rows, pos_B].set(k_new[:, 0].astype(k_pe_L[i].dtype))
-        x_BD = x_BD + attend(blk.attn, q_nope[:, 0], q_pe[:, 0], c_L[i], k_pe_L[i], mask_BS, dt)
-        x_BD = x_BD + _ffn(blk, blk.ffn_norm(x_BD)[:, None], valid, experts_fn)[:, 0]
-    return x_BD, tuple(c_L), tuple(k_pe_L)
+
+def _decode_block(blk, x_BTD, c_BSC, k_pe_BSR, pos_BT, cos, sin, mask_BTS, experts_fn, attend):
+    """One block on T new tokens per row, writing their latents at pos_BT; returns (x, c, k_pe)."""
+    B, T, D = x_BTD.shape
+    dt = x_BTD.dtype
+    rows = jnp.arange(B)[:, None]
+    h = blk.attn_norm(x_BTD)
+    q_nope, q_pe = blk.attn.query(h, cos, sin)
+    c_new, k_new = blk.attn.latent(h, cos, sin)
+    c_BSC = c_BSC.at[rows, pos_BT].set(c_new.astype(c_BSC.dtype))
+    k_pe_BSR = k_pe_BSR.at[rows, pos_BT].set(k_new.astype(k_pe_BSR.dtype))
+    x_BTD = x_BTD + attend(blk.attn, q_nope, q_pe, c_BSC, k_pe_BSR, mask_BTS, dt)
+    y = _ffn_decode(blk, blk.ffn_norm(x_BTD).reshape(B * T, D), experts_fn)
+    return x_BTD + y.reshape(B, T, D), c_BSC, k_pe_BSR
+
+
+def _geometry(cfg, pos_B, T: int, S: int):
+    pos_BT = pos_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    cos, sin = rope_tables(cfg, pos_BT)
+    mask_BTS = jnp.arange(S)[None, None, :] <= pos_BT[:, :, None]
+    return pos_BT, cos, sin, mask_BTS
+
+
+def decode_tokens(model: Transformer, tokens_BT, pos_B, cache: Cache, experts_fn, attention: str = "absorbed",
+                  layers: Optional[dict] = None):
+    """(logits [B, T, V], hidden [B, T, D] before the final norm, cache) for T new tokens per row at positions
+    pos_B + [0, T). `layers`: `unstack_layers(model)`, when the caller made it once outside its loop.
+
+    The layers run as a Python loop with static indices, not a scan: a rolled loop inside the decode while_loop
+    costs a device-to-host round trip per layer on GPU (4x slower at batch 1 on the bench preset)."""
+    cfg = model.cfg
+    dt = dtype_of(cfg.dtype)
+    S = (cache.dense_c or cache.moe_c)[0].shape[1]
+    pos_BT, cos, sin, mask_BTS = _geometry(cfg, pos_B, tokens_BT.shape[1], S)
+    attend = _attend_absorbed if attention == "absorbed" else _attend_naive
+    x = jnp.take(model.embed[...].astype(dt), tokens_BT, axis=0)
+    caches = [list(c) for c in cache]
+    layers = layers or unstack_layers(model)
+    for i, name in ((0, "dense_layers"), (2, "moe_layers")):
+        for l, blk in enumerate(layers[name] or []):
+            x, caches[i][l], caches[i + 1][l] = _decode_block(blk, x, caches[i][l], caches[i + 1][l], pos_BT, cos,
+                                                              sin, mask_BTS, experts_fn, attend)
+    return model.logits(x, model.norm), x, Cache(*(tuple(c) for c in caches))
 
 
 def decode_step(model: Transformer, tokens_B, pos_B, cache: Cache, experts_fn, attention: str = "absorbed",
                 layers: Optional[dict] = None):
-    """Logits [B, V] for one new token per row at positions pos_B, and the cache with that token written.
-    `layers`: `unstack_layers(model)`, when the caller made it once outside its loop."""
-    cfg = model.cfg
-    dt = dtype_of(cfg.dtype)
-    cos, sin = rope_tables(cfg, pos_B[:, None])  # [B, 1, R/2]
-    x = jnp.take(model.embed[...].astype(dt), tokens_B, axis=0)
-    caches = list(cache)
-    layers = layers or {"dense_layers": model.dense_layers, "moe_layers": model.moe_layers}
-    for i, stack in ((0, layers["dense_layers"]), (2, layers["moe_layers"])):
-        if stack is None:
-            continue
-        x, caches[i], caches[i + 1] = _decode_stack(stack, x, caches[i], caches[i + 1], pos_B, cos, sin,
-                                                    experts_fn, attention)
-    return model.logits(x[:, None], model.norm)[:, 0], Cache(*caches)
+    """Logits [B, V] for one new token per row at positions pos_B, and the cache with that token written."""
+    logits, _, cache = decode_tokens(model, tokens_B[:, None], pos_B, cache, experts_fn, attention, layers)
+    return logits[:, 0], cache
+
+
+# ------------------------------------------------------------------------------------------------- MTP drafting
+# The first MTP module (V3 section 2.2) drafts the token after next from the main model's hidden state h_i and
+# the embedding of t_{i+1}: its own block, with its own latent cache over the positions it has seen.
+
+
+def _mtp_input(model: Transformer, mod, h_BTD, next_BT):
+    dt = h_BTD.dtype
+    e = jnp.take(model.embed[...].astype(dt), next_BT, axis=0)
+    return jnp.concatenate([mod.enorm(e), mod.hnorm(h_BTD)], axis=-1) @ mod.eh_proj[...].astype(dt)
+
+
+def mtp_prefill(model: Transformer, h_BPD, prompts_BP, lengths_B, first_B, c_BSC, k_pe_BSR, experts_fn):
+    """The MTP module over the prompt: position i reads (h_i, t_{i+1}), the last prompt position reads the first
+    sampled token. Returns (draft logits [B, V] for the token after it, c, k_pe)."""
+    cfg, mod = model.cfg, model.mtp[0]
+    B, P = prompts_BP.shape
+    cos, sin, mask_BPP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
+    pos = jnp.arange(P)[None]
+    nxt = jnp.where(pos == (lengths_B - 1)[:, None], first_B[:, None], jnp.pad(prompts_BP[:, 1:], ((0, 0), (0, 1))))
+    x = _mtp_input(model, mod, h_BPD, nxt)
+    x, (c, k_pe) = _prefill_block(mod.block, x, cos, sin, mask_BPP, valid_BP, experts_fn)
+    last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)
+    return model.logits(last, mod.norm)[:, 0], _fill(c_BSC, c), _fill(k_pe_BSR, k_pe)
+
+
+def mtp_decode(model: Transformer, h_BTD, next_BT, pos_B, c_BSC, k_pe_BSR, experts_fn, attention: str):
+    """The MTP module on T positions per row (pos_B + [0, T)): draft logits [B, T, V], c, k_pe."""
+    mod = model.mtp[0]
+    pos_BT, cos, sin, mask_BTS = _geometry(model.cfg, pos_B, h_BTD.shape[1], c_BSC.shape[1])
+    attend = _attend_absorbed if attention == "absorbed" else _attend_naive
+    x = _mtp_input(model, mod, h_BTD, next_BT)
+    x, c_BSC, k_pe_BSR = _decode_block(mod.block, x, c_BSC, k_pe_BSR, pos_BT, cos, sin, mask_BTS, experts_fn, attend)
+    return model.logits(x, mod.norm), c_BSC, k_pe_BSR
 
 
 # --------------------------------------------------------------------------------------------------------- sampling
@@ -337,6 +405,8 @@ class Output(NamedTuple):
     logprobs: jax.Array  # [B, N] float32: log-prob of each new token (0 after a row stopped)
     lengths: jax.Array  # [B] int32: new tokens per row, EOS included
     done: jax.Array  # [B] bool: the row stopped on an EOS (False: it ran out of max_new_tokens)
+    drafts_proposed: Optional[jax.Array] = None  # [B] int32, with mtp_draft: MTP drafts checked by the main model
+    drafts_accepted: Optional[jax.Array] = None  # [B] int32: of those, the ones equal to the main model's token
 
 
 def _is_eos(tok_B, eos_ids):
@@ -352,8 +422,13 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
     model = nnx.merge(graphdef, params)
     cfg = model.cfg
     prefill_fn = experts_fn or default_experts_fn(cfg)
-    decode_fn = experts_fn or decode_experts_fn(cfg, B)
     lengths_B = lengths_B.astype(jnp.int32)
+    if sc.mtp_draft:
+        if not len(model.mtp):
+            raise ValueError("sampling.mtp_draft=True needs an MTP module: model.num_nextn_predict_layers is 0")
+        return _generate_mtp(model, prompts_BP.astype(jnp.int32), lengths_B, sc, S, prefill_fn,
+                             experts_fn or decode_experts_fn(cfg, 2 * B))
+    decode_fn = experts_fn or decode_experts_fn(cfg, B)
     cache = init_cache(cfg, B, S)
     logits, cache = prefill(model, prompts_BP.astype(jnp.int32), lengths_B, cache, prefill_fn)
     key, k0 = jax.random.split(key)
@@ -387,6 +462,67 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
     return Output(out_tok, out_lp, n_new, done)
 
 
+def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig, S: int, prefill_fn, decode_fn):
+    """Greedy decoding with MTP drafting: each step feeds [t_q, d] at positions [q, q+1], where t_q is the newest
+    accepted token and d the MTP module's draft of the next one. The main model's choice a after t_q is always
+    kept; when d == a the draft was right and the choice b after it is kept too (two tokens in one step). The
+    MTP module then reads (h_q, a) and (h_{q+1}, b) and drafts the token after the newest accepted one. A
+    rejected draft leaves stale cache entries at q+1 that the next step overwrites. The output is the plain
+    greedy output (tests/test_sampling.py)."""
+    cfg = model.cfg
+    B, P = prompts_BP.shape
+    N = sc.max_new_tokens
+    layers = unstack_layers(model) if sc.unstack_layers else None
+    cache = init_cache(cfg, B, S)
+    logits, cache, h_BPD = prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)
+    greedy = lambda lg: sample(lg, None, sc)  # noqa: E731  (temperature 0: no key needed)
+    t, lp = greedy(logits)
+    dt = dtype_of(cfg.dtype)
+    mc = sharding.constrain(jnp.zeros((B, S, cfg.kv_lora_rank), dt), CACHE_AXES)
+    mk = sharding.constrain(jnp.zeros((B, S, cfg.qk_rope_head_dim), dt), CACHE_AXES)
+    dlogits, mc, mk = mtp_prefill(model, h_BPD, prompts_BP, lengths_B, t, mc, mk, prefill_fn)
+    d = jnp.argmax(dlogits, -1).astype(jnp.int32)
+    rows = jnp.arange(B)
+    out_tok = jnp.full((B, N), sc.pad_id, jnp.int32).at[:, 0].set(t)
+    out_lp = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp)
+    done = _is_eos(t, sc.eos_ids)
+    n_new = jnp.ones((B,), jnp.int32)
+    zeros = jnp.zeros((B,), jnp.int32)
+
+    def cond(c):
+        return ~jnp.all(c[5] | (c[6] >= N))
+
+    def body(c):
+        t, d, out_tok, out_lp, cache, done, n_new, mc, mk, proposed, accepted = c
+        active = ~done & (n_new < N)
+        q = lengths_B + n_new - 1  # position of t
+        logits, h, cache = decode_tokens(model, jnp.stack([t, d], 1), q, cache, decode_fn, sc.attention, layers)
+        a, lpa = greedy(logits[:, 0])
+        b, lpb = greedy(logits[:, 1])
+        hit = d == a
+        out_tok = out_tok.at[rows, jnp.minimum(n_new, N - 1)].set(jnp.where(active, a, out_tok[rows, jnp.minimum(n_new, N - 1)]))
+        out_lp = out_lp.at[rows, jnp.minimum(n_new, N - 1)].set(jnp.where(active, lpa, out_lp[rows, jnp.minimum(n_new, N - 1)]))
+        done_a = active & _is_eos(a, sc.eos_ids)
+        n_new = n_new + active.astype(jnp.int32)
+        take_b = active & hit & ~done_a & (n_new < N)
+        j = jnp.minimum(n_new, N - 1)
+        out_tok = out_tok.at[rows, j].set(jnp.where(take_b, b, out_tok[rows, j]))
+        out_lp = out_lp.at[rows, j].set(jnp.where(take_b, lpb, out_lp[rows, j]))
+        done = done | done_a | (take_b & _is_eos(b, sc.eos_ids))
+        n_new = n_new + take_b.astype(jnp.int32)
+        dl, mc, mk = mtp_decode(model, h, jnp.stack([a, b], 1), q, mc, mk, decode_fn, sc.attention)
+        drafts = jnp.argmax(dl, -1).astype(jnp.int32)
+        t = jnp.where(take_b, b, a)
+        d = jnp.where(take_b, drafts[:, 1], drafts[:, 0])
+        proposed = proposed + active.astype(jnp.int32)
+        accepted = accepted + (active & hit).astype(jnp.int32)
+        return t, d, out_tok, out_lp, cache, done, n_new, mc, mk, proposed, accepted
+
+    carry = (t, d, out_tok, out_lp, cache, done, n_new, mc, mk, zeros, zeros)
+    _, _, out_tok, out_lp, _, done, n_new, _, _, proposed, accepted = jax.lax.while_loop(cond, body, carry)
+    return Output(out_tok, out_lp, n_new, done, proposed, accepted)
+
+
 def jit_generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None) -> Output:
     """`generate` under jax.jit (graphdef, sampling config and experts_fn static; retraced per mesh context)."""
     validate(sc, prompts_BP.shape[1])
@@ -416,6 +552,7 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
     return out, np.asarray([len(p) for p in prompts], np.int32)
 
 
-__all__ = ["SamplingConfig", "generate", "jit_generate", "prefill", "decode_step", "sample", "truncate_logits",
+__all__ = ["SamplingConfig", "generate", "jit_generate", "prefill", "decode_step", "decode_tokens", "sample",
+           "truncate_logits", "mtp_prefill", "mtp_decode",
            "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "validate", "decode_experts_fn",
            "routed_experts_gathered", "routed_experts_all"]

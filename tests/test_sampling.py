@@ -171,12 +171,47 @@ def test_sharded_generation_equals_single_device(tiny):
     assert len(out.tokens.sharding.device_set) == 8
 
 
+@pytest.mark.parametrize("eos", [False, True])
+def test_mtp_drafting_gives_the_plain_greedy_output(tiny, eos):
+    cfg, graphdef, params = tiny
+    prompts, lengths = SP.pad_prompts(list(PROMPTS))
+    args = (graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0))
+    plain = SP.jit_generate(*args, SP.SamplingConfig(max_new_tokens=10, temperature=0.0))
+    eos_ids = (int(plain.tokens[1, 4]),) if eos else ()
+    sc = SP.SamplingConfig(max_new_tokens=10, temperature=0.0, eos_ids=eos_ids)
+    plain = SP.jit_generate(*args, sc)
+    drafted = SP.jit_generate(*args, dataclasses.replace(sc, mtp_draft=True))
+    np.testing.assert_array_equal(np.asarray(drafted.tokens), np.asarray(plain.tokens))
+    np.testing.assert_allclose(np.asarray(drafted.logprobs), np.asarray(plain.logprobs), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(drafted.lengths), np.asarray(plain.lengths))
+    np.testing.assert_array_equal(np.asarray(drafted.done), np.asarray(plain.done))
+    n, prop, acc = (np.asarray(x) for x in (drafted.lengths, drafted.drafts_proposed, drafted.drafts_accepted))
+    assert (acc <= prop).all() and (1 + prop <= n).all() and (n <= 1 + prop + acc).all()
+    assert plain.drafts_proposed is None
+
+
+def test_mtp_accepted_drafts_emit_two_tokens_per_step(tiny):
+    """With a zero head every position's greedy choice is token 0, for the main model and the MTP module alike:
+    every draft is right, so each step emits two tokens (the acceptance path of the drafting loop)."""
+    cfg, graphdef, params = tiny
+    zero_head = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if M._path_str(p).split(".")[0] == "head" else x, params)
+    prompts, lengths = SP.pad_prompts([[7] * 5, [3, 9, 11]])
+    sc = SP.SamplingConfig(max_new_tokens=9, temperature=0.0, mtp_draft=True)
+    out = SP.jit_generate(graphdef, zero_head, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0), sc)
+    assert (np.asarray(out.tokens) == 0).all() and np.asarray(out.lengths).tolist() == [9, 9]
+    assert np.asarray(out.drafts_proposed).tolist() == [4, 4]  # 1 from prefill, then 4 steps x 2 tokens
+    assert np.asarray(out.drafts_accepted).tolist() == [4, 4]
+    np.testing.assert_allclose(np.asarray(out.logprobs), -np.log(cfg.vocab_size), rtol=1e-5)
+
+
 def test_bad_sampling_settings_are_named(tiny):
     cfg, graphdef, params = tiny
     prompts, lengths = SP.pad_prompts(list(PROMPTS))
     cases = [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
              (dict(temperature=-0.5), "temperature"), (dict(max_new_tokens=0), "max_new_tokens"),
-             (dict(attention="flash"), "attention"), (dict(cache_len=10), "cache_len")]
+             (dict(attention="flash"), "attention"), (dict(cache_len=10), "cache_len"),
+             (dict(mtp_draft=True, temperature=0.7), "mtp_draft")]
     for kw, field in cases:
         with pytest.raises(ValueError, match=f"sampling.{field}|{field}"):
             SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0),
