@@ -527,6 +527,27 @@ def validate(cfg: Config) -> None:
     validate_run(cfg)
 
 
+def from_dict(d: dict, cls=None, prefix: str = "") -> Config:
+    """The inverse of `to_dict` (a run directory's config.json back into a Config), type-checked and
+    validated; unknown keys are errors naming them."""
+    cls = cls or Config
+    kwargs = {}
+    hints = _hints(cls)
+    for key, value in d.items():
+        if key not in hints:
+            raise ConfigError(f"{prefix}{key}: unknown config key")
+        tp, _ = _unwrap_optional(hints[key])
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            value = from_dict(value, tp, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = _coerce(cls, key, value, prefix)
+    out = cls(**kwargs)
+    if cls is Config:
+        validate(out)
+    return out
+
+
 def to_dict(cfg) -> dict:
     """The resolved config as plain JSON-able data."""
     return dataclasses.asdict(cfg)

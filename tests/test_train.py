@@ -428,6 +428,17 @@ def test_train_cli_rejects_bad_config(capsys):
     assert "data.path" in capsys.readouterr().err
 
 
+def test_config_json_round_trips():
+    from deepjax.config import from_dict, to_dict
+    cfg = load_config("tiny", ["--config.train.steps=7", "--config.data.path=a.jsonl,b.jsonl",
+                               "--config.model.rope_scaling.factor=8"])
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+    with pytest.raises(ConfigError, match="model.bogus"):
+        from_dict({"model": {"bogus": 1}})
+    with pytest.raises(ConfigError, match="train.steps"):
+        from_dict({"train": {"steps": "many"}})
+
+
 def test_vocab_smaller_than_tokenizer_is_named():
     cfg = load_config("tiny", ["--config.model.vocab_size=100"])
     with pytest.raises(ConfigError, match=r"model.vocab_size=100.*263"):
