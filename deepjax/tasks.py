@@ -42,6 +42,7 @@ from typing import Optional
 TASKS = ("arithmetic", "countdown")
 SPLITS = ("train", "test")
 TEST_SHARE = 1 / 8  # share of the question space reserved for the test split (by hash)
+MAX_NUMBER_CHARS = 1000  # longer numeric answers are not numbers to the checkers (bounds their work)
 MAX_EXPRESSION_CHARS = 200  # longer countdown answers are rejected before parsing (bounds the work of a reward)
 
 
@@ -165,7 +166,6 @@ def sft_completion(example: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- checkers
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT_RE = re.compile(r"\s*<think>((?!</?think>).)*</think>\s*<answer>((?!</?answer>).)*</answer>\s*", re.DOTALL)
 
 
@@ -183,10 +183,20 @@ def last_boxed(text: str) -> Optional[str]:
 
 
 def extract_answer(text: str) -> Optional[str]:
-    """The content of the last `<answer>...</answer>`; else that of the last `\\boxed{...}`; else None."""
-    found = _ANSWER_RE.findall(text)
-    if found:
-        return found[-1].strip()
+    """The content of the last `<answer>...</answer>` (paired left to right, as `re.findall` would pair them); else
+    that of the last `\\boxed{...}`; else None. Linear time: each tag is found once with str.find (a regex findall
+    rescans to the end of the text from every unclosed <answer>, quadratic on adversarial completions)."""
+    last, pos = None, 0
+    while True:
+        i = text.find("<answer>", pos)
+        if i < 0:
+            break
+        j = text.find("</answer>", i + len("<answer>"))
+        if j < 0:
+            break
+        last, pos = (i + len("<answer>"), j), j + len("</answer>")
+    if last is not None:
+        return text[last[0]:last[1]].strip()
     boxed = last_boxed(text)
     return None if boxed is None else boxed.strip()
 
@@ -200,7 +210,10 @@ def final_answer_from_solution(solution: str) -> Optional[str]:
 
 
 def format_ok(completion: str) -> bool:
-    """R1's format reward: one `<think>...</think>` then one `<answer>...</answer>`, nothing else around them."""
+    """R1's format reward: one `<think>...</think>` then one `<answer>...</answer>`, nothing else around them, and
+    each of the four tags exactly once (no answer tags inside the reasoning, no think tags inside the answer)."""
+    if any(completion.count(t) != 1 for t in ("<think>", "</think>", "<answer>", "</answer>")):
+        return False
     return _FORMAT_RE.fullmatch(completion) is not None
 
 
@@ -218,11 +231,13 @@ def to_number(text: str) -> Optional[Fraction]:
     """`text` as an exact number after normalization ("1,234", "3/4", "\\frac{3}{4}", "0.75", "12.0"), or None."""
     text = _normalize(text)
     m = re.fullmatch(r"\(?([-+]?\d+(?:\.\d+)?)\)?/\(?([-+]?\d+(?:\.\d+)?)\)?", text)
+    if len(text) > MAX_NUMBER_CHARS:  # Python refuses int() of over 4300 digits; no answer needs that many
+        return None
     try:
         if m:
             return Fraction(m.group(1)) / Fraction(m.group(2))
         return Fraction(text) if re.fullmatch(r"[-+]?\d+(\.\d+)?|[-+]?\.\d+", text) else None
-    except ZeroDivisionError:
+    except (ZeroDivisionError, ValueError):
         return None
 
 

@@ -204,8 +204,8 @@ def test_format_table(completion, expected):
     assert timed(rewards.format_reward, GSM8K, completion) == expected
 
 
-def test_format_is_stricter_than_tasks_format_ok_only_on_repeated_tags():
-    assert tasks.format_ok("<think>a<answer>x</answer></think><answer>b</answer>")
+def test_tasks_format_ok_agrees_with_the_format_reward():
+    assert not tasks.format_ok("<think>a<answer>x</answer></think><answer>b</answer>")  # tags appear once only
     for completion, expected in FORMAT_CASES:
         if expected == 1.0:
             assert tasks.format_ok(completion)
