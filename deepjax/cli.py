@@ -2,6 +2,7 @@
 
     deepjax info [CONFIG] [--config.FIELD=VALUE ...] [--batch B] [--length T]
     deepjax train CONFIG [--config.FIELD=VALUE ...] [--workdir DIR] [--no-progress]
+    deepjax eval WORKDIR [--k 8] [--problems 100] [--temperature 0.6] [--top-p 0.95] [--max-new-tokens 64]
 
 CONFIG is a file defining `get_config()` (`configs/tiny.py`) or a preset name (`tiny`, `bench`, `deepseek_v3`,
 ...); default `tiny`. `info` builds the model, prints its parameter table and runs one jitted forward pass on a
@@ -171,6 +172,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default="tiny", help="configs/NAME.py file or preset name (default: tiny)")
     p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("eval", help="pass@1 / pass@k / cons@k of a trained run on held-out problems",
+                       description="Samples --k answers per held-out problem of the run's task from the newest "
+                                   "checkpoint in WORKDIR and reports pass@1 (from the k samples), pass@k (unbiased) "
+                                   "and cons@k (majority vote) for k = 1, 2, 4, ...; writes eval_step<N>.json and "
+                                   "eval_step<N>_scaling.png into WORKDIR.")
+    p.add_argument("workdir", help="a `deepjax train` run directory")
+    p.add_argument("--k", type=_positive_int, default=8, help="samples per problem (default 8)")
+    p.add_argument("--problems", type=_positive_int, default=100, help="held-out problems (default 100)")
+    p.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (as R1)")
+    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (as R1)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--batch", type=_positive_int, default=64, help="rows per generate call (default 64)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
@@ -180,6 +196,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         ap.print_help()
         return 0
+    if args.command == "eval":
+        if rest:
+            print(f"deepjax: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
+            return 2
+        return eval_command(args)
     unknown = [r for r in rest if not r.startswith("--config.")]
     if unknown:
         print(f"deepjax: error: unrecognized arguments: {' '.join(unknown)} "
@@ -194,6 +215,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "train":
         return train_command(cfg, args)
     info(cfg, name, args.batch, args.length)
+    return 0
+
+
+def eval_command(args) -> int:
+    from deepjax import run_eval
+    from deepjax.checkpoint import CheckpointError
+
+    try:
+        res = run_eval.run(args.workdir, k=args.k, problems=args.problems, temperature=args.temperature,
+                           top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
+                           step=args.step, progress=not args.no_progress)
+    except (ConfigError, ValueError) as e:
+        print(f"deepjax: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"deepjax: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{res['task']}, step {res['step']}: {res['n_problems']} held-out problems, k={res['k']}, "
+          f"temperature {res['temperature']}, top-p {res['top_p']}")
+    print(run_eval.format_table(res["table"]))
+    print(f"written: {args.workdir}/eval_step{res['step']}.json, eval_step{res['step']}_scaling.png")
     return 0
 
 

@@ -419,6 +419,18 @@ def test_tiny_model_learns_arithmetic(tmp_path, data_dir):
     first, last10 = h[1]["loss"], np.mean([h[s]["loss"] for s in range(111, 121)])
     assert first > 5.5 and last10 < 2.0, (first, last10)
 
+    # `deepjax eval` on the same run: k samples per held-out problem through the sampler on the run's mesh
+    from deepjax import cli, run_eval
+    res = run_eval.run(str(tmp_path), k=2, problems=8, max_new_tokens=24, batch=16, progress=False)
+    assert res["step"] == 120 and [r["k"] for r in res["table"]] == [1, 2]
+    assert all(0 <= r[m] <= 1 for r in res["table"] for m in ("pass@1", "pass@k", "cons@k"))
+    assert len(res["problems"]) == 8 and all(p["n"] == 2 for p in res["problems"])
+    held = {ex["question"] for ex in tasks.generate("arithmetic", 8, 0, "test")}
+    assert {p["question"] for p in res["problems"]} == held
+    assert os.path.getsize(tmp_path / "eval_step120_scaling.png") > 0
+    assert json.load(open(tmp_path / "eval_step120.json"))["k"] == 2
+    assert cli.main(["eval", str(tmp_path / "nothing-here"), "--no-progress"]) == 1
+
 
 def test_train_cli_rejects_bad_config(capsys):
     from deepjax import cli
