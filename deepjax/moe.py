@@ -101,6 +101,35 @@ def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
     return unsort_sum(y_XD, order_X, T, K).astype(x_TD.dtype)
 
 
+def routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, block: int = 128):
+    """Dropless grouped matmul without `ragged_dot`: the T*K assignments sorted by expert, each expert's rows padded
+    to a multiple of `block`, then one batched matmul over blocks with each block's expert weights gathered.
+    Rows: at most X + E*(block-1), a static bound. For backends whose ragged_dot is slow (XLA:GPU runs it about as
+    slowly as a dense matmul over all groups, docs/LOG.md); same result as `routed_experts_dropless`."""
+    T, K = idx_TK.shape
+    E, D, _ = w_gate_EDI.shape
+    X = T * K
+    flat_X = idx_TK.reshape(-1)
+    order_X = jnp.argsort(flat_X, stable=True)
+    e_X = flat_X[order_X]
+    counts_E = jnp.bincount(flat_X, length=E)
+    padded_E = (counts_E + block - 1) // block * block
+    start_E = jnp.cumsum(padded_E) - padded_E  # first padded row of each expert
+    first_E = jnp.cumsum(counts_E) - counts_E  # first sorted assignment of each expert
+    dest_X = start_E[e_X] + jnp.arange(X) - first_E[e_X]  # padded row of each sorted assignment
+    n_blocks = -(-(X + E * (block - 1)) // block)
+    R = n_blocks * block
+    xs_RD = jnp.zeros((R, D), x_TD.dtype).at[dest_X].set(x_TD[order_X // K])
+    block_e = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_blocks) * block, side="right")
+    block_e = jnp.minimum(block_e, E - 1)  # blocks past the last expert's rows hold zeros
+    xb = xs_RD.reshape(n_blocks, block, D)
+    h = jax.nn.silu(jnp.einsum("nbd,ndi->nbi", xb, w_gate_EDI[block_e])) * jnp.einsum(
+        "nbd,ndi->nbi", xb, w_up_EDI[block_e])
+    y_RD = jnp.einsum("nbi,nid->nbd", h, w_down_EID[block_e]).reshape(R, D)
+    y_XD = y_RD[dest_X].astype(jnp.float32) * w_TK.reshape(-1)[order_X][:, None]
+    return unsort_sum(y_XD, order_X, T, K).astype(x_TD.dtype)
+
+
 def routed_experts_dense(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
     """Reference: every expert on every token, combined with the routing weights (tests only)."""
     E = w_gate_EDI.shape[0]

@@ -42,7 +42,7 @@ from flax import nnx
 from deepjax import sharding
 from deepjax.config import ModelConfig
 from deepjax.model import ACT_AXES, Transformer, default_experts_fn
-from deepjax.moe import MoE, route, routed_experts_dropless
+from deepjax.moe import MoE, route, routed_experts_blocked, routed_experts_dropless
 from deepjax.nn import dtype_of
 from deepjax.rope import rope_tables
 
@@ -150,6 +150,15 @@ def routed_experts_all(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
     return jnp.einsum("etd,et->td", y_ETD.astype(jnp.float32), comb_ET).astype(x_TD.dtype)
 
 
+def prefill_experts_fn(cfg: ModelConfig):
+    """Routed experts over the prompts: the training dispatch under a mesh; on one GPU the block-sorted grouped
+    matmul (`moe.routed_experts_blocked`: XLA:GPU's ragged_dot is about as slow as a dense matmul over all groups);
+    elsewhere sort + ragged_dot."""
+    if sharding.current() is not None:
+        return default_experts_fn(cfg)
+    return routed_experts_blocked if jax.default_backend() == "gpu" else routed_experts_dropless
+
+
 def decode_experts_fn(cfg: ModelConfig, n_tokens: int):
     if sharding.current() is not None:
         return default_experts_fn(cfg)
@@ -239,7 +248,24 @@ def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn,
 # T query tokens per row (1 when sampling; 2 when verifying an MTP draft) at positions pos_B + [0, T).
 
 
+def _attend_absorbed_1(attn, q_nope_BNH, q_pe_BNR, c_BSC, k_pe_BSR, mask_BS, dt):
+    """`_attend_absorbed` for one query per row, without the T axis."""
+    H = attn.cfg.qk_nope_head_dim
+    wkv_b = attn.wkv_b[...].astype(dt)
+    q_c_BNC = jnp.einsum("bnh,cnh->bnc", q_nope_BNH, wkv_b[..., :H])
+    s_BNS = (jnp.einsum("bnc,bsc->bns", q_c_BNC, c_BSC, preferred_element_type=jnp.float32)
+             + jnp.einsum("bnr,bsr->bns", q_pe_BNR, k_pe_BSR, preferred_element_type=jnp.float32))
+    s_BNS = jnp.where(mask_BS[:, None], s_BNS * attn.cfg.softmax_scale, jnp.finfo(jnp.float32).min)
+    p_BNS = jax.nn.softmax(s_BNS, axis=-1).astype(dt)
+    o_c_BNC = jnp.einsum("bns,bsc->bnc", p_BNS, c_BSC)
+    o_BNV = jnp.einsum("bnc,cnv->bnv", o_c_BNC, wkv_b[..., H:])
+    return jnp.einsum("bnv,nvd->bd", o_BNV, attn.wo[...].astype(dt))
+
+
 def _attend_absorbed(attn, q_nope_BTNH, q_pe_BTNR, c_BSC, k_pe_BSR, mask_BTS, dt):
+    if q_nope_BTNH.shape[1] == 1:
+        return _attend_absorbed_1(attn, q_nope_BTNH[:, 0], q_pe_BTNR[:, 0], c_BSC, k_pe_BSR, mask_BTS[:, 0],
+                                  dt)[:, None]
     H = attn.cfg.qk_nope_head_dim
     wkv_b = attn.wkv_b[...].astype(dt)  # [C, N, H + V]
     q_c_BTNC = jnp.einsum("btnh,cnh->btnc", q_nope_BTNH, wkv_b[..., :H])
@@ -289,9 +315,15 @@ def _decode_block(blk, x_BTD, c_BSC, k_pe_BSR, pos_BT, cos, sin, mask_BTS, exper
     h = blk.attn_norm(x_BTD)
     q_nope, q_pe = blk.attn.query(h, cos, sin)
     c_new, k_new = blk.attn.latent(h, cos, sin)
-    c_BSC = c_BSC.at[rows, pos_BT].set(c_new.astype(c_BSC.dtype))
-    k_pe_BSR = k_pe_BSR.at[rows, pos_BT].set(k_new.astype(k_pe_BSR.dtype))
-    x_BTD = x_BTD + attend(blk.attn, q_nope, q_pe, c_BSC, k_pe_BSR, mask_BTS, dt)
+    if T == 1:  # one token per row (plain decoding): 1-D scatter and [B, N, S] scores, measurably faster on GPU
+        c_BSC = c_BSC.at[rows[:, 0], pos_BT[:, 0]].set(c_new[:, 0].astype(c_BSC.dtype))
+        k_pe_BSR = k_pe_BSR.at[rows[:, 0], pos_BT[:, 0]].set(k_new[:, 0].astype(k_pe_BSR.dtype))
+        o = attend(blk.attn, q_nope[:, 0, None], q_pe[:, 0, None], c_BSC, k_pe_BSR, mask_BTS, dt)
+    else:
+        c_BSC = c_BSC.at[rows, pos_BT].set(c_new.astype(c_BSC.dtype))
+        k_pe_BSR = k_pe_BSR.at[rows, pos_BT].set(k_new.astype(k_pe_BSR.dtype))
+        o = attend(blk.attn, q_nope, q_pe, c_BSC, k_pe_BSR, mask_BTS, dt)
+    x_BTD = x_BTD + o
     y = _ffn_decode(blk, blk.ffn_norm(x_BTD).reshape(B * T, D), experts_fn)
     return x_BTD + y.reshape(B, T, D), c_BSC, k_pe_BSR
 
@@ -421,7 +453,7 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
     S = validate(sc, P)
     model = nnx.merge(graphdef, params)
     cfg = model.cfg
-    prefill_fn = experts_fn or default_experts_fn(cfg)
+    prefill_fn = experts_fn or prefill_experts_fn(cfg)
     lengths_B = lengths_B.astype(jnp.int32)
     if sc.mtp_draft:
         if not len(model.mtp):
