@@ -249,7 +249,8 @@ def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn,
 
 
 def _attend_absorbed_1(attn, q_nope_BNH, q_pe_BNR, c_BSC, k_pe_BSR, mask_BS, dt):
-    """`_attend_absorbed` for one query per row, without the T axis."""
+    """Absorbed attention for one query per row: the key up-projection folded into the query, the value
+    up-projection into the output (see the module docstring)."""
     H = attn.cfg.qk_nope_head_dim
     wkv_b = attn.wkv_b[...].astype(dt)
     q_c_BNC = jnp.einsum("bnh,cnh->bnc", q_nope_BNH, wkv_b[..., :H])
@@ -263,19 +264,9 @@ def _attend_absorbed_1(attn, q_nope_BNH, q_pe_BNR, c_BSC, k_pe_BSR, mask_BS, dt)
 
 
 def _attend_absorbed(attn, q_nope_BTNH, q_pe_BTNR, c_BSC, k_pe_BSR, mask_BTS, dt):
-    if q_nope_BTNH.shape[1] == 1:
-        return _attend_absorbed_1(attn, q_nope_BTNH[:, 0], q_pe_BTNR[:, 0], c_BSC, k_pe_BSR, mask_BTS[:, 0],
-                                  dt)[:, None]
-    H = attn.cfg.qk_nope_head_dim
-    wkv_b = attn.wkv_b[...].astype(dt)  # [C, N, H + V]
-    q_c_BTNC = jnp.einsum("btnh,cnh->btnc", q_nope_BTNH, wkv_b[..., :H])
-    s_BNTS = (jnp.einsum("btnc,bsc->bnts", q_c_BTNC, c_BSC, preferred_element_type=jnp.float32)
-              + jnp.einsum("btnr,bsr->bnts", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32))
-    s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS * attn.cfg.softmax_scale, jnp.finfo(jnp.float32).min)
-    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(dt)
-    o_c_BTNC = jnp.einsum("bnts,bsc->btnc", p_BNTS, c_BSC)
-    o_BTNV = jnp.einsum("btnc,cnv->btnv", o_c_BTNC, wkv_b[..., H:])
-    return jnp.einsum("btnv,nvd->btd", o_BTNV, attn.wo[...].astype(dt))
+    """T queries per row (T = 1, or 2 when verifying an MTP draft): one absorbed attention per query position."""
+    return jnp.stack([_attend_absorbed_1(attn, q_nope_BTNH[:, t], q_pe_BTNR[:, t], c_BSC, k_pe_BSR, mask_BTS[:, t], dt)
+                      for t in range(q_nope_BTNH.shape[1])], axis=1)
 
 
 def _attend_naive(attn, q_nope_BTNH, q_pe_BTNR, c_BSC, k_pe_BSR, mask_BTS, dt):
