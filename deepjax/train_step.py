@@ -141,6 +141,24 @@ def _tree_finite(tree):
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def guarded_update(state: TrainState, grads, loss, optimizer: optax.GradientTransformation, router_bias):
+    """(new state, grad_norm, finite): the optimizer update of `state.params` by `grads` and the new `router_bias`,
+    applied only when `loss` and the gradient norm are finite (otherwise params, optimizer state and biases keep
+    their old values and the non-finite counters move). `step` and `rng` advance either way."""
+    grad_norm = _global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    new = TrainState(
+        step=state.step + 1, params=keep(params, state.params), router_bias=keep(router_bias, state.router_bias),
+        opt_state=keep(opt_state, state.opt_state), rng=rng,
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+    return new, grad_norm, finite
+
+
 def make_train_step(graphdef, cfg: ModelConfig, optimizer: optax.GradientTransformation,
                     lr_schedule: Optional[optax.Schedule] = None, *, micro_batches: int = 1,
                     mtp_lambda: float = 0.3, balance_alpha: float = 1e-4, bias_update_speed: float = 1e-3,
@@ -174,22 +192,11 @@ def make_train_step(graphdef, cfg: ModelConfig, optimizer: optax.GradientTransfo
             zeros = jax.tree.map(jnp.zeros_like,
                                  jax.eval_shape(grads_of, state, jax.tree.map(lambda x: x[0], split), denoms))
             (grads, metrics, loads), _ = jax.lax.scan(body, zeros, split)
-        grad_norm = _global_norm(grads)
         total = metrics["loss"] + metrics["mtp_loss"] + metrics["balance_loss"]
-        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         bias = update_router_bias(state.router_bias, loads, bias_update_speed) if bias_update_speed else \
             state.router_bias
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
         applied = state.step - state.nonfinite_total  # optimizer updates applied before this step
-        new = TrainState(
-            step=state.step + 1, params=keep(params, state.params), router_bias=keep(bias, state.router_bias),
-            opt_state=keep(opt_state, state.opt_state), rng=rng,
-            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+        new, grad_norm, finite = guarded_update(state, grads, total, optimizer, bias)
         metrics = dict(metrics, grad_norm=grad_norm, applied=finite.astype(jnp.int32),
                        maxvio=max_violation(loads[0]))
         if loads[1] is not None:

@@ -1,0 +1,210 @@
+"""The GRPO policy step: rollouts layout, the trainer's token log-probs vs the sampler's, the mu = 1 zero-loss /
+non-zero-update property, policy improvement on a fixed batch, padding invariance, the non-finite guard, the KL
+and router-bias paths under a donated jit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepjax import grpo as G
+from deepjax import model as M
+from deepjax import optim
+from deepjax import rl
+from deepjax import sampling as SP
+from deepjax import train_step as TS
+from deepjax.config import load_config
+
+GROUP = 4
+PROMPTS = ([5, 17, 300], [9, 1, 2, 3, 4, 400])  # two prompts, GROUP samples each (consecutive rows)
+TEMP = 0.7
+N_NEW = 6
+T = 16
+REWARDS = np.asarray([1, 0, 0, 0, 0, 1, 1, 0], np.float32)  # group 1: row 0 right; group 2: rows 5, 6
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Tiny preset with weights 10x init scale (peaked, far-from-uniform next-token and routing distributions);
+    GROUP samples per prompt at temperature 0.7 with top-k / top-p (the reported log-probs are before truncation),
+    and EOS on every 8th token id so completion lengths differ."""
+    cfg = dataclasses.replace(load_config("tiny").model, initializer_range=0.2)
+    graphdef, params = M.init(cfg, jax.random.key(0))
+    prompts, lengths = SP.pad_prompts([p for p in PROMPTS for _ in range(GROUP)])
+    sc = SP.SamplingConfig(max_new_tokens=N_NEW, temperature=TEMP, top_k=50, top_p=0.95,
+                           eos_ids=tuple(range(3, cfg.vocab_size, 8)))
+    out = SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(1), sc)
+    adv = G.group_advantages(REWARDS, GROUP)
+    batch = rl.rollouts_from_samples(prompts, lengths, np.asarray(out.tokens), np.asarray(out.logprobs),
+                                     np.asarray(out.lengths), np.asarray(adv), T)
+    return cfg, graphdef, params, prompts, lengths, out, batch
+
+
+@pytest.fixture(scope="module")
+def grpo_step(setup):
+    """One jitted step (beta 0, "grpo" aggregation), shared by the tests (not donated: states are reused)."""
+    cfg, graphdef, params = setup[:3]
+    opt = optim.adamw(1e-4, TS.split_params(params)[0])
+    gc = G.GRPOConfig(beta=0.0, aggregation="grpo", group_size=GROUP)
+    return opt, jax.jit(rl.make_grpo_step(graphdef, cfg, opt, gc, TEMP))
+
+
+def _jnp(batch):
+    return jax.tree.map(jnp.asarray, batch)
+
+
+def test_rollouts_layout(setup):
+    cfg, graphdef, params, prompts, lengths, out, batch = setup
+    toks, lps, n = np.asarray(out.tokens), np.asarray(out.logprobs), np.asarray(out.lengths)
+    assert len(set(n.tolist())) > 1, "EOS makes completion lengths differ"
+    for b in range(len(lengths)):
+        p, k = int(lengths[b]), int(n[b])
+        np.testing.assert_array_equal(batch.tokens[b, :p], prompts[b, :p])
+        np.testing.assert_array_equal(batch.tokens[b, p:p + k], toks[b, :k])
+        assert (batch.tokens[b, p + k:] == 0).all()
+        np.testing.assert_array_equal(batch.segment_ids[b], (np.arange(T) < p + k).astype(np.int32))
+        np.testing.assert_array_equal(batch.completion_mask[b], ((np.arange(T) >= p) & (np.arange(T) < p + k)))
+        np.testing.assert_array_equal(batch.positions[b, :p + k], np.arange(p + k))
+        np.testing.assert_array_equal(batch.old_logp[b, p:p + k], lps[b, :k])
+        assert (batch.old_logp[b, :p] == 0).all() and (batch.old_logp[b, p + k:] == 0).all()
+    assert batch.tokens.dtype == np.int32 and batch.old_logp.dtype == np.float32 and batch.ref_logp is None
+    # the jax path (jittable, T static) builds the same arrays
+    f = jax.jit(lambda *a: rl.rollouts_from_samples(*a, T), static_argnums=())
+    jb = f(jnp.asarray(prompts), jnp.asarray(lengths), out.tokens, out.logprobs, out.lengths,
+           jnp.asarray(batch.advantages))
+    for a, b in zip(jb, batch):
+        if b is not None:
+            np.testing.assert_array_equal(np.asarray(a), b)
+    with pytest.raises(ValueError, match="T = 10 is shorter"):
+        rl.rollouts_from_samples(prompts, lengths, toks, lps, n * 0 + N_NEW, batch.advantages, 10)
+
+
+def test_token_logprobs_equal_the_samplers(setup, grpo_step):
+    cfg, graphdef, params, prompts, lengths, out, batch = setup
+    got = np.asarray(rl.jit_token_logprobs(graphdef, params, batch, TEMP))
+    m = batch.completion_mask > 0
+    assert np.abs(batch.old_logp[m]).max() > 0.5  # not a near-zero comparison
+    np.testing.assert_allclose(got[m], batch.old_logp[m], atol=1e-5, rtol=0)
+    assert (got[~m] == 0).all()
+    # the unmasked function: 0 at t = 0 and on padding, equal to the sampler on the completion
+    lp, ent = jax.jit(rl.token_logprobs_and_entropy, static_argnums=(0, 5))(
+        graphdef, params, jnp.asarray(batch.tokens), jnp.asarray(batch.positions), jnp.asarray(batch.segment_ids),
+        TEMP)
+    lp, ent = np.asarray(lp), np.asarray(ent)
+    assert (lp[:, 0] == 0).all() and (lp[batch.segment_ids == 0] == 0).all()
+    np.testing.assert_allclose(lp[m], batch.old_logp[m], atol=1e-5, rtol=0)
+    assert (ent[m] > 0).all() and (ent[m] < np.log(cfg.vocab_size)).all()
+    # so the step's sampler/trainer gap at the first update is ~0
+    opt, step = grpo_step
+    _, metrics = step(TS.init_state(params, opt, 0), _jnp(batch))
+    assert float(metrics["sampler_trainer_logp_gap"]) < 1e-5
+    assert float(metrics["sampler_trainer_logp_gap_max"]) < 1e-5
+    np.testing.assert_allclose(float(metrics["entropy"]), ent[m].mean(), rtol=1e-5)
+
+
+def test_mu_1_loss_is_zero_but_the_update_is_not(setup, grpo_step):
+    cfg, graphdef, params, prompts, lengths, out, batch = setup
+    opt, step = grpo_step
+    state = TS.init_state(params, opt, 0)
+    new, m = step(state, _jnp(batch))
+    assert abs(float(m["loss"])) < 1e-6, float(m["loss"])
+    assert int(m["applied"]) == 1 and float(m["grad_norm"]) > 1e-3
+    assert float(m["clip_frac"]) == 0.0 and abs(float(m["ratio_mean"]) - 1) < 1e-5
+    assert int(m["n_tokens"]) == int(batch.completion_mask.sum())
+    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params))]
+    assert max(moved) > 1e-4
+    assert int(new.step) == 1 and int(new.nonfinite_total) == 0
+    for a, b in zip(jax.tree.leaves(state.router_bias), jax.tree.leaves(new.router_bias)):
+        np.testing.assert_array_equal(a, b)  # bias_update_speed = 0
+
+
+def _seq_logp(graphdef, state, batch):
+    params = nnx.merge_state(state.params, state.router_bias)
+    lp = np.asarray(rl.jit_token_logprobs(graphdef, params, batch, TEMP))
+    return (lp * batch.completion_mask).sum(1) / batch.completion_mask.sum(1)
+
+
+def test_repeated_steps_raise_the_rewarded_completion(setup, grpo_step):
+    cfg, graphdef, params, prompts, lengths, out, batch = setup
+    opt, step = grpo_step
+    state = TS.init_state(params, opt, 0)
+    before = _seq_logp(graphdef, state, batch)
+    jb = _jnp(batch)
+    for i in range(8):
+        state, m = step(state, jb)
+        assert int(m["applied"]) == 1
+    after = _seq_logp(graphdef, state, batch)
+    gain = after - before
+    adv = np.asarray(batch.advantages)
+    assert (gain[adv > 0] > 0.05).all(), gain
+    assert gain[adv > 0].min() > gain[adv < 0].max(), gain
+    assert float(m["sampler_trainer_logp_gap"]) > 0.05  # later updates: the policy moved away from the sampler's
+    assert float(m["ratio_max"]) > 1.0
+
+
+def test_padding_never_matters(setup, grpo_step):
+    cfg, graphdef, params, prompts, lengths, out, batch = setup
+    opt, step = grpo_step
+    rng = np.random.default_rng(0)
+    pad = batch.segment_ids == 0
+    noisy = batch._replace(
+        tokens=np.where(pad, rng.integers(0, cfg.vocab_size, batch.tokens.shape), batch.tokens).astype(np.int32),
+        positions=np.where(pad, rng.integers(0, T, batch.tokens.shape), batch.positions).astype(np.int32),
+        old_logp=np.where(batch.completion_mask > 0, batch.old_logp, np.nan).astype(np.float32))
+    assert (noisy.tokens != batch.tokens).any()
+    # garbage in the prompts' own padding never reaches the rollouts
+    junk_prompts = np.where(np.arange(prompts.shape[1])[None] < lengths[:, None], prompts, 77).astype(np.int32)
+    again = rl.rollouts_from_samples(junk_prompts, lengths, np.asarray(out.tokens), np.asarray(out.logprobs),
+                                     np.asarray(out.lengths), batch.advantages, T)
+    np.testing.assert_array_equal(again.tokens, batch.tokens)
+    state = TS.init_state(params, opt, 0)
+    s1, m1 = step(state, _jnp(batch))
+    s1, m1 = step(s1, _jnp(batch))  # a second update: ratios != 1, the loss is no longer ~0
+    s2, m2 = step(state, _jnp(noisy))
+    s2, m2 = step(s2, _jnp(noisy))
+    assert int(m2["applied"]) == 1 and abs(float(m1["loss"])) > 1e-4
+    for k in ("loss", "grad_norm", "entropy", "clip_frac", "ratio_mean", "sampler_trainer_logp_gap"):
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_batch_is_not_applied_and_counted(setup, grpo_step):
+    cfg, graphdef, params, prompts, lengths, out, batch = setup
+    opt, step = grpo_step
+    b, t = np.argwhere(batch.completion_mask > 0)[0]
+    bad = batch._replace(old_logp=batch.old_logp.copy())
+    bad.old_logp[b, t] = np.nan
+    state = TS.init_state(params, opt, 0)
+    new, m = step(state, _jnp(bad))
+    assert int(m["applied"]) == 0 and not np.isfinite(float(m["loss"]))
+    assert int(new.step) == 1 and int(new.nonfinite_streak) == 1 and int(new.nonfinite_total) == 1
+    for a, c in zip(jax.tree.leaves((state.params, state.opt_state, state.router_bias)),
+                    jax.tree.leaves((new.params, new.opt_state, new.router_bias))):
+        np.testing.assert_array_equal(a, c)
+    new, m = step(new, _jnp(batch))  # a finite batch afterwards is applied and resets the streak
+    assert int(m["applied"]) == 1 and int(new.nonfinite_streak) == 0 and int(new.nonfinite_total) == 1
+
+
+def test_kl_and_router_bias_under_a_donated_jit(setup):
+    cfg, graphdef, params, prompts, lengths, out, batch = setup
+    opt = optim.adamw(1e-4, TS.split_params(params)[0])
+    gc = G.GRPOConfig(beta=0.04, group_size=GROUP)
+    ref = rl.jit_token_logprobs(graphdef, params, batch, TEMP)  # reference = the initial policy
+    jb = _jnp(batch._replace(ref_logp=np.asarray(ref)))
+    step = jax.jit(rl.make_grpo_step(graphdef, cfg, opt, gc, TEMP, bias_update_speed=1e-3), donate_argnums=0)
+    bias0 = [np.asarray(x) for x in jax.tree.leaves(TS.split_params(params)[1])]
+    state, m = step(TS.init_state(params, opt, 0), jb)
+    assert float(m["kl"]) < 1e-6 and int(m["applied"]) == 1  # policy == reference at the first update
+    moved = [np.abs(np.asarray(b) - a) for a, b in zip(bias0, jax.tree.leaves(state.router_bias))]
+    assert any((d > 0).any() for d in moved) and all(np.allclose(d[d > 0], 1e-3) for d in moved)
+    for _ in range(3):
+        state, m = step(state, jb)
+    assert float(m["kl"]) > 0 and np.isfinite(float(m["loss"]))
+    with pytest.raises(ValueError, match="ref_logp is None"):
+        jax.eval_shape(rl.make_grpo_step(graphdef, cfg, opt, gc, TEMP), state, _jnp(batch))
