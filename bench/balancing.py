@@ -4,17 +4,18 @@ Trains the same model on the same data three ways and compares expert-load balan
 
     v3        gamma = --gamma (1e-3), alpha = --alpha (1e-4)     bias update + tiny sequence-wise loss (V3)
     no_bal    gamma = 0,              alpha = --alpha (1e-4)     no balancing to speak of
-    aux_loss  gamma = 0,              alpha = --aux-alpha (1e-2) a pure auxiliary balance loss
+    aux_loss  gamma = 0,              alpha = --aux-alpha (3e-2) a pure auxiliary balance loss
 
 gamma is train.bias_update_speed (b_i += gamma * sign(mean load - load_i) after every step), alpha is
 train.balance_alpha (weight of the complementary sequence-wise balance loss). The claim checked: v3 has a clearly
 lower MaxVio than no_bal at an equal or better loss, and than aux_loss at a better loss.
 
-    PYTHONPATH=. JAX_PLATFORMS=cpu python bench/balancing.py                 # defaults: tiny preset, 2 seeds
-    PYTHONPATH=. JAX_PLATFORMS=cpu python bench/balancing.py --steps 300 --seeds 0 --png /tmp/b.png \
-        --override model.n_routed_experts=16
+    PYTHONPATH=. JAX_PLATFORMS=cpu python bench/balancing.py    # tiny preset with 16 experts, 1500 steps, 2 seeds
+    PYTHONPATH=. JAX_PLATFORMS=cpu python bench/balancing.py --experts 0 --steps 400 --aux-alpha 1e-2 \
+        --root /tmp/balancing_8e --png /tmp/balancing_8e.png             # the tiny preset's own 8 experts
 
-Each run goes to ROOT/<setting>_s<seed> (deepjax.train.train; a finished run is reused, --fresh deletes it),
+Each run goes to ROOT/<setting>_s<seed> (deepjax.train.train; a finished run of the same config is reused, one of
+another config is an error, --fresh deletes it),
 then every metrics.jsonl is read back. "final" is the mean over the last 10% of steps, "run" the mean over the
 whole run; MaxVio is first averaged over the MoE layers (main model only, not the MTP module). Loss is the
 main model's next-token cross-entropy (not MTP, not the balance loss). Prints a table (per seed and the mean
@@ -39,13 +40,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="preset name or config file (default tiny)")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                    help="each seed sets the init seed and the data shuffle seed")
     p.add_argument("--gamma", type=float, default=1e-3, help="bias update speed of the v3 setting")
     p.add_argument("--alpha", type=float, default=1e-4, help="balance-loss weight of the v3 and no_bal settings")
-    p.add_argument("--aux-alpha", type=float, default=1e-2, help="balance-loss weight of the aux_loss setting")
-    p.add_argument("--experts", type=int, default=None, help="model.n_routed_experts (n_group must divide it)")
+    p.add_argument("--aux-alpha", type=float, default=3e-2, help="balance-loss weight of the aux_loss setting")
+    p.add_argument("--experts", type=int, default=16,
+                   help="model.n_routed_experts (tiny has 8; n_group=4 must divide it; 0: the config's)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=16, help="data.global_batch (packed rows)")
     p.add_argument("--seq-len", type=int, default=128)
@@ -76,7 +78,7 @@ def overrides_for(name: str, seed: int, a) -> list[str]:
         "train.plot": False, "optim.lr": a.lr,
         **setting_overrides(name, a),
     }
-    if a.experts is not None:
+    if a.experts:
         o["model.n_routed_experts"] = a.experts
     out = [f"{k}={v}" for k, v in o.items()]
     return out + list(a.override)
@@ -163,7 +165,7 @@ def plot(curves: dict, a, path: str) -> None:
     ax[0].legend(fontsize=8)
     seeds = ", ".join(map(str, a.seeds))
     fig.suptitle(f"aux-loss-free balancing, {a.config} preset"
-                 f"{'' if a.experts is None else f', {a.experts} experts'}; seeds {seeds} "
+                 f"{f', {a.experts} experts' if a.experts else ''}; seeds {seeds} "
                  f"(first solid, others dashed)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=72)
