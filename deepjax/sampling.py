@@ -99,15 +99,18 @@ class Cache(NamedTuple):
 CACHE_AXES = ("batch", "length", None)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
+def _layer_cache(cfg: ModelConfig, batch: int, length: int):
+    """One layer's (c [B, S, C], k_pe [B, S, R]) buffers, zeroed, sharded over the batch axes."""
     dt = dtype_of(cfg.dtype)
-    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    return tuple(sharding.constrain(jnp.zeros((batch, length, d), dt), CACHE_AXES)
+                 for d in (cfg.kv_lora_rank, cfg.qk_rope_head_dim))
 
-    def zeros(n, d):
-        return tuple(sharding.constrain(jnp.zeros((batch, length, d), dt), CACHE_AXES) for _ in range(n))
 
-    return Cache(zeros(cfg.n_dense_layers, C), zeros(cfg.n_dense_layers, R), zeros(cfg.n_moe_layers, C),
-                 zeros(cfg.n_moe_layers, R))
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
+    dense = [_layer_cache(cfg, batch, length) for _ in range(cfg.n_dense_layers)]
+    moe = [_layer_cache(cfg, batch, length) for _ in range(cfg.n_moe_layers)]
+    return Cache(tuple(c for c, _ in dense), tuple(k for _, k in dense), tuple(c for c, _ in moe),
+                 tuple(k for _, k in moe))
 
 
 def cache_bytes_per_token(cfg: ModelConfig) -> int:
@@ -298,22 +301,25 @@ def _layers_of(stack):
     return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)]
 
 
+def _write(buf_BSX, pos_BT, new_BTX):
+    """The T new tokens' cache entries written at their positions; for T = 1 a 1-D scatter, as the one-token decode
+    path measured fastest on GPU (docs/LOG.md)."""
+    B, T = pos_BT.shape
+    if T == 1:
+        return buf_BSX.at[jnp.arange(B), pos_BT[:, 0]].set(new_BTX[:, 0].astype(buf_BSX.dtype))
+    return buf_BSX.at[jnp.arange(B)[:, None], pos_BT].set(new_BTX.astype(buf_BSX.dtype))
+
+
 def _decode_block(blk, x_BTD, c_BSC, k_pe_BSR, pos_BT, cos, sin, mask_BTS, experts_fn, attend):
     """One block on T new tokens per row, writing their latents at pos_BT; returns (x, c, k_pe)."""
     B, T, D = x_BTD.shape
     dt = x_BTD.dtype
-    rows = jnp.arange(B)[:, None]
     h = blk.attn_norm(x_BTD)
     q_nope, q_pe = blk.attn.query(h, cos, sin)
     c_new, k_new = blk.attn.latent(h, cos, sin)
-    if T == 1:  # one token per row (plain decoding): 1-D scatter and [B, N, S] scores, measurably faster on GPU
-        c_BSC = c_BSC.at[rows[:, 0], pos_BT[:, 0]].set(c_new[:, 0].astype(c_BSC.dtype))
-        k_pe_BSR = k_pe_BSR.at[rows[:, 0], pos_BT[:, 0]].set(k_new[:, 0].astype(k_pe_BSR.dtype))
-        o = attend(blk.attn, q_nope[:, 0, None], q_pe[:, 0, None], c_BSC, k_pe_BSR, mask_BTS, dt)
-    else:
-        c_BSC = c_BSC.at[rows, pos_BT].set(c_new.astype(c_BSC.dtype))
-        k_pe_BSR = k_pe_BSR.at[rows, pos_BT].set(k_new.astype(k_pe_BSR.dtype))
-        o = attend(blk.attn, q_nope, q_pe, c_BSC, k_pe_BSR, mask_BTS, dt)
+    c_BSC = _write(c_BSC, pos_BT, c_new)
+    k_pe_BSR = _write(k_pe_BSR, pos_BT, k_new)
+    o = attend(blk.attn, q_nope, q_pe, c_BSC, k_pe_BSR, mask_BTS, dt)
     x_BTD = x_BTD + o
     y = _ffn_decode(blk, blk.ffn_norm(x_BTD).reshape(B * T, D), experts_fn)
     return x_BTD + y.reshape(B, T, D), c_BSC, k_pe_BSR
@@ -500,9 +506,7 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
     logits, cache, h_BPD = prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)
     greedy = lambda lg: sample(lg, None, sc)  # noqa: E731  (temperature 0: no key needed)
     t, lp = greedy(logits)
-    dt = dtype_of(cfg.dtype)
-    mc = sharding.constrain(jnp.zeros((B, S, cfg.kv_lora_rank), dt), CACHE_AXES)
-    mk = sharding.constrain(jnp.zeros((B, S, cfg.qk_rope_head_dim), dt), CACHE_AXES)
+    mc, mk = _layer_cache(cfg, B, S)
     dlogits, mc, mk = mtp_prefill(model, h_BPD, prompts_BP, lengths_B, t, mc, mk, prefill_fn)
     d = jnp.argmax(dlogits, -1).astype(jnp.int32)
     rows = jnp.arange(B)
@@ -523,14 +527,15 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
         a, lpa = greedy(logits[:, 0])
         b, lpb = greedy(logits[:, 1])
         hit = d == a
-        out_tok = out_tok.at[rows, jnp.minimum(n_new, N - 1)].set(jnp.where(active, a, out_tok[rows, jnp.minimum(n_new, N - 1)]))
-        out_lp = out_lp.at[rows, jnp.minimum(n_new, N - 1)].set(jnp.where(active, lpa, out_lp[rows, jnp.minimum(n_new, N - 1)]))
+        def put(out, n, when, value):  # out[row, n] = value where `when` (n < N wherever `when` holds)
+            j = jnp.minimum(n, N - 1)
+            return out.at[rows, j].set(jnp.where(when, value, out[rows, j]))
+
+        out_tok, out_lp = put(out_tok, n_new, active, a), put(out_lp, n_new, active, lpa)
         done_a = active & _is_eos(a, sc.eos_ids)
         n_new = n_new + active.astype(jnp.int32)
         take_b = active & hit & ~done_a & (n_new < N)
-        j = jnp.minimum(n_new, N - 1)
-        out_tok = out_tok.at[rows, j].set(jnp.where(take_b, b, out_tok[rows, j]))
-        out_lp = out_lp.at[rows, j].set(jnp.where(take_b, lpb, out_lp[rows, j]))
+        out_tok, out_lp = put(out_tok, n_new, take_b, b), put(out_lp, n_new, take_b, lpb)
         done = done | done_a | (take_b & _is_eos(b, sc.eos_ids))
         n_new = n_new + take_b.astype(jnp.int32)
         dl, mc, mk = mtp_decode(model, h, jnp.stack([a, b], 1), q, mc, mk, decode_fn, sc.attention)
