@@ -53,7 +53,7 @@ def _all_finite(leaves):
     return jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]).all()
 
 
-def _finite(tree) -> bool:
+def all_finite(tree) -> bool:
     """Whether every float in `tree` is finite: one jitted reduction (not one eager collective per leaf)."""
     leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and np.issubdtype(x.dtype, np.inexact)]
     return bool(_all_finite(leaves)) if leaves else True
@@ -100,7 +100,7 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: Any, config: dict, force: bool = False) -> bool:
         """Starts an asynchronous save; returns whether a save started. Raises on a non-finite state."""
-        if not _finite(state):
+        if not all_finite(state):
             raise CheckpointError(f"step {step}: the state holds non-finite values; refusing to save it")
         saved = self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),

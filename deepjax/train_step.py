@@ -136,11 +136,6 @@ def update_router_bias(bias, loads, gamma: float):
 _global_norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
 
 
-def _tree_finite(tree):
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def guarded_update(state: TrainState, grads, loss, optimizer: optax.GradientTransformation, router_bias):
     """(new state, grad_norm, finite): the optimizer update of `state.params` by `grads` and the new `router_bias`,
     applied only when `loss` and the gradient norm are finite (otherwise params, optimizer state and biases keep
@@ -208,9 +203,12 @@ def make_train_step(graphdef, cfg: ModelConfig, optimizer: optax.GradientTransfo
     return step
 
 
-def state_is_finite(state: TrainState) -> jax.Array:
-    """True when params, biases and optimizer state hold only finite values (checked before every save)."""
-    return jax.jit(_tree_finite)((state.params, state.router_bias, state.opt_state))
+def state_is_finite(state: TrainState) -> bool:
+    """True when params, biases and optimizer state hold only finite values: the check `Checkpointer.save` makes
+    before every save (one jitted reduction, deepjax/checkpoint.py)."""
+    from deepjax.checkpoint import all_finite  # lazy: orbax only where checkpoints are used
+
+    return all_finite((state.params, state.router_bias, state.opt_state))
 
 
 def matmul_flops_per_token(cfg: ModelConfig, seq_len: int, active_params: int) -> float:
