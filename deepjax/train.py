@@ -19,18 +19,13 @@ checkpoint's; the rest (steps, logging, ...) may change between restarts.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
-import math
 import os
 import signal
-import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from deepjax import distributed as D
@@ -39,8 +34,6 @@ from deepjax import optim
 from deepjax import sharding as S
 from deepjax import train_step as TS
 from deepjax.config import Config, ConfigError, to_dict
-
-log = logging.getLogger("deepjax.train")
 
 # Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is not set (substring of device_kind).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "v6": 918.0, "v5p": 459.0, "v5 lite": 197.0,
@@ -253,7 +246,7 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict:
     last = {}
     out_f = open(metrics_path, "a") if run.is_main else None
     try:
-        pending = None  # (step, metrics on device, data hash, dispatch time): fetched one step late, so the host
+        pending = None  # (step, metrics on device, data hash): fetched one step late, so the host
         t_prev = time.perf_counter()  # prepares batch s+1 while the device runs step s
 
         def finish(p):
@@ -302,8 +295,7 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict:
                 if pending is not None:
                     finish(pending)
                     pending = None
-                run.checkpointer.wait()
-                out_f and out_f.flush()
+                run.checkpointer.wait()  # metrics.jsonl is flushed line by line
                 os.kill(os.getpid(), signal.SIGKILL)
         if pending is not None:
             finish(pending)
