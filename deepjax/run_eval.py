@@ -13,7 +13,6 @@ test-time-scaling table). Written to the run directory: `eval_step<N>.json` (tab
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Optional
 
@@ -69,9 +68,7 @@ def sample_completions(cfg: Config, graphdef, params, mesh, rules, examples: lis
     sc = SP.SamplingConfig(**{**sc.__dict__, "eos_ids": (tok.eos_id,), "pad_id": tok.pad_id})
     prompts = [tok.encode(TEMPLATES[cfg.data.template](ex["question"]), add_bos=True) for ex in examples]
     rows = [p for p in prompts for _ in range(k)]  # problem i -> rows i*k ... i*k + k-1
-    spec = S.batch_spec(mesh, rules, ndim=1).spec
-    axes = spec[0] if len(spec) else None
-    shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())))
+    shards = mesh.size // S.batch_spec(mesh, rules, ndim=1).shard_shape((mesh.size,))[0]  # slices of the batch
     batch = max(shards, batch // shards * shards)  # rows split evenly over the batch axes
     P_max = max(len(p) for p in prompts)
     texts: list[str] = []
