@@ -26,6 +26,7 @@ deepjax/train_step.py's `depth_targets` reads it that way.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Optional
 
 import grain
@@ -129,8 +130,6 @@ def _absl_parsed() -> None:
 
 def fingerprint(batch: dict) -> str:
     """A short hash of a batch's contents (the data order check of exact resume)."""
-    import hashlib
-
     h = hashlib.sha256()
     for k in FIELDS:
         h.update(np.ascontiguousarray(batch[k]).tobytes())
