@@ -46,7 +46,8 @@ def main(argv=None):
     ck.close()
     params = jax.device_get(nnx.merge_state(state.params, state.router_bias))
     tok = load_tokenizer(cfg.data.tokenizer)
-    examples = tasks.generate(cfg.data.source, a.problems, cfg.data.task_seed, "test")
+    examples = tasks.generate(cfg.data.source, a.problems, cfg.data.task_seed, "test",
+                              **tasks.options_of(cfg.data))
     prompts = [tok.encode(TEMPLATES[cfg.data.template](ex["question"]), add_bos=True) for ex in examples]
     P, L = SP.pad_prompts(prompts)
     sc = SP.SamplingConfig(max_new_tokens=a.new, temperature=0.0, eos_ids=(tok.eos_id,), pad_id=tok.pad_id)
@@ -62,7 +63,7 @@ def main(argv=None):
     solved = 0
     for i, ex in enumerate(examples):
         n = int(plain.lengths[i])
-        solved += tasks.verify(ex, tok.decode(np.asarray(plain.tokens[i, :n])))
+        solved += tasks.verify(ex, tok.decode(np.asarray(plain.tokens[i, :n]), errors="replace"))
     prop, acc = int(drafted.drafts_proposed.sum()), int(drafted.drafts_accepted.sum())
     print(json.dumps({
         "run": a.workdir, "step": step, "problems": a.problems, "device": jax.devices()[0].device_kind,

@@ -60,15 +60,20 @@ def all_finite(tree) -> bool:
 
 
 class Checkpointer:
-    """save(step, state, data_state, config) / restore(abstract_state) over one run directory."""
+    """save(step, state, data_state, config) / restore(abstract_state) over one run directory.
 
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    `extra_items` names further array trees saved beside the state (GRPO: "ref", the reference policy): pass them
+    as save(..., extra={name: tree}) and restore(..., extra={name: abstract tree}). A reader that does not ask for
+    them (e.g. `deepjax eval` on a GRPO run) restores the state alone."""
+
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True, extra_items: tuple[str, ...] = ()):
         self.directory = os.path.abspath(directory)
         self._pending: list[int] = []
         self._async = async_save
+        self.extra_items = tuple(extra_items)
         self._manager = ocp.CheckpointManager(
             self.directory,
-            item_names=("state", "data", "config"),
+            item_names=("state", "data", "config") + self.extra_items,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                 async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifests)
@@ -98,14 +103,19 @@ class Checkpointer:
             os.replace(tmp, os.path.join(d, MANIFEST))
         self._pending = still
 
-    def save(self, step: int, state, data_state: Any, config: dict, force: bool = False) -> bool:
+    def save(self, step: int, state, data_state: Any, config: dict, force: bool = False,
+             extra: Optional[dict] = None) -> bool:
         """Starts an asynchronous save; returns whether a save started. Raises on a non-finite state."""
-        if not all_finite(state):
+        extra = extra or {}
+        if sorted(extra) != sorted(self.extra_items):
+            raise ValueError(f"save: extra items {sorted(extra)} but this checkpointer has {list(self.extra_items)}")
+        if not all_finite((state, extra)):
             raise CheckpointError(f"step {step}: the state holds non-finite values; refusing to save it")
         saved = self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave({"iterator": data_state}),
-            config=ocp.args.JsonSave(config)), force=force)
+            config=ocp.args.JsonSave(config),
+            **{k: ocp.args.StandardSave(v) for k, v in extra.items()}), force=force)
         if saved:  # the manager waited for the previous save to commit: its manifest can be written now
             self._pending.append(step)
         self._write_manifests()
@@ -146,22 +156,26 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint step {step} is damaged: file {os.path.join(d, rel)} has "
                                       f"{now[rel]} bytes, {size} were written")
 
-    def _restore_one(self, step: int, abstract_state):
+    def _restore_one(self, step: int, abstract_state, extra: Optional[dict]):
         self.verify(step)
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore()))
+                config=ocp.args.JsonRestore(), **{k: ocp.args.StandardRestore(v) for k, v in (extra or {}).items()}))
         except Exception as e:  # Orbax / tensorstore raise many types; all mean "this step is unusable"
             why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             raise CheckpointError(f"checkpoint step {step} in {self.step_dir(step)} is damaged or does not "
                                   f"match this model: {type(e).__name__}: {why}") from e
+        if extra is not None:
+            return out["state"], out["data"]["iterator"], out["config"], {k: out[k] for k in extra}
         return out["state"], out["data"]["iterator"], out["config"]
 
-    def restore(self, abstract_state, step: Optional[int] = None, fallback: bool = False):
+    def restore(self, abstract_state, step: Optional[int] = None, fallback: bool = False,
+                extra: Optional[dict] = None):
         """(step, state, data_state, config) from `step` (default: the latest). `abstract_state` carries
         the shapes, dtypes and target shardings. With fallback=True a damaged step is skipped (logged) in
-        favour of the newest older one that loads."""
+        favour of the newest older one that loads. With `extra` ({name: abstract tree}) the restored extra items
+        come fifth: (step, state, data_state, config, {name: tree})."""
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -173,7 +187,7 @@ class Checkpointer:
         errors = []
         for s in candidates:
             try:
-                state, data, config = self._restore_one(s, abstract_state)
+                restored = self._restore_one(s, abstract_state, extra)
             except CheckpointError as e:
                 if not fallback:
                     raise CheckpointError(f"{e}\n(set --config.train.fallback_on_damage=true to fall back to "
@@ -181,5 +195,5 @@ class Checkpointer:
                 log.warning("%s; falling back to an older checkpoint", e)
                 errors.append(str(e))
                 continue
-            return s, state, data, config
+            return (s, *restored)
         raise CheckpointError("no checkpoint could be restored:\n" + "\n".join(errors))

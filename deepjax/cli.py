@@ -2,12 +2,13 @@
 
     deepjax info [CONFIG] [--config.FIELD=VALUE ...] [--batch B] [--length T]
     deepjax train CONFIG [--config.FIELD=VALUE ...] [--workdir DIR] [--no-progress]
+    deepjax grpo CONFIG [--config.FIELD=VALUE ...] [--workdir DIR] [--no-progress]
     deepjax eval WORKDIR [--k 8] [--problems 100] [--temperature 0.6] [--top-p 0.95] [--max-new-tokens 64]
 
 CONFIG is a file defining `get_config()` (`configs/tiny.py`) or a preset name (`tiny`, `bench`, `deepseek_v3`,
 ...); default `tiny`. `info` builds the model, prints its parameter table and runs one jitted forward pass on a
 random batch. `train` runs or resumes training (deepjax/train.py) in the work directory (default
-runs/<config name>). A bad config prints one line naming the field and exits with status 2.
+runs/<config name>); `grpo` runs or resumes GRPO (deepjax/grpo_run.py), from rl.init_from's checkpoint. A bad config prints one line naming the field and exits with status 2.
 """
 
 from __future__ import annotations
@@ -172,12 +173,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default="tiny", help="configs/NAME.py file or preset name (default: tiny)")
     p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("grpo", help="GRPO with rule-based rewards (R1-Zero): rollouts, rewards, policy updates",
+                       description="Runs rl.steps GRPO steps in --workdir: rl.prompts_per_step prompts of "
+                                   "data.source's train split, rl.group_size sampled completions each, accuracy + "
+                                   "format rewards, group advantages, rl.mu policy updates; held-out pass@1 every "
+                                   "rl.eval_every steps; checkpoints, metrics.jsonl, eval.jsonl, TensorBoard events "
+                                   "and grpo_curves.png. Rerun the same command to resume.",
+                       epilog="Start from a trained run with --config.rl.init_from=DIR (its model config must "
+                              "match). Any config field: --config.SECTION.FIELD=VALUE (sections: rl, model, data, "
+                              "optim, train, mesh), e.g. --config.rl.beta=0 --config.rl.group_size=16.")
+    p.add_argument("config", nargs="?", default="tiny", help="configs/NAME.py file or preset name (default: tiny)")
+    p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>_grpo)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("eval", help="pass@1 / pass@k / cons@k of a trained run on held-out problems",
                        description="Samples --k answers per held-out problem of the run's task from the newest "
                                    "checkpoint in WORKDIR and reports pass@1 (from the k samples), pass@k (unbiased) "
                                    "and cons@k (majority vote) for k = 1, 2, 4, ...; writes eval_step<N>.json and "
                                    "eval_step<N>_scaling.png into WORKDIR.")
-    p.add_argument("workdir", help="a `deepjax train` run directory")
+    p.add_argument("workdir", help="a `deepjax train` or `deepjax grpo` run directory")
     p.add_argument("--k", type=_positive_int, default=8, help="samples per problem (default 8)")
     p.add_argument("--problems", type=_positive_int, default=100, help="held-out problems (default 100)")
     p.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (as R1)")
@@ -214,6 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = " ".join([args.config, *rest])
     if args.command == "train":
         return train_command(cfg, args)
+    if args.command == "grpo":
+        return grpo_command(cfg, args)
     info(cfg, name, args.batch, args.length)
     return 0
 
@@ -239,25 +254,58 @@ def eval_command(args) -> int:
     return 0
 
 
-def train_command(cfg: Config, args) -> int:
+def _run_job(fn, cfg: Config, args, suffix: str = ""):
+    """(status, result) of fn(cfg, workdir, progress) with the run's errors as one line and an exit status."""
     import os
 
     from deepjax import train as T
     from deepjax.checkpoint import CheckpointError
 
-    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0] + suffix)
+    args.workdir = workdir
     print(f"workdir: {os.path.abspath(workdir)}", flush=True)
     try:
-        last = T.train(cfg, workdir, progress=not args.no_progress)
+        return 0, fn(cfg, workdir, progress=not args.no_progress)
     except ConfigError as e:
         print(f"deepjax: error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     except (CheckpointError, FileNotFoundError) as e:
         print(f"deepjax: error: {e}", file=sys.stderr)
-        return 1
+        return 1, None
     except T.NonFiniteError as e:
         print(f"deepjax: stopped: {e}", file=sys.stderr)
-        return 1
+        return 1, None
+
+
+def grpo_command(cfg: Config, args) -> int:
+    import os
+
+    from deepjax import grpo_run
+
+    status, out = _run_job(grpo_run.grpo, cfg, args, suffix="_grpo")
+    if status:
+        return status
+    last, ev = out["last"], out["eval"]
+    if last:
+        print(f"GRPO step {last['step']}: reward {last['reward']:.3f}, rollout accuracy {last['accuracy']:.3f}, "
+              f"response length {last['response_length']:.1f}")
+    if ev:
+        print(f"held-out ({ev['n_problems']} problems, k={ev['k']}): pass@1 {100 * ev['pass@1']:.1f}%, "
+              f"cons@{ev['k']} {100 * ev['cons@k']:.1f}%")
+    print(f"run directory: {os.path.abspath(args.workdir)} (metrics.jsonl, eval.jsonl, tb/, grpo_curves.png, "
+          "checkpoints/)")
+    return 0
+
+
+def train_command(cfg: Config, args) -> int:
+    import os
+
+    from deepjax import train as T
+
+    status, last = _run_job(T.train, cfg, args)
+    if status:
+        return status
+    workdir = args.workdir
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}, mtp loss {last['mtp_loss']:.4f}, "
               f"MaxVio {sum(last['maxvio']) / len(last['maxvio']):.3f} (mean over MoE layers)")

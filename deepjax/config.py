@@ -218,6 +218,12 @@ class DataConfig:
     num_train: int = 20000  # generated tasks: examples in the train split
     num_test: int = 500  # generated tasks: examples in the test split
     task_seed: int = 0  # generated tasks: the seed they are generated from
+    max_digits: int = 4  # arithmetic: digits per operand (1-9; * is capped at 3 x 2 digits)
+    ops: str = "+-*"  # arithmetic: the operators drawn from
+    # Share of SFT completions written free-form ("... The answer is 12.", no <answer> tags, so never rewarded),
+    # drawn afresh per example each epoch: a base that computes the answer but states it in a checkable form only
+    # part of the time, like a base model pretrained on web text (the weak base of the R1-Zero job).
+    freeform_share: float = 0.0
     worker_count: int = 0  # Grain worker processes (0: in-process)
 
 
@@ -261,6 +267,44 @@ class TrainConfig:
     plot: bool = True  # write loss / MaxVio PNG at the end
 
 
+RL_AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
+RL_ADVANTAGE_NORMS = ("std", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """GRPO (`deepjax grpo`, deepjax/grpo_run.py; DEEPSEEK.md sections 6-7). Prompts come from data.source's train
+    split; the optimizer is `optim` (its schedule over rl.steps x rl.mu updates); checkpoints, logging and the
+    non-finite guard follow `train` (checkpoint_every counts GRPO steps)."""
+
+    init_from: Optional[str] = None  # run directory (train or grpo) whose checkpoint is the initial policy; None: init
+    init_step: Optional[int] = None  # its checkpoint step; None: the newest
+    steps: int = 100  # GRPO steps, each one batch of rollouts and mu optimizer updates
+    prompts_per_step: int = 16  # prompts per step over all hosts (R1-Zero: 32)
+    group_size: int = 8  # G: outputs per prompt (R1-Zero: 16)
+    mu: int = 1  # optimizer updates per batch of rollouts
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # rollout temperature (R1-Zero: 1)
+    top_p: float = 1.0
+    top_k: int = 0
+    eps_low: float = 0.2  # clip epsilon
+    eps_high: Optional[float] = None  # clip-higher (DAPO 0.28); None: eps_low
+    beta: float = 0.001  # KL coefficient (R1-Zero 0.001); 0: no reference model is held or run
+    aggregation: str = "grpo"  # grpo | dapo | dr_grpo
+    advantage_norm: str = "std"  # std (GRPO) | mean (Dr. GRPO)
+    max_log_ratio: float = 20.0
+    ref_refresh_every: int = 0  # copy the policy into the reference every N steps; 0: never
+    reward_accuracy: float = 1.0  # reward weights (deepjax/rewards.py RewardConfig)
+    reward_format: float = 0.1
+    reward_language: float = 0.0
+    eval_every: int = 0  # held-out evaluation every N steps (and at the last); 0: only at the last step
+    eval_problems: int = 64
+    eval_k: int = 4
+    eval_temperature: float = 0.6  # as R1's evaluation
+    eval_top_p: float = 0.95
+    bias_update_speed: float = 0.0  # gamma of the aux-loss-free bias rule on rollout loads; 0: biases frozen
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A run: the model plus what the run does with it."""
@@ -271,6 +315,7 @@ class Config:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    rl: RLConfig = RLConfig()
 
 
 # ---- overrides ------------------------------------------------------------------------------
@@ -495,6 +540,13 @@ def validate_run(cfg: Config) -> None:
             bad("data", f, "must be positive")
     if d.worker_count < 0:
         bad("data", "worker_count", "must be >= 0")
+    if not 0 <= d.freeform_share <= 1:
+        bad("data", "freeform_share", "must be in [0, 1]")
+    from deepjax import tasks  # standard library only
+    try:
+        tasks.check_options(d.source, d.max_digits, d.ops)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if o.schedule not in SCHEDULES:
         bad("optim", "schedule", f"unknown; choose from {SCHEDULES}")
     for f in ("lr", "b2", "eps", "clip_norm"):
@@ -516,6 +568,29 @@ def validate_run(cfg: Config) -> None:
             bad("train", f, "must be >= 0")
     if t.peak_tflops is not None and not t.peak_tflops > 0:
         bad("train", "peak_tflops", "must be positive, or None")
+    r = cfg.rl
+    for f in ("steps", "prompts_per_step", "group_size", "mu", "max_new_tokens", "eval_problems", "eval_k"):
+        if getattr(r, f) <= 0:
+            bad("rl", f, "must be positive")
+    if r.group_size < 2:
+        bad("rl", "group_size", "must be >= 2 (advantages compare the outputs of a group)")
+    for f in ("top_k", "ref_refresh_every", "eval_every", "beta", "reward_accuracy", "reward_format",
+              "reward_language", "bias_update_speed", "temperature", "eval_temperature"):
+        if not getattr(r, f) >= 0:
+            bad("rl", f, "must be >= 0")
+    for f in ("top_p", "eval_top_p"):
+        if not 0 < getattr(r, f) <= 1:
+            bad("rl", f, "must be in (0, 1]")
+    if not 0 < r.eps_low < 1:
+        bad("rl", "eps_low", "must be in (0, 1)")
+    if r.eps_high is not None and not r.eps_high > 0:
+        bad("rl", "eps_high", "must be positive, or None (= eps_low)")
+    if not r.max_log_ratio > 0:
+        bad("rl", "max_log_ratio", "must be positive")
+    if r.aggregation not in RL_AGGREGATIONS:
+        bad("rl", "aggregation", f"unknown; choose from {RL_AGGREGATIONS}")
+    if r.advantage_norm not in RL_ADVANTAGE_NORMS:
+        bad("rl", "advantage_norm", f"unknown; choose from {RL_ADVANTAGE_NORMS}")
     sizes = [me.data, me.fsdp, me.expert, me.tensor]
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes) or me.dcn_data < 1:
         raise ConfigError(f"mesh={me}: axis sizes must be positive, with at most one -1")

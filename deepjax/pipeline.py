@@ -38,20 +38,26 @@ from deepjax.tokenizer import TEMPLATES
 FIELDS = ("tokens", "segment_ids", "positions", "target_mask")
 
 
-class Tokenize(grain.transforms.Map):
-    """A record (as TFDS stores it) -> {"tokens", "target_mask"} int32 arrays (see the module docstring)."""
+class Tokenize(grain.transforms.RandomMap):
+    """A record (as TFDS stores it) -> {"tokens", "target_mask"} int32 arrays (see the module docstring). With
+    freeform_share > 0 that share of question/answer completions is written free-form (`tasks.sft_completion`),
+    drawn from Grain's per-element generator: a pure function of data.seed and the element's place in the order."""
 
-    def __init__(self, tokenizer, mode: str, template: str, seq_len: int, text: bool):
+    def __init__(self, tokenizer, mode: str, template: str, seq_len: int, text: bool, freeform_share: float = 0.0):
         self.tokenizer, self.mode, self.template, self.seq_len, self.text = tokenizer, mode, template, seq_len, text
+        self.freeform_share = freeform_share
 
-    def map(self, record: dict) -> dict:
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        return self.map(record, freeform=bool(self.freeform_share and rng.random() < self.freeform_share))
+
+    def map(self, record: dict, freeform: bool = False) -> dict:
         tok = self.tokenizer
         ex = tasks.as_example(record)
         if self.text:
             ids = [tok.bos_id] + tok.encode(ex["text"]) + [tok.eos_id]
             return {"tokens": np.asarray(ids, np.int32), "target_mask": np.ones(len(ids), np.int32)}
         prompt = [tok.bos_id] + tok.encode(TEMPLATES[self.template](ex["question"]))
-        completion = tok.encode(tasks.sft_completion(ex)) + [tok.eos_id]
+        completion = tok.encode(tasks.sft_completion(ex, freeform)) + [tok.eos_id]
         ids = prompt + completion
         if len(ids) > self.seq_len:
             raise ValueError(
@@ -98,7 +104,8 @@ def dataset(data_cfg: Any, tokenizer, source, local_batch: int, process_index: i
     ds = grain.MapDataset.source(source).shuffle(seed=data_cfg.seed).repeat(None)
     if process_count > 1:
         ds = ds[process_index::process_count]
-    ds = ds.map(Tokenize(tokenizer, data_cfg.mode, data_cfg.template, T, text))
+    ds = ds.random_map(Tokenize(tokenizer, data_cfg.mode, data_cfg.template, T, text,
+                                getattr(data_cfg, "freeform_share", 0.0)), seed=data_cfg.seed)
     it = ds.to_iter_dataset()
     if text:
         it = grain.experimental.FlatMapIterDataset(it, Chunk(T))
@@ -120,6 +127,18 @@ def make_iterator(data_cfg: Any, tokenizer, source, local_batch: int, process_in
     return it
 
 
+def prompt_iterator(data_cfg: Any, source, state: Optional[dict] = None):
+    """Records of `source` (question/answer tasks) one at a time, in the seeded order of `dataset` (shuffled by
+    data.seed, reshuffled each epoch), as a checkpointable `grain.DatasetIterator`. GRPO reads its prompts here;
+    every host reads the same order (the prompts of a step are few and every host scores all rollouts)."""
+    if len(source) == 0:
+        raise ValueError(f"data.source={data_cfg.source!r}, split {data_cfg.split!r}: the dataset is empty")
+    it = iter(grain.MapDataset.source(source).shuffle(seed=data_cfg.seed).repeat(None).to_iter_dataset())
+    if state is not None:
+        it.set_state(state)
+    return it
+
+
 def _absl_parsed() -> None:
     """Grain's worker processes read absl flags; a program that never ran absl.app must mark them parsed."""
     from absl import flags
@@ -136,4 +155,4 @@ def fingerprint(batch: dict) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["dataset", "make_iterator", "Tokenize", "Chunk", "fingerprint", "FIELDS"]
+__all__ = ["dataset", "make_iterator", "prompt_iterator", "Tokenize", "Chunk", "fingerprint", "FIELDS"]

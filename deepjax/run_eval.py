@@ -54,7 +54,7 @@ def held_out(cfg: Config, n: int) -> list[dict]:
     if cfg.data.source not in EVAL_TASKS:
         raise ConfigError(f"data.source={cfg.data.source!r}: eval needs a generated task with a held-out split "
                           f"({', '.join(EVAL_TASKS)})")
-    return tasks.generate(cfg.data.source, n, cfg.data.task_seed, "test")
+    return tasks.generate(cfg.data.source, n, cfg.data.task_seed, "test", **tasks.options_of(cfg.data))
 
 
 def sample_completions(cfg: Config, graphdef, params, mesh, rules, examples: list[dict], k: int,
@@ -85,7 +85,7 @@ def sample_completions(cfg: Config, graphdef, params, mesh, rules, examples: lis
             toks, lens, done = (np.asarray(jax.device_get(x)) for x in (out.tokens, out.lengths, out.done))
             for r in range(n_real):
                 n = int(lens[r]) - int(done[r])  # drop the EOS itself
-                texts.append(tok.decode(toks[r, :n]))
+                texts.append(tok.decode(toks[r, :n], errors="replace"))
     return [texts[i * k:(i + 1) * k] for i in range(len(examples))]
 
 

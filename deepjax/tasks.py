@@ -78,18 +78,38 @@ def _make(task: str, question: str, answer: str, **meta) -> dict:
 # -------------------------------------------------------------------------------------------------------- generation
 
 
-def _arithmetic(rng: random.Random) -> dict:
-    op = rng.choice("+-*")
+DEFAULT_OPTIONS = {"max_digits": 4, "ops": "+-*"}  # arithmetic: operand digits, operators
+OPS = "+-*"
+
+
+def check_options(task: str, max_digits: int, ops: str) -> None:
+    """Errors name the field (data.max_digits / data.ops) and the value."""
+    if not (isinstance(max_digits, int) and 1 <= max_digits <= 9):
+        raise ValueError(f"data.max_digits={max_digits!r}: must be an integer in [1, 9]")
+    if not ops or any(c not in OPS for c in ops) or len(set(ops)) != len(ops):
+        raise ValueError(f"data.ops={ops!r}: must be distinct operators from {OPS!r}")
+
+
+def options_of(data_cfg) -> dict:
+    """The task options of a DataConfig (what `generate` takes besides task, n, seed and split)."""
+    return {k: getattr(data_cfg, k, v) for k, v in DEFAULT_OPTIONS.items()}
+
+
+def _arithmetic(rng: random.Random, max_digits: int = 4, ops: str = "+-*") -> dict:
+    """`a op b`: + and - on operands of 1..max_digits digits (the digit count drawn first), * on 2-3 digits times
+    1-2 digits (capped at max_digits). The defaults (4, "+-*") are the original task, draw for draw."""
+    op = rng.choice(ops)
     if op == "*":  # 2-3 digits times 1-2 digits: hard for a tiny model, checkable by hand
-        a, b = rng.randint(10, 999), rng.randint(2, 99)
+        a, b = rng.randint(10 if max_digits > 1 else 2, 10 ** min(3, max_digits) - 1), \
+            rng.randint(2, 10 ** min(2, max_digits) - 1)
     else:
-        a, b = (rng.randint(0, 10 ** rng.randint(1, 4) - 1) for _ in range(2))
+        a, b = (rng.randint(0, 10 ** rng.randint(1, max_digits) - 1) for _ in range(2))
     expression = f"{a} {op} {b}"
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
     return _make("arithmetic", f"Compute {expression}", str(value), expression=expression)
 
 
-def _countdown(rng: random.Random) -> dict:
+def _countdown(rng: random.Random, **_) -> dict:
     """3-4 numbers; the target is the value of a random expression over a subset of them (so always solvable)."""
     while True:
         numbers = [rng.randint(1, 50) for _ in range(rng.randint(3, 4))]
@@ -122,8 +142,9 @@ def _split_of(question: str) -> str:
     return "test" if h < TEST_SHARE * 2**64 else "train"
 
 
-def generate(task: str, n: int, seed: int, split: str) -> list[dict]:
-    """`n` distinct examples of `task` for `split`, a pure function of (task, n, seed, split).
+def generate(task: str, n: int, seed: int, split: str, max_digits: int = 4, ops: str = "+-*") -> list[dict]:
+    """`n` distinct examples of `task` for `split`, a pure function of (task, n, seed, split, options).
+    Options (arithmetic only; countdown ignores them): `max_digits` per operand, `ops` the operators drawn from.
 
     The first k examples of generate(..., n) are those of generate(..., k) for k < n. Train and test are disjoint for
     any sizes and seeds (see `_split_of`).
@@ -132,21 +153,24 @@ def generate(task: str, n: int, seed: int, split: str) -> list[dict]:
         raise ValueError(f"task={task!r}: unknown; choose from {TASKS}")
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: unknown; choose from {SPLITS}")
+    check_options(task, max_digits, ops)
     rng = random.Random(f"deepjax/{task}/{split}/{seed}")  # str seeds hash with SHA-512: stable across runs
     out, seen, tries = [], set(), 0
     while len(out) < n:
         tries += 1
         if tries > 100 * n + 10_000:
             raise ValueError(f"task={task!r}: could not draw {n} distinct {split} examples (question space too small)")
-        ex = GENERATORS[task](rng)
+        ex = GENERATORS[task](rng, max_digits=max_digits, ops=ops)
         if ex["question"] not in seen and _split_of(ex["question"]) == split:
             seen.add(ex["question"])
             out.append(ex)
     return out
 
 
-def sft_completion(example: dict) -> str:
-    """A short worked completion in R1 format: `<think>347 + 86 = 433</think> <answer>433</answer>`.
+def sft_completion(example: dict, freeform: bool = False) -> str:
+    """A short worked completion in R1 format: `<think>347 + 86 = 433</think> <answer>433</answer>`, or with
+    `freeform` the same reasoning with the answer in words and no tags: `<think>...</think> The answer is 433.`
+    (which the checkers do not accept: see data.freeform_share).
 
     Generated tasks show their computation; `math` examples (jsonl_math) put the solution text (without GSM8K's
     `#### N` line) in <think> and the final answer in <answer>.
@@ -161,6 +185,8 @@ def sft_completion(example: dict) -> str:
         think = re.sub(r"\n?####.*$", "", example.get("solution", ""), flags=re.DOTALL).strip()
     else:
         raise ValueError(f"task={task!r}: no SFT completion defined")
+    if freeform:
+        return f"<think>{think}</think> The answer is {answer}."
     return f"<think>{think}</think> <answer>{answer}</answer>"
 
 
@@ -304,6 +330,6 @@ def reward(example: dict, completion: str) -> dict[str, float]:
     return {"accuracy": float(verify(example, completion)), "format": float(format_ok(completion))}
 
 
-__all__ = ["TASKS", "generate", "sft_completion", "extract_answer", "final_answer_from_solution", "format_ok",
+__all__ = ["TASKS", "generate", "options_of", "check_options", "DEFAULT_OPTIONS", "sft_completion", "extract_answer", "final_answer_from_solution", "format_ok",
            "verify", "verify_countdown", "answers_match", "to_number", "reward", "as_example", "example_meta",
            "last_boxed"]

@@ -88,18 +88,21 @@ class ByteTokenizer:
                 ids.extend(piece.encode("utf-8"))
         return ids
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], errors: str = "strict") -> str:
+        """Text of `ids` (invalid UTF-8 becomes U+FFFD). An id outside the vocabulary raises, or with
+        errors="replace" becomes U+FFFD: a model's vocab_size is usually larger than the tokenizer's, and a
+        sampler can draw the spare ids (`sampled_text`)."""
         out, pending = [], bytearray()
         for i in ids:
             i = int(i)
             if 0 <= i < 256:
                 pending.append(i)
                 continue
-            if i not in self._special_text:
+            if i not in self._special_text and errors != "replace":
                 raise ValueError(f"token id {i} is outside the byte vocabulary (size {self.vocab_size})")
             out.append(pending.decode("utf-8", errors="replace"))
             pending = bytearray()
-            out.append(self._special_text[i])
+            out.append(self._special_text.get(i, "\ufffd"))
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
 
@@ -165,8 +168,22 @@ class HFTokenizer:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self._bos] + ids if add_bos else ids
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+    def decode(self, ids: Iterable[int], errors: str = "strict") -> str:
+        """Text of `ids`; with errors="replace" an id outside the vocabulary becomes U+FFFD (else it raises)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if not bad:
+            return self._tok.decode(ids, skip_special_tokens=False)
+        if errors != "replace":
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.path} (size {self.vocab_size})")
+        out, run = [], []
+        for i in ids:
+            if 0 <= i < self.vocab_size:
+                run.append(i)
+            else:
+                out += [self._tok.decode(run, skip_special_tokens=False), "\ufffd"]
+                run = []
+        return "".join(out) + self._tok.decode(run, skip_special_tokens=False)
 
     def __getstate__(self) -> dict:
         return {"path": self.path}

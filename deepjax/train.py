@@ -55,13 +55,13 @@ def peak_tflops(cfg: Config) -> Optional[float]:
     return next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), None)
 
 
-def _check_vocab(cfg: Config, tokenizer) -> None:
+def check_vocab(cfg: Config, tokenizer) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size} ids, data.tokenizer={cfg.data.tokenizer!r})")
 
 
-def _check_same_model(saved: dict, cfg: Config, where: str) -> None:
+def check_same_model(saved: dict, cfg: Config, where: str) -> None:
     now = to_dict(cfg)["model"]
     old = saved.get("model", {})
     diff = [k for k in sorted(set(now) | set(old)) if now.get(k) != old.get(k)]
@@ -71,14 +71,75 @@ def _check_same_model(saved: dict, cfg: Config, where: str) -> None:
                           f"model.{k}={old.get(k)!r} ({len(diff)} model field(s) differ: {diff}); use a new --workdir")
 
 
-def abstract_train_state(cfg: Config, mesh, rules):
+def abstract_train_state(cfg: Config, mesh, rules, total_steps: Optional[int] = None):
     """(graphdef, abstract params, optimizer, lr schedule, state shardings, abstract TrainState with shardings):
-    what restoring a checkpoint of `cfg` onto `mesh` needs, with nothing allocated."""
+    what restoring a checkpoint of `cfg` onto `mesh` needs, with nothing allocated. The schedule spans
+    `total_steps` optimizer updates (default train.steps); the state's structure does not depend on it."""
     graphdef, abstract_params = M.abstract_init(cfg.model)
-    optimizer, schedule = optim.make_optimizer(cfg.optim, TS.split_params(abstract_params)[0], cfg.train.steps)
+    optimizer, schedule = optim.make_optimizer(cfg.optim, TS.split_params(abstract_params)[0],
+                                               total_steps or cfg.train.steps)
     state = jax.eval_shape(lambda p: TS.init_state(p, optimizer, cfg.seed), abstract_params)
     shardings = S.state_shardings(state, mesh, rules)
     return graphdef, abstract_params, optimizer, schedule, shardings, S.abstract_with_shardings(state, shardings)
+
+
+def build_sources(cfg: Config, workdir: str) -> dict:
+    """{split: TFDS data source} of cfg.data, built under data.data_dir (default <workdir>/tfds) on first use:
+    process 0 builds while the others wait, then every process reads."""
+    from deepjax import datasets
+
+    data_dir = cfg.data.data_dir or os.path.join(workdir, "tfds")
+    multi = jax.process_count() > 1
+    if multi:
+        from jax.experimental import multihost_utils
+    if multi and jax.process_index() != 0:
+        multihost_utils.sync_global_devices("deepjax: dataset built")
+    sources = datasets.build(cfg.data, data_dir)
+    if multi and jax.process_index() == 0:
+        multihost_utils.sync_global_devices("deepjax: dataset built")
+    if cfg.data.split not in sources:
+        raise ConfigError(f"data.split={cfg.data.split!r}: the dataset has splits {sorted(sources)}")
+    return sources
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per step, flushed) and TensorBoard events (tensorboardX) of a run, on process 0."""
+
+    def __init__(self, workdir: str, log_every: int, enabled: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.log_every = log_every
+        self.file = self.writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self.file = open(self.path, "a")
+            self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, rec: dict, step: int, last: bool = False, prefix: str = "train") -> None:
+        if self.file:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        if self.writer and (step % self.log_every == 0 or last):
+            self.scalars(rec, step, prefix)
+
+    def scalars(self, rec: dict, step: int, prefix: str) -> None:
+        if not self.writer:
+            return
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            elif isinstance(v, list) and k.startswith("maxvio"):
+                for i, x in enumerate(v):
+                    self.writer.add_scalar(f"{k}/layer_{i}", x, step)
+        self.writer.flush()
+
+    def history(self) -> dict[int, dict]:
+        return _read_history(self.path)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.file:
+            self.file.close()
 
 
 class Run:
@@ -87,7 +148,7 @@ class Run:
     def __init__(self, cfg: Config, workdir: str):
         # The data stack (grain, tfds, tokenizers) is imported here, not at module level: the model, sampling and RL
         # code must import on machines without it.
-        from deepjax import datasets, pipeline
+        from deepjax import pipeline
         from deepjax.checkpoint import Checkpointer
         from deepjax.tokenizer import load_tokenizer
 
@@ -100,17 +161,8 @@ class Run:
         self.mesh = S.make_mesh(cfg.mesh)
         self.rules = S.rules_for(cfg.mesh.rules)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        _check_vocab(cfg, self.tokenizer)
-        data_dir = cfg.data.data_dir or os.path.join(self.workdir, "tfds")
-        if not self.is_main:  # process 0 builds, the others wait and read
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("deepjax: dataset built")
-        sources = datasets.build(cfg.data, data_dir)
-        if self.is_main and jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("deepjax: dataset built")
-        if cfg.data.split not in sources:
-            raise ConfigError(f"data.split={cfg.data.split!r}: the dataset has splits {sorted(sources)}")
+        check_vocab(cfg, self.tokenizer)
+        sources = build_sources(cfg, self.workdir)
         G = cfg.data.global_batch
         rows = D.process_rows(G, self.mesh, self.rules)
         self.local_batch = rows.stop - rows.start
@@ -138,7 +190,7 @@ class Run:
             try:
                 step, state, data_state, saved_cfg = self.checkpointer.restore(
                     self.abstract_state, fallback=cfg.train.fallback_on_damage)
-                _check_same_model(saved_cfg, cfg, self.checkpointer.step_dir(step))
+                check_same_model(saved_cfg, cfg, self.checkpointer.step_dir(step))
             except Exception:
                 self.checkpointer.close()  # no Orbax threads left behind to fail at exit
                 raise
@@ -176,7 +228,7 @@ class Run:
         return self.checkpointer.save(step, self.state, self.iterator.get_state(), to_dict(self.cfg), force=force)
 
 
-def _scalars(m: dict) -> dict:
+def scalars(m: dict) -> dict:
     out = {}
     for k, v in m.items():
         v = np.asarray(v)
@@ -196,6 +248,22 @@ def _read_history(path: str) -> dict[int, dict]:
                     continue
                 hist[r["step"]] = r
     return hist
+
+
+def check_streak(streak: int, step: int, max_nonfinite: int, checkpointer) -> None:
+    """Raises NonFiniteError once `streak` non-finite steps in a row reach train.max_nonfinite."""
+    if streak >= max_nonfinite:
+        raise NonFiniteError(
+            f"step {step}: the loss or gradient was not finite for {streak} steps in a row "
+            f"(train.max_nonfinite={max_nonfinite}); those steps were not applied. Last good checkpoint: "
+            f"{checkpointer.latest_step()}. Lower optim.lr or check the data.")
+
+
+def kill_if_asked(step: int, checkpointer) -> None:
+    """The KILL_ENV test hook: after `step`, wait for the checkpoints started so far, then SIGKILL this process."""
+    if step == int(os.environ.get(KILL_ENV, "-1")):
+        checkpointer.wait()  # metrics.jsonl is flushed line by line
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def plot_curves(history: dict[int, dict], path: str) -> None:
@@ -233,18 +301,13 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict:
     streak = int(jax.device_get(run.state.nonfinite_streak))
     if run.resumed_from is not None and run.is_main:
         print(f"resumed from {run.checkpointer.step_dir(run.resumed_from)} (step {start})", flush=True)
-    writer = None
-    metrics_path = os.path.join(run.workdir, "metrics.jsonl")
-    if run.is_main:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(os.path.join(run.workdir, "tb"))
+    log = MetricsLog(run.workdir, t.log_every, enabled=run.is_main)
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
     tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
     n_dev = jax.device_count()
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and run.is_main), dynamic_ncols=True,
                desc="train", unit="step")
     last = {}
-    out_f = open(metrics_path, "a") if run.is_main else None
     try:
         pending = None  # (step, metrics on device, data hash): fetched one step late, so the host
         t_prev = time.perf_counter()  # prepares batch s+1 while the device runs step s
@@ -252,33 +315,19 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict:
         def finish(p):
             nonlocal streak, last, t_prev
             s, m, data_hash = p
-            rec = _scalars(jax.device_get(m))
+            rec = scalars(jax.device_get(m))
             now = time.perf_counter()
             dt, t_prev = now - t_prev, now
             rec.update(step=s + 1, data=data_hash, step_time_s=dt, tokens_per_s=tokens_per_step / dt)
             if run.peak:
                 rec["mfu"] = run.flops_per_token * tokens_per_step / dt / (run.peak * 1e12 * n_dev)
             streak = 0 if rec["applied"] else streak + 1
-            if out_f:
-                out_f.write(json.dumps(rec) + "\n")
-                out_f.flush()
-            if writer and ((s + 1) % t.log_every == 0 or s + 1 == t.steps):
-                for k, v in rec.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        writer.add_scalar(f"train/{k}", v, s + 1)
-                    elif k in ("maxvio", "maxvio_mtp"):
-                        for i, x in enumerate(v):
-                            writer.add_scalar(f"{k}/layer_{i}", x, s + 1)
-                writer.flush()
+            log.write(rec, s + 1, last=s + 1 == t.steps)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                             maxvio=f"{float(np.mean(rec['maxvio'])):.2f}")
             last = rec
-            if streak >= t.max_nonfinite:
-                raise NonFiniteError(
-                    f"step {s + 1}: the loss or gradient was not finite for {streak} steps in a row "
-                    f"(train.max_nonfinite={t.max_nonfinite}); those steps were not applied. Last good checkpoint: "
-                    f"{run.checkpointer.latest_step()}. Lower optim.lr or check the data.")
+            check_streak(streak, s + 1, t.max_nonfinite, run.checkpointer)
 
         for s in range(start, t.steps):
             batch, data_hash = run.next_batch()
@@ -295,20 +344,17 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict:
                 if pending is not None:
                     finish(pending)
                     pending = None
-                run.checkpointer.wait()  # metrics.jsonl is flushed line by line
-                os.kill(os.getpid(), signal.SIGKILL)
+                kill_if_asked(done, run.checkpointer)
         if pending is not None:
             finish(pending)
     finally:
         bar.close()
         run.checkpointer.close()
-        if writer:
-            writer.close()
-        if out_f:
-            out_f.close()
+        log.close()
     if run.is_main and t.plot:
-        plot_curves(_read_history(metrics_path), os.path.join(run.workdir, "train_curves.png"))
+        plot_curves(log.history(), os.path.join(run.workdir, "train_curves.png"))
     return last
 
 
-__all__ = ["train", "Run", "abstract_train_state", "NonFiniteError", "plot_curves", "peak_tflops", "KILL_ENV"]
+__all__ = ["train", "Run", "check_same_model", "check_vocab", "scalars", "abstract_train_state", "build_sources", "MetricsLog", "NonFiniteError", "check_streak",
+           "kill_if_asked", "plot_curves", "peak_tflops", "KILL_ENV"]

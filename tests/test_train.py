@@ -454,4 +454,4 @@ def test_config_json_round_trips():
 def test_vocab_smaller_than_tokenizer_is_named():
     cfg = load_config("tiny", ["--config.model.vocab_size=100"])
     with pytest.raises(ConfigError, match=r"model.vocab_size=100.*263"):
-        T._check_vocab(cfg, TOK)
+        T.check_vocab(cfg, TOK)

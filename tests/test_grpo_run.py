@@ -1,0 +1,176 @@
+"""The GRPO loop (`deepjax grpo`): a run killed with SIGKILL and resumed equals the straight run bitwise (policy,
+optimizer, reference, prompt order, metrics); the MTP modules stay frozen; the sampler's log-probs equal the
+trainer's; `deepjax eval` reads a GRPO run; bad rl settings name the field; the task difficulty options."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepjax import checkpoint as C
+from deepjax import grpo_run, tasks
+from deepjax import sharding as S
+from deepjax import train as T
+from deepjax.config import ConfigError, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK = ["--config.data.template=plain", "--config.data.max_digits=1", "--config.data.ops=+-",
+        "--config.data.num_train=150", "--config.data.num_test=20"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny model after 40 SFT steps on one-digit arithmetic (it does not solve them yet; the language reward,
+    on in `_args`, varies within groups, so the advantages are not all zero)."""
+    root = tmp_path_factory.mktemp("grpo")
+    cfg = load_config("tiny", TASK + [f"--config.data.data_dir={root}/tfds", "--config.data.seq_len=96",
+                                      "--config.data.global_batch=8", "--config.train.steps=40",
+                                      "--config.optim.lr=3e-3", "--config.train.checkpoint_every=40",
+                                      "--config.train.plot=false"])
+    T.train(cfg, str(root / "base"), progress=False)
+    return root
+
+
+def _args(root, *extra):
+    return TASK + [f"--config.data.data_dir={root}/tfds", f"--config.rl.init_from={root}/base",
+                   "--config.rl.prompts_per_step=4", "--config.rl.group_size=4", "--config.rl.mu=2",
+                   "--config.rl.max_new_tokens=24", "--config.rl.beta=0.05", "--config.rl.reward_language=1.0",
+                   "--config.rl.ref_refresh_every=3",
+                   "--config.rl.eval_every=2", "--config.rl.eval_problems=4", "--config.rl.eval_k=2",
+                   "--config.optim.lr=1e-3", "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
+                   "--config.train.log_every=1", *extra]
+
+
+def _grpo_cli(workdir, args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "deepjax", "grpo", "tiny", "--workdir", str(workdir),
+                           "--no-progress", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _restore(workdir, cfg):
+    mesh, rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
+    *_, abstract = T.abstract_train_state(cfg, mesh, rules)
+    ref = nnx.merge_state(abstract.params, abstract.router_bias)
+    ck = C.Checkpointer(os.path.join(workdir, "checkpoints"), extra_items=("ref",))
+    try:
+        return ck.restore(abstract, extra={"ref": ref})
+    finally:
+        ck.close()
+
+
+def test_grpo_killed_and_resumed_equals_the_straight_run(base):
+    N = 5
+    args = _args(base, f"--config.rl.steps={N}", "--config.train.checkpoint_every=2")
+    straight = _grpo_cli(base / "straight", args)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "held-out (4 problems, k=2): pass@1" in straight.stdout
+    killed = _grpo_cli(base / "resumed", args, {T.KILL_ENV: "3"})
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL, not a clean stop
+    assert sorted(os.listdir(base / "resumed" / "checkpoints")) == ["2"]
+    resumed = _grpo_cli(base / "resumed", args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(GRPO step 2)" in resumed.stdout
+
+    cfg = load_config("tiny", args)
+    finals = [_restore(base / d, cfg) for d in ("straight", "resumed")]
+    (st1, s1, d1, _, e1), (st2, s2, d2, _, e2) = finals
+    assert st1 == st2 == N and d1 == d2
+    leaves1, leaves2 = jax.tree.leaves((s1, e1)), jax.tree.leaves((s2, e2))
+    assert len(leaves1) == len(leaves2) > 10
+    for a, b in zip(leaves1, leaves2):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(s1.step) == N * 2  # mu = 2 optimizer updates per GRPO step
+
+    # the same rollouts and rewards at every step, and the same evaluations
+    h1, h2 = (T._read_history(base / d / "metrics.jsonl") for d in ("straight", "resumed"))
+    assert sorted(h1) == sorted(h2) == list(range(1, N + 1))
+    for s in h1:
+        for k in ("reward", "accuracy", "format", "response_length", "loss", "kl", "example"):
+            assert h1[s][k] == h2[s][k], (s, k)
+    assert [h1[s].get("eval_pass@1") for s in h1] == [h2[s].get("eval_pass@1") for s in h1]
+    assert [s for s in h1 if "eval_pass@1" in h1[s]] == [2, 4, 5]
+
+    # learning happened: rewards varied within groups, the policy moved, its KL to the reference is positive,
+    # and the sampler's log-probs of its own tokens equal the trainer's (first update, same params)
+    assert any(h1[s]["adv_abs"] > 0 for s in h1)
+    assert max(h1[s]["kl"] for s in h1) > 0
+    assert max(h1[s]["sampler_trainer_logp_gap_max"] for s in h1) < 1e-4
+    base_state = _base_state(base, cfg)
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+             zip(jax.tree.leaves(s1.params), jax.tree.leaves(base_state.params))]
+    assert max(moved) > 0
+    # the MTP modules are frozen (no gradient, and no weight decay either)
+    for a, b in zip(jax.tree.leaves(s1.params["mtp"]), jax.tree.leaves(base_state.params["mtp"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the reference was refreshed at step 3 (rl.ref_refresh_every=3): it is neither the base nor the policy
+    ref = jax.tree.leaves(e1["ref"])
+    base_merged = jax.tree.leaves(nnx.merge_state(base_state.params, base_state.router_bias))
+    policy = jax.tree.leaves(nnx.merge_state(s1.params, s1.router_bias))
+    assert len(ref) == len(base_merged) == len(policy)
+    assert any((np.asarray(r) != np.asarray(b)).any() for r, b in zip(ref, base_merged))
+    assert any((np.asarray(r) != np.asarray(p)).any() for r, p in zip(ref, policy))
+
+    # the run directory, and `deepjax eval` on it (it reads the policy, not the reference)
+    d = base / "resumed"
+    for f in ("config.json", "grpo_curves.png", "eval.jsonl"):
+        assert os.path.getsize(d / f) > 0
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(d / "tb"))
+    from deepjax import run_eval
+    res = run_eval.run(str(d), k=2, problems=4, max_new_tokens=24, batch=8, progress=False)
+    assert res["step"] == N and len(res["problems"]) == 4
+
+
+def _base_state(root, cfg):
+    mesh, rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
+    *_, abstract = T.abstract_train_state(cfg, mesh, rules)
+    ck = C.Checkpointer(os.path.join(root, "base", "checkpoints"))
+    try:
+        return ck.restore(abstract)[1]
+    finally:
+        ck.close()
+
+
+def test_freeze_keeps_mtp_leaves():
+    new = {"mtp": {"w": np.ones(2)}, "head": {"w": np.ones(2)}}
+    old = {"mtp": {"w": np.zeros(2)}, "head": {"w": np.zeros(2)}}
+    out = grpo_run.freeze(new, old)
+    assert (out["mtp"]["w"] == 0).all() and (out["head"]["w"] == 1).all()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("rl.group_size", "1", "rl.group_size=1"), ("rl.top_p", "0", "rl.top_p=0"),
+    ("rl.aggregation", "mean", "rl.aggregation='mean'"), ("rl.eps_low", "1.5", "rl.eps_low=1.5"),
+    ("rl.beta", "-1", "rl.beta=-1"), ("rl.steps", "0", "rl.steps=0"),
+    ("data.max_digits", "12", "data.max_digits=12"), ("data.ops", "+/", "data.ops='\\+/'"),
+])
+def test_bad_rl_and_task_settings_name_the_field(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", [f"--config.{field}={value}"])
+
+
+def test_grpo_needs_a_verifiable_task(tmp_path):
+    cfg = load_config("tiny", ["--config.data.source=text", f"--config.data.path={tmp_path}/x.txt"])
+    with pytest.raises(ConfigError, match="data.source='text'"):
+        grpo_run.GRPORun(cfg, str(tmp_path / "run"))
+
+
+def test_task_difficulty_options():
+    default = tasks.generate("arithmetic", 30, 0, "train")
+    assert default == tasks.generate("arithmetic", 30, 0, "train", max_digits=4, ops="+-*")
+    assert default[0]["question"] == "Compute 3 + 415"  # the original task, draw for draw
+    easy = tasks.generate("arithmetic", 100, 0, "train", max_digits=1, ops="+-")
+    for ex in easy:
+        a, op, b = tasks.example_meta(ex)["expression"].split()
+        assert op in "+-" and 0 <= int(a) <= 9 and 0 <= int(b) <= 9
+        assert tasks.verify(ex, f"<think>x</think> <answer>{ex['answer']}</answer>")
+    mul = tasks.generate("arithmetic", 20, 0, "test", max_digits=2, ops="*")
+    assert all(int(tasks.example_meta(e)["expression"].split()[0]) <= 99 for e in mul)
+    with pytest.raises(ValueError, match="question space too small"):
+        tasks.generate("arithmetic", 300, 0, "train", max_digits=1, ops="+-")
