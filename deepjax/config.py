@@ -274,8 +274,8 @@ RL_ADVANTAGE_NORMS = ("std", "mean")
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
     """GRPO (`deepjax grpo`, deepjax/grpo_run.py; DEEPSEEK.md sections 6-7). Prompts come from data.source's train
-    split; the optimizer is `optim` (its schedule over rl.steps x rl.mu updates); checkpoints, logging and the
-    non-finite guard follow `train` (checkpoint_every counts GRPO steps)."""
+    split; the optimizer is `optim` with rl.lr as its peak when set (its schedule over rl.steps x rl.mu updates);
+    checkpoints, logging and the non-finite guard follow `train` (checkpoint_every counts GRPO steps)."""
 
     init_from: Optional[str] = None  # run directory (train or grpo) whose checkpoint is the initial policy; None: init
     init_step: Optional[int] = None  # its checkpoint step; None: the newest
@@ -303,6 +303,7 @@ class RLConfig:
     eval_temperature: float = 0.6  # as R1's evaluation
     eval_top_p: float = 0.95
     bias_update_speed: float = 0.0  # gamma of the aux-loss-free bias rule on rollout loads; 0: biases frozen
+    lr: Optional[float] = None  # GRPO's peak learning rate; None: optim.lr (the rest of `optim` applies as is)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -585,6 +586,8 @@ def validate_run(cfg: Config) -> None:
         bad("rl", "eps_low", "must be in (0, 1)")
     if r.eps_high is not None and not r.eps_high > 0:
         bad("rl", "eps_high", "must be positive, or None (= eps_low)")
+    if r.lr is not None and not r.lr > 0:
+        bad("rl", "lr", "must be positive, or None (= optim.lr)")
     if not r.max_log_ratio > 0:
         bad("rl", "max_log_ratio", "must be positive")
     if r.aggregation not in RL_AGGREGATIONS:

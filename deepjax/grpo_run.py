@@ -36,6 +36,7 @@ bitwise equal to one that never stopped (tests/test_grpo_run.py kills one with S
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -144,8 +145,9 @@ class GRPORun:
         self._prompts = lambda state=None: pipeline.prompt_iterator(cfg.data, source, state)
 
         n_updates = r.steps * r.mu
+        opt_cfg = cfg if r.lr is None else dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=r.lr))
         (self.graphdef, _, self.optimizer, self.schedule, self.state_shardings,
-         self.abstract_state) = T.abstract_train_state(cfg, self.mesh, self.rules, total_steps=n_updates)
+         self.abstract_state) = T.abstract_train_state(opt_cfg, self.mesh, self.rules, total_steps=n_updates)
         abstract_params = nnx.merge_state(self.abstract_state.params, self.abstract_state.router_bias)
         self.ref_needed = r.beta > 0
         extra = ("ref",) if self.ref_needed else ()

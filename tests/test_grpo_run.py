@@ -174,3 +174,24 @@ def test_task_difficulty_options():
     assert all(int(tasks.example_meta(e)["expression"].split()[0]) <= 99 for e in mul)
     with pytest.raises(ValueError, match="question space too small"):
         tasks.generate("arithmetic", 300, 0, "train", max_digits=1, ops="+-")
+
+
+def test_r1zero_job_runs_every_stage(tmp_path, capsys):
+    """`deepjax r1zero` end to end at a toy budget (the real one is in docs/LOG.md): base, eval, GRPO, eval,
+    the before/after table and the files. The rise it reports is measured in LOG, not asserted here."""
+    from deepjax import cli
+    args = ["r1zero", "--workdir", str(tmp_path), "--k", "2", "--no-progress", "--seed", "3",
+            "--config.train.steps=6", "--config.rl.steps=2", "--config.rl.eval_every=1", "--config.rl.eval_problems=3",
+            "--config.rl.prompts_per_step=2", "--config.rl.group_size=2", "--config.rl.max_new_tokens=16",
+            "--config.data.global_batch=8", "--config.data.seq_len=96"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "[4/4] evaluating the GRPO policy" in out and "samples with a checkable answer" in out
+    summary = json.load(open(tmp_path / "r1zero.json"))
+    assert summary["seed"] == 3 and summary["before"]["n_problems"] == summary["after"]["n_problems"] == 3
+    assert summary["pass@1_change_points"] == pytest.approx(
+        100 * (summary["after"]["pass@1"] - summary["before"]["pass@1"]))
+    for f in ("r1zero.png", "base/train_curves.png", "grpo/grpo_curves.png", "grpo/eval.jsonl"):
+        assert os.path.getsize(tmp_path / f) > 0, f
+    cfg = json.load(open(tmp_path / "grpo" / "config.json"))
+    assert cfg["seed"] == cfg["data"]["seed"] == 3 and cfg["rl"]["init_from"] == str(tmp_path / "base")
