@@ -152,6 +152,15 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _job(sub, name: str, help: str, description: str, epilog: str, config: str, workdir: str):
+    """A subcommand that runs a job in a work directory: CONFIG, --workdir, --no-progress."""
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog)
+    p.add_argument("config", nargs="?", default=config, help=f"configs/NAME.py file or preset name (default: {config})")
+    p.add_argument("--workdir", default=None, help=f"run directory (default: {workdir})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="deepjax", description="DeepSeek-V3/R1 in JAX.",
@@ -165,41 +174,28 @@ def parser() -> argparse.ArgumentParser:
                    help="configs/NAME.py file or preset name (default: tiny)")
     p.add_argument("--batch", type=_positive_int, default=2, help="rows of the random batch (default 2)")
     p.add_argument("--length", type=_positive_int, default=32, help="tokens per row (default 32)")
-    p = sub.add_parser("train", help="train (or resume) a model: data, optimizer, checkpoints, logs",
-                       description="Trains CONFIG for train.steps optimizer steps in --workdir: builds the dataset "
-                                   "(TFDS), runs the jitted train step, writes checkpoints, metrics.jsonl, "
-                                   "TensorBoard events and train_curves.png. Rerun the same command to resume from "
-                                   "the newest checkpoint.",
-                       epilog="Any config field: --config.SECTION.FIELD=VALUE (sections: model, data, optim, train, "
-                              "mesh), e.g. --config.train.steps=400 --config.optim.lr=3e-3.")
-    p.add_argument("config", nargs="?", default="tiny", help="configs/NAME.py file or preset name (default: tiny)")
-    p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p = sub.add_parser("grpo", help="GRPO with rule-based rewards (R1-Zero): rollouts, rewards, policy updates",
-                       description="Runs rl.steps GRPO steps in --workdir: rl.prompts_per_step prompts of "
-                                   "data.source's train split, rl.group_size sampled completions each, accuracy + "
-                                   "format rewards, group advantages, rl.mu policy updates; held-out pass@1 every "
-                                   "rl.eval_every steps; checkpoints, metrics.jsonl, eval.jsonl, TensorBoard events "
-                                   "and grpo_curves.png. Rerun the same command to resume.",
-                       epilog="Start from a trained run with --config.rl.init_from=DIR (its model config must "
-                              "match). Any config field: --config.SECTION.FIELD=VALUE (sections: rl, model, data, "
-                              "optim, train, mesh), e.g. --config.rl.beta=0 --config.rl.group_size=16.")
-    p.add_argument("config", nargs="?", default="tiny", help="configs/NAME.py file or preset name (default: tiny)")
-    p.add_argument("--workdir", default=None, help="run directory (default: runs/<config name>_grpo)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p = sub.add_parser("r1zero", help="the R1-Zero story on a CPU: weak base, eval, GRPO, eval again",
-                       description="Builds the task data, pretrains the tiny MoE-MLA to a weak base, evaluates "
-                                   "held-out pass@1, runs GRPO with rule-based rewards, evaluates again and prints "
-                                   "before/after; writes r1zero.json and r1zero.png (plus each stage's own run "
-                                   "directory: base/, grpo/). About ten minutes on 2 CPU cores.",
-                       epilog="Any config field: --config.SECTION.FIELD=VALUE, e.g. --config.rl.steps=120 "
-                              "--config.train.steps=600.")
-    p.add_argument("config", nargs="?", default="r1zero",
-                   help="configs/NAME.py file or preset name (default: r1zero)")
-    p.add_argument("--workdir", default=None, help="run directory (default: runs/r1zero, or runs/r1zero_s<SEED>)")
+    _job(sub, "train", "train (or resume) a model: data, optimizer, checkpoints, logs",
+         "Trains CONFIG for train.steps optimizer steps in --workdir: builds the dataset (TFDS), runs the jitted "
+         "train step, writes checkpoints, metrics.jsonl, TensorBoard events and train_curves.png. Rerun the same "
+         "command to resume from the newest checkpoint.",
+         "Any config field: --config.SECTION.FIELD=VALUE (sections: model, data, optim, train, mesh), e.g. "
+         "--config.train.steps=400 --config.optim.lr=3e-3.", "tiny", "runs/<config name>")
+    _job(sub, "grpo", "GRPO with rule-based rewards (R1-Zero): rollouts, rewards, policy updates",
+         "Runs rl.steps GRPO steps in --workdir: rl.prompts_per_step prompts of data.source's train split, "
+         "rl.group_size sampled completions each, accuracy + format rewards, group advantages, rl.mu policy "
+         "updates; held-out pass@1 every rl.eval_every steps; checkpoints, metrics.jsonl, eval.jsonl, TensorBoard "
+         "events and grpo_curves.png. Rerun the same command to resume.",
+         "Start from a trained run with --config.rl.init_from=DIR (its model config must match). Any config field: "
+         "--config.SECTION.FIELD=VALUE (sections: rl, model, data, optim, train, mesh), e.g. --config.rl.beta=0 "
+         "--config.rl.group_size=16.", "tiny", "runs/<config name>_grpo")
+    p = _job(sub, "r1zero", "the R1-Zero story on a CPU: weak base, eval, GRPO, eval again",
+             "Builds the task data, pretrains the tiny MoE-MLA to a weak base, evaluates held-out pass@1, runs GRPO "
+             "with rule-based rewards, evaluates again and prints before/after; writes r1zero.json and r1zero.png "
+             "(plus each stage's own run directory: base/, grpo/). About ten minutes on 2 CPU cores.",
+             "Any config field: --config.SECTION.FIELD=VALUE, e.g. --config.rl.steps=120 --config.train.steps=600.",
+             "r1zero", "runs/r1zero, or runs/r1zero_s<SEED>")
     p.add_argument("--seed", type=int, default=0, help="init, data order and sampling seed (default 0)")
     p.add_argument("--k", type=_positive_int, default=16, help="samples per held-out problem (default 16)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = sub.add_parser("eval", help="pass@1 / pass@k / cons@k of a trained run on held-out problems",
                        description="Samples --k answers per held-out problem of the run's task from the newest "
                                    "checkpoint in WORKDIR and reports pass@1 (from the k samples), pass@k (unbiased) "

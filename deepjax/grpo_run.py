@@ -246,14 +246,15 @@ class GRPORun:
                 out.append(m)
         return [T.scalars(jax.device_get(m)) for m in out]
 
-    def evaluate(self, n_problems: int, k: int, seed: int = 0) -> dict:
+    def evaluate(self, n_problems: int, k: int) -> dict:
         from deepjax import evaluation, run_eval
 
         r = self.cfg.rl
         examples = run_eval.held_out(self.cfg, n_problems)
         sc = SP.SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.eval_temperature, top_p=r.eval_top_p)
         comps = run_eval.sample_completions(self.cfg, self.graphdef, self.policy_params(), self.mesh, self.rules,
-                                            examples, k, sc, seed=seed, batch=max(64, self.rows), progress=False)
+                                            examples, k, sc, seed=self.cfg.seed, batch=max(64, self.rows),
+                                            progress=False)
         return evaluation.summarize(examples, comps)
 
     def save(self, step: int, force: bool = False) -> bool:

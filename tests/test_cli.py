@@ -78,4 +78,8 @@ def test_ci_runs_the_readme_test_command():
     with open(os.path.join(REPO, ".ci", "run")) as f:
         commands = [line for line in f.read().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
     assert commands == [blocks[1]]
+    # the first block installs and runs the main job, the R1-Zero story, on its built-in default
+    assert blocks[0].endswith("pip install -e . && deepjax r1zero")
+    from deepjax import cli
+    assert cli.parser().parse_args(["r1zero"]).config == "r1zero"
     assert os.access(os.path.join(REPO, ".ci", "run"), os.X_OK)
