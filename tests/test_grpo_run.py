@@ -182,7 +182,7 @@ def test_r1zero_job_runs_every_stage(tmp_path, capsys):
     from deepjax import cli
     args = ["r1zero", "--workdir", str(tmp_path), "--k", "2", "--no-progress", "--seed", "3",
             "--config.train.steps=6", "--config.rl.steps=2", "--config.rl.eval_every=1", "--config.rl.eval_problems=3",
-            "--config.rl.prompts_per_step=2", "--config.rl.group_size=2", "--config.rl.max_new_tokens=16",
+            "--config.rl.prompts_per_step=4", "--config.rl.group_size=2", "--config.rl.max_new_tokens=16",
             "--config.data.global_batch=8", "--config.data.seq_len=96"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
