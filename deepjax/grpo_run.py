@@ -96,24 +96,16 @@ def make_step(graphdef, cfg: Config, optimizer, schedule):
 
 
 def restore_policy(run_dir: str, step: Optional[int], cfg: Config, mesh, rules):
-    """(step, params State with router biases) of the checkpoint of another run directory, placed on `mesh` with
-    `cfg`'s model (which must be the run's model)."""
-    from deepjax.checkpoint import Checkpointer
-    from deepjax.config import from_dict
+    """(step, params State with router biases) of the checkpoint of another run directory, placed on `mesh`;
+    its model must be `cfg`'s."""
+    from deepjax import run_eval
 
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"rl.init_from={run_dir!r}: not a deepjax run directory (no config.json)")
-    with open(path) as f:
-        src = from_dict(json.load(f))
-    T.check_same_model(to_dict(src), cfg, run_dir)
-    *_, abstract = T.abstract_train_state(src, mesh, rules)
-    ck = Checkpointer(os.path.join(run_dir, "checkpoints"))
     try:
-        step, state, _, _ = ck.restore(abstract, step=step)
-    finally:
-        ck.close()
-    return step, nnx.merge_state(state.params, state.router_bias)
+        src, step, _, params, _, _ = run_eval.load_run(run_dir, step, mesh, rules)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"rl.init_from={run_dir!r}: {e}") from None
+    T.check_same_model(to_dict(src), cfg, run_dir)
+    return step, params
 
 
 class GRPORun:
@@ -137,7 +129,7 @@ class GRPORun:
         T.check_vocab(cfg, self.tokenizer)
         self.template = TEMPLATES[cfg.data.template]
         self.rows = r.prompts_per_step * r.group_size
-        n_shards = self.mesh.size // S.batch_spec(self.mesh, self.rules, ndim=1).shard_shape((self.mesh.size,))[0]
+        n_shards = S.batch_shards(self.mesh, self.rules)
         if self.rows % n_shards:
             raise ConfigError(f"rl.prompts_per_step x rl.group_size = {self.rows} rollouts do not split evenly over "
                               f"the {n_shards} batch shards of the mesh")
@@ -166,8 +158,7 @@ class GRPORun:
             self.state = jax.jit(lambda p: TS.init_state(p, self.optimizer, cfg.seed),
                                  out_shardings=self.state_shardings)(params)
             if self.ref_needed:
-                self.ref = self.policy_params()  # a copy: the state is donated, the reference is not
-                self.ref = jax.tree.map(jnp.copy, self.ref)
+                self.ref = self.policy_copy()
             self.prompts = self._prompts()
         else:
             want = {"ref": abstract_params} if self.ref_needed else {}
@@ -196,6 +187,10 @@ class GRPORun:
     # ------------------------------------------------------------------------------------------------- pieces
     def policy_params(self):
         return nnx.merge_state(self.state.params, self.state.router_bias)
+
+    def policy_copy(self):
+        """The policy's params in new buffers (the state is donated to the update; a reference must outlive it)."""
+        return jax.tree.map(jnp.copy, self.policy_params())
 
     def _global(self, x: np.ndarray) -> jax.Array:
         rows = D.process_rows(x.shape[0], self.mesh, self.rules)
@@ -291,7 +286,8 @@ def plot_grpo(history: dict[int, dict], evals: list[dict], path: str) -> None:
     steps = sorted(history)
     if not steps:
         return
-    get = lambda k: np.array([history[s].get(k, np.nan) or np.nan for s in steps], dtype=float)  # noqa: E731
+    get = lambda k: np.array([np.nan if history[s].get(k) is None else history[s][k] for s in steps],  # noqa: E731
+                             dtype=float)
     panels = [("reward", "reward (mean over rollouts)"), ("accuracy", "accuracy reward (rollouts)"),
               ("response_length", "response length (tokens)"), ("kl", "KL to reference (k3)"),
               ("clip_frac", "clip fraction"), ("entropy", "entropy (nats/token)")]
@@ -313,18 +309,6 @@ def plot_grpo(history: dict[int, dict], evals: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    out = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill
-                    pass
-    return out
-
-
 def eval_record(step: int, result: dict, k: int) -> dict:
     row = next(r for r in result["table"] if r["k"] == k)
     return {"step": step, "k": k, "pass@1": row["pass@1"], "pass@k": row["pass@k"], "cons@k": row["cons@k"],
@@ -344,7 +328,7 @@ def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
     streak = int(jax.device_get(run.state.nonfinite_streak))
     log = T.MetricsLog(run.workdir, t.log_every, enabled=run.is_main)
     eval_path = os.path.join(run.workdir, "eval.jsonl")
-    evals = [e for e in _read_jsonl(eval_path) if e["step"] <= start]
+    evals = [e for e in T.read_jsonl(eval_path) if e["step"] <= start]
     bar = tqdm(total=r.steps, initial=start, disable=not (progress and run.is_main), dynamic_ncols=True,
                desc="grpo", unit="step")
     last: dict = {}
@@ -359,7 +343,7 @@ def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
             t1 = time.perf_counter()
             updates = run.update(run.batch(ro, adv))
             if run.ref_needed and r.ref_refresh_every and done % r.ref_refresh_every == 0:
-                run.ref = jax.tree.map(jnp.copy, run.policy_params())
+                run.ref = run.policy_copy()
             rec = step_record(done, examples, texts, ro, scores, adv, updates, r.group_size)
             rec.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1)
             streak = 0 if rec["applied"] else streak + 1

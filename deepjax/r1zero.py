@@ -80,10 +80,10 @@ def plot(before: dict, after: dict, grpo_dir: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deepjax import grpo_run, train as T
+    from deepjax import train as T
 
-    hist = T.MetricsLog(grpo_dir, 1, enabled=False).history()
-    evals = grpo_run._read_jsonl(os.path.join(grpo_dir, "eval.jsonl"))
+    hist = T.read_history(os.path.join(grpo_dir, "metrics.jsonl"))
+    evals = T.read_jsonl(os.path.join(grpo_dir, "eval.jsonl"))
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
     keys = ["pass@1", "cons@k", "pass@k", "answered", "accuracy_when_answered"]
     labels = ["pass@1", f"cons@{before['k']}", f"pass@{before['k']}", "checkable\nanswer", "accuracy of\nthose"]

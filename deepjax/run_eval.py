@@ -30,17 +30,19 @@ from deepjax.config import Config, ConfigError, from_dict
 EVAL_TASKS = tasks.TASKS  # sources with a generated held-out split
 
 
-def load_run(workdir: str, step: Optional[int] = None):
-    """(config, step, graphdef, params (router biases included, in the run's shardings), mesh, rules) of a run."""
+def load_run(workdir: str, step: Optional[int] = None, mesh=None, rules=None):
+    """(config, step, graphdef, params (router biases included), mesh, rules) of a `deepjax train` or `grpo` run,
+    placed on the run's own mesh, or on `mesh` / `rules` when given."""
     from deepjax import train as T
     from deepjax.checkpoint import Checkpointer
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: not a `deepjax train` run directory (no config.json)")
+        raise FileNotFoundError(f"{path}: not a deepjax run directory (no config.json)")
     with open(path) as f:
         cfg = from_dict(json.load(f))
-    mesh, rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
+    if mesh is None:
+        mesh, rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
     graphdef, *_, abstract = T.abstract_train_state(cfg, mesh, rules)
     ck = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
@@ -68,7 +70,7 @@ def sample_completions(cfg: Config, graphdef, params, mesh, rules, examples: lis
     sc = SP.SamplingConfig(**{**sc.__dict__, "eos_ids": (tok.eos_id,), "pad_id": tok.pad_id})
     prompts = [tok.encode(TEMPLATES[cfg.data.template](ex["question"]), add_bos=True) for ex in examples]
     rows = [p for p in prompts for _ in range(k)]  # problem i -> rows i*k ... i*k + k-1
-    shards = mesh.size // S.batch_spec(mesh, rules, ndim=1).shard_shape((mesh.size,))[0]  # slices of the batch
+    shards = S.batch_shards(mesh, rules)
     batch = max(shards, batch // shards * shards)  # rows split evenly over the batch axes
     P_max = max(len(p) for p in prompts)
     texts: list[str] = []

@@ -253,6 +253,11 @@ def batch_spec(mesh: Mesh, rules: dict, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
 
 
+def batch_shards(mesh: Mesh, rules: dict) -> int:
+    """How many slices the batch axis is split into (a batch's row count must be a multiple of it)."""
+    return mesh.size // batch_spec(mesh, rules, ndim=1).shard_shape((mesh.size,))[0]
+
+
 def spec_table(params, rules: dict) -> dict[str, list]:
     """param path -> PartitionSpec as a JSON list (mesh-independent), for golden dumps and docs."""
     specs = param_specs(params, rules)
@@ -260,6 +265,6 @@ def spec_table(params, rules: dict) -> dict[str, list]:
             for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))}
 
 
-__all__ = ["MeshConfig", "make_mesh", "rules_for", "RULE_PRESETS", "param_shardings", "init_sharded", "state_shardings",
+__all__ = ["MeshConfig", "make_mesh", "batch_shards", "rules_for", "RULE_PRESETS", "param_shardings", "init_sharded", "state_shardings",
            "abstract_with_shardings",
            "use_mesh", "constrain", "batch_spec", "spec_table", "logical_to_spec"]

@@ -133,7 +133,7 @@ class MetricsLog:
         self.writer.flush()
 
     def history(self) -> dict[int, dict]:
-        return _read_history(self.path)
+        return read_history(self.path)
 
     def close(self) -> None:
         if self.writer:
@@ -236,18 +236,22 @@ def scalars(m: dict) -> dict:
     return out
 
 
-def _read_history(path: str) -> dict[int, dict]:
-    """step -> record from metrics.jsonl (a step redone after a resume keeps its last record)."""
-    hist = {}
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines log (none if it does not exist), skipping a last line cut by a kill."""
+    out = []
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
                     continue
-                hist[r["step"]] = r
-    return hist
+    return out
+
+
+def read_history(path: str) -> dict[int, dict]:
+    """step -> record from metrics.jsonl (a step redone after a resume keeps its last record)."""
+    return {r["step"]: r for r in read_jsonl(path)}
 
 
 def check_streak(streak: int, step: int, max_nonfinite: int, checkpointer) -> None:
@@ -356,5 +360,5 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict:
     return last
 
 
-__all__ = ["train", "Run", "check_same_model", "check_vocab", "scalars", "abstract_train_state", "build_sources", "MetricsLog", "NonFiniteError", "check_streak",
+__all__ = ["train", "Run", "read_jsonl", "read_history", "check_same_model", "check_vocab", "scalars", "abstract_train_state", "build_sources", "MetricsLog", "NonFiniteError", "check_streak",
            "kill_if_asked", "plot_curves", "peak_tflops", "KILL_ENV"]

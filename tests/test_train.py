@@ -334,7 +334,7 @@ def _train_cli(workdir, args, env_extra=None):
 
 
 def _history(workdir):
-    return T._read_history(os.path.join(workdir, "metrics.jsonl"))
+    return T.read_history(os.path.join(workdir, "metrics.jsonl"))
 
 
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
