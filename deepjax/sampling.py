@@ -11,14 +11,17 @@ attention over the prompts and fills the cache; then a `lax.while_loop` decodes 
 row b writing its i-th new token at position lengths[b] + i, until every row has stopped or N tokens are out.
 
 The cache (`Cache`) holds, per layer and token, only what DeepSeek's inference code keeps in its "absorb" mode:
-the normalized KV latent c (C values) and the rotated shared rope key (R values); C + R = 576 at V3 shape.
-Decoding in absorbed form never expands keys or values per head:
+the normalized KV latent c (C values) and the rotated shared rope key (R values), as one row [c ; k_pe] of
+C + R = 576 values at V3 shape. Decoding in absorbed form never expands keys or values per head:
 
     q_c   = q_nope . W_uk                  [B, N_h, C]   (W_uk = wkv_b[:, :, :H]: the key up-projection
-    score = (q_c . c_s + q_pe . k_pe_s) * softmax_scale           folded into the query)
+    score = [q_c ; q_pe] . [c_s ; k_pe_s] * softmax_scale         folded into the query)
     o_c   = sum_s softmax(score)_s c_s      [B, N_h, C]
     out   = (o_c . W_uv) . W_o             (W_uv = wkv_b[:, :, H:]: the value up-projection folded into the output)
 
+On one device the decode loop runs each layer with weights fused once per call (`deepjax.decode_fused`: W_uk
+absorbed into the query weights, concatenated projections, shared experts appended to the routed ones, routing
+without sorts); under a mesh, or with `SamplingConfig.fused=False`, it runs the model's own modules.
 `SamplingConfig.attention="naive"` expands k and v from the cached latents instead (the check path).
 
 Log-probabilities. `logprobs[b, i]` is the log-probability of the sampled token under softmax(logits /
@@ -39,9 +42,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepjax import decode_fused as DF
 from deepjax import sharding
 from deepjax.config import ModelConfig
 from deepjax.model import ACT_AXES, Transformer, default_experts_fn
+from deepjax.mla import attention as mla_attention
 from deepjax.moe import MoE, route, routed_experts_blocked, routed_experts_dropless
 from deepjax.nn import dtype_of
 from deepjax.rope import rope_tables
@@ -58,6 +63,7 @@ class SamplingConfig:
     attention: str = "absorbed"  # absorbed | naive (expanded k/v from the cached latents; for checking)
     cache_len: Optional[int] = None  # cache positions; None: prompt length + max_new_tokens
     unstack_layers: bool = True  # per-layer weight copies for the decode loop (faster on GPU; see unstack_layers)
+    fused: bool = True  # one device, absorbed: decode with fused per-layer weights (deepjax.decode_fused)
     mtp_draft: bool = False  # greedy only: the MTP module drafts one extra token per step, the main model checks it
 
 
@@ -87,30 +93,25 @@ def validate(sc: SamplingConfig, prompt_len: int) -> int:
 
 
 class Cache(NamedTuple):
-    """Per stack (dense, MoE), one array per layer: c [B, S, C] (normalized latent), k_pe [B, S, R] (rotated).
+    """Per stack (dense, MoE), one array per layer: rows [B, S, C + R] = [normalized latent c ; rotated k_pe].
     Separate buffers per layer, not one stacked [L, ...] array: the decode loop updates each in place, where
     reading a layer out of a stacked cache copies it at every step on GPU."""
-    dense_c: tuple
-    dense_k_pe: tuple
-    moe_c: tuple
-    moe_k_pe: tuple
+    dense: tuple
+    moe: tuple
 
 
 CACHE_AXES = ("batch", "length", None)
 
 
 def _layer_cache(cfg: ModelConfig, batch: int, length: int):
-    """One layer's (c [B, S, C], k_pe [B, S, R]) buffers, zeroed, sharded over the batch axes."""
-    dt = dtype_of(cfg.dtype)
-    return tuple(sharding.constrain(jnp.zeros((batch, length, d), dt), CACHE_AXES)
-                 for d in (cfg.kv_lora_rank, cfg.qk_rope_head_dim))
+    """One layer's cache rows [B, S, C + R], zeroed, sharded over the batch axes."""
+    shape = (batch, length, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return sharding.constrain(jnp.zeros(shape, dtype_of(cfg.dtype)), CACHE_AXES)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
-    dense = [_layer_cache(cfg, batch, length) for _ in range(cfg.n_dense_layers)]
-    moe = [_layer_cache(cfg, batch, length) for _ in range(cfg.n_moe_layers)]
-    return Cache(tuple(c for c, _ in dense), tuple(k for _, k in dense), tuple(c for c, _ in moe),
-                 tuple(k for _, k in moe))
+    return Cache(tuple(_layer_cache(cfg, batch, length) for _ in range(cfg.n_dense_layers)),
+                 tuple(_layer_cache(cfg, batch, length) for _ in range(cfg.n_moe_layers)))
 
 
 def cache_bytes_per_token(cfg: ModelConfig) -> int:
@@ -118,39 +119,13 @@ def cache_bytes_per_token(cfg: ModelConfig) -> int:
     return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype_of(cfg.dtype)).itemsize
 
 
-# Routed experts while decoding (one token per row), on one device: which way reads the fewest bytes.
+# Routed experts while decoding, on one device: which way reads the fewest bytes.
 #   T*K <= E      gather the chosen experts' weights (batch 1 at V3 shape reads 8 of 256 experts)
 #   T <= DENSE_DECODE_MAX_TOKENS   every expert on every token: nearly every expert is chosen by someone, so all
 #                  weights are read anyway, and one dense batched matmul beats a sort + grouped matmul
-#   otherwise      the training path (sort + ragged_dot)
+#   otherwise      the prefill path (sorted grouped matmul)
 # Under a mesh, decode uses the training dispatch (all-to-all over `expert`).
 DENSE_DECODE_MAX_TOKENS = 128
-
-
-def routed_experts_gathered(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
-    """Each token through its K experts by gathering those experts' weights: reads T*K experts, not E."""
-    T, K = idx_TK.shape
-    flat = idx_TK.reshape(-1)
-    # One dynamic slice per assignment (X = T*K <= E, small and static): XLA may turn an indexed gather feeding
-    # a dot into a one-hot contraction over every expert, which reads them all.
-    take = lambda w: jnp.stack([jax.lax.dynamic_index_in_dim(w, flat[j], keepdims=False)  # noqa: E731
-                                for j in range(flat.shape[0])])
-    x_XD = jnp.repeat(x_TD, K, axis=0)
-    h_XI = jax.nn.silu(jnp.einsum("xd,xdi->xi", x_XD, take(w_gate_EDI))) * jnp.einsum(
-        "xd,xdi->xi", x_XD, take(w_up_EDI))
-    y_XD = jnp.einsum("xi,xid->xd", h_XI, take(w_down_EID)).astype(jnp.float32)
-    return (y_XD.reshape(T, K, -1) * w_TK[..., None]).sum(1).astype(x_TD.dtype)
-
-
-def routed_experts_all(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
-    """Every expert on every token, as batched matmuls over the expert axis (the weights' own layout, so no
-    transposed copy of them is made), combined with the routing weights."""
-    E = w_gate_EDI.shape[0]
-    x_ETD = jnp.broadcast_to(x_TD[None], (E, *x_TD.shape))
-    h_ETI = jax.nn.silu(jnp.einsum("etd,edi->eti", x_ETD, w_gate_EDI)) * jnp.einsum("etd,edi->eti", x_ETD, w_up_EDI)
-    y_ETD = jnp.einsum("eti,eid->etd", h_ETI, w_down_EID)
-    comb_ET = jnp.einsum("tk,tke->et", w_TK, jax.nn.one_hot(idx_TK, E, dtype=jnp.float32))
-    return jnp.einsum("etd,et->td", y_ETD.astype(jnp.float32), comb_ET).astype(x_TD.dtype)
 
 
 def prefill_experts_fn(cfg: ModelConfig):
@@ -163,13 +138,17 @@ def prefill_experts_fn(cfg: ModelConfig):
 
 
 def decode_experts_fn(cfg: ModelConfig, n_tokens: int):
+    """Routed experts for the module decode path (`fused=False`, naive attention or a mesh) on n_tokens tokens."""
     if sharding.current() is not None:
         return default_experts_fn(cfg)
-    if n_tokens * cfg.num_experts_per_tok <= cfg.n_routed_experts:
-        return routed_experts_gathered
-    if n_tokens <= DENSE_DECODE_MAX_TOKENS:
-        return routed_experts_all
-    return routed_experts_dropless
+    if n_tokens > DENSE_DECODE_MAX_TOKENS:
+        return prefill_experts_fn(cfg)
+    fn = DF.experts_gathered if n_tokens * cfg.num_experts_per_tok <= cfg.n_routed_experts else DF.experts_all
+
+    def experts(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
+        return fn(x_TD, w_TK, idx_TK, jnp.concatenate([w_gate_EDI, w_up_EDI], -1), w_down_EID)
+    return experts
+
 
 
 def _ffn_decode(blk, h_BD, experts_fn):
@@ -196,16 +175,16 @@ def _ffn(blk, h_BTD, valid_BT, experts_fn):
 
 
 def _prefill_block(blk, x, cos, sin, mask_BPP, valid_BP, experts_fn):
-    """One block over the prompts (naive attention); returns x and the block's cache entries (c, k_pe)."""
+    """One block over the prompts (naive attention); returns x and the block's cache rows [c ; k_pe]."""
     h = blk.attn_norm(x)
-    c, k_pe = blk.attn.latent(h, cos, sin)
+    row = jnp.concatenate(blk.attn.latent(h, cos, sin), -1)
     x = x + blk.attn(h, cos, sin, mask_BPP)
     x = x + _ffn(blk, blk.ffn_norm(x), valid_BP, experts_fn)
-    return sharding.constrain(x, ACT_AXES), (c, k_pe)
+    return sharding.constrain(x, ACT_AXES), row
 
 
 def _prefill_stack(stack, x_BPD, cos, sin, mask_BPP, valid_BP, experts_fn):
-    """Runs a scanned stack over the prompts; returns x and the stack's (c [L,B,P,C], k_pe [L,B,P,R])."""
+    """Runs a scanned stack over the prompts; returns x and the stack's cache rows [L, B, P, C + R]."""
     graphdef, state = nnx.split(stack)
 
     def body(x, layer_state):
@@ -236,12 +215,11 @@ def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn,
     dt = dtype_of(cfg.dtype)
     x = sharding.constrain(jnp.take(model.embed[...].astype(dt), prompts_BP, axis=0), ACT_AXES)
     caches = list(cache)
-    for i, stack in ((0, model.dense_layers), (2, model.moe_layers)):
+    for i, stack in ((0, model.dense_layers), (1, model.moe_layers)):
         if stack is None:
             continue
-        x, (c, k_pe) = _prefill_stack(stack, x, cos, sin, mask_BPP, valid_BP, experts_fn)
-        caches[i] = tuple(_fill(buf, c[l]) for l, buf in enumerate(caches[i]))
-        caches[i + 1] = tuple(_fill(buf, k_pe[l]) for l, buf in enumerate(caches[i + 1]))
+        x, rows = _prefill_stack(stack, x, cos, sin, mask_BPP, valid_BP, experts_fn)
+        caches[i] = tuple(_fill(buf, rows[l]) for l, buf in enumerate(caches[i]))
     last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)  # [B, 1, D]
     logits = model.logits(last_BD, model.norm)[:, 0]
     return (logits, Cache(*caches), x) if return_hidden else (logits, Cache(*caches))
@@ -251,35 +229,26 @@ def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn,
 # T query tokens per row (1 when sampling; 2 when verifying an MTP draft) at positions pos_B + [0, T).
 
 
-def _attend_absorbed_1(attn, q_nope_BNH, q_pe_BNR, c_BSC, k_pe_BSR, mask_BS, dt):
-    """Absorbed attention for one query per row: the key up-projection folded into the query, the value
-    up-projection into the output (see the module docstring)."""
-    H = attn.cfg.qk_nope_head_dim
+def _attend_absorbed(attn, q_nope_BTNH, q_pe_BTNR, kv_BSc, mask_BTS, dt):
+    """Absorbed attention from the module's weights: W_uk folded into the query, W_uv into the output (see the
+    module docstring); `deepjax.decode_fused` precomputes the same folded weights once per call."""
+    H, R = attn.cfg.qk_nope_head_dim, attn.cfg.qk_rope_head_dim
     wkv_b = attn.wkv_b[...].astype(dt)
-    q_c_BNC = jnp.einsum("bnh,cnh->bnc", q_nope_BNH, wkv_b[..., :H])
-    s_BNS = (jnp.einsum("bnc,bsc->bns", q_c_BNC, c_BSC, preferred_element_type=jnp.float32)
-             + jnp.einsum("bnr,bsr->bns", q_pe_BNR, k_pe_BSR, preferred_element_type=jnp.float32))
-    s_BNS = jnp.where(mask_BS[:, None], s_BNS * attn.cfg.softmax_scale, jnp.finfo(jnp.float32).min)
-    p_BNS = jax.nn.softmax(s_BNS, axis=-1).astype(dt)
-    o_c_BNC = jnp.einsum("bns,bsc->bnc", p_BNS, c_BSC)
-    o_BNV = jnp.einsum("bnc,cnv->bnv", o_c_BNC, wkv_b[..., H:])
-    return jnp.einsum("bnv,nvd->bd", o_BNV, attn.wo[...].astype(dt))
+    q_c = jnp.einsum("btnh,cnh->btnc", q_nope_BTNH, wkv_b[..., :H])
+    w_uv = jnp.pad(wkv_b[..., H:], ((0, R), (0, 0), (0, 0)))  # zero rows for k_pe: o reads whole cache rows
+    return DF.absorbed_attention(jnp.concatenate([q_c, q_pe_BTNR], -1), kv_BSc, mask_BTS, w_uv,
+                                 attn.wo[...].astype(dt), attn.cfg.softmax_scale)
 
 
-def _attend_absorbed(attn, q_nope_BTNH, q_pe_BTNR, c_BSC, k_pe_BSR, mask_BTS, dt):
-    """T queries per row (T = 1, or 2 when verifying an MTP draft): one absorbed attention per query position."""
-    return jnp.stack([_attend_absorbed_1(attn, q_nope_BTNH[:, t], q_pe_BTNR[:, t], c_BSC, k_pe_BSR, mask_BTS[:, t], dt)
-                      for t in range(q_nope_BTNH.shape[1])], axis=1)
-
-
-def _attend_naive(attn, q_nope_BTNH, q_pe_BTNR, c_BSC, k_pe_BSR, mask_BTS, dt):
+def _attend_naive(attn, q_nope_BTNH, q_pe_BTNR, kv_BSc, mask_BTS, dt):
+    C = attn.cfg.kv_lora_rank
+    k_pe_BSR = kv_BSc[..., C:]
+    k_pe_BSNR = jnp.broadcast_to(k_pe_BSR[:, :, None], (*k_pe_BSR.shape[:2], q_pe_BTNR.shape[2], k_pe_BSR.shape[-1]))
     H = attn.cfg.qk_nope_head_dim
-    kv_BSNK = jnp.einsum("bsc,cnk->bsnk", c_BSC, attn.wkv_b[...].astype(dt))
-    s_BNTS = (jnp.einsum("btnh,bsnh->bnts", q_nope_BTNH, kv_BSNK[..., :H], preferred_element_type=jnp.float32)
-              + jnp.einsum("btnr,bsr->bnts", q_pe_BTNR, k_pe_BSR, preferred_element_type=jnp.float32))
-    s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS * attn.cfg.softmax_scale, jnp.finfo(jnp.float32).min)
-    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(dt)
-    o_BTNV = jnp.einsum("bnts,bsnv->btnv", p_BNTS, kv_BSNK[..., H:])
+    kv_BSNK = jnp.einsum("bsc,cnk->bsnk", kv_BSc[..., :C], attn.wkv_b[...].astype(dt))
+    q_BTNK = jnp.concatenate([q_nope_BTNH, q_pe_BTNR], -1)
+    k_BSNK = jnp.concatenate([kv_BSNK[..., :H], k_pe_BSNR], -1)
+    o_BTNV = mla_attention(q_BTNK, k_BSNK, kv_BSNK[..., H:], mask_BTS, attn.cfg.softmax_scale)
     return jnp.einsum("btnv,nvd->btd", o_BTNV, attn.wo[...].astype(dt))
 
 
@@ -295,34 +264,47 @@ def unstack_layers(model: Transformer):
     return out
 
 
+def fuse_layers(model: Transformer):
+    """Like `unstack_layers`, with each layer's weights fused for the one-device decode step: a dict of arrays per
+    layer (`decode_fused.fuse_block`), made once per generate call."""
+    dt = dtype_of(model.cfg.dtype)
+    return {name: None if blks is None else [DF.fuse_block(b, dt) for b in blks]
+            for name, blks in unstack_layers(model).items()}
+
+
+def use_fused(sc: SamplingConfig, experts_fn, n_tokens: int) -> bool:
+    """Whether `generate` decodes with fused weights: one device, absorbed attention, the default experts, and
+    at most DENSE_DECODE_MAX_TOKENS tokens per step (beyond that the sorted grouped matmul reads less)."""
+    return (sc.fused and sc.attention == "absorbed" and experts_fn is None and sharding.current() is None
+            and n_tokens <= DENSE_DECODE_MAX_TOKENS)
+
+
+def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens: int):
+    if use_fused(sc, experts_fn, n_tokens):
+        return fuse_layers(model)
+    return unstack_layers(model) if sc.unstack_layers else None
+
+
 def _layers_of(stack):
     graphdef, state = nnx.split(stack)
     n = jax.tree.leaves(state)[0].shape[0]
     return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)]
 
 
-def _write(buf_BSX, pos_BT, new_BTX):
-    """The T new tokens' cache entries written at their positions; for T = 1 a 1-D scatter, as the one-token decode
-    path measured fastest on GPU (docs/LOG.md)."""
-    B, T = pos_BT.shape
-    if T == 1:
-        return buf_BSX.at[jnp.arange(B), pos_BT[:, 0]].set(new_BTX[:, 0].astype(buf_BSX.dtype))
-    return buf_BSX.at[jnp.arange(B)[:, None], pos_BT].set(new_BTX.astype(buf_BSX.dtype))
-
-
-def _decode_block(blk, x_BTD, c_BSC, k_pe_BSR, pos_BT, cos, sin, mask_BTS, experts_fn, attend):
-    """One block on T new tokens per row, writing their latents at pos_BT; returns (x, c, k_pe)."""
+def _decode_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn, attention):
+    """One block on T new tokens per row, writing their cache rows at pos_BT; returns (x, cache rows). `blk` is a
+    module, or a dict of fused weights (`decode_fused.fuse_block`, absorbed attention only)."""
     B, T, D = x_BTD.shape
+    if isinstance(blk, dict):
+        return DF.fused_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, DF.experts_fn_for(blk["cfg"], B * T))
     dt = x_BTD.dtype
     h = blk.attn_norm(x_BTD)
     q_nope, q_pe = blk.attn.query(h, cos, sin)
-    c_new, k_new = blk.attn.latent(h, cos, sin)
-    c_BSC = _write(c_BSC, pos_BT, c_new)
-    k_pe_BSR = _write(k_pe_BSR, pos_BT, k_new)
-    o = attend(blk.attn, q_nope, q_pe, c_BSC, k_pe_BSR, mask_BTS, dt)
-    x_BTD = x_BTD + o
+    kv_BSc = DF.write_rows(kv_BSc, pos_BT, jnp.concatenate(blk.attn.latent(h, cos, sin), -1))
+    attend = _attend_absorbed if attention == "absorbed" else _attend_naive
+    x_BTD = x_BTD + attend(blk.attn, q_nope, q_pe, kv_BSc, mask_BTS, dt)
     y = _ffn_decode(blk, blk.ffn_norm(x_BTD).reshape(B * T, D), experts_fn)
-    return x_BTD + y.reshape(B, T, D), c_BSC, k_pe_BSR
+    return x_BTD + y.reshape(B, T, D), kv_BSc
 
 
 def _geometry(cfg, pos_B, T: int, S: int):
@@ -335,22 +317,20 @@ def _geometry(cfg, pos_B, T: int, S: int):
 def decode_tokens(model: Transformer, tokens_BT, pos_B, cache: Cache, experts_fn, attention: str = "absorbed",
                   layers: Optional[dict] = None):
     """(logits [B, T, V], hidden [B, T, D] before the final norm, cache) for T new tokens per row at positions
-    pos_B + [0, T). `layers`: `unstack_layers(model)`, when the caller made it once outside its loop.
+    pos_B + [0, T). `layers`: `unstack_layers(model)` or `fuse_layers(model)`, made once outside the caller's loop.
 
     The layers run as a Python loop with static indices, not a scan: a rolled loop inside the decode while_loop
     costs a device-to-host round trip per layer on GPU (4x slower at batch 1 on the bench preset)."""
     cfg = model.cfg
     dt = dtype_of(cfg.dtype)
-    S = (cache.dense_c or cache.moe_c)[0].shape[1]
+    S = (cache.dense or cache.moe)[0].shape[1]
     pos_BT, cos, sin, mask_BTS = _geometry(cfg, pos_B, tokens_BT.shape[1], S)
-    attend = _attend_absorbed if attention == "absorbed" else _attend_naive
     x = jnp.take(model.embed[...].astype(dt), tokens_BT, axis=0)
     caches = [list(c) for c in cache]
     layers = layers or unstack_layers(model)
-    for i, name in ((0, "dense_layers"), (2, "moe_layers")):
+    for i, name in enumerate(("dense_layers", "moe_layers")):
         for l, blk in enumerate(layers[name] or []):
-            x, caches[i][l], caches[i + 1][l] = _decode_block(blk, x, caches[i][l], caches[i + 1][l], pos_BT, cos,
-                                                              sin, mask_BTS, experts_fn, attend)
+            x, caches[i][l] = _decode_block(blk, x, caches[i][l], pos_BT, cos, sin, mask_BTS, experts_fn, attention)
     return model.logits(x, model.norm), x, Cache(*(tuple(c) for c in caches))
 
 
@@ -372,28 +352,29 @@ def _mtp_input(model: Transformer, mod, h_BTD, next_BT):
     return jnp.concatenate([mod.enorm(e), mod.hnorm(h_BTD)], axis=-1) @ mod.eh_proj[...].astype(dt)
 
 
-def mtp_prefill(model: Transformer, h_BPD, prompts_BP, lengths_B, first_B, c_BSC, k_pe_BSR, experts_fn):
+def mtp_prefill(model: Transformer, h_BPD, prompts_BP, lengths_B, first_B, kv_BSc, experts_fn):
     """The MTP module over the prompt: position i reads (h_i, t_{i+1}), the last prompt position reads the first
-    sampled token. Returns (draft logits [B, V] for the token after it, c, k_pe)."""
+    sampled token. Returns (draft logits [B, V] for the token after it, the module's cache rows)."""
     cfg, mod = model.cfg, model.mtp[0]
     B, P = prompts_BP.shape
     cos, sin, mask_BPP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
     pos = jnp.arange(P)[None]
     nxt = jnp.where(pos == (lengths_B - 1)[:, None], first_B[:, None], jnp.pad(prompts_BP[:, 1:], ((0, 0), (0, 1))))
     x = _mtp_input(model, mod, h_BPD, nxt)
-    x, (c, k_pe) = _prefill_block(mod.block, x, cos, sin, mask_BPP, valid_BP, experts_fn)
+    x, rows = _prefill_block(mod.block, x, cos, sin, mask_BPP, valid_BP, experts_fn)
     last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)
-    return model.logits(last, mod.norm)[:, 0], _fill(c_BSC, c), _fill(k_pe_BSR, k_pe)
+    return model.logits(last, mod.norm)[:, 0], _fill(kv_BSc, rows)
 
 
-def mtp_decode(model: Transformer, h_BTD, next_BT, pos_B, c_BSC, k_pe_BSR, experts_fn, attention: str):
-    """The MTP module on T positions per row (pos_B + [0, T)): draft logits [B, T, V], c, k_pe."""
+def mtp_decode(model: Transformer, h_BTD, next_BT, pos_B, kv_BSc, experts_fn, attention: str, block=None):
+    """The MTP module on T positions per row (pos_B + [0, T)): draft logits [B, T, V] and its cache rows.
+    `block`: the module's block fused (`decode_fused.fuse_block`), when the caller made that once."""
     mod = model.mtp[0]
-    pos_BT, cos, sin, mask_BTS = _geometry(model.cfg, pos_B, h_BTD.shape[1], c_BSC.shape[1])
-    attend = _attend_absorbed if attention == "absorbed" else _attend_naive
+    pos_BT, cos, sin, mask_BTS = _geometry(model.cfg, pos_B, h_BTD.shape[1], kv_BSc.shape[1])
     x = _mtp_input(model, mod, h_BTD, next_BT)
-    x, c_BSC, k_pe_BSR = _decode_block(mod.block, x, c_BSC, k_pe_BSR, pos_BT, cos, sin, mask_BTS, experts_fn, attend)
-    return model.logits(x, mod.norm), c_BSC, k_pe_BSR
+    x, kv_BSc = _decode_block(mod.block if block is None else block, x, kv_BSc, pos_BT, cos, sin, mask_BTS,
+                              experts_fn, attention)
+    return model.logits(x, mod.norm), kv_BSc
 
 
 # --------------------------------------------------------------------------------------------------------- sampling
@@ -456,14 +437,14 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
         if not len(model.mtp):
             raise ValueError("sampling.mtp_draft=True needs an MTP module: model.num_nextn_predict_layers is 0")
         return _generate_mtp(model, prompts_BP.astype(jnp.int32), lengths_B, sc, S, prefill_fn,
-                             experts_fn or decode_experts_fn(cfg, 2 * B))
+                             experts_fn or decode_experts_fn(cfg, 2 * B), _decode_layers(model, sc, experts_fn, 2 * B))
     decode_fn = experts_fn or decode_experts_fn(cfg, B)
     cache = init_cache(cfg, B, S)
     logits, cache = prefill(model, prompts_BP.astype(jnp.int32), lengths_B, cache, prefill_fn)
     key, k0 = jax.random.split(key)
     tok, lp = sample(logits, k0, sc)
     N = sc.max_new_tokens
-    layers = unstack_layers(model) if sc.unstack_layers else None
+    layers = _decode_layers(model, sc, experts_fn, B)
     out_tok = jnp.full((B, N), sc.pad_id, jnp.int32)
     out_lp = jnp.zeros((B, N), jnp.float32)
     done = jnp.zeros((B,), jnp.bool_)
@@ -491,7 +472,8 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
     return Output(out_tok, out_lp, n_new, done)
 
 
-def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig, S: int, prefill_fn, decode_fn):
+def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig, S: int, prefill_fn, decode_fn,
+                  layers):
     """Greedy decoding with MTP drafting: each step feeds [t_q, d] at positions [q, q+1], where t_q is the newest
     accepted token and d the MTP module's draft of the next one. The main model's choice a after t_q is always
     kept; when d == a the draft was right and the choice b after it is kept too (two tokens in one step). The
@@ -501,13 +483,13 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
     cfg = model.cfg
     B, P = prompts_BP.shape
     N = sc.max_new_tokens
-    layers = unstack_layers(model) if sc.unstack_layers else None
+    fused = layers is not None and isinstance((layers["moe_layers"] or layers["dense_layers"])[0], dict)
+    mtp_block = DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype)) if fused else None
     cache = init_cache(cfg, B, S)
     logits, cache, h_BPD = prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)
     greedy = lambda lg: sample(lg, None, sc)  # noqa: E731  (temperature 0: no key needed)
     t, lp = greedy(logits)
-    mc, mk = _layer_cache(cfg, B, S)
-    dlogits, mc, mk = mtp_prefill(model, h_BPD, prompts_BP, lengths_B, t, mc, mk, prefill_fn)
+    dlogits, mkv = mtp_prefill(model, h_BPD, prompts_BP, lengths_B, t, _layer_cache(cfg, B, S), prefill_fn)
     d = jnp.argmax(dlogits, -1).astype(jnp.int32)
     rows = jnp.arange(B)
     out_tok = jnp.full((B, N), sc.pad_id, jnp.int32).at[:, 0].set(t)
@@ -520,7 +502,7 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
         return ~jnp.all(c[5] | (c[6] >= N))
 
     def body(c):
-        t, d, out_tok, out_lp, cache, done, n_new, mc, mk, proposed, accepted = c
+        t, d, out_tok, out_lp, cache, done, n_new, mkv, proposed, accepted = c
         active = ~done & (n_new < N)
         q = lengths_B + n_new - 1  # position of t
         logits, h, cache = decode_tokens(model, jnp.stack([t, d], 1), q, cache, decode_fn, sc.attention, layers)
@@ -538,16 +520,16 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
         out_tok, out_lp = put(out_tok, n_new, take_b, b), put(out_lp, n_new, take_b, lpb)
         done = done | done_a | (take_b & _is_eos(b, sc.eos_ids))
         n_new = n_new + take_b.astype(jnp.int32)
-        dl, mc, mk = mtp_decode(model, h, jnp.stack([a, b], 1), q, mc, mk, decode_fn, sc.attention)
+        dl, mkv = mtp_decode(model, h, jnp.stack([a, b], 1), q, mkv, decode_fn, sc.attention, mtp_block)
         drafts = jnp.argmax(dl, -1).astype(jnp.int32)
         t = jnp.where(take_b, b, a)
         d = jnp.where(take_b, drafts[:, 1], drafts[:, 0])
         proposed = proposed + active.astype(jnp.int32)
         accepted = accepted + (active & hit).astype(jnp.int32)
-        return t, d, out_tok, out_lp, cache, done, n_new, mc, mk, proposed, accepted
+        return t, d, out_tok, out_lp, cache, done, n_new, mkv, proposed, accepted
 
-    carry = (t, d, out_tok, out_lp, cache, done, n_new, mc, mk, zeros, zeros)
-    _, _, out_tok, out_lp, _, done, n_new, _, _, proposed, accepted = jax.lax.while_loop(cond, body, carry)
+    carry = (t, d, out_tok, out_lp, cache, done, n_new, mkv, zeros, zeros)
+    _, _, out_tok, out_lp, _, done, n_new, _, proposed, accepted = jax.lax.while_loop(cond, body, carry)
     return Output(out_tok, out_lp, n_new, done, proposed, accepted)
 
 
@@ -583,4 +565,4 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
 __all__ = ["SamplingConfig", "generate", "jit_generate", "prefill", "decode_step", "decode_tokens", "sample",
            "truncate_logits", "mtp_prefill", "mtp_decode",
            "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "validate", "decode_experts_fn",
-           "routed_experts_gathered", "routed_experts_all"]
+           "fuse_layers", "unstack_layers", "use_fused"]

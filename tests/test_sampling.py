@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from deepjax import decode_fused as DF
 from deepjax import model as M
 from deepjax import presets
 from deepjax import sampling as SP
@@ -33,8 +34,9 @@ def _forward_logits(graphdef, params, seq):
     return np.asarray(M.jit_forward(graphdef, params, jnp.asarray([seq], jnp.int32)).logits[0])
 
 
-@pytest.mark.parametrize("attention", ["absorbed", "naive"])
+@pytest.mark.parametrize("attention", ["absorbed", "naive", "fused"])
 def test_cached_decode_equals_full_forward_teacher_forced(tiny, attention):
+    """Module path (absorbed and naive attention) and the fused-weight path (`generate`'s one-device default)."""
     cfg, graphdef, params = tiny
     rng = np.random.default_rng(1)
     cont = rng.integers(0, cfg.vocab_size, (len(PROMPTS), 5)).astype(np.int32)
@@ -46,10 +48,11 @@ def test_cached_decode_equals_full_forward_teacher_forced(tiny, attention):
         fn = M.default_experts_fn(cfg)
         cache = SP.init_cache(cfg, len(PROMPTS), prompts.shape[1] + 5)
         logits, cache = SP.prefill(model, jnp.asarray(prompts), jnp.asarray(lengths), cache, fn)
+        layers = SP.fuse_layers(model) if attention == "fused" else None
         out = [logits]
         for i in range(4):
             logits, cache = SP.decode_step(model, jnp.asarray(cont[:, i]), jnp.asarray(lengths) + i, cache, fn,
-                                           attention)
+                                           "absorbed" if attention == "fused" else attention, layers)
             out.append(logits)
         return jnp.stack(out, 1)
 
@@ -70,13 +73,32 @@ def test_decode_expert_paths_agree():
     idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]), jnp.int32)
     ws = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
     ref = moe.routed_experts_dense(x, w, idx, *ws)
-    np.testing.assert_allclose(SP.routed_experts_gathered(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
+    gu = jnp.concatenate(ws[:2], -1)
+    np.testing.assert_allclose(DF.experts_gathered(x, w, idx, gu, ws[2]), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(DF.experts_all(x, w, idx, gu, ws[2]), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(moe.routed_experts_dropless(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(SP.routed_experts_all(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
-    cfg = load_config("tiny").model  # 8 experts, top-2
-    assert SP.decode_experts_fn(cfg, 4) is SP.routed_experts_gathered
-    assert SP.decode_experts_fn(cfg, 64) is SP.routed_experts_all
+    cfg = load_config("tiny").model  # 8 experts, top-2, 1 shared (appended as a 9th expert when fused)
+    assert DF.experts_fn_for(cfg, 3) is DF.experts_gathered and DF.experts_fn_for(cfg, 4) is DF.experts_all
+    for n in (4, 64):  # the module path's choices, on gate and up apart
+        np.testing.assert_allclose(SP.decode_experts_fn(cfg, n)(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
     assert SP.decode_experts_fn(cfg, 1024) is moe.routed_experts_dropless
+
+
+@pytest.mark.parametrize("preset", ["tiny", "bench", "deepseek_v2", "deepseek_v2_lite", "deepseek_v3"])
+def test_route_by_rank_equals_route(preset):
+    """The sort-free router of the fused decode picks the same experts, in the same order, with the same weights."""
+    from deepjax import moe
+    cfg = getattr(presets, preset)()
+    rng = np.random.default_rng(1)
+    E = cfg.n_routed_experts
+    logits = jnp.asarray(rng.normal(size=(6, E)) * 2, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=E) * 0.1, jnp.float32) if cfg.topk_method == "noaux_tc" else None
+    tied = jnp.concatenate([logits, jnp.zeros((1, E))])  # ties everywhere: lax.top_k keeps the lower index
+    for lg in (logits, tied):
+        w, idx, _ = moe.route(lg, bias, cfg)
+        w2, idx2 = DF.route_by_rank(lg, bias, cfg)
+        np.testing.assert_array_equal(np.asarray(idx2), np.asarray(idx))
+        np.testing.assert_allclose(np.asarray(w2), np.asarray(w), rtol=1e-6)
 
 
 def test_greedy_equals_repeated_full_forward_argmax(tiny):
@@ -171,14 +193,14 @@ def test_sharded_generation_equals_single_device(tiny):
     assert len(out.tokens.sharding.device_set) == 8
 
 
-@pytest.mark.parametrize("eos", [False, True])
-def test_mtp_drafting_gives_the_plain_greedy_output(tiny, eos):
+@pytest.mark.parametrize("eos,fused", [(False, True), (True, True), (False, False)])
+def test_mtp_drafting_gives_the_plain_greedy_output(tiny, eos, fused):
     cfg, graphdef, params = tiny
     prompts, lengths = SP.pad_prompts(list(PROMPTS))
     args = (graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0))
     plain = SP.jit_generate(*args, SP.SamplingConfig(max_new_tokens=10, temperature=0.0))
     eos_ids = (int(plain.tokens[1, 4]),) if eos else ()
-    sc = SP.SamplingConfig(max_new_tokens=10, temperature=0.0, eos_ids=eos_ids)
+    sc = SP.SamplingConfig(max_new_tokens=10, temperature=0.0, eos_ids=eos_ids, fused=fused)
     plain = SP.jit_generate(*args, sc)
     drafted = SP.jit_generate(*args, dataclasses.replace(sc, mtp_draft=True))
     np.testing.assert_array_equal(np.asarray(drafted.tokens), np.asarray(plain.tokens))
@@ -225,5 +247,5 @@ def test_cache_is_576_values_per_token_per_layer_at_v3():
     assert v3.kv_lora_rank + v3.qk_rope_head_dim == 576
     assert SP.cache_bytes_per_token(v3) == 70_272  # DEEPSEEK.md: 61 layers x 576 x 2 bytes
     cache = jax.eval_shape(lambda: SP.init_cache(v3, 2, 16))
-    assert len(cache.dense_c) == 3 and len(cache.moe_k_pe) == 58
-    assert cache.dense_c[0].shape == (2, 16, 512) and cache.moe_k_pe[0].shape == (2, 16, 64)
+    assert len(cache.dense) == 3 and len(cache.moe) == 58
+    assert {c.shape for c in cache.dense + cache.moe} == {(2, 16, 576)}  # rows [c (512) ; k_pe (64)]

@@ -1,0 +1,219 @@
+"""The one-device decode step with its weights fused once per `generate` call: fewer, larger kernels per step.
+
+At batch 1 the decode step is bound by kernel launches, not bytes (docs/LOG.md: ~44 kernels per layer on the
+bench preset, ~2 us each). `fuse_layers` rewrites each layer's weights once, outside the decode loop, so that a
+layer needs fewer matmuls and no sorts:
+
+    w_in   [D, Q + C + R]   wq_a and wkv_a side by side: one matmul reads x for the query and the latent
+    w_q    [Q, N, C + R]    the key up-projection absorbed into the query weights (q_nope W_uk, computed in
+                            float32 once), beside the rope part: one matmul gives the query in latent space
+    w_uv   [C + R, N, V]    the value up-projection with R zero rows, so the output reads the whole cache row
+                            [c ; k_pe] and never a sliced copy of c
+    w_gu   [E + S, D, 2 I]  routed experts' gate and up side by side, the S shared experts appended as
+    w_down [E + S, I, D]    experts of weight 1 (a SwiGLU of width S*I is the sum of S SwiGLUs of width I)
+
+and routing ranks the experts by comparisons (`route_by_rank`) instead of three top-k sorts. The math is that
+of the module path (`sampling.decode_tokens` with per-layer modules); only summation order and the rounding of
+the absorbed query weights differ (tests/test_sampling.py checks the two against the full forward).
+
+The cache row of a token is [c ; k_pe] (C + R values), one buffer per layer, so absorbed attention is one score
+matmul over the whole row: s = [q_c ; q_pe] . [c ; k_pe].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from deepjax.config import ModelConfig
+from deepjax.moe import MoE
+from deepjax.rope import apply_rope
+
+NEG = float(jnp.finfo(jnp.float32).min)
+
+
+# ---------------------------------------------------------------------------------------------------- routing
+
+
+def _rank_desc(v):
+    """Rank of each entry along the last axis in descending order, ties to the lower index (lax.top_k's order)."""
+    n = v.shape[-1]
+    i = jnp.arange(n)
+    lower = (i[None, :] < i[:, None]).reshape((1,) * (v.ndim - 1) + (n, n))  # f < e
+    a, b = v[..., :, None], v[..., None, :]  # entry e (rows) against entry f (columns)
+    beats = (b > a) | ((b == a) & lower)
+    return beats.sum(-1)
+
+
+def route_by_rank(logits_TE, bias_E, cfg: ModelConfig):
+    """`moe.route` (same weights and indices, same order) by pairwise comparisons instead of sorts: a few fused
+    kernels on GPU where lax.top_k costs a sort each. For decoding (T small); memory is T x E x E booleans."""
+    logits_TE = logits_TE.astype(jnp.float32)
+    E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
+    scores_TE = jax.nn.sigmoid(logits_TE) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits_TE, axis=-1)
+    if bias_E is not None:
+        bias_E = bias_E.astype(jnp.float32).reshape((1,) * (scores_TE.ndim - 1) + (E,))
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and G > 1:
+        grouped_TGe = choice_TE.reshape(*choice_TE.shape[:-1], G, E // G)
+        if cfg.topk_method == "noaux_tc":
+            group_TG = jnp.where(_rank_desc(grouped_TGe) < 2, grouped_TGe, 0.0).sum(-1)
+        else:
+            group_TG = grouped_TGe.max(-1)
+        keep_TG = _rank_desc(group_TG) < cfg.topk_group
+        choice_TE = jnp.where(jnp.repeat(keep_TG, E // G, axis=-1), choice_TE, -jnp.inf)
+    lead = (1,) * (choice_TE.ndim - 1)
+    pick_TKE = _rank_desc(choice_TE)[..., None, :] == jnp.arange(K).reshape(*lead, K, 1)  # e is the k-th choice
+    idx_TK = jnp.where(pick_TKE, jnp.arange(E, dtype=jnp.int32).reshape(*lead, 1, E), 0).sum(-1)
+    w_TK = jnp.where(pick_TKE, scores_TE[..., None, :], 0.0).sum(-1)
+    if cfg.norm_topk_prob:
+        w_TK = w_TK / (w_TK.sum(-1, keepdims=True) + 1e-20)
+    return w_TK * cfg.routed_scaling_factor, idx_TK
+
+
+# ---------------------------------------------------------------------------------------------------- experts
+# Routed (and appended shared) experts on a few tokens, with gate and up side by side: w_gu [E, D, 2I].
+
+
+def _swiglu(gu_XJ):
+    I = gu_XJ.shape[-1] // 2
+    return jax.nn.silu(gu_XJ[..., :I]) * gu_XJ[..., I:]
+
+
+def experts_gathered(x_TD, w_TK, idx_TK, w_gu_EDJ, w_down_EID):
+    """Each token through its K experts by slicing those experts' weights: reads T*K experts, not E."""
+    T, K = idx_TK.shape
+    flat = idx_TK.reshape(-1)
+    # One dynamic slice per assignment (T*K small and static): XLA may turn an indexed gather feeding a dot into a
+    # one-hot contraction over every expert, which reads them all.
+    take = lambda w: jnp.stack([jax.lax.dynamic_index_in_dim(w, flat[j], keepdims=False)  # noqa: E731
+                                for j in range(flat.shape[0])])
+    x_XD = jnp.repeat(x_TD, K, axis=0)
+    h_XI = _swiglu(jnp.einsum("xd,xdj->xj", x_XD, take(w_gu_EDJ)))
+    y_XD = jnp.einsum("xi,xid->xd", h_XI, take(w_down_EID)).astype(jnp.float32)
+    return (y_XD.reshape(T, K, -1) * w_TK[..., None]).sum(1).astype(x_TD.dtype)
+
+
+def experts_all(x_TD, w_TK, idx_TK, w_gu_EDJ, w_down_EID):
+    """Every expert on every token as batched matmuls over the expert axis, combined with the routing weights:
+    when nearly every expert is chosen by some token, all weights are read anyway."""
+    E = w_gu_EDJ.shape[0]
+    x_ETD = jnp.broadcast_to(x_TD[None], (E, *x_TD.shape))
+    y_ETD = jnp.einsum("eti,eid->etd", _swiglu(jnp.einsum("etd,edj->etj", x_ETD, w_gu_EDJ)), w_down_EID)
+    comb_ET = jnp.einsum("tk,tke->et", w_TK, jax.nn.one_hot(idx_TK, E, dtype=jnp.float32))
+    return jnp.einsum("etd,et->td", y_ETD.astype(jnp.float32), comb_ET).astype(x_TD.dtype)
+
+
+def experts_fn_for(cfg: ModelConfig, n_tokens: int):
+    """Gathered when the n_tokens x (K + shared) assignments are no more than the experts, else all experts."""
+    S = cfg.n_shared_experts
+    return experts_gathered if n_tokens * (cfg.num_experts_per_tok + S) <= cfg.n_routed_experts + S else experts_all
+
+
+# ---------------------------------------------------------------------------------------------- fused weights
+
+
+def _fuse_attention(attn, dt):
+    cfg = attn.cfg
+    H, R = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    f32 = jnp.float32
+    wkv_b = attn.wkv_b[...].astype(f32)  # [C, N, H + V]
+    wq = attn.wq_b[...] if cfg.q_lora_rank is not None else attn.wq[...]  # [Q or D, N, H + R]
+    q_c = jnp.einsum("qnh,cnh->qnc", wq[..., :H].astype(f32), wkv_b[..., :H])
+    w_uv = jnp.pad(wkv_b[..., H:], ((0, R), (0, 0), (0, 0)))  # [C + R, N, V]
+    w = {"w_q": jnp.concatenate([q_c, wq[..., H:].astype(f32)], -1).astype(dt), "w_uv": w_uv.astype(dt),
+         "wo": attn.wo[...].astype(dt), "kv_norm": attn.kv_norm.weight[...].astype(dt)}
+    if cfg.q_lora_rank is not None:
+        w["w_in"] = jnp.concatenate([attn.wq_a[...], attn.wkv_a[...]], -1).astype(dt)
+        w["q_norm"] = attn.q_norm.weight[...].astype(dt)
+    else:
+        w["w_in"] = attn.wkv_a[...].astype(dt)
+    return w
+
+
+def _fuse_ffn(ffn, dt):
+    if not isinstance(ffn, MoE):
+        return {"w_gu": jnp.concatenate([ffn.w_gate[...], ffn.w_up[...]], -1).astype(dt),
+                "w_down": ffn.w_down[...].astype(dt)}
+    cfg = ffn.cfg
+    w_gu = jnp.concatenate([ffn.w_gate[...], ffn.w_up[...]], -1).astype(dt)
+    w_down = ffn.w_down[...].astype(dt)
+    if ffn.shared is not None:
+        S, I = cfg.n_shared_experts, cfg.moe_intermediate_size
+        split = lambda w: jnp.moveaxis(w.reshape(w.shape[0], S, I), 1, 0)  # noqa: E731  [D, S*I] -> [S, D, I]
+        s_gu = jnp.concatenate([split(ffn.shared.w_gate[...]), split(ffn.shared.w_up[...])], -1).astype(dt)
+        w_gu = jnp.concatenate([w_gu, s_gu], 0)
+        w_down = jnp.concatenate([w_down, ffn.shared.w_down[...].reshape(S, I, -1).astype(dt)], 0)
+    return {"router": ffn.gate[...].astype(jnp.float32),
+            "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32),
+            "w_gu": w_gu, "w_down": w_down}
+
+
+def fuse_block(blk, dt) -> dict:
+    """One block's decode weights (see the module docstring): a dict of arrays (and the model config under "cfg"),
+    made once per generate call inside the jitted generate."""
+    return {"cfg": blk.attn.cfg, "attn_norm": blk.attn_norm.weight[...].astype(dt), "ffn_norm": blk.ffn_norm.weight[...].astype(dt),
+            "attn": _fuse_attention(blk.attn, dt), "ffn": _fuse_ffn(blk.ffn, dt)}
+
+
+# ----------------------------------------------------------------------------------------------------- the step
+
+
+def rms(x, w, eps: float):
+    """RMSNorm as `nn.RMSNorm` computes it (float32 statistics, weight applied in x's dtype)."""
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return w.reshape((1,) * (x.ndim - 1) + w.shape) * y
+
+
+def absorbed_attention(q_BTNc, kv_BSc, mask_BTS, w_uv_cNV, wo_NVD, scale: float):
+    """Attention over the latent cache rows [c ; k_pe] for queries [q_c ; q_pe] (softmax in float32)."""
+    s_BNTS = jnp.einsum("btnc,bsc->bnts", q_BTNc, kv_BSc, preferred_element_type=jnp.float32)
+    s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS * scale, NEG)
+    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(q_BTNc.dtype)
+    o_BTNc = jnp.einsum("bnts,bsc->btnc", p_BNTS, kv_BSc)
+    return jnp.einsum("btnv,nvd->btd", jnp.einsum("btnc,cnv->btnv", o_BTNc, w_uv_cNV), wo_NVD)
+
+
+def write_rows(buf_BSX, pos_BT, new_BTX):
+    """The T new tokens' cache rows written at their positions (for T = 1 a 1-D scatter: measured fastest on GPU)."""
+    B, T = pos_BT.shape
+    if T == 1:
+        return buf_BSX.at[jnp.arange(B), pos_BT[:, 0]].set(new_BTX[:, 0].astype(buf_BSX.dtype))
+    return buf_BSX.at[jnp.arange(B)[:, None], pos_BT].set(new_BTX.astype(buf_BSX.dtype))
+
+
+def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn):
+    """One block on T new tokens per row with fused weights; returns (x, cache rows with the new ones written)."""
+    B, T, D = x_BTD.shape
+    cfg, a = w["cfg"], w["attn"]
+    C, eps = cfg.kv_lora_rank, cfg.rms_norm_eps
+    h = rms(x_BTD, w["attn_norm"], eps)
+    z = h @ a["w_in"]
+    if cfg.q_lora_rank is not None:
+        Q = cfg.q_lora_rank
+        q_in, kv = rms(z[..., :Q], a["q_norm"], eps), z[..., Q:]
+    else:
+        q_in, kv = h, z
+    q = jnp.einsum("btq,qnk->btnk", q_in, a["w_q"])
+    q = jnp.concatenate([q[..., :C], apply_rope(q[..., C:], cos, sin)], -1)
+    row = jnp.concatenate([rms(kv[..., :C], a["kv_norm"], eps), apply_rope(kv[..., C:], cos, sin)], -1)
+    kv_BSc = write_rows(kv_BSc, pos_BT, row)
+    x_BTD = x_BTD + absorbed_attention(q, kv_BSc, mask_BTS, a["w_uv"], a["wo"], cfg.softmax_scale)
+    h = rms(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
+    f = w["ffn"]
+    if "router" not in f:
+        y = _swiglu(h @ f["w_gu"]) @ f["w_down"]
+    else:
+        w_TK, idx_TK = route_by_rank(h.astype(jnp.float32) @ f["router"], f["bias"], cfg)
+        S = cfg.n_shared_experts
+        if S:  # the shared experts: appended experts E .. E+S-1, weight 1
+            shared = jnp.arange(cfg.n_routed_experts, cfg.n_routed_experts + S, dtype=jnp.int32)
+            idx_TK = jnp.concatenate([idx_TK, jnp.broadcast_to(shared, (B * T, S))], -1)
+            w_TK = jnp.concatenate([w_TK, jnp.ones((B * T, S), w_TK.dtype)], -1)
+        y = experts_fn(h, w_TK, idx_TK, f["w_gu"], f["w_down"])
+    return x_BTD + y.reshape(B, T, D), kv_BSc
+
+
+__all__ = ["route_by_rank", "experts_gathered", "experts_all", "experts_fn_for", "fuse_block", "fused_block",
+           "absorbed_attention", "write_rows", "rms"]
