@@ -13,7 +13,7 @@ import json
 import os
 
 
-def run(batch, new, out):
+def run(batch, new, out, fused=True):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -22,13 +22,17 @@ def run(batch, new, out):
     graphdef, params = M.init(cfg, jax.random.key(0))
     prompts = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 128)), jnp.int32)
     lengths = jnp.full((batch,), 128, jnp.int32)
-    sc = SP.SamplingConfig(max_new_tokens=new, temperature=0.0)
+    sc = SP.SamplingConfig(max_new_tokens=new, temperature=0.0, fused=fused)
     jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(0), sc))
+    import time
     with jax.profiler.trace(out, create_perfetto_trace=True):
+        t = time.perf_counter()
         jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(1), sc))
+        print(f"generate wall {1e3 * (time.perf_counter() - t):.1f} ms (batch {batch}, {new} new, "
+              f"{'fused' if fused else 'module'})")
 
 
-def summarize(out, top=40):
+def summarize(out, top=25, top_host=25):
     path = sorted(glob.glob(os.path.join(out, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
     with gzip.open(path) as f:
         trace = json.load(f)
@@ -44,11 +48,26 @@ def summarize(out, top=40):
             cnt[e["name"]] += 1
             info.setdefault(e["name"], e.get("args", {}))
     all_us = sum(tot.values())
-    print(f"GPU processes: {[pids[p] for p in gpu]}; total kernel time {all_us / 1e3:.1f} ms")
+    spans = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("ph") == "X" and e.get("pid") in gpu]
+    span = max(b for _, b in spans) - min(a for a, _ in spans)
+    print(f"GPU processes: {[pids[p] for p in gpu]}; total kernel time {all_us / 1e3:.1f} ms over a span of "
+          f"{span / 1e3:.1f} ms; {sum(cnt.values())} events")
+    kind = collections.Counter()
+    for name, us in tot.items():
+        kind[name.rstrip("0123456789").rstrip("_")] += us
+    print("by kind:", ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in kind.most_common(14)))
     for name, us in tot.most_common(top):
         a = info[name]
         hlo = a.get("long_name") or a.get("hlo_op") or a.get("tf_op") or ""
         print(f"{us / 1e3:9.2f} ms {100 * us / all_us:5.1f}% {cnt[name]:7d}  {name[:60]}  {str(hlo)[:160]}")
+    host, hcnt = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") not in gpu:
+            host[e["name"]] += e.get("dur", 0)
+            hcnt[e["name"]] += 1
+    print("host events (total ms, count):")
+    for name, us in host.most_common(top_host):
+        print(f"{us / 1e3:9.2f} ms {hcnt[name]:7d}  {name[:110]}")
 
 
 if __name__ == "__main__":
@@ -57,9 +76,10 @@ if __name__ == "__main__":
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--out", default="/tmp/prof")
     ap.add_argument("--summarize", default=None)
+    ap.add_argument("--module", action="store_true", help="the unfused module path (fused=False)")
     a = ap.parse_args()
     if a.summarize:
         summarize(a.summarize)
     else:
-        run(a.batch, a.new, a.out)
+        run(a.batch, a.new, a.out, fused=not a.module)
         summarize(a.out)
