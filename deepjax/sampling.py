@@ -286,9 +286,11 @@ def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens:
 
 
 def _layers_of(stack):
+    """Per-layer modules over copies of the weights; the copies pass an optimization barrier, else XLA:GPU sinks
+    the slicing into the decode loop and copies each layer's weights at every step."""
     graphdef, state = nnx.split(stack)
     n = jax.tree.leaves(state)[0].shape[0]
-    return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(n)]
+    return [nnx.merge(graphdef, jax.lax.optimization_barrier(jax.tree.map(lambda a: a[i], state))) for i in range(n)]
 
 
 def _decode_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn, attention):
