@@ -4,15 +4,18 @@ At batch 1 the decode step is bound by kernel launches, not bytes (docs/LOG.md: 
 bench preset, ~2 us each). `fuse_layers` rewrites each layer's weights once, outside the decode loop, so that a
 layer needs fewer matmuls and no sorts:
 
-    w_in   [D, Q + C + R]   wq_a and wkv_a side by side: one matmul reads x for the query and the latent
-    w_q    [Q, N, C + R]    the key up-projection absorbed into the query weights (q_nope W_uk, computed in
+    w_in   [Q + C + R, D]   wq_a and wkv_a side by side: one matmul reads x for the query and the latent
+    w_q    [N, C + R, Q]    the key up-projection absorbed into the query weights (q_nope W_uk, computed in
                             float32 once), beside the rope part: one matmul gives the query in latent space
-    w_uv   [C + R, N, V]    the value up-projection with R zero rows, so the output reads the whole cache row
-                            [c ; k_pe] and never a sliced copy of c
-    w_gu   [E + S, D, 2 I]  routed experts' gate and up side by side, the S shared experts appended as
-    w_down [E + S, I, D]    experts of weight 1 (a SwiGLU of width S*I is the sum of S SwiGLUs of width I)
+    w_uv   [N, V, C + R]    the value up-projection with R zero columns, so the output reads the whole cache
+                            row [c ; k_pe] and never a sliced copy of c
+    w_gu   [E + S, 2 I, D]  routed experts' gate and up side by side, the S shared experts appended as
+    w_down [E + S, D, I]    experts of weight 1 (a SwiGLU of width S*I is the sum of S SwiGLUs of width I)
 
-and routing ranks the experts by comparisons (`route_by_rank`) instead of three top-k sorts. The math is that
+and routing ranks the experts by comparisons (`route_by_rank`) instead of three top-k sorts. Every fused matrix
+is stored output-major (the contracted axis last): at batch 1 XLA:GPU lowers a matrix-vector product to a
+reduction, and a reduction over the minor axis (a row reduction) streams memory far better than one over the
+major axis. The math is that
 of the module path (`sampling.decode_tokens` with per-layer modules); only summation order and the rounding of
 the absorbed query weights differ (tests/test_sampling.py checks the two against the full forward).
 
@@ -72,7 +75,8 @@ def route_by_rank(logits_TE, bias_E, cfg: ModelConfig):
 
 
 # ---------------------------------------------------------------------------------------------------- experts
-# Routed (and appended shared) experts on a few tokens, with gate and up side by side: w_gu [E, D, 2I].
+# Routed (and appended shared) experts on a few tokens, gate and up side by side, contracted axis last:
+# w_gu [E, 2I, D], w_down [E, D, I].
 
 
 def _swiglu(gu_XJ):
@@ -80,7 +84,7 @@ def _swiglu(gu_XJ):
     return jax.nn.silu(gu_XJ[..., :I]) * gu_XJ[..., I:]
 
 
-def experts_gathered(x_TD, w_TK, idx_TK, w_gu_EDJ, w_down_EID):
+def experts_gathered(x_TD, w_TK, idx_TK, w_gu_EJD, w_down_EDI):
     """Each token through its K experts by slicing those experts' weights: reads T*K experts, not E."""
     T, K = idx_TK.shape
     flat = idx_TK.reshape(-1)
@@ -89,17 +93,17 @@ def experts_gathered(x_TD, w_TK, idx_TK, w_gu_EDJ, w_down_EID):
     take = lambda w: jnp.stack([jax.lax.dynamic_index_in_dim(w, flat[j], keepdims=False)  # noqa: E731
                                 for j in range(flat.shape[0])])
     x_XD = jnp.repeat(x_TD, K, axis=0)
-    h_XI = _swiglu(jnp.einsum("xd,xdj->xj", x_XD, take(w_gu_EDJ)))
-    y_XD = jnp.einsum("xi,xid->xd", h_XI, take(w_down_EID)).astype(jnp.float32)
+    h_XI = _swiglu(jnp.einsum("xd,xjd->xj", x_XD, take(w_gu_EJD)))
+    y_XD = jnp.einsum("xi,xdi->xd", h_XI, take(w_down_EDI)).astype(jnp.float32)
     return (y_XD.reshape(T, K, -1) * w_TK[..., None]).sum(1).astype(x_TD.dtype)
 
 
-def experts_all(x_TD, w_TK, idx_TK, w_gu_EDJ, w_down_EID):
+def experts_all(x_TD, w_TK, idx_TK, w_gu_EJD, w_down_EDI):
     """Every expert on every token as batched matmuls over the expert axis, combined with the routing weights:
     when nearly every expert is chosen by some token, all weights are read anyway."""
-    E = w_gu_EDJ.shape[0]
+    E = w_gu_EJD.shape[0]
     x_ETD = jnp.broadcast_to(x_TD[None], (E, *x_TD.shape))
-    y_ETD = jnp.einsum("eti,eid->etd", _swiglu(jnp.einsum("etd,edj->etj", x_ETD, w_gu_EDJ)), w_down_EID)
+    y_ETD = jnp.einsum("eti,edi->etd", _swiglu(jnp.einsum("etd,ejd->etj", x_ETD, w_gu_EJD)), w_down_EDI)
     comb_ET = jnp.einsum("tk,tke->et", w_TK, jax.nn.one_hot(idx_TK, E, dtype=jnp.float32))
     return jnp.einsum("etd,et->td", y_ETD.astype(jnp.float32), comb_ET).astype(x_TD.dtype)
 
@@ -119,34 +123,35 @@ def _fuse_attention(attn, dt):
     f32 = jnp.float32
     wkv_b = attn.wkv_b[...].astype(f32)  # [C, N, H + V]
     wq = attn.wq_b[...] if cfg.q_lora_rank is not None else attn.wq[...]  # [Q or D, N, H + R]
-    q_c = jnp.einsum("qnh,cnh->qnc", wq[..., :H].astype(f32), wkv_b[..., :H])
-    w_uv = jnp.pad(wkv_b[..., H:], ((0, R), (0, 0), (0, 0)))  # [C + R, N, V]
-    w = {"w_q": jnp.concatenate([q_c, wq[..., H:].astype(f32)], -1).astype(dt), "w_uv": w_uv.astype(dt),
-         "wo": attn.wo[...].astype(dt), "kv_norm": attn.kv_norm.weight[...].astype(dt)}
+    q_c = jnp.einsum("qnh,cnh->ncq", wq[..., :H].astype(f32), wkv_b[..., :H])
+    q_pe = jnp.einsum("qnr->nrq", wq[..., H:].astype(f32))
+    w_uv = jnp.pad(jnp.einsum("cnv->nvc", wkv_b[..., H:]), ((0, 0), (0, 0), (0, R)))  # [N, V, C + R]
+    w = {"w_q": jnp.concatenate([q_c, q_pe], 1).astype(dt), "w_uv": w_uv.astype(dt),
+         "wo": jnp.einsum("nvd->dnv", attn.wo[...]).astype(dt), "kv_norm": attn.kv_norm.weight[...].astype(dt)}
     if cfg.q_lora_rank is not None:
-        w["w_in"] = jnp.concatenate([attn.wq_a[...], attn.wkv_a[...]], -1).astype(dt)
+        w["w_in"] = jnp.concatenate([attn.wq_a[...], attn.wkv_a[...]], -1).T.astype(dt)
         w["q_norm"] = attn.q_norm.weight[...].astype(dt)
     else:
-        w["w_in"] = attn.wkv_a[...].astype(dt)
+        w["w_in"] = attn.wkv_a[...].T.astype(dt)
     return w
 
 
 def _fuse_ffn(ffn, dt):
     if not isinstance(ffn, MoE):
-        return {"w_gu": jnp.concatenate([ffn.w_gate[...], ffn.w_up[...]], -1).astype(dt),
-                "w_down": ffn.w_down[...].astype(dt)}
+        return {"w_gu": jnp.concatenate([ffn.w_gate[...], ffn.w_up[...]], -1).T.astype(dt),
+                "w_down": ffn.w_down[...].T.astype(dt)}
     cfg = ffn.cfg
-    w_gu = jnp.concatenate([ffn.w_gate[...], ffn.w_up[...]], -1).astype(dt)
-    w_down = ffn.w_down[...].astype(dt)
+    w_gu = jnp.concatenate([ffn.w_gate[...], ffn.w_up[...]], -1)  # [E, D, 2I]
+    w_down = ffn.w_down[...]  # [E, I, D]
     if ffn.shared is not None:
         S, I = cfg.n_shared_experts, cfg.moe_intermediate_size
         split = lambda w: jnp.moveaxis(w.reshape(w.shape[0], S, I), 1, 0)  # noqa: E731  [D, S*I] -> [S, D, I]
-        s_gu = jnp.concatenate([split(ffn.shared.w_gate[...]), split(ffn.shared.w_up[...])], -1).astype(dt)
-        w_gu = jnp.concatenate([w_gu, s_gu], 0)
-        w_down = jnp.concatenate([w_down, ffn.shared.w_down[...].reshape(S, I, -1).astype(dt)], 0)
-    return {"router": ffn.gate[...].astype(jnp.float32),
-            "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32),
-            "w_gu": w_gu, "w_down": w_down}
+        s_gu = jnp.concatenate([split(ffn.shared.w_gate[...]), split(ffn.shared.w_up[...])], -1)
+        w_gu = jnp.concatenate([w_gu.astype(dt), s_gu.astype(dt)], 0)
+        w_down = jnp.concatenate([w_down.astype(dt), ffn.shared.w_down[...].reshape(S, I, -1).astype(dt)], 0)
+    return {"router": ffn.gate[...].T.astype(jnp.float32),
+            "w_gu": jnp.swapaxes(w_gu, 1, 2).astype(dt), "w_down": jnp.swapaxes(w_down, 1, 2).astype(dt),
+            "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32)}
 
 
 def fuse_block(blk, dt) -> dict:
@@ -168,13 +173,14 @@ def rms(x, w, eps: float):
     return w.reshape((1,) * (x.ndim - 1) + w.shape) * y
 
 
-def absorbed_attention(q_BTNc, kv_BSc, mask_BTS, w_uv_cNV, wo_NVD, scale: float):
-    """Attention over the latent cache rows [c ; k_pe] for queries [q_c ; q_pe] (softmax in float32)."""
+def absorbed_attention(q_BTNc, kv_BSc, mask_BTS, w_uv_NVc, wo_DNV, scale: float):
+    """Attention over the latent cache rows [c ; k_pe] for queries [q_c ; q_pe] (softmax in float32); the output
+    projections contracted-axis-last: w_uv [N, V, C + R] (zero for the k_pe columns), wo [D, N, V]."""
     s_BNTS = jnp.einsum("btnc,bsc->bnts", q_BTNc, kv_BSc, preferred_element_type=jnp.float32)
     s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS * scale, NEG)
     p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(q_BTNc.dtype)
     o_BTNc = jnp.einsum("bnts,bsc->btnc", p_BNTS, kv_BSc)
-    return jnp.einsum("btnv,nvd->btd", jnp.einsum("btnc,cnv->btnv", o_BTNc, w_uv_cNV), wo_NVD)
+    return jnp.einsum("btnv,dnv->btd", jnp.einsum("btnc,nvc->btnv", o_BTNc, w_uv_NVc), wo_DNV)
 
 
 def write_rows(buf_BSX, pos_BT, new_BTX):
@@ -191,7 +197,7 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn):
     cfg, a = w["cfg"], w["attn"]
     C, eps = cfg.kv_lora_rank, cfg.rms_norm_eps
     h = rms(x_BTD, w["attn_norm"], eps)
-    z = h @ a["w_in"]
+    z = jnp.einsum("btd,kd->btk", h, a["w_in"])
     if cfg.q_lora_rank is not None:
         Q = cfg.q_lora_rank
         q_in, kv = rms(z[..., :Q], a["q_norm"], eps), z[..., Q:]
@@ -199,7 +205,7 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn):
         q_in, kv = h, z
     # The barrier keeps XLA:GPU from fusing this matrix-vector product into the rope / concatenation below, which
     # recomputed it per output element (150 us per layer at batch 1, measured).
-    q = jax.lax.optimization_barrier(jnp.einsum("btq,qnk->btnk", q_in, a["w_q"]))
+    q = jax.lax.optimization_barrier(jnp.einsum("btq,nkq->btnk", q_in, a["w_q"]))
     q = jnp.concatenate([q[..., :C], apply_rope(q[..., C:], cos, sin)], -1)
     row = jnp.concatenate([rms(kv[..., :C], a["kv_norm"], eps), apply_rope(kv[..., C:], cos, sin)], -1)
     kv_BSc = write_rows(kv_BSc, pos_BT, row)
@@ -207,9 +213,9 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn):
     h = rms(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
     f = w["ffn"]
     if "router" not in f:
-        y = _swiglu(h @ f["w_gu"]) @ f["w_down"]
+        y = jnp.einsum("tf,df->td", _swiglu(jnp.einsum("td,fd->tf", h, f["w_gu"])), f["w_down"])
     else:
-        w_TK, idx_TK = route_by_rank(h.astype(jnp.float32) @ f["router"], f["bias"], cfg)
+        w_TK, idx_TK = route_by_rank(jnp.einsum("td,ed->te", h.astype(jnp.float32), f["router"]), f["bias"], cfg)
         S = cfg.n_shared_experts
         if S:  # the shared experts: appended experts E .. E+S-1, weight 1
             shared = jnp.arange(cfg.n_routed_experts, cfg.n_routed_experts + S, dtype=jnp.int32)

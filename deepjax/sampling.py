@@ -145,8 +145,9 @@ def decode_experts_fn(cfg: ModelConfig, n_tokens: int):
         return prefill_experts_fn(cfg)
     fn = DF.experts_gathered if n_tokens * cfg.num_experts_per_tok <= cfg.n_routed_experts else DF.experts_all
 
-    def experts(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
-        return fn(x_TD, w_TK, idx_TK, jnp.concatenate([w_gate_EDI, w_up_EDI], -1), w_down_EID)
+    def experts(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):  # the fused layout: contracted axis last
+        return fn(x_TD, w_TK, idx_TK, jnp.swapaxes(jnp.concatenate([w_gate_EDI, w_up_EDI], -1), 1, 2),
+                  jnp.swapaxes(w_down_EID, 1, 2))
     return experts
 
 
@@ -235,9 +236,9 @@ def _attend_absorbed(attn, q_nope_BTNH, q_pe_BTNR, kv_BSc, mask_BTS, dt):
     H, R = attn.cfg.qk_nope_head_dim, attn.cfg.qk_rope_head_dim
     wkv_b = attn.wkv_b[...].astype(dt)
     q_c = jnp.einsum("btnh,cnh->btnc", q_nope_BTNH, wkv_b[..., :H])
-    w_uv = jnp.pad(wkv_b[..., H:], ((0, R), (0, 0), (0, 0)))  # zero rows for k_pe: o reads whole cache rows
+    w_uv = jnp.pad(jnp.einsum("cnv->nvc", wkv_b[..., H:]), ((0, 0), (0, 0), (0, R)))  # zero for k_pe columns
     return DF.absorbed_attention(jnp.concatenate([q_c, q_pe_BTNR], -1), kv_BSc, mask_BTS, w_uv,
-                                 attn.wo[...].astype(dt), attn.cfg.softmax_scale)
+                                 jnp.einsum("nvd->dnv", attn.wo[...].astype(dt)), attn.cfg.softmax_scale)
 
 
 def _attend_naive(attn, q_nope_BTNH, q_pe_BTNR, kv_BSc, mask_BTS, dt):

@@ -73,9 +73,9 @@ def test_decode_expert_paths_agree():
     idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]), jnp.int32)
     ws = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
     ref = moe.routed_experts_dense(x, w, idx, *ws)
-    gu = jnp.concatenate(ws[:2], -1)
-    np.testing.assert_allclose(DF.experts_gathered(x, w, idx, gu, ws[2]), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(DF.experts_all(x, w, idx, gu, ws[2]), ref, rtol=1e-5, atol=1e-5)
+    gu, down = jnp.swapaxes(jnp.concatenate(ws[:2], -1), 1, 2), jnp.swapaxes(ws[2], 1, 2)  # contracted axis last
+    np.testing.assert_allclose(DF.experts_gathered(x, w, idx, gu, down), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(DF.experts_all(x, w, idx, gu, down), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(moe.routed_experts_dropless(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
     cfg = load_config("tiny").model  # 8 experts, top-2, 1 shared (appended as a 9th expert when fused)
     assert DF.experts_fn_for(cfg, 3) is DF.experts_gathered and DF.experts_fn_for(cfg, 4) is DF.experts_all
