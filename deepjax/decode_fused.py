@@ -88,10 +88,10 @@ def experts_gathered(x_TD, w_TK, idx_TK, w_gu_EJD, w_down_EDI):
     """Each token through its K experts by slicing those experts' weights: reads T*K experts, not E."""
     T, K = idx_TK.shape
     flat = idx_TK.reshape(-1)
-    # One dynamic slice per assignment (T*K small and static): XLA may turn an indexed gather feeding a dot into a
-    # one-hot contraction over every expert, which reads them all.
-    take = lambda w: jnp.stack([jax.lax.dynamic_index_in_dim(w, flat[j], keepdims=False)  # noqa: E731
-                                for j in range(flat.shape[0])])
+    # A gather of the chosen experts' (contracted-axis-last) matrices: at batch 1 on the H100 it decodes 9% faster
+    # than one dynamic slice per assignment stacked (1,231 vs 1,125 tokens/s, docs/LOG.md), which XLA fuses into
+    # the reduction as a select over the X slices.
+    take = lambda w: jnp.take(w, flat, axis=0)  # noqa: E731
     x_XD = jnp.repeat(x_TD, K, axis=0)
     h_XI = _swiglu(jnp.einsum("xd,xjd->xj", x_XD, take(w_gu_EJD)))
     y_XD = jnp.einsum("xi,xdi->xd", h_XI, take(w_down_EDI)).astype(jnp.float32)
