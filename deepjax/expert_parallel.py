@@ -25,7 +25,6 @@ global batch.
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import NamedTuple, Optional
 
 import jax

@@ -27,7 +27,7 @@ from deepjax.config import ModelConfig
 from deepjax.expert_parallel import ShardedExperts
 from deepjax.mla import MLA
 from deepjax.moe import MoE, routed_experts_dropless
-from deepjax.nn import MLP, Param, RMSNorm, RouterBias, dtype_of, normal_init
+from deepjax.nn import MLP, Param, RMSNorm, dtype_of, normal_init
 from deepjax.rope import rope_tables
 
 

@@ -506,7 +506,7 @@ def _write_jsonl(path, objs, blank_lines: bool = False) -> str:
 
 def test_build_jsonl_math(tmp_path):
     gsm = _write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_LINES, blank_lines=True)
-    mth = _write_jsonl(tmp_path / "math.jsonl", MATH_LINES)
+    _write_jsonl(tmp_path / "math.jsonl", MATH_LINES)
     cfg = DataConfig(source="jsonl_math", path=f"{gsm}, {tmp_path}/m*.jsonl")
     sources = datasets.build(cfg, str(tmp_path / "tfds"))
     assert list(sources) == ["train"]

@@ -4,8 +4,6 @@ The reference is HF's DeepseekV3ForCausalLM / DeepseekV2ForCausalLM, random-init
 `save_pretrained` (DeepSeek's per-expert layout), imported with deepjax.hf.load.
 """
 
-import dataclasses
-import json
 import os
 import tracemalloc
 
@@ -272,7 +270,6 @@ def test_load_streams_one_tensor_at_a_time(tiny_export):
     cfg, _, params, d = tiny_export
     param_bytes = sum(v[...].nbytes for _, v in nnx.to_flat_state(params))
     tensors = load_file(os.path.join(d, "model.safetensors"))
-    total = sum(t.nbytes for t in tensors.values())
     largest = max(t.nbytes for t in tensors.values())
     del tensors
     hf.load(d)  # compile the slot writers first: compilation allocates too
