@@ -165,7 +165,8 @@ def plot(curves: dict, a, path: str) -> None:
     ax[0].legend(fontsize=8)
     seeds = ", ".join(map(str, a.seeds))
     fig.suptitle(f"aux-loss-free balancing, {a.config} preset"
-                 f"{f', {a.experts} experts' if a.experts else ''}; seeds {seeds} "
+                 f"{f', {a.experts} experts' if a.experts else ''}{''.join(', ' + o for o in a.override)}; "
+                 f"seeds {seeds} "
                  f"(first solid, others dashed)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=72)
