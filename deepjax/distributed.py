@@ -33,8 +33,28 @@ def initialize(**kwargs) -> None:
     Must run before anything touches jax devices."""
     if jax.distributed.is_initialized():
         return
+    if not kwargs and os.environ.get("JAX_COORDINATOR_ADDRESS") and not _tpu_pod():
+        kwargs = _from_env()
     if kwargs or _tpu_pod() or any(os.environ.get(k) for k in _MULTIHOST_ENV):
         jax.distributed.initialize(**kwargs)
+
+
+def _from_env() -> dict:
+    """Coordinator, process count and this process's id from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID (jax itself reads only the address and would fail asking for the count); {} when the
+    count is not set, leaving SLURM / Open MPI detection to jax."""
+    n = os.environ.get("JAX_NUM_PROCESSES")
+    if not n:
+        return {}
+    pid = os.environ.get("JAX_PROCESS_ID")
+    try:
+        n_i, pid_i = int(n), int(pid) if pid is not None else None
+    except ValueError:
+        raise ValueError(f"JAX_NUM_PROCESSES={n!r} and JAX_PROCESS_ID={pid!r} must be integers") from None
+    if pid_i is None or not 0 <= pid_i < n_i:
+        raise ValueError(f"JAX_PROCESS_ID={pid!r}: set it to this process's index in [0, {n_i})")
+    return {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"], "num_processes": n_i,
+            "process_id": pid_i}
 
 
 def process_rows(global_batch: int, mesh: Mesh, rules: dict) -> slice:
@@ -55,3 +75,13 @@ def global_batch(local: np.ndarray, global_batch_size: int, mesh: Mesh, rules: d
     """A global [global_batch_size, ...] array from this process's rows (`process_rows`)."""
     sharding = S.batch_spec(mesh, rules, ndim=local.ndim)
     return jax.make_array_from_process_local_data(sharding, local, (global_batch_size, *local.shape[1:]))
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-host) global array on this host: an all-gather across processes when
+    there are several (device_get cannot read other hosts' shards), else device_get."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+

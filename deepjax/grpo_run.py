@@ -196,11 +196,6 @@ class GRPORun:
         rows = D.process_rows(x.shape[0], self.mesh, self.rules)
         return D.global_batch(np.ascontiguousarray(x[rows]), x.shape[0], self.mesh, self.rules)
 
-    def _host(self, x: jax.Array) -> np.ndarray:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(jax.device_get(x))
 
     def next_prompts(self) -> list[dict]:
         return [tasks.as_example(next(self.prompts)) for _ in range(self.cfg.rl.prompts_per_step)]
@@ -214,7 +209,7 @@ class GRPORun:
         with S.use_mesh(self.mesh, self.rules):
             out = SP.jit_generate(self.graphdef, self.policy_params(), self._global(P), self._global(L), key,
                                   self.sampling)
-        toks, lps, lens, done = (self._host(x) for x in (out.tokens, out.logprobs, out.lengths, out.done))
+        toks, lps, lens, done = (D.host_array(x) for x in (out.tokens, out.logprobs, out.lengths, out.done))
         texts = [tok.decode(toks[i, :int(lens[i]) - int(done[i])], errors="replace") for i in range(len(toks))]
         return dict(prompts=P, prompt_lengths=L, tokens=toks, logprobs=lps, lengths=lens, done=done), texts
 

@@ -18,9 +18,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from deepjax import distributed as D
 from deepjax import evaluation
 from deepjax import sampling as SP
 from deepjax import sharding as S
@@ -84,7 +84,7 @@ def sample_completions(cfg: Config, graphdef, params, mesh, rules, examples: lis
             key, sub = jax.random.split(key)
             out = SP.jit_generate(graphdef, params, jax.device_put(jnp.asarray(P), S.batch_spec(mesh, rules)),
                                   jax.device_put(jnp.asarray(L), S.batch_spec(mesh, rules, ndim=1)), sub, sc)
-            toks, lens, done = (np.asarray(jax.device_get(x)) for x in (out.tokens, out.lengths, out.done))
+            toks, lens, done = (D.host_array(x) for x in (out.tokens, out.lengths, out.done))
             for r in range(n_real):
                 n = int(lens[r]) - int(done[r])  # drop the EOS itself
                 texts.append(tok.decode(toks[r, :n], errors="replace"))

@@ -28,6 +28,26 @@ def test_single_process_rows_and_global_batch():
     D.initialize()  # one process: a no-op, must not raise
 
 
+def test_coordinator_from_environment(monkeypatch):
+    """jax reads only JAX_COORDINATOR_ADDRESS; deepjax adds the count and id (a manual GPU / CPU cluster)."""
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    assert D._from_env() == {}  # left to jax's SLURM / Open MPI detection
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    assert D._from_env() == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    for pid in ("4", "-1"):
+        monkeypatch.setenv("JAX_PROCESS_ID", pid)
+        with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+            D._from_env()
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+        D._from_env()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "four")
+    with pytest.raises(ValueError, match="must be integers"):
+        D._from_env()
+
+
 _WORKER = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
