@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from deepjax.config import ModelConfig
-from deepjax.moe import MoE
+from deepjax.moe import MoE, gate_weights, router_scores
+from deepjax.nn import rms_norm
 from deepjax.rope import apply_rope
 
 NEG = float(jnp.finfo(jnp.float32).min)
@@ -51,12 +52,8 @@ def _rank_desc(v):
 def route_by_rank(logits_TE, bias_E, cfg: ModelConfig):
     """`moe.route` (same weights and indices, same order) by pairwise comparisons instead of sorts: a few fused
     kernels on GPU where lax.top_k costs a sort each. For decoding (T small); memory is T x E x E booleans."""
-    logits_TE = logits_TE.astype(jnp.float32)
     E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
-    scores_TE = jax.nn.sigmoid(logits_TE) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits_TE, axis=-1)
-    if bias_E is not None:
-        bias_E = bias_E.astype(jnp.float32).reshape((1,) * (scores_TE.ndim - 1) + (E,))
-    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    scores_TE, choice_TE = router_scores(logits_TE, bias_E, cfg)
     if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and G > 1:
         grouped_TGe = choice_TE.reshape(*choice_TE.shape[:-1], G, E // G)
         if cfg.topk_method == "noaux_tc":
@@ -69,9 +66,7 @@ def route_by_rank(logits_TE, bias_E, cfg: ModelConfig):
     pick_TKE = _rank_desc(choice_TE)[..., None, :] == jnp.arange(K).reshape(*lead, K, 1)  # e is the k-th choice
     idx_TK = jnp.where(pick_TKE, jnp.arange(E, dtype=jnp.int32).reshape(*lead, 1, E), 0).sum(-1)
     w_TK = jnp.where(pick_TKE, scores_TE[..., None, :], 0.0).sum(-1)
-    if cfg.norm_topk_prob:
-        w_TK = w_TK / (w_TK.sum(-1, keepdims=True) + 1e-20)
-    return w_TK * cfg.routed_scaling_factor, idx_TK
+    return gate_weights(w_TK, cfg), idx_TK
 
 
 # ---------------------------------------------------------------------------------------------------- experts
@@ -147,8 +142,8 @@ def _fuse_ffn(ffn, dt):
         S, I = cfg.n_shared_experts, cfg.moe_intermediate_size
         split = lambda w: jnp.moveaxis(w.reshape(w.shape[0], S, I), 1, 0)  # noqa: E731  [D, S*I] -> [S, D, I]
         s_gu = jnp.concatenate([split(ffn.shared.w_gate[...]), split(ffn.shared.w_up[...])], -1)
-        w_gu = jnp.concatenate([w_gu.astype(dt), s_gu.astype(dt)], 0)
-        w_down = jnp.concatenate([w_down.astype(dt), ffn.shared.w_down[...].reshape(S, I, -1).astype(dt)], 0)
+        w_gu = jnp.concatenate([w_gu, s_gu], 0)
+        w_down = jnp.concatenate([w_down, ffn.shared.w_down[...].reshape(S, I, -1)], 0)
     return {"router": ffn.gate[...].T.astype(jnp.float32),
             "w_gu": jnp.swapaxes(w_gu, 1, 2).astype(dt), "w_down": jnp.swapaxes(w_down, 1, 2).astype(dt),
             "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32)}
@@ -164,13 +159,6 @@ def fuse_block(blk, dt) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- the step
-
-
-def rms(x, w, eps: float):
-    """RMSNorm as `nn.RMSNorm` computes it (float32 statistics, weight applied in x's dtype)."""
-    x32 = x.astype(jnp.float32)
-    y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-    return w.reshape((1,) * (x.ndim - 1) + w.shape) * y
 
 
 def absorbed_attention(q_BTNc, kv_BSc, mask_BTS, w_uv_NVc, wo_DNV, scale: float):
@@ -196,21 +184,21 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn):
     B, T, D = x_BTD.shape
     cfg, a = w["cfg"], w["attn"]
     C, eps = cfg.kv_lora_rank, cfg.rms_norm_eps
-    h = rms(x_BTD, w["attn_norm"], eps)
+    h = rms_norm(x_BTD, w["attn_norm"], eps)
     z = jnp.einsum("btd,kd->btk", h, a["w_in"])
     if cfg.q_lora_rank is not None:
         Q = cfg.q_lora_rank
-        q_in, kv = rms(z[..., :Q], a["q_norm"], eps), z[..., Q:]
+        q_in, kv = rms_norm(z[..., :Q], a["q_norm"], eps), z[..., Q:]
     else:
         q_in, kv = h, z
     # The barrier keeps XLA:GPU from fusing this matrix-vector product into the rope / concatenation below, which
     # recomputed it per output element (150 us per layer at batch 1, measured).
     q = jax.lax.optimization_barrier(jnp.einsum("btq,nkq->btnk", q_in, a["w_q"]))
     q = jnp.concatenate([q[..., :C], apply_rope(q[..., C:], cos, sin)], -1)
-    row = jnp.concatenate([rms(kv[..., :C], a["kv_norm"], eps), apply_rope(kv[..., C:], cos, sin)], -1)
+    row = jnp.concatenate([rms_norm(kv[..., :C], a["kv_norm"], eps), apply_rope(kv[..., C:], cos, sin)], -1)
     kv_BSc = write_rows(kv_BSc, pos_BT, row)
     x_BTD = x_BTD + absorbed_attention(q, kv_BSc, mask_BTS, a["w_uv"], a["wo"], cfg.softmax_scale)
-    h = rms(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
+    h = rms_norm(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
     f = w["ffn"]
     if "router" not in f:
         y = jnp.einsum("tf,df->td", _swiglu(jnp.einsum("td,fd->tf", h, f["w_gu"])), f["w_down"])
@@ -226,4 +214,4 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn):
 
 
 __all__ = ["route_by_rank", "experts_gathered", "experts_all", "experts_fn_for", "fuse_block", "fused_block",
-           "absorbed_attention", "write_rows", "rms"]
+           "absorbed_attention", "write_rows"]

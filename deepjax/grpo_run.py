@@ -196,7 +196,6 @@ class GRPORun:
         rows = D.process_rows(x.shape[0], self.mesh, self.rules)
         return D.global_batch(np.ascontiguousarray(x[rows]), x.shape[0], self.mesh, self.rules)
 
-
     def next_prompts(self) -> list[dict]:
         return [tasks.as_example(next(self.prompts)) for _ in range(self.cfg.rl.prompts_per_step)]
 

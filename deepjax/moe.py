@@ -25,17 +25,30 @@ from deepjax.config import ModelConfig
 from deepjax.nn import MLP, Param, RouterBias, dtype_of, normal_init
 
 
-def route(logits_TE: jnp.ndarray, bias_E: jnp.ndarray | None, cfg: ModelConfig):
-    """Returns (weights_TK float32, indices_TK int32, scores_TE float32 before any bias)."""
+def router_scores(logits_TE: jnp.ndarray, bias_E: jnp.ndarray | None, cfg: ModelConfig):
+    """(scores_TE, choice_TE) in float32: the gate scores, and the scores plus the correction bias that selection
+    uses (the same array without a bias)."""
     logits_TE = logits_TE.astype(jnp.float32)
-    E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
     if cfg.scoring_func == "sigmoid":
         scores_TE = jax.nn.sigmoid(logits_TE)
     else:
         scores_TE = jax.nn.softmax(logits_TE, axis=-1)
-    choice_TE = scores_TE
-    if bias_E is not None:
-        choice_TE = scores_TE + bias_E.astype(jnp.float32).reshape((1,) * (scores_TE.ndim - 1) + (E,))
+    if bias_E is None:
+        return scores_TE, scores_TE
+    return scores_TE, scores_TE + bias_E.astype(jnp.float32).reshape((1,) * (scores_TE.ndim - 1) + (-1,))
+
+
+def gate_weights(w_TK: jnp.ndarray, cfg: ModelConfig):
+    """The chosen experts' scores renormalized over the K (norm_topk_prob) and scaled by routed_scaling_factor."""
+    if cfg.norm_topk_prob:
+        w_TK = w_TK / (w_TK.sum(-1, keepdims=True) + 1e-20)
+    return w_TK * cfg.routed_scaling_factor
+
+
+def route(logits_TE: jnp.ndarray, bias_E: jnp.ndarray | None, cfg: ModelConfig):
+    """Returns (weights_TK float32, indices_TK int32, scores_TE float32 before any bias)."""
+    E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
+    scores_TE, choice_TE = router_scores(logits_TE, bias_E, cfg)
     if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and G > 1:
         grouped_TGe = choice_TE.reshape(*choice_TE.shape[:-1], G, E // G)
         if cfg.topk_method == "noaux_tc":
@@ -48,9 +61,7 @@ def route(logits_TE: jnp.ndarray, bias_E: jnp.ndarray | None, cfg: ModelConfig):
         choice_TE = jnp.where(keep_TE, choice_TE, -jnp.inf)
     _, idx_TK = jax.lax.top_k(choice_TE, K)
     w_TK = jnp.take_along_axis(scores_TE, idx_TK, axis=-1)
-    if cfg.norm_topk_prob:
-        w_TK = w_TK / (w_TK.sum(-1, keepdims=True) + 1e-20)
-    return w_TK * cfg.routed_scaling_factor, idx_TK.astype(jnp.int32), scores_TE
+    return gate_weights(w_TK, cfg), idx_TK.astype(jnp.int32), scores_TE
 
 
 def expert_load(idx_BTK: jnp.ndarray, valid_BT: jnp.ndarray, n_experts: int) -> jnp.ndarray:

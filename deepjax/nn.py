@@ -40,10 +40,15 @@ class RMSNorm(nnx.Module):
         self.weight = Param(jnp.ones((dim,), dtype_of(cfg.param_dtype)), axes=(axis_name,))
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        w = self.weight[...].astype(x.dtype)
-        return w.reshape((1,) * (x.ndim - 1) + w.shape) * y.astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def rms_norm(x, w, eps: float):
+    """RMSNorm over the last axis: float32 statistics, the weight applied in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    w = w.astype(x.dtype)
+    return w.reshape((1,) * (x.ndim - 1) + w.shape) * y.astype(x.dtype)
 
 
 class MLP(nnx.Module):

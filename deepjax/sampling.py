@@ -151,7 +151,6 @@ def decode_experts_fn(cfg: ModelConfig, n_tokens: int):
     return experts
 
 
-
 def _ffn_decode(blk, h_BD, experts_fn):
     """The block's FFN on one token per row, without the load statistics and balance loss that training needs."""
     ffn = blk.ffn

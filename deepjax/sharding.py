@@ -265,6 +265,6 @@ def spec_table(params, rules: dict) -> dict[str, list]:
             for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))}
 
 
-__all__ = ["MeshConfig", "make_mesh", "batch_shards", "rules_for", "RULE_PRESETS", "param_shardings", "init_sharded", "state_shardings",
-           "abstract_with_shardings",
+__all__ = ["MeshConfig", "make_mesh", "batch_shards", "rules_for", "RULE_PRESETS", "param_shardings", "init_sharded",
+           "state_shardings", "abstract_with_shardings",
            "use_mesh", "constrain", "batch_spec", "spec_table", "logical_to_spec"]
