@@ -13,7 +13,7 @@ import json
 import os
 
 
-def run(batch, new, out, fused=True):
+def run(batch, new, out, fused=True, kernels="auto"):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -22,14 +22,14 @@ def run(batch, new, out, fused=True):
     graphdef, params = M.init(cfg, jax.random.key(0))
     prompts = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 128)), jnp.int32)
     lengths = jnp.full((batch,), 128, jnp.int32)
-    sc = SP.SamplingConfig(max_new_tokens=new, temperature=0.0, fused=fused)
+    sc = SP.SamplingConfig(max_new_tokens=new, temperature=0.0, fused=fused, kernels=kernels)
     jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(0), sc))
     import time
     with jax.profiler.trace(out, create_perfetto_trace=True):
         t = time.perf_counter()
         jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(1), sc))
         print(f"generate wall {1e3 * (time.perf_counter() - t):.1f} ms (batch {batch}, {new} new, "
-              f"{'fused' if fused else 'module'})")
+              f"{'fused' if fused else 'module'}, kernels {kernels})")
 
 
 def summarize(out, top=25, top_host=25):
@@ -77,9 +77,11 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="/tmp/prof")
     ap.add_argument("--summarize", default=None)
     ap.add_argument("--module", action="store_true", help="the unfused module path (fused=False)")
+    ap.add_argument("--kernels", default="auto", help="auto | xla | pallas (the fused path's kernels)")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed")
     a = ap.parse_args()
     if a.summarize:
-        summarize(a.summarize)
+        summarize(a.summarize, a.top)
     else:
-        run(a.batch, a.new, a.out, fused=not a.module)
-        summarize(a.out)
+        run(a.batch, a.new, a.out, fused=not a.module, kernels=a.kernels)
+        summarize(a.out, a.top)

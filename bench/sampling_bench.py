@@ -3,6 +3,7 @@
     PYTHONPATH=. python bench/sampling_bench.py                 # batch 1 and 64, prompt 128, 256 new tokens
     PYTHONPATH=. python bench/sampling_bench.py --no-hf --batches 1 8 64
     PYTHONPATH=. python bench/sampling_bench.py --module     # also the unfused module path (fused=False)
+    PYTHONPATH=. python bench/sampling_bench.py --kernels auto xla   # with and without the Pallas kernels
 
 Prints JSON lines, then a table: tokens/s (new tokens over the whole generate call, prefill included, as HF's
 figure), decode-only tokens/s, the cache bytes per token, and the memory-bandwidth roofline of one decode step:
@@ -65,13 +66,14 @@ def step_bytes(cfg, params, B: int, positions: int) -> dict:
     return {"weights": weights, "cache": cache, "total": weights + cache, "experts_read_per_layer": distinct}
 
 
-def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: int, fused: bool = True) -> dict:
+def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: int, fused: bool = True,
+                  kernels: str = "auto") -> dict:
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, prompt)), jnp.int32)
     lengths = jnp.full((B,), prompt, jnp.int32)
     out = {}
     for n in (1, new):  # 1 new token: prefill (+ one sample); the difference is the decode loop
-        sc = SP.SamplingConfig(max_new_tokens=n, temperature=0.0, fused=fused)
+        sc = SP.SamplingConfig(max_new_tokens=n, temperature=0.0, fused=fused, kernels=kernels)
         t = time.perf_counter()
         jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(0), sc))
         compile_s = time.perf_counter() - t
@@ -83,7 +85,8 @@ def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: in
         assert int(o.lengths.min()) == n
         out[n] = (min(times), compile_s)
     total, first = out[new][0], out[1][0]
-    return {"batch": B, "path": "fused" if fused else "module", "new_tokens": B * new, "s": total, "tokens_per_s": B * new / total,
+    path = ("fused" + ("" if SP.kernel_mode(sc) is None else "+pallas")) if fused else "module"
+    return {"batch": B, "path": path, "tokens": np.asarray(o.tokens[:, :16]).tolist(), "new_tokens": B * new, "s": total, "tokens_per_s": B * new / total,
             "decode_tokens_per_s": B * (new - 1) / max(total - first, 1e-9), "prefill_s": first,
             "compile_s": out[new][1]}
 
@@ -96,6 +99,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers anchor")
     ap.add_argument("--module", action="store_true", help="also time the unfused module path (fused=False)")
+    ap.add_argument("--kernels", nargs="+", default=["auto"], help="fused path's kernels: auto (Pallas on GPU) | "
+                    "xla | pallas; several are timed one after the other")
     args = ap.parse_args(argv)
 
     dev = jax.devices()[0]
@@ -107,8 +112,9 @@ def main(argv=None):
     emit(what="model", preset="bench", params=M.count_params(params), cache_bytes_per_token=SP.cache_bytes_per_token(cfg))
     rows = []
     for B in args.batches:
-        for fused in (True, False) if args.module else (True,):
-            r = time_generate(graphdef, params, cfg, B, args.prompt, args.new, args.reps, fused)
+        runs = [(True, k) for k in args.kernels] + ([(False, "xla")] if args.module else [])
+        for fused, kernels in runs:
+            r = time_generate(graphdef, params, cfg, B, args.prompt, args.new, args.reps, fused, kernels)
             mid = args.prompt + args.new // 2  # mean cache positions read per decode step
             by = step_bytes(cfg, params, B, mid)
             r.update(step_bytes=by["total"], roofline_tokens_per_s=B / (by["total"] / bw),
@@ -129,11 +135,11 @@ def main(argv=None):
             print(p.stderr[-3000:], file=sys.stderr)
     print(f"\n{dev.device_kind}, bench preset bf16, prompt {args.prompt}, {args.new} new tokens, greedy; "
           f"copy bandwidth {bw / 1e12:.2f} TB/s; cache {SP.cache_bytes_per_token(cfg)} bytes/token")
-    print(f"{'batch':>5} {'path':>6} {'deepjax tok/s':>14} {'decode tok/s':>13} {'roofline tok/s':>15} {'% roofline':>10} "
+    print(f"{'batch':>5} {'path':>12} {'deepjax tok/s':>14} {'decode tok/s':>13} {'roofline tok/s':>15} {'% roofline':>10} "
           f"{'HF tok/s':>9} {'x HF':>7}")
     for r in rows:
         h = hf.get(r["batch"])
-        print(f"{r['batch']:>5} {r['path']:>6} {r['tokens_per_s']:>14,.0f} {r['decode_tokens_per_s']:>13,.0f} "
+        print(f"{r['batch']:>5} {r['path']:>12} {r['tokens_per_s']:>14,.0f} {r['decode_tokens_per_s']:>13,.0f} "
               f"{r['roofline_tokens_per_s']:>15,.0f} {100 * r['decode_tokens_per_s'] / r['roofline_tokens_per_s']:>9.1f}% "
               f"{h or float('nan'):>9,.1f} {r['tokens_per_s'] / h if h else float('nan'):>7.1f}")
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from deepjax import kernels as KN
 from deepjax.config import ModelConfig
 from deepjax.moe import MoE, gate_weights, router_scores
 from deepjax.nn import rms_norm
@@ -103,6 +104,17 @@ def experts_all(x_TD, w_TK, idx_TK, w_gu_EJD, w_down_EDI):
     return jnp.einsum("etd,et->td", y_ETD.astype(jnp.float32), comb_ET).astype(x_TD.dtype)
 
 
+def experts_all_flat(x_TD, comb_TX, w_gu_KD, w_down_DK):
+    """Every expert on every token as two plain matmuls over all experts side by side, the routing weights
+    folded into the SwiGLU output: w_gu [X * 2I, D] (per expert: gate rows, then up rows), w_down [D, X * I],
+    comb [T, X] (zero for an unchosen expert). No [X, T, D] intermediate and no separate combine: at batch 64 on
+    the bench preset the weighted sum over experts is the down matmul's own reduction."""
+    T, X = comb_TX.shape
+    gu_TXJ = jnp.einsum("td,kd->tk", x_TD, w_gu_KD).reshape(T, X, -1)
+    h_TXI = (_swiglu(gu_TXJ).astype(jnp.float32) * comb_TX[..., None]).astype(x_TD.dtype)
+    return jnp.einsum("tk,dk->td", h_TXI.reshape(T, -1), w_down_DK)
+
+
 def experts_fn_for(cfg: ModelConfig, n_tokens: int):
     """Gathered when the n_tokens x (K + shared) assignments are no more than the experts, else all experts."""
     S = cfg.n_shared_experts
@@ -131,7 +143,7 @@ def _fuse_attention(attn, dt):
     return w
 
 
-def _fuse_ffn(ffn, dt):
+def _fuse_ffn(ffn, dt, gathered: bool):
     if not isinstance(ffn, MoE):
         return {"w_gu": jnp.concatenate([ffn.w_gate[...], ffn.w_up[...]], -1).T.astype(dt),
                 "w_down": ffn.w_down[...].T.astype(dt)}
@@ -144,18 +156,30 @@ def _fuse_ffn(ffn, dt):
         s_gu = jnp.concatenate([split(ffn.shared.w_gate[...]), split(ffn.shared.w_up[...])], -1)
         w_gu = jnp.concatenate([w_gu, s_gu], 0)
         w_down = jnp.concatenate([w_down, ffn.shared.w_down[...].reshape(S, I, -1)], 0)
-    return {"router": ffn.gate[...].T.astype(jnp.float32),
-            "w_gu": jnp.swapaxes(w_gu, 1, 2).astype(dt), "w_down": jnp.swapaxes(w_down, 1, 2).astype(dt),
+    w_gu = jnp.swapaxes(w_gu, 1, 2).astype(dt)  # [X, 2I, D]
+    if gathered:
+        w_down = jnp.swapaxes(w_down, 1, 2)  # [X, D, I]
+    else:  # experts_all_flat: [X * 2I, D] and [D, X * I]
+        w_gu, w_down = w_gu.reshape(-1, w_gu.shape[-1]), jnp.moveaxis(w_down, 2, 0).reshape(w_down.shape[-1], -1)
+    return {"router": ffn.gate[...].T.astype(jnp.float32), "w_gu": w_gu, "w_down": w_down.astype(dt),
             "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32)}
 
 
-def fuse_block(blk, dt) -> dict:
-    """One block's decode weights (see the module docstring): a dict of arrays (and the model config under "cfg"),
-    made once per generate call inside the jitted generate. The arrays pass an optimization barrier: without it
+def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len: int = 0) -> dict:
+    """One block's decode weights (see the module docstring) for steps of n_tokens tokens: a dict of arrays, with
+    static entries "cfg" (the model config), "gathered" (which experts function; it sets the expert weights'
+    layout) and "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`).
+    Made once per generate call inside the jitted generate. The arrays pass an optimization barrier: without it
     XLA:GPU sinks the cheap concatenations and slices into the decode loop and redoes them at every step."""
+    cfg = blk.attn.cfg
+    gathered = experts_fn_for(cfg, n_tokens) is experts_gathered
+    ok = KN.supported(cfg, n_tokens, cache_len, kernels) if kernels else {}
     w = {"attn_norm": blk.attn_norm.weight[...].astype(dt), "ffn_norm": blk.ffn_norm.weight[...].astype(dt),
-         "attn": _fuse_attention(blk.attn, dt), "ffn": _fuse_ffn(blk.ffn, dt)}
-    return {"cfg": blk.attn.cfg, **jax.lax.optimization_barrier(w)}
+         "attn": _fuse_attention(blk.attn, dt), "ffn": _fuse_ffn(blk.ffn, dt, gathered)}
+    use = {k: kernels if ok.get(k) else None for k in ("attention", "route", "experts")}
+    if not gathered:
+        use["experts"] = None
+    return {"cfg": cfg, "gathered": gathered, "kernels": use, **jax.lax.optimization_barrier(w)}
 
 
 # ----------------------------------------------------------------------------------------------------- the step
@@ -179,8 +203,9 @@ def write_rows(buf_BSX, pos_BT, new_BTX):
     return buf_BSX.at[jnp.arange(B)[:, None], pos_BT].set(new_BTX.astype(buf_BSX.dtype))
 
 
-def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn):
-    """One block on T new tokens per row with fused weights; returns (x, cache rows with the new ones written)."""
+def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS):
+    """One block on T new tokens per row with fused weights (`fuse_block`); returns (x, cache rows with the new
+    ones written). Uses the Pallas kernels `w["kernels"]` names."""
     B, T, D = x_BTD.shape
     cfg, a = w["cfg"], w["attn"]
     C, eps = cfg.kv_lora_rank, cfg.rms_norm_eps
@@ -196,22 +221,42 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn):
     q = jax.lax.optimization_barrier(jnp.einsum("btq,nkq->btnk", q_in, a["w_q"]))
     q = jnp.concatenate([q[..., :C], apply_rope(q[..., C:], cos, sin)], -1)
     row = jnp.concatenate([rms_norm(kv[..., :C], a["kv_norm"], eps), apply_rope(kv[..., C:], cos, sin)], -1)
-    kv_BSc = write_rows(kv_BSc, pos_BT, row)
-    x_BTD = x_BTD + absorbed_attention(q, kv_BSc, mask_BTS, a["w_uv"], a["wo"], cfg.softmax_scale)
+    use = w.get("kernels", {})
+    if use.get("attention") and T == 1:  # one kernel: scores, softmax, o . c, and the row written in place
+        o_BNc, kv_BSc = KN.latent_attention(q[:, 0], row[:, 0], kv_BSc, pos_BT[:, 0], cfg, use["attention"])
+        o = jnp.einsum("bnv,dnv->bd", jnp.einsum("bnc,nvc->bnv", o_BNc, a["w_uv"]), a["wo"])[:, None]
+    else:
+        kv_BSc = write_rows(kv_BSc, pos_BT, row)
+        o = absorbed_attention(q, kv_BSc, mask_BTS, a["w_uv"], a["wo"], cfg.softmax_scale)
+    x_BTD = x_BTD + o
     h = rms_norm(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
     f = w["ffn"]
     if "router" not in f:
         y = jnp.einsum("tf,df->td", _swiglu(jnp.einsum("td,fd->tf", h, f["w_gu"])), f["w_down"])
+        return x_BTD + y.reshape(B, T, D), kv_BSc
+    logits_TE = jnp.einsum("td,ed->te", h.astype(jnp.float32), f["router"])
+    E, S = cfg.n_routed_experts, cfg.n_shared_experts
+    if use.get("route"):  # the K routed experts, then the S shared ones (weight 1); dense weights [T, E]
+        idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"])
     else:
-        w_TK, idx_TK = route_by_rank(jnp.einsum("td,ed->te", h.astype(jnp.float32), f["router"]), f["bias"], cfg)
-        S = cfg.n_shared_experts
+        w_TX, idx_TX = route_by_rank(logits_TE, f["bias"], cfg)
         if S:  # the shared experts: appended experts E .. E+S-1, weight 1
-            shared = jnp.arange(cfg.n_routed_experts, cfg.n_routed_experts + S, dtype=jnp.int32)
-            idx_TK = jnp.concatenate([idx_TK, jnp.broadcast_to(shared, (B * T, S))], -1)
-            w_TK = jnp.concatenate([w_TK, jnp.ones((B * T, S), w_TK.dtype)], -1)
-        y = experts_fn(h, w_TK, idx_TK, f["w_gu"], f["w_down"])
+            idx_TX = jnp.concatenate([idx_TX, jnp.broadcast_to(jnp.arange(E, E + S, dtype=jnp.int32), (B * T, S))], -1)
+            w_TX = jnp.concatenate([w_TX, jnp.ones((B * T, S), w_TX.dtype)], -1)
+        dense_TE = None
+    if use.get("experts"):  # gate/up + SwiGLU, then down + weighted sum + residual: two kernels
+        x_TD = KN.experts_gathered(h, x_BTD.reshape(B * T, D), idx_TX, w_TX, f["w_gu"], f["w_down"], use["experts"])
+        return x_TD.reshape(B, T, D), kv_BSc
+    if w["gathered"]:
+        y = experts_gathered(h, w_TX, idx_TX, f["w_gu"], f["w_down"])
+    else:
+        if dense_TE is None:
+            comb_TX = jnp.einsum("tk,tke->te", w_TX, jax.nn.one_hot(idx_TX, E + S, dtype=jnp.float32))
+        else:
+            comb_TX = jnp.concatenate([dense_TE, jnp.ones((B * T, S), jnp.float32)], -1)
+        y = experts_all_flat(h, comb_TX, f["w_gu"], f["w_down"])
     return x_BTD + y.reshape(B, T, D), kv_BSc
 
 
-__all__ = ["route_by_rank", "experts_gathered", "experts_all", "experts_fn_for", "fuse_block", "fused_block",
-           "absorbed_attention", "write_rows"]
+__all__ = ["route_by_rank", "experts_gathered", "experts_all", "experts_all_flat", "experts_fn_for", "fuse_block",
+           "fused_block", "absorbed_attention", "write_rows"]

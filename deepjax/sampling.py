@@ -64,6 +64,7 @@ class SamplingConfig:
     cache_len: Optional[int] = None  # cache positions; None: prompt length + max_new_tokens
     unstack_layers: bool = True  # per-layer weight copies for the decode loop (faster on GPU; see unstack_layers)
     fused: bool = True  # one device, absorbed: decode with fused per-layer weights (deepjax.decode_fused)
+    kernels: str = "auto"  # fused path: auto (Pallas kernels on GPU, else XLA) | xla | pallas | interpret (tests)
     mtp_draft: bool = False  # greedy only: the MTP module drafts one extra token per step, the main model checks it
 
 
@@ -82,6 +83,11 @@ def validate(sc: SamplingConfig, prompt_len: int) -> int:
         bad("top_p", "must be in (0, 1]")
     if sc.attention not in ("absorbed", "naive"):
         bad("attention", "choose from ('absorbed', 'naive')")
+    if sc.kernels not in KERNEL_MODES:
+        bad("kernels", f"choose from {KERNEL_MODES}")
+    if sc.kernels == "pallas" and jax.default_backend() != "gpu":
+        bad("kernels", f"the Pallas kernels compile for GPU only (backend: {jax.default_backend()}); "
+                       "'interpret' runs them in Pallas' interpreter, 'xla' or 'auto' without them")
     if sc.mtp_draft and sc.temperature != 0:
         bad("mtp_draft", "drafting is greedy only: set sampling.temperature=0")
     need = prompt_len + sc.max_new_tokens + int(sc.mtp_draft)  # a draft is written one position ahead
@@ -264,11 +270,23 @@ def unstack_layers(model: Transformer):
     return out
 
 
-def fuse_layers(model: Transformer):
-    """Like `unstack_layers`, with each layer's weights fused for the one-device decode step: a dict of arrays per
-    layer (`decode_fused.fuse_block`), made once per generate call."""
+KERNEL_MODES = ("auto", "xla", "pallas", "interpret")
+
+
+def kernel_mode(sc: SamplingConfig):
+    """How the fused decode step runs its Pallas kernels (`deepjax.kernels`): "gpu", "interpret" or None (XLA)."""
+    if sc.kernels == "interpret":
+        return "interpret"
+    if sc.kernels == "pallas" or (sc.kernels == "auto" and jax.default_backend() == "gpu"):
+        return "gpu"
+    return None
+
+
+def fuse_layers(model: Transformer, n_tokens: int = 1, kernels: Optional[str] = None, cache_len: int = 0):
+    """Like `unstack_layers`, with each layer's weights fused for the one-device decode step on n_tokens tokens
+    per step: a dict of arrays per layer (`decode_fused.fuse_block`), made once per generate call."""
     dt = dtype_of(model.cfg.dtype)
-    return {name: None if blks is None else [DF.fuse_block(b, dt) for b in blks]
+    return {name: None if blks is None else [DF.fuse_block(b, dt, n_tokens, kernels, cache_len) for b in blks]
             for name, blks in unstack_layers(model).items()}
 
 
@@ -279,9 +297,9 @@ def use_fused(sc: SamplingConfig, experts_fn, n_tokens: int) -> bool:
             and n_tokens <= DENSE_DECODE_MAX_TOKENS)
 
 
-def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens: int):
+def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens: int, cache_len: int):
     if use_fused(sc, experts_fn, n_tokens):
-        return fuse_layers(model)
+        return fuse_layers(model, n_tokens, kernel_mode(sc), cache_len)
     return unstack_layers(model) if sc.unstack_layers else None
 
 
@@ -298,7 +316,7 @@ def _decode_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn, at
     module, or a dict of fused weights (`decode_fused.fuse_block`, absorbed attention only)."""
     B, T, D = x_BTD.shape
     if isinstance(blk, dict):
-        return DF.fused_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, DF.experts_fn_for(blk["cfg"], B * T))
+        return DF.fused_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS)
     dt = x_BTD.dtype
     h = blk.attn_norm(x_BTD)
     q_nope, q_pe = blk.attn.query(h, cos, sin)
@@ -439,14 +457,14 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
         if not len(model.mtp):
             raise ValueError("sampling.mtp_draft=True needs an MTP module: model.num_nextn_predict_layers is 0")
         return _generate_mtp(model, prompts_BP.astype(jnp.int32), lengths_B, sc, S, prefill_fn,
-                             experts_fn or decode_experts_fn(cfg, 2 * B), _decode_layers(model, sc, experts_fn, 2 * B))
+                             experts_fn or decode_experts_fn(cfg, 2 * B), _decode_layers(model, sc, experts_fn, 2 * B, S))
     decode_fn = experts_fn or decode_experts_fn(cfg, B)
     cache = init_cache(cfg, B, S)
     logits, cache = prefill(model, prompts_BP.astype(jnp.int32), lengths_B, cache, prefill_fn)
     key, k0 = jax.random.split(key)
     tok, lp = sample(logits, k0, sc)
     N = sc.max_new_tokens
-    layers = _decode_layers(model, sc, experts_fn, B)
+    layers = _decode_layers(model, sc, experts_fn, B, S)
     out_tok = jnp.full((B, N), sc.pad_id, jnp.int32)
     out_lp = jnp.zeros((B, N), jnp.float32)
     done = jnp.zeros((B,), jnp.bool_)
@@ -486,7 +504,7 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
     B, P = prompts_BP.shape
     N = sc.max_new_tokens
     fused = layers is not None and isinstance((layers["moe_layers"] or layers["dense_layers"])[0], dict)
-    mtp_block = DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype)) if fused else None
+    mtp_block = DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype), 2 * B, kernel_mode(sc), S) if fused else None
     cache = init_cache(cfg, B, S)
     logits, cache, h_BPD = prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)
     greedy = lambda lg: sample(lg, None, sc)  # noqa: E731  (temperature 0: no key needed)

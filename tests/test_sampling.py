@@ -34,9 +34,11 @@ def _forward_logits(graphdef, params, seq):
     return np.asarray(M.jit_forward(graphdef, params, jnp.asarray([seq], jnp.int32)).logits[0])
 
 
-@pytest.mark.parametrize("attention", ["absorbed", "naive", "fused"])
+@pytest.mark.parametrize("attention", ["absorbed", "naive", "fused", "fused_all", "fused_kernels", "fused_kernels_all"])
 def test_cached_decode_equals_full_forward_teacher_forced(tiny, attention):
-    """Module path (absorbed and naive attention) and the fused-weight path (`generate`'s one-device default)."""
+    """Module path (absorbed and naive attention) and the fused-weight path (`generate`'s one-device default):
+    its experts gathered (few tokens per step) or all (many: `experts_all_flat`), with XLA or with the Pallas
+    kernels in Pallas' interpreter (`deepjax.kernels`: the code that runs compiled on GPU)."""
     cfg, graphdef, params = tiny
     rng = np.random.default_rng(1)
     cont = rng.integers(0, cfg.vocab_size, (len(PROMPTS), 5)).astype(np.int32)
@@ -48,11 +50,14 @@ def test_cached_decode_equals_full_forward_teacher_forced(tiny, attention):
         fn = M.default_experts_fn(cfg)
         cache = SP.init_cache(cfg, len(PROMPTS), prompts.shape[1] + 5)
         logits, cache = SP.prefill(model, jnp.asarray(prompts), jnp.asarray(lengths), cache, fn)
-        layers = SP.fuse_layers(model) if attention == "fused" else None
+        fused = attention.startswith("fused")
+        n_tokens = 64 if attention.endswith("_all") else 1  # the experts layout: all / gathered
+        layers = SP.fuse_layers(model, n_tokens, "interpret" if "kernels" in attention else None,
+                                cache.moe[0].shape[1]) if fused else None
         out = [logits]
         for i in range(4):
             logits, cache = SP.decode_step(model, jnp.asarray(cont[:, i]), jnp.asarray(lengths) + i, cache, fn,
-                                           "absorbed" if attention == "fused" else attention, layers)
+                                           "absorbed" if fused else attention, layers)
             out.append(logits)
         return jnp.stack(out, 1)
 

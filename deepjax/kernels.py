@@ -1,0 +1,253 @@
+"""Pallas kernels for the one-device decode step on GPU (Triton), checked on CPU in interpret mode.
+
+At small batch the fused decode step (`deepjax.decode_fused`) is bound by kernel count and by XLA:GPU's
+matrix-vector reductions, not by bytes: on one H100 at batch 1, ~32 kernels per layer at ~2 us each, and the
+gathered experts' weights read at ~1.2 TB/s (docs/LOG.md). These kernels each replace several of XLA's:
+
+    latent_attention   absorbed attention over the latent cache for one new token per row, with that token's
+                       cache row written in place (scores, masked online softmax, o = p . c: one kernel, the
+                       cache read once and only up to each row's position)
+    route              the DeepSeek routers (all three) for a few tokens: pairwise ranks, no sorts; returns the
+                       chosen experts with the shared ones appended (weight 1), and the dense weights [T, E]
+    experts_gathered   each token through its chosen experts, reading only those experts' rows: gate/up with
+                       SwiGLU, then down-projection, weighted sum and residual add
+
+`mode` selects how a kernel runs: "gpu" (compiled through Triton), "interpret" (Pallas' interpreter: any
+backend, for tests). Triton blocks are powers of two: `supported(cfg, ...)` says whether a shape qualifies.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from deepjax.config import ModelConfig
+
+NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _chunk(n: int, cap: int) -> int:
+    """The largest power of two dividing n, at most cap."""
+    c = 1
+    while c * 2 <= cap and n % (c * 2) == 0:
+        c *= 2
+    return c
+
+
+def _call(kernel, mode: str, out_shape, grid, num_warps: int = 4, **kw):
+    params = {}
+    if mode == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=mode == "interpret", **params, **kw)
+
+
+def supported(cfg: ModelConfig, n_tokens: int, cache_len: int, mode: str = "gpu") -> dict:
+    """Which kernels the shapes allow on GPU (Triton's power-of-two blocks, tl.dot's 16-row minimum):
+    {"attention": bool, "route": bool, "experts": bool}. The interpreter takes any shape."""
+    N, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    del n_tokens
+    if mode == "interpret":
+        return {"attention": True, "route": True, "experts": True}
+    return {
+        "attention": (N % 16 == 0 and _pow2(C) and _pow2(R) and C >= 16 and R >= 16
+                      and cache_len % _chunk(cache_len, 64) == 0 and _chunk(cache_len, 64) >= 16),
+        "route": _pow2(E) and E >= 2,
+        "experts": _chunk(D, 1024) >= 16 and _chunk(I, 1024) >= 16,
+    }
+
+
+# -------------------------------------------------------------------------------------------------- attention
+
+
+def _make_attention_kernel(C: int, R: int, bn: int, bs: int, scale: float):
+    def kernel(pos_ref, q_ref, row_ref, kv_ref, o_ref, kv_out_ref):
+        b, h = pl.program_id(0), pl.program_id(1)
+        heads = pl.ds(h * bn, bn)
+        pos = pos_ref[b]  # the new token's position: the cache holds positions [0, pos)
+        qc = q_ref[b, heads, pl.ds(0, C)]  # [bn, C]
+        qr = q_ref[b, heads, pl.ds(C, R)]  # [bn, R]
+        rc = row_ref[b, pl.ds(0, C)]  # [C]  the new token's row, attended to as position pos
+        rr = row_ref[b, pl.ds(C, R)]
+        f32 = jnp.float32
+        s_new = (jnp.sum(qc.astype(f32) * rc.astype(f32)[None, :], axis=1)
+                 + jnp.sum(qr.astype(f32) * rr.astype(f32)[None, :], axis=1)) * scale  # [bn]
+        acc0 = jnp.broadcast_to(rc.astype(f32)[None, :], (bn, C))
+        l0 = jnp.ones((bn,), f32)
+
+        def body(i, carry):
+            m, l, acc = carry
+            rows = pl.ds(i * bs, bs)
+            kc = kv_ref[b, rows, pl.ds(0, C)]  # [bs, C]
+            kr = kv_ref[b, rows, pl.ds(C, R)]  # [bs, R]
+            s = (jnp.dot(qc, kc.T, preferred_element_type=f32) + jnp.dot(qr, kr.T, preferred_element_type=f32))
+            s = jnp.where((i * bs + jnp.arange(bs))[None, :] < pos, s * scale, NEG)  # [bn, bs]
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            p = jnp.exp(s - m_new[:, None])
+            alpha = jnp.exp(m - m_new)
+            acc = acc * alpha[:, None] + jnp.dot(p.astype(kc.dtype), kc, preferred_element_type=f32)
+            return m_new, l * alpha + jnp.sum(p, axis=1), acc
+
+        m, l, acc = jax.lax.fori_loop(0, (pos + bs - 1) // bs, body, (s_new, l0, acc0))
+        o_ref[b, heads, pl.ds(0, C)] = (acc / l[:, None]).astype(o_ref.dtype)
+        o_ref[b, heads, pl.ds(C, R)] = jnp.zeros((bn, R), o_ref.dtype)  # w_uv is zero there
+        kv_out_ref[b, pos, pl.ds(0, C)] = rc
+        kv_out_ref[b, pos, pl.ds(C, R)] = rr
+        del m
+
+    return kernel
+
+
+def latent_attention(q_BNc, row_Bc, kv_BSc, pos_B, cfg: ModelConfig, mode: str):
+    """Absorbed attention for one new token per row: q [B, N, C + R] (= [q_c ; q_pe]), the token's cache row
+    [B, C + R] (= [c ; k_pe]), the cache [B, S, C + R] holding positions [0, pos_B). Returns (o [B, N, C + R]
+    with o[..., :C] = softmax(q . kv * scale) . c and zeros in the last R columns, the cache with the new row
+    written at pos_B). Softmax and sums in float32; p is rounded to the cache dtype before p . c, as in
+    `decode_fused.absorbed_attention`."""
+    B, N, _ = q_BNc.shape
+    S = kv_BSc.shape[1]
+    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    bn = 16 if N % 16 == 0 else N
+    kernel = _make_attention_kernel(C, R, bn, _chunk(S, 64), cfg.softmax_scale)
+    out_shape = (jax.ShapeDtypeStruct(q_BNc.shape, q_BNc.dtype), jax.ShapeDtypeStruct(kv_BSc.shape, kv_BSc.dtype))
+    return _call(kernel, mode, out_shape, (B, N // bn), input_output_aliases={3: 1})(
+        pos_B.astype(jnp.int32), q_BNc, row_Bc.astype(kv_BSc.dtype), kv_BSc)
+
+
+# ---------------------------------------------------------------------------------------------------- routing
+
+
+def _route_vec(logits_E, bias_E, cfg: ModelConfig):
+    """One token's routing in a kernel, by pairwise comparisons over [E, E]: (dense gate weights [E] float32,
+    zero where unchosen; rank [E] int32 of each expert among the chosen, K or more where unchosen). Same choices
+    and order as `moe.route` (ties to the lower index, as lax.top_k)."""
+    E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
+    x = logits_E.astype(jnp.float32)
+    if cfg.scoring_func == "sigmoid":
+        scores = 1.0 / (1.0 + jnp.exp(-x))
+    else:
+        ex = jnp.exp(x - jnp.max(x))
+        scores = ex / jnp.sum(ex)
+    choice = scores if bias_E is None else scores + bias_E
+    e = jnp.arange(E)
+    lower = e[None, :] < e[:, None]  # [e, f]: f < e
+
+    def rank(v, among):  # rank of each e among the f where among[e, f], descending, ties to the lower index
+        a, b = v[:, None], v[None, :]
+        return jnp.sum(((b > a) | ((b == a) & lower)) & among, axis=1)
+
+    if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and G > 1:
+        grp = e // (E // G)
+        same = grp[None, :] == grp[:, None]
+        if cfg.topk_method == "noaux_tc":
+            top2 = rank(choice, same) < 2
+            gscore = jnp.sum(jnp.where(same & top2[None, :], choice[None, :], 0.0), axis=1)
+        else:
+            gscore = jnp.max(jnp.where(same, choice[None, :], -jnp.inf), axis=1)
+        leader = (e % (E // G)) == 0
+        keep = rank(gscore, leader[None, :] & ~same) < cfg.topk_group  # each other group once, by its leader
+        choice = jnp.where(keep, choice, -jnp.inf)
+    r = rank(choice, jnp.ones((E, E), jnp.bool_))
+    w = jnp.where(r < K, scores, 0.0)
+    if cfg.norm_topk_prob:
+        w = w / (jnp.sum(w) + 1e-20)
+    return w * cfg.routed_scaling_factor, r
+
+
+def _make_route_kernel(cfg: ModelConfig, has_bias: bool):
+    E, K, S = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_shared_experts
+
+    def kernel(*refs):
+        if has_bias:
+            logits_ref, bias_ref, idx_ref, w_ref, dense_ref = refs
+            bias = bias_ref[...]
+        else:
+            logits_ref, idx_ref, w_ref, dense_ref = refs
+            bias = None
+        t = pl.program_id(0)
+        w, r = _route_vec(logits_ref[t, :], bias, cfg)
+        dense_ref[t, :] = w
+        e = jnp.arange(E)
+        for k in range(K):  # the k-th choice: the expert of rank k
+            idx_ref[t, k] = jnp.sum(jnp.where(r == k, e, 0))
+            w_ref[t, k] = jnp.sum(jnp.where(r == k, w, 0.0))
+        for s in range(S):  # shared experts: appended experts E + s, weight 1
+            idx_ref[t, K + s] = jnp.int32(E + s)
+            w_ref[t, K + s] = jnp.float32(1.0)
+
+    return kernel
+
+
+def route(logits_TE, bias_E, cfg: ModelConfig, mode: str):
+    """(idx [T, K + S] int32, w [T, K + S] float32, dense [T, E] float32): each token's K routed experts in
+    `moe.route`'s order followed by the S shared experts (indices E .. E + S - 1, weight 1), and the routed
+    gate weights as a dense [T, E] array (zero where unchosen)."""
+    T, E = logits_TE.shape
+    X = cfg.num_experts_per_tok + cfg.n_shared_experts
+    out_shape = (jax.ShapeDtypeStruct((T, X), jnp.int32), jax.ShapeDtypeStruct((T, X), jnp.float32),
+                 jax.ShapeDtypeStruct((T, E), jnp.float32))
+    args = (logits_TE.astype(jnp.float32),) + (() if bias_E is None else (bias_E.astype(jnp.float32),))
+    return _call(_make_route_kernel(cfg, bias_E is not None), mode, out_shape, (T,))(*args)
+
+
+# ---------------------------------------------------------------------------------------------------- experts
+
+
+def _make_gate_up_kernel(I: int, D: int, bi: int, bd: int):
+    def kernel(idx_ref, x_ref, wgu_ref, h_ref):
+        t, a, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        e = idx_ref[t, a]
+        g = jnp.zeros((bi,), jnp.float32)
+        u = jnp.zeros((bi,), jnp.float32)
+        for k in range(D // bd):  # the contracted axis in chunks
+            cols = pl.ds(k * bd, bd)
+            x = x_ref[t, cols].astype(jnp.float32)[None, :]
+            g += jnp.sum(wgu_ref[e, pl.ds(j * bi, bi), cols].astype(jnp.float32) * x, axis=1)
+            u += jnp.sum(wgu_ref[e, pl.ds(I + j * bi, bi), cols].astype(jnp.float32) * x, axis=1)
+        h_ref[t, a, pl.ds(j * bi, bi)] = g / (1.0 + jnp.exp(-g)) * u
+
+    return kernel
+
+
+def _make_down_kernel(X: int, I: int, bd: int, bk: int):
+    def kernel(idx_ref, w_ref, h_ref, res_ref, wd_ref, y_ref):
+        t, j = pl.program_id(0), pl.program_id(1)
+        rows = pl.ds(j * bd, bd)
+        acc = jnp.zeros((bd,), jnp.float32)
+        for a in range(X):
+            e = idx_ref[t, a]
+            part = jnp.zeros((bd,), jnp.float32)
+            for k in range(I // bk):
+                cols = pl.ds(k * bk, bk)
+                part += jnp.sum(wd_ref[e, rows, cols].astype(jnp.float32) * h_ref[t, a, cols][None, :], axis=1)
+            acc += w_ref[t, a] * part
+        y_ref[t, rows] = (res_ref[t, rows].astype(jnp.float32) + acc).astype(y_ref.dtype)
+
+    return kernel
+
+
+def experts_gathered(x_TD, res_TD, idx_TX, w_TX, w_gu_EJD, w_down_EDI, mode: str):
+    """res + sum_a w[t, a] * down_e(silu(gate_e x) * up_e x) over each token's experts e = idx[t, a], reading
+    only those experts' rows: w_gu [E', 2I, D] (gate rows, then up rows), w_down [E', D, I]. Two kernels: gate/up
+    with SwiGLU into h [T, X, I] (float32), then down, weighted sum and residual add."""
+    T, D = x_TD.shape
+    X = idx_TX.shape[1]
+    I = w_down_EDI.shape[2]
+    bi, bd, bk = _chunk(I, 16), _chunk(D, 1024), _chunk(I, 1024)
+    h = _call(_make_gate_up_kernel(I, D, bi, bd), mode, jax.ShapeDtypeStruct((T, X, I), jnp.float32),
+              (T, X, I // bi))(idx_TX, x_TD, w_gu_EJD)
+    bo = _chunk(D, 8)
+    return _call(_make_down_kernel(X, I, bo, bk), mode, jax.ShapeDtypeStruct(res_TD.shape, res_TD.dtype),
+                 (T, D // bo))(idx_TX, w_TX, h, res_TD, w_down_EDI)
+
+
+__all__ = ["latent_attention", "route", "experts_gathered", "supported"]
