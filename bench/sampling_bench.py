@@ -67,13 +67,13 @@ def step_bytes(cfg, params, B: int, positions: int) -> dict:
 
 
 def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: int, fused: bool = True,
-                  kernels: str = "auto") -> dict:
+                  kernels: str = "auto", kernel_set=("attention", "route", "experts")) -> dict:
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, prompt)), jnp.int32)
     lengths = jnp.full((B,), prompt, jnp.int32)
     out = {}
     for n in (1, new):  # 1 new token: prefill (+ one sample); the difference is the decode loop
-        sc = SP.SamplingConfig(max_new_tokens=n, temperature=0.0, fused=fused, kernels=kernels)
+        sc = SP.SamplingConfig(max_new_tokens=n, temperature=0.0, fused=fused, kernels=kernels, kernel_set=kernel_set)
         t = time.perf_counter()
         jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(0), sc))
         compile_s = time.perf_counter() - t
@@ -85,7 +85,7 @@ def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: in
         assert int(o.lengths.min()) == n
         out[n] = (min(times), compile_s)
     total, first = out[new][0], out[1][0]
-    path = ("fused" + ("" if SP.kernel_mode(sc) is None else "+pallas")) if fused else "module"
+    path = ("fused" + ("" if SP.kernel_mode(sc) is None else "+" + "+".join(k[:4] for k in kernel_set))) if fused else "module"
     return {"batch": B, "path": path, "tokens": np.asarray(o.tokens[:, :16]).tolist(), "new_tokens": B * new, "s": total, "tokens_per_s": B * new / total,
             "decode_tokens_per_s": B * (new - 1) / max(total - first, 1e-9), "prefill_s": first,
             "compile_s": out[new][1]}
@@ -100,7 +100,8 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers anchor")
     ap.add_argument("--module", action="store_true", help="also time the unfused module path (fused=False)")
     ap.add_argument("--kernels", nargs="+", default=["auto"], help="fused path's kernels: auto (Pallas on GPU) | "
-                    "xla | pallas; several are timed one after the other")
+                    "xla | pallas | a comma list of Pallas kernels (attention,route,experts); several are timed one "
+                    "after the other")
     args = ap.parse_args(argv)
 
     dev = jax.devices()[0]
@@ -114,7 +115,10 @@ def main(argv=None):
     for B in args.batches:
         runs = [(True, k) for k in args.kernels] + ([(False, "xla")] if args.module else [])
         for fused, kernels in runs:
-            r = time_generate(graphdef, params, cfg, B, args.prompt, args.new, args.reps, fused, kernels)
+            ks = ("attention", "route", "experts")
+            if "," in kernels or kernels in ks:
+                kernels, ks = "auto", tuple(kernels.split(","))
+            r = time_generate(graphdef, params, cfg, B, args.prompt, args.new, args.reps, fused, kernels, ks)
             mid = args.prompt + args.new // 2  # mean cache positions read per decode step
             by = step_bytes(cfg, params, B, mid)
             r.update(step_bytes=by["total"], roofline_tokens_per_s=B / (by["total"] / bw),
@@ -135,11 +139,11 @@ def main(argv=None):
             print(p.stderr[-3000:], file=sys.stderr)
     print(f"\n{dev.device_kind}, bench preset bf16, prompt {args.prompt}, {args.new} new tokens, greedy; "
           f"copy bandwidth {bw / 1e12:.2f} TB/s; cache {SP.cache_bytes_per_token(cfg)} bytes/token")
-    print(f"{'batch':>5} {'path':>12} {'deepjax tok/s':>14} {'decode tok/s':>13} {'roofline tok/s':>15} {'% roofline':>10} "
+    print(f"{'batch':>5} {'path':>22} {'deepjax tok/s':>14} {'decode tok/s':>13} {'roofline tok/s':>15} {'% roofline':>10} "
           f"{'HF tok/s':>9} {'x HF':>7}")
     for r in rows:
         h = hf.get(r["batch"])
-        print(f"{r['batch']:>5} {r['path']:>12} {r['tokens_per_s']:>14,.0f} {r['decode_tokens_per_s']:>13,.0f} "
+        print(f"{r['batch']:>5} {r['path']:>22} {r['tokens_per_s']:>14,.0f} {r['decode_tokens_per_s']:>13,.0f} "
               f"{r['roofline_tokens_per_s']:>15,.0f} {100 * r['decode_tokens_per_s'] / r['roofline_tokens_per_s']:>9.1f}% "
               f"{h or float('nan'):>9,.1f} {r['tokens_per_s'] / h if h else float('nan'):>7.1f}")
 

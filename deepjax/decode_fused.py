@@ -165,7 +165,8 @@ def _fuse_ffn(ffn, dt, gathered: bool):
             "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32)}
 
 
-def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len: int = 0) -> dict:
+def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len: int = 0,
+               kernel_set=("attention", "route", "experts")) -> dict:
     """One block's decode weights (see the module docstring) for steps of n_tokens tokens: a dict of arrays, with
     static entries "cfg" (the model config), "gathered" (which experts function; it sets the expert weights'
     layout) and "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`).
@@ -176,7 +177,7 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
     ok = KN.supported(cfg, n_tokens, cache_len, kernels) if kernels else {}
     w = {"attn_norm": blk.attn_norm.weight[...].astype(dt), "ffn_norm": blk.ffn_norm.weight[...].astype(dt),
          "attn": _fuse_attention(blk.attn, dt), "ffn": _fuse_ffn(blk.ffn, dt, gathered)}
-    use = {k: kernels if ok.get(k) else None for k in ("attention", "route", "experts")}
+    use = {k: kernels if ok.get(k) and k in kernel_set else None for k in ("attention", "route", "experts")}
     if not gathered:
         use["experts"] = None
     return {"cfg": cfg, "gathered": gathered, "kernels": use, **jax.lax.optimization_barrier(w)}

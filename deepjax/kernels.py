@@ -41,13 +41,23 @@ def _chunk(n: int, cap: int) -> int:
     return c
 
 
-def _call(kernel, mode: str, out_shape, grid, num_warps: int = 4, **kw):
+# Block sizes and warps per kernel (bench/kernels_tune.py times the choices on the GPU).
+TUNING = {
+    "attention": {"bs": 128, "num_warps": 4},
+    "route": {"num_warps": 4},
+    "gate_up": {"bi": 16, "num_warps": 4},
+    "down": {"bo": 8, "num_warps": 4, "split": False},
+}
+
+
+def _call(kernel, mode: str, out_shape, grid, name: str, num_warps: int = 4, **kw):
     params = {}
     if mode == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
         params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=mode == "interpret", **params, **kw)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=mode == "interpret", name=name,
+                          **params, **kw)
 
 
 def supported(cfg: ModelConfig, n_tokens: int, cache_len: int, mode: str = "gpu") -> dict:
@@ -79,6 +89,9 @@ def _make_attention_kernel(C: int, R: int, bn: int, bs: int, scale: float):
         rc = row_ref[b, pl.ds(0, C)]  # [C]  the new token's row, attended to as position pos
         rr = row_ref[b, pl.ds(C, R)]
         f32 = jnp.float32
+        # float32 operands: full-precision products (Triton's default for a float32 dot is tf32)
+        prec = jax.lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
+        dot = functools.partial(jnp.dot, preferred_element_type=f32, precision=prec)
         s_new = (jnp.sum(qc.astype(f32) * rc.astype(f32)[None, :], axis=1)
                  + jnp.sum(qr.astype(f32) * rr.astype(f32)[None, :], axis=1)) * scale  # [bn]
         acc0 = jnp.broadcast_to(rc.astype(f32)[None, :], (bn, C))
@@ -89,12 +102,12 @@ def _make_attention_kernel(C: int, R: int, bn: int, bs: int, scale: float):
             rows = pl.ds(i * bs, bs)
             kc = kv_ref[b, rows, pl.ds(0, C)]  # [bs, C]
             kr = kv_ref[b, rows, pl.ds(C, R)]  # [bs, R]
-            s = (jnp.dot(qc, kc.T, preferred_element_type=f32) + jnp.dot(qr, kr.T, preferred_element_type=f32))
+            s = dot(qc, kc.T) + dot(qr, kr.T)
             s = jnp.where((i * bs + jnp.arange(bs))[None, :] < pos, s * scale, NEG)  # [bn, bs]
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             p = jnp.exp(s - m_new[:, None])
             alpha = jnp.exp(m - m_new)
-            acc = acc * alpha[:, None] + jnp.dot(p.astype(kc.dtype), kc, preferred_element_type=f32)
+            acc = acc * alpha[:, None] + dot(p.astype(kc.dtype), kc)
             return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
         m, l, acc = jax.lax.fori_loop(0, (pos + bs - 1) // bs, body, (s_new, l0, acc0))
@@ -117,9 +130,11 @@ def latent_attention(q_BNc, row_Bc, kv_BSc, pos_B, cfg: ModelConfig, mode: str):
     S = kv_BSc.shape[1]
     C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
     bn = 16 if N % 16 == 0 else N
-    kernel = _make_attention_kernel(C, R, bn, _chunk(S, 64), cfg.softmax_scale)
+    tu = TUNING["attention"]
+    kernel = _make_attention_kernel(C, R, bn, _chunk(S, tu["bs"]), cfg.softmax_scale)
     out_shape = (jax.ShapeDtypeStruct(q_BNc.shape, q_BNc.dtype), jax.ShapeDtypeStruct(kv_BSc.shape, kv_BSc.dtype))
-    return _call(kernel, mode, out_shape, (B, N // bn), input_output_aliases={3: 1})(
+    return _call(kernel, mode, out_shape, (B, N // bn), "latent_attention", tu["num_warps"],
+                 input_output_aliases={3: 1})(
         pos_B.astype(jnp.int32), q_BNc, row_Bc.astype(kv_BSc.dtype), kv_BSc)
 
 
@@ -196,7 +211,8 @@ def route(logits_TE, bias_E, cfg: ModelConfig, mode: str):
     out_shape = (jax.ShapeDtypeStruct((T, X), jnp.int32), jax.ShapeDtypeStruct((T, X), jnp.float32),
                  jax.ShapeDtypeStruct((T, E), jnp.float32))
     args = (logits_TE.astype(jnp.float32),) + (() if bias_E is None else (bias_E.astype(jnp.float32),))
-    return _call(_make_route_kernel(cfg, bias_E is not None), mode, out_shape, (T,))(*args)
+    return _call(_make_route_kernel(cfg, bias_E is not None), mode, out_shape, (T,), "route",
+                 TUNING["route"]["num_warps"])(*args)
 
 
 # ---------------------------------------------------------------------------------------------------- experts
@@ -235,6 +251,20 @@ def _make_down_kernel(X: int, I: int, bd: int, bk: int):
     return kernel
 
 
+def _make_down_split_kernel(I: int, bo: int, bk: int):
+    def kernel(idx_ref, h_ref, wd_ref, y_ref):
+        t, a, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        e = idx_ref[t, a]
+        rows = pl.ds(j * bo, bo)
+        part = jnp.zeros((bo,), jnp.float32)
+        for k in range(I // bk):
+            cols = pl.ds(k * bk, bk)
+            part += jnp.sum(wd_ref[e, rows, cols].astype(jnp.float32) * h_ref[t, a, cols][None, :], axis=1)
+        y_ref[t, a, rows] = part
+
+    return kernel
+
+
 def experts_gathered(x_TD, res_TD, idx_TX, w_TX, w_gu_EJD, w_down_EDI, mode: str):
     """res + sum_a w[t, a] * down_e(silu(gate_e x) * up_e x) over each token's experts e = idx[t, a], reading
     only those experts' rows: w_gu [E', 2I, D] (gate rows, then up rows), w_down [E', D, I]. Two kernels: gate/up
@@ -242,12 +272,16 @@ def experts_gathered(x_TD, res_TD, idx_TX, w_TX, w_gu_EJD, w_down_EDI, mode: str
     T, D = x_TD.shape
     X = idx_TX.shape[1]
     I = w_down_EDI.shape[2]
-    bi, bd, bk = _chunk(I, 16), _chunk(D, 1024), _chunk(I, 1024)
+    tg, td = TUNING["gate_up"], TUNING["down"]
+    bi, bd, bk, bo = _chunk(I, tg["bi"]), _chunk(D, 1024), _chunk(I, 1024), _chunk(D, td["bo"])
     h = _call(_make_gate_up_kernel(I, D, bi, bd), mode, jax.ShapeDtypeStruct((T, X, I), jnp.float32),
-              (T, X, I // bi))(idx_TX, x_TD, w_gu_EJD)
-    bo = _chunk(D, 8)
+              (T, X, I // bi), "experts_gate_up", tg["num_warps"])(idx_TX, x_TD, w_gu_EJD)
+    if td["split"]:  # one program per (token, expert, rows): partial outputs, summed with the weights by XLA
+        y = _call(_make_down_split_kernel(I, bo, bk), mode, jax.ShapeDtypeStruct((T, X, D), jnp.float32),
+                  (T, X, D // bo), "experts_down", td["num_warps"])(idx_TX, h, w_down_EDI)
+        return (res_TD.astype(jnp.float32) + jnp.einsum("txd,tx->td", y, w_TX)).astype(res_TD.dtype)
     return _call(_make_down_kernel(X, I, bo, bk), mode, jax.ShapeDtypeStruct(res_TD.shape, res_TD.dtype),
-                 (T, D // bo))(idx_TX, w_TX, h, res_TD, w_down_EDI)
+                 (T, D // bo), "experts_down", td["num_warps"])(idx_TX, w_TX, h, res_TD, w_down_EDI)
 
 
 __all__ = ["latent_attention", "route", "experts_gathered", "supported"]

@@ -65,6 +65,7 @@ class SamplingConfig:
     unstack_layers: bool = True  # per-layer weight copies for the decode loop (faster on GPU; see unstack_layers)
     fused: bool = True  # one device, absorbed: decode with fused per-layer weights (deepjax.decode_fused)
     kernels: str = "auto"  # fused path: auto (Pallas kernels on GPU, else XLA) | xla | pallas | interpret (tests)
+    kernel_set: tuple[str, ...] = ("attention", "route", "experts")  # which Pallas kernels (deepjax.kernels)
     mtp_draft: bool = False  # greedy only: the MTP module drafts one extra token per step, the main model checks it
 
 
@@ -85,6 +86,8 @@ def validate(sc: SamplingConfig, prompt_len: int) -> int:
         bad("attention", "choose from ('absorbed', 'naive')")
     if sc.kernels not in KERNEL_MODES:
         bad("kernels", f"choose from {KERNEL_MODES}")
+    if not set(sc.kernel_set) <= {"attention", "route", "experts"}:
+        bad("kernel_set", "a tuple of 'attention', 'route', 'experts'")
     if sc.kernels == "pallas" and jax.default_backend() != "gpu":
         bad("kernels", f"the Pallas kernels compile for GPU only (backend: {jax.default_backend()}); "
                        "'interpret' runs them in Pallas' interpreter, 'xla' or 'auto' without them")
@@ -282,11 +285,13 @@ def kernel_mode(sc: SamplingConfig):
     return None
 
 
-def fuse_layers(model: Transformer, n_tokens: int = 1, kernels: Optional[str] = None, cache_len: int = 0):
+def fuse_layers(model: Transformer, n_tokens: int = 1, kernels: Optional[str] = None, cache_len: int = 0,
+                kernel_set=("attention", "route", "experts")):
     """Like `unstack_layers`, with each layer's weights fused for the one-device decode step on n_tokens tokens
     per step: a dict of arrays per layer (`decode_fused.fuse_block`), made once per generate call."""
     dt = dtype_of(model.cfg.dtype)
-    return {name: None if blks is None else [DF.fuse_block(b, dt, n_tokens, kernels, cache_len) for b in blks]
+    return {name: None if blks is None else
+            [DF.fuse_block(b, dt, n_tokens, kernels, cache_len, kernel_set) for b in blks]
             for name, blks in unstack_layers(model).items()}
 
 
@@ -299,7 +304,7 @@ def use_fused(sc: SamplingConfig, experts_fn, n_tokens: int) -> bool:
 
 def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens: int, cache_len: int):
     if use_fused(sc, experts_fn, n_tokens):
-        return fuse_layers(model, n_tokens, kernel_mode(sc), cache_len)
+        return fuse_layers(model, n_tokens, kernel_mode(sc), cache_len, sc.kernel_set)
     return unstack_layers(model) if sc.unstack_layers else None
 
 
@@ -504,7 +509,8 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
     B, P = prompts_BP.shape
     N = sc.max_new_tokens
     fused = layers is not None and isinstance((layers["moe_layers"] or layers["dense_layers"])[0], dict)
-    mtp_block = DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype), 2 * B, kernel_mode(sc), S) if fused else None
+    mtp_block = (DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype), 2 * B, kernel_mode(sc), S, sc.kernel_set)
+                 if fused else None)
     cache = init_cache(cfg, B, S)
     logits, cache, h_BPD = prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)
     greedy = lambda lg: sample(lg, None, sc)  # noqa: E731  (temperature 0: no key needed)
