@@ -45,8 +45,8 @@ def _chunk(n: int, cap: int) -> int:
 TUNING = {
     "attention": {"bs": 128, "num_warps": 4},
     "route": {"num_warps": 4},
-    "gate_up": {"bi": 16, "num_warps": 4},
-    "down": {"bo": 8, "num_warps": 4, "split": False},
+    "gate_up": {"bi": 8, "num_warps": 8},
+    "down": {"bo": 16, "num_warps": 8, "split": True},
 }
 
 
