@@ -80,13 +80,11 @@ def main(only=None):
                          (8, 8, {"bo": 16, "num_warps": 8, "split": True}),
                          (16, 8, {"bo": 64, "num_warps": 8, "split": True}),
                          (4, 4, {"bo": 4, "num_warps": 4, "split": False})):
-            KN.TUNING["gate_up"] = {"bi": bi, "num_warps": nw}
-            if True:
-                KN.TUNING["down"] = down
-                f = jax.jit(experts_pallas())
-                err = float(jnp.abs(f(xs, idxs, ws)[0].astype(jnp.float32) - ref.astype(jnp.float32)).max())
-                show(f"experts gate_up bi={bi} w={nw} down {down['bo']},{down['num_warps']},"
-                     f"{'split' if down['split'] else 'loop'} err {err:.0e}", gpu_time(f, xs, idxs, ws))
+        KN.TUNING["gate_up"], KN.TUNING["down"] = {"bi": bi, "num_warps": nw}, down
+        f = jax.jit(experts_pallas())
+        err = float(jnp.abs(f(xs, idxs, ws)[0].astype(jnp.float32) - ref.astype(jnp.float32)).max())
+        show(f"experts gate_up bi={bi} w={nw} down {down['bo']},{down['num_warps']},"
+             f"{'split' if down['split'] else 'loop'} err {err:.0e}", gpu_time(f, xs, idxs, ws))
 
     KN.TUNING.update(tuning)
     if only == "experts":

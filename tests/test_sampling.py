@@ -238,7 +238,10 @@ def test_bad_sampling_settings_are_named(tiny):
     cases = [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
              (dict(temperature=-0.5), "temperature"), (dict(max_new_tokens=0), "max_new_tokens"),
              (dict(attention="flash"), "attention"), (dict(cache_len=10), "cache_len"),
-             (dict(mtp_draft=True, temperature=0.7), "mtp_draft")]
+             (dict(mtp_draft=True, temperature=0.7), "mtp_draft"), (dict(kernels="triton"), "kernels"),
+             (dict(kernel_set=("attention", "mlp")), "kernel_set")]
+    if jax.default_backend() != "gpu":
+        cases.append((dict(kernels="pallas"), "kernels"))  # Pallas here compiles for GPU only
     for kw, field in cases:
         with pytest.raises(ValueError, match=f"sampling.{field}|{field}"):
             SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0),
