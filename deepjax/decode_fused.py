@@ -21,6 +21,9 @@ weights differ (tests/test_sampling.py checks both against the full forward).
 
 The cache row of a token is [c ; k_pe] (C + R values), one buffer per layer, so absorbed attention is one score
 matmul over the whole row: s = [q_c ; q_pe] . [c ; k_pe].
+
+On GPU the step also calls Pallas kernels (`deepjax.kernels`, chosen per block by `fuse_block`): attention over
+the latent cache with the new row written in place, the router, and the gathered experts.
 """
 
 from __future__ import annotations
@@ -174,7 +177,7 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
     XLA:GPU sinks the cheap concatenations and slices into the decode loop and redoes them at every step."""
     cfg = blk.attn.cfg
     gathered = experts_fn_for(cfg, n_tokens) is experts_gathered
-    ok = KN.supported(cfg, n_tokens, cache_len, kernels) if kernels else {}
+    ok = KN.supported(cfg, cache_len, kernels) if kernels else {}
     w = {"attn_norm": blk.attn_norm.weight[...].astype(dt), "ffn_norm": blk.ffn_norm.weight[...].astype(dt),
          "attn": _fuse_attention(blk.attn, dt), "ffn": _fuse_ffn(blk.ffn, dt, gathered)}
     use = {k: kernels if ok.get(k) and k in kernel_set else None for k in ("attention", "route", "experts")}

@@ -60,17 +60,21 @@ def _call(kernel, mode: str, out_shape, grid, name: str, num_warps: int = 4, **k
                           **params, **kw)
 
 
-def supported(cfg: ModelConfig, n_tokens: int, cache_len: int, mode: str = "gpu") -> dict:
+def _cache_block(cfg: ModelConfig, cache_len: int) -> int:
+    """Cache rows per attention step: TUNING's, at most 64 KB of latents, dividing the cache length."""
+    return _chunk(cache_len, min(TUNING["attention"]["bs"], 32768 // cfg.kv_lora_rank))
+
+
+def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu") -> dict:
     """Which kernels the shapes allow on GPU (Triton's power-of-two blocks, tl.dot's 16-row minimum):
     {"attention": bool, "route": bool, "experts": bool}. The interpreter takes any shape."""
     N, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    del n_tokens
     if mode == "interpret":
         return {"attention": True, "route": True, "experts": True}
     return {
         "attention": (N % 16 == 0 and _pow2(C) and _pow2(R) and C >= 16 and R >= 16
-                      and cache_len % _chunk(cache_len, 64) == 0 and _chunk(cache_len, 64) >= 16),
+                      and _cache_block(cfg, cache_len) >= 16),
         "route": _pow2(E) and E >= 2,
         "experts": _chunk(D, 1024) >= 16 and _chunk(I, 1024) >= 16,
     }
@@ -131,7 +135,7 @@ def latent_attention(q_BNc, row_Bc, kv_BSc, pos_B, cfg: ModelConfig, mode: str):
     C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
     bn = 16 if N % 16 == 0 else N
     tu = TUNING["attention"]
-    kernel = _make_attention_kernel(C, R, bn, _chunk(S, tu["bs"]), cfg.softmax_scale)
+    kernel = _make_attention_kernel(C, R, bn, _cache_block(cfg, S), cfg.softmax_scale)
     out_shape = (jax.ShapeDtypeStruct(q_BNc.shape, q_BNc.dtype), jax.ShapeDtypeStruct(kv_BSc.shape, kv_BSc.dtype))
     return _call(kernel, mode, out_shape, (B, N // bn), "latent_attention", tu["num_warps"],
                  input_output_aliases={3: 1})(

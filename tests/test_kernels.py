@@ -121,10 +121,11 @@ def test_kernel_choice_follows_shapes_and_settings():
     """On GPU a kernel runs only where Triton's power-of-two blocks fit; kernel_set narrows the choice; the experts
     kernel only on the gathered path (few tokens per step)."""
     bench = presets.bench()
-    assert all(KN.supported(bench, 1, 384).values())
-    assert not KN.supported(presets.tiny(), 1, 384)["attention"]  # 4 heads: under tl.dot's 16 rows
-    assert not KN.supported(presets.deepseek_v2(), 1, 384)["route"]  # 160 experts
-    assert all(KN.supported(presets.tiny(), 1, 384, "interpret").values())
+    assert all(KN.supported(bench, 384).values())
+    assert not KN.supported(presets.tiny(), 384)["attention"]  # 4 heads: under tl.dot's 16 rows
+    assert not KN.supported(presets.deepseek_v2(), 384)["route"]  # 160 experts
+    assert KN._cache_block(presets.deepseek_v3(), 4096) == 64 and KN._cache_block(bench, 384) == 128
+    assert all(KN.supported(presets.tiny(), 384, "interpret").values())
     cfg = dataclasses.replace(load_config("tiny").model)
     model = M.init(cfg, jax.random.key(0))
     from flax import nnx
