@@ -102,10 +102,7 @@ def main(argv=None):
     ap.add_argument("--kernels", nargs="+", default=["auto"], help="fused path's kernels: auto (Pallas on GPU) | "
                     "xla | pallas | a comma list of Pallas kernels (attention,route,experts); several are timed one "
                     "after the other")
-    ap.add_argument("--down-split", type=int, default=1, help="decode_fused.DOWN_SPLIT (batch-64 down matmul)")
     args = ap.parse_args(argv)
-    from deepjax import decode_fused
-    decode_fused.DOWN_SPLIT = args.down_split
 
     dev = jax.devices()[0]
     emit(what="device", kind=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__)

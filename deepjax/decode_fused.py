@@ -115,17 +115,7 @@ def experts_all_flat(x_TD, comb_TX, w_gu_KD, w_down_DK):
     T, X = comb_TX.shape
     gu_TXJ = jnp.einsum("td,kd->tk", x_TD, w_gu_KD).reshape(T, X, -1)
     h_TXI = (_swiglu(gu_TXJ).astype(jnp.float32) * comb_TX[..., None]).astype(x_TD.dtype)
-    if w_down_DK.ndim == 3:  # [c, D, X*I/c]: the reduction split in c independent matmuls, summed after
-        c = w_down_DK.shape[0]
-        y_CTD = jnp.einsum("tck,cdk->ctd", h_TXI.reshape(T, c, -1), w_down_DK, preferred_element_type=jnp.float32)
-        return y_CTD.sum(0).astype(x_TD.dtype)
     return jnp.einsum("tk,dk->td", h_TXI.reshape(T, -1), w_down_DK)
-
-
-# The all-experts down projection at batch 64 is one matmul [T, X*I] x [X*I, D] with a long reduction and few
-# output tiles; DOWN_SPLIT > 1 splits that reduction into independent matmuls (bench/sampling_bench.py
-# --down-split measures it). Read when the weights are fused.
-DOWN_SPLIT = 1
 
 
 def experts_fn_for(cfg: ModelConfig, n_tokens: int):
@@ -172,11 +162,8 @@ def _fuse_ffn(ffn, dt, gathered: bool):
     w_gu = jnp.swapaxes(w_gu, 1, 2).astype(dt)  # [X, 2I, D]
     if gathered:
         w_down = jnp.swapaxes(w_down, 1, 2)  # [X, D, I]
-    else:  # experts_all_flat: [X * 2I, D] and [D, X * I] (or [c, D, X * I / c], DOWN_SPLIT = c)
+    else:  # experts_all_flat: [X * 2I, D] and [D, X * I]
         w_gu, w_down = w_gu.reshape(-1, w_gu.shape[-1]), jnp.moveaxis(w_down, 2, 0).reshape(w_down.shape[-1], -1)
-        c = DOWN_SPLIT
-        if c > 1 and w_down.shape[1] % c == 0:
-            w_down = jnp.swapaxes(w_down.reshape(w_down.shape[0], c, -1), 0, 1)
     return {"router": ffn.gate[...].T.astype(jnp.float32), "w_gu": w_gu, "w_down": w_down.astype(dt),
             "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32)}
 
