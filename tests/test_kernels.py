@@ -82,20 +82,6 @@ def test_experts_kernel_equals_gathered_experts(split, monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_experts_all_flat_equals_experts_all():
-    rng = np.random.default_rng(1)
-    T, K, E, D, I = 5, 2, 6, 16, 8
-    x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
-    w = jnp.asarray(rng.random((T, K)), jnp.float32)
-    idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]), jnp.int32)
-    w_gu = jnp.asarray(rng.normal(size=(E, 2 * I, D)), jnp.float32)
-    w_down = jnp.asarray(rng.normal(size=(E, D, I)), jnp.float32)
-    comb = jnp.einsum("tk,tke->te", w, jax.nn.one_hot(idx, E))
-    got = DF.experts_all_flat(x, comb, w_gu.reshape(E * 2 * I, D), jnp.moveaxis(w_down, 1, 0).reshape(D, E * I))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(DF.experts_all(x, w, idx, w_gu, w_down)),
-                               rtol=1e-5, atol=1e-5)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     cfg = dataclasses.replace(load_config("tiny").model, initializer_range=0.2)

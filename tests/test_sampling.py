@@ -81,6 +81,9 @@ def test_decode_expert_paths_agree():
     gu, down = jnp.swapaxes(jnp.concatenate(ws[:2], -1), 1, 2), jnp.swapaxes(ws[2], 1, 2)  # contracted axis last
     np.testing.assert_allclose(DF.experts_gathered(x, w, idx, gu, down), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(DF.experts_all(x, w, idx, gu, down), ref, rtol=1e-5, atol=1e-5)
+    comb = jnp.einsum("tk,tke->te", w, jax.nn.one_hot(idx, E))  # the fused all-experts layout: [E*2I, D], [D, E*I]
+    flat = DF.experts_all_flat(x, comb, gu.reshape(E * 2 * I, D), jnp.moveaxis(down, 1, 0).reshape(D, E * I))
+    np.testing.assert_allclose(flat, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(moe.routed_experts_dropless(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
     cfg = load_config("tiny").model  # 8 experts, top-2, 1 shared (appended as a 9th expert when fused)
     assert DF.experts_fn_for(cfg, 3) is DF.experts_gathered and DF.experts_fn_for(cfg, 4) is DF.experts_all
