@@ -248,7 +248,7 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS):
             idx_TX = jnp.concatenate([idx_TX, jnp.broadcast_to(jnp.arange(E, E + S, dtype=jnp.int32), (B * T, S))], -1)
             w_TX = jnp.concatenate([w_TX, jnp.ones((B * T, S), w_TX.dtype)], -1)
         dense_TE = None
-    if use.get("experts"):  # gate/up + SwiGLU, then down + weighted sum + residual: two kernels
+    if use.get("experts"):  # gate/up + SwiGLU, then the down projection (kernels), weighted sum + residual
         x_TD = KN.experts_gathered(h, x_BTD.reshape(B * T, D), idx_TX, w_TX, f["w_gu"], f["w_down"], use["experts"])
         return x_TD.reshape(B, T, D), kv_BSc
     if w["gathered"]:

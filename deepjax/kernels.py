@@ -10,7 +10,7 @@ gathered experts' weights read at ~1.2 TB/s (docs/LOG.md). These kernels each re
     route              the DeepSeek routers (all three) for a few tokens: pairwise ranks, no sorts; returns the
                        chosen experts with the shared ones appended (weight 1), and the dense weights [T, E]
     experts_gathered   each token through its chosen experts, reading only those experts' rows: gate/up with
-                       SwiGLU, then down-projection, weighted sum and residual add
+                       SwiGLU, then the down projection per expert (the weighted sum and residual add in XLA)
 
 `mode` selects how a kernel runs: "gpu" (compiled through Triton), "interpret" (Pallas' interpreter: any
 backend, for tests). Triton blocks are powers of two: `supported(cfg, ...)` says whether a shape qualifies.
@@ -61,7 +61,10 @@ def _call(kernel, mode: str, out_shape, grid, name: str, num_warps: int = 4, **k
 
 
 def _cache_block(cfg: ModelConfig, cache_len: int) -> int:
-    """Cache rows per attention step: TUNING's, at most 64 KB of latents, dividing the cache length."""
+    """Cache rows per attention step: TUNING's, at most 32768 latent values (64 KB in bf16), dividing the cache
+    length (1 when the length is unknown: no kernel)."""
+    if cache_len <= 0:
+        return 1
     return _chunk(cache_len, min(TUNING["attention"]["bs"], 32768 // cfg.kv_lora_rank))
 
 
@@ -128,14 +131,19 @@ def latent_attention(q_BNc, row_Bc, kv_BSc, pos_B, cfg: ModelConfig, mode: str):
     """Absorbed attention for one new token per row: q [B, N, C + R] (= [q_c ; q_pe]), the token's cache row
     [B, C + R] (= [c ; k_pe]), the cache [B, S, C + R] holding positions [0, pos_B). Returns (o [B, N, C + R]
     with o[..., :C] = softmax(q . kv * scale) . c and zeros in the last R columns, the cache with the new row
-    written at pos_B). Softmax and sums in float32; p is rounded to the cache dtype before p . c, as in
-    `decode_fused.absorbed_attention`."""
+    written at pos_B). Softmax and sums in float32; the cached rows' unnormalized weights are rounded to the cache
+    dtype before p . c (the new row's weight is not), close to `decode_fused.absorbed_attention`, which rounds the
+    normalized p."""
     B, N, _ = q_BNc.shape
     S = kv_BSc.shape[1]
     C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
     bn = 16 if N % 16 == 0 else N
     tu = TUNING["attention"]
-    kernel = _make_attention_kernel(C, R, bn, _cache_block(cfg, S), cfg.softmax_scale)
+    bs = _cache_block(cfg, S)
+    if mode == "gpu" and bs < 16:
+        raise ValueError(f"latent_attention: cache length {S} has no power-of-two block of 16+ rows "
+                         "(kernels.supported says which shapes the GPU kernel takes)")
+    kernel = _make_attention_kernel(C, R, bn, bs, cfg.softmax_scale)
     out_shape = (jax.ShapeDtypeStruct(q_BNc.shape, q_BNc.dtype), jax.ShapeDtypeStruct(kv_BSc.shape, kv_BSc.dtype))
     return _call(kernel, mode, out_shape, (B, N // bn), "latent_attention", tu["num_warps"],
                  input_output_aliases={3: 1})(
@@ -272,7 +280,8 @@ def _make_down_split_kernel(I: int, bo: int, bk: int):
 def experts_gathered(x_TD, res_TD, idx_TX, w_TX, w_gu_EJD, w_down_EDI, mode: str):
     """res + sum_a w[t, a] * down_e(silu(gate_e x) * up_e x) over each token's experts e = idx[t, a], reading
     only those experts' rows: w_gu [E', 2I, D] (gate rows, then up rows), w_down [E', D, I]. Two kernels: gate/up
-    with SwiGLU into h [T, X, I] (float32), then down, weighted sum and residual add."""
+    with SwiGLU into h [T, X, I] (float32), then the down projection, per expert with the weighted sum and the
+    residual add in XLA (TUNING split, the default), or all in the kernel, looping over the experts."""
     T, D = x_TD.shape
     X = idx_TX.shape[1]
     I = w_down_EDI.shape[2]
@@ -283,7 +292,7 @@ def experts_gathered(x_TD, res_TD, idx_TX, w_TX, w_gu_EJD, w_down_EDI, mode: str
     if td["split"]:  # one program per (token, expert, rows): partial outputs, summed with the weights by XLA
         y = _call(_make_down_split_kernel(I, bo, bk), mode, jax.ShapeDtypeStruct((T, X, D), jnp.float32),
                   (T, X, D // bo), "experts_down", td["num_warps"])(idx_TX, h, w_down_EDI)
-        return (res_TD.astype(jnp.float32) + jnp.einsum("txd,tx->td", y, w_TX)).astype(res_TD.dtype)
+        return (res_TD.astype(jnp.float32) + (y * w_TX[..., None]).sum(1)).astype(res_TD.dtype)
     return _call(_make_down_kernel(X, I, bo, bk), mode, jax.ShapeDtypeStruct(res_TD.shape, res_TD.dtype),
                  (T, D // bo), "experts_down", td["num_warps"])(idx_TX, w_TX, h, res_TD, w_down_EDI)
 

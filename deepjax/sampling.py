@@ -61,7 +61,7 @@ class SamplingConfig:
     eos_ids: tuple[int, ...] = ()  # a row stops after sampling any of these (the EOS is kept in its output)
     pad_id: int = 0  # what fills a row's output after it stopped
     attention: str = "absorbed"  # absorbed | naive (expanded k/v from the cached latents; for checking)
-    cache_len: Optional[int] = None  # cache positions; None: prompt length + max_new_tokens
+    cache_len: Optional[int] = None  # cache positions; None: prompt length + max_new_tokens, rounded up to 16
     unstack_layers: bool = True  # per-layer weight copies for the decode loop (faster on GPU; see unstack_layers)
     fused: bool = True  # one device, absorbed: decode with fused per-layer weights (deepjax.decode_fused)
     kernels: str = "auto"  # fused path: auto (Pallas kernels on GPU, else XLA) | xla | pallas | interpret (tests)
@@ -86,7 +86,7 @@ def validate(sc: SamplingConfig, prompt_len: int) -> int:
         bad("attention", "choose from ('absorbed', 'naive')")
     if sc.kernels not in KERNEL_MODES:
         bad("kernels", f"choose from {KERNEL_MODES}")
-    if not set(sc.kernel_set) <= {"attention", "route", "experts"}:
+    if not isinstance(sc.kernel_set, tuple) or not set(sc.kernel_set) <= {"attention", "route", "experts"}:
         bad("kernel_set", "a tuple of 'attention', 'route', 'experts'")
     if sc.kernels == "pallas" and jax.default_backend() != "gpu":
         bad("kernels", f"the Pallas kernels compile for GPU only (backend: {jax.default_backend()}); "
@@ -94,7 +94,8 @@ def validate(sc: SamplingConfig, prompt_len: int) -> int:
     if sc.mtp_draft and sc.temperature != 0:
         bad("mtp_draft", "drafting is greedy only: set sampling.temperature=0")
     need = prompt_len + sc.max_new_tokens + int(sc.mtp_draft)  # a draft is written one position ahead
-    S = need if sc.cache_len is None else sc.cache_len
+    # Rounded up to a multiple of 16: the Pallas attention kernel reads the cache in blocks of 16 rows or more.
+    S = -(-need // 16) * 16 if sc.cache_len is None else sc.cache_len
     if need > S:
         raise ValueError(f"prompt length {prompt_len} + sampling.max_new_tokens={sc.max_new_tokens}"
                          f"{' + 1 (MTP draft)' if sc.mtp_draft else ''} exceed sampling.cache_len={S}")

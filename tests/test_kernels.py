@@ -112,6 +112,10 @@ def test_kernel_choice_follows_shapes_and_settings():
     assert not KN.supported(presets.deepseek_v2(), 384)["route"]  # 160 experts
     assert KN._cache_block(presets.deepseek_v3(), 4096) == 64 and KN._cache_block(bench, 384) == 128
     assert all(KN.supported(presets.tiny(), 384, "interpret").values())
+    wide = dataclasses.replace(presets.tiny(), num_attention_heads=16, qk_rope_head_dim=16)
+    assert KN.supported(wide, 384)["attention"]
+    assert not KN.supported(wide, 0)["attention"] and not KN.supported(wide, 100)["attention"]  # 100: blocks of 4
+    assert SP.validate(SP.SamplingConfig(max_new_tokens=100), 128) == 240  # rounded up to 16 rows
     cfg = dataclasses.replace(load_config("tiny").model)
     model = M.init(cfg, jax.random.key(0))
     from flax import nnx
