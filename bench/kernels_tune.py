@@ -6,10 +6,6 @@ time, so their weights are not in L2), under the profiler; prints GPU time per c
 """
 import collections
 import dataclasses
-import glob
-import gzip
-import json
-import os
 import tempfile
 
 import jax
@@ -19,6 +15,7 @@ import numpy as np
 from deepjax import decode_fused as DF
 from deepjax import kernels as KN
 from deepjax import presets
+from profile_decode import load_trace  # bench/ is on sys.path when this script runs
 
 R = 16
 
@@ -29,12 +26,7 @@ def gpu_time(fn, *args):
     out = tempfile.mkdtemp()
     with jax.profiler.trace(out, create_perfetto_trace=True):
         jax.block_until_ready(fn(*args))
-    path = sorted(glob.glob(os.path.join(out, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
-    with gzip.open(path) as f:
-        trace = json.load(f)
-    ev = trace["traceEvents"] if isinstance(trace, dict) else trace
-    pids = {e["pid"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"
-            and ("GPU" in e["args"].get("name", "") or "/device:" in e["args"].get("name", ""))}
+    ev, _, pids = load_trace(out)
     k = [e for e in ev if e.get("ph") == "X" and e.get("pid") in pids and not e["name"].startswith("Memcpy")]
     by = collections.Counter()
     for e in k:

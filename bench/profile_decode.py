@@ -32,13 +32,18 @@ def run(batch, new, out, fused=True, kernels="auto"):
               f"{'fused' if fused else 'module'}, kernels {kernels})")
 
 
-def summarize(out, top=25, top_host=25):
+def load_trace(out):
+    """(events, {pid: process name}, GPU pids) of the newest Perfetto trace under `out`."""
     path = sorted(glob.glob(os.path.join(out, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     pids = {e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {p for p, n in pids.items() if "GPU" in n or "/device:" in n}
+    return events, pids, {p for p, n in pids.items() if "GPU" in n or "/device:" in n}
+
+
+def summarize(out, top=25, top_host=25):
+    events, pids, gpu = load_trace(out)
     tot = collections.Counter()
     cnt = collections.Counter()
     info = {}

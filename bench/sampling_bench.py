@@ -67,7 +67,7 @@ def step_bytes(cfg, params, B: int, positions: int) -> dict:
 
 
 def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: int, fused: bool = True,
-                  kernels: str = "auto", kernel_set=("attention", "route", "experts")) -> dict:
+                  kernels: str = "auto", kernel_set=SP.KN.KERNELS) -> dict:
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, prompt)), jnp.int32)
     lengths = jnp.full((B,), prompt, jnp.int32)
@@ -115,7 +115,7 @@ def main(argv=None):
     for B in args.batches:
         runs = [(True, k) for k in args.kernels] + ([(False, "xla")] if args.module else [])
         for fused, kernels in runs:
-            ks = ("attention", "route", "experts")
+            ks = SP.KN.KERNELS
             if "," in kernels or kernels in ks:
                 kernels, ks = "auto", tuple(kernels.split(","))
             r = time_generate(graphdef, params, cfg, B, args.prompt, args.new, args.reps, fused, kernels, ks)

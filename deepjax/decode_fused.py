@@ -169,7 +169,7 @@ def _fuse_ffn(ffn, dt, gathered: bool):
 
 
 def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len: int = 0,
-               kernel_set=("attention", "route", "experts")) -> dict:
+               kernel_set=KN.KERNELS) -> dict:
     """One block's decode weights (see the module docstring) for steps of n_tokens tokens: a dict of arrays, with
     static entries "cfg" (the model config), "gathered" (which experts function; it sets the expert weights'
     layout) and "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`).
@@ -180,7 +180,7 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
     ok = KN.supported(cfg, cache_len, kernels) if kernels else {}
     w = {"attn_norm": blk.attn_norm.weight[...].astype(dt), "ffn_norm": blk.ffn_norm.weight[...].astype(dt),
          "attn": _fuse_attention(blk.attn, dt), "ffn": _fuse_ffn(blk.ffn, dt, gathered)}
-    use = {k: kernels if ok.get(k) and k in kernel_set else None for k in ("attention", "route", "experts")}
+    use = {k: kernels if ok.get(k) and k in kernel_set else None for k in KN.KERNELS}
     if not gathered:
         use["experts"] = None
     return {"cfg": cfg, "gathered": gathered, "kernels": use, **jax.lax.optimization_barrier(w)}
@@ -225,7 +225,7 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS):
     q = jax.lax.optimization_barrier(jnp.einsum("btq,nkq->btnk", q_in, a["w_q"]))
     q = jnp.concatenate([q[..., :C], apply_rope(q[..., C:], cos, sin)], -1)
     row = jnp.concatenate([rms_norm(kv[..., :C], a["kv_norm"], eps), apply_rope(kv[..., C:], cos, sin)], -1)
-    use = w.get("kernels", {})
+    use = w["kernels"]
     if use.get("attention") and T == 1:  # one kernel: scores, softmax, o . c, and the row written in place
         o_BNc, kv_BSc = KN.latent_attention(q[:, 0], row[:, 0], kv_BSc, pos_BT[:, 0], cfg, use["attention"])
         o = jnp.einsum("bnv,dnv->bd", jnp.einsum("bnc,nvc->bnv", o_BNc, a["w_uv"]), a["wo"])[:, None]

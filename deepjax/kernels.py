@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from deepjax.config import ModelConfig
 
 NEG = float(jnp.finfo(jnp.float32).min)
+KERNELS = ("attention", "route", "experts")  # the kernels a decode step can use (`supported`, kernel_set)
 
 
 def _pow2(n: int) -> bool:
@@ -74,7 +75,7 @@ def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu") -> dict:
     N, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     if mode == "interpret":
-        return {"attention": True, "route": True, "experts": True}
+        return dict.fromkeys(KERNELS, True)
     return {
         "attention": (N % 16 == 0 and _pow2(C) and _pow2(R) and C >= 16 and R >= 16
                       and _cache_block(cfg, cache_len) >= 16),

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepjax import decode_fused as DF
+from deepjax import kernels as KN
 from deepjax import sharding
 from deepjax.config import ModelConfig
 from deepjax.model import ACT_AXES, Transformer, default_experts_fn
@@ -65,7 +66,7 @@ class SamplingConfig:
     unstack_layers: bool = True  # per-layer weight copies for the decode loop (faster on GPU; see unstack_layers)
     fused: bool = True  # one device, absorbed: decode with fused per-layer weights (deepjax.decode_fused)
     kernels: str = "auto"  # fused path: auto (Pallas kernels on GPU, else XLA) | xla | pallas | interpret (tests)
-    kernel_set: tuple[str, ...] = ("attention", "route", "experts")  # which Pallas kernels (deepjax.kernels)
+    kernel_set: tuple[str, ...] = KN.KERNELS  # which Pallas kernels (deepjax.kernels)
     mtp_draft: bool = False  # greedy only: the MTP module drafts one extra token per step, the main model checks it
 
 
@@ -86,8 +87,8 @@ def validate(sc: SamplingConfig, prompt_len: int) -> int:
         bad("attention", "choose from ('absorbed', 'naive')")
     if sc.kernels not in KERNEL_MODES:
         bad("kernels", f"choose from {KERNEL_MODES}")
-    if not isinstance(sc.kernel_set, tuple) or not set(sc.kernel_set) <= {"attention", "route", "experts"}:
-        bad("kernel_set", "a tuple of 'attention', 'route', 'experts'")
+    if not isinstance(sc.kernel_set, tuple) or not set(sc.kernel_set) <= set(KN.KERNELS):
+        bad("kernel_set", f"a tuple of some of {KN.KERNELS}")
     if sc.kernels == "pallas" and jax.default_backend() != "gpu":
         bad("kernels", f"the Pallas kernels compile for GPU only (backend: {jax.default_backend()}); "
                        "'interpret' runs them in Pallas' interpreter, 'xla' or 'auto' without them")
@@ -287,7 +288,7 @@ def kernel_mode(sc: SamplingConfig):
 
 
 def fuse_layers(model: Transformer, n_tokens: int = 1, kernels: Optional[str] = None, cache_len: int = 0,
-                kernel_set=("attention", "route", "experts")):
+                kernel_set=KN.KERNELS):
     """Like `unstack_layers`, with each layer's weights fused for the one-device decode step on n_tokens tokens
     per step: a dict of arrays per layer (`decode_fused.fuse_block`), made once per generate call."""
     dt = dtype_of(model.cfg.dtype)
