@@ -42,8 +42,22 @@ def load_trace(out):
     return events, pids, {p for p, n in pids.items() if "GPU" in n or "/device:" in n}
 
 
-def summarize(out, top=25, top_host=25):
+def sequence(events, gpu, n):
+    """The n GPU kernels from the middle of the trace in launch order: duration and idle gap before each (us)."""
+    ks = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in gpu), key=lambda e: e["ts"])
+    mid = len(ks) // 2
+    prev = None
+    print(f"kernel sequence ({n} from the middle): gap us, duration us, name")
+    for e in ks[mid:mid + n]:
+        gap = 0.0 if prev is None else e["ts"] - prev
+        prev = e["ts"] + e.get("dur", 0)
+        print(f"{gap:7.1f} {e.get('dur', 0):7.1f}  {e['name'][:70]}")
+
+
+def summarize(out, top=25, top_host=25, seq=0):
     events, pids, gpu = load_trace(out)
+    if seq:
+        sequence(events, gpu, seq)
     tot = collections.Counter()
     cnt = collections.Counter()
     info = {}
@@ -84,9 +98,10 @@ if __name__ == "__main__":
     ap.add_argument("--module", action="store_true", help="the unfused module path (fused=False)")
     ap.add_argument("--kernels", default="auto", help="auto | xla | pallas (the fused path's kernels)")
     ap.add_argument("--top", type=int, default=25, help="kernels listed")
+    ap.add_argument("--seq", type=int, default=0, help="also list this many kernels in launch order, with gaps")
     a = ap.parse_args()
     if a.summarize:
-        summarize(a.summarize, a.top)
+        summarize(a.summarize, a.top, seq=a.seq)
     else:
         run(a.batch, a.new, a.out, fused=not a.module, kernels=a.kernels)
-        summarize(a.out, a.top)
+        summarize(a.out, a.top, top_host=10, seq=a.seq)

@@ -28,12 +28,16 @@ the latent cache with the new row written in place, the router, and the gathered
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from deepjax import kernels as KN
+from deepjax import kernels_grouped as KG
 from deepjax.config import ModelConfig
 from deepjax.moe import MoE, gate_weights, router_scores
+from deepjax.moe import route as moe_route
 from deepjax.nn import rms_norm
 from deepjax.rope import apply_rope
 
@@ -127,7 +131,17 @@ def experts_fn_for(cfg: ModelConfig, n_tokens: int):
 # ---------------------------------------------------------------------------------------------- fused weights
 
 
-def _fuse_attention(attn, dt):
+def _swap_pairs(w, axis: int):
+    """Rows (along axis) of adjacent rope pairs (x0, x1) turned into (-x1, x0): a projection with these rows gives
+    the second operand of rope, rope(x) = x * cos + swap(x) * sin, so a kernel needs no pair shuffles."""
+    w = jnp.moveaxis(w, axis, -1)
+    p = w.reshape(*w.shape[:-1], -1, 2)
+    return jnp.moveaxis(jnp.stack([-p[..., 1], p[..., 0]], -1).reshape(w.shape), -1, axis)
+
+
+def _fuse_attention(attn, dt, attn_in: bool = False):
+    """The attention weights of the module docstring; with attn_in (the `kernels.attn_in` / `attn_q` kernels),
+    w_in and w_q also carry their rope rows with pairs swapped (`_swap_pairs`) after the others."""
     cfg = attn.cfg
     H, R = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
     f32 = jnp.float32
@@ -136,13 +150,17 @@ def _fuse_attention(attn, dt):
     q_c = jnp.einsum("qnh,cnh->ncq", wq[..., :H].astype(f32), wkv_b[..., :H])
     q_pe = jnp.einsum("qnr->nrq", wq[..., H:].astype(f32))
     w_uv = jnp.pad(jnp.einsum("cnv->nvc", wkv_b[..., H:]), ((0, 0), (0, 0), (0, R)))  # [N, V, C + R]
-    w = {"w_q": jnp.concatenate([q_c, q_pe], 1).astype(dt), "w_uv": w_uv.astype(dt),
+    q_parts = [q_c, q_pe] + ([_swap_pairs(q_pe, 1)] if attn_in else [])
+    w = {"w_q": jnp.concatenate(q_parts, 1).astype(dt), "w_uv": w_uv.astype(dt),
          "wo": jnp.einsum("nvd->dnv", attn.wo[...]).astype(dt), "kv_norm": attn.kv_norm.weight[...].astype(dt)}
     if cfg.q_lora_rank is not None:
-        w["w_in"] = jnp.concatenate([attn.wq_a[...], attn.wkv_a[...]], -1).T.astype(dt)
+        w_in = [attn.wq_a[...], attn.wkv_a[...]]
         w["q_norm"] = attn.q_norm.weight[...].astype(dt)
     else:
-        w["w_in"] = attn.wkv_a[...].T.astype(dt)
+        w_in = [attn.wkv_a[...]]
+    if attn_in:
+        w_in.append(_swap_pairs(attn.wkv_a[...][:, cfg.kv_lora_rank:], 1))
+    w["w_in"] = jnp.concatenate(w_in, -1).T.astype(dt)
     return w
 
 
@@ -172,18 +190,21 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
                kernel_set=KN.KERNELS) -> dict:
     """One block's decode weights (see the module docstring) for steps of n_tokens tokens: a dict of arrays, with
     static entries "cfg" (the model config), "gathered" (which experts function; it sets the expert weights'
-    layout) and "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`).
+    layout), "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`) and
+    "mode" (the kernels' mode: "gpu", "interpret" or None).
     Made once per generate call inside the jitted generate. The arrays pass an optimization barrier: without it
     XLA:GPU sinks the cheap concatenations and slices into the decode loop and redoes them at every step."""
     cfg = blk.attn.cfg
     gathered = experts_fn_for(cfg, n_tokens) is experts_gathered
-    ok = KN.supported(cfg, cache_len, kernels) if kernels else {}
-    w = {"attn_norm": blk.attn_norm.weight[...].astype(dt), "ffn_norm": blk.ffn_norm.weight[...].astype(dt),
-         "attn": _fuse_attention(blk.attn, dt), "ffn": _fuse_ffn(blk.ffn, dt, gathered)}
+    ok = KN.supported(cfg, cache_len, kernels, n_tokens) if kernels else {}
     use = {k: kernels if ok.get(k) and k in kernel_set else None for k in KN.KERNELS}
     if not gathered:
         use["experts"] = None
-    return {"cfg": cfg, "gathered": gathered, "kernels": use, **jax.lax.optimization_barrier(w)}
+    if not (use["experts"] and KN.TUNING["down"]["split"]):
+        use["moe_in"] = None  # it routes inside the gathered experts' gate/up kernel
+    w = {"attn_norm": blk.attn_norm.weight[...].astype(dt), "ffn_norm": blk.ffn_norm.weight[...].astype(dt),
+         "attn": _fuse_attention(blk.attn, dt, bool(use["attn_in"])), "ffn": _fuse_ffn(blk.ffn, dt, gathered)}
+    return {"cfg": cfg, "gathered": gathered, "kernels": use, "mode": kernels, **jax.lax.optimization_barrier(w)}
 
 
 # ----------------------------------------------------------------------------------------------------- the step
@@ -207,39 +228,79 @@ def write_rows(buf_BSX, pos_BT, new_BTX):
     return buf_BSX.at[jnp.arange(B)[:, None], pos_BT].set(new_BTX.astype(buf_BSX.dtype))
 
 
-def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS):
+class Pending(NamedTuple):
+    """A residual stream whose last MoE output is not summed yet: x = res + sum_a w[:, a] * parts[:, a] (float32).
+    The next block's `kernels.attn_in` sums it on its way (one kernel fewer per layer); `settle` sums it in XLA."""
+    res: jax.Array  # [B, T, D]
+    parts: jax.Array  # [B * T, A, D] float32
+    w: jax.Array  # [B * T, A] float32
+
+
+def settle(x):
+    if not isinstance(x, Pending):
+        return x
+    y = (x.parts * x.w[..., None]).sum(1).reshape(x.res.shape)
+    return (x.res.astype(jnp.float32) + y).astype(x.res.dtype)
+
+
+def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: bool = False):
     """One block on T new tokens per row with fused weights (`fuse_block`); returns (x, cache rows with the new
-    ones written). Uses the Pallas kernels `w["kernels"]` names."""
-    B, T, D = x_BTD.shape
+    ones written). Uses the Pallas kernels `w["kernels"]` names. x may be `Pending` (from the previous block's
+    "moe_in" kernels) and so may the result: `settle` gives the array.
+
+    prefill: the tokens are positions [0, T) of each row (the prompts; kv_BSc and pos_BT unused): the cache rows
+    returned are the new rows alone [B, T, C + R], and the routed experts run as grouped matmuls
+    (`kernels_grouped.experts_grouped`, w["mode"] set)."""
+    res = x_BTD.res if isinstance(x_BTD, Pending) else x_BTD
+    B, T, D = res.shape
     cfg, a = w["cfg"], w["attn"]
     C, eps = cfg.kv_lora_rank, cfg.rms_norm_eps
-    h = rms_norm(x_BTD, w["attn_norm"], eps)
-    z = jnp.einsum("btd,kd->btk", h, a["w_in"])
-    if cfg.q_lora_rank is not None:
-        Q = cfg.q_lora_rank
-        q_in, kv = rms_norm(z[..., :Q], a["q_norm"], eps), z[..., Q:]
+    use = {} if prefill else w["kernels"]
+    if use.get("attn_in") and T == 1:  # norms, projections and rope in two kernels (the Pending sum in the first)
+        pend = x_BTD if isinstance(x_BTD, Pending) else Pending(res, None, None)
+        x_BD, z = KN.attn_in(res.reshape(B, D), w["attn_norm"], a["w_in"], eps, use["attn_in"], pend.parts, pend.w)
+        x_BTD = x_BD.reshape(B, T, D)
+        cs = jnp.stack([jnp.repeat(cos[:, 0], 2, -1), jnp.repeat(sin[:, 0], 2, -1)], 1)  # [B, 2, R]
+        q, row = KN.attn_q(z, a["q_norm"], a["kv_norm"], a["w_q"], cs, cfg, use["attn_in"])
+        q, row = q[:, None], row[:, None]
     else:
-        q_in, kv = h, z
-    # The barrier keeps XLA:GPU from fusing this matrix-vector product into the rope / concatenation below, which
-    # recomputed it per output element (150 us per layer at batch 1, measured).
-    q = jax.lax.optimization_barrier(jnp.einsum("btq,nkq->btnk", q_in, a["w_q"]))
-    q = jnp.concatenate([q[..., :C], apply_rope(q[..., C:], cos, sin)], -1)
-    row = jnp.concatenate([rms_norm(kv[..., :C], a["kv_norm"], eps), apply_rope(kv[..., C:], cos, sin)], -1)
-    use = w["kernels"]
+        x_BTD = settle(x_BTD)
+        h = rms_norm(x_BTD, w["attn_norm"], eps)
+        z = jnp.einsum("btd,kd->btk", h, a["w_in"])
+        Q, R = cfg.q_lora_rank or 0, cfg.qk_rope_head_dim
+        q_in = rms_norm(z[..., :Q], a["q_norm"], eps) if Q else h
+        kv = z[..., Q:Q + C + R]  # (without the swapped rope rows that the attn_in kernels' weights carry)
+        # The barrier keeps XLA:GPU from fusing this matrix-vector product into the rope / concatenation below,
+        # which recomputed it per output element (150 us per layer at batch 1, measured).
+        q = jax.lax.optimization_barrier(jnp.einsum("btq,nkq->btnk", q_in, a["w_q"]))[..., :C + R]
+        q = jnp.concatenate([q[..., :C], apply_rope(q[..., C:], cos, sin)], -1)
+        row = jnp.concatenate([rms_norm(kv[..., :C], a["kv_norm"], eps), apply_rope(kv[..., C:], cos, sin)], -1)
     if use.get("attention") and T == 1:  # one kernel: scores, softmax, o . c, and the row written in place
         o_BNc, kv_BSc = KN.latent_attention(q[:, 0], row[:, 0], kv_BSc, pos_BT[:, 0], cfg, use["attention"])
         o = jnp.einsum("bnv,dnv->bd", jnp.einsum("bnc,nvc->bnv", o_BNc, a["w_uv"]), a["wo"])[:, None]
     else:
-        kv_BSc = write_rows(kv_BSc, pos_BT, row)
+        kv_BSc = row.astype(q.dtype) if prefill else write_rows(kv_BSc, pos_BT, row)
         o = absorbed_attention(q, kv_BSc, mask_BTS, a["w_uv"], a["wo"], cfg.softmax_scale)
     x_BTD = x_BTD + o
-    h = rms_norm(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
     f = w["ffn"]
+    if use.get("moe_in") and T == 1 and "router" in f:  # norm + router logits; routing inside gate/up
+        h, logits_TE = KN.moe_in(x_BTD.reshape(B, D), w["ffn_norm"], f["router"], eps, use["moe_in"])
+        parts, _, w_TX = KN.experts_routed(h, logits_TE, f["bias"], f["w_gu"], f["w_down"], cfg, use["moe_in"])
+        return Pending(x_BTD, parts, w_TX), kv_BSc
+    h = rms_norm(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
     if "router" not in f:
         y = jnp.einsum("tf,df->td", _swiglu(jnp.einsum("td,fd->tf", h, f["w_gu"])), f["w_down"])
         return x_BTD + y.reshape(B, T, D), kv_BSc
     logits_TE = jnp.einsum("td,ed->te", h.astype(jnp.float32), f["router"])
     E, S = cfg.n_routed_experts, cfg.n_shared_experts
+    if prefill:  # top-k routing (sorts are cheap next to T tokens' experts), then grouped matmuls
+        w_TX, idx_TX, _ = moe_route(logits_TE, f["bias"], cfg)
+        if S:
+            idx_TX = jnp.concatenate([idx_TX, jnp.broadcast_to(jnp.arange(E, E + S, dtype=jnp.int32), (B * T, S))], -1)
+            w_TX = jnp.concatenate([w_TX, jnp.ones((B * T, S), w_TX.dtype)], -1)
+        w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array
+        y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["mode"], flat=not w["gathered"])
+        return x_BTD + y.reshape(B, T, D), kv_BSc
     if use.get("route"):  # the K routed experts, then the S shared ones (weight 1); dense weights [T, E]
         idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"])
     else:
@@ -262,5 +323,5 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS):
     return x_BTD + y.reshape(B, T, D), kv_BSc
 
 
-__all__ = ["route_by_rank", "experts_gathered", "experts_all", "experts_all_flat", "experts_fn_for", "fuse_block",
+__all__ = ["Pending", "settle", "route_by_rank", "experts_gathered", "experts_all", "experts_all_flat", "experts_fn_for", "fuse_block",
            "fused_block", "absorbed_attention", "write_rows"]

@@ -27,7 +27,11 @@ from jax.experimental import pallas as pl
 from deepjax.config import ModelConfig
 
 NEG = float(jnp.finfo(jnp.float32).min)
-KERNELS = ("attention", "route", "experts")  # the kernels a decode step can use (`supported`, kernel_set)
+# the kernels a decode step can use (`supported`, kernel_set): "attn_in" is the norm + projections + rope before
+# attention (`attn_in`, `attn_q`), "moe_in" the norm + router logits (`moe_in`) with the routing done inside the
+# experts' gate/up kernel (it needs "experts")
+KERNELS = ("attention", "route", "experts", "attn_in", "moe_in")
+STEP_MAX_TOKENS = 8  # "attn_in" / "moe_in": one program per token and row block, for a few tokens per step
 
 
 def _pow2(n: int) -> bool:
@@ -48,15 +52,18 @@ TUNING = {
     "route": {"num_warps": 4},
     "gate_up": {"bi": 8, "num_warps": 8},
     "down": {"bo": 16, "num_warps": 8, "split": True},
+    "attn_in": {"br": 16, "num_warps": 4},
+    "attn_q": {"bc": 32, "num_warps": 4},
+    "moe_in": {"be": 4, "num_warps": 4},
 }
 
 
-def _call(kernel, mode: str, out_shape, grid, name: str, num_warps: int = 4, **kw):
+def _call(kernel, mode: str, out_shape, grid, name: str, num_warps: int = 4, num_stages: int = 2, **kw):
     params = {}
     if mode == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
-        params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
+        params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=mode == "interpret", name=name,
                           **params, **kw)
 
@@ -69,18 +76,25 @@ def _cache_block(cfg: ModelConfig, cache_len: int) -> int:
     return _chunk(cache_len, min(TUNING["attention"]["bs"], 32768 // cfg.kv_lora_rank))
 
 
-def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu") -> dict:
-    """Which kernels the shapes allow on GPU (Triton's power-of-two blocks, tl.dot's 16-row minimum):
-    {"attention": bool, "route": bool, "experts": bool}. The interpreter takes any shape."""
+def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int = 1) -> dict:
+    """Which kernels the shapes allow ({kernel: bool} over KERNELS) for steps of n_tokens tokens. On GPU: Triton's
+    power-of-two blocks and tl.dot's 16-row minimum; "attn_in" and "moe_in" need a query compression (q_lora_rank)
+    and at most STEP_MAX_TOKENS tokens. The interpreter takes any shape."""
     N, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    few = n_tokens <= STEP_MAX_TOKENS
     if mode == "interpret":
-        return dict.fromkeys(KERNELS, True)
+        return {**dict.fromkeys(KERNELS, True), "attn_in": few and cfg.q_lora_rank is not None, "moe_in": few}
+    Q = cfg.q_lora_rank or 0
+    z = Q + C + 2 * R  # attn_in's outputs: [q latent ; kv latent ; k_pe ; k_pe pairs swapped]
     return {
         "attention": (N % 16 == 0 and _pow2(C) and _pow2(R) and C >= 16 and R >= 16
                       and _cache_block(cfg, cache_len) >= 16),
         "route": _pow2(E) and E >= 2,
         "experts": _chunk(D, 1024) >= 16 and _chunk(I, 1024) >= 16,
+        "attn_in": (few and Q > 0 and _chunk(Q, 128) >= 16 and _chunk(z, TUNING["attn_in"]["br"]) >= 4
+                    and _pow2(C) and _pow2(R) and _chunk(D, 512) >= 16 and C % TUNING["attn_q"]["bc"] == 0),
+        "moe_in": few and _pow2(E) and E >= 4 and _chunk(D, 512) >= 16 and _chunk(I, 1024) >= 16,
     }
 
 
@@ -228,13 +242,197 @@ def route(logits_TE, bias_E, cfg: ModelConfig, mode: str):
                  TUNING["route"]["num_warps"])(*args)
 
 
+# ----------------------------------------------------------------------------------------------- step kernels
+# For a few tokens per step, the small XLA kernels around attention and the router (norms, projections, rope,
+# router logits, routing: ~10 kernels of 1-6 us per layer at batch 1 on an H100) become three kernels, one program
+# per (token, block of output rows). Each program recomputes the RMS statistics of its input row (a few KB read
+# from L2) instead of waiting on another kernel. Roundings follow the XLA path (`decode_fused.fused_block`): the
+# norms' outputs, the projections' outputs and the roped values are rounded to the model dtype where XLA's are.
+
+
+def _rnd(v, dt):
+    return v.astype(dt).astype(jnp.float32)
+
+
+def _rms_inv(chunks, n: int, eps: float):
+    return jax.lax.rsqrt(sum(jnp.sum(c * c) for c in chunks) / n + eps)
+
+
+def _make_attn_in_kernel(D: int, A: int, br: int, bd: int, eps: float, dt):
+    f32 = jnp.float32
+
+    def kernel(*refs):
+        if A:
+            res_ref, parts_ref, pw_ref, norm_ref, w_ref, x_ref, z_ref = refs
+        else:
+            res_ref, norm_ref, w_ref, x_ref, z_ref = refs
+        t, j = pl.program_id(0), pl.program_id(1)
+        xs = []
+        for k in range(D // bd):
+            cols = pl.ds(k * bd, bd)
+            xk = res_ref[t, cols].astype(f32)
+            if A:  # the previous block's experts: x = res + sum_a w_a * part_a, rounded as the residual stream
+                acc = jnp.zeros((bd,), f32)
+                for a in range(A):
+                    acc += pw_ref[t, a] * parts_ref[t, a, cols]
+                xk = _rnd(xk + acc, dt)
+            xs.append(xk)
+        inv = _rms_inv(xs, D, eps)
+        rows = pl.ds(j * br, br)
+        z = jnp.zeros((br,), f32)
+        for k, xk in enumerate(xs):
+            cols = pl.ds(k * bd, bd)
+            h = _rnd(norm_ref[cols].astype(f32) * _rnd(xk * inv, dt), dt)
+            z += jnp.sum(w_ref[rows, cols].astype(f32) * h[None, :], axis=1)
+        z_ref[t, rows] = z.astype(z_ref.dtype)
+
+        @pl.when(j == 0)
+        def _():
+            for k, xk in enumerate(xs):
+                x_ref[t, pl.ds(k * bd, bd)] = xk.astype(x_ref.dtype)
+
+    return kernel
+
+
+def attn_in(x_TD, norm_D, w_in_KD, eps: float, mode: str, parts_TAD=None, w_TA=None):
+    """(x [T, D], z [T, K]): x = x_TD, or x_TD + sum_a w[:, a] * parts[:, a] (the previous block's experts, summed
+    here rather than in a kernel of their own), then z = w_in . rms_norm(x) * norm (in x's dtype)."""
+    T, D = x_TD.shape
+    Kz = w_in_KD.shape[0]
+    A = 0 if parts_TAD is None else parts_TAD.shape[1]
+    tu = TUNING["attn_in"]
+    br, bd = _chunk(Kz, tu["br"]), _chunk(D, 512)
+    out_shape = (jax.ShapeDtypeStruct((T, D), x_TD.dtype), jax.ShapeDtypeStruct((T, Kz), x_TD.dtype))
+    args = (x_TD,) + (() if A == 0 else (parts_TAD.astype(jnp.float32), w_TA.astype(jnp.float32)))
+    return _call(_make_attn_in_kernel(D, A, br, bd, eps, x_TD.dtype), mode, out_shape, (T, Kz // br), "attn_in",
+                 tu["num_warps"])(*args, norm_D, w_in_KD)
+
+
+def _make_attn_q_kernel(N: int, Q: int, C: int, R: int, bq: int, bc: int, eps: float, dt):
+    f32 = jnp.float32
+    nc = C // bc
+
+    def kernel(z_ref, qn_ref, kvn_ref, w_ref, cs_ref, q_ref, row_ref):
+        t, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        cos, sin = cs_ref[t, 0, :], cs_ref[t, 1, :]  # [R]: each pair's angle twice
+
+        @pl.when(h < N)
+        def _():
+            zs = [z_ref[t, pl.ds(k * bq, bq)].astype(f32) for k in range(Q // bq)]
+            inv = _rms_inv(zs, Q, eps)
+            hs = [_rnd(qn_ref[pl.ds(k * bq, bq)].astype(f32) * _rnd(zk * inv, dt), dt) for k, zk in enumerate(zs)]
+
+            def matvec(row0, n):
+                acc = jnp.zeros((n,), f32)
+                for k, hk in enumerate(hs):
+                    acc += jnp.sum(w_ref[h, pl.ds(row0, n), pl.ds(k * bq, bq)].astype(f32) * hk[None, :], axis=1)
+                return acc
+
+            @pl.when(j < nc)
+            def _():
+                q_ref[t, h, pl.ds(j * bc, bc)] = matvec(j * bc, bc).astype(q_ref.dtype)
+
+            @pl.when(j == nc)  # rope: x * cos + (x's pairs swapped, first negated) * sin, both rows precomputed
+            def _():
+                q_ref[t, h, pl.ds(C, R)] = (_rnd(matvec(C, R), dt) * cos
+                                            + _rnd(matvec(C + R, R), dt) * sin).astype(q_ref.dtype)
+
+        @pl.when((h == N) & (j == 0))  # the token's cache row [rms_norm(c) ; rope(k_pe)]
+        def _():
+            c = z_ref[t, pl.ds(Q, C)].astype(f32)
+            inv = _rms_inv([c], C, eps)
+            row_ref[t, pl.ds(0, C)] = (kvn_ref[...].astype(f32) * _rnd(c * inv, dt)).astype(row_ref.dtype)
+            p, sw = z_ref[t, pl.ds(Q + C, R)].astype(f32), z_ref[t, pl.ds(Q + C + R, R)].astype(f32)
+            row_ref[t, pl.ds(C, R)] = (p * cos + sw * sin).astype(row_ref.dtype)
+
+    return kernel
+
+
+def attn_q(z_TK, q_norm_Q, kv_norm_C, w_q_NJQ, cs_T2R, cfg: ModelConfig, mode: str):
+    """(q [T, N, C + R], cache row [T, C + R]) from attn_in's z = [q latent (Q) ; c (C) ; k_pe (R) ; k_pe swapped
+    (R)]: q = w_q . rms_norm(q latent) with w_q [N, C + 2R, Q] = [absorbed q_c rows ; q_pe rows ; q_pe rows
+    swapped], rope on the pe part; row = [rms_norm(c) ; rope(k_pe)]. cs: [T, 2, R] cos and sin, each pair's twice.
+    One program per (token, head, block of rows), and one for the row."""
+    T = z_TK.shape[0]
+    N = w_q_NJQ.shape[0]
+    Q, C, R = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    tu = TUNING["attn_q"]
+    bc, bq = tu["bc"], _chunk(Q, 128)
+    dt = z_TK.dtype
+    out_shape = (jax.ShapeDtypeStruct((T, N, C + R), dt), jax.ShapeDtypeStruct((T, C + R), dt))
+    kernel = _make_attn_q_kernel(N, Q, C, R, bq, bc, cfg.rms_norm_eps, dt)
+    return _call(kernel, mode, out_shape, (T, N + 1, C // bc + 1), "attn_q", tu["num_warps"])(
+        z_TK, q_norm_Q, kv_norm_C, w_q_NJQ, cs_T2R.astype(jnp.float32))
+
+
+def _make_moe_in_kernel(D: int, be: int, bd: int, eps: float, dt):
+    f32 = jnp.float32
+
+    def kernel(x_ref, norm_ref, r_ref, h_ref, logit_ref):
+        t, j = pl.program_id(0), pl.program_id(1)
+        xs = [x_ref[t, pl.ds(k * bd, bd)].astype(f32) for k in range(D // bd)]
+        inv = _rms_inv(xs, D, eps)
+        rows = pl.ds(j * be, be)
+        acc = jnp.zeros((be,), f32)
+        hs = []
+        for k, xk in enumerate(xs):
+            hk = _rnd(norm_ref[pl.ds(k * bd, bd)].astype(f32) * _rnd(xk * inv, dt), dt)
+            hs.append(hk)
+            acc += jnp.sum(r_ref[rows, pl.ds(k * bd, bd)] * hk[None, :], axis=1)
+        logit_ref[t, rows] = acc
+
+        @pl.when(j == 0)
+        def _():
+            for k, hk in enumerate(hs):
+                h_ref[t, pl.ds(k * bd, bd)] = hk.astype(h_ref.dtype)
+
+    return kernel
+
+
+def moe_in(x_TD, norm_D, router_ED, eps: float, mode: str):
+    """(h [T, D] = rms_norm(x) * norm in x's dtype, router logits [T, E] = h . router in float32)."""
+    T, D = x_TD.shape
+    E = router_ED.shape[0]
+    tu = TUNING["moe_in"]
+    be, bd = _chunk(E, tu["be"]), _chunk(D, 512)
+    out_shape = (jax.ShapeDtypeStruct((T, D), x_TD.dtype), jax.ShapeDtypeStruct((T, E), jnp.float32))
+    return _call(_make_moe_in_kernel(D, be, bd, eps, x_TD.dtype), mode, out_shape, (T, E // be), "moe_in",
+                 tu["num_warps"])(x_TD, norm_D, router_ED.astype(jnp.float32))
+
+
 # ---------------------------------------------------------------------------------------------------- experts
 
 
-def _make_gate_up_kernel(I: int, D: int, bi: int, bd: int):
-    def kernel(idx_ref, x_ref, wgu_ref, h_ref):
+def _make_gate_up_kernel(I: int, D: int, bi: int, bd: int, route_cfg: ModelConfig | None = None,
+                         has_bias: bool = False):
+    """Gate/up + SwiGLU for (token t, its a-th expert, rows block j). With route_cfg, the program routes the token
+    itself from the router logits (`_route_vec`: a few [E, E] comparisons, cheaper than a kernel of its own) and
+    the (t, a, 0) programs write the chosen expert and its weight: slots a < K are the routed experts in
+    `moe.route`'s order, the rest the shared experts E, E + 1, ... with weight 1."""
+
+    def kernel(*refs):
         t, a, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        e = idx_ref[t, a]
+        if route_cfg is None:
+            idx_ref, x_ref, wgu_ref, h_ref = refs
+            e = idx_ref[t, a]
+        else:
+            if has_bias:
+                logit_ref, bias_ref, x_ref, wgu_ref, h_ref, idx_ref, w_ref = refs
+                bias = bias_ref[...]
+            else:
+                logit_ref, x_ref, wgu_ref, h_ref, idx_ref, w_ref = refs
+                bias = None
+            E, K = route_cfg.n_routed_experts, route_cfg.num_experts_per_tok
+            wd, r = _route_vec(logit_ref[t, :], bias, route_cfg)
+            pick = r == a
+            e = jnp.where(a < K, jnp.sum(jnp.where(pick, jnp.arange(E), 0)), E + a - K).astype(jnp.int32)
+            wa = jnp.where(a < K, jnp.sum(jnp.where(pick, wd, 0.0)), 1.0)
+
+            @pl.when(j == 0)
+            def _():
+                idx_ref[t, a] = e
+                w_ref[t, a] = wa
+
         g = jnp.zeros((bi,), jnp.float32)
         u = jnp.zeros((bi,), jnp.float32)
         for k in range(D // bd):  # the contracted axis in chunks
@@ -278,6 +476,16 @@ def _make_down_split_kernel(I: int, bo: int, bk: int):
     return kernel
 
 
+def _down_parts(idx_TX, h_TXI, w_down_EDI, mode: str):
+    """The split down projection: partial outputs [T, X, D] float32, one program per (token, expert, rows)."""
+    T, X, I = h_TXI.shape
+    D = w_down_EDI.shape[1]
+    td = TUNING["down"]
+    bk, bo = _chunk(I, 1024), _chunk(D, td["bo"])
+    return _call(_make_down_split_kernel(I, bo, bk), mode, jax.ShapeDtypeStruct((T, X, D), jnp.float32),
+                 (T, X, D // bo), "experts_down", td["num_warps"])(idx_TX, h_TXI, w_down_EDI)
+
+
 def experts_gathered(x_TD, res_TD, idx_TX, w_TX, w_gu_EJD, w_down_EDI, mode: str):
     """res + sum_a w[t, a] * down_e(silu(gate_e x) * up_e x) over each token's experts e = idx[t, a], reading
     only those experts' rows: w_gu [E', 2I, D] (gate rows, then up rows), w_down [E', D, I]. Two kernels: gate/up
@@ -291,11 +499,28 @@ def experts_gathered(x_TD, res_TD, idx_TX, w_TX, w_gu_EJD, w_down_EDI, mode: str
     h = _call(_make_gate_up_kernel(I, D, bi, bd), mode, jax.ShapeDtypeStruct((T, X, I), jnp.float32),
               (T, X, I // bi), "experts_gate_up", tg["num_warps"])(idx_TX, x_TD, w_gu_EJD)
     if td["split"]:  # one program per (token, expert, rows): partial outputs, summed with the weights by XLA
-        y = _call(_make_down_split_kernel(I, bo, bk), mode, jax.ShapeDtypeStruct((T, X, D), jnp.float32),
-                  (T, X, D // bo), "experts_down", td["num_warps"])(idx_TX, h, w_down_EDI)
+        y = _down_parts(idx_TX, h, w_down_EDI, mode)
         return (res_TD.astype(jnp.float32) + (y * w_TX[..., None]).sum(1)).astype(res_TD.dtype)
     return _call(_make_down_kernel(X, I, bo, bk), mode, jax.ShapeDtypeStruct(res_TD.shape, res_TD.dtype),
                  (T, D // bo), "experts_down", td["num_warps"])(idx_TX, w_TX, h, res_TD, w_down_EDI)
 
 
-__all__ = ["latent_attention", "route", "experts_gathered", "supported"]
+def experts_routed(h_TD, logits_TE, bias_E, w_gu_EJD, w_down_EDI, cfg: ModelConfig, mode: str):
+    """Routing and the gathered experts in two kernels: (parts [T, X, D] float32, idx [T, X], w [T, X]) with
+    X = K routed + S shared experts; the output is sum_a w[:, a] * parts[:, a] (`attn_in` sums it). The gate/up
+    kernel routes each token itself (`_make_gate_up_kernel`), so no kernel of its own routes."""
+    T, D = h_TD.shape
+    X = cfg.num_experts_per_tok + cfg.n_shared_experts
+    I = w_down_EDI.shape[2]
+    tg = TUNING["gate_up"]
+    bi, bd = _chunk(I, tg["bi"]), _chunk(D, 1024)
+    out_shape = (jax.ShapeDtypeStruct((T, X, I), jnp.float32), jax.ShapeDtypeStruct((T, X), jnp.int32),
+                 jax.ShapeDtypeStruct((T, X), jnp.float32))
+    args = (logits_TE.astype(jnp.float32),) + (() if bias_E is None else (bias_E.astype(jnp.float32),))
+    h, idx, w = _call(_make_gate_up_kernel(I, D, bi, bd, cfg, bias_E is not None), mode, out_shape, (T, X, I // bi),
+                      "experts_gate_up", tg["num_warps"])(*args, h_TD, w_gu_EJD)
+    return _down_parts(idx, h, w_down_EDI, mode), idx, w
+
+
+__all__ = ["latent_attention", "route", "experts_gathered", "experts_routed", "attn_in", "attn_q", "moe_in",
+           "supported"]

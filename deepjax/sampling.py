@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepjax import decode_fused as DF
+from deepjax import kernels_grouped as KG
 from deepjax import kernels as KN
 from deepjax import sharding
 from deepjax.config import ModelConfig
@@ -236,6 +237,44 @@ def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn,
     return (logits, Cache(*caches), x) if return_hidden else (logits, Cache(*caches))
 
 
+def fused_prefill_ok(layers) -> bool:
+    """Whether `prefill_fused` runs: fused layers (`fuse_layers`) with Pallas kernels on ("gpu" or "interpret"),
+    and expert shapes the grouped kernels take (`kernels_grouped.supported`)."""
+    blks = None if layers is None else (layers["moe_layers"] or layers["dense_layers"])
+    if not blks or not isinstance(blks[0], dict) or blks[0]["mode"] is None:
+        return False
+    cfg = blks[0]["cfg"]
+    X = cfg.n_routed_experts + cfg.n_shared_experts
+    return blks[0]["mode"] == "interpret" or KG.supported(cfg.hidden_size, cfg.moe_intermediate_size, 16, X)
+
+
+def prefill_fused(model: Transformer, layers: dict, prompts_BP, lengths_B, cache: Cache, return_hidden: bool = False):
+    """`prefill` with the decode step's fused weights (`fuse_layers`): absorbed attention over the prompt's own
+    rows, and the routed experts as grouped matmuls that read each expert's weights in place (Pallas,
+    `kernels_grouped`), where `prefill`'s block-sorted path gathers a copy of the weights per block of rows. Same
+    outputs as `prefill` up to rounding (tests/test_kernels_grouped.py)."""
+    cfg = model.cfg
+    B, P = prompts_BP.shape
+    cos, sin, mask_BPP, _ = _prompt_geometry(cfg, B, P, lengths_B)
+    dt = dtype_of(cfg.dtype)
+    x = jnp.take(model.embed[...].astype(dt), prompts_BP, axis=0)
+    caches = [list(c) for c in cache]
+    for i, name in enumerate(("dense_layers", "moe_layers")):
+        for l, blk in enumerate(layers[name] or []):
+            x, rows = DF.fused_block(blk, x, None, None, cos, sin, mask_BPP, prefill=True)
+            caches[i][l] = _fill(caches[i][l], rows)
+    last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)
+    logits = model.logits(last_BD, model.norm)[:, 0]
+    cache = Cache(*(tuple(c) for c in caches))
+    return (logits, cache, x) if return_hidden else (logits, cache)
+
+
+def _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=False):
+    if fused_prefill_ok(layers):
+        return prefill_fused(model, layers, prompts_BP, lengths_B, cache, return_hidden)
+    return prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden)
+
+
 # ----------------------------------------------------------------------------------------------------------- decode
 # T query tokens per row (1 when sampling; 2 when verifying an MTP draft) at positions pos_B + [0, T).
 
@@ -321,9 +360,9 @@ def _layers_of(stack):
 def _decode_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn, attention):
     """One block on T new tokens per row, writing their cache rows at pos_BT; returns (x, cache rows). `blk` is a
     module, or a dict of fused weights (`decode_fused.fuse_block`, absorbed attention only)."""
-    B, T, D = x_BTD.shape
     if isinstance(blk, dict):
         return DF.fused_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS)
+    B, T, D = x_BTD.shape
     dt = x_BTD.dtype
     h = blk.attn_norm(x_BTD)
     q_nope, q_pe = blk.attn.query(h, cos, sin)
@@ -358,6 +397,7 @@ def decode_tokens(model: Transformer, tokens_BT, pos_B, cache: Cache, experts_fn
     for i, name in enumerate(("dense_layers", "moe_layers")):
         for l, blk in enumerate(layers[name] or []):
             x, caches[i][l] = _decode_block(blk, x, caches[i][l], pos_BT, cos, sin, mask_BTS, experts_fn, attention)
+    x = DF.settle(x)  # a fused block may leave its experts' output to the next block's kernel to sum
     return model.logits(x, model.norm), x, Cache(*(tuple(c) for c in caches))
 
 
@@ -401,7 +441,7 @@ def mtp_decode(model: Transformer, h_BTD, next_BT, pos_B, kv_BSc, experts_fn, at
     x = _mtp_input(model, mod, h_BTD, next_BT)
     x, kv_BSc = _decode_block(mod.block if block is None else block, x, kv_BSc, pos_BT, cos, sin, mask_BTS,
                               experts_fn, attention)
-    return model.logits(x, mod.norm), kv_BSc
+    return model.logits(DF.settle(x), mod.norm), kv_BSc
 
 
 # --------------------------------------------------------------------------------------------------------- sampling
@@ -467,11 +507,11 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
                              experts_fn or decode_experts_fn(cfg, 2 * B), _decode_layers(model, sc, experts_fn, 2 * B, S))
     decode_fn = experts_fn or decode_experts_fn(cfg, B)
     cache = init_cache(cfg, B, S)
-    logits, cache = prefill(model, prompts_BP.astype(jnp.int32), lengths_B, cache, prefill_fn)
+    layers = _decode_layers(model, sc, experts_fn, B, S)
+    logits, cache = _prefill(model, layers, prompts_BP.astype(jnp.int32), lengths_B, cache, prefill_fn)
     key, k0 = jax.random.split(key)
     tok, lp = sample(logits, k0, sc)
     N = sc.max_new_tokens
-    layers = _decode_layers(model, sc, experts_fn, B, S)
     out_tok = jnp.full((B, N), sc.pad_id, jnp.int32)
     out_lp = jnp.zeros((B, N), jnp.float32)
     done = jnp.zeros((B,), jnp.bool_)
@@ -514,7 +554,7 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
     mtp_block = (DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype), 2 * B, kernel_mode(sc), S, sc.kernel_set)
                  if fused else None)
     cache = init_cache(cfg, B, S)
-    logits, cache, h_BPD = prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)
+    logits, cache, h_BPD = _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)
     greedy = lambda lg: sample(lg, None, sc)  # noqa: E731  (temperature 0: no key needed)
     t, lp = greedy(logits)
     dlogits, mkv = mtp_prefill(model, h_BPD, prompts_BP, lengths_B, t, _layer_cache(cfg, B, S), prefill_fn)
@@ -593,4 +633,4 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
 __all__ = ["SamplingConfig", "generate", "jit_generate", "prefill", "decode_step", "decode_tokens", "sample",
            "truncate_logits", "mtp_prefill", "mtp_decode",
            "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "validate", "decode_experts_fn",
-           "fuse_layers", "unstack_layers", "use_fused"]
+           "fuse_layers", "unstack_layers", "use_fused", "prefill_fused", "fused_prefill_ok"]

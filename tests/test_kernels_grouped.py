@@ -1,0 +1,174 @@
+"""The grouped-matmul expert kernels (`deepjax.kernels_grouped`) in Pallas' interpreter against a dense float32
+reference (every expert on every token, combined with the routing weights): the same kernel bodies compile through
+Triton on GPU (bench/grouped_check.py compares them there; `test_lowers_for_gpu` lowers them here)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepjax import kernels_grouped as KG
+
+T, A, X, D, I = 37, 3, 6, 64, 32  # T*A = 111 assignments: not a multiple of any block size
+SMALL_TILES = {"bn": 16, "bk": 16, "num_warps": 4, "num_stages": 2, "rows_fastest": False}  # loops of 2-4 steps
+
+
+def _routing(rng):
+    """Expert 0 on every token (37 rows: 3 blocks of 16), then one of {0, 1, 2} (a token may pick expert 0 twice),
+    then the "shared" expert 5 (weight 1); experts 3 and 4 get nothing."""
+    idx = np.stack([np.zeros(T), rng.choice(3, T), np.full(T, X - 1)], 1).astype(np.int32)
+    w = np.concatenate([rng.random((T, A - 1)) + 0.5, np.ones((T, 1))], 1).astype(np.float32)
+    return jnp.asarray(idx), jnp.asarray(w)
+
+
+def _weights(rng, dtype):
+    w_gu = jnp.asarray(rng.normal(size=(X, 2 * I, D)) * 0.2, jnp.float32).astype(dtype)  # [X, 2I, D]
+    w_down = jnp.asarray(rng.normal(size=(X, D, I)) * 0.2, jnp.float32).astype(dtype)  # [X, D, I]
+    return w_gu, w_down
+
+
+def _flat(w_down_XDI):
+    """[X, D, I] -> [D, X*I], column e*I + i = expert e's unit i (decode_fused's flat layout)."""
+    return jnp.moveaxis(w_down_XDI, 0, 1).reshape(D, -1)
+
+
+def dense_reference(x_TD, w_TA, idx_TA, w_gu_XJD, w_down_XDI):
+    """Every expert on every token in float64 (numpy), combined with the routing weights."""
+    x, w_gu, w_down = (np.asarray(a, np.float64) for a in (x_TD, w_gu_XJD, w_down_XDI))
+    g = np.einsum("td,xid->txi", x, w_gu[:, :I])
+    u = np.einsum("td,xid->txi", x, w_gu[:, I:])
+    y = np.einsum("txi,xdi->txd", g / (1 + np.exp(-g)) * u, w_down)
+    comb = np.zeros((x.shape[0], w_gu.shape[0]))
+    np.add.at(comb, (np.arange(x.shape[0])[:, None], np.asarray(idx_TA)), np.asarray(w_TA, np.float64))
+    return np.einsum("txd,tx->td", y, comb)
+
+
+def _close(got, want, tol):
+    """Max abs error relative to the largest output."""
+    return np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max() <= tol
+
+
+@pytest.mark.parametrize("dtype,flat,tiles", [
+    ("float32", False, "small"), ("float32", True, "small"), ("float32", False, "default"),
+    ("bfloat16", False, "default"), ("bfloat16", True, "small"),
+])
+def test_experts_grouped_equals_dense(dtype, flat, tiles, monkeypatch):
+    """Both w_down layouts, float32 (1e-5) and bfloat16 (h rounded to bf16 between the kernels: 2e-2), several
+    blocks for one expert, empty experts, a token on one expert twice; small tiles run several column programs and
+    contraction steps per block. Also checks that the tolerance would catch swapped gate/up halves or a block
+    reading the wrong expert's weights."""
+    if tiles == "small":
+        for kind in ("swiglu", "down"):
+            monkeypatch.setitem(KG.TUNING, kind, {16: SMALL_TILES})
+    rng = np.random.default_rng(0)
+    dt = jnp.dtype(dtype)
+    idx, w = _routing(rng)
+    x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32).astype(dt)
+    w_gu, w_down = _weights(rng, dt)
+    got = KG.experts_grouped(x, w, idx, w_gu, _flat(w_down) if flat else w_down, "interpret", flat, bm=16)
+    assert got.dtype == dt and got.shape == (T, D)
+    want = dense_reference(x, w, idx, w_gu, w_down)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert _close(got, want, tol), np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+    # the check discriminates: gate and up swapped, or expert e's weights read for expert e + 1
+    swapped = jnp.concatenate([w_gu[:, I:], w_gu[:, :I]], 1)
+    assert not _close(dense_reference(x, w, idx, swapped, w_down), want, 20 * tol)
+    rolled = dense_reference(x, w, idx, jnp.roll(w_gu, 1, 0), jnp.roll(w_down, 1, 0))
+    assert not _close(rolled, want, 20 * tol)
+
+
+def test_automatic_block_size():
+    """bm = None picks `block_rows`; 32 rows per block here (T*A = 444 over 6 experts), against the reference."""
+    rng = np.random.default_rng(1)
+    T4 = 4 * T
+    idx = jnp.asarray(np.stack([rng.choice(3, T4), rng.choice(X, T4), np.full(T4, X - 1)], 1), jnp.int32)
+    w = jnp.asarray(rng.random((T4, A)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(T4, D)), jnp.float32)
+    w_gu, w_down = _weights(rng, jnp.float32)
+    assert KG.block_rows(T4 * A, X) == 32
+    got = KG.experts_grouped(x, w, idx, w_gu, w_down, "interpret", False)
+    assert _close(got, dense_reference(x, w, idx, w_gu, w_down), 1e-5)
+
+
+def test_block_rows_rule():
+    assert KG.block_rows(128 * 8, 66) == 16 and KG.block_rows(1024 * 8, 66) == 32
+    assert KG.block_rows(8192 * 8, 66) == 128 and KG.block_rows(1, 66) == 16
+
+
+@pytest.mark.parametrize("bm", [4, 16])
+def test_dispatch_bookkeeping(bm):
+    """Every assignment gets its own padded row, inside a block of its expert, whose source token is the
+    assignment's token; padding rows point at token T; blocks in expert order; n_blocks = sum ceil(count / bm);
+    blocks past the data (the static bound has slack) hold expert X - 1."""
+    rng = np.random.default_rng(2)
+    idx, _ = _routing(rng)
+    token_R, block_e_N, n_blocks, row_TA = (np.asarray(a) for a in KG.dispatch(idx, X, bm))
+    idx = np.asarray(idx)
+    N = KG.n_blocks_bound(T * A, X, bm)
+    assert token_R.shape == (N * bm,) and block_e_N.shape == (N,)
+    counts = np.bincount(idx.ravel(), minlength=X)
+    assert n_blocks == sum(-(-c // bm) for c in counts) <= N
+    rows = row_TA.ravel()
+    assert len(np.unique(rows)) == rows.size and rows.max() < n_blocks * bm
+    assert (block_e_N[rows // bm] == idx.ravel()).all()  # each assignment in a block of its expert
+    assert (token_R[row_TA] == np.arange(T)[:, None]).all()
+    pad = np.setdiff1d(np.arange(N * bm), rows)
+    assert (token_R[pad] == T).all()
+    assert (np.diff(block_e_N[:n_blocks]) >= 0).all() and (block_e_N[n_blocks:] == X - 1).all()
+    assert np.array_equal(np.bincount(block_e_N[:n_blocks], minlength=X), -(-counts // bm))
+    # within an expert, tokens keep their order (stable sort)
+    for e in range(X):
+        r = np.sort(rows[idx.ravel() == e])
+        assert (np.diff(token_R[r]) >= 0).all()
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_kernels_skip_blocks_past_the_data(flat, monkeypatch):
+    """The two kernels on a hand-made layout: blocks of experts 2, 0, 0, 1, then two blocks past n_blocks = 4 with
+    nonzero rows, which must come out zero; each data block equals its expert's SwiGLU / down projection."""
+    for kind in ("swiglu", "down"):
+        monkeypatch.setitem(KG.TUNING, kind, {16: SMALL_TILES})
+    rng = np.random.default_rng(3)
+    bm, N = 16, 6
+    block_e = jnp.asarray([2, 0, 0, 1, 3, 5], jnp.int32)
+    x = jnp.asarray(rng.normal(size=(N * bm, D)), jnp.float32)
+    w_gu, w_down = _weights(rng, jnp.float32)
+    h = KG.grouped_swiglu(x, block_e, jnp.int32(4), w_gu, "interpret", bm)
+    y = KG.grouped_down(h, block_e, jnp.int32(4), _flat(w_down) if flat else w_down, "interpret", bm, flat)
+    h, y = np.asarray(h, np.float64), np.asarray(y, np.float64)
+    assert h.shape == (N * bm, I) and y.shape == (N * bm, D) and y.dtype == np.float64
+    assert (h[4 * bm:] == 0).all() and (y[4 * bm:] == 0).all()
+    xn, gu, wd = (np.asarray(a, np.float64) for a in (x, w_gu, w_down))
+    for n, e in enumerate([2, 0, 0, 1]):
+        blk = slice(n * bm, (n + 1) * bm)
+        g, u = xn[blk] @ gu[e, :I].T, xn[blk] @ gu[e, I:].T
+        np.testing.assert_allclose(h[blk], g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y[blk], h[blk] @ wd[e].T, rtol=1e-5, atol=1e-5)
+
+
+def test_supported_shapes():
+    assert KG.supported(1024, 512, 16) and KG.supported(1024, 512, 128)  # bench preset
+    assert KG.supported(64, 32, 16)  # tiny preset
+    assert KG.supported(7168, 2048, 64) and not KG.supported(7168, 2048, 64, n_experts=257)  # DeepSeek-V3: int32
+    assert KG.supported(1024, 512, 16, n_experts=66)
+    assert not KG.supported(1024, 512, 8) and not KG.supported(1024, 520, 16) and not KG.supported(1024, 512, 48)
+
+
+@pytest.mark.parametrize("dtype,T_,flat", [("bfloat16", 128, False), ("bfloat16", 8192, True),
+                                           ("bfloat16", 8192, False), ("float32", 128, True)])
+def test_lowers_for_gpu(dtype, T_, flat):
+    """Mode "gpu" lowers through Pallas' Triton backend for CUDA without a GPU (bench preset: D = 1024, I = 512,
+    66 experts, 8 per token; automatic bm: 16 at 128 tokens, 128 at 8192). Catches most Triton-only errors
+    (block shapes, dot operands, loop and indexing lowering); Triton's own compile runs only on the GPU."""
+    dt = jnp.dtype(dtype)
+    Xb, Ab, Db, Ib = 66, 8, 1024, 512
+    S = jax.ShapeDtypeStruct
+    args = (S((T_, Db), dt), S((T_, Ab), jnp.float32), S((T_, Ab), jnp.int32), S((Xb, 2 * Ib, Db), dt),
+            S((Db, Xb * Ib), dt) if flat else S((Xb, Db, Ib), dt))
+    fn = functools.partial(KG.experts_grouped, mode="gpu", flat=flat)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2
