@@ -187,7 +187,7 @@ def _fuse_ffn(ffn, dt, gathered: bool):
 
 
 def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len: int = 0,
-               kernel_set=KN.KERNELS) -> dict:
+               kernel_set=KN.KERNELS, tokens_per_row: int = 1) -> dict:
     """One block's decode weights (see the module docstring) for steps of n_tokens tokens: a dict of arrays, with
     static entries "cfg" (the model config), "gathered" (which experts function; it sets the expert weights'
     layout), "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`) and
@@ -202,6 +202,8 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
         use["experts"] = None
     if not (use["experts"] and KN.TUNING["down"]["split"]):
         use["moe_in"] = None  # it routes inside the gathered experts' gate/up kernel
+    if tokens_per_row > 1:  # (MTP verification) the attn_in / moe_in kernels run on one-token steps only
+        use["attn_in"] = use["moe_in"] = None
     w = {"attn_norm": blk.attn_norm.weight[...].astype(dt), "ffn_norm": blk.ffn_norm.weight[...].astype(dt),
          "attn": _fuse_attention(blk.attn, dt, bool(use["attn_in"])), "ffn": _fuse_ffn(blk.ffn, dt, gathered)}
     return {"cfg": cfg, "gathered": gathered, "kernels": use, "mode": kernels, **jax.lax.optimization_barrier(w)}
@@ -323,5 +325,6 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: boo
     return x_BTD + y.reshape(B, T, D), kv_BSc
 
 
-__all__ = ["Pending", "settle", "route_by_rank", "experts_gathered", "experts_all", "experts_all_flat", "experts_fn_for", "fuse_block",
+__all__ = ["Pending", "settle",
+           "route_by_rank", "experts_gathered", "experts_all", "experts_all_flat", "experts_fn_for", "fuse_block",
            "fused_block", "absorbed_attention", "write_rows"]

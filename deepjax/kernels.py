@@ -78,8 +78,8 @@ def _cache_block(cfg: ModelConfig, cache_len: int) -> int:
 
 def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int = 1) -> dict:
     """Which kernels the shapes allow ({kernel: bool} over KERNELS) for steps of n_tokens tokens. On GPU: Triton's
-    power-of-two blocks and tl.dot's 16-row minimum; "attn_in" and "moe_in" need a query compression (q_lora_rank)
-    and at most STEP_MAX_TOKENS tokens. The interpreter takes any shape."""
+    power-of-two blocks and tl.dot's 16-row minimum; "attn_in" needs a query compression (q_lora_rank), and
+    "attn_in" and "moe_in" at most STEP_MAX_TOKENS tokens. The interpreter takes any shape."""
     N, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     few = n_tokens <= STEP_MAX_TOKENS
@@ -93,7 +93,7 @@ def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int
         "route": _pow2(E) and E >= 2,
         "experts": _chunk(D, 1024) >= 16 and _chunk(I, 1024) >= 16,
         "attn_in": (few and Q > 0 and _chunk(Q, 128) >= 16 and _chunk(z, TUNING["attn_in"]["br"]) >= 4
-                    and _pow2(C) and _pow2(R) and _chunk(D, 512) >= 16 and C % TUNING["attn_q"]["bc"] == 0),
+                    and _pow2(C) and _pow2(R) and _chunk(D, 512) >= 16 and _chunk(C, TUNING["attn_q"]["bc"]) >= 16),
         "moe_in": few and _pow2(E) and E >= 4 and _chunk(D, 512) >= 16 and _chunk(I, 1024) >= 16,
     }
 
@@ -357,7 +357,7 @@ def attn_q(z_TK, q_norm_Q, kv_norm_C, w_q_NJQ, cs_T2R, cfg: ModelConfig, mode: s
     N = w_q_NJQ.shape[0]
     Q, C, R = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     tu = TUNING["attn_q"]
-    bc, bq = tu["bc"], _chunk(Q, 128)
+    bc, bq = _chunk(C, tu["bc"]), _chunk(Q, 128)
     dt = z_TK.dtype
     out_shape = (jax.ShapeDtypeStruct((T, N, C + R), dt), jax.ShapeDtypeStruct((T, C + R), dt))
     kernel = _make_attn_q_kernel(N, Q, C, R, bq, bc, cfg.rms_norm_eps, dt)

@@ -327,12 +327,12 @@ def kernel_mode(sc: SamplingConfig):
 
 
 def fuse_layers(model: Transformer, n_tokens: int = 1, kernels: Optional[str] = None, cache_len: int = 0,
-                kernel_set=KN.KERNELS):
+                kernel_set=KN.KERNELS, tokens_per_row: int = 1):
     """Like `unstack_layers`, with each layer's weights fused for the one-device decode step on n_tokens tokens
     per step: a dict of arrays per layer (`decode_fused.fuse_block`), made once per generate call."""
     dt = dtype_of(model.cfg.dtype)
     return {name: None if blks is None else
-            [DF.fuse_block(b, dt, n_tokens, kernels, cache_len, kernel_set) for b in blks]
+            [DF.fuse_block(b, dt, n_tokens, kernels, cache_len, kernel_set, tokens_per_row) for b in blks]
             for name, blks in unstack_layers(model).items()}
 
 
@@ -343,9 +343,10 @@ def use_fused(sc: SamplingConfig, experts_fn, n_tokens: int) -> bool:
             and n_tokens <= DENSE_DECODE_MAX_TOKENS)
 
 
-def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens: int, cache_len: int):
+def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens: int, cache_len: int,
+                   tokens_per_row: int = 1):
     if use_fused(sc, experts_fn, n_tokens):
-        return fuse_layers(model, n_tokens, kernel_mode(sc), cache_len, sc.kernel_set)
+        return fuse_layers(model, n_tokens, kernel_mode(sc), cache_len, sc.kernel_set, tokens_per_row)
     return unstack_layers(model) if sc.unstack_layers else None
 
 
@@ -503,8 +504,9 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
     if sc.mtp_draft:
         if not len(model.mtp):
             raise ValueError("sampling.mtp_draft=True needs an MTP module: model.num_nextn_predict_layers is 0")
+        layers = _decode_layers(model, sc, experts_fn, 2 * B, S, tokens_per_row=2)
         return _generate_mtp(model, prompts_BP.astype(jnp.int32), lengths_B, sc, S, prefill_fn,
-                             experts_fn or decode_experts_fn(cfg, 2 * B), _decode_layers(model, sc, experts_fn, 2 * B, S))
+                             experts_fn or decode_experts_fn(cfg, 2 * B), layers)
     decode_fn = experts_fn or decode_experts_fn(cfg, B)
     cache = init_cache(cfg, B, S)
     layers = _decode_layers(model, sc, experts_fn, B, S)
@@ -551,7 +553,7 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
     B, P = prompts_BP.shape
     N = sc.max_new_tokens
     fused = layers is not None and isinstance((layers["moe_layers"] or layers["dense_layers"])[0], dict)
-    mtp_block = (DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype), 2 * B, kernel_mode(sc), S, sc.kernel_set)
+    mtp_block = (DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype), 2 * B, kernel_mode(sc), S, sc.kernel_set, 2)
                  if fused else None)
     cache = init_cache(cfg, B, S)
     logits, cache, h_BPD = _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)

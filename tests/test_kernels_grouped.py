@@ -172,3 +172,30 @@ def test_lowers_for_gpu(dtype, T_, flat):
     fn = functools.partial(KG.experts_grouped, mode="gpu", flat=flat)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+def test_prefill_fused_equals_prefill():
+    """`sampling.prefill_fused` (fused weights, absorbed attention over the prompt, the grouped kernels interpreted)
+    gives `prefill`'s logits, cache rows and hidden states, rows of different lengths (padding included)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from deepjax import model as M
+    from deepjax import sampling as SP
+    from deepjax.config import load_config
+
+    cfg = dataclasses.replace(load_config("tiny").model, initializer_range=0.2)
+    model = nnx.merge(*M.init(cfg, jax.random.key(0)))
+    prompts, lengths = SP.pad_prompts([[5, 17, 300], [9, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11], [7] * 16])
+    prompts, lengths = jnp.asarray(prompts), jnp.asarray(lengths)
+    cache = SP.init_cache(cfg, 3, 32)
+    layers = SP.fuse_layers(model, 3, "interpret", 32)
+    assert SP.fused_prefill_ok(layers) and not SP.fused_prefill_ok(SP.fuse_layers(model, 3, None, 32))
+    want = SP.prefill(model, prompts, lengths, cache, SP.prefill_experts_fn(cfg), return_hidden=True)
+    got = jax.jit(lambda p, n: SP.prefill_fused(model, layers, p, n, cache, return_hidden=True))(prompts, lengths)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-4, atol=1e-5)
+    valid = np.arange(prompts.shape[1])[None] < np.asarray(lengths)[:, None]  # padding rows: overwritten later
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(np.asarray(a)[:, :16][valid], np.asarray(b)[:, :16][valid], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[2])[valid], np.asarray(want[2])[valid], rtol=1e-4, atol=1e-4)
