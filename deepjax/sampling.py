@@ -302,15 +302,16 @@ def _attend_naive(attn, q_nope_BTNH, q_pe_BTNR, kv_BSc, mask_BTS, dt):
     return jnp.einsum("btnv,nvd->btd", o_BTNV, attn.wo[...].astype(dt))
 
 
-def unstack_layers(model: Transformer):
+def unstack_layers(model: Transformer, barrier: bool = True):
     """{"dense_layers": [layer module, ...], "moe_layers": [...]}: each scanned stack split into per-layer modules
     (copies of the weights). `generate` does this once per call, outside its decode loop: on GPU, a layer sliced
     out of a stacked weight inside the loop is copied at every step (measured: half the step time at batch 64 on
-    the bench preset). Costs one extra copy of the stacked weights while generating."""
+    the bench preset). Costs one extra copy of the stacked weights while generating. barrier=False leaves the
+    slices free to fuse into what reads them (`fuse_layers`, whose own outputs pass a barrier)."""
     out = {}
     for name in ("dense_layers", "moe_layers"):
         stack = getattr(model, name)
-        out[name] = None if stack is None else _layers_of(stack)
+        out[name] = None if stack is None else _layers_of(stack, barrier)
     return out
 
 
@@ -333,7 +334,7 @@ def fuse_layers(model: Transformer, n_tokens: int = 1, kernels: Optional[str] = 
     dt = dtype_of(model.cfg.dtype)
     return {name: None if blks is None else
             [DF.fuse_block(b, dt, n_tokens, kernels, cache_len, kernel_set, tokens_per_row) for b in blks]
-            for name, blks in unstack_layers(model).items()}
+            for name, blks in unstack_layers(model, barrier=False).items()}
 
 
 def use_fused(sc: SamplingConfig, experts_fn, n_tokens: int) -> bool:
@@ -350,12 +351,13 @@ def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens:
     return unstack_layers(model) if sc.unstack_layers else None
 
 
-def _layers_of(stack):
+def _layers_of(stack, barrier: bool = True):
     """Per-layer modules over copies of the weights; the copies pass an optimization barrier, else XLA:GPU sinks
     the slicing into the decode loop and copies each layer's weights at every step."""
     graphdef, state = nnx.split(stack)
     n = jax.tree.leaves(state)[0].shape[0]
-    return [nnx.merge(graphdef, jax.lax.optimization_barrier(jax.tree.map(lambda a: a[i], state))) for i in range(n)]
+    keep = jax.lax.optimization_barrier if barrier else (lambda t: t)
+    return [nnx.merge(graphdef, keep(jax.tree.map(lambda a: a[i], state))) for i in range(n)]
 
 
 def _decode_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn, attention):
@@ -606,17 +608,27 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
 def jit_generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None) -> Output:
     """`generate` under jax.jit (graphdef, sampling config and experts_fn static; retraced per mesh context)."""
     validate(sc, prompts_BP.shape[1])
-    return _jit_generate(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, sharding.context_key())
+    return _jitted()(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, sharding.context_key())
 
 
-def _make_jit():
-    def f(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, mesh_context):
-        del mesh_context
-        return generate(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn)
-    return jax.jit(f, static_argnums=(0, 5, 6, 7))
+# XLA:GPU compiler options for `jit_generate`. CONCURRENT: the command buffers (CUDA graphs) run kernels without a
+# data dependency side by side instead of in program order, e.g. the router and the routing kernels beside the
+# experts' gate/up matmul at batch 64 (on one H100, bench preset: 38,272 -> 39,350 tokens/s at batch 64, batch 1
+# unchanged; docs/LOG.md). XLA assigns temporaries less tightly under it (more memory for activations).
+GPU_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+_JITS: dict = {}
 
 
-_jit_generate = _make_jit()
+def _jitted():
+    """The jitted generate for the default backend (built on first use: the backend is not known at import)."""
+    backend = jax.default_backend()
+    if backend not in _JITS:
+        def f(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, mesh_context):
+            del mesh_context
+            return generate(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn)
+        _JITS[backend] = jax.jit(f, static_argnums=(0, 5, 6, 7),
+                                 compiler_options=GPU_COMPILER_OPTIONS if backend == "gpu" else None)
+    return _JITS[backend]
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
