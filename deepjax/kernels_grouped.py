@@ -66,12 +66,20 @@ TUNING = {
 # ~0.24 ms, T = 8192 1.03-1.09 -> ~1.0 ms per layer; bm 64 untuned)
 
 
-def _tiles(kind: str, bm: int, n_cols: int, n_contract: int) -> dict:
-    """TUNING[kind]'s entry for bm with bn, bk cut to powers of two dividing the output / contracted widths."""
+SMEM_BYTES = 212 * 1024  # what the pipelined tiles may take of an H100 block's 227 KB of shared memory
+
+
+def _tiles(kind: str, bm: int, n_cols: int, n_contract: int, itemsize: int = 2) -> dict:
+    """TUNING[kind]'s entry for bm with bn, bk cut to powers of two dividing the output / contracted widths, and
+    num_stages cut until Triton's (stages - 1) buffered tiles fit SMEM_BYTES (float32 tiles are twice bf16's: the
+    bf16-tuned bm = 16 swiglu entry asked for 272 KB in float32 on the H100)."""
     table = TUNING[kind]
     keys = sorted(table)
     t = dict(table[max([k for k in keys if k <= bm] or keys[:1])])
     t["bn"], t["bk"] = _chunk(n_cols, t["bn"]), _chunk(n_contract, t["bk"])
+    per_stage = (bm + (2 if kind == "swiglu" else 1) * t["bn"]) * t["bk"] * itemsize
+    while t["num_stages"] > 2 and (t["num_stages"] - 1) * per_stage > SMEM_BYTES:
+        t["num_stages"] -= 1
     return t
 
 
@@ -217,7 +225,7 @@ def grouped_swiglu(x_RD, block_e_N, n_blocks, w_gu_XJD, mode: str, bm: int):
     I = w_gu_XJD.shape[1] // 2
     N = block_e_N.shape[0]
     assert R == N * bm and w_gu_XJD.shape[2] == D, (x_RD.shape, block_e_N.shape, bm, w_gu_XJD.shape)
-    tiles = _tiles("swiglu", bm, I, D)
+    tiles = _tiles("swiglu", bm, I, D, max(x_RD.dtype.itemsize, w_gu_XJD.dtype.itemsize))
     _check(mode, bm, tiles, "grouped_swiglu", x_RD, w_gu_XJD, block_e_N)
     grid, pid = _grid(N, I // tiles["bn"], tiles["rows_fastest"])
     kernel = _make_swiglu_kernel(I, D, bm, tiles, _dot_fn(x_RD.dtype, w_gu_XJD.dtype), pid)
@@ -232,7 +240,7 @@ def grouped_down(h_RI, block_e_N, n_blocks, w_down, mode: str, bm: int, flat: bo
     N = block_e_N.shape[0]
     D = w_down.shape[0] if flat else w_down.shape[1]
     assert R == N * bm and (w_down.shape[1] % I == 0 if flat else w_down.shape[2] == I), (h_RI.shape, w_down.shape)
-    tiles = _tiles("down", bm, D, I)
+    tiles = _tiles("down", bm, D, I, max(h_RI.dtype.itemsize, w_down.dtype.itemsize))
     out = jax.ShapeDtypeStruct((R, D), jnp.float32)
     _check(mode, bm, tiles, "grouped_down", h_RI, w_down, out)
     grid, pid = _grid(N, D // tiles["bn"], tiles["rows_fastest"])
