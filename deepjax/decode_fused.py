@@ -23,7 +23,10 @@ The cache row of a token is [c ; k_pe] (C + R values), one buffer per layer, so 
 matmul over the whole row: s = [q_c ; q_pe] . [c ; k_pe].
 
 On GPU the step also calls Pallas kernels (`deepjax.kernels`, chosen per block by `fuse_block`): attention over
-the latent cache with the new row written in place, the router, and the gathered experts.
+the latent cache with the new row written in place, the router, the gathered experts, and for a few tokens the
+norms, projections and rope around attention and the router (a block may then return its experts' output
+unsummed, `Pending`, for the next block's first kernel to sum). With `prefill=True`, `fused_block` runs the
+prompts: the routed experts as grouped matmuls (`deepjax.kernels_grouped`).
 """
 
 from __future__ import annotations

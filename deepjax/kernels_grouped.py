@@ -32,17 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _chunk(n: int, cap: int) -> int:
-    """The largest power of two dividing n, at most cap."""
-    c = 1
-    while c * 2 <= cap and n % (c * 2) == 0:
-        c *= 2
-    return c
+from deepjax.kernels import _chunk, _pow2
 
 
 # Tiles per kernel, keyed by the block's row count bm: a kernel uses the entry of the largest key not above bm.
