@@ -194,7 +194,7 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
     """One block's decode weights (see the module docstring) for steps of n_tokens tokens: a dict of arrays, with
     static entries "cfg" (the model config), "gathered" (which experts function; it sets the expert weights'
     layout), "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`) and
-    "mode" (the kernels' mode: "gpu", "interpret" or None).
+    "mode" (the kernels' mode: "gpu", "interpret" or None; "grouped" in "kernels" is the prefill's).
     Made once per generate call inside the jitted generate. The arrays pass an optimization barrier: without it
     XLA:GPU sinks the cheap concatenations and slices into the decode loop and redoes them at every step."""
     cfg = blk.attn.cfg
@@ -255,7 +255,7 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: boo
 
     prefill: the tokens are positions [0, T) of each row (the prompts; kv_BSc and pos_BT unused): the cache rows
     returned are the new rows alone [B, T, C + R], and the routed experts run as grouped matmuls
-    (`kernels_grouped.experts_grouped`, w["mode"] set)."""
+    (`kernels_grouped.experts_grouped`, w["kernels"]["grouped"] set)."""
     res = x_BTD.res if isinstance(x_BTD, Pending) else x_BTD
     B, T, D = res.shape
     cfg, a = w["cfg"], w["attn"]
@@ -304,7 +304,7 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: boo
             idx_TX = jnp.concatenate([idx_TX, jnp.broadcast_to(jnp.arange(E, E + S, dtype=jnp.int32), (B * T, S))], -1)
             w_TX = jnp.concatenate([w_TX, jnp.ones((B * T, S), w_TX.dtype)], -1)
         w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array
-        y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["mode"], flat=not w["gathered"])
+        y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["kernels"]["grouped"], flat=not w["gathered"])
         return x_BTD + y.reshape(B, T, D), kv_BSc
     if use.get("route"):  # the K routed experts, then the S shared ones (weight 1); dense weights [T, E]
         idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"])

@@ -38,8 +38,8 @@ from deepjax.config import ModelConfig
 NEG = float(jnp.finfo(jnp.float32).min)
 # the kernels a decode step can use (`supported`, kernel_set): "attn_in" is the norm + projections + rope before
 # attention (`attn_in`, `attn_q`), "moe_in" the norm + router logits (`moe_in`) with the routing done inside the
-# experts' gate/up kernel (it needs "experts")
-KERNELS = ("attention", "route", "experts", "attn_in", "moe_in")
+# experts' gate/up kernel (it needs "experts"), "grouped" the prefill's grouped-matmul experts (`kernels_grouped`)
+KERNELS = ("attention", "route", "experts", "attn_in", "moe_in", "grouped")
 STEP_MAX_TOKENS = 8  # "attn_in" / "moe_in": one program per token and row block, for a few tokens per step
 
 
@@ -94,6 +94,7 @@ def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int
     few = n_tokens <= STEP_MAX_TOKENS
     if mode == "interpret":
         return {**dict.fromkeys(KERNELS, True), "attn_in": few and cfg.q_lora_rank is not None, "moe_in": few}
+    from deepjax import kernels_grouped as KG  # (it imports this module's helpers)
     Q = cfg.q_lora_rank or 0
     z = Q + C + 2 * R  # attn_in's outputs: [q latent ; kv latent ; k_pe ; k_pe pairs swapped]
     return {
@@ -104,6 +105,7 @@ def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int
         "attn_in": (few and Q > 0 and _chunk(Q, 128) >= 16 and _chunk(z, TUNING["attn_in"]["br"]) >= 4
                     and _pow2(C) and _pow2(R) and _chunk(D, 512) >= 16 and _chunk(C, TUNING["attn_q"]["bc"]) >= 16),
         "moe_in": few and _pow2(E) and E >= 4 and _chunk(D, 512) >= 16 and _chunk(I, 1024) >= 16,
+        "grouped": KG.supported(D, I, 16, E + cfg.n_shared_experts),
     }
 
 

@@ -17,10 +17,11 @@ Weights are the fused decode layouts (`decode_fused._fuse_ffn`, contracted axis 
 (shared ones appended, weight 1): w_gu [X, 2I, D] (I gate rows, then I up rows); w_down [X, D, I] ("gathered") or
 [D, X*I] ("flat": column e*I + i is expert e's hidden unit i).
 
-Programs of blocks past the data (`n_blocks`, traced) run their contraction loop zero times and write zeros: one
-code path, no branch, and every output row defined. The grid puts the output-column tiles of a block next to each
-other (program axis 0, the fastest in launch order) so a block's x (or h) tile is read from DRAM once and then from
-L2, and consecutive blocks of one expert share that expert's weights in L2 (TUNING "rows_fastest" flips it).
+Programs of blocks past the data (`n_blocks`, traced) skip the contraction and write zeros (a `pl.when` branch:
+a loop with a traced trip count failed Triton's verifier on the GPU), so every output row is defined. The grid
+puts the output-column tiles of a block next to each other (program axis 0, the fastest in launch order) so a
+block's x (or h) tile is read from DRAM once and then from L2, and consecutive blocks of one expert share that
+expert's weights in L2 (TUNING "rows_fastest" flips it).
 
 Triton (mode "gpu"): every block shape a power of two and at least 16 (tl.dot), so bm >= 16 and D, I multiples of
 16 (`supported`); the contracted axis is a `fori_loop` so Triton can software-pipeline its loads (num_stages).
@@ -83,6 +84,14 @@ def block_rows(n_assign: int, n_experts: int) -> int:
     while bm * 2 <= min(half, TUNING["bm_max"]):
         bm *= 2
     return bm
+
+
+def fits(n_tokens: int, n_assign: int, n_experts: int, D: int, I: int) -> bool:
+    """Whether n_tokens tokens with n_assign experts each stay within the GPU kernels' int32 element offsets: the
+    padded rows times max(D, I) under 2^31 (`_check` raises otherwise; prefill_fused falls back before that)."""
+    M = n_tokens * n_assign
+    bm = block_rows(M, n_experts)
+    return n_blocks_bound(M, n_experts, bm) * bm * max(D, I) < 2**31
 
 
 def supported(D: int, I: int, bm: int = 16, n_experts: int = 0) -> bool:

@@ -7,7 +7,8 @@ Shape key: B batch, P prompt (padded) length, N max_new_tokens, S = P + N cache 
 D hidden, N_h heads, H qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank.
 
 Prompts are right-padded to P; row b's prompt is prompts[b, :lengths[b]]. Prefill runs the naive (expanded)
-attention over the prompts and fills the cache; then a `lax.while_loop` decodes one token per row per step,
+attention over the prompts (with the Pallas kernels on, `prefill_fused`: absorbed attention over the fused
+weights) and fills the cache; then a `lax.while_loop` decodes one token per row per step,
 row b writing its i-th new token at position lengths[b] + i, until every row has stopped or N tokens are out.
 
 The cache (`Cache`) holds, per layer and token, only what DeepSeek's inference code keeps in its "absorb" mode:
@@ -141,9 +142,9 @@ DENSE_DECODE_MAX_TOKENS = 128
 
 
 def prefill_experts_fn(cfg: ModelConfig):
-    """Routed experts over the prompts: the training dispatch under a mesh; on one GPU the block-sorted grouped
-    matmul (`moe.routed_experts_blocked`: XLA:GPU's ragged_dot is about as slow as a dense matmul over all groups);
-    elsewhere sort + ragged_dot."""
+    """Routed experts over the prompts in `prefill`: the training dispatch under a mesh; on one GPU the block-sorted
+    grouped matmul (`moe.routed_experts_blocked`: XLA:GPU's ragged_dot is about as slow as a dense matmul over all
+    groups); elsewhere sort + ragged_dot. (With the Pallas kernels on, one device prefills with `prefill_fused`.)"""
     if sharding.current() is not None:
         return default_experts_fn(cfg)
     return routed_experts_blocked if jax.default_backend() == "gpu" else routed_experts_dropless
@@ -237,15 +238,17 @@ def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn,
     return (logits, Cache(*caches), x) if return_hidden else (logits, Cache(*caches))
 
 
-def fused_prefill_ok(layers) -> bool:
-    """Whether `prefill_fused` runs: fused layers (`fuse_layers`) with Pallas kernels on ("gpu" or "interpret"),
-    and expert shapes the grouped kernels take (`kernels_grouped.supported`)."""
+def fused_prefill_ok(layers, n_tokens: int) -> bool:
+    """Whether `prefill_fused` runs on n_tokens prompt tokens (B x P): fused layers (`fuse_layers`) with the
+    "grouped" kernels on (kernel_set; shapes `kernels_grouped.supported` takes), and on GPU few enough rows for
+    their int32 offsets (`kernels_grouped.fits`; beyond that, `prefill`)."""
     blks = None if layers is None else (layers["moe_layers"] or layers["dense_layers"])
-    if not blks or not isinstance(blks[0], dict) or blks[0]["mode"] is None:
+    if not blks or not isinstance(blks[0], dict) or not blks[0]["kernels"]["grouped"]:
         return False
     cfg = blks[0]["cfg"]
-    X = cfg.n_routed_experts + cfg.n_shared_experts
-    return blks[0]["mode"] == "interpret" or KG.supported(cfg.hidden_size, cfg.moe_intermediate_size, 16, X)
+    X, A = cfg.n_routed_experts + cfg.n_shared_experts, cfg.num_experts_per_tok + cfg.n_shared_experts
+    return blks[0]["kernels"]["grouped"] == "interpret" or KG.fits(n_tokens, A, X, cfg.hidden_size,
+                                                                      cfg.moe_intermediate_size)
 
 
 def prefill_fused(model: Transformer, layers: dict, prompts_BP, lengths_B, cache: Cache, return_hidden: bool = False):
@@ -270,7 +273,7 @@ def prefill_fused(model: Transformer, layers: dict, prompts_BP, lengths_B, cache
 
 
 def _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=False):
-    if fused_prefill_ok(layers):
+    if fused_prefill_ok(layers, prompts_BP.size):
         return prefill_fused(model, layers, prompts_BP, lengths_B, cache, return_hidden)
     return prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden)
 
@@ -352,8 +355,8 @@ def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens:
 
 
 def _layers_of(stack, barrier: bool = True):
-    """Per-layer modules over copies of the weights; the copies pass an optimization barrier, else XLA:GPU sinks
-    the slicing into the decode loop and copies each layer's weights at every step."""
+    """Per-layer modules over copies of the weights; with barrier, the copies pass an optimization barrier, else
+    XLA:GPU sinks the slicing into the decode loop and copies each layer's weights at every step."""
     graphdef, state = nnx.split(stack)
     n = jax.tree.leaves(state)[0].shape[0]
     keep = jax.lax.optimization_barrier if barrier else (lambda t: t)
@@ -620,14 +623,15 @@ _JITS: dict = {}
 
 
 def _jitted():
-    """The jitted generate for the default backend (built on first use: the backend is not known at import)."""
-    backend = jax.default_backend()
+    """The jitted generate for the default backend (built on first use: the backend is not known at import). The
+    compiler options apply on one GPU only: they were measured there, not with a mesh's collectives."""
+    backend = (jax.default_backend(), sharding.current() is None)
     if backend not in _JITS:
         def f(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, mesh_context):
             del mesh_context
             return generate(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn)
         _JITS[backend] = jax.jit(f, static_argnums=(0, 5, 6, 7),
-                                 compiler_options=GPU_COMPILER_OPTIONS if backend == "gpu" else None)
+                                 compiler_options=GPU_COMPILER_OPTIONS if backend == ("gpu", True) else None)
     return _JITS[backend]
 
 

@@ -21,7 +21,7 @@ from deepjax.mla import MLA
 from deepjax.nn import rms_norm
 from deepjax.rope import apply_rope, rope_tables
 
-STEP_ONE = KN.KERNELS  # the kernels of a one-token step
+STEP_ONE = tuple(k for k in KN.KERNELS if k != "grouped")  # the kernels of a one-token step
 
 
 @pytest.mark.parametrize("preset", ["tiny", "bench", "deepseek_v2_lite", "deepseek_v3"])

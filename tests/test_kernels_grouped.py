@@ -191,7 +191,9 @@ def test_prefill_fused_equals_prefill():
     prompts, lengths = jnp.asarray(prompts), jnp.asarray(lengths)
     cache = SP.init_cache(cfg, 3, 32)
     layers = SP.fuse_layers(model, 3, "interpret", 32)
-    assert SP.fused_prefill_ok(layers) and not SP.fused_prefill_ok(SP.fuse_layers(model, 3, None, 32))
+    assert SP.fused_prefill_ok(layers, 48) and not SP.fused_prefill_ok(SP.fuse_layers(model, 3, None, 32), 48)
+    assert not SP.fused_prefill_ok(SP.fuse_layers(model, 3, "interpret", 32, ("attention", "experts")), 48)
+    assert KG.fits(8192, 8, 66, 1024, 512) and not KG.fits(262144, 8, 66, 1024, 512)  # int32 offsets on GPU
     want = SP.prefill(model, prompts, lengths, cache, SP.prefill_experts_fn(cfg), return_hidden=True)
     got = jax.jit(lambda p, n: SP.prefill_fused(model, layers, p, n, cache, return_hidden=True))(prompts, lengths)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-4, atol=1e-5)
