@@ -193,8 +193,8 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
                kernel_set=KN.KERNELS, tokens_per_row: int = 1) -> dict:
     """One block's decode weights (see the module docstring) for steps of n_tokens tokens: a dict of arrays, with
     static entries "cfg" (the model config), "gathered" (which experts function; it sets the expert weights'
-    layout), "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`) and
-    "mode" (the kernels' mode: "gpu", "interpret" or None; "grouped" in "kernels" is the prefill's).
+    layout) and "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`;
+    "grouped" is the prefill's).
     Made once per generate call inside the jitted generate. The arrays pass an optimization barrier: without it
     XLA:GPU sinks the cheap concatenations and slices into the decode loop and redoes them at every step."""
     cfg = blk.attn.cfg
@@ -209,7 +209,7 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
         use["attn_in"] = use["moe_in"] = None
     w = {"attn_norm": blk.attn_norm.weight[...].astype(dt), "ffn_norm": blk.ffn_norm.weight[...].astype(dt),
          "attn": _fuse_attention(blk.attn, dt, bool(use["attn_in"])), "ffn": _fuse_ffn(blk.ffn, dt, gathered)}
-    return {"cfg": cfg, "gathered": gathered, "kernels": use, "mode": kernels, **jax.lax.optimization_barrier(w)}
+    return {"cfg": cfg, "gathered": gathered, "kernels": use, **jax.lax.optimization_barrier(w)}
 
 
 # ----------------------------------------------------------------------------------------------------- the step
@@ -231,6 +231,16 @@ def write_rows(buf_BSX, pos_BT, new_BTX):
     if T == 1:
         return buf_BSX.at[jnp.arange(B), pos_BT[:, 0]].set(new_BTX[:, 0].astype(buf_BSX.dtype))
     return buf_BSX.at[jnp.arange(B)[:, None], pos_BT].set(new_BTX.astype(buf_BSX.dtype))
+
+
+def _with_shared(w_TK, idx_TK, cfg: ModelConfig):
+    """The routed choices with the S shared experts appended as experts E .. E+S-1 of weight 1 (the fused layout)."""
+    E, S = cfg.n_routed_experts, cfg.n_shared_experts
+    if not S:
+        return w_TK, idx_TK
+    T = idx_TK.shape[0]
+    idx = jnp.concatenate([idx_TK, jnp.broadcast_to(jnp.arange(E, E + S, dtype=idx_TK.dtype), (T, S))], -1)
+    return jnp.concatenate([w_TK, jnp.ones((T, S), w_TK.dtype)], -1), idx
 
 
 class Pending(NamedTuple):
@@ -299,20 +309,14 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: boo
     logits_TE = jnp.einsum("td,ed->te", h.astype(jnp.float32), f["router"])
     E, S = cfg.n_routed_experts, cfg.n_shared_experts
     if prefill:  # top-k routing (sorts are cheap next to T tokens' experts), then grouped matmuls
-        w_TX, idx_TX, _ = moe_route(logits_TE, f["bias"], cfg)
-        if S:
-            idx_TX = jnp.concatenate([idx_TX, jnp.broadcast_to(jnp.arange(E, E + S, dtype=jnp.int32), (B * T, S))], -1)
-            w_TX = jnp.concatenate([w_TX, jnp.ones((B * T, S), w_TX.dtype)], -1)
+        w_TX, idx_TX = _with_shared(*moe_route(logits_TE, f["bias"], cfg)[:2], cfg)
         w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array
         y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["kernels"]["grouped"], flat=not w["gathered"])
         return x_BTD + y.reshape(B, T, D), kv_BSc
     if use.get("route"):  # the K routed experts, then the S shared ones (weight 1); dense weights [T, E]
         idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"])
     else:
-        w_TX, idx_TX = route_by_rank(logits_TE, f["bias"], cfg)
-        if S:  # the shared experts: appended experts E .. E+S-1, weight 1
-            idx_TX = jnp.concatenate([idx_TX, jnp.broadcast_to(jnp.arange(E, E + S, dtype=jnp.int32), (B * T, S))], -1)
-            w_TX = jnp.concatenate([w_TX, jnp.ones((B * T, S), w_TX.dtype)], -1)
+        w_TX, idx_TX = _with_shared(*route_by_rank(logits_TE, f["bias"], cfg), cfg)
         dense_TE = None
     if use.get("experts"):  # gate/up + SwiGLU, then the down projection (kernels), weighted sum + residual
         x_TD = KN.experts_gathered(h, x_BTD.reshape(B * T, D), idx_TX, w_TX, f["w_gu"], f["w_down"], use["experts"])

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from deepjax import kernels as KN
 from deepjax.kernels import _chunk, _pow2
 
 
@@ -107,16 +108,9 @@ def supported(D: int, I: int, bm: int = 16, n_experts: int = 0) -> bool:
 
 
 def _call(kernel, mode: str, out_shape, grid, name: str, tiles: dict):
-    params = {}
-    if mode == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-
-        params["compiler_params"] = pltriton.CompilerParams(num_warps=tiles["num_warps"],
-                                                            num_stages=tiles["num_stages"])
-    elif mode != "interpret":
+    if mode not in ("gpu", "interpret"):
         raise ValueError(f"kernels_grouped: mode must be 'gpu' or 'interpret', not {mode!r}")
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=mode == "interpret", name=name,
-                          **params)
+    return KN._call(kernel, mode, out_shape, grid, name, tiles["num_warps"], tiles["num_stages"])
 
 
 def _grid(n_blocks_static: int, n_tiles: int, rows_fastest: bool):
