@@ -13,7 +13,7 @@ figure), decode-only tokens/s, the cache bytes per token, and the memory-bandwid
                      routing, the head) + the cache read (B x positions x layers x (C + R) x 2 bytes)
     roofline tokens/s = B / (bytes per step / measured copy bandwidth)
 
-The copy bandwidth is measured here (as shared/anchors/jax_peak.py: read + write of a 2 GiB array).
+The copy bandwidth is measured here (as shared/anchors/jax_peak.py: read + write of a 2 GiB array, donated).
 """
 
 from __future__ import annotations
@@ -41,15 +41,21 @@ def emit(**kw):
 
 
 def copy_bandwidth() -> float:
+    """Read + write bytes per second of x * 1.0001 over a 2 GiB array, the output donated back as the next input.
+    Without the donation each call allocates a fresh 2 GiB output: under XLA_PYTHON_CLIENT_PREALLOCATE=false the
+    first calls' allocations dominated and this read 0.4-0.6 TB/s instead of ~2.9 (docs/LOG.md, session 6)."""
     x = jax.random.normal(jax.random.key(0), (1024, 1024, 512), jnp.float32)  # 2 GiB
-    cp = jax.jit(lambda x: x * 1.0001)
-    cp(x).block_until_ready()
+    nbytes = x.nbytes
+    cp = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
+    for _ in range(3):
+        x = cp(x)
+    x.block_until_ready()
     t = time.perf_counter()
-    for _ in range(10):
-        y = cp(x)
-    y.block_until_ready()
-    bw = 2 * x.nbytes / ((time.perf_counter() - t) / 10)
-    del x, y
+    for _ in range(20):
+        x = cp(x)
+    x.block_until_ready()
+    bw = 2 * nbytes / ((time.perf_counter() - t) / 20)
+    del x
     return bw
 
 

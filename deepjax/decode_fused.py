@@ -142,9 +142,12 @@ def _swap_pairs(w, axis: int):
     return jnp.moveaxis(jnp.stack([-p[..., 1], p[..., 0]], -1).reshape(w.shape), -1, axis)
 
 
-def _fuse_attention(attn, dt, attn_in: bool = False):
+def _fuse_attention(attn, dt, attn_in: bool = False, fold_norm=None):
     """The attention weights of the module docstring; with attn_in (the `kernels.attn_in` / `attn_q` kernels),
-    w_in and w_q also carry their rope rows with pairs swapped (`_swap_pairs`) after the others."""
+    w_in and w_q also carry their rope rows with pairs swapped (`_swap_pairs`) after the others. fold_norm (the
+    block's attention-norm weight [D], for the `kernels.latent_attention_pre` kernel, "attn_pre"): that weight
+    multiplied into w_in's columns and q_norm's into w_q's (both RMS scales applied after the products, `_folded_qkv`),
+    and w_o [N * C, D] = w_uv . wo for one output matmul per step (w_uv and wo stay for the prefill)."""
     cfg = attn.cfg
     H, R = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
     f32 = jnp.float32
@@ -154,16 +157,26 @@ def _fuse_attention(attn, dt, attn_in: bool = False):
     q_pe = jnp.einsum("qnr->nrq", wq[..., H:].astype(f32))
     w_uv = jnp.pad(jnp.einsum("cnv->nvc", wkv_b[..., H:]), ((0, 0), (0, 0), (0, R)))  # [N, V, C + R]
     q_parts = [q_c, q_pe] + ([_swap_pairs(q_pe, 1)] if attn_in else [])
-    w = {"w_q": jnp.concatenate(q_parts, 1).astype(dt), "w_uv": w_uv.astype(dt),
-         "wo": jnp.einsum("nvd->dnv", attn.wo[...]).astype(dt), "kv_norm": attn.kv_norm.weight[...].astype(dt)}
+    w_q = jnp.concatenate(q_parts, 1)
+    w = {"w_uv": w_uv.astype(dt), "wo": jnp.einsum("nvd->dnv", attn.wo[...]).astype(dt),
+         "kv_norm": attn.kv_norm.weight[...].astype(dt)}
+    fold = fold_norm is not None
+    if fold:
+        C = cfg.kv_lora_rank
+        w_q = w_q * attn.q_norm.weight[...].astype(f32)[None, None, :]
+        w["w_o"] = jnp.einsum("nvc,nvd->ncd", w_uv[..., :C], attn.wo[...].astype(f32)).reshape(-1, cfg.hidden_size
+                                                                                            ).astype(dt)
+    w["w_q"] = w_q.astype(dt)
     if cfg.q_lora_rank is not None:
         w_in = [attn.wq_a[...], attn.wkv_a[...]]
-        w["q_norm"] = attn.q_norm.weight[...].astype(dt)
+        if not fold:
+            w["q_norm"] = attn.q_norm.weight[...].astype(dt)
     else:
         w_in = [attn.wkv_a[...]]
     if attn_in:
         w_in.append(_swap_pairs(attn.wkv_a[...][:, cfg.kv_lora_rank:], 1))
-    w["w_in"] = jnp.concatenate(w_in, -1).T.astype(dt)
+    w_in = jnp.concatenate(w_in, -1).T
+    w["w_in"] = (w_in.astype(f32) * fold_norm.astype(f32)[None, :] if fold else w_in).astype(dt)
     return w
 
 
@@ -205,11 +218,17 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
         use["experts"] = None
     if not (use["experts"] and KN.TUNING["down"]["split"]):
         use["moe_in"] = None  # it routes inside the gathered experts' gate/up kernel
-    if tokens_per_row > 1:  # (MTP verification) the attn_in / moe_in kernels run on one-token steps only
-        use["attn_in"] = use["moe_in"] = None
-    w = {"attn_norm": blk.attn_norm.weight[...].astype(dt), "ffn_norm": blk.ffn_norm.weight[...].astype(dt),
-         "attn": _fuse_attention(blk.attn, dt, bool(use["attn_in"])), "ffn": _fuse_ffn(blk.ffn, dt, gathered)}
-    return {"cfg": cfg, "gathered": gathered, "kernels": use, **jax.lax.optimization_barrier(w)}
+    if tokens_per_row > 1:  # (MTP verification) the attn_in / moe_in / attn_pre kernels: one-token steps only
+        use["attn_in"] = use["moe_in"] = use["attn_pre"] = None
+    if use["attn_in"] or not use["attention"]:  # attn_q finishes the query for few tokens; attn_pre is in attention
+        use["attn_pre"] = None
+    folded = bool(use["attn_pre"])
+    w = {"ffn_norm": blk.ffn_norm.weight[...].astype(dt), "ffn": _fuse_ffn(blk.ffn, dt, gathered),
+         "attn": _fuse_attention(blk.attn, dt, bool(use["attn_in"]) or folded,
+                                 blk.attn_norm.weight[...] if folded else None)}
+    if not folded:
+        w["attn_norm"] = blk.attn_norm.weight[...].astype(dt)
+    return {"cfg": cfg, "gathered": gathered, "kernels": use, "folded": folded, **jax.lax.optimization_barrier(w)}
 
 
 # ----------------------------------------------------------------------------------------------------- the step
@@ -278,17 +297,29 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: boo
         cs = jnp.stack([jnp.repeat(cos[:, 0], 2, -1), jnp.repeat(sin[:, 0], 2, -1)], 1)  # [B, 2, R]
         q, row = KN.attn_q(z, a["q_norm"], a["kv_norm"], a["w_q"], cs, cfg, use["attn_in"])
         q, row = q[:, None], row[:, None]
+    elif use.get("attn_pre") and T == 1:  # XLA's two products, then the attention kernel finishes q and the row
+        x_BTD = settle(x_BTD)
+        zu = jnp.einsum("bd,kd->bk", x_BTD[:, 0], a["w_in"])  # the norms' weights folded in (w["folded"])
+        qu = jnp.einsum("bq,nkq->bnk", zu[:, :cfg.q_lora_rank], a["w_q"])
+        cs = jnp.stack([jnp.repeat(cos[:, 0], 2, -1), jnp.repeat(sin[:, 0], 2, -1)], 1)  # [B, 2, R]
+        o_BNc, kv_BSc = KN.latent_attention_pre(x_BTD[:, 0], zu, qu, cs, a["kv_norm"], kv_BSc, pos_BT[:, 0], cfg,
+                                                use["attn_pre"])
+        return _ffn_step(w, x_BTD + jnp.einsum("bk,kd->bd", o_BNc.reshape(B, -1), a["w_o"])[:, None], kv_BSc, use,
+                         prefill)
     else:
         x_BTD = settle(x_BTD)
-        h = rms_norm(x_BTD, w["attn_norm"], eps)
-        z = jnp.einsum("btd,kd->btk", h, a["w_in"])
         Q, R = cfg.q_lora_rank or 0, cfg.qk_rope_head_dim
-        q_in = rms_norm(z[..., :Q], a["q_norm"], eps) if Q else h
-        kv = z[..., Q:Q + C + R]  # (without the swapped rope rows that the attn_in kernels' weights carry)
-        # The barrier keeps XLA:GPU from fusing this matrix-vector product into the rope / concatenation below,
-        # which recomputed it per output element (150 us per layer at batch 1, measured).
-        q = jax.lax.optimization_barrier(jnp.einsum("btq,nkq->btnk", q_in, a["w_q"]))[..., :C + R]
-        q = jnp.concatenate([q[..., :C], apply_rope(q[..., C:], cos, sin)], -1)
+        if w["folded"]:
+            q, kv = _folded_qkv(x_BTD, a, eps, Q, C + R)
+        else:
+            h = rms_norm(x_BTD, w["attn_norm"], eps)
+            z = jnp.einsum("btd,kd->btk", h, a["w_in"])
+            kv = z[..., Q:Q + C + R]  # (without the swapped rope rows that the attn_in kernels' weights carry)
+            q_in = rms_norm(z[..., :Q], a["q_norm"], eps) if Q else h
+            # The barrier keeps XLA:GPU from fusing this matrix-vector product into the rope / concatenation
+            # below, which recomputed it per output element (150 us per layer at batch 1, measured).
+            q = jax.lax.optimization_barrier(jnp.einsum("btq,nkq->btnk", q_in, a["w_q"]))
+        q = jnp.concatenate([q[..., :C], apply_rope(q[..., C:C + R], cos, sin)], -1)
         row = jnp.concatenate([rms_norm(kv[..., :C], a["kv_norm"], eps), apply_rope(kv[..., C:], cos, sin)], -1)
     if use.get("attention") and T == 1:  # one kernel: scores, softmax, o . c, and the row written in place
         o_BNc, kv_BSc = KN.latent_attention(q[:, 0], row[:, 0], kv_BSc, pos_BT[:, 0], cfg, use["attention"])
@@ -296,7 +327,35 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: boo
     else:
         kv_BSc = row.astype(q.dtype) if prefill else write_rows(kv_BSc, pos_BT, row)
         o = absorbed_attention(q, kv_BSc, mask_BTS, a["w_uv"], a["wo"], cfg.softmax_scale)
-    x_BTD = x_BTD + o
+    return _ffn_step(w, x_BTD + o, kv_BSc, use, prefill)
+
+
+def _rms_inv(v, eps: float):
+    v = v.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(v * v, -1, keepdims=True) + eps)
+
+
+def _folded_qkv(x_BTD, a: dict, eps: float, Q: int, CR: int):
+    """(absorbed query [B, T, N, C + R (+ R)], kv latent [B, T, C + R] before its norm and rope) from weights with
+    the norms' weights folded in (`_fuse_attention(fold_norm=...)`): RMSNorm(x) W = s W'x with s = rsqrt(mean(x^2)
+    + eps), so the products take x and the q latent unscaled, and the scales follow, in float32:
+    z = s zu, q = rsqrt(mean(z_q^2) + eps) W_q' z_q = s rsqrt(s^2 mean(zu_q^2) + eps) (W_q' zu_q).
+    `kernels.latent_attention_pre` computes the same in its prologue (same roundings: each product rounded to the
+    model dtype, then each scaled value)."""
+    dt = x_BTD.dtype
+    zu = jnp.einsum("btd,kd->btk", x_BTD, a["w_in"])
+    s = _rms_inv(x_BTD, eps)  # [B, T, 1]
+    zq = zu[..., :Q].astype(jnp.float32)
+    scale = s * jax.lax.rsqrt(s * s * jnp.mean(zq * zq, -1, keepdims=True) + eps)
+    qu = jax.lax.optimization_barrier(jnp.einsum("btq,nkq->btnk", zu[..., :Q], a["w_q"]))  # (as fused_block's)
+    q = (qu.astype(jnp.float32) * scale[..., None]).astype(dt)
+    return q, (zu[..., Q:Q + CR].astype(jnp.float32) * s).astype(dt)
+
+
+def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
+    """fused_block's feed-forward half (after attention's residual add)."""
+    B, T, D = x_BTD.shape
+    cfg, eps = w["cfg"], w["cfg"].rms_norm_eps
     f = w["ffn"]
     if use.get("moe_in") and T == 1 and "router" in f:  # norm + router logits; routing inside gate/up
         h, logits_TE = KN.moe_in(x_BTD.reshape(B, D), w["ffn_norm"], f["router"], eps, use["moe_in"])

@@ -38,8 +38,10 @@ from deepjax.config import ModelConfig
 NEG = float(jnp.finfo(jnp.float32).min)
 # the kernels a decode step can use (`supported`, kernel_set): "attn_in" is the norm + projections + rope before
 # attention (`attn_in`, `attn_q`), "moe_in" the norm + router logits (`moe_in`) with the routing done inside the
-# experts' gate/up kernel (it needs "experts"), "grouped" the prefill's grouped-matmul experts (`kernels_grouped`)
-KERNELS = ("attention", "route", "experts", "attn_in", "moe_in", "grouped")
+# experts' gate/up kernel (it needs "experts"), "grouped" the prefill's grouped-matmul experts (`kernels_grouped`),
+# "attn_pre" the query's scale and rope and the row's norm and rope inside the attention kernel
+# (`latent_attention_pre`, for steps of more tokens than "attn_in" takes; it needs "attention")
+KERNELS = ("attention", "route", "experts", "attn_in", "moe_in", "grouped", "attn_pre")
 STEP_MAX_TOKENS = 8  # "attn_in" / "moe_in": one program per token and row block, for a few tokens per step
 
 
@@ -58,7 +60,7 @@ def _chunk(n: int, cap: int) -> int:
 # Block sizes and warps per kernel (bench/kernels_tune.py times the choices on the GPU).
 TUNING = {
     "attention": {"bs": 128, "num_warps": 4},
-    "route": {"num_warps": 4},
+    "route": {"num_warps": 8},  # 5.0 us at 64 tokens against 6.1 with 4 (bench/tune64.py, one H100)
     "gate_up": {"bi": 8, "num_warps": 8},
     "down": {"bo": 16, "num_warps": 8, "split": True},
     "attn_in": {"br": 16, "num_warps": 4},
@@ -93,7 +95,8 @@ def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     few = n_tokens <= STEP_MAX_TOKENS
     if mode == "interpret":
-        return {**dict.fromkeys(KERNELS, True), "attn_in": few and cfg.q_lora_rank is not None, "moe_in": few}
+        return {**dict.fromkeys(KERNELS, True), "attn_in": few and cfg.q_lora_rank is not None, "moe_in": few,
+                "attn_pre": cfg.q_lora_rank is not None}
     from deepjax import kernels_grouped as KG  # (it imports this module's helpers)
     Q = cfg.q_lora_rank or 0
     z = Q + C + 2 * R  # attn_in's outputs: [q latent ; kv latent ; k_pe ; k_pe pairs swapped]
@@ -106,22 +109,32 @@ def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int
                     and _pow2(C) and _pow2(R) and _chunk(D, 512) >= 16 and _chunk(C, TUNING["attn_q"]["bc"]) >= 16),
         "moe_in": few and _pow2(E) and E >= 4 and _chunk(D, 512) >= 16 and _chunk(I, 1024) >= 16,
         "grouped": KG.supported(D, I, 16, E + cfg.n_shared_experts),
+        "attn_pre": Q > 0 and _chunk(Q, 128) >= 16 and _chunk(D, 1024) >= 16,
     }
 
 
 # -------------------------------------------------------------------------------------------------- attention
 
 
-def _make_attention_kernel(C: int, R: int, bn: int, bs: int, scale: float):
-    def kernel(pos_ref, q_ref, row_ref, kv_ref, o_ref, kv_out_ref):
+def _make_attention_kernel(C: int, R: int, bn: int, bs: int, scale: float, pre: tuple | None = None):
+    """pre = (Q, eps, dtype): the query and the row come unfinished (`latent_attention_pre`)."""
+    f32 = jnp.float32
+
+    def kernel(*refs):
+        if pre:
+            pos_ref, x_ref, q_ref, z_ref, cs_ref, kvn_ref, kv_ref, o_ref, kv_out_ref = refs
+        else:
+            pos_ref, q_ref, row_ref, kv_ref, o_ref, kv_out_ref = refs
         b, h = pl.program_id(0), pl.program_id(1)
         heads = pl.ds(h * bn, bn)
         pos = pos_ref[b]  # the new token's position: the cache holds positions [0, pos)
-        qc = q_ref[b, heads, pl.ds(0, C)]  # [bn, C]
-        qr = q_ref[b, heads, pl.ds(C, R)]  # [bn, R]
-        rc = row_ref[b, pl.ds(0, C)]  # [C]  the new token's row, attended to as position pos
-        rr = row_ref[b, pl.ds(C, R)]
-        f32 = jnp.float32
+        if pre:
+            qc, qr, rc, rr = _finish_query_and_row(b, heads, x_ref, q_ref, z_ref, cs_ref, kvn_ref, C, R, *pre)
+        else:
+            qc = q_ref[b, heads, pl.ds(0, C)]  # [bn, C]
+            qr = q_ref[b, heads, pl.ds(C, R)]  # [bn, R]
+            rc = row_ref[b, pl.ds(0, C)]  # [C]  the new token's row, attended to as position pos
+            rr = row_ref[b, pl.ds(C, R)]
         # float32 operands: full-precision products (Triton's default for a float32 dot is tf32)
         prec = jax.lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
         dot = functools.partial(jnp.dot, preferred_element_type=f32, precision=prec)
@@ -145,7 +158,8 @@ def _make_attention_kernel(C: int, R: int, bn: int, bs: int, scale: float):
 
         m, l, acc = jax.lax.fori_loop(0, (pos + bs - 1) // bs, body, (s_new, l0, acc0))
         o_ref[b, heads, pl.ds(0, C)] = (acc / l[:, None]).astype(o_ref.dtype)
-        o_ref[b, heads, pl.ds(C, R)] = jnp.zeros((bn, R), o_ref.dtype)  # w_uv is zero there
+        if o_ref.shape[-1] > C:
+            o_ref[b, heads, pl.ds(C, R)] = jnp.zeros((bn, R), o_ref.dtype)  # w_uv is zero there
         kv_out_ref[b, pos, pl.ds(0, C)] = rc
         kv_out_ref[b, pos, pl.ds(C, R)] = rr
         del m
@@ -174,6 +188,50 @@ def latent_attention(q_BNc, row_Bc, kv_BSc, pos_B, cfg: ModelConfig, mode: str):
     return _call(kernel, mode, out_shape, (B, N // bn), "latent_attention", tu["num_warps"],
                  input_output_aliases={3: 1})(
         pos_B.astype(jnp.int32), q_BNc, row_Bc.astype(kv_BSc.dtype), kv_BSc)
+
+
+def _finish_query_and_row(b, heads, x_ref, q_ref, z_ref, cs_ref, kvn_ref, C: int, R: int, Q: int, eps: float, dt):
+    """`latent_attention_pre`'s prologue for batch row b: the RMS scales of x and of the q latent, the query's rope,
+    the row's norm and rope (roundings as `decode_fused._folded_qkv` and fused_block's XLA branch)."""
+    f32 = jnp.float32
+    cos, sin = cs_ref[b, 0, :], cs_ref[b, 1, :]  # [R]: each pair's angle twice
+    D = x_ref.shape[1]
+    bd, bq = _chunk(D, 1024), _chunk(Q, 128)  # (Triton loads power-of-two blocks: Q = 384 in three)
+    s = _rms_inv([x_ref[b, pl.ds(k * bd, bd)].astype(f32) for k in range(D // bd)], D, eps)  # the input's RMS
+    zq = [z_ref[b, pl.ds(k * bq, bq)].astype(f32) for k in range(Q // bq)]
+    a = s * jax.lax.rsqrt(s * s * sum(jnp.sum(v * v) for v in zq) / Q + eps)  # the q latent's (z_q = s zu_q)
+    q = lambda j, n: _rnd(q_ref[b, heads, pl.ds(j, n)].astype(f32) * a, dt)  # noqa: E731
+    qc = q(0, C).astype(dt)
+    qr = (q(C, R) * cos[None, :] + q(C + R, R) * sin[None, :]).astype(dt)
+    z = lambda j, n: _rnd(z_ref[b, pl.ds(j, n)].astype(f32) * s, dt)  # noqa: E731
+    c = z(Q, C)
+    rc = (kvn_ref[...].astype(f32) * _rnd(c * _rms_inv([c], C, eps), dt)).astype(dt)
+    return qc, qr, rc, (z(Q + C, R) * cos + z(Q + C + R, R) * sin).astype(dt)
+
+
+def latent_attention_pre(x_BD, zu_BK, qu_BNJ, cs_B2R, kv_norm_C, kv_BSc, pos_B, cfg: ModelConfig, mode: str):
+    """`latent_attention` with the RMSNorm scales, the rope and the row's norm inside ("attn_pre", for steps of more
+    tokens than `attn_q` takes), for weights with the norms' weights folded in (`decode_fused._fuse_attention`):
+    x [B, D] the block's input, zu [B, Q + C + 2R] = x . w_in^T (= [q latent ; c ; k_pe ; k_pe swapped] before the
+    input's RMS scale), qu [B, N, C + 2R] = zu[:, :Q] . w_q^T (rows: absorbed q_c, q_pe, q_pe with pairs swapped),
+    cs [B, 2, R] cos and sin (each pair's angle twice). In the kernel, with s = rsqrt(mean(x^2) + eps): z = s zu,
+    q = qu * s * rsqrt(mean(z_q^2) + eps) with rope on its pe part, row = [rms_norm(z_c) * kv_norm ; rope(z_pe)]
+    (`decode_fused._folded_qkv` in XLA). Returns (o [B, N, C], the cache with the row written at pos_B). On one H100
+    at batch 64 this replaced six XLA kernels per layer (norms, rope, concatenations; docs/LOG.md)."""
+    B, N, _ = qu_BNJ.shape
+    S = kv_BSc.shape[1]
+    C, R, Q = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.q_lora_rank
+    bn = 16 if N % 16 == 0 else N
+    bs = _cache_block(cfg, S)
+    if mode == "gpu" and bs < 16:
+        raise ValueError(f"latent_attention_pre: cache length {S} has no power-of-two block of 16+ rows")
+    dt = kv_BSc.dtype
+    kernel = _make_attention_kernel(C, R, bn, bs, cfg.softmax_scale, (Q, cfg.rms_norm_eps, dt))
+    out_shape = (jax.ShapeDtypeStruct((B, N, C), dt), jax.ShapeDtypeStruct(kv_BSc.shape, dt))
+    return _call(kernel, mode, out_shape, (B, N // bn), "latent_attention_pre", TUNING["attention"]["num_warps"],
+                 input_output_aliases={6: 1})(
+        pos_B.astype(jnp.int32), x_BD, qu_BNJ.astype(dt), zu_BK.astype(dt), cs_B2R.astype(jnp.float32),
+        kv_norm_C.astype(dt), kv_BSc)
 
 
 # ---------------------------------------------------------------------------------------------------- routing

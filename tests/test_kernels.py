@@ -21,7 +21,9 @@ from deepjax.mla import MLA
 from deepjax.nn import rms_norm
 from deepjax.rope import apply_rope, rope_tables
 
-STEP_ONE = tuple(k for k in KN.KERNELS if k != "grouped")  # the kernels of a one-token step
+# the kernels of a one-token step for a few tokens ("attn_pre" finishes the query inside attention where "attn_in"
+# does not run: more tokens, or not in kernel_set)
+STEP_ONE = tuple(k for k in KN.KERNELS if k not in ("grouped", "attn_pre"))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "bench", "deepseek_v2_lite", "deepseek_v3"])
@@ -146,8 +148,10 @@ def test_kernel_choice_follows_shapes_and_settings(tiny_blocks):
     def fuse(n, kernels="interpret", ks=KN.KERNELS):
         return DF.fuse_block(blk, jnp.float32, n, kernels, 16, ks)
 
-    def rows(w, swapped: bool):  # the weights carry the swapped rope rows exactly when "attn_in" runs
-        assert set(w["kernels"]) == set(KN.KERNELS) and bool(w["kernels"]["attn_in"]) == swapped
+    def rows(w, swapped: bool):  # the weights carry the swapped rope rows exactly when "attn_in" or "attn_pre" runs
+        assert set(w["kernels"]) == set(KN.KERNELS)
+        assert bool(w["kernels"]["attn_in"] or w["kernels"]["attn_pre"]) == swapped
+        assert w["folded"] == bool(w["kernels"]["attn_pre"]) == ("w_o" in w["attn"]) == ("attn_norm" not in w)
         assert w["attn"]["w_in"].shape == (Q + C + (2 if swapped else 1) * R, cfg.hidden_size)
         assert w["attn"]["w_q"].shape == (N, C + (2 if swapped else 1) * R, Q)
 
@@ -155,8 +159,12 @@ def test_kernel_choice_follows_shapes_and_settings(tiny_blocks):
         return {k: w["kernels"][k] for k in STEP_ONE}
 
     every = fuse(1)
-    assert every["gathered"] and step(every) == dict.fromkeys(STEP_ONE, "interpret")
+    assert every["gathered"] and step(every) == dict.fromkeys(STEP_ONE, "interpret") and not every["kernels"]["attn_pre"]
     rows(every, True)
+    pre = fuse(1, ks=("attention", "attn_pre"))  # without "attn_in": the attention kernel finishes q and the row
+    assert pre["kernels"]["attn_pre"] == "interpret" and pre["folded"] and "w_o" in pre["attn"]
+    rows(pre, True)
+    assert not fuse(1, ks=("attn_pre",))["kernels"]["attn_pre"]  # it needs "attention"
     one = fuse(1, ks=("attention", "experts"))
     assert one["gathered"] and step(one) == {"attention": "interpret", "route": None, "experts": "interpret",
                                              "attn_in": None, "moe_in": None}
@@ -172,7 +180,9 @@ def test_kernel_choice_follows_shapes_and_settings(tiny_blocks):
     many = fuse(KN.STEP_MAX_TOKENS + 1)
     assert not many["gathered"] and many["kernels"]["route"] == "interpret" and many["kernels"]["attention"]
     assert many["kernels"]["experts"] is None and many["kernels"]["moe_in"] is None
-    rows(many, False)
+    assert many["kernels"]["attn_pre"] == "interpret"
+    rows(many, True)
+    assert not DF.fuse_block(blk, jnp.float32, 4, "interpret", 16, tokens_per_row=2)["kernels"]["attn_pre"]  # MTP
     rows(fuse(1, None), False)
     assert fuse(1, None)["kernels"] == dict.fromkeys(KN.KERNELS)
     assert SP.kernel_mode(SP.SamplingConfig(kernels="xla")) is None
@@ -389,3 +399,46 @@ def test_fused_block_with_kernels_equals_xla(tiny_blocks):
         for a, b in zip(kv_got, kv_ref):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     assert _far(x, pend.res, 1e-5)  # the last block's experts count
+
+
+@pytest.mark.parametrize("dtype, kind", [("float32", "moe_layers"), ("float32", "dense_layers"),
+                                         ("bfloat16", "dense_layers")])  # (bf16 routing flips: no MoE there)
+def test_attn_pre_block_equals_xla(tiny_blocks, dtype, kind):
+    """"attn_pre" (steps of more tokens than attn_in takes, or attn_in left out of kernel_set): the block's norm
+    weights folded into w_in and w_q, the RMS scales, the query's rope and the row's norm and rope inside the
+    attention kernel, one merged output matmul. Same block output and cache as XLA on the same folded weights, and
+    in float32 as XLA on the unfolded weights; random norm weights (set on a copy of the block before fusing)."""
+    cfg, layers = tiny_blocks
+    dt = jnp.dtype(dtype)
+    B, S, D, c = 3, 16, cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    rng = np.random.default_rng(7)
+    g, st = nnx.split(layers[kind][0])
+    blk = nnx.merge(g, st)  # a copy: the fixture's block keeps its weights
+    for norm, n in ((blk.attn_norm, D), (blk.attn.q_norm, cfg.q_lora_rank), (blk.attn.kv_norm, cfg.kv_lora_rank)):
+        norm.weight[...] = 1 + _normal(rng, (n,), 0.3)
+    ks = ("attention", "attn_pre", "route")  # "route" for the MoE block
+    w = DF.fuse_block(blk, dt, B, "interpret", S, ks)
+    assert w["kernels"]["attn_pre"] == "interpret" and w["folded"]
+    pos_BT = jnp.array([[0], [5], [15]])
+    cos, sin = rope_tables(cfg, pos_BT)
+    mask_BTS = jnp.arange(S)[None, None, :] <= pos_BT[:, :, None]
+    x_BTD = _normal(rng, (B, 1, D), 2.0, dt)  # an RMS far from 1: the input's scale matters
+    kv = _normal(rng, (B, S, c), dt=dt)
+
+    def run(w):
+        return jax.jit(lambda x, kv: DF.fused_block(w, x, kv, pos_BT, cos, sin, mask_BTS))(x_BTD, kv)
+
+    x_got, kv_got = run(w)
+    refs = [run(dict(w, kernels=dict.fromkeys(KN.KERNELS)))]  # XLA, the same folded weights (`_folded_qkv`)
+    if dtype == "float32":
+        refs.append(run(DF.fuse_block(blk, dt, B, None, S)))  # XLA, unfolded
+    tol = _tol(dt)
+    for x_ref, kv_ref in refs:  # (bf16: the output's absolute tolerance scaled to its size, ~8 here)
+        x_ref = np.asarray(x_ref, np.float32)
+        np.testing.assert_allclose(np.asarray(x_got, np.float32), x_ref, rtol=tol, atol=tol * max(1, np.abs(x_ref).max())
+                                   if dt == jnp.bfloat16 else tol)
+        np.testing.assert_allclose(np.asarray(kv_got, np.float32), np.asarray(kv_ref, np.float32), rtol=tol, atol=tol)
+    changed = np.abs(np.asarray(kv_got, np.float32) - np.asarray(kv, np.float32)).max(-1) > 0
+    assert (changed == (np.arange(S)[None] == np.asarray(pos_BT))).all()  # only each row's new position written
+    blk.attn_norm.weight[...] = jnp.ones((D,))  # the folded attention norm reaches the output
+    assert _far(run(DF.fuse_block(blk, dt, B, "interpret", S, ks))[0], x_got, tol)
