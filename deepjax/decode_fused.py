@@ -25,7 +25,9 @@ matmul over the whole row: s = [q_c ; q_pe] . [c ; k_pe].
 On GPU the step also calls Pallas kernels (`deepjax.kernels`, chosen per block by `fuse_block`): attention over
 the latent cache with the new row written in place, the router, the gathered experts, and for a few tokens the
 norms, projections and rope around attention and the router (a block may then return its experts' output
-unsummed, `Pending`, for the next block's first kernel to sum). With `prefill=True`, `fused_block` runs the
+unsummed, `Pending`, for the next block's first kernel to sum), and for more tokens the query's and the row's
+last steps inside the attention kernel, with the norm weights folded into w_in and w_q and w_uv . wo merged into
+w_o [N * C, D] ("attn_pre", fuse_block's "folded"). With `prefill=True`, `fused_block` runs the
 prompts: the routed experts as grouped matmuls (`deepjax.kernels_grouped`).
 """
 
@@ -206,8 +208,8 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
                kernel_set=KN.KERNELS, tokens_per_row: int = 1) -> dict:
     """One block's decode weights (see the module docstring) for steps of n_tokens tokens: a dict of arrays, with
     static entries "cfg" (the model config), "gathered" (which experts function; it sets the expert weights'
-    layout) and "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`;
-    "grouped" is the prefill's).
+    layout), "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`;
+    "grouped" is the prefill's) and "folded" (norm weights folded into w_in / w_q, merged w_o: with "attn_pre").
     Made once per generate call inside the jitted generate. The arrays pass an optimization barrier: without it
     XLA:GPU sinks the cheap concatenations and slices into the decode loop and redoes them at every step."""
     cfg = blk.attn.cfg

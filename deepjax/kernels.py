@@ -17,6 +17,9 @@ gathered experts' weights read at ~1.2 TB/s (docs/LOG.md). These kernels each re
     moe_in, experts_routed   for a few tokens: RMSNorm and the router logits, then the routing inside the
                        gathered experts' gate/up kernel ("moe_in"); the experts' weighted sum is left to the
                        next layer's attn_in
+    latent_attention_pre     for more tokens (batch 64): latent_attention with the RMS scales, the query's rope
+                       and the row's norm and rope in its prologue, on weights with the norms folded in
+                       ("attn_pre"; ~41 -> ~36 us per layer of attention-side kernels at batch 64)
 
 On one H100 at batch 1 on the bench preset these took the decode step from 16 to 9 kernels per MoE layer
 (1,339 -> 1,512 tokens/s, docs/LOG.md).
