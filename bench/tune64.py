@@ -21,12 +21,13 @@ rng = np.random.default_rng(0)
 arr = lambda *s, d=dt: jnp.asarray(rng.normal(size=s), jnp.float32).astype(d)  # noqa: E731
 logits = arr(R, B, E, d=jnp.float32)
 bias = arr(E, d=jnp.float32) * 0.1
+default = dict(KN.TUNING["route"])
 for nw in (1, 2, 4, 8):
     KN.TUNING["route"]["num_warps"] = nw
     f = jax.jit(lambda lg: [KN.route(lg[r], bias, cfg, "gpu") for r in range(R)])
     _, _, by = gpu_time(f, logits)
     print(json.dumps({"kernel": "route", "num_warps": nw, "us": {k: round(v, 2) for k, v in by.items()}}), flush=True)
-KN.TUNING["route"]["num_warps"] = 4
+KN.TUNING["route"].update(default)
 x, zu, qu = arr(R, B, D), arr(R, B, Q + C + 2 * Rr), arr(R, B, N, C + 2 * Rr)
 cs, kvn, kv = arr(B, 2, Rr, d=jnp.float32), arr(C), arr(B, S, C + Rr)
 pos = jnp.asarray(rng.integers(200, 300, B), jnp.int32)

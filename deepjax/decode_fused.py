@@ -279,6 +279,11 @@ def settle(x):
     return (x.res.astype(jnp.float32) + y).astype(x.res.dtype)
 
 
+def _cos_sin(cos_BT, sin_BT):
+    """[B, 2, R] cos and sin of one token per row, each pair's angle twice (the step kernels' rope operand)."""
+    return jnp.stack([jnp.repeat(cos_BT[:, 0], 2, -1), jnp.repeat(sin_BT[:, 0], 2, -1)], 1)
+
+
 def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: bool = False):
     """One block on T new tokens per row with fused weights (`fuse_block`); returns (x, cache rows with the new
     ones written). Uses the Pallas kernels `w["kernels"]` names. x may be `Pending` (from the previous block's
@@ -296,14 +301,14 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: boo
         pend = x_BTD if isinstance(x_BTD, Pending) else Pending(res, None, None)
         x_BD, z = KN.attn_in(res.reshape(B, D), w["attn_norm"], a["w_in"], eps, use["attn_in"], pend.parts, pend.w)
         x_BTD = x_BD.reshape(B, T, D)
-        cs = jnp.stack([jnp.repeat(cos[:, 0], 2, -1), jnp.repeat(sin[:, 0], 2, -1)], 1)  # [B, 2, R]
+        cs = _cos_sin(cos, sin)
         q, row = KN.attn_q(z, a["q_norm"], a["kv_norm"], a["w_q"], cs, cfg, use["attn_in"])
         q, row = q[:, None], row[:, None]
     elif use.get("attn_pre") and T == 1:  # XLA's two products, then the attention kernel finishes q and the row
         x_BTD = settle(x_BTD)
         zu = jnp.einsum("bd,kd->bk", x_BTD[:, 0], a["w_in"])  # the norms' weights folded in (w["folded"])
         qu = jnp.einsum("bq,nkq->bnk", zu[:, :cfg.q_lora_rank], a["w_q"])
-        cs = jnp.stack([jnp.repeat(cos[:, 0], 2, -1), jnp.repeat(sin[:, 0], 2, -1)], 1)  # [B, 2, R]
+        cs = _cos_sin(cos, sin)
         o_BNc, kv_BSc = KN.latent_attention_pre(x_BTD[:, 0], zu, qu, cs, a["kv_norm"], kv_BSc, pos_BT[:, 0], cfg,
                                                 use["attn_pre"])
         return _ffn_step(w, x_BTD + jnp.einsum("bk,kd->bd", o_BNc.reshape(B, -1), a["w_o"])[:, None], kv_BSc, use,

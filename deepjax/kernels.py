@@ -125,7 +125,7 @@ def _make_attention_kernel(C: int, R: int, bn: int, bs: int, scale: float, pre: 
 
     def kernel(*refs):
         if pre:
-            pos_ref, x_ref, q_ref, z_ref, cs_ref, kvn_ref, kv_ref, o_ref, kv_out_ref = refs
+            pos_ref, q_ref, x_ref, z_ref, cs_ref, kvn_ref, kv_ref, o_ref, kv_out_ref = refs
         else:
             pos_ref, q_ref, row_ref, kv_ref, o_ref, kv_out_ref = refs
         b, h = pl.program_id(0), pl.program_id(1)
@@ -177,20 +177,24 @@ def latent_attention(q_BNc, row_Bc, kv_BSc, pos_B, cfg: ModelConfig, mode: str):
     written at pos_B). Softmax and sums in float32; the cached rows' unnormalized weights are rounded to the cache
     dtype before p . c (the new row's weight is not), close to `decode_fused.absorbed_attention`, which rounds the
     normalized p."""
-    B, N, _ = q_BNc.shape
-    S = kv_BSc.shape[1]
-    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    return _attention_call("latent_attention", cfg, mode, q_BNc.shape[-1], None, pos_B, q_BNc,
+                           row_Bc.astype(kv_BSc.dtype), kv_BSc)
+
+
+def _attention_call(name: str, cfg: ModelConfig, mode: str, o_cols: int, pre, pos_B, q_BNx, *rest):
+    """The attention kernel over grid (row, block of 16 heads) on (pos, q, ..., kv), the cache (last operand)
+    aliased to the second output; o [B, N, o_cols] in q's dtype."""
+    kv_BSc = rest[-1]
+    B, N, _ = q_BNx.shape
     bn = 16 if N % 16 == 0 else N
-    tu = TUNING["attention"]
-    bs = _cache_block(cfg, S)
+    bs = _cache_block(cfg, kv_BSc.shape[1])
     if mode == "gpu" and bs < 16:
-        raise ValueError(f"latent_attention: cache length {S} has no power-of-two block of 16+ rows "
+        raise ValueError(f"{name}: cache length {kv_BSc.shape[1]} has no power-of-two block of 16+ rows "
                          "(kernels.supported says which shapes the GPU kernel takes)")
-    kernel = _make_attention_kernel(C, R, bn, bs, cfg.softmax_scale)
-    out_shape = (jax.ShapeDtypeStruct(q_BNc.shape, q_BNc.dtype), jax.ShapeDtypeStruct(kv_BSc.shape, kv_BSc.dtype))
-    return _call(kernel, mode, out_shape, (B, N // bn), "latent_attention", tu["num_warps"],
-                 input_output_aliases={3: 1})(
-        pos_B.astype(jnp.int32), q_BNc, row_Bc.astype(kv_BSc.dtype), kv_BSc)
+    kernel = _make_attention_kernel(cfg.kv_lora_rank, cfg.qk_rope_head_dim, bn, bs, cfg.softmax_scale, pre)
+    out_shape = (jax.ShapeDtypeStruct((B, N, o_cols), q_BNx.dtype), jax.ShapeDtypeStruct(kv_BSc.shape, kv_BSc.dtype))
+    return _call(kernel, mode, out_shape, (B, N // bn), name, TUNING["attention"]["num_warps"],
+                 input_output_aliases={len(rest) + 1: 1})(pos_B.astype(jnp.int32), q_BNx, *rest)
 
 
 def _finish_query_and_row(b, heads, x_ref, q_ref, z_ref, cs_ref, kvn_ref, C: int, R: int, Q: int, eps: float, dt):
@@ -221,20 +225,10 @@ def latent_attention_pre(x_BD, zu_BK, qu_BNJ, cs_B2R, kv_norm_C, kv_BSc, pos_B, 
     q = qu * s * rsqrt(mean(z_q^2) + eps) with rope on its pe part, row = [rms_norm(z_c) * kv_norm ; rope(z_pe)]
     (`decode_fused._folded_qkv` in XLA). Returns (o [B, N, C], the cache with the row written at pos_B). On one H100
     at batch 64 this replaced six XLA kernels per layer (norms, rope, concatenations; docs/LOG.md)."""
-    B, N, _ = qu_BNJ.shape
-    S = kv_BSc.shape[1]
-    C, R, Q = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.q_lora_rank
-    bn = 16 if N % 16 == 0 else N
-    bs = _cache_block(cfg, S)
-    if mode == "gpu" and bs < 16:
-        raise ValueError(f"latent_attention_pre: cache length {S} has no power-of-two block of 16+ rows")
     dt = kv_BSc.dtype
-    kernel = _make_attention_kernel(C, R, bn, bs, cfg.softmax_scale, (Q, cfg.rms_norm_eps, dt))
-    out_shape = (jax.ShapeDtypeStruct((B, N, C), dt), jax.ShapeDtypeStruct(kv_BSc.shape, dt))
-    return _call(kernel, mode, out_shape, (B, N // bn), "latent_attention_pre", TUNING["attention"]["num_warps"],
-                 input_output_aliases={6: 1})(
-        pos_B.astype(jnp.int32), x_BD, qu_BNJ.astype(dt), zu_BK.astype(dt), cs_B2R.astype(jnp.float32),
-        kv_norm_C.astype(dt), kv_BSc)
+    return _attention_call("latent_attention_pre", cfg, mode, cfg.kv_lora_rank, (cfg.q_lora_rank, cfg.rms_norm_eps, dt),
+                           pos_B, qu_BNJ.astype(dt), x_BD, zu_BK.astype(dt), cs_B2R.astype(jnp.float32), kv_norm_C.astype(dt),
+                           kv_BSc)
 
 
 # ---------------------------------------------------------------------------------------------------- routing
