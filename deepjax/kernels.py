@@ -63,7 +63,10 @@ def _chunk(n: int, cap: int) -> int:
 # Block sizes and warps per kernel (bench/kernels_tune.py times the choices on the GPU).
 TUNING = {
     "attention": {"bs": 128, "num_warps": 4},
-    "route": {"num_warps": 8},  # 5.0 us at 64 tokens against 6.1 with 4 (bench/tune64.py, one H100)
+    # route: 5.0 us at 64 tokens with 8 warps against 6.1 with 4 (bench/tune64.py, one H100); bt tokens per
+    # program; logits: the kernel computes the norm and the router logits (`route` from x) in chunks of bd columns,
+    # else XLA does
+    "route": {"num_warps": 8, "bt": 1, "bd": 128, "logits": True},
     "gate_up": {"bi": 8, "num_warps": 8},
     "down": {"bo": 16, "num_warps": 8, "split": True},
     "attn_in": {"br": 16, "num_warps": 4},
@@ -106,7 +109,7 @@ def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int
     return {
         "attention": (N % 16 == 0 and _pow2(C) and _pow2(R) and C >= 16 and R >= 16
                       and _cache_block(cfg, cache_len) >= 16),
-        "route": _pow2(E) and E >= 2,
+        "route": _pow2(E) and E >= 2 and _chunk(D, TUNING["route"]["bd"]) >= 16,
         "experts": _chunk(D, 1024) >= 16 and _chunk(I, 1024) >= 16,
         "attn_in": (few and Q > 0 and _chunk(Q, 128) >= 16 and _chunk(z, TUNING["attn_in"]["br"]) >= 4
                     and _pow2(C) and _pow2(R) and _chunk(D, 512) >= 16 and _chunk(C, TUNING["attn_q"]["bc"]) >= 16),
@@ -271,41 +274,72 @@ def _route_vec(logits_E, bias_E, cfg: ModelConfig):
     return w * cfg.routed_scaling_factor, r
 
 
-def _make_route_kernel(cfg: ModelConfig, has_bias: bool):
+def _make_route_kernel(cfg: ModelConfig, has_bias: bool, bt: int = 1, bd: int = 0, eps: float = 0.0, dt=None):
+    """Programs of bt tokens. bd > 0: the first operands are the residual stream x [T, D], the norm weight [D] and
+    the router [E, D]; each program computes its tokens' normalized rows (`rms_norm`'s roundings) and their
+    float32 logits in chunks of bd columns (the router chunk read once for the bt tokens) before routing."""
     E, K, S = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_shared_experts
+    f32 = jnp.float32
 
     def kernel(*refs):
-        if has_bias:
-            logits_ref, bias_ref, idx_ref, w_ref, dense_ref = refs
-            bias = bias_ref[...]
+        refs = list(refs)
+        base = pl.program_id(0) * bt
+        if bd:
+            x_ref, norm_ref, r_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+            n_chunks = x_ref.shape[1] // bd
+            hs = [_normed_chunks(x_ref, base + i, norm_ref, n_chunks, bd, eps, dt) for i in range(bt)]
+            logits = [jnp.zeros((E,), f32) for _ in range(bt)]
+            for k in range(n_chunks):
+                r = r_ref[:, pl.ds(k * bd, bd)].astype(f32)
+                logits = [lg + jnp.sum(r * h[k][None, :], axis=1) for lg, h in zip(logits, hs)]
         else:
-            logits_ref, idx_ref, w_ref, dense_ref = refs
-            bias = None
-        t = pl.program_id(0)
-        w, r = _route_vec(logits_ref[t, :], bias, cfg)
-        dense_ref[t, :] = w
+            logits_ref = refs.pop(0)
+            logits = [logits_ref[base + i, :] for i in range(bt)]
+        bias = refs.pop(0)[...] if has_bias else None
+        idx_ref, w_ref, dense_ref = refs
         e = jnp.arange(E)
-        for k in range(K):  # the k-th choice: the expert of rank k
-            idx_ref[t, k] = jnp.sum(jnp.where(r == k, e, 0))
-            w_ref[t, k] = jnp.sum(jnp.where(r == k, w, 0.0))
-        for s in range(S):  # shared experts: appended experts E + s, weight 1
-            idx_ref[t, K + s] = jnp.int32(E + s)
-            w_ref[t, K + s] = jnp.float32(1.0)
+        for i in range(bt):
+            t = base + i
+            w, r = _route_vec(logits[i], bias, cfg)
+            dense_ref[t, :] = w
+            for k in range(K):  # the k-th choice: the expert of rank k
+                idx_ref[t, k] = jnp.sum(jnp.where(r == k, e, 0))
+                w_ref[t, k] = jnp.sum(jnp.where(r == k, w, 0.0))
+            for s in range(S):  # shared experts: appended experts E + s, weight 1
+                idx_ref[t, K + s] = jnp.int32(E + s)
+                w_ref[t, K + s] = jnp.float32(1.0)
 
     return kernel
 
 
-def route(logits_TE, bias_E, cfg: ModelConfig, mode: str):
+def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None, router_ED=None):
     """(idx [T, K + S] int32, w [T, K + S] float32, dense [T, E] float32): each token's K routed experts in
     `moe.route`'s order followed by the S shared experts (indices E .. E + S - 1, weight 1), and the routed
-    gate weights as a dense [T, E] array (zero where unchosen)."""
-    T, E = logits_TE.shape
+    gate weights as a dense [T, E] array (zero where unchosen).
+
+    Or, with logits_TE None, from the block's residual stream x [T, D], the FFN norm's weight [D] and the router
+    [E, D]: the kernel computes h = rms_norm(x) and the float32 logits h . router itself (as `decode_fused`'s XLA
+    path: h rounded to x's dtype, products and sums in float32). It then depends on x only, not on XLA's norm,
+    so it is launched before the experts' gate/up matmul (which waits for that norm) and runs beside it (at 64
+    tokens on an H100 XLA put its router matmul, its reduction and this kernel after gate/up: ~10 us a layer;
+    docs/LOG.md, session 7)."""
+    E = cfg.n_routed_experts
     X = cfg.num_experts_per_tok + cfg.n_shared_experts
+    tu = TUNING["route"]
+    if logits_TE is None:
+        T, D = x_TD.shape
+        assert router_ED.shape == (E, D) and norm_D.shape == (D,), (x_TD.shape, norm_D.shape, router_ED.shape)
+        args, bd = (x_TD, norm_D, router_ED), _chunk(D, tu["bd"])
+        eps, dt = cfg.rms_norm_eps, x_TD.dtype
+    else:
+        T = logits_TE.shape[0]
+        args, bd, eps, dt = (logits_TE.astype(jnp.float32),), 0, 0.0, None
+    bt = _chunk(T, tu["bt"])
     out_shape = (jax.ShapeDtypeStruct((T, X), jnp.int32), jax.ShapeDtypeStruct((T, X), jnp.float32),
                  jax.ShapeDtypeStruct((T, E), jnp.float32))
-    args = (logits_TE.astype(jnp.float32),) + (() if bias_E is None else (bias_E.astype(jnp.float32),))
-    return _call(_make_route_kernel(cfg, bias_E is not None), mode, out_shape, (T,), "route",
-                 TUNING["route"]["num_warps"])(*args)
+    args += () if bias_E is None else (bias_E.astype(jnp.float32),)
+    return _call(_make_route_kernel(cfg, bias_E is not None, bt, bd, eps, dt), mode, out_shape, (T // bt,), "route",
+                 tu["num_warps"])(*args)
 
 
 # ----------------------------------------------------------------------------------------------- step kernels
@@ -431,19 +465,22 @@ def attn_q(z_TK, q_norm_Q, kv_norm_C, w_q_NJQ, cs_T2R, cfg: ModelConfig, mode: s
         z_TK, q_norm_Q, kv_norm_C, w_q_NJQ, cs_T2R.astype(jnp.float32))
 
 
+def _normed_chunks(x_ref, t, norm_ref, n_chunks: int, bd: int, eps: float, dt):
+    """Row t of rms_norm(x) * norm as n_chunks float32 chunks of bd values, rounded as `nn.rms_norm` rounds."""
+    xs = [x_ref[t, pl.ds(k * bd, bd)].astype(jnp.float32) for k in range(n_chunks)]
+    inv = _rms_inv(xs, n_chunks * bd, eps)
+    return [_rnd(norm_ref[pl.ds(k * bd, bd)].astype(jnp.float32) * _rnd(xk * inv, dt), dt) for k, xk in enumerate(xs)]
+
+
 def _make_moe_in_kernel(D: int, be: int, bd: int, eps: float, dt):
     f32 = jnp.float32
 
     def kernel(x_ref, norm_ref, r_ref, h_ref, logit_ref):
         t, j = pl.program_id(0), pl.program_id(1)
-        xs = [x_ref[t, pl.ds(k * bd, bd)].astype(f32) for k in range(D // bd)]
-        inv = _rms_inv(xs, D, eps)
+        hs = _normed_chunks(x_ref, t, norm_ref, D // bd, bd, eps, dt)
         rows = pl.ds(j * be, be)
         acc = jnp.zeros((be,), f32)
-        hs = []
-        for k, xk in enumerate(xs):
-            hk = _rnd(norm_ref[pl.ds(k * bd, bd)].astype(f32) * _rnd(xk * inv, dt), dt)
-            hs.append(hk)
+        for k, hk in enumerate(hs):
             acc += jnp.sum(r_ref[rows, pl.ds(k * bd, bd)] * hk[None, :], axis=1)
         logit_ref[t, rows] = acc
 

@@ -47,6 +47,21 @@ def test_route_kernel_equals_route(preset):
     want = np.zeros((logits.shape[0], E), np.float32)
     np.put_along_axis(want, np.asarray(idx_ref), np.asarray(w_ref), axis=1)
     np.testing.assert_allclose(np.asarray(dense), want, rtol=1e-6)
+    # from the residual stream: the kernel's own norm and router product (bf16 rows, float32 router), as XLA's
+    x = jnp.asarray(rng.normal(size=(6, 256)) * 3, jnp.bfloat16)
+    norm = jnp.asarray(1 + rng.normal(size=256) * 0.1, jnp.bfloat16)
+    router = jnp.asarray(rng.normal(size=(E, 256)) * 0.1, jnp.float32)
+    lg = jnp.einsum("td,ed->te", rms_norm(x, norm, cfg.rms_norm_eps).astype(jnp.float32), router, precision="highest")
+    want = KN.route(lg, bias, cfg, "interpret")
+    default = KN.TUNING["route"]["bt"]
+    for bt in (1, 2):
+        KN.TUNING["route"]["bt"] = bt
+        try:
+            got = KN.route(None, bias, cfg, "interpret", x, norm, router)
+        finally:
+            KN.TUNING["route"]["bt"] = default
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
