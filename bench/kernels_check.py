@@ -1,6 +1,10 @@
 """The Pallas decode kernels (`deepjax.kernels`) against the XLA fused path on the GPU, bench preset.
 
     PYTHONPATH=. python bench/kernels_check.py
+    PYTHONPATH=. python bench/kernels_check.py float32 --highest   # XLA's float32 matmuls at full precision
+
+(--highest: under jax.default_matmul_precision("highest"); XLA:GPU's default float32 matmuls may round their
+inputs, the kernels' float32 products do not, so it separates that rounding from a kernel bug.)
 
 For float32 and bfloat16 and batches 1 and 64: prefill 128 random tokens, then 4 teacher-forced decode steps with
 the fused weights, once with the kernels (compiled through Triton) and once without, and the unfused module path
@@ -52,33 +56,40 @@ def prefill_logits(graphdef, params, prompts, fused):
 
 
 def main():
-    print(jax.devices()[0].device_kind, jax.__version__)
+    import contextlib
     import sys
-    for dtype in sys.argv[1:] or ("float32", "bfloat16"):
-        cfg = dataclasses.replace(presets.bench(), dtype=dtype, param_dtype=dtype)
-        graphdef, params = M.init(cfg, jax.random.key(0))
-        run = jax.jit(decode_logits, static_argnums=(0, 4))
-        for B in (1, 64):
-            rng = np.random.default_rng(B)
-            prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 128)), jnp.int32)
-            cont = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 4)), jnp.int32)
-            pf = jax.jit(prefill_logits, static_argnums=(0, 3))
-            (l0, c0), (l1, c1) = pf(graphdef, params, prompts, False), pf(graphdef, params, prompts, True)
-            dl = float(jnp.abs(l1 - l0).max() / jnp.abs(l0).max())
-            tok = jnp.abs(c1 - c0).max(-1) / jnp.abs(c0).max((1, 2, 3))[:, None, None]  # [layers, B, P]
-            far = ", ".join(f"{100 * float((t > 1e-3).mean()):.0f}" for t in tok)
-            print(f"{dtype:9s} batch {B:3d} prefill_fused vs prefill: logits max rel diff {dl:.2e}, greedy agree "
-                  f"{100 * float((l1.argmax(-1) == l0.argmax(-1)).mean()):.1f}%; cache rows: median rel diff "
-                  f"{float(jnp.median(tok)):.1e}, % of tokens over 1e-3 per layer [{far}] (a routing flip "
-                  "changes a token's later layers)", flush=True)
-            ref = np.asarray(run(graphdef, params, prompts, cont, None))
-            for other in ("gpu", "module"):
-                got = np.asarray(run(graphdef, params, prompts, cont, other))
-                d = np.abs(got - ref).max(-1) / np.abs(ref).max()  # [B, steps]
-                agree = (got.argmax(-1) == ref.argmax(-1)).mean()
-                print(f"{dtype:9s} batch {B:3d} {'kernels' if other == 'gpu' else 'module'} vs fused xla: "
-                      f"max rel diff {d.max():.2e}, (row, step) over 1e-3: {int((d > 1e-3).sum())} of {d.size}; "
-                      f"greedy agree {100 * agree:.1f}%; finite {np.isfinite(got).all()}", flush=True)
+    print(jax.devices()[0].device_kind, jax.__version__)
+    args = [a for a in sys.argv[1:] if a != "--highest"]
+    with jax.default_matmul_precision("highest") if "--highest" in sys.argv else contextlib.nullcontext():
+        for dtype in args or ("float32", "bfloat16"):
+            check(dtype)
+
+
+def check(dtype: str):
+    cfg = dataclasses.replace(presets.bench(), dtype=dtype, param_dtype=dtype)
+    graphdef, params = M.init(cfg, jax.random.key(0))
+    run = jax.jit(decode_logits, static_argnums=(0, 4))
+    for B in (1, 64):
+        rng = np.random.default_rng(B)
+        prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 128)), jnp.int32)
+        cont = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 4)), jnp.int32)
+        pf = jax.jit(prefill_logits, static_argnums=(0, 3))
+        (l0, c0), (l1, c1) = pf(graphdef, params, prompts, False), pf(graphdef, params, prompts, True)
+        dl = float(jnp.abs(l1 - l0).max() / jnp.abs(l0).max())
+        tok = jnp.abs(c1 - c0).max(-1) / jnp.abs(c0).max((1, 2, 3))[:, None, None]  # [layers, B, P]
+        far = ", ".join(f"{100 * float((t > 1e-3).mean()):.0f}" for t in tok)
+        print(f"{dtype:9s} batch {B:3d} prefill_fused vs prefill: logits max rel diff {dl:.2e}, greedy agree "
+              f"{100 * float((l1.argmax(-1) == l0.argmax(-1)).mean()):.1f}%; cache rows: median rel diff "
+              f"{float(jnp.median(tok)):.1e}, % of tokens over 1e-3 per layer [{far}] (a routing flip "
+              "changes a token's later layers)", flush=True)
+        ref = np.asarray(run(graphdef, params, prompts, cont, None))
+        for other in ("gpu", "module"):
+            got = np.asarray(run(graphdef, params, prompts, cont, other))
+            d = np.abs(got - ref).max(-1) / np.abs(ref).max()  # [B, steps]
+            agree = (got.argmax(-1) == ref.argmax(-1)).mean()
+            print(f"{dtype:9s} batch {B:3d} {'kernels' if other == 'gpu' else 'module'} vs fused xla: "
+                  f"max rel diff {d.max():.2e}, (row, step) over 1e-3: {int((d > 1e-3).sum())} of {d.size}; "
+                  f"greedy agree {100 * agree:.1f}%; finite {np.isfinite(got).all()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from deepjax import kernels as KN
 from deepjax import kernels_grouped as KG
 from deepjax.config import ModelConfig
-from deepjax.moe import MoE, gate_weights, router_scores
+from deepjax.moe import MoE, gate_weights, router_logits, router_scores
 from deepjax.moe import route as moe_route
 from deepjax.nn import rms_norm
 from deepjax.rope import apply_rope
@@ -379,7 +379,7 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
         y = jnp.einsum("tf,df->td", _swiglu(jnp.einsum("td,fd->tf", h, f["w_gu"])), f["w_down"])
         return x_BTD + y.reshape(B, T, D), kv_BSc
     E, S = cfg.n_routed_experts, cfg.n_shared_experts
-    logits_TE = jnp.einsum("td,ed->te", h.astype(jnp.float32), f["router"])
+    logits_TE = router_logits(h, f["router"].T)
     if prefill:  # top-k routing (sorts are cheap next to T tokens' experts), then grouped matmuls
         w_TX, idx_TX = _with_shared(*moe_route(logits_TE, f["bias"], cfg)[:2], cfg)
         w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array

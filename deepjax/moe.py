@@ -25,6 +25,14 @@ from deepjax.config import ModelConfig
 from deepjax.nn import MLP, Param, RouterBias, dtype_of, normal_init
 
 
+def router_logits(x_TD: jnp.ndarray, gate_DE: jnp.ndarray) -> jnp.ndarray:
+    """The router's float32 logits x . gate at full float32 precision. XLA:GPU's default float32 matmul rounds
+    its inputs to TF32 (10-bit mantissa) on A100/H100, which flips near-tied routing choices against DeepSeek's
+    and HF's float32 router (torch does not use TF32 for matmuls by default); the product is small."""
+    return jnp.einsum("...d,de->...e", x_TD.astype(jnp.float32), gate_DE.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
 def router_scores(logits_TE: jnp.ndarray, bias_E: jnp.ndarray | None, cfg: ModelConfig):
     """(scores_TE, choice_TE) in float32: the gate scores, and the scores plus the correction bias that selection
     uses (the same array without a bias)."""
@@ -171,7 +179,7 @@ class MoE(nnx.Module):
         past capacity (always 0 when dropless). experts_fn may return y or (y, dropped)."""
         cfg = self.cfg
         B, T, D = x_BTD.shape
-        logits_BTE = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), self.gate[...].astype(jnp.float32))
+        logits_BTE = router_logits(x_BTD, self.gate[...])
         bias = None if self.bias is None else self.bias[...]
         w_BTK, idx_BTK, scores_BTE = route(logits_BTE, bias, cfg)
         dt = x_BTD.dtype

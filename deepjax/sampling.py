@@ -50,7 +50,7 @@ from deepjax import sharding
 from deepjax.config import ModelConfig
 from deepjax.model import ACT_AXES, Transformer, default_experts_fn
 from deepjax.mla import attention as mla_attention
-from deepjax.moe import MoE, route, routed_experts_blocked, routed_experts_dropless
+from deepjax.moe import MoE, route, routed_experts_blocked, routed_experts_dropless, router_logits
 from deepjax.nn import dtype_of
 from deepjax.rope import rope_tables
 
@@ -170,7 +170,7 @@ def _ffn_decode(blk, h_BD, experts_fn):
     if not isinstance(ffn, MoE):
         return ffn(h_BD)
     dt = h_BD.dtype
-    logits_BE = h_BD.astype(jnp.float32) @ ffn.gate[...].astype(jnp.float32)
+    logits_BE = router_logits(h_BD, ffn.gate[...])
     w_BK, idx_BK, _ = route(logits_BE, None if ffn.bias is None else ffn.bias[...], ffn.cfg)
     y = experts_fn(h_BD, w_BK, idx_BK, ffn.w_gate[...].astype(dt), ffn.w_up[...].astype(dt),
                    ffn.w_down[...].astype(dt))

@@ -266,3 +266,52 @@ def test_blocked_grouped_matmul_equals_dense_reference(skew):
     for block in (4, 16, 128):
         np.testing.assert_allclose(moe.routed_experts_blocked(x, w, idx, *ws, block=block), ref, rtol=1e-5,
                                    atol=1e-4)
+
+
+def _dots(jaxpr):
+    """Every dot_general equation of a jaxpr, nested ones (jit, loops, conditionals) included."""
+    from jax.extend import core as jcore
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    yield from _dots(sub.jaxpr)
+                elif isinstance(sub, jcore.Jaxpr):
+                    yield from _dots(sub)
+
+
+def test_router_logits_ask_for_full_float32_precision():
+    """Every path's router product (the training module, the module decode step, the fused decode step's XLA
+    branch) carries precision HIGHEST: at XLA:GPU's default a float32 matmul runs in TF32 on A100/H100 and flips
+    near-tied routing choices against HF's float32 router. CPU numerics do not show it, so the jaxprs are read."""
+    from flax import nnx
+
+    from deepjax import decode_fused as DF
+    from deepjax import model as M
+    from deepjax import sampling as SP
+
+    cfg = presets.tiny()
+    D, E = cfg.hidden_size, cfg.n_routed_experts
+    graphdef, params = M.init(cfg, jax.random.key(0))
+    blk = SP.unstack_layers(nnx.merge(graphdef, params))["moe_layers"][0]
+    x = jnp.ones((2, 3, D), jnp.float32)
+    fused = DF.fuse_block(blk, jnp.float32, 6)
+
+    def router_dots(fn):
+        return [e for e in _dots(jax.make_jaxpr(fn)(x).jaxpr)
+                if any(tuple(v.aval.shape) in ((D, E), (E, D)) for v in e.invars)]
+
+    paths = {
+        "module": lambda x: blk.ffn(x, jnp.ones(x.shape[:2], bool)),
+        "module decode": lambda x: SP._ffn_decode(blk, x[:, 0], SP.decode_experts_fn(cfg, 2)),
+        "fused decode": lambda x: DF._ffn_step(fused, x, None, fused["kernels"], False),
+    }
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    for name, fn in paths.items():
+        dots = router_dots(fn)
+        assert len(dots) == 1 and dots[0].params["precision"] == highest, (name, [e.params for e in dots])
+    # the check can fail: a plain product carries no precision
+    assert router_dots(lambda x: x @ blk.ffn.gate[...])[0].params["precision"] != highest
