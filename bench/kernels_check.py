@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/kernels_check.py
     PYTHONPATH=. python bench/kernels_check.py float32 --highest   # XLA's float32 matmuls at full precision
+    PYTHONPATH=. python bench/kernels_check.py float32 --batch 64   # one batch size
 
 (--highest: under jax.default_matmul_precision("highest"); XLA:GPU's default float32 matmuls may round their
 inputs, the kernels' float32 products do not, so it separates that rounding from a kernel bug.)
@@ -59,17 +60,22 @@ def main():
     import contextlib
     import sys
     print(jax.devices()[0].device_kind, jax.__version__)
-    args = [a for a in sys.argv[1:] if a != "--highest"]
-    with jax.default_matmul_precision("highest") if "--highest" in sys.argv else contextlib.nullcontext():
+    argv = sys.argv[1:]
+    batches = (1, 64)
+    if "--batch" in argv:
+        i = argv.index("--batch")
+        batches, argv = (int(argv[i + 1]),), argv[:i] + argv[i + 2:]
+    args = [a for a in argv if a != "--highest"]
+    with jax.default_matmul_precision("highest") if "--highest" in argv else contextlib.nullcontext():
         for dtype in args or ("float32", "bfloat16"):
-            check(dtype)
+            check(dtype, batches)
 
 
-def check(dtype: str):
+def check(dtype: str, batches=(1, 64)):
     cfg = dataclasses.replace(presets.bench(), dtype=dtype, param_dtype=dtype)
     graphdef, params = M.init(cfg, jax.random.key(0))
     run = jax.jit(decode_logits, static_argnums=(0, 4))
-    for B in (1, 64):
+    for B in batches:
         rng = np.random.default_rng(B)
         prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 128)), jnp.int32)
         cont = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 4)), jnp.int32)
