@@ -615,9 +615,10 @@ def jit_generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfi
 
 
 # XLA:GPU compiler options for `jit_generate`. CONCURRENT: the command buffers (CUDA graphs) run kernels without a
-# data dependency side by side instead of in program order, e.g. the router and the routing kernels beside the
-# experts' gate/up matmul at batch 64 (on one H100, bench preset: 38,272 -> 39,350 tokens/s at batch 64, batch 1
-# unchanged; docs/LOG.md). XLA assigns temporaries less tightly under it (more memory for activations).
+# data dependency side by side instead of in program order, e.g. the routing kernel (`kernels.route` from the
+# residual stream) beside the experts' gate/up matmul at batch 64 (on one H100, bench preset: 38,272 -> 39,350
+# tokens/s at batch 64 when it was introduced, batch 1 unchanged; docs/LOG.md). XLA assigns temporaries less
+# tightly under it (more memory for activations).
 GPU_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 _JITS: dict = {}
 
