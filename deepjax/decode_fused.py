@@ -369,33 +369,27 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
         parts, _, w_TX = KN.experts_routed(h, logits_TE, f["bias"], f["w_gu"], f["w_down"], cfg, use["moe_in"])
         return Pending(x_BTD, parts, w_TX), kv_BSc
     h = rms_norm(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
-    if use.get("route") and KN.TUNING["route"]["logits"] and "router" in f:  # the K routed experts, then the S
-        # shared ones (weight 1), dense weights [T, E]; the kernel computes the norm and the router logits itself
-        # from x: it runs beside gate/up (see `kernels.route`)
-        idx_TX, w_TX, dense_TE = KN.route(None, f["bias"], cfg, use["route"], x_BTD.reshape(B * T, D),
-                                          w["ffn_norm"], f["router"])
-        return _experts_step(w, x_BTD, h, kv_BSc, use, idx_TX, w_TX, dense_TE)
     if "router" not in f:
         y = jnp.einsum("tf,df->td", _swiglu(jnp.einsum("td,fd->tf", h, f["w_gu"])), f["w_down"])
         return x_BTD + y.reshape(B, T, D), kv_BSc
     E, S = cfg.n_routed_experts, cfg.n_shared_experts
-    logits_TE = router_logits(h, f["router"].T)
-    if prefill:  # top-k routing (sorts are cheap next to T tokens' experts), then grouped matmuls
-        w_TX, idx_TX = _with_shared(*moe_route(logits_TE, f["bias"], cfg)[:2], cfg)
-        w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array
-        y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["kernels"]["grouped"], flat=not w["gathered"])
-        return x_BTD + y.reshape(B, T, D), kv_BSc
-    if use.get("route"):
-        return _experts_step(w, x_BTD, h, kv_BSc, use, *KN.route(logits_TE, f["bias"], cfg, use["route"]))
-    w_TX, idx_TX = _with_shared(*route_by_rank(logits_TE, f["bias"], cfg), cfg)
-    return _experts_step(w, x_BTD, h, kv_BSc, use, idx_TX, w_TX, None)
-
-
-def _experts_step(w: dict, x_BTD, h, kv_BSc, use: dict, idx_TX, w_TX, dense_TE):
-    """_ffn_step's experts (routed and shared) on the normalized h [B * T, D] and the residual add."""
-    B, T, D = x_BTD.shape
-    cfg, f = w["cfg"], w["ffn"]
-    E, S = cfg.n_routed_experts, cfg.n_shared_experts
+    if use.get("route") and KN.TUNING["route"]["logits"]:  # the K routed experts, then the S shared ones (weight
+        # 1), dense weights [T, E]; the kernel computes the norm and the router logits itself from x: it runs
+        # beside gate/up (see `kernels.route`)
+        idx_TX, w_TX, dense_TE = KN.route(None, f["bias"], cfg, use["route"], x_BTD.reshape(B * T, D),
+                                          w["ffn_norm"], f["router"])
+    else:
+        logits_TE = router_logits(h, f["router"].T)
+        if prefill:  # top-k routing (sorts are cheap next to T tokens' experts), then grouped matmuls
+            w_TX, idx_TX = _with_shared(*moe_route(logits_TE, f["bias"], cfg)[:2], cfg)
+            w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array
+            y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["kernels"]["grouped"],
+                                   flat=not w["gathered"])
+            return x_BTD + y.reshape(B, T, D), kv_BSc
+        if use.get("route"):
+            idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"])
+        else:
+            (w_TX, idx_TX), dense_TE = _with_shared(*route_by_rank(logits_TE, f["bias"], cfg), cfg), None
     if use.get("experts"):  # gate/up + SwiGLU, then the down projection (kernels), weighted sum + residual
         x_TD = KN.experts_gathered(h, x_BTD.reshape(B * T, D), idx_TX, w_TX, f["w_gu"], f["w_down"], use["experts"])
         return x_TD.reshape(B, T, D), kv_BSc
