@@ -7,7 +7,7 @@ The benchmark shape of shared/anchors/README.md (the shape HF transformers is ti
 Runs one forward pass: about 5 GB of float32 parameters and a minute of init on a 2-core CPU.
 """
 
-from deepjax import presets
+from deepjax.model import presets
 from deepjax.config import Config
 
 

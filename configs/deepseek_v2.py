@@ -6,7 +6,7 @@ DeepSeek-V2, the published 236B shape (DEEPSEEK.md section 1). Expected paramete
 Shapes only: the model is far above `info`'s forward limit, so nothing is allocated.
 """
 
-from deepjax import presets
+from deepjax.model import presets
 from deepjax.config import Config
 
 

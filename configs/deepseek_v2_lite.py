@@ -6,7 +6,7 @@ DeepSeek-V2-Lite, the published 16B shape (DEEPSEEK.md section 1). Expected para
 Shapes only: the model is above `info`'s forward limit (2B parameters), so nothing is allocated.
 """
 
-from deepjax import presets
+from deepjax.model import presets
 from deepjax.config import Config
 
 

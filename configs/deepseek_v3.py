@@ -8,7 +8,7 @@ DeepSeek-V3 / R1, the published 671B shape (DEEPSEEK.md section 1). Expected par
 Shapes only: the model is far above `info`'s forward limit, so nothing is allocated.
 """
 
-from deepjax import presets
+from deepjax.model import presets
 from deepjax.config import Config
 
 

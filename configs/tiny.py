@@ -9,7 +9,7 @@ Expected parameter counts:
 and a forward pass whose logits are [2, 32, 512] for the default random batch.
 """
 
-from deepjax import presets
+from deepjax.model import presets
 from deepjax.config import Config
 
 

@@ -8,9 +8,9 @@
 
 CONFIG is a file defining `get_config()` (`configs/tiny.py`) or a preset name (`tiny`, `bench`, `deepseek_v3`,
 ...); default `tiny`. `info` builds the model, prints its parameter table and runs one jitted forward pass on a
-random batch. `train` runs or resumes training (deepjax/train.py) in the work directory (default
-runs/<config name>); `grpo` runs or resumes GRPO (deepjax/grpo_run.py), from rl.init_from's checkpoint.
-`r1zero` runs the whole R1-Zero story (deepjax/r1zero.py; default config configs/r1zero.py). A bad config prints one line naming the field and exits with status 2.
+random batch. `train` runs or resumes training (deepjax/train/loop.py) in the work directory (default
+runs/<config name>); `grpo` runs or resumes GRPO (deepjax/rl/loop.py), from rl.init_from's checkpoint.
+`r1zero` runs the whole R1-Zero story (deepjax/rl/r1zero.py; default config configs/r1zero.py). A bad config prints one line naming the field and exits with status 2.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepjax import model as M
-from deepjax.config import Config, ConfigError, ModelConfig, load_config
+from deepjax.config import Config, load_config
+from deepjax.model.config import ModelConfig
+from deepjax.schema import ConfigError
 
 # Model order for the parameter table (the state itself is sorted by name).
 GROUP_ORDER = ("embed", "dense_layers", "moe_layers", "norm", "head", "mtp")
@@ -247,8 +249,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def eval_command(args) -> int:
-    from deepjax import run_eval
-    from deepjax.checkpoint import CheckpointError
+    from deepjax.rl import evaluate as run_eval
+    from deepjax.train.checkpoint import CheckpointError
 
     try:
         res = run_eval.run(args.workdir, k=args.k, problems=args.problems, temperature=args.temperature,
@@ -271,8 +273,8 @@ def _run_job(fn, cfg: Config, args, suffix: str = ""):
     """(status, result) of fn(cfg, workdir, progress) with the run's errors as one line and an exit status."""
     import os
 
-    from deepjax import train as T
-    from deepjax.checkpoint import CheckpointError
+    from deepjax.train import loop as T
+    from deepjax.train.checkpoint import CheckpointError
 
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0] + suffix)
     args.workdir = workdir
@@ -293,7 +295,7 @@ def _run_job(fn, cfg: Config, args, suffix: str = ""):
 def r1zero_command(cfg: Config, args) -> int:
     import os
 
-    from deepjax import r1zero
+    from deepjax.rl import r1zero
 
     cfg = r1zero.with_seed(cfg, args.seed)
     if args.workdir is None:
@@ -313,7 +315,7 @@ def r1zero_command(cfg: Config, args) -> int:
 def grpo_command(cfg: Config, args) -> int:
     import os
 
-    from deepjax import grpo_run
+    from deepjax.rl import loop as grpo_run
 
     status, out = _run_job(grpo_run.grpo, cfg, args, suffix="_grpo")
     if status:
@@ -333,7 +335,7 @@ def grpo_command(cfg: Config, args) -> int:
 def train_command(cfg: Config, args) -> int:
     import os
 
-    from deepjax import train as T
+    from deepjax.train import loop as T
 
     status, last = _run_job(T.train, cfg, args)
     if status:

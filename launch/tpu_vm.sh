@@ -6,7 +6,7 @@
 #   launch/tpu_vm.sh run    NAME ZONE -- COMMAND...           # e.g. -- python -m deepjax info configs/bench.py
 #   launch/tpu_vm.sh delete NAME ZONE
 #
-# Every worker runs the same command (SPMD); deepjax.distributed.initialize() needs no arguments on TPU VMs.
+# Every worker runs the same command (SPMD); deepjax.parallel.distributed.initialize() needs no arguments on TPU VMs.
 # DRY_RUN=1 prints the gcloud commands instead of running them.
 set -euo pipefail
 

@@ -12,7 +12,7 @@ import re
 import pytest
 
 from deepjax import model as M
-from deepjax import presets
+from deepjax.model import presets
 from deepjax.config import (CONFIG_DIRS, Config, ConfigError, ModelConfig, RopeScaling, apply_overrides,
                             load_config, validate)
 
@@ -163,7 +163,7 @@ def test_missing_and_bad_config_files(tmp_path):
     f = tmp_path / "empty.py"
     f.write_text("x = 1\n")
     assert "defines no get_config()" in _error([], base=str(f))
-    f.write_text("from deepjax import presets\ndef get_config():\n    return presets.tiny()\n")
+    f.write_text("from deepjax.model import presets\ndef get_config():\n    return presets.tiny()\n")
     assert "returned ModelConfig, not a Config" in _error([], base=str(f))
 
 

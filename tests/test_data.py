@@ -1,5 +1,5 @@
-"""Data layer: generated tasks and their verifiers (deepjax/tasks.py), tokenizers (deepjax/tokenizer.py), and the TFDS
-builders (deepjax/datasets.py).
+"""Data layer: generated tasks and their verifiers (deepjax/data/tasks.py), tokenizers (deepjax/data/tokenizer.py), and the TFDS
+builders (deepjax/data/datasets.py).
 
 All CPU, no JAX: tasks are generated from seeds, tokenizers and JSONL / text files are written into tmp_path.
 """
@@ -12,9 +12,11 @@ import re
 
 import pytest
 
-from deepjax import datasets, tasks
+from deepjax.data import datasets
+
+from deepjax.data import tasks
 from deepjax.config import DataConfig
-from deepjax.tokenizer import (R1_TEMPLATE, SPECIALS, ByteTokenizer, HFTokenizer, load_tokenizer, plain_prompt,
+from deepjax.data.tokenizer import (R1_TEMPLATE, SPECIALS, ByteTokenizer, HFTokenizer, load_tokenizer, plain_prompt,
                                r1_prompt)
 
 # ================================================================================================ tasks: generation

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from deepjax import distributed as D
-from deepjax import sharding as S
+from deepjax.parallel import distributed as D
+from deepjax.parallel import sharding as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +56,8 @@ _WORKER = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     sys.path.insert(0, {root!r})
     import numpy as np
-    from deepjax import distributed as D, sharding as S
+    from deepjax.parallel import distributed as D
+    from deepjax.parallel import sharding as S
     pid = int(sys.argv[1])
     D.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id=pid)
     mcfg = S.MeshConfig(data=2, fsdp=4)
@@ -94,7 +95,7 @@ def test_two_processes_each_feed_their_rows(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the `tpu` extra)")
 def test_compile_check_bench_on_v5p_2x2x1(capsys):
-    from deepjax import compile_check
+    from deepjax.train import compile_check
 
     rc = compile_check.main(["bench", "--topology", "v5p:2x2x1", "--batch", "8", "--seq", "256",
                              "--mesh.fsdp=2", "--mesh.expert=2", "--micro-batches", "2"])

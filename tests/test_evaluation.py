@@ -1,4 +1,4 @@
-"""Evaluation metrics (deepjax/evaluation.py): unbiased pass@k, R1 pass@1, cons@k majority vote, scaling table, plot,
+"""Evaluation metrics (deepjax/rl/metrics.py): unbiased pass@k, R1 pass@1, cons@k majority vote, scaling table, plot,
 summarize. Pure Python, no JAX."""
 import itertools
 import json
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from deepjax import evaluation as ev
-from deepjax import tasks
+from deepjax.rl import metrics as ev
+from deepjax.data import tasks
 
 
 # ================================================================================================ pass@k
@@ -171,7 +171,7 @@ def test_plot_scaling_writes_png(tmp_path):
 
 
 def test_importable_without_jax():
-    code = ("import sys; import deepjax.evaluation; "
+    code = ("import sys; import deepjax.rl.metrics; "
             "assert not {'jax', 'grain', 'tensorflow_datasets', 'matplotlib'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepjax import grpo
-from deepjax.grpo import GRPOConfig, group_advantages, grpo_loss, k3_kl
+from deepjax.rl import loss as grpo
+from deepjax.rl.loss import GRPOConfig, group_advantages, grpo_loss, k3_kl
 
 B, T, G = 6, 7, 3
 LENGTHS = (7, 3, 5, 1, 6, 4)  # completion tokens per row; the rest of each row is padding

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepjax import checkpoint as C
-from deepjax import grpo_run, tasks
-from deepjax import sharding as S
-from deepjax import train as T
+from deepjax.train import checkpoint as C
+from deepjax.rl import loop as grpo_run
+from deepjax.data import tasks
+from deepjax.parallel import sharding as S
+from deepjax.train import loop as T
 from deepjax.config import ConfigError, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +124,7 @@ def test_grpo_killed_and_resumed_equals_the_straight_run(base):
     for f in ("config.json", "grpo_curves.png", "eval.jsonl"):
         assert os.path.getsize(d / f) > 0
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(d / "tb"))
-    from deepjax import run_eval
+    from deepjax.rl import evaluate as run_eval
     res = run_eval.run(str(d), k=2, problems=4, max_new_tokens=24, batch=8, progress=False)
     assert res["step"] == N and len(res["problems"]) == 4
 

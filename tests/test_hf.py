@@ -1,7 +1,7 @@
 """HF transformers parity and checkpoint import/export.
 
 The reference is HF's DeepseekV3ForCausalLM / DeepseekV2ForCausalLM, random-initialised, written with
-`save_pretrained` (DeepSeek's per-expert layout), imported with deepjax.hf.load.
+`save_pretrained` (DeepSeek's per-expert layout), imported with deepjax.model.hf.load.
 """
 
 import os
@@ -15,7 +15,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from deepjax import hf, presets
+from deepjax.model import hf
+
+from deepjax.model import presets
 from deepjax import model as M
 
 torch = pytest.importorskip("torch")
@@ -106,7 +108,7 @@ def test_router_selection_matches_hf(hf_pair):
     router = model.model.layers[1].mlp.gate
     with torch.no_grad():
         _, w_ref, idx_ref = router(torch.tensor(x))
-    from deepjax.moe import route
+    from deepjax.model.moe import route
 
     gate = np.asarray(params["moe_layers"]["ffn"]["gate"][...][0])
     bias = params["moe_layers"]["ffn"]["bias"][...][0] if cfg.topk_method == "noaux_tc" else None

@@ -1,4 +1,4 @@
-"""The Pallas decode kernels (`deepjax.kernels`) in Pallas' interpreter against the XLA code they replace: the
+"""The Pallas decode kernels (`deepjax.infer.fast.kernels`) in Pallas' interpreter against the XLA code they replace: the
 same kernel bodies compile through Triton on GPU (bench/kernels_check.py compares them there)."""
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepjax import decode_fused as DF
-from deepjax import kernels as KN
+from deepjax.infer.fast import fused as DF
+from deepjax.infer.fast import kernels as KN
 from deepjax import model as M
-from deepjax import moe, presets
-from deepjax import sampling as SP
+from deepjax.model import moe
+from deepjax.model import presets
+from deepjax.infer import sampling as SP
 from deepjax.config import load_config
-from deepjax.mla import MLA
-from deepjax.nn import rms_norm
-from deepjax.rope import apply_rope, rope_tables
+from deepjax.model.mla import MLA
+from deepjax.model.layers import rms_norm
+from deepjax.model.rope import apply_rope, rope_tables
 
 # the kernels of a one-token step for a few tokens ("attn_pre" finishes the query inside attention where "attn_in"
 # does not run: more tokens, or not in kernel_set)
@@ -150,7 +151,7 @@ def test_kernel_choice_follows_shapes_and_settings(tiny_blocks):
     wide = dataclasses.replace(presets.tiny(), num_attention_heads=16, qk_rope_head_dim=16)
     assert KN.supported(wide, 384)["attention"]
     assert not KN.supported(wide, 0)["attention"] and not KN.supported(wide, 100)["attention"]  # 100: blocks of 4
-    assert SP.validate(SP.SamplingConfig(max_new_tokens=100), 128) == 240  # rounded up to 16 rows
+    assert SP.cache_length(SP.SamplingConfig(max_new_tokens=100), 128) == 240  # rounded up to 16 rows
     for mode in ("gpu", "interpret"):
         assert not KN.supported(presets.deepseek_v2_lite(), 384, mode)["attn_in"]  # no q_lora_rank
         few, many = (KN.supported(bench, 384, mode, n) for n in (KN.STEP_MAX_TOKENS, KN.STEP_MAX_TOKENS + 1))

@@ -1,4 +1,4 @@
-"""The grouped-matmul expert kernels (`deepjax.kernels_grouped`) in Pallas' interpreter against a dense float32
+"""The grouped-matmul expert kernels (`deepjax.infer.fast.grouped`) in Pallas' interpreter against a dense float32
 reference (every expert on every token, combined with the routing weights): the same kernel bodies compile through
 Triton on GPU (bench/grouped_check.py compares them there; `test_lowers_for_gpu` lowers them here)."""
 
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepjax import kernels_grouped as KG
+from deepjax.infer.fast import grouped as KG
 
 T, A, X, D, I = 37, 3, 6, 64, 32  # T*A = 111 assignments: not a multiple of any block size
 SMALL_TILES = {"bn": 16, "bk": 16, "num_warps": 4, "num_stages": 2, "rows_fastest": False}  # loops of 2-4 steps
@@ -182,7 +182,7 @@ def test_prefill_fused_equals_prefill():
     from flax import nnx
 
     from deepjax import model as M
-    from deepjax import sampling as SP
+    from deepjax.infer import sampling as SP
     from deepjax.config import load_config
 
     cfg = dataclasses.replace(load_config("tiny").model, initializer_range=0.2)

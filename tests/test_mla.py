@@ -4,7 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepjax import mla, presets
+from deepjax.model import mla
+
+from deepjax.model import presets
 from deepjax import model as M
 
 

@@ -16,9 +16,9 @@ import pytest
 from flax import nnx
 
 from deepjax import model as M
-from deepjax import presets
-from deepjax.nn import RouterBias
-from deepjax.rope import apply_rope, rope_tables, yarn_inv_freq
+from deepjax.model import presets
+from deepjax.model.layers import RouterBias
+from deepjax.model.rope import apply_rope, rope_tables, yarn_inv_freq
 
 B, T = 2, 16
 

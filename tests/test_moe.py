@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepjax import presets
-from deepjax.moe import (expert_load, route, routed_experts_dense, routed_experts_dropless,
+from deepjax.model import presets
+from deepjax.model.moe import (expert_load, route, routed_experts_dense, routed_experts_dropless,
                          sequence_balance_loss)
 
 
@@ -252,7 +252,7 @@ def test_expert_load_counts_valid_tokens_only():
 
 @pytest.mark.parametrize("skew", [False, True])
 def test_blocked_grouped_matmul_equals_dense_reference(skew):
-    from deepjax import moe
+    from deepjax.model import moe
     rng = np.random.default_rng(3)
     T, D, I, E, K = 60, 16, 8, 8, 3
     x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
@@ -289,9 +289,9 @@ def test_router_logits_ask_for_full_float32_precision():
     near-tied routing choices against HF's float32 router. CPU numerics do not show it, so the jaxprs are read."""
     from flax import nnx
 
-    from deepjax import decode_fused as DF
+    from deepjax.infer.fast import fused as DF
     from deepjax import model as M
-    from deepjax import sampling as SP
+    from deepjax.infer import sampling as SP
 
     cfg = presets.tiny()
     D, E = cfg.hidden_size, cfg.n_routed_experts

@@ -1,4 +1,4 @@
-"""Verifiable rewards (deepjax/rewards.py): accuracy, format and language consistency on tables of cases, the bounded
+"""Verifiable rewards (deepjax/rl/rewards.py): accuracy, format and language consistency on tables of cases, the bounded
 safe evaluator, and adversarial completions that must score in bounded time without raising. CPU, no JAX."""
 
 import builtins
@@ -10,8 +10,10 @@ from fractions import Fraction
 
 import pytest
 
-from deepjax import rewards, tasks
-from deepjax.rewards import RewardConfig
+from deepjax.rl import rewards
+
+from deepjax.data import tasks
+from deepjax.rl.rewards import RewardConfig
 
 ARITH = {"question": "Compute 347 + 86", "answer": "433", "task": "arithmetic",
          "meta": json.dumps({"expression": "347 + 86"})}

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepjax import grpo as G
+from deepjax.rl import loss as G
 from deepjax import model as M
-from deepjax import optim
-from deepjax import rl
-from deepjax import sampling as SP
-from deepjax import train_step as TS
+from deepjax.train import optim
+from deepjax.rl import update as rl
+from deepjax.infer import sampling as SP
+from deepjax.train import step as TS
 from deepjax.config import load_config
 
 GROUP = 4

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepjax import decode_fused as DF
+from deepjax.infer.fast import fused as DF
 from deepjax import model as M
-from deepjax import presets
-from deepjax import sampling as SP
-from deepjax import sharding as S
+from deepjax.model import presets
+from deepjax.infer import sampling as SP
+from deepjax.parallel import sharding as S
 from deepjax.config import MeshConfig, load_config
 
 PROMPTS = ([5, 17, 300], [9, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11], [400, 2, 2, 2, 41, 7])
@@ -38,7 +38,7 @@ def _forward_logits(graphdef, params, seq):
 def test_cached_decode_equals_full_forward_teacher_forced(tiny, attention):
     """Module path (absorbed and naive attention) and the fused-weight path (`generate`'s one-device default):
     its experts gathered (few tokens per step) or all (many: `experts_all_flat`), with XLA or with the Pallas
-    kernels in Pallas' interpreter (`deepjax.kernels`: the code that runs compiled on GPU)."""
+    kernels in Pallas' interpreter (`deepjax.infer.fast.kernels`: the code that runs compiled on GPU)."""
     cfg, graphdef, params = tiny
     rng = np.random.default_rng(1)
     cont = rng.integers(0, cfg.vocab_size, (len(PROMPTS), 5)).astype(np.int32)
@@ -70,7 +70,7 @@ def test_cached_decode_equals_full_forward_teacher_forced(tiny, attention):
 
 
 def test_decode_expert_paths_agree():
-    from deepjax import moe
+    from deepjax.model import moe
     rng = np.random.default_rng(0)
     T, D, I, E, K = 5, 16, 8, 8, 3
     x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
@@ -95,7 +95,7 @@ def test_decode_expert_paths_agree():
 @pytest.mark.parametrize("preset", ["tiny", "bench", "deepseek_v2", "deepseek_v2_lite", "deepseek_v3"])
 def test_route_by_rank_equals_route(preset):
     """The sort-free router of the fused decode picks the same experts, in the same order, with the same weights."""
-    from deepjax import moe
+    from deepjax.model import moe
     cfg = getattr(presets, preset)()
     rng = np.random.default_rng(1)
     E = cfg.n_routed_experts
@@ -189,7 +189,7 @@ def test_sharded_generation_equals_single_device(tiny):
     ref = SP.jit_generate(graphdef, params, jnp.asarray(P), jnp.asarray(L), jax.random.key(0), sc)
     mcfg = MeshConfig(data=2, fsdp=2, expert=2)
     mesh, rules = S.make_mesh(mcfg), S.rules_for(mcfg.rules)
-    shardings = S.param_shardings(params, mesh, rules)
+    shardings = M.param_shardings(params, mesh, rules)
     sharded = jax.device_put(params, shardings)
     batch = S.batch_spec(mesh, rules)
     with S.use_mesh(mesh, rules):
@@ -225,7 +225,7 @@ def test_mtp_accepted_drafts_emit_two_tokens_per_step(tiny):
     every draft is right, so each step emits two tokens (the acceptance path of the drafting loop)."""
     cfg, graphdef, params = tiny
     zero_head = jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.zeros_like(x) if M._path_str(p).split(".")[0] == "head" else x, params)
+        lambda p, x: jnp.zeros_like(x) if M.path_str(p).split(".")[0] == "head" else x, params)
     prompts, lengths = SP.pad_prompts([[7] * 5, [3, 9, 11]])
     sc = SP.SamplingConfig(max_new_tokens=9, temperature=0.0, mtp_draft=True)
     out = SP.jit_generate(graphdef, zero_head, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0), sc)

@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 
 from deepjax import model as M
-from deepjax import presets
-from deepjax import sharding as S
-from deepjax.expert_parallel import ShardedExperts
-from deepjax.moe import routed_experts_dense
+from deepjax.model import presets
+from deepjax.parallel import sharding as S
+from deepjax.model.expert_parallel import ShardedExperts
+from deepjax.model.moe import routed_experts_dense
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "bench_param_specs.json")
 MESHES = {
@@ -58,7 +58,7 @@ def test_sharded_equals_single_device(reference, name):
     cfg, tokens, loss, load, grads, graphdef, params = reference
     mcfg = MESHES[name]
     mesh, rules = S.make_mesh(mcfg), S.rules_for(mcfg.rules)
-    shardings = S.param_shardings(params, mesh, rules)
+    shardings = M.param_shardings(params, mesh, rules)
     params = jax.device_put(params, shardings)
     # Parameters really are distributed as the rules say (not silently replicated).
     w = params["moe_layers"]["ffn"]["w_gate"][...]
@@ -90,7 +90,7 @@ def _moe_inputs(T=64, D=16, I=8, E=8, K=3, seed=0):
                                         (S.MeshConfig(fsdp=2, expert=2, tensor=2), 1024)])
 def test_expert_parallel_dropless_equals_dense_reference(monkeypatch, mcfg, chunk):
     """chunk 4: each device's 8 tokens go through the exchange in two blocks."""
-    import deepjax.expert_parallel as EP
+    import deepjax.model.expert_parallel as EP
 
     monkeypatch.setattr(EP, "TOKEN_CHUNK", chunk)
     mesh, rules = S.make_mesh(mcfg), S.rules_for(mcfg.rules)
@@ -128,7 +128,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
 @pytest.mark.parametrize("capacity_factor", [None, 1.5])
 def test_ragged_exchange_equals_padded(monkeypatch, capacity_factor):
     """The ragged_all_to_all path (GPU/TPU) gives the padded path's result, drops included."""
-    import deepjax.expert_parallel as EP
+    import deepjax.model.expert_parallel as EP
 
     mcfg = S.MeshConfig(fsdp=1, expert=8)
     mesh, rules = S.make_mesh(mcfg), S.rules_for(mcfg.rules)
@@ -186,7 +186,7 @@ def test_init_sharded_places_and_matches_unsharded_init(reference):
     cfg, _, _, _, _, _, params = reference
     mcfg = MESHES["fsdp2_expert2_tensor2"]
     mesh, rules = S.make_mesh(mcfg), S.rules_for(mcfg.rules)
-    _, sharded, shardings = S.init_sharded(cfg, jax.random.key(0), mesh, rules)
+    _, sharded, shardings = M.init_sharded(cfg, jax.random.key(0), mesh, rules)
     for (path, a), (_, b), (_, sh) in zip(nnx.to_flat_state(params), nnx.to_flat_state(sharded),
                                           jax.tree_util.tree_leaves_with_path(shardings)):
         assert b[...].sharding == sh, path
@@ -200,7 +200,7 @@ def test_capacity_factor_through_the_model(reference):
     mcfg = MESHES["expert8"]
     mesh, rules = S.make_mesh(mcfg), S.rules_for(mcfg.rules)
     tight = dataclasses.replace(cfg, capacity_factor=0.5)
-    graphdef, params, _ = S.init_sharded(tight, jax.random.key(0), mesh, rules)
+    graphdef, params, _ = M.init_sharded(tight, jax.random.key(0), mesh, rules)
     with S.use_mesh(mesh, rules):
         out = M.jit_forward(graphdef, params, jax.device_put(tokens, S.batch_spec(mesh, rules)))
     assert int(out.dropped_tokens) > 0
@@ -208,7 +208,7 @@ def test_capacity_factor_through_the_model(reference):
 
 def _spec_dump():
     _, abstract = M.abstract_init(presets.bench())
-    return {preset: S.spec_table(abstract, S.rules_for(preset)) for preset in sorted(S.RULE_PRESETS)}
+    return {preset: M.spec_table(abstract, S.rules_for(preset)) for preset in sorted(S.RULE_PRESETS)}
 
 
 def test_golden_partition_specs_for_bench():
@@ -234,7 +234,7 @@ def test_indivisible_mesh_axis_is_named():
     _, abstract = M.abstract_init(cfg)
     with pytest.raises(ValueError, match=r"parameter .*wkv_b dim 2 \(size 4\) is not divisible by mesh axis "
                                          r"tensor \(size 8\)"):
-        S.param_shardings(abstract, mesh, S.rules_for("fsdp_tensor"))
+        M.param_shardings(abstract, mesh, S.rules_for("fsdp_tensor"))
     with pytest.raises(ValueError, match="needs 16 devices, have 8"):
         S.make_mesh(S.MeshConfig(data=2, fsdp=8))
 
@@ -243,7 +243,7 @@ def test_no_recompilation_across_steps(reference):
     cfg, tokens, _, _, _, graphdef, params = reference
     mcfg = MESHES["data2_fsdp2_expert2"]
     mesh, rules = S.make_mesh(mcfg), S.rules_for(mcfg.rules)
-    shardings = S.param_shardings(params, mesh, rules)
+    shardings = M.param_shardings(params, mesh, rules)
     params = jax.device_put(params, shardings)
     data_sharding = S.batch_spec(mesh, rules)
 
@@ -268,7 +268,7 @@ def test_no_large_parameter_left_replicated_at_v3_scale(preset):
     """Every DeepSeek-V3 parameter over 1M values is split over some mesh axis under every preset: a
     replicated one costs every chip its full size (wq_b alone is 2.2B values)."""
     _, abstract = M.abstract_init(presets.deepseek_v3())
-    specs = S.spec_table(abstract, S.rules_for(preset))
+    specs = M.spec_table(abstract, S.rules_for(preset))
     sizes = {path: math.prod(shape) for path, shape, _ in M.param_table(abstract)}
     replicated = [p for p, spec in specs.items() if sizes[p] > 1_000_000 and not any(spec)]
     assert not replicated, replicated

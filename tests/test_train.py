@@ -15,14 +15,18 @@ import numpy as np
 import optax
 import pytest
 
-from deepjax import checkpoint as C
-from deepjax import datasets, moe, optim, pipeline, tasks
+from deepjax.train import checkpoint as C
+from deepjax.data import datasets
+from deepjax.model import moe
+from deepjax.train import optim
+from deepjax.data import pipeline
+from deepjax.data import tasks
 from deepjax import model as M
-from deepjax import sharding as S
-from deepjax import train as T
-from deepjax import train_step as TS
+from deepjax.parallel import sharding as S
+from deepjax.train import loop as T
+from deepjax.train import step as TS
 from deepjax.config import ConfigError, DataConfig, MeshConfig, OptimConfig, load_config
-from deepjax.tokenizer import ByteTokenizer, plain_prompt
+from deepjax.data.tokenizer import ByteTokenizer, plain_prompt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = ByteTokenizer()
@@ -175,7 +179,7 @@ def test_deepseek_v3_schedule_shape():
 def test_weight_decay_on_matrices_only():
     _, params = M.abstract_init(load_config("tiny").model)
     mask = optim.decay_mask(TS.split_params(params)[0])
-    flat = {M._path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+    flat = {M.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
     assert flat["embed"] and flat["head"] and flat["moe_layers.attn.wkv_a"]  # stacked: rank 3, decayed
     assert flat["moe_layers.ffn.w_gate"] and flat["mtp.0.eh_proj"]
     assert {k for k, v in flat.items() if not v} == {k for k in flat if "norm" in k}  # norms only
@@ -233,7 +237,7 @@ def test_nonfinite_step_is_not_applied_and_never_saved(step_setup, tmp_path):
     cfg, graphdef, params, batch = step_setup
     trainable, bias = TS.split_params(params)
     poisoned = jax.tree_util.tree_map_with_path(
-        lambda p, x: x.at[0, 0].set(jnp.nan) if M._path_str(p).split(".")[0] == "head" else x, trainable)
+        lambda p, x: x.at[0, 0].set(jnp.nan) if M.path_str(p).split(".")[0] == "head" else x, trainable)
     assert not bool(TS.state_is_finite(TS.TrainState(0, poisoned, bias, (), 0, 0, 0)))
     opt = optim.adamw(1e-3, trainable)
     state = TS.init_state(nnx_merge(poisoned, bias), opt, 0)
@@ -309,14 +313,14 @@ def test_restore_onto_a_different_mesh(tmp_path):
     cfg = load_config("tiny").model
     saved_mesh = S.make_mesh(MeshConfig(fsdp=8))
     rules = S.rules_for("fsdp_expert_tensor")
-    _, params, _ = S.init_sharded(cfg, jax.random.key(0), saved_mesh, rules)
+    _, params, _ = M.init_sharded(cfg, jax.random.key(0), saved_mesh, rules)
     opt = optim.adamw(1e-3, TS.split_params(params)[0])
     state = TS.init_state(params, opt, 0)
     ck = C.Checkpointer(str(tmp_path), async_save=False)
     ck.save(7, state, {"next": 1}, {"model": {}})
     new_mesh = S.make_mesh(MeshConfig(data=2, fsdp=2, expert=2))
     abstract = jax.eval_shape(lambda: state)
-    sh = S.state_shardings(abstract, new_mesh, rules)
+    sh = TS.state_shardings(abstract, new_mesh, rules)
     step, restored, _, _ = ck.restore(S.abstract_with_shardings(abstract, sh))
     assert step == 7
     for a, b, s in zip(jax.tree.leaves(state), jax.tree.leaves(restored), jax.tree.leaves(sh)):
@@ -420,7 +424,8 @@ def test_tiny_model_learns_arithmetic(tmp_path, data_dir):
     assert first > 5.5 and last10 < 2.0, (first, last10)
 
     # `deepjax eval` on the same run: k samples per held-out problem through the sampler on the run's mesh
-    from deepjax import cli, run_eval
+    from deepjax import cli
+    from deepjax.rl import evaluate as run_eval
     res = run_eval.run(str(tmp_path), k=2, problems=8, max_new_tokens=24, batch=16, progress=False)
     assert res["step"] == 120 and [r["k"] for r in res["table"]] == [1, 2]
     assert all(0 <= r[m] <= 1 for r in res["table"] for m in ("pass@1", "pass@k", "cons@k"))

@@ -1,0 +1,409 @@
+"""The one-device decode step with its weights fused once per `generate` call: fewer, larger kernels per step.
+
+At batch 1 the decode step is bound by many small kernels, not bytes (docs/LOG.md: ~44 kernels per layer on the
+bench preset before this, ~2 us each). `sampling.fuse_layers` rewrites each layer's weights once, outside the
+decode loop, so that a layer needs fewer matmuls and no sorts (on one H100, batch 1: 721 -> 1,231 tokens/s):
+
+    w_in   [Q + C + R, D]   wq_a and wkv_a side by side: one matmul reads x for the query and the latent
+    w_q    [N, C + R, Q]    the key up-projection absorbed into the query weights (q_nope W_uk, computed in
+                            float32 once), beside the rope part: one matmul gives the query in latent space
+    w_uv   [N, V, C + R]    the value up-projection with R zero columns, so the output reads the whole cache
+                            row [c ; k_pe] and never a sliced copy of c
+    w_gu   [E + S, 2 I, D]  routed experts' gate and up side by side, the S shared experts appended as
+    w_down [E + S, D, I]    experts of weight 1 (a SwiGLU of width S*I is the sum of S SwiGLUs of width I)
+
+and routing ranks the experts by comparisons (`route_by_rank`) instead of three top-k sorts. Every fused matrix
+is stored output-major (the contracted axis last): at batch 1 XLA:GPU lowers a matrix-vector product to a
+reduction, and a reduction over the minor axis (a row reduction) streams memory far better than one over the
+major axis (measured: 892 -> 1,119 tokens/s at batch 1). The math is that of the module path
+(`sampling.decode_tokens` with per-layer modules); only summation order and the rounding of the absorbed query
+weights differ (tests/test_sampling.py checks both against the full forward).
+
+The cache row of a token is [c ; k_pe] (C + R values), one buffer per layer, so absorbed attention is one score
+matmul over the whole row: s = [q_c ; q_pe] . [c ; k_pe].
+
+On GPU the step also calls Pallas kernels (`deepjax.infer.fast.kernels`, chosen per block by `fuse_block`): attention over
+the latent cache with the new row written in place, the router, the gathered experts, and for a few tokens the
+norms, projections and rope around attention and the router (a block may then return its experts' output
+unsummed, `Pending`, for the next block's first kernel to sum), and for more tokens the query's and the row's
+last steps inside the attention kernel, with the norm weights folded into w_in and w_q and w_uv . wo merged into
+w_o [N * C, D] ("attn_pre", fuse_block's "folded"). With `prefill=True`, `fused_block` runs the
+prompts: the routed experts as grouped matmuls (`deepjax.infer.fast.grouped`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from deepjax.infer.fast import kernels as KN
+from deepjax.infer.fast import grouped as KG
+from deepjax.model.config import ModelConfig
+from deepjax.model.moe import MoE, gate_weights, router_logits, router_scores
+from deepjax.model.moe import route as moe_route
+from deepjax.model.layers import rms_norm
+from deepjax.model.rope import apply_rope
+
+NEG = float(jnp.finfo(jnp.float32).min)
+
+
+# ---------------------------------------------------------------------------------------------------- routing
+
+
+def _rank_desc(v):
+    """Rank of each entry along the last axis in descending order, ties to the lower index (lax.top_k's order)."""
+    n = v.shape[-1]
+    i = jnp.arange(n)
+    lower = (i[None, :] < i[:, None]).reshape((1,) * (v.ndim - 1) + (n, n))  # f < e
+    a, b = v[..., :, None], v[..., None, :]  # entry e (rows) against entry f (columns)
+    beats = (b > a) | ((b == a) & lower)
+    return beats.sum(-1)
+
+
+def route_by_rank(logits_TE, bias_E, cfg: ModelConfig):
+    """`moe.route` (same weights and indices, same order) by pairwise comparisons instead of sorts: a few fused
+    kernels on GPU where lax.top_k costs a sort each. For decoding (T small); memory is T x E x E booleans."""
+    E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
+    scores_TE, choice_TE = router_scores(logits_TE, bias_E, cfg)
+    if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and G > 1:
+        grouped_TGe = choice_TE.reshape(*choice_TE.shape[:-1], G, E // G)
+        if cfg.topk_method == "noaux_tc":
+            group_TG = jnp.where(_rank_desc(grouped_TGe) < 2, grouped_TGe, 0.0).sum(-1)
+        else:
+            group_TG = grouped_TGe.max(-1)
+        keep_TG = _rank_desc(group_TG) < cfg.topk_group
+        choice_TE = jnp.where(jnp.repeat(keep_TG, E // G, axis=-1), choice_TE, -jnp.inf)
+    lead = (1,) * (choice_TE.ndim - 1)
+    pick_TKE = _rank_desc(choice_TE)[..., None, :] == jnp.arange(K).reshape(*lead, K, 1)  # e is the k-th choice
+    idx_TK = jnp.where(pick_TKE, jnp.arange(E, dtype=jnp.int32).reshape(*lead, 1, E), 0).sum(-1)
+    w_TK = jnp.where(pick_TKE, scores_TE[..., None, :], 0.0).sum(-1)
+    return gate_weights(w_TK, cfg), idx_TK
+
+
+# ---------------------------------------------------------------------------------------------------- experts
+# Routed (and appended shared) experts on a few tokens, gate and up side by side, contracted axis last:
+# w_gu [E, 2I, D], w_down [E, D, I].
+
+
+def _swiglu(gu_XJ):
+    I = gu_XJ.shape[-1] // 2
+    return jax.nn.silu(gu_XJ[..., :I]) * gu_XJ[..., I:]
+
+
+def experts_gathered(x_TD, w_TK, idx_TK, w_gu_EJD, w_down_EDI):
+    """Each token through its K experts by slicing those experts' weights: reads T*K experts, not E."""
+    T, K = idx_TK.shape
+    flat = idx_TK.reshape(-1)
+    # A gather of the chosen experts' (contracted-axis-last) matrices: at batch 1 on the H100 it decodes 9% faster
+    # than one dynamic slice per assignment stacked (1,231 vs 1,125 tokens/s, docs/LOG.md), which XLA fuses into
+    # the reduction as a select over the X slices.
+    take = lambda w: jnp.take(w, flat, axis=0)  # noqa: E731
+    x_XD = jnp.repeat(x_TD, K, axis=0)
+    h_XI = _swiglu(jnp.einsum("xd,xjd->xj", x_XD, take(w_gu_EJD)))
+    y_XD = jnp.einsum("xi,xdi->xd", h_XI, take(w_down_EDI)).astype(jnp.float32)
+    return (y_XD.reshape(T, K, -1) * w_TK[..., None]).sum(1).astype(x_TD.dtype)
+
+
+def experts_all(x_TD, w_TK, idx_TK, w_gu_EJD, w_down_EDI):
+    """Every expert on every token as batched matmuls over the expert axis, combined with the routing weights:
+    when nearly every expert is chosen by some token, all weights are read anyway."""
+    E = w_gu_EJD.shape[0]
+    x_ETD = jnp.broadcast_to(x_TD[None], (E, *x_TD.shape))
+    y_ETD = jnp.einsum("eti,edi->etd", _swiglu(jnp.einsum("etd,ejd->etj", x_ETD, w_gu_EJD)), w_down_EDI)
+    comb_ET = jnp.einsum("tk,tke->et", w_TK, jax.nn.one_hot(idx_TK, E, dtype=jnp.float32))
+    return jnp.einsum("etd,et->td", y_ETD.astype(jnp.float32), comb_ET).astype(x_TD.dtype)
+
+
+def experts_all_flat(x_TD, comb_TX, w_gu_KD, w_down_DK):
+    """Every expert on every token as two plain matmuls over all experts side by side, the routing weights
+    folded into the SwiGLU output: w_gu [X * 2I, D] (per expert: gate rows, then up rows), w_down [D, X * I],
+    comb [T, X] (zero for an unchosen expert). No [X, T, D] intermediate and no separate combine: at batch 64 on
+    the bench preset the weighted sum over experts is the down matmul's own reduction."""
+    T, X = comb_TX.shape
+    gu_TXJ = jnp.einsum("td,kd->tk", x_TD, w_gu_KD).reshape(T, X, -1)
+    h_TXI = (_swiglu(gu_TXJ).astype(jnp.float32) * comb_TX[..., None]).astype(x_TD.dtype)
+    return jnp.einsum("tk,dk->td", h_TXI.reshape(T, -1), w_down_DK)
+
+
+def experts_fn_for(cfg: ModelConfig, n_tokens: int):
+    """Gathered when the n_tokens x (K + shared) assignments are no more than the experts, else all experts."""
+    S = cfg.n_shared_experts
+    return experts_gathered if n_tokens * (cfg.num_experts_per_tok + S) <= cfg.n_routed_experts + S else experts_all
+
+
+# ---------------------------------------------------------------------------------------------- fused weights
+
+
+def _swap_pairs(w, axis: int):
+    """Rows (along axis) of adjacent rope pairs (x0, x1) turned into (-x1, x0): a projection with these rows gives
+    the second operand of rope, rope(x) = x * cos + swap(x) * sin, so a kernel needs no pair shuffles."""
+    w = jnp.moveaxis(w, axis, -1)
+    p = w.reshape(*w.shape[:-1], -1, 2)
+    return jnp.moveaxis(jnp.stack([-p[..., 1], p[..., 0]], -1).reshape(w.shape), -1, axis)
+
+
+def _fuse_attention(attn, dt, attn_in: bool = False, fold_norm=None):
+    """The attention weights of the module docstring; with attn_in (the `kernels.attn_in` / `attn_q` kernels),
+    w_in and w_q also carry their rope rows with pairs swapped (`_swap_pairs`) after the others. fold_norm (the
+    block's attention-norm weight [D], for the `kernels.latent_attention_pre` kernel, "attn_pre"): that weight
+    multiplied into w_in's columns and q_norm's into w_q's (both RMS scales applied after the products, `_folded_qkv`),
+    and w_o [N * C, D] = w_uv . wo for one output matmul per step (w_uv and wo stay for the prefill)."""
+    cfg = attn.cfg
+    H, R = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    f32 = jnp.float32
+    wkv_b = attn.wkv_b[...].astype(f32)  # [C, N, H + V]
+    wq = attn.wq_b[...] if cfg.q_lora_rank is not None else attn.wq[...]  # [Q or D, N, H + R]
+    q_c = jnp.einsum("qnh,cnh->ncq", wq[..., :H].astype(f32), wkv_b[..., :H])
+    q_pe = jnp.einsum("qnr->nrq", wq[..., H:].astype(f32))
+    w_uv = jnp.pad(jnp.einsum("cnv->nvc", wkv_b[..., H:]), ((0, 0), (0, 0), (0, R)))  # [N, V, C + R]
+    q_parts = [q_c, q_pe] + ([_swap_pairs(q_pe, 1)] if attn_in else [])
+    w_q = jnp.concatenate(q_parts, 1)
+    w = {"w_uv": w_uv.astype(dt), "wo": jnp.einsum("nvd->dnv", attn.wo[...]).astype(dt),
+         "kv_norm": attn.kv_norm.weight[...].astype(dt)}
+    fold = fold_norm is not None
+    if fold:
+        C = cfg.kv_lora_rank
+        w_q = w_q * attn.q_norm.weight[...].astype(f32)[None, None, :]
+        w["w_o"] = jnp.einsum("nvc,nvd->ncd", w_uv[..., :C], attn.wo[...].astype(f32)).reshape(-1, cfg.hidden_size
+                                                                                            ).astype(dt)
+    w["w_q"] = w_q.astype(dt)
+    if cfg.q_lora_rank is not None:
+        w_in = [attn.wq_a[...], attn.wkv_a[...]]
+        if not fold:
+            w["q_norm"] = attn.q_norm.weight[...].astype(dt)
+    else:
+        w_in = [attn.wkv_a[...]]
+    if attn_in:
+        w_in.append(_swap_pairs(attn.wkv_a[...][:, cfg.kv_lora_rank:], 1))
+    w_in = jnp.concatenate(w_in, -1).T
+    w["w_in"] = (w_in.astype(f32) * fold_norm.astype(f32)[None, :] if fold else w_in).astype(dt)
+    return w
+
+
+def _fuse_ffn(ffn, dt, gathered: bool):
+    if not isinstance(ffn, MoE):
+        return {"w_gu": jnp.concatenate([ffn.w_gate[...], ffn.w_up[...]], -1).T.astype(dt),
+                "w_down": ffn.w_down[...].T.astype(dt)}
+    cfg = ffn.cfg
+    w_gu = jnp.concatenate([ffn.w_gate[...], ffn.w_up[...]], -1)  # [E, D, 2I]
+    w_down = ffn.w_down[...]  # [E, I, D]
+    if ffn.shared is not None:
+        S, I = cfg.n_shared_experts, cfg.moe_intermediate_size
+        split = lambda w: jnp.moveaxis(w.reshape(w.shape[0], S, I), 1, 0)  # noqa: E731  [D, S*I] -> [S, D, I]
+        s_gu = jnp.concatenate([split(ffn.shared.w_gate[...]), split(ffn.shared.w_up[...])], -1)
+        w_gu = jnp.concatenate([w_gu, s_gu], 0)
+        w_down = jnp.concatenate([w_down, ffn.shared.w_down[...].reshape(S, I, -1)], 0)
+    w_gu = jnp.swapaxes(w_gu, 1, 2).astype(dt)  # [X, 2I, D]
+    if gathered:
+        w_down = jnp.swapaxes(w_down, 1, 2)  # [X, D, I]
+    else:  # experts_all_flat: [X * 2I, D] and [D, X * I]
+        w_gu, w_down = w_gu.reshape(-1, w_gu.shape[-1]), jnp.moveaxis(w_down, 2, 0).reshape(w_down.shape[-1], -1)
+    return {"router": ffn.gate[...].T.astype(jnp.float32), "w_gu": w_gu, "w_down": w_down.astype(dt),
+            "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32)}
+
+
+def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len: int = 0,
+               kernel_set=KN.KERNELS, tokens_per_row: int = 1) -> dict:
+    """One block's decode weights (see the module docstring) for steps of n_tokens tokens: a dict of arrays, with
+    static entries "cfg" (the model config), "gathered" (which experts function; it sets the expert weights'
+    layout), "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`;
+    "grouped" is the prefill's) and "folded" (norm weights folded into w_in / w_q, merged w_o: with "attn_pre").
+    Made once per generate call inside the jitted generate. The arrays pass an optimization barrier: without it
+    XLA:GPU sinks the cheap concatenations and slices into the decode loop and redoes them at every step."""
+    cfg = blk.attn.cfg
+    gathered = experts_fn_for(cfg, n_tokens) is experts_gathered
+    ok = KN.supported(cfg, cache_len, kernels, n_tokens) if kernels else {}
+    use = {k: kernels if ok.get(k) and k in kernel_set else None for k in KN.KERNELS}
+    if not gathered:
+        use["experts"] = None
+    if not (use["experts"] and KN.TUNING["down"]["split"]):
+        use["moe_in"] = None  # it routes inside the gathered experts' gate/up kernel
+    if tokens_per_row > 1:  # (MTP verification) the attn_in / moe_in / attn_pre kernels: one-token steps only
+        use["attn_in"] = use["moe_in"] = use["attn_pre"] = None
+    if use["attn_in"] or not use["attention"]:  # attn_q finishes the query for few tokens; attn_pre is in attention
+        use["attn_pre"] = None
+    folded = bool(use["attn_pre"])
+    w = {"ffn_norm": blk.ffn_norm.weight[...].astype(dt), "ffn": _fuse_ffn(blk.ffn, dt, gathered),
+         "attn": _fuse_attention(blk.attn, dt, bool(use["attn_in"]) or folded,
+                                 blk.attn_norm.weight[...] if folded else None)}
+    if not folded:
+        w["attn_norm"] = blk.attn_norm.weight[...].astype(dt)
+    return {"cfg": cfg, "gathered": gathered, "kernels": use, "folded": folded, **jax.lax.optimization_barrier(w)}
+
+
+# ----------------------------------------------------------------------------------------------------- the step
+
+
+def absorbed_attention(q_BTNc, kv_BSc, mask_BTS, w_uv_NVc, wo_DNV, scale: float):
+    """Attention over the latent cache rows [c ; k_pe] for queries [q_c ; q_pe] (softmax in float32); the output
+    projections contracted-axis-last: w_uv [N, V, C + R] (zero for the k_pe columns), wo [D, N, V]."""
+    s_BNTS = jnp.einsum("btnc,bsc->bnts", q_BTNc, kv_BSc, preferred_element_type=jnp.float32)
+    s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS * scale, NEG)
+    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(q_BTNc.dtype)
+    o_BTNc = jnp.einsum("bnts,bsc->btnc", p_BNTS, kv_BSc)
+    return jnp.einsum("btnv,dnv->btd", jnp.einsum("btnc,nvc->btnv", o_BTNc, w_uv_NVc), wo_DNV)
+
+
+def write_rows(buf_BSX, pos_BT, new_BTX):
+    """The T new tokens' cache rows written at their positions (for T = 1 a 1-D scatter: measured fastest on GPU)."""
+    B, T = pos_BT.shape
+    if T == 1:
+        return buf_BSX.at[jnp.arange(B), pos_BT[:, 0]].set(new_BTX[:, 0].astype(buf_BSX.dtype))
+    return buf_BSX.at[jnp.arange(B)[:, None], pos_BT].set(new_BTX.astype(buf_BSX.dtype))
+
+
+def _with_shared(w_TK, idx_TK, cfg: ModelConfig):
+    """The routed choices with the S shared experts appended as experts E .. E+S-1 of weight 1 (the fused layout)."""
+    E, S = cfg.n_routed_experts, cfg.n_shared_experts
+    if not S:
+        return w_TK, idx_TK
+    T = idx_TK.shape[0]
+    idx = jnp.concatenate([idx_TK, jnp.broadcast_to(jnp.arange(E, E + S, dtype=idx_TK.dtype), (T, S))], -1)
+    return jnp.concatenate([w_TK, jnp.ones((T, S), w_TK.dtype)], -1), idx
+
+
+class Pending(NamedTuple):
+    """A residual stream whose last MoE output is not summed yet: x = res + sum_a w[:, a] * parts[:, a] (float32).
+    The next block's `kernels.attn_in` sums it on its way (one kernel fewer per layer); `settle` sums it in XLA."""
+    res: jax.Array  # [B, T, D]
+    parts: jax.Array  # [B * T, A, D] float32
+    w: jax.Array  # [B * T, A] float32
+
+
+def settle(x):
+    if not isinstance(x, Pending):
+        return x
+    y = (x.parts * x.w[..., None]).sum(1).reshape(x.res.shape)
+    return (x.res.astype(jnp.float32) + y).astype(x.res.dtype)
+
+
+def _cos_sin(cos_BT, sin_BT):
+    """[B, 2, R] cos and sin of one token per row, each pair's angle twice (the step kernels' rope operand)."""
+    return jnp.stack([jnp.repeat(cos_BT[:, 0], 2, -1), jnp.repeat(sin_BT[:, 0], 2, -1)], 1)
+
+
+def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: bool = False):
+    """One block on T new tokens per row with fused weights (`fuse_block`); returns (x, cache rows with the new
+    ones written). Uses the Pallas kernels `w["kernels"]` names. x may be `Pending` (from the previous block's
+    "moe_in" kernels) and so may the result: `settle` gives the array.
+
+    prefill: the tokens are positions [0, T) of each row (the prompts; kv_BSc and pos_BT unused): the cache rows
+    returned are the new rows alone [B, T, C + R], and the routed experts run as grouped matmuls
+    (`kernels_grouped.experts_grouped`, w["kernels"]["grouped"] set)."""
+    res = x_BTD.res if isinstance(x_BTD, Pending) else x_BTD
+    B, T, D = res.shape
+    cfg, a = w["cfg"], w["attn"]
+    C, eps = cfg.kv_lora_rank, cfg.rms_norm_eps
+    use = {} if prefill else w["kernels"]
+    if use.get("attn_in") and T == 1:  # norms, projections and rope in two kernels (the Pending sum in the first)
+        pend = x_BTD if isinstance(x_BTD, Pending) else Pending(res, None, None)
+        x_BD, z = KN.attn_in(res.reshape(B, D), w["attn_norm"], a["w_in"], eps, use["attn_in"], pend.parts, pend.w)
+        x_BTD = x_BD.reshape(B, T, D)
+        cs = _cos_sin(cos, sin)
+        q, row = KN.attn_q(z, a["q_norm"], a["kv_norm"], a["w_q"], cs, cfg, use["attn_in"])
+        q, row = q[:, None], row[:, None]
+    elif use.get("attn_pre") and T == 1:  # XLA's two products, then the attention kernel finishes q and the row
+        x_BTD = settle(x_BTD)
+        zu = jnp.einsum("bd,kd->bk", x_BTD[:, 0], a["w_in"])  # the norms' weights folded in (w["folded"])
+        qu = jnp.einsum("bq,nkq->bnk", zu[:, :cfg.q_lora_rank], a["w_q"])
+        cs = _cos_sin(cos, sin)
+        o_BNc, kv_BSc = KN.latent_attention_pre(x_BTD[:, 0], zu, qu, cs, a["kv_norm"], kv_BSc, pos_BT[:, 0], cfg,
+                                                use["attn_pre"])
+        return _ffn_step(w, x_BTD + jnp.einsum("bk,kd->bd", o_BNc.reshape(B, -1), a["w_o"])[:, None], kv_BSc, use,
+                         prefill)
+    else:
+        x_BTD = settle(x_BTD)
+        Q, R = cfg.q_lora_rank or 0, cfg.qk_rope_head_dim
+        if w["folded"]:
+            q, kv = _folded_qkv(x_BTD, a, eps, Q, C + R)
+        else:
+            h = rms_norm(x_BTD, w["attn_norm"], eps)
+            z = jnp.einsum("btd,kd->btk", h, a["w_in"])
+            kv = z[..., Q:Q + C + R]  # (without the swapped rope rows that the attn_in kernels' weights carry)
+            q_in = rms_norm(z[..., :Q], a["q_norm"], eps) if Q else h
+            # The barrier keeps XLA:GPU from fusing this matrix-vector product into the rope / concatenation
+            # below, which recomputed it per output element (150 us per layer at batch 1, measured).
+            q = jax.lax.optimization_barrier(jnp.einsum("btq,nkq->btnk", q_in, a["w_q"]))
+        q = jnp.concatenate([q[..., :C], apply_rope(q[..., C:C + R], cos, sin)], -1)
+        row = jnp.concatenate([rms_norm(kv[..., :C], a["kv_norm"], eps), apply_rope(kv[..., C:], cos, sin)], -1)
+    if use.get("attention") and T == 1:  # one kernel: scores, softmax, o . c, and the row written in place
+        o_BNc, kv_BSc = KN.latent_attention(q[:, 0], row[:, 0], kv_BSc, pos_BT[:, 0], cfg, use["attention"])
+        o = jnp.einsum("bnv,dnv->bd", jnp.einsum("bnc,nvc->bnv", o_BNc, a["w_uv"]), a["wo"])[:, None]
+    else:
+        kv_BSc = row.astype(q.dtype) if prefill else write_rows(kv_BSc, pos_BT, row)
+        o = absorbed_attention(q, kv_BSc, mask_BTS, a["w_uv"], a["wo"], cfg.softmax_scale)
+    return _ffn_step(w, x_BTD + o, kv_BSc, use, prefill)
+
+
+def _rms_inv(v, eps: float):
+    v = v.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(v * v, -1, keepdims=True) + eps)
+
+
+def _folded_qkv(x_BTD, a: dict, eps: float, Q: int, CR: int):
+    """(absorbed query [B, T, N, C + R (+ R)], kv latent [B, T, C + R] before its norm and rope) from weights with
+    the norms' weights folded in (`_fuse_attention(fold_norm=...)`): RMSNorm(x) W = s W'x with s = rsqrt(mean(x^2)
+    + eps), so the products take x and the q latent unscaled, and the scales follow, in float32:
+    z = s zu, q = rsqrt(mean(z_q^2) + eps) W_q' z_q = s rsqrt(s^2 mean(zu_q^2) + eps) (W_q' zu_q).
+    `kernels.latent_attention_pre` computes the same in its prologue (same roundings: each product rounded to the
+    model dtype, then each scaled value)."""
+    dt = x_BTD.dtype
+    zu = jnp.einsum("btd,kd->btk", x_BTD, a["w_in"])
+    s = _rms_inv(x_BTD, eps)  # [B, T, 1]
+    zq = zu[..., :Q].astype(jnp.float32)
+    scale = s * jax.lax.rsqrt(s * s * jnp.mean(zq * zq, -1, keepdims=True) + eps)
+    qu = jax.lax.optimization_barrier(jnp.einsum("btq,nkq->btnk", zu[..., :Q], a["w_q"]))  # (as fused_block's)
+    q = (qu.astype(jnp.float32) * scale[..., None]).astype(dt)
+    return q, (zu[..., Q:Q + CR].astype(jnp.float32) * s).astype(dt)
+
+
+def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
+    """fused_block's feed-forward half (after attention's residual add)."""
+    B, T, D = x_BTD.shape
+    cfg, eps = w["cfg"], w["cfg"].rms_norm_eps
+    f = w["ffn"]
+    if use.get("moe_in") and T == 1 and "router" in f:  # norm + router logits; routing inside gate/up
+        h, logits_TE = KN.moe_in(x_BTD.reshape(B, D), w["ffn_norm"], f["router"], eps, use["moe_in"])
+        parts, _, w_TX = KN.experts_routed(h, logits_TE, f["bias"], f["w_gu"], f["w_down"], cfg, use["moe_in"])
+        return Pending(x_BTD, parts, w_TX), kv_BSc
+    h = rms_norm(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
+    if "router" not in f:
+        y = jnp.einsum("tf,df->td", _swiglu(jnp.einsum("td,fd->tf", h, f["w_gu"])), f["w_down"])
+        return x_BTD + y.reshape(B, T, D), kv_BSc
+    E, S = cfg.n_routed_experts, cfg.n_shared_experts
+    if use.get("route") and KN.TUNING["route"]["logits"]:  # the K routed experts, then the S shared ones (weight
+        # 1), dense weights [T, E]; the kernel computes the norm and the router logits itself from x: it runs
+        # beside gate/up (see `kernels.route`)
+        idx_TX, w_TX, dense_TE = KN.route(None, f["bias"], cfg, use["route"], x_BTD.reshape(B * T, D),
+                                          w["ffn_norm"], f["router"])
+    else:
+        logits_TE = router_logits(h, f["router"].T)
+        if prefill:  # top-k routing (sorts are cheap next to T tokens' experts), then grouped matmuls
+            w_TX, idx_TX = _with_shared(*moe_route(logits_TE, f["bias"], cfg)[:2], cfg)
+            w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array
+            y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["kernels"]["grouped"],
+                                   flat=not w["gathered"])
+            return x_BTD + y.reshape(B, T, D), kv_BSc
+        if use.get("route"):
+            idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"])
+        else:
+            (w_TX, idx_TX), dense_TE = _with_shared(*route_by_rank(logits_TE, f["bias"], cfg), cfg), None
+    if use.get("experts"):  # gate/up + SwiGLU, then the down projection (kernels), weighted sum + residual
+        x_TD = KN.experts_gathered(h, x_BTD.reshape(B * T, D), idx_TX, w_TX, f["w_gu"], f["w_down"], use["experts"])
+        return x_TD.reshape(B, T, D), kv_BSc
+    if w["gathered"]:
+        y = experts_gathered(h, w_TX, idx_TX, f["w_gu"], f["w_down"])
+    else:
+        if dense_TE is None:
+            comb_TX = jnp.einsum("tk,tke->te", w_TX, jax.nn.one_hot(idx_TX, E + S, dtype=jnp.float32))
+        else:
+            comb_TX = jnp.concatenate([dense_TE, jnp.ones((B * T, S), jnp.float32)], -1)
+        y = experts_all_flat(h, comb_TX, f["w_gu"], f["w_down"])
+    return x_BTD + y.reshape(B, T, D), kv_BSc
+
+
+__all__ = ["Pending", "settle",
+           "route_by_rank", "experts_gathered", "experts_all", "experts_all_flat", "experts_fn_for", "fuse_block",
+           "fused_block", "absorbed_attention", "write_rows"]

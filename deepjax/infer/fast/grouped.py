@@ -1,0 +1,298 @@
+"""Grouped matmuls for the MoE experts over many tokens (prefill), as Pallas kernels: Triton on GPU, the Pallas
+interpreter on CPU (tests).
+
+`moe.routed_experts_blocked` sorts the assignments by expert into blocks of rows, then gathers each block's expert
+weights (`w_gate_EDI[block_e]`): at batch 64 on the bench preset that copies ~1.3 GB per layer, and with the row
+scatter into the blocks and the unsort it is most of the prefill. Here each block's program reads its expert's
+weights in place, and the dispatch moves only int32 indices until the two row gathers:
+
+    dispatch        stable sort of the T*A assignments by expert; each expert's rows padded to a multiple of bm;
+                    padded row -> source token (padding rows -> an appended zero row) by an int32 scatter
+    grouped_swiglu  per block of bm rows of expert e = block_e[n]: silu(x W_gate_e^T) * (x W_up_e^T) -> h [R, I]
+    grouped_down    per block: h W_down_e^T -> y [R, D] float32, for either layout of w_down
+    combine         each assignment's row of y gathered back, weighted and summed over a token's A experts in
+                    float32 (a gather and a reduction: no scatter-add)
+
+Weights are the fused decode layouts (`decode_fused._fuse_ffn`, contracted axis last), X = routed + shared experts
+(shared ones appended, weight 1): w_gu [X, 2I, D] (I gate rows, then I up rows); w_down [X, D, I] ("gathered") or
+[D, X*I] ("flat": column e*I + i is expert e's hidden unit i).
+
+Programs of blocks past the data (`n_blocks`, traced) skip the contraction and write zeros (a `pl.when` branch:
+a loop with a traced trip count failed Triton's verifier on the GPU), so every output row is defined. The grid
+puts the output-column tiles of a block next to each other (program axis 0, the fastest in launch order) so a
+block's x (or h) tile is read from DRAM once and then from L2, and consecutive blocks of one expert share that
+expert's weights in L2 (TUNING "rows_fastest" flips it).
+
+Triton (mode "gpu"): every block shape a power of two and at least 16 (tl.dot), so bm >= 16 and D, I multiples of
+16 (`supported`); the contracted axis is a `fori_loop` so Triton can software-pipeline its loads (num_stages).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from deepjax.infer.fast.common import call, chunk, pow2
+
+
+# Tiles per kernel, keyed by the block's row count bm: a kernel uses the entry of the largest key not above bm.
+# bn: output columns per program (I for swiglu, D for down; swiglu keeps two [bm, bn] float32 accumulators),
+# bk: contracted-axis chunk per loop step. bm = 16 is bound by weight bytes (each expert's weights read about once),
+# bm = 128 by the tensor cores. bench/grouped_check.py sweeps these on the GPU.
+TUNING = {
+    "bm_max": 128,  # the largest automatic bm (`block_rows`)
+    "swiglu": {
+        16: {"bn": 128, "bk": 64, "num_warps": 8, "num_stages": 5, "rows_fastest": False},
+        64: {"bn": 64, "bk": 64, "num_warps": 4, "num_stages": 3, "rows_fastest": False},
+        128: {"bn": 128, "bk": 64, "num_warps": 8, "num_stages": 3, "rows_fastest": False},
+    },
+    "down": {
+        16: {"bn": 128, "bk": 128, "num_warps": 4, "num_stages": 3, "rows_fastest": False},
+        64: {"bn": 128, "bk": 64, "num_warps": 4, "num_stages": 3, "rows_fastest": False},
+        128: {"bn": 64, "bk": 64, "num_warps": 4, "num_stages": 3, "rows_fastest": False},
+    },
+}
+# (bm 16 and 128 from bench/grouped_check.py's sweep on one H100, 2026-11-23, docs/LOG.md: T = 128 tokens 0.258 ->
+# ~0.24 ms, T = 8192 1.03-1.09 -> ~1.0 ms per layer; bm 64 untuned)
+
+
+SMEM_BYTES = 212 * 1024  # what the pipelined tiles may take of an H100 block's 227 KB of shared memory
+
+
+def _tiles(kind: str, bm: int, n_cols: int, n_contract: int, itemsize: int = 2) -> dict:
+    """TUNING[kind]'s entry for bm with bn, bk cut to powers of two dividing the output / contracted widths, and
+    num_stages cut until Triton's (stages - 1) buffered tiles fit SMEM_BYTES (float32 tiles are twice bf16's: the
+    bf16-tuned bm = 16 swiglu entry asked for 272 KB in float32 on the H100)."""
+    table = TUNING[kind]
+    keys = sorted(table)
+    t = dict(table[max([k for k in keys if k <= bm] or keys[:1])])
+    t["bn"], t["bk"] = chunk(n_cols, t["bn"]), chunk(n_contract, t["bk"])
+    per_stage = (bm + (2 if kind == "swiglu" else 1) * t["bn"]) * t["bk"] * itemsize
+    while t["num_stages"] > 2 and (t["num_stages"] - 1) * per_stage > SMEM_BYTES:
+        t["num_stages"] -= 1
+    return t
+
+
+def block_rows(n_assign: int, n_experts: int) -> int:
+    """The automatic rows per block: the largest power of two at most half the mean rows per expert, clamped to
+    [16, TUNING["bm_max"]]. Each non-empty expert wastes bm/2 padding rows on average, so this keeps padding near
+    a quarter of the rows while taking the largest blocks (fewer weight re-reads, fuller tensor-core tiles) that
+    allows: bench preset (X = 66, A = 8), 128 tokens -> 16, 1024 -> 32, 8192 -> 128."""
+    half = n_assign / max(n_experts, 1) / 2
+    bm = 16
+    while bm * 2 <= min(half, TUNING["bm_max"]):
+        bm *= 2
+    return bm
+
+
+def fits(n_tokens: int, n_assign: int, n_experts: int, D: int, I: int) -> bool:
+    """Whether n_tokens tokens with n_assign experts each stay within the GPU kernels' int32 element offsets: the
+    padded rows times max(D, I) under 2^31 (`_check` raises otherwise; prefill_fused falls back before that)."""
+    M = n_tokens * n_assign
+    bm = block_rows(M, n_experts)
+    return n_blocks_bound(M, n_experts, bm) * bm * max(D, I) < 2**31
+
+
+def supported(D: int, I: int, bm: int = 16, n_experts: int = 0) -> bool:
+    """Whether the GPU (Triton) kernels take hidden size D, expert width I and blocks of bm rows: every tile a power
+    of two of at least 16 (tl.dot's minimum), so D and I multiples of 16 and bm a power of two >= 16; with
+    n_experts, also w_gu under 2^31 elements (Pallas' Triton lowering indexes in int32: a whole DeepSeek-V3 layer's
+    257 experts do not fit). The bench preset (D = 1024, I = 512) and tiny (D = 64, I = 32) qualify. The
+    interpreter takes any shape."""
+    if not (pow2(bm) and bm >= 16) or n_experts * 2 * I * D >= 2**31:
+        return False
+    s, d = _tiles("swiglu", bm, I, D), _tiles("down", bm, D, I)
+    return min(s["bn"], s["bk"], d["bn"], d["bk"]) >= 16
+
+
+def _call(kernel, mode: str, out_shape, grid, name: str, tiles: dict):
+    if mode not in ("gpu", "interpret"):
+        raise ValueError(f"kernels_grouped: mode must be 'gpu' or 'interpret', not {mode!r}")
+    return call(kernel, mode, out_shape, grid, name, tiles["num_warps"], tiles["num_stages"])
+
+
+def _grid(n_blocks_static: int, n_tiles: int, rows_fastest: bool):
+    """(grid, program -> (block n, column tile j)): program axis 0 is the fastest in launch order."""
+    if rows_fastest:
+        return (n_blocks_static, n_tiles), lambda: (pl.program_id(0), pl.program_id(1))
+    return (n_tiles, n_blocks_static), lambda: (pl.program_id(1), pl.program_id(0))
+
+
+def _dot_fn(a_dtype, b_dtype):
+    """Matmul of a [m, k] by b [n, k] (contracted axis last on both) with float32 accumulation; operands of different
+    dtypes are promoted in the kernel. float32 operands get full-precision products (Triton's default is tf32)."""
+    ct = jnp.promote_types(a_dtype, b_dtype)
+    prec = jax.lax.Precision.HIGHEST if ct == jnp.float32 else None
+
+    def dot(a, b):
+        return jnp.dot(a.astype(ct), b.astype(ct).T, preferred_element_type=jnp.float32, precision=prec)
+
+    return dot
+
+
+def _check(mode: str, bm: int, tiles: dict, what: str, *arrays):
+    if mode != "gpu":
+        return
+    if not (pow2(bm) and min(bm, tiles["bn"], tiles["bk"]) >= 16):
+        raise ValueError(f"{what}: bm={bm}, tiles {tiles}: Triton needs power-of-two tiles of 16+ "
+                         "(kernels_grouped.supported says which shapes qualify)")
+    if max(a.size for a in arrays) >= 2**31:  # Pallas' Triton lowering computes element offsets in int32
+        raise ValueError(f"{what}: an operand of {max(a.size for a in arrays)} elements: offsets overflow int32")
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+
+
+def _make_swiglu_kernel(I: int, D: int, bm: int, tiles: dict, dot, pid):
+    bn, bk = tiles["bn"], tiles["bk"]
+
+    def kernel(block_e_ref, n_blocks_ref, x_ref, w_ref, h_ref):
+        n, j = pid()
+        e = block_e_ref[n]
+        rows = pl.ds(n * bm, bm)
+        live = n < n_blocks_ref[0]  # blocks past the data: no loads, zeros written
+
+        def body(k, carry):
+            g, u = carry
+            cols = pl.ds(k * bk, bk)
+            x = x_ref[rows, cols]  # [bm, bk]
+            g = g + dot(x, w_ref[e, pl.ds(j * bn, bn), cols])  # gate rows j*bn ..
+            u = u + dot(x, w_ref[e, pl.ds(I + j * bn, bn), cols])  # the matching up rows
+            return g, u
+
+        zero = jnp.zeros((bm, bn), jnp.float32)
+
+        @pl.when(live)
+        def _():
+            g, u = jax.lax.fori_loop(0, D // bk, body, (zero, zero))
+            h_ref[rows, pl.ds(j * bn, bn)] = (g / (1.0 + jnp.exp(-g)) * u).astype(h_ref.dtype)
+
+        @pl.when(jnp.logical_not(live))
+        def _():
+            h_ref[rows, pl.ds(j * bn, bn)] = zero.astype(h_ref.dtype)
+
+    return kernel
+
+
+def _make_down_kernel(I: int, bm: int, tiles: dict, flat: bool, dot, pid):
+    bn, bk = tiles["bn"], tiles["bk"]
+
+    def kernel(block_e_ref, n_blocks_ref, h_ref, w_ref, y_ref):
+        n, j = pid()
+        e = block_e_ref[n]
+        rows, out = pl.ds(n * bm, bm), pl.ds(j * bn, bn)
+        live = n < n_blocks_ref[0]
+
+        def body(k, acc):
+            h = h_ref[rows, pl.ds(k * bk, bk)]  # [bm, bk]
+            if flat:  # [D, X*I]: expert e's hidden units are columns e*I ..
+                w = w_ref[out, pl.ds(e * I + k * bk, bk)]
+            else:  # [X, D, I]
+                w = w_ref[e, out, pl.ds(k * bk, bk)]
+            return acc + dot(h, w)
+
+        zero = jnp.zeros((bm, bn), jnp.float32)
+
+        @pl.when(live)
+        def _():
+            y_ref[rows, out] = jax.lax.fori_loop(0, I // bk, body, zero)
+
+        @pl.when(jnp.logical_not(live))
+        def _():
+            y_ref[rows, out] = zero
+
+    return kernel
+
+
+def _scalars(block_e_N, n_blocks):
+    return block_e_N.astype(jnp.int32), jnp.reshape(jnp.asarray(n_blocks, jnp.int32), (1,))
+
+
+def grouped_swiglu(x_RD, block_e_N, n_blocks, w_gu_XJD, mode: str, bm: int):
+    """h [R, I] in x's dtype: for each block n of bm rows (rows n*bm .. (n+1)*bm, all of expert e = block_e[n]),
+    silu(x W_gate_e^T) * (x W_up_e^T) with float32 accumulation, W_gate_e = w_gu[e, :I], W_up_e = w_gu[e, I:].
+    Blocks n >= n_blocks (a traced int32 scalar) are skipped and hold zeros."""
+    R, D = x_RD.shape
+    I = w_gu_XJD.shape[1] // 2
+    N = block_e_N.shape[0]
+    assert R == N * bm and w_gu_XJD.shape[2] == D, (x_RD.shape, block_e_N.shape, bm, w_gu_XJD.shape)
+    tiles = _tiles("swiglu", bm, I, D, max(x_RD.dtype.itemsize, w_gu_XJD.dtype.itemsize))
+    _check(mode, bm, tiles, "grouped_swiglu", x_RD, w_gu_XJD, block_e_N)
+    grid, pid = _grid(N, I // tiles["bn"], tiles["rows_fastest"])
+    kernel = _make_swiglu_kernel(I, D, bm, tiles, _dot_fn(x_RD.dtype, w_gu_XJD.dtype), pid)
+    return _call(kernel, mode, jax.ShapeDtypeStruct((R, I), x_RD.dtype), grid, "grouped_swiglu", tiles)(
+        *_scalars(block_e_N, n_blocks), x_RD, w_gu_XJD)
+
+
+def grouped_down(h_RI, block_e_N, n_blocks, w_down, mode: str, bm: int, flat: bool):
+    """y [R, D] float32: each block's rows h W_down_e^T for its expert e = block_e[n], w_down [X, D, I] or, flat,
+    [D, X*I]. Blocks n >= n_blocks are skipped and hold zeros."""
+    R, I = h_RI.shape
+    N = block_e_N.shape[0]
+    D = w_down.shape[0] if flat else w_down.shape[1]
+    assert R == N * bm and (w_down.shape[1] % I == 0 if flat else w_down.shape[2] == I), (h_RI.shape, w_down.shape)
+    tiles = _tiles("down", bm, D, I, max(h_RI.dtype.itemsize, w_down.dtype.itemsize))
+    out = jax.ShapeDtypeStruct((R, D), jnp.float32)
+    _check(mode, bm, tiles, "grouped_down", h_RI, w_down, out)
+    grid, pid = _grid(N, D // tiles["bn"], tiles["rows_fastest"])
+    kernel = _make_down_kernel(I, bm, tiles, flat, _dot_fn(h_RI.dtype, w_down.dtype), pid)
+    return _call(kernel, mode, out, grid, "grouped_down", tiles)(
+        *_scalars(block_e_N, n_blocks), h_RI, w_down)
+
+
+# ----------------------------------------------------------------------------------------------------- dispatch
+
+
+def n_blocks_bound(n_assign: int, n_experts: int, bm: int) -> int:
+    """Static block count: an expert with c rows takes ceil(c / bm) blocks, at most (c + bm - 1) / bm, and at most
+    min(X, T*A) experts are non-empty."""
+    return -(-(n_assign + min(n_experts, n_assign) * (bm - 1)) // bm)
+
+
+def dispatch(idx_TA, n_experts: int, bm: int):
+    """The block layout of the T*A assignments (token t to expert idx[t, a]), all int32:
+    (token_R: source token of each padded row, T for padding rows; block_e_N: expert of each block, X - 1 for the
+    blocks past the data; n_blocks: blocks holding data, a scalar; row_TA: each assignment's padded row).
+    Stable sort by expert, so within an expert the rows keep token order."""
+    T, A = idx_TA.shape
+    M = T * A
+    X = n_experts
+    N = n_blocks_bound(M, X, bm)
+    flat_M = idx_TA.reshape(-1).astype(jnp.int32)
+    order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
+    e_M = flat_M[order_M]  # sorted
+    counts_X = jnp.bincount(flat_M, length=X).astype(jnp.int32)
+    padded_X = (counts_X + bm - 1) // bm * bm
+    end_X = jnp.cumsum(padded_X)
+    start_X = end_X - padded_X  # first padded row of each expert
+    first_X = jnp.cumsum(counts_X) - counts_X  # first sorted assignment of each expert
+    dest_M = start_X[e_M] + jnp.arange(M, dtype=jnp.int32) - first_X[e_M]  # padded row of each sorted assignment
+    token_R = jnp.full((N * bm,), T, jnp.int32).at[dest_M].set(order_M // A, unique_indices=True)
+    row_M = jnp.zeros((M,), jnp.int32).at[order_M].set(dest_M, unique_indices=True)
+    # expert of block n: the number of experts whose padded rows end at or before the block's first row
+    block_e_N = (end_X[None, :] <= (jnp.arange(N, dtype=jnp.int32) * bm)[:, None]).sum(1, dtype=jnp.int32)
+    return token_R, jnp.minimum(block_e_N, X - 1), end_X[-1] // bm, row_M.reshape(T, A)
+
+
+def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm: int | None = None):
+    """[T, D] in x's dtype: sum_a w[t, a] * expert_{idx[t, a]}(x[t]), expert e(x) = W_down_e (silu(W_gate_e x) *
+    W_up_e x), every assignment computed (dropless). w_gu [X, 2I, D]; w_down [X, D, I], or [D, X*I] when flat.
+    bm: rows per block (`block_rows` when None). The hidden activations are rounded to x's dtype between the
+    kernels; the down outputs and the weighted sum are float32."""
+    T, D = x_TD.shape
+    A = idx_TA.shape[1]
+    X = w_gu.shape[0]
+    bm = block_rows(T * A, X) if bm is None else bm
+    token_R, block_e_N, n_blocks, row_TA = dispatch(idx_TA, X, bm)
+    x_pad = jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)])  # row T: the padding rows' input
+    xs_RD = jnp.take(x_pad, token_R, axis=0, mode="clip")
+    h_RI = grouped_swiglu(xs_RD, block_e_N, n_blocks, w_gu, mode, bm)
+    y_RD = grouped_down(h_RI, block_e_N, n_blocks, w_down, mode, bm, flat)
+    y_TAD = jnp.take(y_RD, row_TA.reshape(-1), axis=0, mode="clip").reshape(T, A, D)
+    # a multiply and a reduction, not an einsum: XLA:GPU would make that a float32 dot at its default (tf32)
+    # precision, and it fuses the gather into the reduction
+    return (y_TAD * w_TA.astype(jnp.float32)[..., None]).sum(1).astype(x_TD.dtype)
+
+__all__ = ["TUNING", "block_rows", "dispatch", "experts_grouped", "grouped_down", "grouped_swiglu", "n_blocks_bound",
+           "supported"]

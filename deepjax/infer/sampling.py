@@ -1,0 +1,660 @@
+"""Sampling: a pure, jittable generator over the compressed MLA cache.
+
+    out = generate(graphdef, params, prompts_BP, lengths_B, jax.random.key(0), SamplingConfig(...))
+    out.tokens [B, N], out.logprobs [B, N], out.lengths [B], out.done [B]
+
+Shape key: B batch, P prompt (padded) length, N max_new_tokens, S = P + N cache length, L layers of a stack,
+D hidden, N_h heads, H qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank.
+
+Prompts are right-padded to P; row b's prompt is prompts[b, :lengths[b]]. Prefill runs the naive (expanded)
+attention over the prompts (with the Pallas kernels on, `prefill_fused`: absorbed attention over the fused
+weights) and fills the cache; then a `lax.while_loop` decodes one token per row per step,
+row b writing its i-th new token at position lengths[b] + i, until every row has stopped or N tokens are out.
+
+The cache (`Cache`) holds, per layer and token, only what DeepSeek's inference code keeps in its "absorb" mode:
+the normalized KV latent c (C values) and the rotated shared rope key (R values), as one row [c ; k_pe] of
+C + R = 576 values at V3 shape. Decoding in absorbed form never expands keys or values per head:
+
+    q_c   = q_nope . W_uk                  [B, N_h, C]   (W_uk = wkv_b[:, :, :H]: the key up-projection
+    score = [q_c ; q_pe] . [c_s ; k_pe_s] * softmax_scale         folded into the query)
+    o_c   = sum_s softmax(score)_s c_s      [B, N_h, C]
+    out   = (o_c . W_uv) . W_o             (W_uv = wkv_b[:, :, H:]: the value up-projection folded into the output)
+
+On one device the decode loop runs each layer with weights fused once per call (`deepjax.infer.fast.fused`: W_uk
+absorbed into the query weights, concatenated projections, shared experts appended to the routed ones, routing
+without sorts); under a mesh, or with `SamplingConfig.fused=False`, it runs the model's own modules.
+`SamplingConfig.attention="naive"` expands k and v from the cached latents instead (the check path).
+
+Log-probabilities. `logprobs[b, i]` is the log-probability of the sampled token under softmax(logits /
+temperature), taken BEFORE top-k / top-p truncation (the truncated distribution is only used to draw). Greedy
+(temperature 0) reports the log-probability under softmax(logits) (temperature 1). A trainer that recomputes
+log_softmax(logits / temperature) at the same tokens gets the same numbers (tests/test_sampling.py).
+
+Under `sharding.use_mesh(mesh, rules)` the same code runs sharded: params in their training shardings, the
+batch and the cache split over the batch axes, routed experts dispatched over `expert` as in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepjax.infer.fast import fused as DF
+from deepjax.infer.fast import grouped as KG
+from deepjax.infer.fast import kernels as KN
+from deepjax.parallel import sharding
+from deepjax.model.config import ModelConfig
+from deepjax.schema import checker
+from deepjax.model import ACT_AXES, Transformer, default_experts_fn
+from deepjax.model.mla import attention as mla_attention
+from deepjax.model.moe import MoE, route, routed_experts_blocked, routed_experts_dropless, router_logits
+from deepjax.model.layers import dtype_of
+from deepjax.model.rope import rope_tables
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens; 0: off
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p; 1: off
+    eos_ids: tuple[int, ...] = ()  # a row stops after sampling any of these (the EOS is kept in its output)
+    pad_id: int = 0  # what fills a row's output after it stopped
+    attention: str = "absorbed"  # absorbed | naive (expanded k/v from the cached latents; for checking)
+    cache_len: Optional[int] = None  # cache positions; None: prompt length + max_new_tokens, rounded up to 16
+    unstack_layers: bool = True  # per-layer weight copies for the decode loop (faster on GPU; see unstack_layers)
+    fused: bool = True  # one device, absorbed: decode with fused per-layer weights (deepjax.infer.fast.fused)
+    kernels: str = "auto"  # fused path: auto (Pallas kernels on GPU, else XLA) | xla | pallas | interpret (tests)
+    kernel_set: tuple[str, ...] = KN.KERNELS  # which Pallas kernels (deepjax.infer.fast.kernels)
+    mtp_draft: bool = False  # greedy only: the MTP module drafts one extra token per step, the main model checks it
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first invalid field (`sampling.FIELD=value: why`)."""
+        fail = checker(self, "sampling")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            fail("max_new_tokens", "must be a positive int")
+        if not self.temperature >= 0:
+            fail("temperature", "must be >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            fail("top_k", "must be an int >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            fail("top_p", "must be in (0, 1]")
+        if self.attention not in ("absorbed", "naive"):
+            fail("attention", "choose from ('absorbed', 'naive')")
+        if self.kernels not in KERNEL_MODES:
+            fail("kernels", f"choose from {KERNEL_MODES}")
+        if not isinstance(self.kernel_set, tuple) or not set(self.kernel_set) <= set(KN.KERNELS):
+            fail("kernel_set", f"a tuple of some of {KN.KERNELS}")
+        if self.kernels == "pallas" and jax.default_backend() != "gpu":
+            fail("kernels", f"the Pallas kernels compile for GPU only (backend: {jax.default_backend()}); "
+                           "'interpret' runs them in Pallas' interpreter, 'xla' or 'auto' without them")
+        if self.mtp_draft and self.temperature != 0:
+            fail("mtp_draft", "drafting is greedy only: set sampling.temperature=0")
+
+
+def cache_length(sc: SamplingConfig, prompt_len: int) -> int:
+    """The cache length for a prompt batch of padded length `prompt_len` (an error when sc.cache_len is too short)."""
+    need = prompt_len + sc.max_new_tokens + int(sc.mtp_draft)  # a draft is written one position ahead
+    # Rounded up to a multiple of 16: the Pallas attention kernel reads the cache in blocks of 16 rows or more.
+    S = -(-need // 16) * 16 if sc.cache_len is None else sc.cache_len
+    if need > S:
+        raise ValueError(f"prompt length {prompt_len} + sampling.max_new_tokens={sc.max_new_tokens}"
+                         f"{' + 1 (MTP draft)' if sc.mtp_draft else ''} exceed sampling.cache_len={S}")
+    return S
+
+
+class Cache(NamedTuple):
+    """Per stack (dense, MoE), one array per layer: rows [B, S, C + R] = [normalized latent c ; rotated k_pe].
+    Separate buffers per layer, not one stacked [L, ...] array: the decode loop updates each in place, where
+    reading a layer out of a stacked cache copies it at every step on GPU."""
+    dense: tuple
+    moe: tuple
+
+
+CACHE_AXES = ("batch", "length", None)
+
+
+def _layer_cache(cfg: ModelConfig, batch: int, length: int):
+    """One layer's cache rows [B, S, C + R], zeroed, sharded over the batch axes."""
+    shape = (batch, length, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return sharding.constrain(jnp.zeros(shape, dtype_of(cfg.dtype)), CACHE_AXES)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
+    return Cache(tuple(_layer_cache(cfg, batch, length) for _ in range(cfg.n_dense_layers)),
+                 tuple(_layer_cache(cfg, batch, length) for _ in range(cfg.n_moe_layers)))
+
+
+def cache_bytes_per_token(cfg: ModelConfig) -> int:
+    """Bytes the cache holds per token over all layers (MTP excluded)."""
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype_of(cfg.dtype)).itemsize
+
+
+# Routed experts while decoding, on one device: which way reads the fewest bytes.
+#   T*K <= E      gather the chosen experts' weights (batch 1 at V3 shape reads 8 of 256 experts)
+#   T <= DENSE_DECODE_MAX_TOKENS   every expert on every token: nearly every expert is chosen by someone, so all
+#                  weights are read anyway, and one dense batched matmul beats a sort + grouped matmul
+#   otherwise      the prefill path (sorted grouped matmul)
+# Under a mesh, decode uses the training dispatch (all-to-all over `expert`).
+DENSE_DECODE_MAX_TOKENS = 128
+
+
+def prefill_experts_fn(cfg: ModelConfig):
+    """Routed experts over the prompts in `prefill`: the training dispatch under a mesh; on one GPU the block-sorted
+    grouped matmul (`moe.routed_experts_blocked`: XLA:GPU's ragged_dot is about as slow as a dense matmul over all
+    groups); elsewhere sort + ragged_dot. (With the Pallas kernels on, one device prefills with `prefill_fused`.)"""
+    if sharding.current() is not None:
+        return default_experts_fn(cfg)
+    return routed_experts_blocked if jax.default_backend() == "gpu" else routed_experts_dropless
+
+
+def decode_experts_fn(cfg: ModelConfig, n_tokens: int):
+    """Routed experts for the module decode path (`fused=False`, naive attention or a mesh) on n_tokens tokens."""
+    if sharding.current() is not None:
+        return default_experts_fn(cfg)
+    if n_tokens > DENSE_DECODE_MAX_TOKENS:
+        return prefill_experts_fn(cfg)
+    fn = DF.experts_gathered if n_tokens * cfg.num_experts_per_tok <= cfg.n_routed_experts else DF.experts_all
+
+    def experts(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):  # the fused layout: contracted axis last
+        return fn(x_TD, w_TK, idx_TK, jnp.swapaxes(jnp.concatenate([w_gate_EDI, w_up_EDI], -1), 1, 2),
+                  jnp.swapaxes(w_down_EID, 1, 2))
+    return experts
+
+
+def _ffn_decode(blk, h_BD, experts_fn):
+    """The block's FFN on one token per row, without the load statistics and balance loss that training needs."""
+    ffn = blk.ffn
+    if not isinstance(ffn, MoE):
+        return ffn(h_BD)
+    dt = h_BD.dtype
+    logits_BE = router_logits(h_BD, ffn.gate[...])
+    w_BK, idx_BK, _ = route(logits_BE, None if ffn.bias is None else ffn.bias[...], ffn.cfg)
+    y = experts_fn(h_BD, w_BK, idx_BK, ffn.w_gate[...].astype(dt), ffn.w_up[...].astype(dt),
+                   ffn.w_down[...].astype(dt))
+    y = y[0] if isinstance(y, tuple) else y
+    return y if ffn.shared is None else y + ffn.shared(h_BD)
+
+
+def _ffn(blk, h_BTD, valid_BT, experts_fn):
+    if isinstance(blk.ffn, MoE):
+        return blk.ffn(h_BTD, valid_BT, experts_fn)[0]
+    return blk.ffn(h_BTD)
+
+
+# ---------------------------------------------------------------------------------------------------------- prefill
+
+
+def _prefill_block(blk, x, cos, sin, mask_BPP, valid_BP, experts_fn):
+    """One block over the prompts (naive attention); returns x and the block's cache rows [c ; k_pe]."""
+    h = blk.attn_norm(x)
+    row = jnp.concatenate(blk.attn.latent(h, cos, sin), -1)
+    x = x + blk.attn(h, cos, sin, mask_BPP)
+    x = x + _ffn(blk, blk.ffn_norm(x), valid_BP, experts_fn)
+    return sharding.constrain(x, ACT_AXES), row
+
+
+def _prefill_stack(stack, x_BPD, cos, sin, mask_BPP, valid_BP, experts_fn):
+    """Runs a scanned stack over the prompts; returns x and the stack's cache rows [L, B, P, C + R]."""
+    graphdef, state = nnx.split(stack)
+
+    def body(x, layer_state):
+        return _prefill_block(nnx.merge(graphdef, layer_state), x, cos, sin, mask_BPP, valid_BP, experts_fn)
+
+    return jax.lax.scan(body, x_BPD, state)
+
+
+def _fill(buf, values):
+    return jax.lax.dynamic_update_slice(buf, values.astype(buf.dtype), (0,) * buf.ndim)
+
+
+def _prompt_geometry(cfg, B: int, P: int, lengths_B):
+    pos_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    valid_BP = pos_BP < lengths_B[:, None]
+    seg_BP = valid_BP.astype(jnp.int32)  # padding (0) attends only to padding
+    cos, sin = rope_tables(cfg, pos_BP)
+    mask_BPP = jnp.tril(jnp.ones((P, P), jnp.bool_))[None] & (seg_BP[:, :, None] == seg_BP[:, None, :])
+    return cos, sin, mask_BPP, valid_BP
+
+
+def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn, return_hidden: bool = False):
+    """(logits [B, V] at each row's last prompt token, cache with positions [0, P) filled); with return_hidden,
+    also the last hidden states [B, P, D] (before the final norm: what an MTP module reads)."""
+    cfg = model.cfg
+    B, P = prompts_BP.shape
+    cos, sin, mask_BPP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
+    dt = dtype_of(cfg.dtype)
+    x = sharding.constrain(jnp.take(model.embed[...].astype(dt), prompts_BP, axis=0), ACT_AXES)
+    caches = list(cache)
+    for i, stack in ((0, model.dense_layers), (1, model.moe_layers)):
+        if stack is None:
+            continue
+        x, rows = _prefill_stack(stack, x, cos, sin, mask_BPP, valid_BP, experts_fn)
+        caches[i] = tuple(_fill(buf, rows[l]) for l, buf in enumerate(caches[i]))
+    last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)  # [B, 1, D]
+    logits = model.logits(last_BD, model.norm)[:, 0]
+    return (logits, Cache(*caches), x) if return_hidden else (logits, Cache(*caches))
+
+
+def fused_prefill_ok(layers, n_tokens: int) -> bool:
+    """Whether `prefill_fused` runs on n_tokens prompt tokens (B x P): fused layers (`fuse_layers`) with the
+    "grouped" kernels on (kernel_set; shapes `kernels_grouped.supported` takes), and on GPU few enough rows for
+    their int32 offsets (`kernels_grouped.fits`; beyond that, `prefill`)."""
+    blks = None if layers is None else (layers["moe_layers"] or layers["dense_layers"])
+    if not blks or not isinstance(blks[0], dict) or not blks[0]["kernels"]["grouped"]:
+        return False
+    cfg = blks[0]["cfg"]
+    X, A = cfg.n_routed_experts + cfg.n_shared_experts, cfg.num_experts_per_tok + cfg.n_shared_experts
+    return blks[0]["kernels"]["grouped"] == "interpret" or KG.fits(n_tokens, A, X, cfg.hidden_size,
+                                                                      cfg.moe_intermediate_size)
+
+
+def prefill_fused(model: Transformer, layers: dict, prompts_BP, lengths_B, cache: Cache, return_hidden: bool = False):
+    """`prefill` with the decode step's fused weights (`fuse_layers`): absorbed attention over the prompt's own
+    rows, and the routed experts as grouped matmuls that read each expert's weights in place (Pallas,
+    `kernels_grouped`), where `prefill`'s block-sorted path gathers a copy of the weights per block of rows. Same
+    outputs as `prefill` up to rounding (tests/test_kernels_grouped.py)."""
+    cfg = model.cfg
+    B, P = prompts_BP.shape
+    cos, sin, mask_BPP, _ = _prompt_geometry(cfg, B, P, lengths_B)
+    dt = dtype_of(cfg.dtype)
+    x = jnp.take(model.embed[...].astype(dt), prompts_BP, axis=0)
+    caches = [list(c) for c in cache]
+    for i, name in enumerate(("dense_layers", "moe_layers")):
+        for l, blk in enumerate(layers[name] or []):
+            x, rows = DF.fused_block(blk, x, None, None, cos, sin, mask_BPP, prefill=True)
+            caches[i][l] = _fill(caches[i][l], rows)
+    last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)
+    logits = model.logits(last_BD, model.norm)[:, 0]
+    cache = Cache(*(tuple(c) for c in caches))
+    return (logits, cache, x) if return_hidden else (logits, cache)
+
+
+def _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=False):
+    if fused_prefill_ok(layers, prompts_BP.size):
+        return prefill_fused(model, layers, prompts_BP, lengths_B, cache, return_hidden)
+    return prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden)
+
+
+# ----------------------------------------------------------------------------------------------------------- decode
+# T query tokens per row (1 when sampling; 2 when verifying an MTP draft) at positions pos_B + [0, T).
+
+
+def _attend_absorbed(attn, q_nope_BTNH, q_pe_BTNR, kv_BSc, mask_BTS, dt):
+    """Absorbed attention from the module's weights: W_uk folded into the query, W_uv into the output (see the
+    module docstring); `deepjax.infer.fast.fused` precomputes the same folded weights once per call."""
+    H, R = attn.cfg.qk_nope_head_dim, attn.cfg.qk_rope_head_dim
+    wkv_b = attn.wkv_b[...].astype(dt)
+    q_c = jnp.einsum("btnh,cnh->btnc", q_nope_BTNH, wkv_b[..., :H])
+    w_uv = jnp.pad(jnp.einsum("cnv->nvc", wkv_b[..., H:]), ((0, 0), (0, 0), (0, R)))  # zero for k_pe columns
+    return DF.absorbed_attention(jnp.concatenate([q_c, q_pe_BTNR], -1), kv_BSc, mask_BTS, w_uv,
+                                 jnp.einsum("nvd->dnv", attn.wo[...].astype(dt)), attn.cfg.softmax_scale)
+
+
+def _attend_naive(attn, q_nope_BTNH, q_pe_BTNR, kv_BSc, mask_BTS, dt):
+    C = attn.cfg.kv_lora_rank
+    k_pe_BSR = kv_BSc[..., C:]
+    k_pe_BSNR = jnp.broadcast_to(k_pe_BSR[:, :, None], (*k_pe_BSR.shape[:2], q_pe_BTNR.shape[2], k_pe_BSR.shape[-1]))
+    H = attn.cfg.qk_nope_head_dim
+    kv_BSNK = jnp.einsum("bsc,cnk->bsnk", kv_BSc[..., :C], attn.wkv_b[...].astype(dt))
+    q_BTNK = jnp.concatenate([q_nope_BTNH, q_pe_BTNR], -1)
+    k_BSNK = jnp.concatenate([kv_BSNK[..., :H], k_pe_BSNR], -1)
+    o_BTNV = mla_attention(q_BTNK, k_BSNK, kv_BSNK[..., H:], mask_BTS, attn.cfg.softmax_scale)
+    return jnp.einsum("btnv,nvd->btd", o_BTNV, attn.wo[...].astype(dt))
+
+
+def unstack_layers(model: Transformer, barrier: bool = True):
+    """{"dense_layers": [layer module, ...], "moe_layers": [...]}: each scanned stack split into per-layer modules
+    (copies of the weights). `generate` does this once per call, outside its decode loop: on GPU, a layer sliced
+    out of a stacked weight inside the loop is copied at every step (measured: half the step time at batch 64 on
+    the bench preset). Costs one extra copy of the stacked weights while generating. barrier=False leaves the
+    slices free to fuse into what reads them (`fuse_layers`, whose own outputs pass a barrier)."""
+    out = {}
+    for name in ("dense_layers", "moe_layers"):
+        stack = getattr(model, name)
+        out[name] = None if stack is None else _layers_of(stack, barrier)
+    return out
+
+
+KERNEL_MODES = ("auto", "xla", "pallas", "interpret")
+
+
+def kernel_mode(sc: SamplingConfig):
+    """How the fused decode step runs its Pallas kernels (`deepjax.infer.fast.kernels`): "gpu", "interpret" or None (XLA)."""
+    if sc.kernels == "interpret":
+        return "interpret"
+    if sc.kernels == "pallas" or (sc.kernels == "auto" and jax.default_backend() == "gpu"):
+        return "gpu"
+    return None
+
+
+def fuse_layers(model: Transformer, n_tokens: int = 1, kernels: Optional[str] = None, cache_len: int = 0,
+                kernel_set=KN.KERNELS, tokens_per_row: int = 1):
+    """Like `unstack_layers`, with each layer's weights fused for the one-device decode step on n_tokens tokens
+    per step: a dict of arrays per layer (`decode_fused.fuse_block`), made once per generate call."""
+    dt = dtype_of(model.cfg.dtype)
+    return {name: None if blks is None else
+            [DF.fuse_block(b, dt, n_tokens, kernels, cache_len, kernel_set, tokens_per_row) for b in blks]
+            for name, blks in unstack_layers(model, barrier=False).items()}
+
+
+def use_fused(sc: SamplingConfig, experts_fn, n_tokens: int) -> bool:
+    """Whether `generate` decodes with fused weights: one device, absorbed attention, the default experts, and
+    at most DENSE_DECODE_MAX_TOKENS tokens per step (beyond that the sorted grouped matmul reads less)."""
+    return (sc.fused and sc.attention == "absorbed" and experts_fn is None and sharding.current() is None
+            and n_tokens <= DENSE_DECODE_MAX_TOKENS)
+
+
+def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens: int, cache_len: int,
+                   tokens_per_row: int = 1):
+    if use_fused(sc, experts_fn, n_tokens):
+        return fuse_layers(model, n_tokens, kernel_mode(sc), cache_len, sc.kernel_set, tokens_per_row)
+    return unstack_layers(model) if sc.unstack_layers else None
+
+
+def _layers_of(stack, barrier: bool = True):
+    """Per-layer modules over copies of the weights; with barrier, the copies pass an optimization barrier, else
+    XLA:GPU sinks the slicing into the decode loop and copies each layer's weights at every step."""
+    graphdef, state = nnx.split(stack)
+    n = jax.tree.leaves(state)[0].shape[0]
+    keep = jax.lax.optimization_barrier if barrier else (lambda t: t)
+    return [nnx.merge(graphdef, keep(jax.tree.map(lambda a: a[i], state))) for i in range(n)]
+
+
+def _decode_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn, attention):
+    """One block on T new tokens per row, writing their cache rows at pos_BT; returns (x, cache rows). `blk` is a
+    module, or a dict of fused weights (`decode_fused.fuse_block`, absorbed attention only)."""
+    if isinstance(blk, dict):
+        return DF.fused_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS)
+    B, T, D = x_BTD.shape
+    dt = x_BTD.dtype
+    h = blk.attn_norm(x_BTD)
+    q_nope, q_pe = blk.attn.query(h, cos, sin)
+    kv_BSc = DF.write_rows(kv_BSc, pos_BT, jnp.concatenate(blk.attn.latent(h, cos, sin), -1))
+    attend = _attend_absorbed if attention == "absorbed" else _attend_naive
+    x_BTD = x_BTD + attend(blk.attn, q_nope, q_pe, kv_BSc, mask_BTS, dt)
+    y = _ffn_decode(blk, blk.ffn_norm(x_BTD).reshape(B * T, D), experts_fn)
+    return x_BTD + y.reshape(B, T, D), kv_BSc
+
+
+def _geometry(cfg, pos_B, T: int, S: int):
+    pos_BT = pos_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    cos, sin = rope_tables(cfg, pos_BT)
+    mask_BTS = jnp.arange(S)[None, None, :] <= pos_BT[:, :, None]
+    return pos_BT, cos, sin, mask_BTS
+
+
+def decode_tokens(model: Transformer, tokens_BT, pos_B, cache: Cache, experts_fn, attention: str = "absorbed",
+                  layers: Optional[dict] = None):
+    """(logits [B, T, V], hidden [B, T, D] before the final norm, cache) for T new tokens per row at positions
+    pos_B + [0, T). `layers`: `unstack_layers(model)` or `fuse_layers(model)`, made once outside the caller's loop.
+
+    The layers run as a Python loop with static indices, not a scan: a rolled loop inside the decode while_loop
+    costs a device-to-host round trip per layer on GPU (4x slower at batch 1 on the bench preset)."""
+    cfg = model.cfg
+    dt = dtype_of(cfg.dtype)
+    S = (cache.dense or cache.moe)[0].shape[1]
+    pos_BT, cos, sin, mask_BTS = _geometry(cfg, pos_B, tokens_BT.shape[1], S)
+    x = jnp.take(model.embed[...].astype(dt), tokens_BT, axis=0)
+    caches = [list(c) for c in cache]
+    layers = layers or unstack_layers(model)
+    for i, name in enumerate(("dense_layers", "moe_layers")):
+        for l, blk in enumerate(layers[name] or []):
+            x, caches[i][l] = _decode_block(blk, x, caches[i][l], pos_BT, cos, sin, mask_BTS, experts_fn, attention)
+    x = DF.settle(x)  # a fused block may leave its experts' output to the next block's kernel to sum
+    return model.logits(x, model.norm), x, Cache(*(tuple(c) for c in caches))
+
+
+def decode_step(model: Transformer, tokens_B, pos_B, cache: Cache, experts_fn, attention: str = "absorbed",
+                layers: Optional[dict] = None):
+    """Logits [B, V] for one new token per row at positions pos_B, and the cache with that token written."""
+    logits, _, cache = decode_tokens(model, tokens_B[:, None], pos_B, cache, experts_fn, attention, layers)
+    return logits[:, 0], cache
+
+
+# ------------------------------------------------------------------------------------------------- MTP drafting
+# The first MTP module (V3 section 2.2) drafts the token after next from the main model's hidden state h_i and
+# the embedding of t_{i+1}: its own block, with its own latent cache over the positions it has seen.
+
+
+def _mtp_input(model: Transformer, mod, h_BTD, next_BT):
+    dt = h_BTD.dtype
+    e = jnp.take(model.embed[...].astype(dt), next_BT, axis=0)
+    return jnp.concatenate([mod.enorm(e), mod.hnorm(h_BTD)], axis=-1) @ mod.eh_proj[...].astype(dt)
+
+
+def mtp_prefill(model: Transformer, h_BPD, prompts_BP, lengths_B, first_B, kv_BSc, experts_fn):
+    """The MTP module over the prompt: position i reads (h_i, t_{i+1}), the last prompt position reads the first
+    sampled token. Returns (draft logits [B, V] for the token after it, the module's cache rows)."""
+    cfg, mod = model.cfg, model.mtp[0]
+    B, P = prompts_BP.shape
+    cos, sin, mask_BPP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
+    pos = jnp.arange(P)[None]
+    nxt = jnp.where(pos == (lengths_B - 1)[:, None], first_B[:, None], jnp.pad(prompts_BP[:, 1:], ((0, 0), (0, 1))))
+    x = _mtp_input(model, mod, h_BPD, nxt)
+    x, rows = _prefill_block(mod.block, x, cos, sin, mask_BPP, valid_BP, experts_fn)
+    last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)
+    return model.logits(last, mod.norm)[:, 0], _fill(kv_BSc, rows)
+
+
+def mtp_decode(model: Transformer, h_BTD, next_BT, pos_B, kv_BSc, experts_fn, attention: str, block=None):
+    """The MTP module on T positions per row (pos_B + [0, T)): draft logits [B, T, V] and its cache rows.
+    `block`: the module's block fused (`decode_fused.fuse_block`), when the caller made that once."""
+    mod = model.mtp[0]
+    pos_BT, cos, sin, mask_BTS = _geometry(model.cfg, pos_B, h_BTD.shape[1], kv_BSc.shape[1])
+    x = _mtp_input(model, mod, h_BTD, next_BT)
+    x, kv_BSc = _decode_block(mod.block if block is None else block, x, kv_BSc, pos_BT, cos, sin, mask_BTS,
+                              experts_fn, attention)
+    return model.logits(DF.settle(x), mod.norm), kv_BSc
+
+
+# --------------------------------------------------------------------------------------------------------- sampling
+
+
+def truncate_logits(logits_BV, top_k: int, top_p: float):
+    """Logits with everything outside the top-k / top-p set at -inf (the most likely token always stays)."""
+    neg = jnp.finfo(jnp.float32).min
+    if top_k:
+        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth, neg, logits_BV)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits_BV, axis=-1)
+        sorted_BV = jnp.take_along_axis(logits_BV, order, axis=-1)
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
+        keep_sorted = before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits_BV.shape[0])[:, None], order].set(keep_sorted)
+        logits_BV = jnp.where(keep, logits_BV, neg)
+    return logits_BV
+
+
+def sample(logits_BV, key, sc: SamplingConfig):
+    """(tokens [B], log-probs [B]): see the module docstring for which distribution the log-probs are under."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if sc.temperature == 0:
+        tok = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    else:
+        scaled = logits_BV / sc.temperature
+        logp_BV = jax.nn.log_softmax(scaled, axis=-1)
+        tok = jax.random.categorical(key, truncate_logits(scaled, sc.top_k, sc.top_p), axis=-1).astype(jnp.int32)
+    return tok, jnp.take_along_axis(logp_BV, tok[:, None], axis=-1)[:, 0]
+
+
+class Output(NamedTuple):
+    tokens: jax.Array  # [B, N] int32: new tokens; pad_id after a row stopped
+    logprobs: jax.Array  # [B, N] float32: log-prob of each new token (0 after a row stopped)
+    lengths: jax.Array  # [B] int32: new tokens per row, EOS included
+    done: jax.Array  # [B] bool: the row stopped on an EOS (False: it ran out of max_new_tokens)
+    drafts_proposed: Optional[jax.Array] = None  # [B] int32, with mtp_draft: MTP drafts checked by the main model
+    drafts_accepted: Optional[jax.Array] = None  # [B] int32: of those, the ones equal to the main model's token
+
+
+def _is_eos(tok_B, eos_ids):
+    if not eos_ids:
+        return jnp.zeros(tok_B.shape, jnp.bool_)
+    return jnp.any(tok_B[:, None] == jnp.asarray(eos_ids, jnp.int32)[None], axis=-1)
+
+
+def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None) -> Output:
+    """Samples up to sc.max_new_tokens per row (see the module docstring). Pure; `jit_generate` jits it."""
+    B, P = prompts_BP.shape
+    S = cache_length(sc, P)
+    model = nnx.merge(graphdef, params)
+    cfg = model.cfg
+    prefill_fn = experts_fn or prefill_experts_fn(cfg)
+    lengths_B = lengths_B.astype(jnp.int32)
+    if sc.mtp_draft:
+        if not len(model.mtp):
+            raise ValueError("sampling.mtp_draft=True needs an MTP module: model.num_nextn_predict_layers is 0")
+        layers = _decode_layers(model, sc, experts_fn, 2 * B, S, tokens_per_row=2)
+        return _generate_mtp(model, prompts_BP.astype(jnp.int32), lengths_B, sc, S, prefill_fn,
+                             experts_fn or decode_experts_fn(cfg, 2 * B), layers)
+    decode_fn = experts_fn or decode_experts_fn(cfg, B)
+    cache = init_cache(cfg, B, S)
+    layers = _decode_layers(model, sc, experts_fn, B, S)
+    logits, cache = _prefill(model, layers, prompts_BP.astype(jnp.int32), lengths_B, cache, prefill_fn)
+    key, k0 = jax.random.split(key)
+    tok, lp = sample(logits, k0, sc)
+    N = sc.max_new_tokens
+    out_tok = jnp.full((B, N), sc.pad_id, jnp.int32)
+    out_lp = jnp.zeros((B, N), jnp.float32)
+    done = jnp.zeros((B,), jnp.bool_)
+    n_new = jnp.zeros((B,), jnp.int32)
+
+    def cond(c):
+        i, done = c[0], c[5]
+        return (i < N) & ~jnp.all(done)
+
+    def body(c):
+        i, tok, lp, out_tok, out_lp, done, n_new, cache, key = c
+        active = ~done
+        out_tok = out_tok.at[:, i].set(jnp.where(active, tok, sc.pad_id))
+        out_lp = out_lp.at[:, i].set(jnp.where(active, lp, 0.0))
+        n_new = n_new + active.astype(jnp.int32)
+        done = done | (active & _is_eos(tok, sc.eos_ids))
+        pos = lengths_B + i  # where this token goes in the cache
+        logits, cache = decode_step(model, tok, pos, cache, decode_fn, sc.attention, layers)
+        key, k = jax.random.split(key)
+        tok, lp = sample(logits, k, sc)
+        return i + 1, tok, lp, out_tok, out_lp, done, n_new, cache, key
+
+    carry = (jnp.int32(0), tok, lp, out_tok, out_lp, done, n_new, cache, key)
+    _, _, _, out_tok, out_lp, done, n_new, _, _ = jax.lax.while_loop(cond, body, carry)
+    return Output(out_tok, out_lp, n_new, done)
+
+
+def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig, S: int, prefill_fn, decode_fn,
+                  layers):
+    """Greedy decoding with MTP drafting: each step feeds [t_q, d] at positions [q, q+1], where t_q is the newest
+    accepted token and d the MTP module's draft of the next one. The main model's choice a after t_q is always
+    kept; when d == a the draft was right and the choice b after it is kept too (two tokens in one step). The
+    MTP module then reads (h_q, a) and (h_{q+1}, b) and drafts the token after the newest accepted one. A
+    rejected draft leaves stale cache entries at q+1 that the next step overwrites. The output is the plain
+    greedy output (tests/test_sampling.py)."""
+    cfg = model.cfg
+    B, P = prompts_BP.shape
+    N = sc.max_new_tokens
+    fused = layers is not None and isinstance((layers["moe_layers"] or layers["dense_layers"])[0], dict)
+    mtp_block = (DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype), 2 * B, kernel_mode(sc), S, sc.kernel_set, 2)
+                 if fused else None)
+    cache = init_cache(cfg, B, S)
+    logits, cache, h_BPD = _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)
+    greedy = lambda lg: sample(lg, None, sc)  # noqa: E731  (temperature 0: no key needed)
+    t, lp = greedy(logits)
+    dlogits, mkv = mtp_prefill(model, h_BPD, prompts_BP, lengths_B, t, _layer_cache(cfg, B, S), prefill_fn)
+    d = jnp.argmax(dlogits, -1).astype(jnp.int32)
+    rows = jnp.arange(B)
+    out_tok = jnp.full((B, N), sc.pad_id, jnp.int32).at[:, 0].set(t)
+    out_lp = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp)
+    done = _is_eos(t, sc.eos_ids)
+    n_new = jnp.ones((B,), jnp.int32)
+    zeros = jnp.zeros((B,), jnp.int32)
+
+    def cond(c):
+        return ~jnp.all(c[5] | (c[6] >= N))
+
+    def body(c):
+        t, d, out_tok, out_lp, cache, done, n_new, mkv, proposed, accepted = c
+        active = ~done & (n_new < N)
+        q = lengths_B + n_new - 1  # position of t
+        logits, h, cache = decode_tokens(model, jnp.stack([t, d], 1), q, cache, decode_fn, sc.attention, layers)
+        a, lpa = greedy(logits[:, 0])
+        b, lpb = greedy(logits[:, 1])
+        hit = d == a
+        def put(out, n, when, value):  # out[row, n] = value where `when` (n < N wherever `when` holds)
+            j = jnp.minimum(n, N - 1)
+            return out.at[rows, j].set(jnp.where(when, value, out[rows, j]))
+
+        out_tok, out_lp = put(out_tok, n_new, active, a), put(out_lp, n_new, active, lpa)
+        done_a = active & _is_eos(a, sc.eos_ids)
+        n_new = n_new + active.astype(jnp.int32)
+        take_b = active & hit & ~done_a & (n_new < N)
+        out_tok, out_lp = put(out_tok, n_new, take_b, b), put(out_lp, n_new, take_b, lpb)
+        done = done | done_a | (take_b & _is_eos(b, sc.eos_ids))
+        n_new = n_new + take_b.astype(jnp.int32)
+        dl, mkv = mtp_decode(model, h, jnp.stack([a, b], 1), q, mkv, decode_fn, sc.attention, mtp_block)
+        drafts = jnp.argmax(dl, -1).astype(jnp.int32)
+        t = jnp.where(take_b, b, a)
+        d = jnp.where(take_b, drafts[:, 1], drafts[:, 0])
+        proposed = proposed + active.astype(jnp.int32)
+        accepted = accepted + (active & hit).astype(jnp.int32)
+        return t, d, out_tok, out_lp, cache, done, n_new, mkv, proposed, accepted
+
+    carry = (t, d, out_tok, out_lp, cache, done, n_new, mkv, zeros, zeros)
+    _, _, out_tok, out_lp, _, done, n_new, _, proposed, accepted = jax.lax.while_loop(cond, body, carry)
+    return Output(out_tok, out_lp, n_new, done, proposed, accepted)
+
+
+def jit_generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None) -> Output:
+    """`generate` under jax.jit (graphdef, sampling config and experts_fn static; retraced per mesh context)."""
+    cache_length(sc, prompts_BP.shape[1])
+    return _jitted()(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, sharding.context_key())
+
+
+# XLA:GPU compiler options for `jit_generate`. CONCURRENT: the command buffers (CUDA graphs) run kernels without a
+# data dependency side by side instead of in program order, e.g. the routing kernel (`kernels.route` from the
+# residual stream) beside the experts' gate/up matmul at batch 64 (on one H100, bench preset: 38,272 -> 39,350
+# tokens/s at batch 64 when it was introduced, batch 1 unchanged; docs/LOG.md). XLA assigns temporaries less
+# tightly under it (more memory for activations).
+GPU_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+_JITS: dict = {}
+
+
+def _jitted():
+    """The jitted generate for the default backend (built on first use: the backend is not known at import). The
+    compiler options apply on one GPU only: they were measured there, not with a mesh's collectives."""
+    backend = (jax.default_backend(), sharding.current() is None)
+    if backend not in _JITS:
+        def f(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, mesh_context):
+            del mesh_context
+            return generate(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn)
+        _JITS[backend] = jax.jit(f, static_argnums=(0, 5, 6, 7),
+                                 compiler_options=GPU_COMPILER_OPTIONS if backend == ("gpu", True) else None)
+    return _JITS[backend]
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
+    """Right-padded int32 [B, P] (P rounded up to `multiple`, so prompt batches share compilations) and lengths."""
+    import numpy as np
+
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    P = -(-max(len(p) for p in prompts) // multiple) * multiple
+    out = np.full((len(prompts), P), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        out[i, :len(p)] = p
+    return out, np.asarray([len(p) for p in prompts], np.int32)
+
+
+__all__ = ["SamplingConfig", "generate", "jit_generate", "prefill", "decode_step", "decode_tokens", "sample",
+           "truncate_logits", "mtp_prefill", "mtp_decode",
+           "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "validate", "decode_experts_fn",
+           "fuse_layers", "unstack_layers", "use_fused", "prefill_fused", "fused_prefill_ok"]

@@ -1,0 +1,196 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts, the three DeepSeek routers, load statistics.
+
+Shape key: B batch, T length, D hidden, E routed experts, K experts per token, G expert groups,
+I moe_intermediate_size, X = T*K (token, expert) assignments.
+
+Routers (DEEPSEEK.md section 3), all in float32:
+  greedy               (V2-Lite) softmax, plain top-K.
+  group_limited_greedy (V2)      softmax, group score = max in group, keep topk_group groups, top-K.
+  noaux_tc             (V3)      sigmoid; selection on s + b (b = correction bias, never trained by the
+                                 optimizer); group score = sum of the group's top-2; masked experts are -inf
+                                 (with 0, a negative bias could pick a masked expert); gate weights use s
+                                 without b.
+Weights are renormalized over the chosen K when norm_topk_prob, then scaled by routed_scaling_factor.
+
+Departures: none from DeepSeek's math. The routed experts run dropless (every token reaches all K of its
+experts) through a sort + `jax.lax.ragged_dot` grouped matmul; V2's capacity-factor token dropping belongs to
+the expert-parallel path.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepjax.model.config import ModelConfig
+from deepjax.model.layers import MLP, Param, RouterBias, dtype_of, normal_init
+
+
+def router_logits(x_TD: jnp.ndarray, gate_DE: jnp.ndarray) -> jnp.ndarray:
+    """The router's float32 logits x . gate at full float32 precision. XLA:GPU's default float32 matmul rounds
+    its inputs to TF32 (10-bit mantissa) on A100/H100, which flips near-tied routing choices against DeepSeek's
+    and HF's float32 router (torch does not use TF32 for matmuls by default); the product is small."""
+    return jnp.einsum("...d,de->...e", x_TD.astype(jnp.float32), gate_DE.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def router_scores(logits_TE: jnp.ndarray, bias_E: jnp.ndarray | None, cfg: ModelConfig):
+    """(scores_TE, choice_TE) in float32: the gate scores, and the scores plus the correction bias that selection
+    uses (the same array without a bias)."""
+    logits_TE = logits_TE.astype(jnp.float32)
+    if cfg.scoring_func == "sigmoid":
+        scores_TE = jax.nn.sigmoid(logits_TE)
+    else:
+        scores_TE = jax.nn.softmax(logits_TE, axis=-1)
+    if bias_E is None:
+        return scores_TE, scores_TE
+    return scores_TE, scores_TE + bias_E.astype(jnp.float32).reshape((1,) * (scores_TE.ndim - 1) + (-1,))
+
+
+def gate_weights(w_TK: jnp.ndarray, cfg: ModelConfig):
+    """The chosen experts' scores renormalized over the K (norm_topk_prob) and scaled by routed_scaling_factor."""
+    if cfg.norm_topk_prob:
+        w_TK = w_TK / (w_TK.sum(-1, keepdims=True) + 1e-20)
+    return w_TK * cfg.routed_scaling_factor
+
+
+def route(logits_TE: jnp.ndarray, bias_E: jnp.ndarray | None, cfg: ModelConfig):
+    """Returns (weights_TK float32, indices_TK int32, scores_TE float32 before any bias)."""
+    E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
+    scores_TE, choice_TE = router_scores(logits_TE, bias_E, cfg)
+    if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and G > 1:
+        grouped_TGe = choice_TE.reshape(*choice_TE.shape[:-1], G, E // G)
+        if cfg.topk_method == "noaux_tc":
+            group_score_TG = jax.lax.top_k(grouped_TGe, 2)[0].sum(-1)
+        else:
+            group_score_TG = grouped_TGe.max(-1)
+        _, keep_idx = jax.lax.top_k(group_score_TG, cfg.topk_group)
+        keep_TG = jax.nn.one_hot(keep_idx, G, dtype=jnp.bool_).any(-2)
+        keep_TE = jnp.repeat(keep_TG, E // G, axis=-1)
+        choice_TE = jnp.where(keep_TE, choice_TE, -jnp.inf)
+    _, idx_TK = jax.lax.top_k(choice_TE, K)
+    w_TK = jnp.take_along_axis(scores_TE, idx_TK, axis=-1)
+    return gate_weights(w_TK, cfg), idx_TK.astype(jnp.int32), scores_TE
+
+
+def expert_load(idx_BTK: jnp.ndarray, valid_BT: jnp.ndarray, n_experts: int) -> jnp.ndarray:
+    """Tokens routed to each expert, over valid tokens: [E] float32."""
+    onehot_BTKE = jax.nn.one_hot(idx_BTK, n_experts, dtype=jnp.float32)
+    return jnp.einsum("btke,bt->e", onehot_BTKE, valid_BT.astype(jnp.float32))
+
+
+def sequence_balance_loss(scores_BTE, idx_BTK, valid_BT, cfg: ModelConfig) -> jnp.ndarray:
+    """Complementary sequence-wise balance loss (V3 paper eq. 17-20) without alpha, averaged over rows:
+    sum_i f_i P_i, f_i = E/(K T) sum_t 1[i in topK(t)], P_i = (1/T) sum_t s'_{i,t}, s' = s / sum_j s_j."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    v_BT = valid_BT.astype(jnp.float32)
+    T_B = jnp.maximum(v_BT.sum(-1), 1.0)
+    count_BE = jnp.einsum("btke,bt->be", jax.nn.one_hot(idx_BTK, E, dtype=jnp.float32), v_BT)
+    f_BE = count_BE * E / (K * T_B[:, None])
+    s_norm_BTE = scores_BTE / scores_BTE.sum(-1, keepdims=True)
+    P_BE = jnp.einsum("bte,bt->be", s_norm_BTE, v_BT) / T_B[:, None]
+    has_tokens_B = (v_BT.sum(-1) > 0).astype(jnp.float32)
+    per_row_B = (f_BE * P_BE).sum(-1)
+    return (per_row_B * has_tokens_B).sum() / jnp.maximum(has_tokens_B.sum(), 1.0)
+
+
+def inverse_permutation(order_X):
+    return jnp.zeros_like(order_X).at[order_X].set(jnp.arange(order_X.shape[0], dtype=order_X.dtype))
+
+
+def unsort_sum(y_XD, order_X, T: int, K: int):
+    """Rows in expert-sorted order -> per-token sums over its K experts: a gather by the inverse permutation
+    and a reduction, not a scatter-add into [T, D] (scatters of activations are slow and memory-hungry on
+    TPU)."""
+    return y_XD[inverse_permutation(order_X)].reshape(T, K, y_XD.shape[-1]).sum(1)
+
+
+def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
+    """Every token to each of its K experts: sort the T*K assignments by expert, grouped matmuls, unsort."""
+    T, K = idx_TK.shape
+    E = w_gate_EDI.shape[0]
+    flat_X = idx_TK.reshape(-1)
+    order_X = jnp.argsort(flat_X, stable=True)
+    token_X = order_X // K
+    group_sizes_E = jnp.bincount(flat_X, length=E).astype(jnp.int32)
+    xs_XD = x_TD[token_X]
+    h_XI = jax.nn.silu(jax.lax.ragged_dot(xs_XD, w_gate_EDI, group_sizes_E)) * jax.lax.ragged_dot(
+        xs_XD, w_up_EDI, group_sizes_E)
+    y_XD = jax.lax.ragged_dot(h_XI, w_down_EID, group_sizes_E)
+    y_XD = y_XD.astype(jnp.float32) * w_TK.reshape(-1)[order_X][:, None]
+    return unsort_sum(y_XD, order_X, T, K).astype(x_TD.dtype)
+
+
+def routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, block: int = 128):
+    """Dropless grouped matmul without `ragged_dot`: the T*K assignments sorted by expert, each expert's rows padded
+    to a multiple of `block`, then one batched matmul over blocks with each block's expert weights gathered.
+    Rows: at most X + E*(block-1), a static bound. For backends whose ragged_dot is slow (XLA:GPU runs it about as
+    slowly as a dense matmul over all groups, docs/LOG.md); same result as `routed_experts_dropless`."""
+    T, K = idx_TK.shape
+    E, D, _ = w_gate_EDI.shape
+    X = T * K
+    flat_X = idx_TK.reshape(-1)
+    order_X = jnp.argsort(flat_X, stable=True)
+    e_X = flat_X[order_X]
+    counts_E = jnp.bincount(flat_X, length=E)
+    padded_E = (counts_E + block - 1) // block * block
+    start_E = jnp.cumsum(padded_E) - padded_E  # first padded row of each expert
+    first_E = jnp.cumsum(counts_E) - counts_E  # first sorted assignment of each expert
+    dest_X = start_E[e_X] + jnp.arange(X) - first_E[e_X]  # padded row of each sorted assignment
+    n_blocks = -(-(X + E * (block - 1)) // block)
+    R = n_blocks * block
+    xs_RD = jnp.zeros((R, D), x_TD.dtype).at[dest_X].set(x_TD[order_X // K])
+    block_e = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_blocks) * block, side="right")
+    block_e = jnp.minimum(block_e, E - 1)  # blocks past the last expert's rows hold zeros
+    xb = xs_RD.reshape(n_blocks, block, D)
+    h = jax.nn.silu(jnp.einsum("nbd,ndi->nbi", xb, w_gate_EDI[block_e])) * jnp.einsum(
+        "nbd,ndi->nbi", xb, w_up_EDI[block_e])
+    y_RD = jnp.einsum("nbi,nid->nbd", h, w_down_EID[block_e]).reshape(R, D)
+    y_XD = y_RD[dest_X].astype(jnp.float32) * w_TK.reshape(-1)[order_X][:, None]
+    return unsort_sum(y_XD, order_X, T, K).astype(x_TD.dtype)
+
+
+def routed_experts_dense(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
+    """Reference: every expert on every token, combined with the routing weights (tests only)."""
+    E = w_gate_EDI.shape[0]
+    h_TEI = jax.nn.silu(jnp.einsum("td,edi->tei", x_TD, w_gate_EDI)) * jnp.einsum(
+        "td,edi->tei", x_TD, w_up_EDI)
+    y_TED = jnp.einsum("tei,eid->ted", h_TEI, w_down_EID).astype(jnp.float32)
+    comb_TE = jnp.einsum("tk,tke->te", w_TK, jax.nn.one_hot(idx_TK, E, dtype=jnp.float32))
+    return jnp.einsum("ted,te->td", y_TED, comb_TE).astype(x_TD.dtype)
+
+
+class MoE(nnx.Module):
+    """Shared experts (one SwiGLU of width n_shared_experts x I) plus routed experts."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        init = normal_init(cfg)
+        pdt = dtype_of(cfg.param_dtype)
+        self.gate = Param(init(rngs.params(), (D, E), jnp.float32), axes=("embed", None))
+        self.bias = RouterBias(jnp.zeros((E,), jnp.float32), axes=(None,)) if cfg.topk_method == "noaux_tc" else None
+        self.w_gate = Param(init(rngs.params(), (E, D, I), pdt), axes=("exp", "embed", "moe_mlp"))
+        self.w_up = Param(init(rngs.params(), (E, D, I), pdt), axes=("exp", "embed", "moe_mlp"))
+        self.w_down = Param(init(rngs.params(), (E, I, D), pdt), axes=("exp", "moe_mlp", "embed"))
+        self.shared = MLP(cfg, cfg.n_shared_experts * I, rngs=rngs) if cfg.n_shared_experts else None
+
+    def __call__(self, x_BTD, valid_BT, experts_fn=routed_experts_dropless):
+        """Returns (y_BTD, load_E, balance_loss, dropped): dropped counts (token, expert) assignments
+        past capacity (always 0 when dropless). experts_fn may return y or (y, dropped)."""
+        cfg = self.cfg
+        B, T, D = x_BTD.shape
+        logits_BTE = router_logits(x_BTD, self.gate[...])
+        bias = None if self.bias is None else self.bias[...]
+        w_BTK, idx_BTK, scores_BTE = route(logits_BTE, bias, cfg)
+        dt = x_BTD.dtype
+        y_TD = experts_fn(x_BTD.reshape(B * T, D), w_BTK.reshape(B * T, -1), idx_BTK.reshape(B * T, -1),
+                          self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        dropped = jnp.zeros((), jnp.int32)
+        if isinstance(y_TD, tuple):
+            y_TD, dropped = y_TD
+        y_BTD = y_TD.reshape(B, T, D)
+        if self.shared is not None:
+            y_BTD = y_BTD + self.shared(x_BTD)
+        load_E = expert_load(idx_BTK, valid_BT, cfg.n_routed_experts)
+        bal = sequence_balance_loss(scores_BTE, idx_BTK, valid_BT, cfg)
+        return y_BTD, load_E, bal, dropped

@@ -1,0 +1,283 @@
+"""The DeepSeek-V3 MoE-MLA transformer, with multi-token prediction. NNX modules, used functionally:
+
+    graphdef, params = init(cfg, jax.random.key(0))       # split once
+    out = forward(graphdef, params, tokens_BT)             # pure; jit it (graphdef is static)
+
+Shape key: B batch, T length, D hidden, V vocab, E routed experts, L layers, M MTP depth.
+
+Layout: embed -> `first_k_dense_replace` dense blocks (scanned) -> MoE blocks (scanned) -> norm -> head.
+MTP module k (V3 section 2.2): h_k = Block(eh_proj([RMSNorm_e(Emb(t_{i+k})) ; RMSNorm_h(h_{k-1})])),
+logits_k = head(norm_k(h_k)) predicts t_{i+k+1}; embedding and head are shared with the main model,
+h_0 is the main model's last hidden state before its final norm.
+
+Departures: none in the math. Router statistics (per-layer expert loads, sequence-wise balance loss)
+are returned with the logits rather than accumulated in module state, to keep forward pure.
+"""
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepjax.model.config import ModelConfig
+from deepjax.parallel import sharding
+from deepjax.model.expert_parallel import ShardedExperts
+from deepjax.model.mla import MLA
+from deepjax.model.moe import MoE, routed_experts_dropless
+from deepjax.model.layers import MLP, Param, RMSNorm, dtype_of, normal_init
+from deepjax.model.rope import rope_tables
+
+
+ACT_AXES = ("batch", "length", "act_embed")  # the residual stream between blocks
+
+
+class Output(NamedTuple):
+    logits: jnp.ndarray  # [B, T, V] float32
+    mtp_logits: Optional[jnp.ndarray]  # [M, B, T, V] float32; depth k at index k-1 predicts t_{i+k+1}
+    expert_load: jnp.ndarray  # [L_moe, E] tokens per expert per MoE layer (valid tokens only)
+    balance_loss: jnp.ndarray  # [L_moe] sequence-wise balance loss per MoE layer (without alpha)
+    mtp_expert_load: Optional[jnp.ndarray]  # [M, E]
+    mtp_balance_loss: Optional[jnp.ndarray]  # [M]
+    dropped_tokens: jnp.ndarray  # (token, expert) assignments dropped by a capacity limit, all layers
+    hidden: jnp.ndarray  # [B, T, D] last hidden state before the final norm
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + MLA(norm(x)), then x + FFN(norm(x)); FFN is an MLP or a MoE."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.attn = MLA(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
+
+    def __call__(self, x_BTD, cos, sin, mask_BTS, valid_BT, experts_fn):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS)
+        h_BTD = self.ffn_norm(x_BTD)
+        if isinstance(self.ffn, MoE):
+            y_BTD, load_E, bal, dropped = self.ffn(h_BTD, valid_BT, experts_fn)
+            return x_BTD + y_BTD, (load_E, bal, dropped)
+        return x_BTD + self.ffn(h_BTD), None
+
+
+class MTPModule(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D = cfg.hidden_size
+        self.enorm = RMSNorm(D, cfg)
+        self.hnorm = RMSNorm(D, cfg)
+        self.eh_proj = Param(normal_init(cfg)(rngs.params(), (2 * D, D), dtype_of(cfg.param_dtype)),
+                             axes=(None, "embed"))
+        self.block = Block(cfg, moe=cfg.n_routed_experts > 0, rngs=rngs)
+        self.norm = RMSNorm(D, cfg)  # shared_head.norm in DeepSeek's weights
+
+
+def _stack(n: int, make, rngs: nnx.Rngs):
+    """n copies of a module with a leading layer axis on every variable, for `lax.scan`."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(r):
+        return make(r)
+
+    return create(rngs)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        V, D, pdt, init = cfg.vocab_size, cfg.hidden_size, dtype_of(cfg.param_dtype), normal_init(cfg)
+        self.embed = Param(init(rngs.params(), (V, D), pdt), axes=("vocab", "embed"))
+        self.dense_layers = (
+            _stack(cfg.n_dense_layers, lambda r: Block(cfg, moe=False, rngs=r), rngs)
+            if cfg.n_dense_layers else None)
+        self.moe_layers = (
+            _stack(cfg.n_moe_layers, lambda r: Block(cfg, moe=True, rngs=r), rngs)
+            if cfg.n_moe_layers else None)
+        self.norm = RMSNorm(D, cfg)
+        self.head = Param(init(rngs.params(), (D, V), pdt), axes=("embed", "vocab"))
+        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
+
+    def _scan(self, stack, x_BTD, cos, sin, mask_BTS, valid_BT, experts_fn):
+        graphdef, state = nnx.split(stack)
+
+        def body(x, layer_state):
+            x, aux = nnx.merge(graphdef, layer_state)(x, cos, sin, mask_BTS, valid_BT, experts_fn)
+            return sharding.constrain(x, ACT_AXES), aux
+
+        if self.cfg.remat == "full":
+            body = jax.checkpoint(body)
+        elif self.cfg.remat == "save_dots":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        return jax.lax.scan(body, x_BTD, state)
+
+    def logits(self, h_BTD, norm: RMSNorm):
+        logits_BTV = (norm(h_BTD) @ self.head[...].astype(h_BTD.dtype)).astype(jnp.float32)
+        return sharding.constrain(logits_BTV, ("batch", "length", "vocab"))
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None) -> Output:
+        cfg = self.cfg
+        if experts_fn is None:
+            experts_fn = default_experts_fn(cfg)
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+        dt = dtype_of(cfg.dtype)
+        cos, sin = rope_tables(cfg, positions_BT)
+        # Causal within a document: segment 0 marks padding, which attends only to padding.
+        causal_TS = jnp.tril(jnp.ones((T, T), jnp.bool_))
+        mask_BTS = causal_TS[None] & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+        valid_BT = segment_ids_BT > 0
+
+        # Cast before the lookup: the table's gradient (a scatter-add, full [V, D] per device under FSDP)
+        # is then built in the compute dtype.
+        x_BTD = sharding.constrain(jnp.take(self.embed[...].astype(dt), tokens_BT, axis=0), ACT_AXES)
+        if self.dense_layers is not None:
+            x_BTD, _ = self._scan(self.dense_layers, x_BTD, cos, sin, mask_BTS, valid_BT, experts_fn)
+        E = cfg.n_routed_experts
+        load_LE, bal_L = jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
+        dropped = jnp.zeros((), jnp.int32)
+        if self.moe_layers is not None:
+            x_BTD, (load_LE, bal_L, dropped_L) = self._scan(self.moe_layers, x_BTD, cos, sin, mask_BTS, valid_BT,
+                                                 experts_fn)
+            dropped = dropped_L.sum()
+        logits = self.logits(x_BTD, self.norm)
+
+        mtp_logits, mtp_load, mtp_bal = [], [], []
+        h_BTD = x_BTD
+        for k, mod in enumerate(self.mtp, start=1):
+            next_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
+            e_BTD = jnp.take(self.embed[...].astype(dt), next_BT, axis=0)
+            eh_BTD = jnp.concatenate([mod.enorm(e_BTD), mod.hnorm(h_BTD)], axis=-1)
+            h_BTD = eh_BTD @ mod.eh_proj[...].astype(dt)
+            _, mtp_valid_BT = mtp_targets(tokens_BT, segment_ids_BT, k - 1)
+            h_BTD, aux = mod.block(h_BTD, cos, sin, mask_BTS, valid_BT & mtp_valid_BT, experts_fn)
+            mtp_logits.append(self.logits(h_BTD, mod.norm))
+            mtp_load.append(aux[0])
+            mtp_bal.append(aux[1])
+            dropped = dropped + aux[2]
+        stack = lambda xs: jnp.stack(xs) if xs else None
+        return Output(logits, stack(mtp_logits), load_LE, bal_L, stack(mtp_load), stack(mtp_bal), dropped,
+                      x_BTD)
+
+
+def default_experts_fn(cfg: ModelConfig):
+    """Local dropless experts on one device; under a mesh (`sharding.use_mesh`), the shard_map path:
+    all-to-all over `expert` when experts are sharded, a capacity limit when cfg.capacity_factor is set."""
+    ctx = sharding.current()
+    if ctx is None:
+        return routed_experts_dropless
+    return ShardedExperts(*ctx, capacity_factor=cfg.capacity_factor)
+
+
+def mtp_targets(tokens_BT, segment_ids_BT, k: int):
+    """Targets t_{i+k+1} for prediction depth k (0 = the main head) and where they exist in the same document."""
+    B, T = tokens_BT.shape
+    s = k + 1
+    targets_BT = jnp.pad(tokens_BT[:, s:], ((0, 0), (0, s)))
+    seg_next_BT = jnp.pad(segment_ids_BT[:, s:], ((0, 0), (0, s)))
+    in_range_T = jnp.arange(T) < T - s
+    return targets_BT, in_range_T[None] & (seg_next_BT == segment_ids_BT) & (segment_ids_BT > 0)
+
+
+# ---- the functional interface -------------------------------------------------------------------
+
+def init(cfg: ModelConfig, key: jax.Array):
+    """(graphdef, params): params is an nnx.State holding Param and RouterBias variables.
+    Created under one jit (NNX's eager init would dispatch op by op)."""
+    graphdef, _ = abstract_init(cfg)
+    params = jax.jit(lambda k: nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=k)))[1])(key)
+    return graphdef, params
+
+
+def abstract_init(cfg: ModelConfig):
+    """Shapes only (nothing allocated): works for the full 671B model."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
+    return nnx.split(model)
+
+
+def forward(graphdef, params, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None) -> Output:
+    """The pure forward pass. Jit with `jax.jit(forward, static_argnums=0)` (see `jit_forward`).
+    Inside `deepjax.parallel.sharding.use_mesh(...)` the MoE layers dispatch tokens over the mesh."""
+    return nnx.merge(graphdef, params)(tokens_BT, positions_BT, segment_ids_BT, experts_fn)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("experts_fn", "mesh_context"))
+def _jit_forward(graphdef, params, tokens_BT, positions_BT, segment_ids_BT, experts_fn, mesh_context):
+    del mesh_context  # only keys the cache: a trace made under one mesh is never reused under another
+    return forward(graphdef, params, tokens_BT, positions_BT, segment_ids_BT, experts_fn)
+
+
+def jit_forward(graphdef, params, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None) -> Output:
+    """`forward` under jax.jit, retraced when the `sharding.use_mesh` context changes."""
+    return _jit_forward(graphdef, params, tokens_BT, positions_BT, segment_ids_BT, experts_fn=experts_fn,
+                        mesh_context=sharding.context_key())
+
+
+# ---- parameter inventory ------------------------------------------------------------------------
+
+def path_str(path) -> str:
+    return ".".join(str(getattr(p, "key", p)) for p in path)
+
+
+def param_table(params) -> list[tuple[str, tuple, str]]:
+    """[(path, shape, dtype)] for every variable, in tree order."""
+    flat = nnx.to_flat_state(params)
+    return [(path_str(path), tuple(v.shape), str(v.dtype)) for path, v in flat]
+
+
+def count_params(params, include_mtp: bool = True) -> int:
+    total = 0
+    for path, shape, _ in param_table(params):
+        if not include_mtp and path.startswith("mtp."):
+            continue
+        total += int(np.prod(shape))
+    return total
+
+
+def count_active_params(cfg: ModelConfig, params) -> int:
+    """Parameters touched per token by the main model: all but the (E - K) unchosen experts per MoE layer."""
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    unchosen = cfg.n_moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    return count_params(params, include_mtp=False) - unchosen
+
+
+def param_shardings(params, mesh, rules: dict):
+    """NamedSharding per parameter from the axes it was created with (`sharding.param_shardings`)."""
+    return sharding.param_shardings(params, logical_axes(params), mesh, rules)
+
+
+def spec_table(params, rules: dict) -> dict[str, list]:
+    """param path -> PartitionSpec as a JSON list (`sharding.spec_table`), for golden dumps and docs."""
+    return sharding.spec_table(logical_axes(params), rules)
+
+
+def init_sharded(cfg: ModelConfig, key: jax.Array, mesh, rules: dict):
+    """(graphdef, params, shardings): params created directly in their shardings under one jit, so the
+    full model never exists on one device."""
+    graphdef, abstract = abstract_init(cfg)
+    shardings = param_shardings(abstract, mesh, rules)
+
+    def create(k):
+        return nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=k)))[1]
+
+    params = jax.jit(create, out_shardings=shardings)(key)
+    return graphdef, params, shardings
+
+
+def logical_axes(params):
+    """Tree of logical axis-name tuples; scanned stacks get a leading "layers" axis."""
+
+    def axes_of(v):
+        axes = tuple(v.get_metadata().get("axes", (None,) * v.ndim))
+        if len(axes) == v.ndim - 1:
+            axes = ("layers",) + axes
+        if len(axes) != v.ndim:
+            raise ValueError(f"variable of shape {v.shape} has axes {axes}")
+        return axes
+
+    return jax.tree.map(axes_of, params, is_leaf=lambda x: isinstance(x, nnx.Variable))

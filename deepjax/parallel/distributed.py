@@ -1,0 +1,86 @@
+"""Multi-host wiring: one process per host, each feeding only its own rows of the global batch.
+
+On a Cloud TPU VM pod slice, `initialize()` needs no arguments: jax reads the worker list from the TPU
+metadata. On multi-node GPU it takes the coordinator from the environment (JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID) or from SLURM / Open MPI, which jax detects itself. A single process
+skips initialization entirely, so the same entry point runs on a laptop, a Colab VM and a pod.
+
+Data: `process_rows` says which contiguous rows of the global batch this host's devices hold under the
+batch sharding; the host loads only those and `global_batch` assembles the global jax.Array without any
+host ever holding the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from deepjax.parallel import sharding as S
+
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+def _tpu_pod() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts
+
+
+def initialize(**kwargs) -> None:
+    """jax.distributed.initialize when this is one process of several; a no-op otherwise.
+    Must run before anything touches jax devices."""
+    if jax.distributed.is_initialized():
+        return
+    if not kwargs and os.environ.get("JAX_COORDINATOR_ADDRESS") and not _tpu_pod():
+        kwargs = _from_env()
+    if kwargs or _tpu_pod() or any(os.environ.get(k) for k in _MULTIHOST_ENV):
+        jax.distributed.initialize(**kwargs)
+
+
+def _from_env() -> dict:
+    """Coordinator, process count and this process's id from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID (jax itself reads only the address and would fail asking for the count); {} when the
+    count is not set, leaving SLURM / Open MPI detection to jax."""
+    n = os.environ.get("JAX_NUM_PROCESSES")
+    if not n:
+        return {}
+    pid = os.environ.get("JAX_PROCESS_ID")
+    try:
+        n_i, pid_i = int(n), int(pid) if pid is not None else None
+    except ValueError:
+        raise ValueError(f"JAX_NUM_PROCESSES={n!r} and JAX_PROCESS_ID={pid!r} must be integers") from None
+    if pid_i is None or not 0 <= pid_i < n_i:
+        raise ValueError(f"JAX_PROCESS_ID={pid!r}: set it to this process's index in [0, {n_i})")
+    return {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"], "num_processes": n_i,
+            "process_id": pid_i}
+
+
+def process_rows(global_batch: int, mesh: Mesh, rules: dict) -> slice:
+    """The contiguous rows of a [global_batch, ...] batch held by this process's devices."""
+    sharding = S.batch_spec(mesh, rules, ndim=1)
+    idx = sharding.addressable_devices_indices_map((global_batch,))
+    spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in idx.values()})
+    start, stop = spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > stop:
+            raise ValueError(f"this process's rows of the batch are not contiguous: {spans}; "
+                             "order the mesh so each host's devices are adjacent along the batch axes")
+        stop = max(stop, b)
+    return slice(start, stop)
+
+
+def global_batch(local: np.ndarray, global_batch_size: int, mesh: Mesh, rules: dict) -> jax.Array:
+    """A global [global_batch_size, ...] array from this process's rows (`process_rows`)."""
+    sharding = S.batch_spec(mesh, rules, ndim=local.ndim)
+    return jax.make_array_from_process_local_data(sharding, local, (global_batch_size, *local.shape[1:]))
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-host) global array on this host: an all-gather across processes when
+    there are several (device_get cannot read other hosts' shards), else device_get."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

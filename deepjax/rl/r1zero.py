@@ -1,0 +1,164 @@
+"""`deepjax r1zero`: the R1-Zero story end to end, small enough for a laptop CPU (about 3.5 minutes on 2 cores).
+
+    deepjax r1zero                                   # runs/r1zero, the built-in default (configs/r1zero.py)
+    deepjax r1zero --seed 1 --workdir runs/r1zero_s1 --config.rl.steps=120
+
+Stages (each resumes if its run directory already holds it):
+
+1. data: the arithmetic task at one digit, + and - (`tasks.generate`; held-out questions never appear in training),
+   built as a TFDS ArrayRecord dataset;
+2. base (`<workdir>/base`, `deepjax train`): the `tiny` MoE-MLA pretrained on worked answers of which
+   data.freeform_share are written free-form ("The answer is 7.") instead of in <answer> tags. The result is a weak
+   base in the sense of R1-Zero: it can often compute the answer, but states it in the checkable form only part of
+   the time, and its sampled answers scatter;
+3. before: pass@1 on the held-out problems (`deepjax eval`: k samples each at temperature 0.6, top-p 0.95, as R1);
+4. GRPO (`<workdir>/grpo`, `deepjax grpo`): rule-based rewards only (accuracy + 0.1 format), group advantages,
+   KL to the base with beta 0.001 (as R1-Zero);
+5. after: the same evaluation of the GRPO policy (same problems, k, sampling settings and seed).
+
+Printed and written to `<workdir>/r1zero.json` and `<workdir>/r1zero.png`: pass@1, cons@k and pass@k before and
+after, and where the change comes from: the share of samples with a checkable answer, and the accuracy of those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from deepjax.model import presets
+from deepjax.config import Config
+from deepjax.data.config import DataConfig
+from deepjax.rl.config import RLConfig
+from deepjax.train.config import OptimConfig, TrainConfig
+
+K_EVAL = 16  # samples per held-out problem in the before / after evaluation
+
+
+def default_config() -> Config:
+    return Config(
+        model=presets.tiny(),
+        seed=0,
+        data=DataConfig(source="arithmetic", template="plain", max_digits=1, ops="+-", num_train=170, num_test=24,
+                        freeform_share=0.5, seq_len=128, global_batch=16),
+        optim=OptimConfig(lr=3e-3, schedule="warmup_cosine", warmup_steps=20),
+        train=TrainConfig(steps=400, checkpoint_every=200, log_every=10),
+        rl=RLConfig(steps=150, prompts_per_step=16, group_size=8, max_new_tokens=32, temperature=1.0, beta=0.001,
+                    lr=3e-4, eval_every=25, eval_problems=24, eval_k=8),
+    )
+
+
+def with_seed(cfg: Config, seed: int) -> Config:
+    """The run's seed: parameter init, data order and every sampling key."""
+    return dataclasses.replace(cfg, seed=seed, data=dataclasses.replace(cfg.data, seed=seed))
+
+
+def breakdown(result: dict) -> dict:
+    """pass@1 / cons@k / pass@k at the largest k, and the share of samples whose answer could be extracted
+    (`answered`) and the accuracy among those (`accuracy_when_answered`)."""
+    row = result["table"][-1]
+    answers = [a for p in result["problems"] for a in p["answers"]]
+    correct = [c for p in result["problems"] for c in p["correct"]]
+    answered = [c for a, c in zip(answers, correct) if a is not None]
+    return {"k": row["k"], "pass@1": row["pass@1"], "cons@k": row["cons@k"], "pass@k": row["pass@k"],
+            "answered": len(answered) / max(len(answers), 1),
+            "accuracy_when_answered": sum(answered) / max(len(answered), 1), "n_problems": len(result["problems"])}
+
+
+def format_summary(before: dict, after: dict) -> str:
+    k = before["k"]
+    lines = [f"{'held-out (' + str(before['n_problems']) + ' problems, k=' + str(k) + ')':<34} {'base':>8} "
+             f"{'GRPO':>8} {'change':>8}"]
+    for key, name in (("pass@1", "pass@1"), ("cons@k", f"cons@{k}"), ("pass@k", f"pass@{k}"),
+                      ("answered", "samples with a checkable answer"),
+                      ("accuracy_when_answered", "accuracy of those")):
+        b, a = 100 * before[key], 100 * after[key]
+        lines.append(f"{name:<34} {b:>7.1f}% {a:>7.1f}% {a - b:>+7.1f}")
+    return "\n".join(lines)
+
+
+def plot(before: dict, after: dict, grpo_dir: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deepjax.train import loop as T
+
+    hist = T.read_history(os.path.join(grpo_dir, "metrics.jsonl"))
+    evals = T.read_jsonl(os.path.join(grpo_dir, "eval.jsonl"))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
+    keys = ["pass@1", "cons@k", "pass@k", "answered", "accuracy_when_answered"]
+    labels = ["pass@1", f"cons@{before['k']}", f"pass@{before['k']}", "checkable\nanswer", "accuracy of\nthose"]
+    x = range(len(keys))
+    ax[0].bar([i - 0.2 for i in x], [100 * before[k] for k in keys], 0.4, label="base")
+    ax[0].bar([i + 0.2 for i in x], [100 * after[k] for k in keys], 0.4, label="after GRPO")
+    ax[0].set_xticks(list(x), labels), ax[0].set_ylabel("%"), ax[0].legend()
+    ax[0].set_title(f"held-out, {before['n_problems']} problems x {before['k']} samples")
+    steps = sorted(hist)
+    ax[1].plot(steps, [hist[s]["reward"] for s in steps], label="reward")
+    ax[1].plot(steps, [hist[s]["accuracy"] for s in steps], label="accuracy")
+    ax[1].plot(steps, [hist[s]["format"] for s in steps], label="format")
+    ax[1].set_xlabel("GRPO step"), ax[1].set_title("rollouts (train prompts)"), ax[1].legend()
+    if evals:
+        ax[2].plot([0] + [e["step"] for e in evals], [100 * before["pass@1"]] + [100 * e["pass@1"] for e in evals],
+                   "o-")
+    ax[2].set_xlabel("GRPO step"), ax[2].set_ylabel("%"), ax[2].set_title("held-out pass@1 during GRPO")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: Config, workdir: str, k: int = K_EVAL, progress: bool = True) -> dict:
+    """Runs the stages (module docstring) in `workdir`; returns the summary written to r1zero.json."""
+    from deepjax.rl import loop as grpo_run
+    from deepjax.rl import evaluate as run_eval
+    from deepjax.train import loop as T
+
+    workdir = os.path.abspath(workdir)
+    base_dir, grpo_dir = os.path.join(workdir, "base"), os.path.join(workdir, "grpo")
+    if cfg.data.data_dir is None:  # one dataset for both stages
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=os.path.join(workdir, "tfds")))
+    r = cfg.rl
+    times = {}
+
+    def evaluate(d):
+        res = run_eval.run(d, k=k, problems=r.eval_problems, temperature=r.eval_temperature, top_p=r.eval_top_p,
+                           max_new_tokens=r.max_new_tokens, seed=cfg.seed, progress=progress)
+        return breakdown(res)
+
+    t = time.perf_counter()
+    print(f"[1/4] base: tiny MoE-MLA, {cfg.train.steps} steps on {cfg.data.source} "
+          f"(max_digits {cfg.data.max_digits}, ops {cfg.data.ops!r}) -> {base_dir}", flush=True)
+    T.train(cfg, base_dir, progress=progress)
+    times["base_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print(f"[2/4] evaluating the base: {r.eval_problems} held-out problems x {k} samples", flush=True)
+    before = evaluate(base_dir)
+    print(f"      base pass@1 {100 * before['pass@1']:.1f}%", flush=True)
+    times["eval_before_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print(f"[3/4] GRPO: {r.steps} steps x {r.prompts_per_step} prompts x {r.group_size} samples -> {grpo_dir}",
+          flush=True)
+    grpo_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(r, init_from=base_dir, init_step=None))
+    grpo_run.grpo(grpo_cfg, grpo_dir, progress=progress)
+    times["grpo_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print("[4/4] evaluating the GRPO policy", flush=True)
+    after = evaluate(grpo_dir)
+    times["eval_after_s"] = time.perf_counter() - t
+
+    summary = {"seed": cfg.seed, "before": before, "after": after,
+               "pass@1_change_points": 100 * (after["pass@1"] - before["pass@1"]), "times": times,
+               "workdir": workdir}
+    with open(os.path.join(workdir, "r1zero.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if cfg.train.plot:
+        plot(before, after, grpo_dir, os.path.join(workdir, "r1zero.png"))
+    return summary
+
+
+__all__ = ["default_config", "with_seed", "run", "breakdown", "format_summary", "plot", "K_EVAL"]

@@ -1,0 +1,216 @@
+"""The GRPO policy update: rollouts as training arrays, the policy's token log-probs, and the jitted step.
+
+    batch = rollouts_from_samples(prompts_BP, prompt_lengths_B, out.tokens, out.logprobs, out.lengths, adv_B, T)
+    batch = batch._replace(ref_logp=jit_token_logprobs(graphdef, ref_params, batch, temperature))  # when beta > 0
+    step = jax.jit(make_grpo_step(graphdef, cfg, optimizer, GRPOConfig(...), temperature), donate_argnums=0)
+    for _ in range(grpo_cfg.mu):                       # mu updates on the same rollouts; old_logp stays fixed
+        state, metrics = step(state, batch)
+
+Shape key: B rows (outputs; the G outputs of a prompt on consecutive rows), T padded length (prompt +
+completion), P padded prompt length, N max new tokens, V vocab.
+
+Which distribution. The sampler (`deepjax/infer/sampling.py`) reports log softmax(logits / temperature) of each sampled
+token, taken before top-k / top-p truncation, and under temperature 1 when greedy (temperature 0). `token_logprobs`
+computes the same quantity from the training forward: the log-prob of token t under the logits at position t-1
+divided by the temperature. So pi_theta_old (the sampler's `old_logp`) and pi_theta (this module's log-probs) are
+the same distribution at the first of the mu updates, where their gap (`sampler_trainer_logp_gap`) is only the
+numerical difference between the cached decode and the full forward (~1e-6 in float32). The entropy reported is
+that of the same tempered, untruncated distribution at each completion token's position.
+
+The step (`make_grpo_step`): loss = grpo.grpo_loss(pi_theta log-probs, old_logp, ref_logp, advantages,
+completion_mask); the gradient is taken w.r.t. the trainable params only (router biases enter the forward but are
+not differentiated); the optimizer update, the non-finite guard and its counters are train_step's
+(`train_step.guarded_update`): a step whose loss or gradient is not finite is not applied and is counted.
+With bias_update_speed > 0 the aux-loss-free router-bias rule runs on the policy forward's expert loads (prompt and
+completion tokens, padding excluded). The sequence-wise balance loss and the MTP heads are not part of the GRPO
+loss (the MTP modules still run in the forward, so their routers' loads exist; they receive no gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from deepjax.rl import loss as G
+from deepjax import model as M
+from deepjax.train import step as TS
+from deepjax.model.config import ModelConfig
+
+
+class Rollouts(NamedTuple):
+    tokens: jax.Array  # [B, T] int32: prompt then completion, right-padded with pad_id
+    positions: jax.Array  # [B, T] int32: 0.. on real tokens, 0 on padding
+    segment_ids: jax.Array  # [B, T] int32: 1 on real tokens (prompt and completion), 0 on padding
+    completion_mask: jax.Array  # [B, T] int32: 1 on completion (sampled) tokens
+    old_logp: jax.Array  # [B, T] float32: the sampler's log-prob of each completion token, 0 elsewhere
+    ref_logp: Optional[jax.Array]  # [B, T] float32 or None: the reference policy's log-probs (for beta > 0)
+    advantages: jax.Array  # [B] float32: A_i, one per row
+
+
+def _is_traced(*xs) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def rollouts_from_samples(prompts_BP, prompt_lengths_B, sample_tokens_BN, sample_logprobs_BN, sample_lengths_B,
+                          advantages_B, T: int, *, pad_id: int = 0, ref_logp=None) -> Rollouts:
+    """Rollouts with each row's completion right after its prompt: row b holds prompts[b, :prompt_lengths[b]] then
+    sample_tokens[b, :sample_lengths[b]] (whose log-probs go to old_logp at the same positions), then pad_id.
+    Numpy in, numpy out (the host-side path after scoring); jax arrays in, jax arrays out (jittable, T static).
+    `sampling.generate`'s Output gives sample_tokens / sample_logprobs / sample_lengths directly."""
+    arrays = (prompts_BP, prompt_lengths_B, sample_tokens_BN, sample_logprobs_BN, sample_lengths_B, advantages_B)
+    xp = jnp if any(isinstance(x, jax.Array) for x in arrays) else np
+    prompts = xp.asarray(prompts_BP).astype(xp.int32)
+    plen = xp.asarray(prompt_lengths_B).astype(xp.int32)
+    toks = xp.asarray(sample_tokens_BN).astype(xp.int32)
+    lps = xp.asarray(sample_logprobs_BN).astype(xp.float32)
+    slen = xp.asarray(sample_lengths_B).astype(xp.int32)
+    adv = xp.asarray(advantages_B).astype(xp.float32)
+    B, P = prompts.shape
+    N = toks.shape[1]
+    if toks.shape != (B, N) or lps.shape != (B, N) or plen.shape != (B,) or slen.shape != (B,) or adv.shape != (B,):
+        raise ValueError(f"rollouts_from_samples: shapes prompts {prompts.shape}, prompt_lengths {plen.shape}, "
+                         f"sample_tokens {toks.shape}, sample_logprobs {lps.shape}, sample_lengths {slen.shape}, "
+                         f"advantages {adv.shape} do not agree on B = {B}")
+    if not _is_traced(plen, slen):
+        p, n = np.asarray(plen), np.asarray(slen)
+        if (p < 1).any() or (p > P).any():
+            raise ValueError(f"prompt_lengths must be in [1, {P}], got {p.tolist()}")
+        if (n < 0).any() or (n > N).any():
+            raise ValueError(f"sample_lengths must be in [0, {N}], got {n.tolist()}")
+        if int((p + n).max()) > T:
+            raise ValueError(f"T = {T} is shorter than the longest prompt + completion ({int((p + n).max())})")
+    t = xp.arange(T, dtype=xp.int32)[None]  # [1, T]
+    in_prompt = t < plen[:, None]
+    in_completion = (t >= plen[:, None]) & (t < (plen + slen)[:, None])
+    real = in_prompt | in_completion
+    take = lambda a, i: xp.take_along_axis(a, xp.clip(i, 0, a.shape[1] - 1), axis=1)  # noqa: E731
+    j = t - plen[:, None]  # index into the completion
+    tokens = xp.where(in_prompt, take(prompts, xp.broadcast_to(t, (B, T))), xp.where(in_completion, take(toks, j),
+                                                                                        pad_id)).astype(xp.int32)
+    old_logp = xp.where(in_completion, take(lps, j), 0.0).astype(xp.float32)
+    return Rollouts(tokens=tokens, positions=xp.where(real, t, 0).astype(xp.int32),
+                    segment_ids=real.astype(xp.int32), completion_mask=in_completion.astype(xp.int32),
+                    old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
+
+
+# --------------------------------------------------------------------------------------------------- log-probs
+
+
+def _scale(temperature: float) -> float:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy, whose log-probs are at temperature 1), "
+                         f"got {temperature!r}")
+    return float(temperature) or 1.0
+
+
+def logprobs_from_logits(logits_BTV, tokens_BT, segment_ids_BT, temperature: float):
+    """(logp [B, T], entropy [B, T]): log softmax(logits[t-1] / temperature)[token t] and the entropy of that
+    distribution, at every t whose previous token is in the same (non-padding) document; 0 elsewhere (t = 0,
+    padding, a document's first token). The entropy carries no gradient."""
+    tau = _scale(temperature)
+    scaled = logits_BTV[:, :-1].astype(jnp.float32) / tau  # position t-1 predicts token t
+    logp_BTV = jax.nn.log_softmax(scaled, axis=-1)
+    lp = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    lpv = jax.lax.stop_gradient(logp_BTV)
+    ent = -jnp.sum(jnp.exp(lpv) * lpv, axis=-1)
+    seg = segment_ids_BT
+    valid = (seg[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
+    pad = lambda x: jnp.pad(jnp.where(valid, x, 0.0), ((0, 0), (1, 0)))  # noqa: E731
+    return pad(lp), pad(ent)
+
+
+def _forward(graphdef, params, tokens, positions, segment_ids, experts_fn):
+    return M.forward(graphdef, params, tokens, positions, segment_ids, experts_fn)
+
+
+def token_logprobs_and_entropy(graphdef, params, tokens, positions, segment_ids, temperature: float,
+                               experts_fn=None):
+    """(logp [B, T], entropy [B, T]) of the model `params` (Param and RouterBias state) on `tokens`: see
+    `logprobs_from_logits`. Pure; the same quantity the sampler reports for the tokens it drew."""
+    out = _forward(graphdef, params, tokens, positions, segment_ids, experts_fn)
+    return logprobs_from_logits(out.logits, tokens, segment_ids, temperature)
+
+
+def token_logprobs(graphdef, params, tokens, positions, segment_ids, temperature: float, experts_fn=None):
+    """logp [B, T]: log-prob of token t under softmax(logits at t-1 / temperature), 0 at t = 0 and on padding."""
+    return token_logprobs_and_entropy(graphdef, params, tokens, positions, segment_ids, temperature, experts_fn)[0]
+
+
+def _jit_logp(graphdef, params, tokens, positions, segment_ids, mask, temperature, experts_fn):
+    lp = token_logprobs(graphdef, params, tokens, positions, segment_ids, temperature, experts_fn)
+    return jnp.where(mask > 0, lp, 0.0)
+
+
+_jit_logp_fn = jax.jit(_jit_logp, static_argnums=(0, 6, 7))
+
+
+def jit_token_logprobs(graphdef, params, batch: Rollouts, temperature: float, experts_fn=None) -> jax.Array:
+    """Jitted `token_logprobs` of `params` on a Rollouts batch, zeroed outside the completion: e.g. the reference
+    policy's `ref_logp` (batch._replace(ref_logp=...)) or a recomputed `old_logp`."""
+    return _jit_logp_fn(graphdef, params, batch.tokens, batch.positions, batch.segment_ids, batch.completion_mask,
+                        _scale(temperature), experts_fn)
+
+
+# --------------------------------------------------------------------------------------------------------- step
+
+
+def grpo_objective(trainable, bias, graphdef, batch: Rollouts, grpo_cfg: G.GRPOConfig, temperature: float,
+                   experts_fn=None):
+    """(loss, (metrics, loads, logp)) of the policy `trainable` + `bias` on `batch`; differentiate w.r.t. trainable."""
+    out = _forward(graphdef, nnx.merge_state(trainable, bias), batch.tokens, batch.positions, batch.segment_ids,
+                   experts_fn)
+    logp, ent = logprobs_from_logits(out.logits, batch.tokens, batch.segment_ids, temperature)
+    mask = batch.completion_mask
+    loss, metrics = G.grpo_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, mask, grpo_cfg)
+    m = mask > 0
+    n = jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
+    # Masked tokens become zeros before the arithmetic (a padded old_logp may hold anything).
+    gap = jnp.where(m, jnp.abs(jnp.where(m, batch.old_logp, 0.0) - jax.lax.stop_gradient(logp)), 0.0)
+    metrics = dict(metrics, loss=loss, entropy=jnp.sum(jnp.where(m, ent, 0.0)) / n,
+                   sampler_trainer_logp_gap=jnp.sum(gap) / n, sampler_trainer_logp_gap_max=jnp.max(gap))
+    return loss, (metrics, (out.expert_load, out.mtp_expert_load))
+
+
+def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                   grpo_cfg: G.GRPOConfig, temperature: float, *, bias_update_speed: float = 0.0, experts_fn=None,
+                   lr_schedule: Optional[optax.Schedule] = None) -> Callable[[TS.TrainState, Rollouts],
+                                                                           tuple[TS.TrainState, dict]]:
+    """step(state, batch) -> (state, metrics), pure; jit it with the state donated. Call it grpo_cfg.mu times per
+    batch of rollouts with the same batch (old_logp fixed). `temperature`: the sampler's (0 = greedy: log-probs at 1).
+
+    Metrics (float32 scalars unless noted): loss; clip_frac, clip_frac_high, clip_frac_low, ratio_mean, ratio_max,
+    entropy_proxy (mean -logp), n_tokens, kl (only with ref_logp) from grpo_loss; entropy (mean entropy of the
+    tempered policy over completion tokens); sampler_trainer_logp_gap / _max (mean / max |old_logp - logp| over
+    completion tokens: on the first of the mu updates, where params equal the sampler's, the sampler/trainer
+    mismatch; on later ones, how far the policy has moved); grad_norm; applied (int32 1/0); maxvio [L] (this
+    batch's MoE load violation); lr when lr_schedule is given.
+    """
+    if not isinstance(grpo_cfg, G.GRPOConfig):
+        raise ValueError(f"grpo_cfg must be a GRPOConfig, got {type(grpo_cfg).__name__}")
+    tau = _scale(temperature)
+    del model_cfg  # the graphdef carries the model's config; kept for symmetry with make_train_step
+    grad_fn = jax.value_and_grad(grpo_objective, has_aux=True)
+
+    def step(state: TS.TrainState, batch: Rollouts):
+        (loss, (metrics, loads)), grads = grad_fn(state.params, state.router_bias, graphdef, batch, grpo_cfg, tau,
+                                                  experts_fn)
+        bias = TS.update_router_bias(state.router_bias, loads, bias_update_speed) if bias_update_speed else \
+            state.router_bias
+        applied = state.step - state.nonfinite_total  # optimizer updates applied before this step
+        new, grad_norm, finite = TS.guarded_update(state, grads, loss, optimizer, bias)
+        metrics = dict(metrics, grad_norm=grad_norm, applied=finite.astype(jnp.int32),
+                       maxvio=TS.max_violation(loads[0]))
+        if lr_schedule is not None:
+            metrics["lr"] = jnp.asarray(lr_schedule(applied), jnp.float32)
+        return new, metrics
+
+    return step
+
+
+__all__ = ["Rollouts", "rollouts_from_samples", "logprobs_from_logits", "token_logprobs",
+           "token_logprobs_and_entropy", "jit_token_logprobs", "grpo_objective", "make_grpo_step"]

@@ -1,0 +1,105 @@
+"""What every config dataclass shares: `ConfigError`, and type checks / parsing driven by the field annotations.
+
+Each concern defines its config beside its code and validates itself there (`ModelConfig` in deepjax/model/config.py,
+`MeshConfig` in deepjax/parallel/sharding.py, `DataConfig`, `OptimConfig` / `TrainConfig`, `RLConfig` in their
+packages' config.py); deepjax/config.py composes them into the run `Config`. Standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config field has an invalid value; the message names the field and the value."""
+
+
+def bad(name: str, value: Any, why: str) -> ConfigError:
+    """The one error format: `section.field=value: why`."""
+    return ConfigError(f"{name}={value!r}: {why}")
+
+
+def hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def unwrap_optional(tp) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def parse_scalar(tp, raw: str, name: str):
+    """A command-line string as a field of type `tp` (bool: true/false/1/0/yes/no)."""
+    s = raw.strip()
+    try:
+        if tp is bool:
+            if s.lower() in ("true", "1", "yes"):
+                return True
+            if s.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if tp is int:
+            return int(s)
+        if tp is float:
+            return float(s)
+        if tp is str:
+            return s
+    except ValueError:
+        pass
+    raise ConfigError(f"{name}: expected {tp.__name__}, got {raw!r}")
+
+
+def coerce(cls, name: str, value: Any, prefix: str = "model."):
+    """Type-checks a value given in Python (config files, HF json); ints are accepted for floats."""
+    tp, optional = unwrap_optional(hints(cls)[name])
+    full = prefix + name
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{full}: None is not allowed")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        raise ConfigError(f"{full}: expected {tp.__name__}, got {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{full}: expected bool, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{full}: expected int, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{full}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def check_types(obj, prefix: str) -> None:
+    """Every field of a config dataclass (nested ones too) has its annotated type."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        coerce(type(obj), f.name, v, prefix)
+        if dataclasses.is_dataclass(v):
+            check_types(v, f"{prefix}{f.name}.")
+
+
+def checker(obj, section: str):
+    """`fail(field, why)` raising the error for `section.field` with the field's value."""
+
+    def fail(field: str, why: str):
+        raise bad(f"{section}.{field}", getattr(obj, field), why)
+
+    return fail
+
+
+def positive(obj, section: str, fields, strict: bool = True) -> None:
+    """Each field > 0 (strict) or >= 0; NaN fails both."""
+    fail = checker(obj, section)
+    for f in fields:
+        v = getattr(obj, f)
+        if not (v > 0 if strict else v >= 0):
+            fail(f, "must be positive" if strict else "must be >= 0")
