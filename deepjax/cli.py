@@ -16,6 +16,7 @@ runs/<config name>); `grpo` runs or resumes GRPO (deepjax/rl/loop.py), from rl.i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -27,7 +28,13 @@ import numpy as np
 from deepjax import model as M
 from deepjax.config import Config, load_config
 from deepjax.model.config import ModelConfig
+from deepjax.rl import evaluate as run_eval
+from deepjax.rl import loop as grpo_run
+from deepjax.rl import r1zero
 from deepjax.schema import ConfigError
+from deepjax.train import loop as T
+from deepjax.train.checkpoint import CheckpointError
+from deepjax.train.run import NonFiniteError
 
 # Model order for the parameter table (the state itself is sorted by name).
 GROUP_ORDER = ("embed", "dense_layers", "moe_layers", "norm", "head", "mtp")
@@ -249,9 +256,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def eval_command(args) -> int:
-    from deepjax.rl import evaluate as run_eval
-    from deepjax.train.checkpoint import CheckpointError
-
     try:
         res = run_eval.run(args.workdir, k=args.k, problems=args.problems, temperature=args.temperature,
                            top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
@@ -271,11 +275,6 @@ def eval_command(args) -> int:
 
 def _run_job(fn, cfg: Config, args, suffix: str = ""):
     """(status, result) of fn(cfg, workdir, progress) with the run's errors as one line and an exit status."""
-    import os
-
-    from deepjax.train import loop as T
-    from deepjax.train.checkpoint import CheckpointError
-
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0] + suffix)
     args.workdir = workdir
     print(f"workdir: {os.path.abspath(workdir)}", flush=True)
@@ -287,16 +286,12 @@ def _run_job(fn, cfg: Config, args, suffix: str = ""):
     except (CheckpointError, FileNotFoundError) as e:
         print(f"deepjax: error: {e}", file=sys.stderr)
         return 1, None
-    except T.NonFiniteError as e:
+    except NonFiniteError as e:
         print(f"deepjax: stopped: {e}", file=sys.stderr)
         return 1, None
 
 
 def r1zero_command(cfg: Config, args) -> int:
-    import os
-
-    from deepjax.rl import r1zero
-
     cfg = r1zero.with_seed(cfg, args.seed)
     if args.workdir is None:
         args.workdir = os.path.join("runs", "r1zero" if args.seed == 0 else f"r1zero_s{args.seed}")
@@ -313,10 +308,6 @@ def r1zero_command(cfg: Config, args) -> int:
 
 
 def grpo_command(cfg: Config, args) -> int:
-    import os
-
-    from deepjax.rl import loop as grpo_run
-
     status, out = _run_job(grpo_run.grpo, cfg, args, suffix="_grpo")
     if status:
         return status
@@ -333,10 +324,6 @@ def grpo_command(cfg: Config, args) -> int:
 
 
 def train_command(cfg: Config, args) -> int:
-    import os
-
-    from deepjax.train import loop as T
-
     status, last = _run_job(T.train, cfg, args)
     if status:
         return status

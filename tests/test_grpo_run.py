@@ -19,6 +19,7 @@ from deepjax.rl import loop as grpo_run
 from deepjax.data import tasks
 from deepjax.parallel import sharding as S
 from deepjax.train import loop as T
+from deepjax.train import run as TR
 from deepjax.config import ConfigError, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ def _grpo_cli(workdir, args, env_extra=None):
 def _restore(workdir, cfg, with_ref=True):
     """(step, state, data, config[, {"ref": params}]) of the newest checkpoint in workdir."""
     mesh, rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
-    *_, abstract = T.abstract_train_state(cfg, mesh, rules)
+    *_, abstract = TR.abstract_train_state(cfg, mesh, rules)
     extra = {"ref": nnx.merge_state(abstract.params, abstract.router_bias)} if with_ref else None
     ck = C.Checkpointer(os.path.join(workdir, "checkpoints"), extra_items=tuple(extra or ()))
     try:
@@ -73,7 +74,7 @@ def test_grpo_killed_and_resumed_equals_the_straight_run(base):
     straight = _grpo_cli(base / "straight", args)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "held-out (4 problems, k=2): pass@1" in straight.stdout
-    killed = _grpo_cli(base / "resumed", args, {T.KILL_ENV: "3"})
+    killed = _grpo_cli(base / "resumed", args, {TR.KILL_ENV: "3"})
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL, not a clean stop
     assert sorted(os.listdir(base / "resumed" / "checkpoints")) == ["2"]
     resumed = _grpo_cli(base / "resumed", args)
@@ -91,7 +92,7 @@ def test_grpo_killed_and_resumed_equals_the_straight_run(base):
     assert int(s1.step) == N * 2  # mu = 2 optimizer updates per GRPO step
 
     # the same rollouts and rewards at every step, and the same evaluations
-    h1, h2 = (T.read_history(base / d / "metrics.jsonl") for d in ("straight", "resumed"))
+    h1, h2 = (TR.read_history(base / d / "metrics.jsonl") for d in ("straight", "resumed"))
     assert sorted(h1) == sorted(h2) == list(range(1, N + 1))
     for s in h1:
         for k in ("reward", "accuracy", "format", "response_length", "loss", "kl", "example"):

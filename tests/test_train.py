@@ -24,6 +24,7 @@ from deepjax.data import tasks
 from deepjax import model as M
 from deepjax.parallel import sharding as S
 from deepjax.train import loop as T
+from deepjax.train import run as TR
 from deepjax.train import step as TS
 from deepjax.config import ConfigError, DataConfig, MeshConfig, OptimConfig, load_config
 from deepjax.data.tokenizer import ByteTokenizer, plain_prompt
@@ -338,7 +339,7 @@ def _train_cli(workdir, args, env_extra=None):
 
 
 def _history(workdir):
-    return T.read_history(os.path.join(workdir, "metrics.jsonl"))
+    return TR.read_history(os.path.join(workdir, "metrics.jsonl"))
 
 
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
@@ -346,7 +347,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
     args = small_args(data_dir, f"--config.train.steps={2 * N}", f"--config.train.checkpoint_every={N}")
     straight = _train_cli(tmp_path / "straight", args)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _train_cli(tmp_path / "resumed", args, {T.KILL_ENV: str(N + 2)})
+    killed = _train_cli(tmp_path / "resumed", args, {TR.KILL_ENV: str(N + 2)})
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL, no clean stop
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == [str(N)]
     resumed = _train_cli(tmp_path / "resumed", args)
@@ -394,7 +395,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
 
 
 def _abstract_state(cfg):
-    return T.abstract_train_state(cfg, S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules))[-1]
+    return TR.abstract_train_state(cfg, S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules))[-1]
 
 
 def test_training_stops_after_k_nonfinite_steps(tmp_path, data_dir):
@@ -402,7 +403,7 @@ def test_training_stops_after_k_nonfinite_steps(tmp_path, data_dir):
         data_dir, "--config.optim.lr=1e30", "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
         "--config.train.max_nonfinite=2", "--config.train.steps=20", "--config.train.checkpoint_every=1",
         "--config.train.async_checkpoint=false", "--config.train.plot=false"))
-    with pytest.raises(T.NonFiniteError, match=r"step \d+: the loss or gradient was not finite for 2 steps"):
+    with pytest.raises(TR.NonFiniteError, match=r"step \d+: the loss or gradient was not finite for 2 steps"):
         T.train(cfg, str(tmp_path), progress=False)
     h = _history(tmp_path)
     last = max(h)
@@ -459,4 +460,4 @@ def test_config_json_round_trips():
 def test_vocab_smaller_than_tokenizer_is_named():
     cfg = load_config("tiny", ["--config.model.vocab_size=100"])
     with pytest.raises(ConfigError, match=r"model.vocab_size=100.*263"):
-        T.check_vocab(cfg, TOK)
+        TR.check_vocab(cfg, TOK)

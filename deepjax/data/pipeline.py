@@ -30,6 +30,7 @@ import hashlib
 from typing import Any, Optional
 
 import grain
+from absl import flags
 import numpy as np
 
 from deepjax.data import tasks
@@ -141,8 +142,6 @@ def prompt_iterator(data_cfg: Any, source, state: Optional[dict] = None):
 
 def _absl_parsed() -> None:
     """Grain's worker processes read absl flags; a program that never ran absl.app must mark them parsed."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

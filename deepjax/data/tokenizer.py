@@ -198,7 +198,7 @@ class HFTokenizer:
 def _load_hf(path: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer file not found: {path}")
-    import tokenizers  # lazy: only HF tokenizers need it
+    import tokenizers  # lazy on purpose: this module (prompt templates) loads with the standard library only
 
     try:
         return tokenizers.Tokenizer.from_file(path)

@@ -41,6 +41,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deepjax.infer.fast import fused as DF
@@ -643,8 +644,6 @@ def _jitted():
 
 def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
     """Right-padded int32 [B, P] (P rounded up to `multiple`, so prompt batches share compilations) and lengths."""
-    import numpy as np
-
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     P = -(-max(len(p) for p in prompts) // multiple) * multiple

@@ -16,6 +16,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from deepjax.parallel import sharding as S
@@ -77,10 +78,16 @@ def global_batch(local: np.ndarray, global_batch_size: int, mesh: Mesh, rules: d
     return jax.make_array_from_process_local_data(sharding, local, (global_batch_size, *local.shape[1:]))
 
 
+def from_host(x: np.ndarray, mesh: Mesh, rules: dict) -> jax.Array:
+    """A [rows, ...] host array that every process holds whole, as a global array split over the batch axes (each
+    process contributes its `process_rows`)."""
+    rows = process_rows(x.shape[0], mesh, rules)
+    return global_batch(np.ascontiguousarray(x[rows]), x.shape[0], mesh, rules)
+
+
 def host_array(x: jax.Array) -> np.ndarray:
     """The whole of a (possibly multi-host) global array on this host: an all-gather across processes when
     there are several (device_get cannot read other hosts' shards), else device_get."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))

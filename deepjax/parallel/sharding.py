@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import jax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from deepjax.schema import ConfigError, check_types
@@ -109,8 +110,6 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence] = None) -> Mesh:
     shape = mesh_shape(cfg, len(devices))
     types = (AxisType.Auto,) * len(MESH_AXES)
     if cfg.dcn_data > 1:
-        from jax.experimental import mesh_utils
-
         ici = shape
         dcn = (cfg.dcn_data, 1, 1, 1)
         arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)

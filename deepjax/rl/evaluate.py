@@ -7,7 +7,7 @@ prompt is the run's template; k samples are drawn with `sampling.generate` on th
 evaluation: temperature 0.6, top-p 0.95). Reported (deepjax/rl/metrics.py): pass@1 estimated from the k samples,
 pass@k with the unbiased estimator, cons@k by majority vote over extracted answers, for k = 1, 2, 4, ... (the
 test-time-scaling table). Written to the run directory: `eval_step<N>.json` (table + every problem's answers),
-`eval_step<N>_scaling.png`. Single process (the batch is put on the mesh from this host).
+`eval_step<N>_scaling.png`. Every process samples the same rows (deepjax/infer/text.py).
 """
 
 from __future__ import annotations
@@ -17,40 +17,19 @@ import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
+from tqdm import tqdm
 
-from deepjax.parallel import distributed as D
-from deepjax.rl import metrics as evaluation
-from deepjax.infer import sampling as SP
-from deepjax.parallel import sharding as S
+from deepjax.config import Config
 from deepjax.data import tasks
-from deepjax.config import Config, from_dict
+from deepjax.data.tokenizer import load_tokenizer
+from deepjax.infer import sampling as SP
+from deepjax.infer import text
+from deepjax.parallel import sharding as S
+from deepjax.rl import metrics as evaluation
 from deepjax.schema import ConfigError
+from deepjax.train.run import load_params
 
 EVAL_TASKS = tasks.TASKS  # sources with a generated held-out split
-
-
-def load_run(workdir: str, step: Optional[int] = None, mesh=None, rules=None):
-    """(config, step, graphdef, params (router biases included), mesh, rules) of a `deepjax train` or `grpo` run,
-    placed on the run's own mesh, or on `mesh` / `rules` when given."""
-    from deepjax.train import loop as T
-    from deepjax.train.checkpoint import Checkpointer
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: not a deepjax run directory (no config.json)")
-    with open(path) as f:
-        cfg = from_dict(json.load(f))
-    if mesh is None:
-        mesh, rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
-    graphdef, *_, abstract = T.abstract_train_state(cfg, mesh, rules)
-    ck = Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        step, state, _, _ = ck.restore(abstract, step=step)
-    finally:
-        ck.close()
-    return cfg, step, graphdef, nnx.merge_state(state.params, state.router_bias), mesh, rules
 
 
 def held_out(cfg: Config, n: int) -> list[dict]:
@@ -63,39 +42,27 @@ def held_out(cfg: Config, n: int) -> list[dict]:
 def sample_completions(cfg: Config, graphdef, params, mesh, rules, examples: list[dict], k: int,
                        sc: SP.SamplingConfig, seed: int = 0, batch: int = 64, progress: bool = True) -> list[list[str]]:
     """k completions (decoded text, up to and excluding EOS) per example, sampled in batches of rows."""
-    from tqdm import tqdm
-
-    from deepjax.data.tokenizer import TEMPLATES, load_tokenizer
-
     tok = load_tokenizer(cfg.data.tokenizer)
-    sc = SP.SamplingConfig(**{**sc.__dict__, "eos_ids": (tok.eos_id,), "pad_id": tok.pad_id})
-    prompts = [tok.encode(TEMPLATES[cfg.data.template](ex["question"]), add_bos=True) for ex in examples]
+    prompts = text.prompt_ids(tok, cfg.data.template, [ex["question"] for ex in examples])
     rows = [p for p in prompts for _ in range(k)]  # problem i -> rows i*k ... i*k + k-1
     shards = S.batch_shards(mesh, rules)
     batch = max(shards, batch // shards * shards)  # rows split evenly over the batch axes
-    P_max = max(len(p) for p in prompts)
+    pad_to = max(8, -(-max(len(p) for p in prompts) // 8) * 8)  # one prompt length for every batch
     texts: list[str] = []
     key = jax.random.key(seed)
-    with S.use_mesh(mesh, rules):
-        for start in tqdm(range(0, len(rows), batch), desc="eval", unit="batch", disable=not progress):
-            chunk = rows[start:start + batch]
-            n_real = len(chunk)
-            chunk = chunk + [chunk[-1]] * (batch - n_real)  # a fixed batch shape: one compilation
-            P, L = SP.pad_prompts(chunk, pad_id=tok.pad_id, multiple=max(8, -(-P_max // 8) * 8))
-            key, sub = jax.random.split(key)
-            out = SP.jit_generate(graphdef, params, jax.device_put(jnp.asarray(P), S.batch_spec(mesh, rules)),
-                                  jax.device_put(jnp.asarray(L), S.batch_spec(mesh, rules, ndim=1)), sub, sc)
-            toks, lens, done = (D.host_array(x) for x in (out.tokens, out.lengths, out.done))
-            for r in range(n_real):
-                n = int(lens[r]) - int(done[r])  # drop the EOS itself
-                texts.append(tok.decode(toks[r, :n], errors="replace"))
+    for start in tqdm(range(0, len(rows), batch), desc="eval", unit="batch", disable=not progress):
+        chunk = rows[start:start + batch]
+        n_real = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch - n_real)  # a fixed batch shape: one compilation
+        key, sub = jax.random.split(key)
+        texts += text.complete(graphdef, params, tok, chunk, sub, sc, mesh, rules, pad_multiple=pad_to).texts[:n_real]
     return [texts[i * k:(i + 1) * k] for i in range(len(examples))]
 
 
 def run(workdir: str, k: int = 8, problems: int = 100, temperature: float = 0.6, top_p: float = 0.95,
         max_new_tokens: int = 64, batch: int = 64, seed: int = 0, step: Optional[int] = None,
         progress: bool = True) -> dict:
-    cfg, step, graphdef, params, mesh, rules = load_run(workdir, step)
+    cfg, step, graphdef, params, mesh, rules = load_params(workdir, step)
     examples = held_out(cfg, problems)
     sc = SP.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     completions = sample_completions(cfg, graphdef, params, mesh, rules, examples, k, sc, seed, batch, progress)
@@ -118,4 +85,4 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run", "load_run", "held_out", "sample_completions", "format_table"]
+__all__ = ["run", "held_out", "sample_completions", "format_table"]

@@ -40,38 +40,27 @@ import dataclasses
 import json
 import os
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from matplotlib.figure import Figure
 
-from deepjax.parallel import distributed as D
-from deepjax.rl import loss as G
-from deepjax.rl import rewards as R
-from deepjax.rl import update as rl
-from deepjax.infer import sampling as SP
-from deepjax.parallel import sharding as S
-from deepjax.data import tasks
-from deepjax.train import loop as T
-from deepjax.train import step as TS
+from deepjax import model as M
 from deepjax.config import Config, to_dict
+from deepjax.data import tasks
+from deepjax.infer import text
+from deepjax.rl import evaluate
+from deepjax.rl import loss as G
+from deepjax.rl import metrics
+from deepjax.rl import update as rl
+from deepjax.parallel import sharding as S
 from deepjax.schema import ConfigError
+from deepjax.train import step as TS
+from deepjax.train.run import Run, check_same_model, check_streak, kill_if_asked, load_params, read_history, \
+    read_jsonl, running, scalars
 
 FROZEN = ("mtp",)  # top-level parameter groups GRPO never changes
-
-
-def grpo_config(cfg: Config) -> G.GRPOConfig:
-    r = cfg.rl
-    return G.GRPOConfig(eps_low=r.eps_low, eps_high=r.eps_high, beta=r.beta, aggregation=r.aggregation,
-                        advantage_norm=r.advantage_norm, group_size=r.group_size, mu=r.mu,
-                        max_log_ratio=r.max_log_ratio, max_completion_length=r.max_new_tokens)
-
-
-def reward_config(cfg: Config) -> R.RewardConfig:
-    r = cfg.rl
-    return R.RewardConfig(accuracy=r.reward_accuracy, format=r.reward_format, language=r.reward_language)
 
 
 def _frozen(path) -> bool:
@@ -86,7 +75,7 @@ def freeze(new_params, old_params):
 
 def make_step(graphdef, cfg: Config, optimizer, schedule):
     """The policy update: rl.make_grpo_step with the FROZEN groups kept as they were."""
-    inner = rl.make_grpo_step(graphdef, cfg.model, optimizer, grpo_config(cfg), cfg.rl.temperature,
+    inner = rl.make_grpo_step(graphdef, cfg.model, optimizer, cfg.rl.grpo(), cfg.rl.temperature,
                               bias_update_speed=cfg.rl.bias_update_speed, lr_schedule=schedule)
 
     def step(state: TS.TrainState, batch: rl.Rollouts):
@@ -99,159 +88,102 @@ def make_step(graphdef, cfg: Config, optimizer, schedule):
 def restore_policy(run_dir: str, step: Optional[int], cfg: Config, mesh, rules):
     """(step, params State with router biases) of the checkpoint of another run directory, placed on `mesh`;
     its model must be `cfg`'s."""
-    from deepjax.rl import evaluate as run_eval
-
     try:
-        src, step, _, params, _, _ = run_eval.load_run(run_dir, step, mesh, rules)
+        src, step, _, params, _, _ = load_params(run_dir, step, mesh, rules)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"rl.init_from={run_dir!r}: {e}") from None
-    T.check_same_model(to_dict(src), cfg, run_dir)
+    check_same_model(to_dict(src), cfg, run_dir)
     return step, params
 
 
-class GRPORun:
-    """Mesh, prompt iterator, policy state (+ reference), jitted update, checkpointer of one GRPO run."""
+class GRPORun(Run):
+    """A GRPO run: the run directory (`Run`: policy state, checkpointer), the prompt iterator, the reference policy
+    (beta > 0) and the jitted update."""
 
     def __init__(self, cfg: Config, workdir: str):
-        from deepjax.data import pipeline
-        from deepjax.train.checkpoint import Checkpointer
-        from deepjax.data.tokenizer import TEMPLATES, load_tokenizer
+        from deepjax.data import pipeline  # lazy on purpose: grain, absent where only models run (the GPU machine)
 
         if cfg.data.source not in tasks.TASKS:
             raise ConfigError(f"data.source={cfg.data.source!r}: GRPO needs a generated task with a verifier "
                               f"({', '.join(tasks.TASKS)})")
-        self.cfg, self.workdir = cfg, os.path.abspath(workdir)
         r = cfg.rl
-        D.initialize()
-        self.is_main = jax.process_index() == 0
-        os.makedirs(self.workdir, exist_ok=True)
-        self.mesh, self.rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        T.check_vocab(cfg, self.tokenizer)
-        self.template = TEMPLATES[cfg.data.template]
-        self.rows = r.prompts_per_step * r.group_size
-        n_shards = S.batch_shards(self.mesh, self.rules)
-        if self.rows % n_shards:
-            raise ConfigError(f"rl.prompts_per_step x rl.group_size = {self.rows} rollouts do not split evenly over "
-                              f"the {n_shards} batch shards of the mesh")
-        source = T.build_sources(cfg, self.workdir)[cfg.data.split]
-        self._prompts = lambda state=None: pipeline.prompt_iterator(cfg.data, source, state)
-
-        n_updates = r.steps * r.mu
-        opt_cfg = cfg if r.lr is None else dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=r.lr))
-        (self.graphdef, _, self.optimizer, self.schedule, self.state_shardings,
-         self.abstract_state) = T.abstract_train_state(opt_cfg, self.mesh, self.rules, total_steps=n_updates)
-        abstract_params = nnx.merge_state(self.abstract_state.params, self.abstract_state.router_bias)
         self.ref_needed = r.beta > 0
-        extra = ("ref",) if self.ref_needed else ()
-        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                                         async_save=cfg.train.async_checkpoint, extra_items=extra)
-        self.ref = None
-        self.resumed_from = self.checkpointer.latest_step()
         self.init_source = None
-        if self.resumed_from is None:
+
+        def init_params():
             if r.init_from:
                 src_step, params = restore_policy(r.init_from, r.init_step, cfg, self.mesh, self.rules)
                 self.init_source = f"{os.path.abspath(r.init_from)} step {src_step}"
-            else:
-                _, params, _ = M.init_sharded(cfg.model, jax.random.key(cfg.seed), self.mesh, self.rules)
-                self.init_source = f"random init (seed {cfg.seed})"
-            self.state = jax.jit(lambda p: TS.init_state(p, self.optimizer, cfg.seed),
-                                 out_shardings=self.state_shardings)(params)
-            if self.ref_needed:
-                self.ref = self.policy_copy()
-            self.prompts = self._prompts()
-        else:
-            want = {"ref": abstract_params} if self.ref_needed else {}
-            try:
-                got = self.checkpointer.restore(self.abstract_state, fallback=cfg.train.fallback_on_damage,
-                                                extra=want)
-                step, state, data_state, saved_cfg, extras = got
-                T.check_same_model(saved_cfg, cfg, self.checkpointer.step_dir(step))
-            except Exception:
-                self.checkpointer.close()
-                raise
-            self.resumed_from, self.state = step, state
-            self.ref = extras.get("ref")
-            self.prompts = self._prompts(data_state)
-        if self.is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                json.dump(to_dict(cfg), f, indent=1)
-        with S.use_mesh(self.mesh, self.rules):
-            self._update = jax.jit(make_step(self.graphdef, cfg, self.optimizer, self.schedule), donate_argnums=0,
-                                   out_shardings=(self.state_shardings, None))
-        self.sampling = SP.SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
-                                          top_p=r.top_p, eos_ids=(self.tokenizer.eos_id,),
-                                          pad_id=self.tokenizer.pad_id)
-        self.rewards = reward_config(cfg)
+                return params
+            self.init_source = f"random init (seed {cfg.seed})"
+            return M.init_sharded(cfg.model, jax.random.key(cfg.seed), self.mesh, self.rules)[1]
+
+        super().__init__(cfg, workdir, optim_cfg=cfg.optim if r.lr is None else dataclasses.replace(cfg.optim, lr=r.lr),
+                         total_steps=r.steps * r.mu, extra_items=("ref",) if self.ref_needed else (),
+                         init_params=init_params)
+        self.rows = r.prompts_per_step * r.group_size
+        n_shards = S.batch_shards(self.mesh, self.rules)
+        if self.rows % n_shards:
+            self.checkpointer.close()
+            raise ConfigError(f"rl.prompts_per_step x rl.group_size = {self.rows} rollouts do not split evenly over "
+                              f"the {n_shards} batch shards of the mesh")
+        self.prompts = pipeline.prompt_iterator(cfg.data, self.sources[cfg.data.split], self.data_state)
+        self.ref = self.extras.get("ref")
+        if self.ref_needed and self.ref is None:
+            self.ref = self.policy_copy()
+        self._update = self.jit_update(make_step(self.graphdef, cfg, self.optimizer, self.schedule))
+        self.sampling = r.rollout_sampling()
+        self.rewards = r.rewards()
 
     # ------------------------------------------------------------------------------------------------- pieces
-    def policy_params(self):
-        return nnx.merge_state(self.state.params, self.state.router_bias)
-
     def policy_copy(self):
         """The policy's params in new buffers (the state is donated to the update; a reference must outlive it)."""
         return jax.tree.map(jnp.copy, self.policy_params())
 
-    def _global(self, x: np.ndarray) -> jax.Array:
-        rows = D.process_rows(x.shape[0], self.mesh, self.rules)
-        return D.global_batch(np.ascontiguousarray(x[rows]), x.shape[0], self.mesh, self.rules)
-
     def next_prompts(self) -> list[dict]:
         return [tasks.as_example(next(self.prompts)) for _ in range(self.cfg.rl.prompts_per_step)]
 
-    def rollout(self, examples: list[dict], step: int):
-        """Samples G completions per example; returns (numpy arrays, completion texts)."""
-        tok, G_ = self.tokenizer, self.cfg.rl.group_size
-        prompts = [tok.encode(self.template(ex["question"]), add_bos=True) for ex in examples]
-        P, L = SP.pad_prompts([p for p in prompts for _ in range(G_)], pad_id=tok.pad_id, multiple=16)
+    def rollout(self, examples: list[dict], step: int) -> text.Completions:
+        """Samples G completions per example (rows i*G ... i*G + G-1)."""
+        G_ = self.cfg.rl.group_size
+        prompts = text.prompt_ids(self.tokenizer, self.cfg.data.template, [ex["question"] for ex in examples])
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
-        with S.use_mesh(self.mesh, self.rules):
-            out = SP.jit_generate(self.graphdef, self.policy_params(), self._global(P), self._global(L), key,
-                                  self.sampling)
-        toks, lps, lens, done = (D.host_array(x) for x in (out.tokens, out.logprobs, out.lengths, out.done))
-        texts = [tok.decode(toks[i, :int(lens[i]) - int(done[i])], errors="replace") for i in range(len(toks))]
-        return dict(prompts=P, prompt_lengths=L, tokens=toks, logprobs=lps, lengths=lens, done=done), texts
+        return text.complete(self.graphdef, self.policy_params(), self.tokenizer,
+                             [p for p in prompts for _ in range(G_)], key, self.sampling, self.mesh, self.rules)
 
     def score(self, examples: list[dict], texts: list[str]) -> dict[str, np.ndarray]:
         G_ = self.cfg.rl.group_size
         scores = [R.combined(examples[i // G_], t, self.rewards) for i, t in enumerate(texts)]
         return {k: np.asarray([s[k] for s in scores], np.float32) for k in scores[0]}
 
-    def batch(self, ro: dict, advantages: np.ndarray) -> rl.Rollouts:
-        Tlen = ro["prompts"].shape[1] + self.cfg.rl.max_new_tokens
-        b = rl.rollouts_from_samples(ro["prompts"], ro["prompt_lengths"], ro["tokens"], ro["logprobs"],
-                                     ro["lengths"], advantages, Tlen, pad_id=self.tokenizer.pad_id)
-        b = rl.Rollouts(*(None if x is None else self._global(np.asarray(x)) for x in b))
+    def batch(self, ro: text.Completions, advantages: np.ndarray) -> rl.Rollouts:
+        Tlen = ro.prompts.shape[1] + self.cfg.rl.max_new_tokens
+        b = rl.rollouts_from_samples(ro.prompts, ro.prompt_lengths, ro.tokens, ro.logprobs, ro.lengths, advantages,
+                                     Tlen, pad_id=self.tokenizer.pad_id)
+        b = rl.Rollouts(*(None if x is None else self.to_global(np.asarray(x)) for x in b))
         if self.ref_needed:
-            with S.use_mesh(self.mesh, self.rules):
+            with self.on_mesh():
                 b = b._replace(ref_logp=rl.jit_token_logprobs(self.graphdef, self.ref, b, self.cfg.rl.temperature))
         return b
 
     def update(self, batch: rl.Rollouts) -> list[dict]:
         out = []
-        with S.use_mesh(self.mesh, self.rules):
+        with self.on_mesh():
             for _ in range(self.cfg.rl.mu):
                 self.state, m = self._update(self.state, batch)
                 out.append(m)
-        return [T.scalars(jax.device_get(m)) for m in out]
+        return [scalars(jax.device_get(m)) for m in out]
 
     def evaluate(self, n_problems: int, k: int) -> dict:
-        from deepjax.rl import metrics as evaluation
-        from deepjax.rl import evaluate as run_eval
-
-        r = self.cfg.rl
-        examples = run_eval.held_out(self.cfg, n_problems)
-        sc = SP.SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.eval_temperature, top_p=r.eval_top_p)
-        comps = run_eval.sample_completions(self.cfg, self.graphdef, self.policy_params(), self.mesh, self.rules,
-                                            examples, k, sc, seed=self.cfg.seed, batch=max(64, self.rows),
-                                            progress=False)
-        return evaluation.summarize(examples, comps)
+        examples = evaluate.held_out(self.cfg, n_problems)
+        comps = evaluate.sample_completions(self.cfg, self.graphdef, self.policy_params(), self.mesh, self.rules,
+                                            examples, k, self.cfg.rl.eval_sampling(), seed=self.cfg.seed,
+                                            batch=max(64, self.rows), progress=False)
+        return metrics.summarize(examples, comps)
 
     def save(self, step: int, force: bool = False) -> bool:
-        extra = {"ref": self.ref} if self.ref_needed else None
-        return self.checkpointer.save(step, self.state, self.prompts.get_state(), to_dict(self.cfg), force=force,
-                                      extra=extra)
+        return super().save(step, self.prompts.get_state(), force=force,
+                            extra={"ref": self.ref} if self.ref_needed else None)
 
 
 def step_record(step: int, examples, texts, ro, scores, adv, updates: list[dict], group_size: int) -> dict:
@@ -260,7 +192,7 @@ def step_record(step: int, examples, texts, ro, scores, adv, updates: list[dict]
     acc = scores["accuracy"].reshape(-1, group_size)
     rec = {"step": step, "reward": float(scores["total"].mean()), "accuracy": float(scores["accuracy"].mean()),
            "format": float(scores["format"].mean()), "language": float(scores["language"].mean()),
-           "response_length": float(np.mean(ro["lengths"])), "stopped": float(np.mean(ro["done"])),
+           "response_length": float(np.mean(ro.lengths)), "stopped": float(np.mean(ro.done)),
            "solved_all": float(np.mean(acc.min(1) == 1)), "solved_none": float(np.mean(acc.max(1) == 0)),
            "adv_abs": float(np.mean(np.abs(adv)))}
     first, last = updates[0], updates[-1]
@@ -275,10 +207,6 @@ def step_record(step: int, examples, texts, ro, scores, adv, updates: list[dict]
 
 
 def plot_grpo(history: dict[int, dict], evals: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = sorted(history)
     if not steps:
         return
@@ -287,7 +215,8 @@ def plot_grpo(history: dict[int, dict], evals: list[dict], path: str) -> None:
     panels = [("reward", "reward (mean over rollouts)"), ("accuracy", "accuracy reward (rollouts)"),
               ("response_length", "response length (tokens)"), ("kl", "KL to reference (k3)"),
               ("clip_frac", "clip fraction"), ("entropy", "entropy (nats/token)")]
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    fig = Figure(figsize=(20, 8))
+    axes = fig.subplots(2, 4)
     axes = axes.ravel()
     for ax, (k, title) in zip(axes, panels):
         ax.plot(steps, get(k))
@@ -302,7 +231,6 @@ def plot_grpo(history: dict[int, dict], evals: list[dict], path: str) -> None:
     axes[7].set_title("|sampler - trainer| log-prob gap"), axes[7].set_xlabel("GRPO step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def eval_record(step: int, result: dict, k: int) -> dict:
@@ -313,8 +241,6 @@ def eval_record(step: int, result: dict, k: int) -> dict:
 
 def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
     """Runs (or resumes) GRPO to rl.steps; returns {"last": last step's metrics, "eval": last evaluation}."""
-    from tqdm import tqdm
-
     run = GRPORun(cfg, workdir)
     r, t = cfg.rl, cfg.train
     start = run.resumed_from or 0
@@ -322,25 +248,22 @@ def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
         print(f"resumed from {run.checkpointer.step_dir(start)} (GRPO step {start})" if run.resumed_from is not None
               else f"policy: {run.init_source}", flush=True)
     streak = int(jax.device_get(run.state.nonfinite_streak))
-    log = T.MetricsLog(run.workdir, t.log_every, enabled=run.is_main)
     eval_path = os.path.join(run.workdir, "eval.jsonl")
-    evals = [e for e in T.read_jsonl(eval_path) if e["step"] <= start]
-    bar = tqdm(total=r.steps, initial=start, disable=not (progress and run.is_main), dynamic_ncols=True,
-               desc="grpo", unit="step")
+    evals = [e for e in read_jsonl(eval_path) if e["step"] <= start]
     last: dict = {}
-    try:
+    with running(run, r.steps, start, "grpo", progress) as log:
         for s in range(start, r.steps):
             done = s + 1
             t0 = time.perf_counter()
             examples = run.next_prompts()
-            ro, texts = run.rollout(examples, s)
-            scores = run.score(examples, texts)
+            ro = run.rollout(examples, s)
+            scores = run.score(examples, ro.texts)
             adv = np.asarray(G.group_advantages(scores["total"], r.group_size, r.advantage_norm))
             t1 = time.perf_counter()
             updates = run.update(run.batch(ro, adv))
             if run.ref_needed and r.ref_refresh_every and done % r.ref_refresh_every == 0:
                 run.ref = run.policy_copy()
-            rec = step_record(done, examples, texts, ro, scores, adv, updates, r.group_size)
+            rec = step_record(done, examples, ro.texts, ro, scores, adv, updates, r.group_size)
             rec.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1)
             streak = 0 if rec["applied"] else streak + 1
             if (r.eval_every and done % r.eval_every == 0) or done == r.steps:
@@ -350,24 +273,19 @@ def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
                 if run.is_main:
                     with open(eval_path, "a") as f:
                         f.write(json.dumps(ev) + "\n")
-                    log.scalars({k: v for k, v in ev.items() if k != "step"}, done, "eval")
-            log.write(rec, done, last=done == r.steps, prefix="grpo")
-            bar.update(1)
-            bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}",
-                            len=f"{rec['response_length']:.1f}", kl=f"{rec.get('kl', 0.0):.4f}")
+                    log.log.scalars({k: v for k, v in ev.items() if k != "step"}, done, "eval")
+            log.step(rec, done, "grpo", reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}",
+                     len=f"{rec['response_length']:.1f}", kl=f"{rec.get('kl', 0.0):.4f}")
             last = rec
-            T.check_streak(streak, done, t.max_nonfinite, run.checkpointer)
+            check_streak(streak, done, t.max_nonfinite, run.checkpointer)
             if done % t.checkpoint_every == 0 or done == r.steps:
                 run.save(done, force=done == r.steps)
-            T.kill_if_asked(done, run.checkpointer)
-    finally:
-        bar.close()
-        run.checkpointer.close()
-        log.close()
+            kill_if_asked(done, run.checkpointer)
     if run.is_main and t.plot:
-        plot_grpo(log.history(), evals, os.path.join(run.workdir, "grpo_curves.png"))
+        plot_grpo(read_history(os.path.join(run.workdir, "metrics.jsonl")), evals,
+                  os.path.join(run.workdir, "grpo_curves.png"))
     return {"last": last, "eval": evals[-1] if evals else None}
 
 
-__all__ = ["grpo", "GRPORun", "grpo_config", "reward_config", "make_step", "freeze", "restore_policy",
-           "plot_grpo", "step_record", "eval_record", "FROZEN"]
+__all__ = ["grpo", "GRPORun", "make_step", "freeze", "restore_policy", "plot_grpo", "step_record", "eval_record",
+           "FROZEN"]

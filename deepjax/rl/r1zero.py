@@ -27,10 +27,16 @@ import json
 import os
 import time
 
+from matplotlib.figure import Figure
+
 from deepjax.model import presets
 from deepjax.config import Config
 from deepjax.data.config import DataConfig
+from deepjax.rl import evaluate as run_eval
+from deepjax.rl import loop as grpo_run
 from deepjax.rl.config import RLConfig
+from deepjax.train import loop as T
+from deepjax.train import run as TR
 from deepjax.train.config import OptimConfig, TrainConfig
 
 K_EVAL = 16  # samples per held-out problem in the before / after evaluation
@@ -79,15 +85,10 @@ def format_summary(before: dict, after: dict) -> str:
 
 
 def plot(before: dict, after: dict, grpo_dir: str, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from deepjax.train import loop as T
-
-    hist = T.read_history(os.path.join(grpo_dir, "metrics.jsonl"))
-    evals = T.read_jsonl(os.path.join(grpo_dir, "eval.jsonl"))
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.2))
+    hist = TR.read_history(os.path.join(grpo_dir, "metrics.jsonl"))
+    evals = TR.read_jsonl(os.path.join(grpo_dir, "eval.jsonl"))
+    fig = Figure(figsize=(16, 4.2))
+    ax = fig.subplots(1, 3)
     keys = ["pass@1", "cons@k", "pass@k", "answered", "accuracy_when_answered"]
     labels = ["pass@1", f"cons@{before['k']}", f"pass@{before['k']}", "checkable\nanswer", "accuracy of\nthose"]
     x = range(len(keys))
@@ -106,15 +107,10 @@ def plot(before: dict, after: dict, grpo_dir: str, path: str) -> None:
     ax[2].set_xlabel("GRPO step"), ax[2].set_ylabel("%"), ax[2].set_title("held-out pass@1 during GRPO")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run(cfg: Config, workdir: str, k: int = K_EVAL, progress: bool = True) -> dict:
     """Runs the stages (module docstring) in `workdir`; returns the summary written to r1zero.json."""
-    from deepjax.rl import loop as grpo_run
-    from deepjax.rl import evaluate as run_eval
-    from deepjax.train import loop as T
-
     workdir = os.path.abspath(workdir)
     base_dir, grpo_dir = os.path.join(workdir, "base"), os.path.join(workdir, "grpo")
     if cfg.data.data_dir is None:  # one dataset for both stages

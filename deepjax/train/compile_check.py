@@ -29,6 +29,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import topologies
 
 from deepjax import model as M
 from deepjax.parallel import sharding as S
@@ -99,8 +100,6 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from jax.experimental import topologies
-
     topo = topologies.get_topology_desc(args.topology, "tpu")
     mesh_cfg = S.MeshConfig(**mesh_kw)
     compiled, secs, mesh = compile_step(cfg.model, topo.devices, mesh_cfg, args.batch, args.seq,

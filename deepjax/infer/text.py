@@ -1,0 +1,44 @@
+"""Text in, text out: prompt -> pad -> generate on the mesh -> decode, the one path `deepjax eval` and GRPO's
+rollouts take (deepjax/rl/evaluate.py, deepjax/rl/loop.py)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from deepjax.data.tokenizer import TEMPLATES
+from deepjax.infer import sampling as SP
+from deepjax.parallel import distributed as D
+from deepjax.parallel import sharding as S
+
+
+class Completions(NamedTuple):
+    prompts: np.ndarray  # [B, P] right-padded prompt ids
+    prompt_lengths: np.ndarray  # [B]
+    tokens: np.ndarray  # [B, N] sampled ids (pad after a row stopped)
+    logprobs: np.ndarray  # [B, N] the sampler's log-probs (sampling.generate)
+    lengths: np.ndarray  # [B] tokens generated, EOS included
+    done: np.ndarray  # [B] the row stopped at an EOS
+    texts: list[str]  # each row decoded up to, not including, its EOS
+
+
+def prompt_ids(tokenizer, template: str, questions: Sequence[str]) -> list[list[int]]:
+    """Each question in the prompt template `template` (a key of tokenizer.TEMPLATES), BOS first."""
+    return [tokenizer.encode(TEMPLATES[template](q), add_bos=True) for q in questions]
+
+
+def complete(graphdef, params, tokenizer, prompts: Sequence[Sequence[int]], key, sc: SP.SamplingConfig, mesh, rules,
+             pad_multiple: int = 16) -> Completions:
+    """Samples one completion per prompt (a row each) with `sc`, the tokenizer's EOS and pad ids, on `mesh`: rows
+    split over the batch axes (every process passes all rows and gets all back)."""
+    sc = SP.SamplingConfig(**{**sc.__dict__, "eos_ids": (tokenizer.eos_id,), "pad_id": tokenizer.pad_id})
+    P, L = SP.pad_prompts(list(prompts), pad_id=tokenizer.pad_id, multiple=pad_multiple)
+    with S.use_mesh(mesh, rules):
+        out = SP.jit_generate(graphdef, params, D.from_host(P, mesh, rules), D.from_host(L, mesh, rules), key, sc)
+    toks, lps, lens, done = (D.host_array(x) for x in (out.tokens, out.logprobs, out.lengths, out.done))
+    texts = [tokenizer.decode(toks[i, :int(lens[i]) - int(done[i])], errors="replace") for i in range(len(toks))]
+    return Completions(P, L, toks, lps, lens, done, texts)
+
+
+__all__ = ["Completions", "prompt_ids", "complete"]

@@ -1,0 +1,301 @@
+"""The run directory every job shares (`deepjax train`, `deepjax grpo`, `deepjax eval`), written once.
+
+`Run` builds what a run holds: the mesh and rules, the tokenizer, the data sources, the abstract train state
+(nothing allocated), the Orbax checkpointer, then restores the newest checkpoint or initializes, and writes
+config.json. `Run.jit_update` jits a `(TrainState, batch) -> (TrainState, metrics)` update under the mesh with the
+state's shardings, donated. `Progress` is the loops' shared logging: a tqdm bar, metrics.jsonl, TensorBoard.
+`load_params` reads a run directory's parameters back (eval, GRPO's initial policy).
+
+What a run directory holds:
+
+    config.json           the resolved config (every field, after overrides)
+    checkpoints/<step>/   Orbax checkpoints (deepjax/train/checkpoint.py): state, data iterator state, config, extras
+    metrics.jsonl         one JSON line per step (the loop's metrics)
+    tb/                   TensorBoard event files (tensorboardX: no TensorFlow needed)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from deepjax import model as M
+from deepjax.config import Config, from_dict, to_dict
+from deepjax.data.tokenizer import load_tokenizer
+from deepjax.parallel import distributed as D
+from deepjax.parallel import sharding as S
+from deepjax.schema import ConfigError
+from deepjax.train import optim
+from deepjax.train import step as TS
+from deepjax.train.checkpoint import Checkpointer
+
+# Test hook: SIGKILL this process right after this step (once every checkpoint started so far is committed), to
+# check that a killed run resumes exactly. Not a clean stop: nothing is flushed or closed.
+KILL_ENV = "DEEPJAX_TEST_SIGKILL_AFTER_STEP"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the message names the step."""
+
+
+def check_vocab(cfg: Config, tokenizer) -> None:
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size} ids, data.tokenizer={cfg.data.tokenizer!r})")
+
+
+def check_same_model(saved: dict, cfg: Config, where: str) -> None:
+    now = to_dict(cfg)["model"]
+    old = saved.get("model", {})
+    diff = [k for k in sorted(set(now) | set(old)) if now.get(k) != old.get(k)]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"model.{k}={now.get(k)!r} but the checkpoint in {where} was trained with "
+                          f"model.{k}={old.get(k)!r} ({len(diff)} model field(s) differ: {diff}); use a new --workdir")
+
+
+def abstract_train_state(cfg: Config, mesh, rules, total_steps: Optional[int] = None):
+    """(graphdef, abstract params, optimizer, lr schedule, state shardings, abstract TrainState with shardings):
+    what restoring a checkpoint of `cfg` onto `mesh` needs, with nothing allocated. The schedule spans
+    `total_steps` optimizer updates (default train.steps); the state's structure does not depend on it."""
+    graphdef, abstract_params = M.abstract_init(cfg.model)
+    optimizer, schedule = optim.make_optimizer(cfg.optim, TS.split_params(abstract_params)[0],
+                                               total_steps or cfg.train.steps)
+    state = jax.eval_shape(lambda p: TS.init_state(p, optimizer, cfg.seed), abstract_params)
+    shardings = TS.state_shardings(state, mesh, rules)
+    return graphdef, abstract_params, optimizer, schedule, shardings, S.abstract_with_shardings(state, shardings)
+
+
+def build_sources(cfg: Config, workdir: str) -> dict:
+    """{split: TFDS data source} of cfg.data, built under data.data_dir (default <workdir>/tfds) on first use:
+    process 0 builds while the others wait, then every process reads."""
+    from deepjax.data import datasets  # lazy on purpose: tensorflow-datasets, absent where only models run
+
+    data_dir = cfg.data.data_dir or os.path.join(workdir, "tfds")
+    multi = jax.process_count() > 1
+    if multi and jax.process_index() != 0:
+        multihost_utils.sync_global_devices("deepjax: dataset built")
+    sources = datasets.build(cfg.data, data_dir)
+    if multi and jax.process_index() == 0:
+        multihost_utils.sync_global_devices("deepjax: dataset built")
+    if cfg.data.split not in sources:
+        raise ConfigError(f"data.split={cfg.data.split!r}: the dataset has splits {sorted(sources)}")
+    return sources
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per step, flushed) and TensorBoard events (tensorboardX) of a run, on process 0."""
+
+    def __init__(self, workdir: str, log_every: int, enabled: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.log_every = log_every
+        self.file = self.writer = None
+        if enabled:
+            self.file = open(self.path, "a")
+            self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, rec: dict, step: int, last: bool = False, prefix: str = "train") -> None:
+        if self.file:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        if self.writer and (step % self.log_every == 0 or last):
+            self.scalars(rec, step, prefix)
+
+    def scalars(self, rec: dict, step: int, prefix: str) -> None:
+        if not self.writer:
+            return
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            elif isinstance(v, list) and k.startswith("maxvio"):
+                for i, x in enumerate(v):
+                    self.writer.add_scalar(f"{k}/layer_{i}", x, step)
+        self.writer.flush()
+
+    def history(self) -> dict[int, dict]:
+        return read_history(self.path)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.file:
+            self.file.close()
+
+
+class Run:
+    """Mesh, tokenizer, data sources, train state (restored or initialized), checkpointer of one run directory.
+
+    optim_cfg / total_steps: the optimizer's config and the schedule's length (default cfg.optim, train.steps).
+    extra_items: names of parameter trees saved beside the state (GRPO's reference policy), restored into `extras`.
+    init_params: () -> params (router biases included) for a fresh run; default a sharded random init."""
+
+    def __init__(self, cfg: Config, workdir: str, optim_cfg=None, total_steps: Optional[int] = None,
+                 extra_items: tuple[str, ...] = (), init_params: Optional[Callable] = None):
+        self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+        D.initialize()
+        self.is_main = jax.process_index() == 0
+        os.makedirs(self.workdir, exist_ok=True)
+        self.mesh, self.rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        check_vocab(cfg, self.tokenizer)
+        self.sources = build_sources(cfg, self.workdir)
+
+        # abstract first, so a resumed run never allocates a fresh init it would throw away
+        opt_run = cfg if optim_cfg is None else dataclasses.replace(cfg, optim=optim_cfg)
+        (self.graphdef, self.abstract_params, self.optimizer, self.schedule, self.state_shardings,
+         self.abstract_state) = abstract_train_state(opt_run, self.mesh, self.rules, total_steps)
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                         async_save=cfg.train.async_checkpoint, extra_items=extra_items)
+        self.resumed_from = self.checkpointer.latest_step()
+        self.extras: dict = {}
+        self.data_state = None
+        if self.resumed_from is None:
+            if init_params is None:
+                params = M.init_sharded(cfg.model, jax.random.key(cfg.seed), self.mesh, self.rules)[1]
+            else:
+                params = init_params()
+            self.state = jax.jit(lambda p: TS.init_state(p, self.optimizer, cfg.seed),
+                                 out_shardings=self.state_shardings)(params)
+            del params
+        else:
+            want = {k: nnx.merge_state(self.abstract_state.params, self.abstract_state.router_bias)
+                    for k in extra_items}
+            try:
+                step, self.state, self.data_state, saved_cfg, self.extras = self.checkpointer.restore(
+                    self.abstract_state, fallback=cfg.train.fallback_on_damage, extra=want)
+                check_same_model(saved_cfg, cfg, self.checkpointer.step_dir(step))
+            except Exception:
+                self.checkpointer.close()  # no Orbax threads left behind to fail at exit
+                raise
+            self.resumed_from = step
+        if self.is_main:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                json.dump(to_dict(cfg), f, indent=1)
+
+    def on_mesh(self):
+        """The `sharding.use_mesh` context of this run (MoE dispatch, activation constraints)."""
+        return S.use_mesh(self.mesh, self.rules)
+
+    def jit_update(self, fn):
+        """`fn(state, batch) -> (state, metrics)` jitted under the mesh: the state donated, kept in its shardings."""
+        with self.on_mesh():
+            return jax.jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
+
+    def to_global(self, x: np.ndarray) -> jax.Array:
+        """A [rows, ...] host array (the same on every process) as a global array split over the batch axes."""
+        return D.from_host(x, self.mesh, self.rules)
+
+    def policy_params(self):
+        """The state's params with the router biases: what forward / generate take."""
+        return nnx.merge_state(self.state.params, self.state.router_bias)
+
+    def save(self, step: int, data_state, force: bool = False, extra: Optional[dict] = None) -> bool:
+        return self.checkpointer.save(step, self.state, data_state, to_dict(self.cfg), force=force, extra=extra)
+
+
+class Progress:
+    """A loop's logging on process 0: a tqdm bar, metrics.jsonl and TensorBoard (`MetricsLog`)."""
+
+    def __init__(self, run: Run, total: int, start: int, desc: str, progress: bool = True):
+        self.log = MetricsLog(run.workdir, run.cfg.train.log_every, enabled=run.is_main)
+        self.bar = tqdm(total=total, initial=start, disable=not (progress and run.is_main), dynamic_ncols=True,
+                        desc=desc, unit="step")
+        self.total = total
+
+    def step(self, rec: dict, step: int, prefix: str, **postfix) -> None:
+        self.log.write(rec, step, last=step == self.total, prefix=prefix)
+        self.bar.update(1)
+        self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
+
+
+@contextlib.contextmanager
+def running(run: Run, total: int, start: int, desc: str, progress: bool = True):
+    """`Progress` for a loop over steps start..total; on the way out (also on errors) the bar, the logs and the
+    checkpointer (waiting for its last writes) are closed."""
+    p = Progress(run, total, start, desc, progress)
+    try:
+        yield p
+    finally:
+        p.close()
+        run.checkpointer.close()
+
+
+def load_params(workdir: str, step: Optional[int] = None, mesh=None, rules=None):
+    """(config, step, graphdef, params (router biases included), mesh, rules) of a `deepjax train` or `grpo` run,
+    placed on the run's own mesh, or on `mesh` / `rules` when given."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not a deepjax run directory (no config.json)")
+    with open(path) as f:
+        cfg = from_dict(json.load(f))
+    if mesh is None:
+        mesh, rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
+    graphdef, *_, abstract = abstract_train_state(cfg, mesh, rules)
+    ck = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        step, state, _, _ = ck.restore(abstract, step=step)
+    finally:
+        ck.close()
+    return cfg, step, graphdef, nnx.merge_state(state.params, state.router_bias), mesh, rules
+
+
+def scalars(m: dict) -> dict:
+    out = {}
+    for k, v in m.items():
+        v = np.asarray(v)
+        out[k] = v.item() if v.ndim == 0 else v.tolist()
+    return out
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines log (none if it does not exist), skipping a last line cut by a kill."""
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return out
+
+
+def read_history(path: str) -> dict[int, dict]:
+    """step -> record from metrics.jsonl (a step redone after a resume keeps its last record)."""
+    return {r["step"]: r for r in read_jsonl(path)}
+
+
+def check_streak(streak: int, step: int, max_nonfinite: int, checkpointer) -> None:
+    """Raises NonFiniteError once `streak` non-finite steps in a row reach train.max_nonfinite."""
+    if streak >= max_nonfinite:
+        raise NonFiniteError(
+            f"step {step}: the loss or gradient was not finite for {streak} steps in a row "
+            f"(train.max_nonfinite={max_nonfinite}); those steps were not applied. Last good checkpoint: "
+            f"{checkpointer.latest_step()}. Lower optim.lr or check the data.")
+
+
+def kill_if_asked(step: int, checkpointer) -> None:
+    """The KILL_ENV test hook: after `step`, wait for the checkpoints started so far, then SIGKILL this process."""
+    if step == int(os.environ.get(KILL_ENV, "-1")):
+        checkpointer.wait()  # metrics.jsonl is flushed line by line
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+__all__ = ["Run", "Progress", "running", "load_params", "MetricsLog", "NonFiniteError", "KILL_ENV", "check_vocab",
+           "check_same_model", "abstract_train_state", "build_sources", "scalars", "read_jsonl", "read_history",
+           "check_streak", "kill_if_asked"]
