@@ -655,5 +655,5 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
 
 __all__ = ["SamplingConfig", "generate", "jit_generate", "prefill", "decode_step", "decode_tokens", "sample",
            "truncate_logits", "mtp_prefill", "mtp_decode",
-           "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "validate", "decode_experts_fn",
+           "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "cache_length", "decode_experts_fn",
            "fuse_layers", "unstack_layers", "use_fused", "prefill_fused", "fused_prefill_ok"]

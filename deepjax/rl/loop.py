@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,7 @@ from deepjax.infer import text
 from deepjax.rl import evaluate
 from deepjax.rl import loss as G
 from deepjax.rl import metrics
+from deepjax.rl import rewards as R
 from deepjax.rl import update as rl
 from deepjax.parallel import sharding as S
 from deepjax.schema import ConfigError
