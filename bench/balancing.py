@@ -14,7 +14,7 @@ lower MaxVio than no_bal at an equal or better loss, and than aux_loss at a bett
     PYTHONPATH=. JAX_PLATFORMS=cpu python bench/balancing.py --experts 0 --steps 400 --aux-alpha 1e-2 \
         --root /tmp/balancing_8e --png /tmp/balancing_8e.png             # the tiny preset's own 8 experts
 
-Each run goes to ROOT/<setting>_s<seed> (deepjax.train.train; a finished run of the same config is reused, one of
+Each run goes to ROOT/<setting>_s<seed> (deepjax.train.loop.train; a finished run of the same config is reused, one of
 another config is an error, --fresh deletes it),
 then every metrics.jsonl is read back. "final" is the mean over the last 10% of steps, "run" the mean over the
 whole run; MaxVio is first averaged over the MoE layers (main model only, not the MTP module). Loss is the
@@ -114,7 +114,7 @@ def run_one(name: str, seed: int, a) -> tuple[str, float]:
     if a.report_only:
         return workdir, float("nan")
     from deepjax.config import load_config, to_dict
-    from deepjax.train import train
+    from deepjax.train.loop import train
 
     cfg = load_config(a.config, overrides_for(name, seed, a))
     saved = os.path.join(workdir, "config.json")

@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepjax import sampling as SP
-from deepjax import sharding as S
-from deepjax import tasks
-from deepjax import train as T
-from deepjax.checkpoint import Checkpointer
+from deepjax.infer import sampling as SP
+from deepjax.parallel import sharding as S
+from deepjax.data import tasks
+from deepjax.train import run as TR
+from deepjax.train.checkpoint import Checkpointer
 from deepjax.config import from_dict
-from deepjax.tokenizer import TEMPLATES, load_tokenizer
+from deepjax.data.tokenizer import TEMPLATES, load_tokenizer
 
 
 def main(argv=None):
@@ -40,7 +40,7 @@ def main(argv=None):
         cfg = from_dict(json.load(f))
     mesh = S.make_mesh(cfg.mesh)
     rules = S.rules_for(cfg.mesh.rules)
-    graphdef, *_, abstract = T.abstract_train_state(cfg, mesh, rules)
+    graphdef, *_, abstract = TR.abstract_train_state(cfg, mesh, rules)
     ck = Checkpointer(os.path.join(a.workdir, "checkpoints"))
     step, state, _, _ = ck.restore(abstract)
     ck.close()

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepjax import model as M
-from deepjax import presets
-from deepjax import sampling as SP
+from deepjax.model import presets
+from deepjax.infer import sampling as SP
 
 
 def emit(**kw):

@@ -1,5 +1,5 @@
 """The Pallas decode kernels (`deepjax.infer.fast.kernels`) in Pallas' interpreter against the XLA code they replace: the
-same kernel bodies compile through Triton on GPU (bench/kernels_check.py compares them there)."""
+same kernel bodies compile through Triton on GPU (tests/test_gpu_kernels.py compares them there)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The grouped-matmul expert kernels (`deepjax.infer.fast.grouped`) in Pallas' interpreter against a dense float32
 reference (every expert on every token, combined with the routing weights): the same kernel bodies compile through
-Triton on GPU (bench/grouped_check.py compares them there; `test_lowers_for_gpu` lowers them here)."""
+Triton on GPU (tests/test_gpu_kernels.py compares them there; `test_lowers_for_gpu` lowers them here)."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ from deepjax.infer.fast.common import call, chunk, pow2
 # Tiles per kernel, keyed by the block's row count bm: a kernel uses the entry of the largest key not above bm.
 # bn: output columns per program (I for swiglu, D for down; swiglu keeps two [bm, bn] float32 accumulators),
 # bk: contracted-axis chunk per loop step. bm = 16 is bound by weight bytes (each expert's weights read about once),
-# bm = 128 by the tensor cores. bench/grouped_check.py sweeps these on the GPU.
+# bm = 128 by the tensor cores. `bench/tune.py grouped` sweeps these on the GPU.
 TUNING = {
     "bm_max": 128,  # the largest automatic bm (`block_rows`)
     "swiglu": {
@@ -53,7 +53,7 @@ TUNING = {
         128: {"bn": 64, "bk": 64, "num_warps": 4, "num_stages": 3, "rows_fastest": False},
     },
 }
-# (bm 16 and 128 from bench/grouped_check.py's sweep on one H100, 2026-11-23, docs/LOG.md: T = 128 tokens 0.258 ->
+# (bm 16 and 128 from the tile sweep (then bench/grouped_check.py) on one H100, 2026-11-23, docs/LOG.md: T = 128 tokens 0.258 ->
 # ~0.24 ms, T = 8192 1.03-1.09 -> ~1.0 ms per layer; bm 64 untuned)
 
 

@@ -50,10 +50,10 @@ KERNELS = ("attention", "route", "experts", "attn_in", "moe_in", "grouped", "att
 STEP_MAX_TOKENS = 8  # "attn_in" / "moe_in": one program per token and row block, for a few tokens per step
 
 
-# Block sizes and warps per kernel (bench/kernels_tune.py times the choices on the GPU).
+# Block sizes and warps per kernel (`bench/tune.py kernels` times the choices on the GPU).
 TUNING = {
     "attention": {"bs": 128, "num_warps": 4},
-    # route: 5.0 us at 64 tokens with 8 warps against 6.1 with 4 (bench/tune64.py, one H100); bt tokens per
+    # route: 5.0 us at 64 tokens with 8 warps against 6.1 with 4 (then bench/tune64.py, now `bench/tune.py kernels`; one H100); bt tokens per
     # program; logits: the kernel computes the norm and the router logits (`route` from x) in chunks of bd columns,
     # else XLA does
     "route": {"num_warps": 8, "bt": 1, "bd": 128, "logits": True},
