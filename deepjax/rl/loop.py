@@ -275,7 +275,7 @@ def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
                 if run.is_main:
                     with open(eval_path, "a") as f:
                         f.write(json.dumps(ev) + "\n")
-                    log.log.scalars({k: v for k, v in ev.items() if k != "step"}, done, "eval")
+                    log.scalars({k: v for k, v in ev.items() if k != "step"}, done, "eval")
             log.step(rec, done, "grpo", reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}",
                      len=f"{rec['response_length']:.1f}", kl=f"{rec.get('kl', 0.0):.4f}")
             last = rec

@@ -218,6 +218,10 @@ class Progress:
         self.bar.update(1)
         self.bar.set_postfix(**postfix)
 
+    def scalars(self, rec: dict, step: int, prefix: str) -> None:
+        """TensorBoard scalars outside the per-step record (GRPO's periodic evaluations)."""
+        self.log.scalars(rec, step, prefix)
+
     def close(self) -> None:
         self.bar.close()
         self.log.close()
