@@ -3,6 +3,7 @@ rollouts take (deepjax/rl/evaluate.py, deepjax/rl/loop.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ def complete(graphdef, params, tokenizer, prompts: Sequence[Sequence[int]], key,
              pad_multiple: int = 16) -> Completions:
     """Samples one completion per prompt (a row each) with `sc`, the tokenizer's EOS and pad ids, on `mesh`: rows
     split over the batch axes (every process passes all rows and gets all back)."""
-    sc = SP.SamplingConfig(**{**sc.__dict__, "eos_ids": (tokenizer.eos_id,), "pad_id": tokenizer.pad_id})
+    sc = dataclasses.replace(sc, eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
     P, L = SP.pad_prompts(list(prompts), pad_id=tokenizer.pad_id, multiple=pad_multiple)
     with S.use_mesh(mesh, rules):
         out = SP.jit_generate(graphdef, params, D.from_host(P, mesh, rules), D.from_host(L, mesh, rules), key, sc)

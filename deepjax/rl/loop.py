@@ -59,8 +59,8 @@ from deepjax.rl import update as rl
 from deepjax.parallel import sharding as S
 from deepjax.schema import ConfigError
 from deepjax.train import step as TS
-from deepjax.train.run import Run, check_same_model, check_streak, kill_if_asked, load_params, read_history, \
-    read_jsonl, running, scalars
+from deepjax.train.run import Run, check_same_model, check_streak, kill_if_asked, load_params, read_jsonl, \
+    running, scalars
 
 FROZEN = ("mtp",)  # top-level parameter groups GRPO never changes
 
@@ -284,8 +284,7 @@ def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
                 run.save(done, force=done == r.steps)
             kill_if_asked(done, run.checkpointer)
     if run.is_main and t.plot:
-        plot_grpo(read_history(os.path.join(run.workdir, "metrics.jsonl")), evals,
-                  os.path.join(run.workdir, "grpo_curves.png"))
+        plot_grpo(log.history(), evals, os.path.join(run.workdir, "grpo_curves.png"))
     return {"last": last, "eval": evals[-1] if evals else None}
 
 

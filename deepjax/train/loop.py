@@ -31,7 +31,7 @@ from deepjax import model as M
 from deepjax.config import Config
 from deepjax.parallel import distributed as D
 from deepjax.train import step as TS
-from deepjax.train.run import KILL_ENV, Run, check_streak, kill_if_asked, read_history, running, scalars
+from deepjax.train.run import KILL_ENV, Run, check_streak, kill_if_asked, running, scalars
 
 # Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is not set (substring of device_kind).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "v6": 918.0, "v5p": 459.0, "v5 lite": 197.0,
@@ -151,8 +151,7 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict:
         if pending is not None:
             finish(pending)
     if run.is_main and t.plot:
-        plot_curves(read_history(os.path.join(run.workdir, "metrics.jsonl")),
-                    os.path.join(run.workdir, "train_curves.png"))
+        plot_curves(log.history(), os.path.join(run.workdir, "train_curves.png"))
     return last
 
 

@@ -218,6 +218,10 @@ class Progress:
         self.bar.update(1)
         self.bar.set_postfix(**postfix)
 
+    def history(self) -> dict[int, dict]:
+        """step -> record of this run's metrics.jsonl (readable after `close`)."""
+        return self.log.history()
+
     def scalars(self, rec: dict, step: int, prefix: str) -> None:
         """TensorBoard scalars outside the per-step record (GRPO's periodic evaluations)."""
         self.log.scalars(rec, step, prefix)
