@@ -13,7 +13,7 @@ figure), decode-only tokens/s, the cache bytes per token, and the memory-bandwid
                      routing, the head) + the cache read (B x positions x layers x (C + R) x 2 bytes)
     roofline tokens/s = B / (bytes per step / measured copy bandwidth)
 
-The copy bandwidth is measured here (as shared/anchors/jax_peak.py: read + write of a 2 GiB array, donated).
+The copy bandwidth is measured here (as bench/anchors/jax_peak.py: read + write of a 2 GiB array, donated).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ import numpy as np
 from deepjax import model as M
 from deepjax.config import Config, load_config
 from deepjax.model.config import ModelConfig
-from deepjax.rl import evaluate as run_eval
-from deepjax.rl import loop as grpo_run
+from deepjax.rl import evaluate
+from deepjax.rl import loop
 from deepjax.rl import r1zero
 from deepjax.schema import ConfigError
 from deepjax.train import loop as T
@@ -257,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def eval_command(args) -> int:
     try:
-        res = run_eval.run(args.workdir, k=args.k, problems=args.problems, temperature=args.temperature,
+        res = evaluate.run(args.workdir, k=args.k, problems=args.problems, temperature=args.temperature,
                            top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
                            step=args.step, progress=not args.no_progress)
     except (ConfigError, ValueError) as e:
@@ -268,7 +268,7 @@ def eval_command(args) -> int:
         return 1
     print(f"{res['task']}, step {res['step']}: {res['n_problems']} held-out problems, k={res['k']}, "
           f"temperature {res['temperature']}, top-p {res['top_p']}")
-    print(run_eval.format_table(res["table"]))
+    print(evaluate.format_table(res["table"]))
     print(f"written: {args.workdir}/eval_step{res['step']}.json, eval_step{res['step']}_scaling.png")
     return 0
 
@@ -308,7 +308,7 @@ def r1zero_command(cfg: Config, args) -> int:
 
 
 def grpo_command(cfg: Config, args) -> int:
-    status, out = _run_job(grpo_run.grpo, cfg, args, suffix="_grpo")
+    status, out = _run_job(loop.grpo, cfg, args, suffix="_grpo")
     if status:
         return status
     last, ev = out["last"], out["eval"]

@@ -87,10 +87,10 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 
 # ---- loading --------------------------------------------------------------------------------
 
-# configs/ sits beside the package in a checkout; an installed wheel carries it inside the package, as
-# deepjax/configs (pyproject.toml maps it there).
+# The config files are the sub-package deepjax/configs (in a checkout `configs/` links to it), so a checkout and
+# an installed wheel find the same files.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-CONFIG_DIRS = (os.path.join(_PACKAGE_DIR, "configs"), os.path.join(os.path.dirname(_PACKAGE_DIR), "configs"))
+CONFIG_DIRS = (os.path.join(_PACKAGE_DIR, "configs"),)
 
 
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:

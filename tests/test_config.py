@@ -1,4 +1,4 @@
-"""Config validation, command-line overrides, presets against DEEPSEEK.md, HF config.json round trips, configs/.
+"""Config validation, command-line overrides, presets against docs/deepseek.md, HF config.json round trips, configs/.
 
 Every invalid config must raise ConfigError naming the field and the value; presets must carry DeepSeek's
 published values field for field; `ModelConfig.from_hf` must read what transformers and DeepSeek write.
@@ -13,7 +13,7 @@ import pytest
 
 from deepjax import model as M
 from deepjax.model import presets
-from deepjax.config import (CONFIG_DIRS, Config, ConfigError, ModelConfig, RopeScaling, apply_overrides,
+from deepjax.config import (CONFIG_DIRS, Config, ConfigError, DataConfig, ModelConfig, RopeScaling, apply_overrides,
                             load_config, validate)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +120,7 @@ def test_overrides_replace_only_named_fields():
     expected = Config(
         model=dataclasses.replace(tiny, n_routed_experts=4, n_group=2, q_lora_rank=None, rope_theta=5e5,
                                   rope_scaling=dataclasses.replace(tiny.rope_scaling, factor=10.0)),
-        seed=3)
+        data=DataConfig(template="plain"), seed=3)
     assert cfg == expected
     assert isinstance(cfg.model.rope_scaling.factor, float) and isinstance(cfg.model.rope_theta, float)
 
@@ -169,7 +169,7 @@ def test_missing_and_bad_config_files(tmp_path):
 
 def test_names_resolve_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert load_config("tiny") == Config(model=presets.tiny())
+    assert load_config("tiny") == Config(model=presets.tiny(), data=DataConfig(template="plain"))
     assert load_config("deepseek_v2_lite").model == presets.deepseek_v2_lite()
 
 
@@ -181,7 +181,8 @@ def test_config_files(name):
     """Each configs/NAME.py wraps its preset, and its docstring gives the command and the true counts."""
     path = os.path.join(REPO, "configs", f"{name}.py")
     cfg = load_config(path)
-    assert cfg == Config(model=getattr(presets, name)())
+    data = DataConfig(template="plain") if name == "tiny" else DataConfig()  # tiny: `deepjax train` bare runs
+    assert cfg == Config(model=getattr(presets, name)(), data=data)
     assert load_config(name) == cfg  # by name: the file (CONFIG_DIRS) or the preset, the same config
     with open(path) as f:
         doc = re.match(r'"""(.*?)"""', f.read(), re.S).group(1)
@@ -193,12 +194,13 @@ def test_config_files(name):
         assert f"{M.count_params(params, include_mtp=False):,}" in doc
 
 
-def test_config_dirs_cover_checkout_and_wheel():
+def test_config_dirs_are_the_package_and_the_checkout_links_to_it():
     package = os.path.join(REPO, "deepjax")
-    assert CONFIG_DIRS == (os.path.join(package, "configs"), os.path.join(REPO, "configs"))
+    assert CONFIG_DIRS == (os.path.join(package, "configs"),)
+    assert os.path.realpath(os.path.join(REPO, "configs")) == os.path.join(package, "configs")
 
 
-# ---- presets: DEEPSEEK.md section 1 ------------------------------------------------------------------------
+# ---- presets: docs/deepseek.md, Presets ---------------------------------------------------------------------
 
 PUBLISHED = {
     "deepseek_v3": dict(
@@ -252,7 +254,7 @@ def test_softmax_scale(name, scale):
 
 
 def _anchor_bench_hf_config():
-    """shared/anchors/hf_deepseek_v3.py `bench_cfg()`, verbatim: the shape HF is timed on."""
+    """bench/anchors/hf_deepseek_v3.py `bench_cfg()`, verbatim: the shape HF is timed on."""
     from transformers import DeepseekV3Config
 
     return DeepseekV3Config(

@@ -1,5 +1,5 @@
 """The Pallas kernels compiled through Triton on a real GPU, against the XLA code they replace (tests/test_kernels.py
-and tests/test_kernels_grouped.py check the same kernel bodies in Pallas' interpreter on the CPU).
+and tests/test_grouped.py check the same kernel bodies in Pallas' interpreter on the CPU).
 
     JAX_PLATFORMS=cuda PYTHONPATH=. python -m pytest -q -m gpu tests/test_gpu_*.py     (skipped without a GPU)
 

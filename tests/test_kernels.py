@@ -337,7 +337,7 @@ def test_moe_in_kernel_equals_norm_and_router(dtype):
 def test_experts_routed_kernel_equals_route_and_gathered_experts(preset, dtype):
     """The gate/up kernel's own routing: `moe.route`'s experts in its order and its weights, the shared experts
     appended with weight 1 (with the correction bias where the router has one; V2-Lite: softmax, greedy, none),
-    and sum_a w * parts equal to `decode_fused.experts_gathered` with that routing. The routers' real shapes (bench:
+    and sum_a w * parts equal to `fused.experts_gathered` with that routing. The routers' real shapes (bench:
     64 experts, 8 groups), small expert matrices."""
     cfg = getattr(presets, preset)()
     dt = jnp.dtype(dtype)

@@ -1,7 +1,7 @@
 """The whole model: exact parameter counts of the published shapes (through jax.eval_shape), YaRN and RoPE
 oracles, causality, packed-document isolation, padding, remat, bf16, and MTP learning a toy sequence.
 
-Oracles come from ../shared/DEEPSEEK.md. Forward tests share one tiny model and one input shape [B=2, T=16],
+Oracles come from docs/deepseek.md. Forward tests share one tiny model and one input shape [B=2, T=16],
 so `jit_forward` compiles once for all of them.
 """
 
@@ -47,7 +47,7 @@ def test_v2_params_exact():
 
 
 def test_v3_active_params(v3_abstract):
-    # Paper: 37B activated; with embedding and head about 37.55B (DEEPSEEK.md section 1).
+    # Paper: 37B activated; with embedding and head about 37.55B (docs/deepseek.md, Presets).
     active = M.count_active_params(presets.deepseek_v3(), v3_abstract)
     assert 36e9 < active < 38e9
 

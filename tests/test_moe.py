@@ -1,5 +1,5 @@
 """DeepSeekMoE: the three routers on hand-computable cases and against NumPy, dropless vs dense experts,
-balance loss and expert loads (DEEPSEEK.md section 3)."""
+balance loss and expert loads (docs/deepseek.md, Routing and Balancing)."""
 
 import dataclasses
 

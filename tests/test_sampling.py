@@ -256,7 +256,7 @@ def test_bad_sampling_settings_are_named(tiny):
 def test_cache_is_576_values_per_token_per_layer_at_v3():
     v3 = dataclasses.replace(presets.deepseek_v3(), dtype="bfloat16")
     assert v3.kv_lora_rank + v3.qk_rope_head_dim == 576
-    assert SP.cache_bytes_per_token(v3) == 70_272  # DEEPSEEK.md: 61 layers x 576 x 2 bytes
+    assert SP.cache_bytes_per_token(v3) == 70_272  # docs/deepseek.md, MLA: 61 layers x 576 x 2 bytes
     cache = jax.eval_shape(lambda: SP.init_cache(v3, 2, 16))
     assert len(cache.dense) == 3 and len(cache.moe) == 58
     assert {c.shape for c in cache.dense + cache.moe} == {(2, 16, 576)}  # rows [c (512) ; k_pe (64)]

@@ -426,8 +426,8 @@ def test_tiny_model_learns_arithmetic(tmp_path, data_dir):
 
     # `deepjax eval` on the same run: k samples per held-out problem through the sampler on the run's mesh
     from deepjax import cli
-    from deepjax.rl import evaluate as run_eval
-    res = run_eval.run(str(tmp_path), k=2, problems=8, max_new_tokens=24, batch=16, progress=False)
+    from deepjax.rl import evaluate
+    res = evaluate.run(str(tmp_path), k=2, problems=8, max_new_tokens=24, batch=16, progress=False)
     assert res["step"] == 120 and [r["k"] for r in res["table"]] == [1, 2]
     assert all(0 <= r[m] <= 1 for r in res["table"] for m in ("pass@1", "pass@k", "cons@k"))
     assert len(res["problems"]) == 8 and all(p["n"] == 2 for p in res["problems"])

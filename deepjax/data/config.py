@@ -23,7 +23,7 @@ class DataConfig:
     data_dir: Optional[str] = None  # TFDS data_dir; None: <workdir>/tfds
     split: str = "train"
     mode: str = "sft"  # pretrain: every token is a target | sft: completion tokens only
-    template: str = "r1"  # prompt template for question/answer sources: r1 (DEEPSEEK.md section 7) | plain
+    template: str = "r1"  # prompt template for question/answer sources: r1 (docs/deepseek.md, R1) | plain
     tokenizer: str = "byte"  # byte (built in) or a path to an HF tokenizer.json
     seq_len: int = 128  # packed sequence length
     global_batch: int = 16  # packed sequences per optimizer step, over all hosts

@@ -20,7 +20,7 @@ An example is a flat dict of TFDS-friendly values:
 Train and test never share a question, whatever n and seed: each question belongs to one split by a hash of its text
 (`_split_of`), and each split's generator keeps only its own questions.
 
-Checkers (R1, DEEPSEEK.md section 7: "rule-based rewards only"):
+Checkers (R1, docs/deepseek.md, R1: "rule-based rewards only"):
 
     extract_answer(text)         last <answer>...</answer>, else the last \\boxed{...}
     verify(example, completion)  the accuracy reward (bool)

@@ -23,7 +23,7 @@ from typing import Iterable, Optional, Sequence
 
 SPECIALS = ("<bos>", "<eos>", "<pad>", "<think>", "</think>", "<answer>", "</answer>")
 
-# DeepSeek-R1 paper, Table 1 (DEEPSEEK.md section 7): the R1-Zero template, in full.
+# DeepSeek-R1 paper, Table 1 (docs/deepseek.md, R1): the R1-Zero template, in full.
 R1_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
     "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "

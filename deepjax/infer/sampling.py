@@ -246,8 +246,8 @@ def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn,
 
 def fused_prefill_ok(layers, n_tokens: int) -> bool:
     """Whether `prefill_fused` runs on n_tokens prompt tokens (B x P): fused layers (`fuse_layers`) with the
-    "grouped" kernels on (kernel_set; shapes `kernels_grouped.supported` takes), and on GPU few enough rows for
-    their int32 offsets (`kernels_grouped.fits`; beyond that, `prefill`)."""
+    "grouped" kernels on (kernel_set; shapes `grouped.supported` takes), and on GPU few enough rows for
+    their int32 offsets (`grouped.fits`; beyond that, `prefill`)."""
     blks = None if layers is None else (layers["moe_layers"] or layers["dense_layers"])
     if not blks or not isinstance(blks[0], dict) or not blks[0]["kernels"]["grouped"]:
         return False
@@ -260,8 +260,8 @@ def fused_prefill_ok(layers, n_tokens: int) -> bool:
 def prefill_fused(model: Transformer, layers: dict, prompts_BP, lengths_B, cache: Cache, return_hidden: bool = False):
     """`prefill` with the decode step's fused weights (`fuse_layers`): absorbed attention over the prompt's own
     rows, and the routed experts as grouped matmuls that read each expert's weights in place (Pallas,
-    `kernels_grouped`), where `prefill`'s block-sorted path gathers a copy of the weights per block of rows. Same
-    outputs as `prefill` up to rounding (tests/test_kernels_grouped.py)."""
+    `deepjax.infer.fast.grouped`), where `prefill`'s block-sorted path gathers a copy of the weights per block of
+    rows. Same outputs as `prefill` up to rounding (tests/test_grouped.py)."""
     cfg = model.cfg
     B, P = prompts_BP.shape
     cos, sin, mask_BPP, _ = _prompt_geometry(cfg, B, P, lengths_B)
@@ -339,7 +339,7 @@ def kernel_mode(sc: SamplingConfig):
 def fuse_layers(model: Transformer, n_tokens: int = 1, kernels: Optional[str] = None, cache_len: int = 0,
                 kernel_set=KN.KERNELS, tokens_per_row: int = 1):
     """Like `unstack_layers`, with each layer's weights fused for the one-device decode step on n_tokens tokens
-    per step: a dict of arrays per layer (`decode_fused.fuse_block`), made once per generate call."""
+    per step: a dict of arrays per layer (`fused.fuse_block`), made once per generate call."""
     dt = dtype_of(model.cfg.dtype)
     return {name: None if blks is None else
             [DF.fuse_block(b, dt, n_tokens, kernels, cache_len, kernel_set, tokens_per_row) for b in blks]
@@ -371,7 +371,7 @@ def _layers_of(stack, barrier: bool = True):
 
 def _decode_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn, attention):
     """One block on T new tokens per row, writing their cache rows at pos_BT; returns (x, cache rows). `blk` is a
-    module, or a dict of fused weights (`decode_fused.fuse_block`, absorbed attention only)."""
+    module, or a dict of fused weights (`fused.fuse_block`, absorbed attention only)."""
     if isinstance(blk, dict):
         return DF.fused_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS)
     B, T, D = x_BTD.shape
@@ -447,7 +447,7 @@ def mtp_prefill(model: Transformer, h_BPD, prompts_BP, lengths_B, first_B, kv_BS
 
 def mtp_decode(model: Transformer, h_BTD, next_BT, pos_B, kv_BSc, experts_fn, attention: str, block=None):
     """The MTP module on T positions per row (pos_B + [0, T)): draft logits [B, T, V] and its cache rows.
-    `block`: the module's block fused (`decode_fused.fuse_block`), when the caller made that once."""
+    `block`: the module's block fused (`fused.fuse_block`), when the caller made that once."""
     mod = model.mtp[0]
     pos_BT, cos, sin, mask_BTS = _geometry(model.cfg, pos_B, h_BTD.shape[1], kv_BSc.shape[1])
     x = _mtp_input(model, mod, h_BTD, next_BT)

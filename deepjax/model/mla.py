@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2 section 2.1, DEEPSEEK.md section 2).
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1, docs/deepseek.md, MLA).
 
 Shape key: B batch, T query length, S key length, D hidden, N heads, H qk_nope_head_dim,
 R qk_rope_head_dim, V v_head_dim, Q q_lora_rank, C kv_lora_rank, P = R/2.

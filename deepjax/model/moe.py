@@ -3,7 +3,7 @@
 Shape key: B batch, T length, D hidden, E routed experts, K experts per token, G expert groups,
 I moe_intermediate_size, X = T*K (token, expert) assignments.
 
-Routers (DEEPSEEK.md section 3), all in float32:
+Routers (docs/deepseek.md, Routing), all in float32:
   greedy               (V2-Lite) softmax, plain top-K.
   group_limited_greedy (V2)      softmax, group score = max in group, keep topk_group groups, top-K.
   noaux_tc             (V3)      sigmoid; selection on s + b (b = correction bias, never trained by the

@@ -1,4 +1,4 @@
-"""Model presets: the published DeepSeek shapes (../DEEPSEEK.md section 1) and small ones.
+"""Model presets: the published DeepSeek shapes (docs/deepseek.md, Presets) and small ones.
 
 Each function returns a validated `ModelConfig`; `configs/*.py` wrap them into run configs.
 """
@@ -44,7 +44,7 @@ def deepseek_v2_lite() -> ModelConfig:
 
 
 def bench() -> ModelConfig:
-    """The benchmark shape of ../shared/anchors/README.md (1.25B params, 215M matmul-active per token)."""
+    """The benchmark shape of bench/anchors/hf_deepseek_v3.py (1.25B params, 215M matmul-active per token)."""
     return _checked(ModelConfig(
         vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
         num_hidden_layers=12, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=384,

@@ -16,7 +16,7 @@ from deepjax.schema import bad, check_types, checker, positive
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """GRPO (`deepjax grpo`, deepjax/rl/loop.py; DEEPSEEK.md sections 6-7). Prompts come from data.source's train
+    """GRPO (`deepjax grpo`, deepjax/rl/loop.py; docs/deepseek.md, GRPO and R1). Prompts come from data.source's train
     split; the optimizer is `optim` with rl.lr as its peak when set (its schedule over rl.steps x rl.mu updates);
     checkpoints, logging and the non-finite guard follow `train` (checkpoint_every counts GRPO steps)."""
 

@@ -25,7 +25,7 @@ from deepjax.data.tokenizer import load_tokenizer
 from deepjax.infer import sampling as SP
 from deepjax.infer import text
 from deepjax.parallel import sharding as S
-from deepjax.rl import metrics as evaluation
+from deepjax.rl import metrics
 from deepjax.schema import ConfigError
 from deepjax.train.run import load_params
 
@@ -66,14 +66,14 @@ def run(workdir: str, k: int = 8, problems: int = 100, temperature: float = 0.6,
     examples = held_out(cfg, problems)
     sc = SP.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     completions = sample_completions(cfg, graphdef, params, mesh, rules, examples, k, sc, seed, batch, progress)
-    result = evaluation.summarize(examples, completions)
+    result = metrics.summarize(examples, completions)
     result.update(workdir=os.path.abspath(workdir), step=step, k=k, n_problems=problems, temperature=temperature,
                   top_p=top_p, max_new_tokens=max_new_tokens, task=cfg.data.source)
     base = os.path.join(workdir, f"eval_step{step}")
     if jax.process_index() == 0:
         with open(base + ".json", "w") as f:
             json.dump(result, f, indent=1)
-        evaluation.plot_scaling(result["table"], base + "_scaling.png",
+        metrics.plot_scaling(result["table"], base + "_scaling.png",
                                 title=f"{cfg.data.source}, step {step}: accuracy vs samples per problem")
     return result
 

@@ -3,7 +3,7 @@ updates, all on the training mesh and the training parameters (no second copy of
 
     deepjax grpo tiny --workdir runs/grpo --config.rl.init_from=runs/base [--config.rl.steps=100 ...]
 
-One GRPO step (DEEPSEEK.md section 6):
+One GRPO step (docs/deepseek.md, GRPO):
 
 1. rl.prompts_per_step prompts from data.source's train split (a seeded Grain order, saved with the checkpoint);
 2. rl.group_size completions per prompt from `sampling.generate` (temperature rl.temperature, top-p / top-k), the
@@ -11,7 +11,7 @@ One GRPO step (DEEPSEEK.md section 6):
 3. rewards (deepjax/rl/rewards.py: accuracy + format [+ language], weights rl.reward_*), group advantages;
 4. with rl.beta > 0 the reference policy's log-probs (the reference is the initial policy, copied from the policy
    again every rl.ref_refresh_every steps when set; with beta = 0 no reference is held or run);
-5. rl.mu optimizer updates on the same rollouts (`rl.make_grpo_step`). The MTP modules are frozen (they get no
+5. rl.mu optimizer updates on the same rollouts (`update.make_grpo_step`). The MTP modules are frozen (they get no
    gradient from the GRPO loss; without the freeze AdamW's weight decay would still shrink them).
 
 Every rl.eval_every steps (and at the last) pass@1 on held-out problems (rl.eval_k samples each, temperature
@@ -31,7 +31,7 @@ What a run directory holds (as `deepjax train`'s, so `deepjax eval DIR` works on
 
 Restarting with the same work directory resumes from the newest checkpoint: the same policy, optimizer, reference,
 prompt order and sampling keys (each step's key is fold_in(key(seed), step)), so a run killed and resumed ends
-bitwise equal to one that never stopped (tests/test_grpo_run.py kills one with SIGKILL).
+bitwise equal to one that never stopped (tests/test_rl_loop.py kills one with SIGKILL).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from deepjax.rl import evaluate
 from deepjax.rl import loss as G
 from deepjax.rl import metrics
 from deepjax.rl import rewards as R
-from deepjax.rl import update as rl
+from deepjax.rl import update
 from deepjax.parallel import sharding as S
 from deepjax.schema import ConfigError
 from deepjax.train import step as TS
@@ -76,11 +76,11 @@ def freeze(new_params, old_params):
 
 
 def make_step(graphdef, cfg: Config, optimizer, schedule):
-    """The policy update: rl.make_grpo_step with the FROZEN groups kept as they were."""
-    inner = rl.make_grpo_step(graphdef, cfg.model, optimizer, cfg.rl.grpo(), cfg.rl.temperature,
+    """The policy update: update.make_grpo_step with the FROZEN groups kept as they were."""
+    inner = update.make_grpo_step(graphdef, cfg.model, optimizer, cfg.rl.grpo(), cfg.rl.temperature,
                               bias_update_speed=cfg.rl.bias_update_speed, lr_schedule=schedule)
 
-    def step(state: TS.TrainState, batch: rl.Rollouts):
+    def step(state: TS.TrainState, batch: update.Rollouts):
         new, metrics = inner(state, batch)
         return new._replace(params=freeze(new.params, state.params)), metrics
 
@@ -158,17 +158,17 @@ class GRPORun(Run):
         scores = [R.combined(examples[i // G_], t, self.rewards) for i, t in enumerate(texts)]
         return {k: np.asarray([s[k] for s in scores], np.float32) for k in scores[0]}
 
-    def batch(self, ro: text.Completions, advantages: np.ndarray) -> rl.Rollouts:
+    def batch(self, ro: text.Completions, advantages: np.ndarray) -> update.Rollouts:
         Tlen = ro.prompts.shape[1] + self.cfg.rl.max_new_tokens
-        b = rl.rollouts_from_samples(ro.prompts, ro.prompt_lengths, ro.tokens, ro.logprobs, ro.lengths, advantages,
+        b = update.rollouts_from_samples(ro.prompts, ro.prompt_lengths, ro.tokens, ro.logprobs, ro.lengths, advantages,
                                      Tlen, pad_id=self.tokenizer.pad_id)
-        b = rl.Rollouts(*(None if x is None else self.to_global(np.asarray(x)) for x in b))
+        b = update.Rollouts(*(None if x is None else self.to_global(np.asarray(x)) for x in b))
         if self.ref_needed:
             with self.on_mesh():
-                b = b._replace(ref_logp=rl.jit_token_logprobs(self.graphdef, self.ref, b, self.cfg.rl.temperature))
+                b = b._replace(ref_logp=update.jit_token_logprobs(self.graphdef, self.ref, b, self.cfg.rl.temperature))
         return b
 
-    def update(self, batch: rl.Rollouts) -> list[dict]:
+    def update(self, batch: update.Rollouts) -> list[dict]:
         out = []
         with self.on_mesh():
             for _ in range(self.cfg.rl.mu):

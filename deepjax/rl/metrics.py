@@ -2,7 +2,7 @@
 
 Pure Python + numpy (matplotlib only inside `plot_scaling`): importable without jax, grain or tfds.
 
-R1 (DEEPSEEK.md, evaluation) samples k completions per question at temperature 0.6 / top-p 0.95 and reports
+R1 (docs/deepseek.md, R1: evaluation) samples k completions per question at temperature 0.6 / top-p 0.95 and reports
 
     pass@1  = mean over problems of (correct samples / k)                         -> `pass1_from_samples`
     cons@k  = accuracy of the majority-vote answer of the k samples               -> `cons_at_k`

@@ -32,8 +32,8 @@ from matplotlib.figure import Figure
 from deepjax.model import presets
 from deepjax.config import Config
 from deepjax.data.config import DataConfig
-from deepjax.rl import evaluate as run_eval
-from deepjax.rl import loop as grpo_run
+from deepjax.rl import evaluate
+from deepjax.rl import loop
 from deepjax.rl.config import RLConfig
 from deepjax.train import loop as T
 from deepjax.train import run as TR
@@ -118,8 +118,8 @@ def run(cfg: Config, workdir: str, k: int = K_EVAL, progress: bool = True) -> di
     r = cfg.rl
     times = {}
 
-    def evaluate(d):
-        res = run_eval.run(d, k=k, problems=r.eval_problems, temperature=r.eval_temperature, top_p=r.eval_top_p,
+    def held_out(d):
+        res = evaluate.run(d, k=k, problems=r.eval_problems, temperature=r.eval_temperature, top_p=r.eval_top_p,
                            max_new_tokens=r.max_new_tokens, seed=cfg.seed, progress=progress)
         return breakdown(res)
 
@@ -131,7 +131,7 @@ def run(cfg: Config, workdir: str, k: int = K_EVAL, progress: bool = True) -> di
 
     t = time.perf_counter()
     print(f"[2/4] evaluating the base: {r.eval_problems} held-out problems x {k} samples", flush=True)
-    before = evaluate(base_dir)
+    before = held_out(base_dir)
     print(f"      base pass@1 {100 * before['pass@1']:.1f}%", flush=True)
     times["eval_before_s"] = time.perf_counter() - t
 
@@ -139,12 +139,12 @@ def run(cfg: Config, workdir: str, k: int = K_EVAL, progress: bool = True) -> di
     print(f"[3/4] GRPO: {r.steps} steps x {r.prompts_per_step} prompts x {r.group_size} samples -> {grpo_dir}",
           flush=True)
     grpo_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(r, init_from=base_dir, init_step=None))
-    grpo_run.grpo(grpo_cfg, grpo_dir, progress=progress)
+    loop.grpo(grpo_cfg, grpo_dir, progress=progress)
     times["grpo_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     print("[4/4] evaluating the GRPO policy", flush=True)
-    after = evaluate(grpo_dir)
+    after = held_out(grpo_dir)
     times["eval_after_s"] = time.perf_counter() - t
 
     summary = {"seed": cfg.seed, "before": before, "after": after,

@@ -1,4 +1,4 @@
-"""Verifiable rewards for RL on reasoning tasks (DEEPSEEK.md section 7): accuracy, format, language consistency.
+"""Verifiable rewards for RL on reasoning tasks (docs/deepseek.md, R1): accuracy, format, language consistency.
 
 Pure Python (standard library plus deepjax.data.tasks): the GRPO loop calls these on the host for every sampled completion.
 Each reward is `f(example, completion, *, cfg=None) -> float` in [0, 1]:
@@ -20,9 +20,9 @@ Each reward is `f(example, completion, *, cfg=None) -> float` in [0, 1]:
                                    (the <think> part); 0.0 when it has no words at all
 
 `combined(example, completion, cfg)` gives every component and their weighted sum "total"; the weights live in
-`RewardConfig`. DEEPSEEK.md section 7: R1-Zero is trained on "rule-based rewards only: accuracy ... plus format";
+`RewardConfig`. docs/deepseek.md, R1: R1-Zero is trained on "rule-based rewards only: accuracy ... plus format";
 R1's reasoning-RL stage uses "accuracy + language-consistency reward (share of target-language words in the
-reasoning)". DEEPSEEK.md gives no weights. `R1_ZERO` (= the default) is accuracy 1.0 + format 0.1 (the format term
+reasoning)". The paper gives no weights. `R1_ZERO` (= the default) is accuracy 1.0 + format 0.1 (the format term
 kept small so accuracy dominates the group-normalized GRPO advantage), language 0.0; `R1` is accuracy 1.0 + language
 1.0 (summed), format 0.0.
 
@@ -100,7 +100,7 @@ class RewardConfig:
 
     total = accuracy * r_accuracy + format * r_format + language * r_language (each r in [0, 1]; weights >= 0).
 
-    Defaults follow R1-Zero (DEEPSEEK.md section 7: "rule-based rewards only: accuracy ... plus format"): accuracy 1.0,
+    Defaults follow R1-Zero (docs/deepseek.md, R1: "rule-based rewards only: accuracy ... plus format"): accuracy 1.0,
     a small format term 0.1, no language term (0.0). R1's reasoning-RL stage instead uses "accuracy +
     language-consistency reward": see `R1` (accuracy 1.0 + language 1.0, i.e. summed).
     """

@@ -17,10 +17,10 @@ the same distribution at the first of the mu updates, where their gap (`sampler_
 numerical difference between the cached decode and the full forward (~1e-6 in float32). The entropy reported is
 that of the same tempered, untruncated distribution at each completion token's position.
 
-The step (`make_grpo_step`): loss = grpo.grpo_loss(pi_theta log-probs, old_logp, ref_logp, advantages,
+The step (`make_grpo_step`): the loss is `loss.grpo_loss`(pi_theta log-probs, old_logp, ref_logp, advantages,
 completion_mask); the gradient is taken w.r.t. the trainable params only (router biases enter the forward but are
-not differentiated); the optimizer update, the non-finite guard and its counters are train_step's
-(`train_step.guarded_update`): a step whose loss or gradient is not finite is not applied and is counted.
+not differentiated); the optimizer update, the non-finite guard and its counters are the train step's
+(`step.guarded_update`): a step whose loss or gradient is not finite is not applied and is counted.
 With bias_update_speed > 0 the aux-loss-free router-bias rule runs on the policy forward's expert loads (prompt and
 completion tokens, padding excluded). The sequence-wise balance loss and the MTP heads are not part of the GRPO
 loss (the MTP modules still run in the forward, so their routers' loads exist; they receive no gradient).

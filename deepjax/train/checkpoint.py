@@ -2,7 +2,7 @@
 
 A step directory holds three Orbax items:
 
-    state    train_step.TrainState: params, optimizer state, step, router biases, RNG, non-finite counters
+    state    step.TrainState: params, optimizer state, step, router biases, RNG, non-finite counters
     data     the Grain iterator state (JSON), so the data order continues exactly
     config   the resolved run config (JSON)
 

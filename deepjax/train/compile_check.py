@@ -12,7 +12,7 @@ full per-layer rematerialization (override with --config.model.dtype / --config.
 FLOPs: `flops_per_chip` is XLA's cost analysis, which counts a loop body once (measured: a 10-step `lax.scan`
 of matmuls reports 1/10 of the unrolled figure), so with scanned layers, blocked attention / expert
 dispatch and micro-batch scans it is far below the work done; `model_flops_per_chip` is the analytic
-figure (train_step.matmul_flops_per_token: main model, PaLM convention, no MTP, no remat recompute).
+figure (step.matmul_flops_per_token: main model, PaLM convention, no MTP, no remat recompute).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ SCHEDULES = ("constant", "warmup_cosine", "deepseek_v3")
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW and the learning-rate schedule (DEEPSEEK.md section 5)."""
+    """AdamW and the learning-rate schedule (docs/deepseek.md, Training)."""
 
     lr: float = 1e-3  # peak learning rate
     schedule: str = "warmup_cosine"  # constant | warmup_cosine | deepseek_v3

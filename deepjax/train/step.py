@@ -224,7 +224,7 @@ def state_is_finite(state: TrainState) -> bool:
 
 
 def matmul_flops_per_token(cfg: ModelConfig, seq_len: int, active_params: int) -> float:
-    """Training FLOPs per token, PaLM convention (as ../shared/anchors): 6 x matmul-active parameters
+    """Training FLOPs per token, PaLM convention (as bench/anchors/hf_deepseek_v3.py): 6 x matmul-active parameters
     (active minus the embedding lookup) + 6 x layers x heads x T x (qk_nope + qk_rope + v), non-causal."""
     matmul = active_params - cfg.vocab_size * cfg.hidden_size
     attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * seq_len * (

@@ -291,7 +291,7 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: boo
 
     prefill: the tokens are positions [0, T) of each row (the prompts; kv_BSc and pos_BT unused): the cache rows
     returned are the new rows alone [B, T, C + R], and the routed experts run as grouped matmuls
-    (`kernels_grouped.experts_grouped`, w["kernels"]["grouped"] set)."""
+    (`grouped.experts_grouped`, w["kernels"]["grouped"] set)."""
     res = x_BTD.res if isinstance(x_BTD, Pending) else x_BTD
     B, T, D = res.shape
     cfg, a = w["cfg"], w["attn"]

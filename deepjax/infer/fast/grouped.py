@@ -13,7 +13,7 @@ weights in place, and the dispatch moves only int32 indices until the two row ga
     combine         each assignment's row of y gathered back, weighted and summed over a token's A experts in
                     float32 (a gather and a reduction: no scatter-add)
 
-Weights are the fused decode layouts (`decode_fused._fuse_ffn`, contracted axis last), X = routed + shared experts
+Weights are the fused decode layouts (`fused._fuse_ffn`, contracted axis last), X = routed + shared experts
 (shared ones appended, weight 1): w_gu [X, 2I, D] (I gate rows, then I up rows); w_down [X, D, I] ("gathered") or
 [D, X*I] ("flat": column e*I + i is expert e's hidden unit i).
 
@@ -53,7 +53,7 @@ TUNING = {
         128: {"bn": 64, "bk": 64, "num_warps": 4, "num_stages": 3, "rows_fastest": False},
     },
 }
-# (bm 16 and 128 from the tile sweep (then bench/grouped_check.py) on one H100, 2026-11-23, docs/LOG.md: T = 128 tokens 0.258 ->
+# (bm 16 and 128 from the tile sweep (`bench/tune.py grouped`) on one H100, 2026-11-23, docs/LOG.md: T = 128 tokens 0.258 ->
 # ~0.24 ms, T = 8192 1.03-1.09 -> ~1.0 ms per layer; bm 64 untuned)
 
 
@@ -108,7 +108,7 @@ def supported(D: int, I: int, bm: int = 16, n_experts: int = 0) -> bool:
 
 def _call(kernel, mode: str, out_shape, grid, name: str, tiles: dict):
     if mode not in ("gpu", "interpret"):
-        raise ValueError(f"kernels_grouped: mode must be 'gpu' or 'interpret', not {mode!r}")
+        raise ValueError(f"grouped: mode must be 'gpu' or 'interpret', not {mode!r}")
     return call(kernel, mode, out_shape, grid, name, tiles["num_warps"], tiles["num_stages"])
 
 
@@ -136,7 +136,7 @@ def _check(mode: str, bm: int, tiles: dict, what: str, *arrays):
         return
     if not (pow2(bm) and min(bm, tiles["bn"], tiles["bk"]) >= 16):
         raise ValueError(f"{what}: bm={bm}, tiles {tiles}: Triton needs power-of-two tiles of 16+ "
-                         "(kernels_grouped.supported says which shapes qualify)")
+                         "(grouped.supported says which shapes qualify)")
     if max(a.size for a in arrays) >= 2**31:  # Pallas' Triton lowering computes element offsets in int32
         raise ValueError(f"{what}: an operand of {max(a.size for a in arrays)} elements: offsets overflow int32")
 

@@ -43,7 +43,7 @@ from deepjax.model.config import ModelConfig
 NEG = float(jnp.finfo(jnp.float32).min)
 # the kernels a decode step can use (`supported`, kernel_set): "attn_in" is the norm + projections + rope before
 # attention (`attn_in`, `attn_q`), "moe_in" the norm + router logits (`moe_in`) with the routing done inside the
-# experts' gate/up kernel (it needs "experts"), "grouped" the prefill's grouped-matmul experts (`kernels_grouped`),
+# experts' gate/up kernel (it needs "experts"), "grouped" the prefill's grouped-matmul experts (`grouped`),
 # "attn_pre" the query's scale and rope and the row's norm and rope inside the attention kernel
 # (`latent_attention_pre`, for steps of more tokens than "attn_in" takes; it needs "attention")
 KERNELS = ("attention", "route", "experts", "attn_in", "moe_in", "grouped", "attn_pre")
@@ -53,7 +53,7 @@ STEP_MAX_TOKENS = 8  # "attn_in" / "moe_in": one program per token and row block
 # Block sizes and warps per kernel (`bench/tune.py kernels` times the choices on the GPU).
 TUNING = {
     "attention": {"bs": 128, "num_warps": 4},
-    # route: 5.0 us at 64 tokens with 8 warps against 6.1 with 4 (then bench/tune64.py, now `bench/tune.py kernels`; one H100); bt tokens per
+    # route: 5.0 us at 64 tokens with 8 warps against 6.1 with 4 (`bench/tune.py kernels`; one H100); bt tokens per
     # program; logits: the kernel computes the norm and the router logits (`route` from x) in chunks of bd columns,
     # else XLA does
     "route": {"num_warps": 8, "bt": 1, "bd": 128, "logits": True},
@@ -157,7 +157,7 @@ def latent_attention(q_BNc, row_Bc, kv_BSc, pos_B, cfg: ModelConfig, mode: str):
     [B, C + R] (= [c ; k_pe]), the cache [B, S, C + R] holding positions [0, pos_B). Returns (o [B, N, C + R]
     with o[..., :C] = softmax(q . kv * scale) . c and zeros in the last R columns, the cache with the new row
     written at pos_B). Softmax and sums in float32; the cached rows' unnormalized weights are rounded to the cache
-    dtype before p . c (the new row's weight is not), close to `decode_fused.absorbed_attention`, which rounds the
+    dtype before p . c (the new row's weight is not), close to `fused.absorbed_attention`, which rounds the
     normalized p."""
     return _attention_call("latent_attention", cfg, mode, q_BNc.shape[-1], None, pos_B, q_BNc,
                            row_Bc.astype(kv_BSc.dtype), kv_BSc)
@@ -181,7 +181,7 @@ def _attention_call(name: str, cfg: ModelConfig, mode: str, o_cols: int, pre, po
 
 def _finish_query_and_row(b, heads, x_ref, q_ref, z_ref, cs_ref, kvn_ref, C: int, R: int, Q: int, eps: float, dt):
     """`latent_attention_pre`'s prologue for batch row b: the RMS scales of x and of the q latent, the query's rope,
-    the row's norm and rope (roundings as `decode_fused._folded_qkv` and fused_block's XLA branch)."""
+    the row's norm and rope (roundings as `fused._folded_qkv` and fused_block's XLA branch)."""
     f32 = jnp.float32
     cos, sin = cs_ref[b, 0, :], cs_ref[b, 1, :]  # [R]: each pair's angle twice
     D = x_ref.shape[1]
@@ -200,12 +200,12 @@ def _finish_query_and_row(b, heads, x_ref, q_ref, z_ref, cs_ref, kvn_ref, C: int
 
 def latent_attention_pre(x_BD, zu_BK, qu_BNJ, cs_B2R, kv_norm_C, kv_BSc, pos_B, cfg: ModelConfig, mode: str):
     """`latent_attention` with the RMSNorm scales, the rope and the row's norm inside ("attn_pre", for steps of more
-    tokens than `attn_q` takes), for weights with the norms' weights folded in (`decode_fused._fuse_attention`):
+    tokens than `attn_q` takes), for weights with the norms' weights folded in (`fused._fuse_attention`):
     x [B, D] the block's input, zu [B, Q + C + 2R] = x . w_in^T (= [q latent ; c ; k_pe ; k_pe swapped] before the
     input's RMS scale), qu [B, N, C + 2R] = zu[:, :Q] . w_q^T (rows: absorbed q_c, q_pe, q_pe with pairs swapped),
     cs [B, 2, R] cos and sin (each pair's angle twice). In the kernel, with s = rsqrt(mean(x^2) + eps): z = s zu,
     q = qu * s * rsqrt(mean(z_q^2) + eps) with rope on its pe part, row = [rms_norm(z_c) * kv_norm ; rope(z_pe)]
-    (`decode_fused._folded_qkv` in XLA). Returns (o [B, N, C], the cache with the row written at pos_B). On one H100
+    (`fused._folded_qkv` in XLA). Returns (o [B, N, C], the cache with the row written at pos_B). On one H100
     at batch 64 this replaced six XLA kernels per layer (norms, rope, concatenations; docs/LOG.md)."""
     dt = kv_BSc.dtype
     return _attention_call("latent_attention_pre", cfg, mode, cfg.kv_lora_rank, (cfg.q_lora_rank, cfg.rms_norm_eps, dt),
@@ -297,7 +297,7 @@ def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None
     gate weights as a dense [T, E] array (zero where unchosen).
 
     Or, with logits_TE None, from the block's residual stream x [T, D], the FFN norm's weight [D] and the router
-    [E, D]: the kernel computes h = rms_norm(x) and the float32 logits h . router itself (as `decode_fused`'s XLA
+    [E, D]: the kernel computes h = rms_norm(x) and the float32 logits h . router itself (as `fused`'s XLA
     path: h rounded to x's dtype, products and sums in float32). It then depends on x only, not on XLA's norm,
     so it is launched before the experts' gate/up matmul (which waits for that norm) and runs beside it (at 64
     tokens on an H100 XLA put its router matmul, its reduction and this kernel after gate/up: ~10 us a layer;
@@ -325,7 +325,7 @@ def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None
 # For a few tokens per step, the small XLA kernels around attention and the router (norms, projections, rope,
 # router logits, routing: ~10 kernels of 1-6 us per layer at batch 1 on an H100) become three kernels, one program
 # per (token, block of output rows). Each program recomputes the RMS statistics of its input row (a few KB read
-# from L2) instead of waiting on another kernel. Roundings follow the XLA path (`decode_fused.fused_block`): the
+# from L2) instead of waiting on another kernel. Roundings follow the XLA path (`fused.fused_block`): the
 # norms' outputs, the projections' outputs and the roped values are rounded to the model dtype where XLA's are.
 
 
@@ -445,7 +445,7 @@ def attn_q(z_TK, q_norm_Q, kv_norm_C, w_q_NJQ, cs_T2R, cfg: ModelConfig, mode: s
 
 
 def _normed_chunks(x_ref, t, norm_ref, n_chunks: int, bd: int, eps: float, dt):
-    """Row t of rms_norm(x) * norm as n_chunks float32 chunks of bd values, rounded as `nn.rms_norm` rounds."""
+    """Row t of rms_norm(x) * norm as n_chunks float32 chunks of bd values, rounded as `layers.rms_norm` rounds."""
     xs = [x_ref[t, pl.ds(k * bd, bd)].astype(jnp.float32) for k in range(n_chunks)]
     inv = _rms_inv(xs, n_chunks * bd, eps)
     return [_rnd(norm_ref[pl.ds(k * bd, bd)].astype(jnp.float32) * _rnd(xk * inv, dt), dt) for k, xk in enumerate(xs)]

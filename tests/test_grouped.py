@@ -32,7 +32,7 @@ def _weights(rng, dtype):
 
 
 def _flat(w_down_XDI):
-    """[X, D, I] -> [D, X*I], column e*I + i = expert e's unit i (decode_fused's flat layout)."""
+    """[X, D, I] -> [D, X*I], column e*I + i = expert e's unit i (`fused`'s flat layout)."""
     return jnp.moveaxis(w_down_XDI, 0, 1).reshape(D, -1)
 
 

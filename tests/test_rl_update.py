@@ -15,7 +15,7 @@ from flax import nnx
 from deepjax.rl import loss as G
 from deepjax import model as M
 from deepjax.train import optim
-from deepjax.rl import update as rl
+from deepjax.rl import update
 from deepjax.infer import sampling as SP
 from deepjax.train import step as TS
 from deepjax.config import load_config
@@ -40,7 +40,7 @@ def setup():
                            eos_ids=tuple(range(3, cfg.vocab_size, 8)))
     out = SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(1), sc)
     adv = G.group_advantages(REWARDS, GROUP)
-    batch = rl.rollouts_from_samples(prompts, lengths, np.asarray(out.tokens), np.asarray(out.logprobs),
+    batch = update.rollouts_from_samples(prompts, lengths, np.asarray(out.tokens), np.asarray(out.logprobs),
                                      np.asarray(out.lengths), np.asarray(adv), T)
     return cfg, graphdef, params, prompts, lengths, out, batch
 
@@ -51,7 +51,7 @@ def grpo_step(setup):
     cfg, graphdef, params = setup[:3]
     opt = optim.adamw(1e-4, TS.split_params(params)[0])
     gc = G.GRPOConfig(beta=0.0, aggregation="grpo", group_size=GROUP)
-    return opt, jax.jit(rl.make_grpo_step(graphdef, cfg, opt, gc, TEMP))
+    return opt, jax.jit(update.make_grpo_step(graphdef, cfg, opt, gc, TEMP))
 
 
 def _jnp(batch):
@@ -74,25 +74,25 @@ def test_rollouts_layout(setup):
         assert (batch.old_logp[b, :p] == 0).all() and (batch.old_logp[b, p + k:] == 0).all()
     assert batch.tokens.dtype == np.int32 and batch.old_logp.dtype == np.float32 and batch.ref_logp is None
     # the jax path (jittable, T static) builds the same arrays
-    f = jax.jit(lambda *a: rl.rollouts_from_samples(*a, T), static_argnums=())
+    f = jax.jit(lambda *a: update.rollouts_from_samples(*a, T), static_argnums=())
     jb = f(jnp.asarray(prompts), jnp.asarray(lengths), out.tokens, out.logprobs, out.lengths,
            jnp.asarray(batch.advantages))
     for a, b in zip(jb, batch):
         if b is not None:
             np.testing.assert_array_equal(np.asarray(a), b)
     with pytest.raises(ValueError, match="T = 10 is shorter"):
-        rl.rollouts_from_samples(prompts, lengths, toks, lps, n * 0 + N_NEW, batch.advantages, 10)
+        update.rollouts_from_samples(prompts, lengths, toks, lps, n * 0 + N_NEW, batch.advantages, 10)
 
 
 def test_token_logprobs_equal_the_samplers(setup, grpo_step):
     cfg, graphdef, params, prompts, lengths, out, batch = setup
-    got = np.asarray(rl.jit_token_logprobs(graphdef, params, batch, TEMP))
+    got = np.asarray(update.jit_token_logprobs(graphdef, params, batch, TEMP))
     m = batch.completion_mask > 0
     assert np.abs(batch.old_logp[m]).max() > 0.5  # not a near-zero comparison
     np.testing.assert_allclose(got[m], batch.old_logp[m], atol=1e-5, rtol=0)
     assert (got[~m] == 0).all()
     # the unmasked function: 0 at t = 0 and on padding, equal to the sampler on the completion
-    lp, ent = jax.jit(rl.token_logprobs_and_entropy, static_argnums=(0, 5))(
+    lp, ent = jax.jit(update.token_logprobs_and_entropy, static_argnums=(0, 5))(
         graphdef, params, jnp.asarray(batch.tokens), jnp.asarray(batch.positions), jnp.asarray(batch.segment_ids),
         TEMP)
     lp, ent = np.asarray(lp), np.asarray(ent)
@@ -125,7 +125,7 @@ def test_mu_1_loss_is_zero_but_the_update_is_not(setup, grpo_step):
 
 def _seq_logp(graphdef, state, batch):
     params = nnx.merge_state(state.params, state.router_bias)
-    lp = np.asarray(rl.jit_token_logprobs(graphdef, params, batch, TEMP))
+    lp = np.asarray(update.jit_token_logprobs(graphdef, params, batch, TEMP))
     return (lp * batch.completion_mask).sum(1) / batch.completion_mask.sum(1)
 
 
@@ -159,7 +159,7 @@ def test_padding_never_matters(setup, grpo_step):
     assert (noisy.tokens != batch.tokens).any()
     # garbage in the prompts' own padding never reaches the rollouts
     junk_prompts = np.where(np.arange(prompts.shape[1])[None] < lengths[:, None], prompts, 77).astype(np.int32)
-    again = rl.rollouts_from_samples(junk_prompts, lengths, np.asarray(out.tokens), np.asarray(out.logprobs),
+    again = update.rollouts_from_samples(junk_prompts, lengths, np.asarray(out.tokens), np.asarray(out.logprobs),
                                      np.asarray(out.lengths), batch.advantages, T)
     np.testing.assert_array_equal(again.tokens, batch.tokens)
     state = TS.init_state(params, opt, 0)
@@ -195,9 +195,9 @@ def test_kl_and_router_bias_under_a_donated_jit(setup):
     cfg, graphdef, params, prompts, lengths, out, batch = setup
     opt = optim.adamw(1e-4, TS.split_params(params)[0])
     gc = G.GRPOConfig(beta=0.04, group_size=GROUP)
-    ref = rl.jit_token_logprobs(graphdef, params, batch, TEMP)  # reference = the initial policy
+    ref = update.jit_token_logprobs(graphdef, params, batch, TEMP)  # reference = the initial policy
     jb = _jnp(batch._replace(ref_logp=np.asarray(ref)))
-    step = jax.jit(rl.make_grpo_step(graphdef, cfg, opt, gc, TEMP, bias_update_speed=1e-3), donate_argnums=0)
+    step = jax.jit(update.make_grpo_step(graphdef, cfg, opt, gc, TEMP, bias_update_speed=1e-3), donate_argnums=0)
     bias0 = [np.asarray(x) for x in jax.tree.leaves(TS.split_params(params)[1])]
     state, m = step(TS.init_state(params, opt, 0), jb)
     assert float(m["kl"]) < 1e-6 and int(m["applied"]) == 1  # policy == reference at the first update
@@ -207,4 +207,4 @@ def test_kl_and_router_bias_under_a_donated_jit(setup):
         state, m = step(state, jb)
     assert float(m["kl"]) > 0 and np.isfinite(float(m["loss"]))
     with pytest.raises(ValueError, match="ref_logp is None"):
-        jax.eval_shape(rl.make_grpo_step(graphdef, cfg, opt, gc, TEMP), state, _jnp(batch))
+        jax.eval_shape(update.make_grpo_step(graphdef, cfg, opt, gc, TEMP), state, _jnp(batch))

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from deepjax.train import checkpoint as C
-from deepjax.rl import loop as grpo_run
+from deepjax.rl import loop
 from deepjax.data import tasks
 from deepjax.parallel import sharding as S
 from deepjax.train import loop as T
@@ -125,15 +125,15 @@ def test_grpo_killed_and_resumed_equals_the_straight_run(base):
     for f in ("config.json", "grpo_curves.png", "eval.jsonl"):
         assert os.path.getsize(d / f) > 0
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(d / "tb"))
-    from deepjax.rl import evaluate as run_eval
-    res = run_eval.run(str(d), k=2, problems=4, max_new_tokens=24, batch=8, progress=False)
+    from deepjax.rl import evaluate
+    res = evaluate.run(str(d), k=2, problems=4, max_new_tokens=24, batch=8, progress=False)
     assert res["step"] == N and len(res["problems"]) == 4
 
 
 def test_freeze_keeps_mtp_leaves():
     new = {"mtp": {"w": np.ones(2)}, "head": {"w": np.ones(2)}}
     old = {"mtp": {"w": np.zeros(2)}, "head": {"w": np.zeros(2)}}
-    out = grpo_run.freeze(new, old)
+    out = loop.freeze(new, old)
     assert (out["mtp"]["w"] == 0).all() and (out["head"]["w"] == 1).all()
 
 
@@ -151,7 +151,7 @@ def test_bad_rl_and_task_settings_name_the_field(field, value, match):
 def test_grpo_needs_a_verifiable_task(tmp_path):
     cfg = load_config("tiny", ["--config.data.source=text", f"--config.data.path={tmp_path}/x.txt"])
     with pytest.raises(ConfigError, match="data.source='text'"):
-        grpo_run.GRPORun(cfg, str(tmp_path / "run"))
+        loop.GRPORun(cfg, str(tmp_path / "run"))
 
 
 def test_task_difficulty_options():

@@ -1,6 +1,6 @@
 """deepjax info configs/deepseek_v3.py
 
-DeepSeek-V3 / R1, the published 671B shape (DEEPSEEK.md section 1). Expected parameter counts:
+DeepSeek-V3 / R1, the published 671B shape (docs/deepseek.md, Presets). Expected parameter counts:
   main model            671,026,419,200   (the paper's 671B)
   MTP module             11,610,068,224   (shares embedding and head with the main model)
   total                 682,636,487,424
