@@ -235,7 +235,7 @@ PUBLISHED = {
         bos_token_id=100000, eos_token_id=100001),
 }
 # Every DeepSeek config.json field is pinned above; the rest are deepjax's own.
-DEEPJAX_ONLY = {"initializer_range", "dtype", "param_dtype", "remat", "capacity_factor"}
+DEEPJAX_ONLY = {"initializer_range", "dtype", "param_dtype", "remat", "kernels", "capacity_factor"}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -244,7 +244,8 @@ def test_published_presets_match_deepseek_md(name):
     assert set(PUBLISHED[name]) | DEEPJAX_ONLY == {f.name for f in dataclasses.fields(ModelConfig)}
     assert {k: getattr(cfg, k) for k in PUBLISHED[name]} == PUBLISHED[name]
     assert cfg.initializer_range == 0.006  # V3 paper section 4.2
-    assert (cfg.dtype, cfg.param_dtype, cfg.remat, cfg.capacity_factor) == ("float32", "float32", "none", None)
+    assert (cfg.dtype, cfg.param_dtype, cfg.remat, cfg.kernels, cfg.capacity_factor) == (
+        "float32", "float32", "none", "auto", None)
 
 
 @pytest.mark.parametrize("name, scale", [("deepseek_v3", 0.1352338), ("deepseek_v2", 0.1147214),

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepjax.model import mla
+from deepjax.model import ops
 
 from deepjax.model import presets
 from deepjax import model as M
@@ -21,7 +21,7 @@ def test_query_blocks_equal_single_block(monkeypatch):
         return (out.logits**2).mean(), out.logits
 
     (l1, logits1), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    monkeypatch.setattr(mla, "Q_CHUNK", 4)
+    monkeypatch.setattr(ops, "Q_BLOCK", 4)
     (l2, logits2), g2 = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     np.testing.assert_allclose(np.asarray(logits2), np.asarray(logits1), rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):

@@ -87,9 +87,9 @@ def test_decode_expert_paths_agree():
     np.testing.assert_allclose(moe.routed_experts_dropless(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
     cfg = load_config("tiny").model  # 8 experts, top-2, 1 shared (appended as a 9th expert when fused)
     assert DF.experts_fn_for(cfg, 3) is DF.experts_gathered and DF.experts_fn_for(cfg, 4) is DF.experts_all
-    for n in (4, 64):  # the module path's choices, on gate and up apart
+    for n in (4, 64, 1024):  # 1024: past the dense-decode bound, the model's own experts (block-sorted on XLA)
         np.testing.assert_allclose(SP.decode_experts_fn(cfg, n)(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
-    assert SP.decode_experts_fn(cfg, 1024) is moe.routed_experts_dropless
+    np.testing.assert_allclose(moe.routed_experts(x, w, idx, *ws), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "bench", "deepseek_v2", "deepseek_v2_lite", "deepseek_v3"])

@@ -51,8 +51,8 @@ from deepjax.parallel import sharding
 from deepjax.model.config import ModelConfig
 from deepjax.schema import checker
 from deepjax.model import ACT_AXES, Transformer, default_experts_fn
-from deepjax.model.mla import attention as mla_attention
-from deepjax.model.moe import MoE, route, routed_experts_blocked, routed_experts_dropless, router_logits
+from deepjax.model import ops
+from deepjax.model.moe import MoE, route, router_logits
 from deepjax.model.layers import dtype_of
 from deepjax.model.rope import rope_tables
 
@@ -148,12 +148,10 @@ DENSE_DECODE_MAX_TOKENS = 128
 
 
 def prefill_experts_fn(cfg: ModelConfig):
-    """Routed experts over the prompts in `prefill`: the training dispatch under a mesh; on one GPU the block-sorted
-    grouped matmul (`moe.routed_experts_blocked`: XLA:GPU's ragged_dot is about as slow as a dense matmul over all
-    groups); elsewhere sort + ragged_dot. (With the Pallas kernels on, one device prefills with `prefill_fused`.)"""
-    if sharding.current() is not None:
-        return default_experts_fn(cfg)
-    return routed_experts_blocked if jax.default_backend() == "gpu" else routed_experts_dropless
+    """Routed experts over the prompts in `prefill`: the model's own (`default_experts_fn`: tokamax grouped matmuls
+    or the XLA block-sorted form on one device by `cfg.kernels`, the shard_map dispatch under a mesh). (With the
+    Pallas decode kernels on, one device prefills with `prefill_fused`.)"""
+    return default_experts_fn(cfg)
 
 
 def decode_experts_fn(cfg: ModelConfig, n_tokens: int):
@@ -193,21 +191,21 @@ def _ffn(blk, h_BTD, valid_BT, experts_fn):
 # ---------------------------------------------------------------------------------------------------------- prefill
 
 
-def _prefill_block(blk, x, cos, sin, mask_BPP, valid_BP, experts_fn):
-    """One block over the prompts (naive attention); returns x and the block's cache rows [c ; k_pe]."""
+def _prefill_block(blk, x, cos, sin, start_BP, valid_BP, experts_fn):
+    """One block over the prompts (the model's own attention); returns x and the block's cache rows [c ; k_pe]."""
     h = blk.attn_norm(x)
     row = jnp.concatenate(blk.attn.latent(h, cos, sin), -1)
-    x = x + blk.attn(h, cos, sin, mask_BPP)
+    x = x + blk.attn(h, cos, sin, start_BP)
     x = x + _ffn(blk, blk.ffn_norm(x), valid_BP, experts_fn)
     return sharding.constrain(x, ACT_AXES), row
 
 
-def _prefill_stack(stack, x_BPD, cos, sin, mask_BPP, valid_BP, experts_fn):
+def _prefill_stack(stack, x_BPD, cos, sin, start_BP, valid_BP, experts_fn):
     """Runs a scanned stack over the prompts; returns x and the stack's cache rows [L, B, P, C + R]."""
     graphdef, state = nnx.split(stack)
 
     def body(x, layer_state):
-        return _prefill_block(nnx.merge(graphdef, layer_state), x, cos, sin, mask_BPP, valid_BP, experts_fn)
+        return _prefill_block(nnx.merge(graphdef, layer_state), x, cos, sin, start_BP, valid_BP, experts_fn)
 
     return jax.lax.scan(body, x_BPD, state)
 
@@ -217,12 +215,18 @@ def _fill(buf, values):
 
 
 def _prompt_geometry(cfg, B: int, P: int, lengths_B):
+    """(cos, sin, start_BP, valid_BP) of right-padded prompts: the padding after each prompt is its own document
+    (`ops.doc_starts`), so it attends only to padding."""
     pos_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
     valid_BP = pos_BP < lengths_B[:, None]
-    seg_BP = valid_BP.astype(jnp.int32)  # padding (0) attends only to padding
     cos, sin = rope_tables(cfg, pos_BP)
-    mask_BPP = jnp.tril(jnp.ones((P, P), jnp.bool_))[None] & (seg_BP[:, :, None] == seg_BP[:, None, :])
-    return cos, sin, mask_BPP, valid_BP
+    return cos, sin, ops.doc_starts(valid_BP.astype(jnp.int32)), valid_BP
+
+
+def _prompt_mask(valid_BP):
+    """[B, P, P] causal mask within the prompt, padding to padding (the fused prefill's explicit mask)."""
+    P = valid_BP.shape[1]
+    return jnp.tril(jnp.ones((P, P), jnp.bool_))[None] & (valid_BP[:, :, None] == valid_BP[:, None, :])
 
 
 def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn, return_hidden: bool = False):
@@ -230,14 +234,14 @@ def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn,
     also the last hidden states [B, P, D] (before the final norm: what an MTP module reads)."""
     cfg = model.cfg
     B, P = prompts_BP.shape
-    cos, sin, mask_BPP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
+    cos, sin, start_BP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
     dt = dtype_of(cfg.dtype)
     x = sharding.constrain(jnp.take(model.embed[...].astype(dt), prompts_BP, axis=0), ACT_AXES)
     caches = list(cache)
     for i, stack in ((0, model.dense_layers), (1, model.moe_layers)):
         if stack is None:
             continue
-        x, rows = _prefill_stack(stack, x, cos, sin, mask_BPP, valid_BP, experts_fn)
+        x, rows = _prefill_stack(stack, x, cos, sin, start_BP, valid_BP, experts_fn)
         caches[i] = tuple(_fill(buf, rows[l]) for l, buf in enumerate(caches[i]))
     last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)  # [B, 1, D]
     logits = model.logits(last_BD, model.norm)[:, 0]
@@ -264,7 +268,8 @@ def prefill_fused(model: Transformer, layers: dict, prompts_BP, lengths_B, cache
     rows. Same outputs as `prefill` up to rounding (tests/test_grouped.py)."""
     cfg = model.cfg
     B, P = prompts_BP.shape
-    cos, sin, mask_BPP, _ = _prompt_geometry(cfg, B, P, lengths_B)
+    cos, sin, _, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
+    mask_BPP = _prompt_mask(valid_BP)
     dt = dtype_of(cfg.dtype)
     x = jnp.take(model.embed[...].astype(dt), prompts_BP, axis=0)
     caches = [list(c) for c in cache]
@@ -307,7 +312,7 @@ def _attend_naive(attn, q_nope_BTNH, q_pe_BTNR, kv_BSc, mask_BTS, dt):
     kv_BSNK = jnp.einsum("bsc,cnk->bsnk", kv_BSc[..., :C], attn.wkv_b[...].astype(dt))
     q_BTNK = jnp.concatenate([q_nope_BTNH, q_pe_BTNR], -1)
     k_BSNK = jnp.concatenate([kv_BSNK[..., :H], k_pe_BSNR], -1)
-    o_BTNV = mla_attention(q_BTNK, k_BSNK, kv_BSNK[..., H:], mask_BTS, attn.cfg.softmax_scale)
+    o_BTNV = ops.masked_attention(q_BTNK, k_BSNK, kv_BSNK[..., H:], mask_BTS, attn.cfg.softmax_scale)
     return jnp.einsum("btnv,nvd->btd", o_BTNV, attn.wo[...].astype(dt))
 
 
@@ -436,11 +441,11 @@ def mtp_prefill(model: Transformer, h_BPD, prompts_BP, lengths_B, first_B, kv_BS
     sampled token. Returns (draft logits [B, V] for the token after it, the module's cache rows)."""
     cfg, mod = model.cfg, model.mtp[0]
     B, P = prompts_BP.shape
-    cos, sin, mask_BPP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
+    cos, sin, start_BP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
     pos = jnp.arange(P)[None]
     nxt = jnp.where(pos == (lengths_B - 1)[:, None], first_B[:, None], jnp.pad(prompts_BP[:, 1:], ((0, 0), (0, 1))))
     x = _mtp_input(model, mod, h_BPD, nxt)
-    x, rows = _prefill_block(mod.block, x, cos, sin, mask_BPP, valid_BP, experts_fn)
+    x, rows = _prefill_block(mod.block, x, cos, sin, start_BP, valid_BP, experts_fn)
     last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)
     return model.logits(last, mod.norm)[:, 0], _fill(kv_BSc, rows)
 

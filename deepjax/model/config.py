@@ -16,7 +16,8 @@ from deepjax.schema import ConfigError, bad, check_types, checker, coerce
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_outputs")
+KERNELS = ("auto", "xla", "tokamax")
 ROPE_TYPES = ("yarn",)
 
 
@@ -80,7 +81,8 @@ class ModelConfig:
     initializer_range: float = 0.006  # V3 paper section 4.2 (the released configs say 0.02)
     dtype: str = "float32"  # activations and matmul inputs
     param_dtype: str = "float32"
-    remat: str = "none"  # per-layer rematerialization: none | full | save_dots
+    remat: str = "none"  # per-layer rematerialization: none | full | save_dots | save_outputs (transformer.remat_policy)
+    kernels: str = "auto"  # attention / grouped-matmul implementation: auto | xla | tokamax (deepjax/model/ops.py)
     capacity_factor: Optional[float] = None  # None: dropless MoE; c: expert-parallel slots = c x balanced load
 
     # ---- derived values ---------------------------------------------------------------------
@@ -156,6 +158,8 @@ class ModelConfig:
             fail("capacity_factor", "must be positive, or None for dropless")
         if m.remat not in REMAT_POLICIES:
             fail("remat", f"unknown; choose from {REMAT_POLICIES}")
+        if m.kernels not in KERNELS:
+            fail("kernels", f"unknown; choose from {KERNELS}")
         if m.rope_scaling is not None:
             m.rope_scaling.validate()
 
@@ -218,7 +222,7 @@ class ModelConfig:
         d = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("dtype", "param_dtype", "remat", "capacity_factor", "rope_scaling")
+            if f.name not in ("dtype", "param_dtype", "remat", "kernels", "capacity_factor", "rope_scaling")
         }
         d["rope_scaling"] = None if self.rope_scaling is None else dataclasses.asdict(self.rope_scaling)
         d["model_type"] = "deepseek_v3" if is_v3 else "deepseek_v2"

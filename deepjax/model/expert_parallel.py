@@ -7,10 +7,12 @@ P = expert-parallel size, C = slots per (source, destination) pair.
 Per MoE layer, on every device:
   1. sort the X (token, expert) assignments by expert; destination device = expert // E_l;
   2. all-to-all the tokens: each destination gets a [C, D] block from every source;
-  3. a dropless grouped matmul (`jax.lax.ragged_dot`) over the received tokens, sorted by local expert;
+  3. a dropless grouped matmul (`ops.grouped_matmul`: tokamax's kernel, or XLA's ragged_dot) over the received
+     tokens, sorted by local expert;
   4. all-to-all the results back, weight them by the gate and add them into their tokens;
   5. with `tensor` > 1, each device held an I-slice of every expert: psum the partial outputs.
-Steps 1-4 run per block of TOKEN_CHUNK local tokens.
+Steps 1-4 run per block of TOKEN_CHUNK local tokens. Without expert parallelism (P = 1) the layer is
+`moe.routed_experts` on the local tokens, in one piece.
 
 Dropless by default: C = X, so no token is ever dropped (the buffer is sized for the worst case, every
 assignment going to one device). `capacity_factor` c sets C = ceil(c X / P) as DeepSeek-V2 did: an
@@ -31,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from deepjax.model.moe import inverse_permutation, routed_experts_dropless, unsort_sum
+from deepjax.model import ops
+from deepjax.model.moe import inverse_permutation, routed_experts, unsort_sum
 
 ragged_all_to_all = jax.lax.ragged_all_to_all  # module-level so tests can stand in an emulation on CPU
 # Local tokens per exchange. Longer local batches go through in blocks (lax.map, rematerialized): the
@@ -45,13 +48,15 @@ def _axes(spec_entry) -> tuple[str, ...]:
     return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry or ())
 
 
-def _local_experts(xs, local_e, E_l, wg, wu, wd):
-    """Dropless grouped matmul over received rows; rows with id E_l (empty slots) give zeros."""
+def _local_experts(xs, local_e, E_l, wg, wu, wd, kernels: str):
+    """Dropless grouped matmul over received rows; rows with id E_l (empty slots, sorted last and outside every
+    group) give zeros."""
     o2 = jnp.argsort(local_e, stable=True)
     sizes = jnp.bincount(local_e, length=E_l + 1)[:E_l].astype(jnp.int32)
     xs = xs[o2]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, wg, sizes)) * jax.lax.ragged_dot(xs, wu, sizes)
-    ys = jnp.where((local_e[o2] < E_l)[:, None], jax.lax.ragged_dot(h, wd, sizes), 0)
+    gmm = lambda x, w: ops.grouped_matmul(x, w, sizes, kernels)  # noqa: E731
+    h = jax.nn.silu(gmm(xs, wg)) * gmm(xs, wu)
+    ys = jnp.where((local_e[o2] < E_l)[:, None], gmm(h, wd), 0)
     return ys[inverse_permutation(o2)]
 
 
@@ -84,7 +89,7 @@ def _combine(y_X, w_TK, plan: _Plan, T: int, K: int):
     return unsort_sum(y_X.astype(jnp.float32) * w_X[:, None], plan.order, T, K), T * K - plan.keep.sum()
 
 
-def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str):
+def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str, kernels: str):
     """Steps 1-4 with `ragged_all_to_all` (GPU, TPU): only the assignments travel, no padding.
     The receive buffer is sized for the worst case (ep x capacity rows)."""
     T, K = idx_TK.shape
@@ -101,13 +106,13 @@ def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, 
                              at_receiver[me], recv, axis_name=axis)
     ids = ragged_all_to_all(plan.local_e, jnp.full((R,), E_l, jnp.int32), plan.starts, send,
                             at_receiver[me], recv, axis_name=axis)
-    ys = _local_experts(rows, ids, E_l, wg, wu, wd).astype(x_TD.dtype)
+    ys = _local_experts(rows, ids, E_l, wg, wu, wd, kernels).astype(x_TD.dtype)
     back = ragged_all_to_all(ys, jnp.zeros((T * K, D), x_TD.dtype), at_receiver[:, me], recv,
                              at_sender[:, me], send, axis_name=axis)
     return _combine(back, w_TK, plan, T, K)
 
 
-def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str):
+def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str, kernels: str):
     """Steps 1-4 on one device with a padded all_to_all (every backend). Returns (y_TD float32, dropped)."""
     T, K = idx_TK.shape
     E_l, D = wg.shape[0], x_TD.shape[-1]
@@ -117,7 +122,7 @@ def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: s
     send_e = jnp.full((ep, capacity), E_l, jnp.int32).at[plan.dest, slot].set(plan.local_e, mode="drop")
     recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True).reshape(ep * capacity, D)
     recv_e = jax.lax.all_to_all(send_e, axis, 0, 0, tiled=True).reshape(ep * capacity)
-    back = _local_experts(recv_x, recv_e, E_l, wg, wu, wd).reshape(ep, capacity, D)
+    back = _local_experts(recv_x, recv_e, E_l, wg, wu, wd, kernels).reshape(ep, capacity, D)
     ret = jax.lax.all_to_all(back, axis, 0, 0, tiled=True)
     return _combine(ret.at[plan.dest, slot].get(mode="fill", fill_value=0), w_TK, plan, T, K)
 
@@ -126,10 +131,10 @@ class ShardedExperts:
     """An `experts_fn` for MoE that runs inside shard_map on `mesh` (hashable: usable as a static arg)."""
 
     def __init__(self, mesh: Mesh, rules: dict, capacity_factor: Optional[float] = None,
-                 exchange: str = "auto"):
+                 exchange: str = "auto", kernels: str = "auto"):
         """exchange: "ragged" (ragged_all_to_all), "padded" (all_to_all), or "auto": ragged where the
-        backend implements it (GPU, TPU), padded on CPU."""
-        self.mesh, self.rules, self.capacity_factor = mesh, rules, capacity_factor
+        backend implements it (GPU, TPU), padded on CPU. kernels: `ModelConfig.kernels`."""
+        self.mesh, self.rules, self.capacity_factor, self.kernels = mesh, rules, capacity_factor, kernels
         if exchange == "auto":
             exchange = "padded" if mesh.devices.flat[0].platform == "cpu" else "ragged"
         if exchange not in ("ragged", "padded"):
@@ -149,7 +154,7 @@ class ShardedExperts:
 
     def _key(self):
         return (id(self.mesh), tuple(sorted((k, str(v)) for k, v in self.rules.items())), self.capacity_factor,
-                self.exchange)
+                self.exchange, self.kernels)
 
     def __hash__(self):
         return hash(self._key())
@@ -164,7 +169,7 @@ class ShardedExperts:
         T_local = x_TD.shape[0] // n_tok
         if x_TD.shape[0] % n_tok:
             raise ValueError(f"{x_TD.shape[0]} tokens do not split over batch axes {self.batch_axes} ({n_tok})")
-        n_chunks = T_local // TOKEN_CHUNK if T_local > TOKEN_CHUNK and T_local % TOKEN_CHUNK == 0 else 1
+        n_chunks = T_local // TOKEN_CHUNK if ep > 1 and T_local > TOKEN_CHUNK and T_local % TOKEN_CHUNK == 0 else 1
         X = T_local // n_chunks * idx_TK.shape[1]
         capacity = X if self.capacity_factor is None else max(1, math.ceil(self.capacity_factor * X / ep))
         tok = P(self.batch_axes or None)
@@ -174,9 +179,10 @@ class ShardedExperts:
 
         def chunk(x, w, idx, wg, wu, wd):
             if ep == 1:
-                return routed_experts_dropless(x, w, idx, wg, wu, wd).astype(jnp.float32), jnp.zeros((), jnp.int32)
+                y = routed_experts(x, w, idx, wg, wu, wd, self.kernels)
+                return y.astype(jnp.float32), jnp.zeros((), jnp.int32)
             fn = _exchange_ragged if self.exchange == "ragged" else _exchange
-            return fn(x, w, idx, wg, wu, wd, ep=ep, capacity=capacity, axis=e_ax)
+            return fn(x, w, idx, wg, wu, wd, ep=ep, capacity=capacity, axis=e_ax, kernels=self.kernels)
 
         def inner(x, w, idx, wg, wu, wd):
             if n_chunks == 1:

@@ -8,45 +8,18 @@ R qk_rope_head_dim, V v_head_dim, Q q_lora_rank, C kv_lora_rank, P = R/2.
   [k_nope ; v] = W_kvb c                             -> per head
   scores = (q_nope . k_nope + rope(q_pe) . rope(k_pe)) * softmax_scale   (softmax in float32)
 
-This is the "naive" (expanded) form used for training and prefill. The decode path that keeps only
+This is the "naive" (expanded) form used for training and prefill; the attention itself is
+`ops.causal_attention` (a tokamax flash kernel or XLA, by `cfg.kernels`). The decode path that keeps only
 [c ; rope(k_pe)] per token (the absorbed form) lives with the sampler.
 """
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepjax.model import ops
 from deepjax.model.config import ModelConfig
 from deepjax.model.layers import Param, RMSNorm, dtype_of, normal_init
 from deepjax.model.rope import apply_rope
-
-
-Q_CHUNK = 1024  # queries per block when T is longer: scores live as [B, N, Q_CHUNK, S], not [B, N, T, S]
-
-
-def _attention_block(q_BTNK, k_BSNK, v_BSNV, mask_BTS, scale: float):
-    s_BNTS = jnp.einsum("btnk,bsnk->bnts", q_BTNK, k_BSNK, preferred_element_type=jnp.float32) * scale
-    s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS, jnp.finfo(jnp.float32).min)
-    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(v_BSNV.dtype)
-    return jnp.einsum("bnts,bsnv->btnv", p_BNTS, v_BSNV)
-
-
-def attention(q_BTNK, k_BSNK, v_BSNV, mask_BTS, scale: float):
-    """Softmax attention with the softmax in float32. mask True = may attend.
-
-    Long sequences go through query blocks of Q_CHUNK under `lax.map` with each block rematerialized,
-    so neither the forward nor the backward ever holds the full [B, N, T, S] score tensor (at V3 shape
-    and T = 4096 that is 8.6 GB per sequence). Each query row's softmax is independent of the others,
-    so the result is the same as one block."""
-    T = q_BTNK.shape[1]
-    if T <= Q_CHUNK or T % Q_CHUNK:
-        return _attention_block(q_BTNK, k_BSNK, v_BSNV, mask_BTS, scale)
-    n = T // Q_CHUNK
-    q_nBCNK = jnp.moveaxis(q_BTNK.reshape(q_BTNK.shape[0], n, Q_CHUNK, *q_BTNK.shape[2:]), 1, 0)
-    m_nBCS = jnp.moveaxis(mask_BTS.reshape(mask_BTS.shape[0], n, Q_CHUNK, -1), 1, 0)
-    block = jax.checkpoint(lambda qm: _attention_block(qm[0], k_BSNK, v_BSNV, qm[1], scale))
-    o_nBCNV = jax.lax.map(block, (q_nBCNK, m_nBCS))
-    return jnp.moveaxis(o_nBCNV, 0, 1).reshape(*q_BTNK.shape[:3], v_BSNV.shape[-1])
 
 
 class MLA(nnx.Module):
@@ -83,7 +56,8 @@ class MLA(nnx.Module):
         kv_BTc = x_BTD @ self.wkv_a[...].astype(x_BTD.dtype)
         return self.kv_norm(kv_BTc[..., :C]), apply_rope(kv_BTc[..., C:], cos_BTP, sin_BTP)
 
-    def __call__(self, x_BTD, cos_BTP, sin_BTP, mask_BTS):
+    def __call__(self, x_BTD, cos_BTP, sin_BTP, start_BT):
+        """start_BT: each position's document start (`ops.doc_starts`); attention is causal within documents."""
         cfg, dt = self.cfg, x_BTD.dtype
         H, N = cfg.qk_nope_head_dim, cfg.num_attention_heads
         q_nope_BTNH, q_pe_BTNR = self.query(x_BTD, cos_BTP, sin_BTP)
@@ -93,5 +67,5 @@ class MLA(nnx.Module):
         k_pe_BSNR = jnp.broadcast_to(k_pe_BSR[:, :, None, :], (*k_pe_BSR.shape[:2], N, k_pe_BSR.shape[-1]))
         q_BTNK = jnp.concatenate([q_nope_BTNH, q_pe_BTNR], axis=-1)
         k_BSNK = jnp.concatenate([k_nope_BSNH, k_pe_BSNR], axis=-1)
-        o_BTNV = attention(q_BTNK, k_BSNK, v_BSNV, mask_BTS, cfg.softmax_scale)
+        o_BTNV = ops.causal_attention(q_BTNK, k_BSNK, v_BSNV, start_BT, cfg.softmax_scale, cfg.kernels)
         return jnp.einsum("btnv,nvd->btd", o_BTNV, self.wo[...].astype(dt))

@@ -13,14 +13,19 @@ Routers (docs/deepseek.md, Routing), all in float32:
 Weights are renormalized over the chosen K when norm_topk_prob, then scaled by routed_scaling_factor.
 
 Departures: none from DeepSeek's math. The routed experts run dropless (every token reaches all K of its
-experts) through a sort + `jax.lax.ragged_dot` grouped matmul; V2's capacity-factor token dropping belongs to
-the expert-parallel path.
+experts), `routed_experts`: with kernels, a sort + grouped matmuls (`ops.grouped_matmul`, tokamax, with the
+grouped backward); on XLA, the sorted rows padded into blocks of one expert each and one batched matmul (XLA's
+own ragged_dot multiplies every row by every expert on CPU and GPU). Either way the FLOPs are those of the chosen
+experts only. V2's capacity-factor token dropping belongs to the expert-parallel path.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepjax.model import ops
 from deepjax.model.config import ModelConfig
 from deepjax.model.layers import MLP, Param, RouterBias, dtype_of, normal_init
 
@@ -104,7 +109,7 @@ def unsort_sum(y_XD, order_X, T: int, K: int):
     return y_XD[inverse_permutation(order_X)].reshape(T, K, y_XD.shape[-1]).sum(1)
 
 
-def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
+def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, ragged_dot=jax.lax.ragged_dot):
     """Every token to each of its K experts: sort the T*K assignments by expert, grouped matmuls, unsort."""
     T, K = idx_TK.shape
     E = w_gate_EDI.shape[0]
@@ -113,11 +118,26 @@ def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
     token_X = order_X // K
     group_sizes_E = jnp.bincount(flat_X, length=E).astype(jnp.int32)
     xs_XD = x_TD[token_X]
-    h_XI = jax.nn.silu(jax.lax.ragged_dot(xs_XD, w_gate_EDI, group_sizes_E)) * jax.lax.ragged_dot(
-        xs_XD, w_up_EDI, group_sizes_E)
-    y_XD = jax.lax.ragged_dot(h_XI, w_down_EID, group_sizes_E)
+    h_XI = jax.nn.silu(ragged_dot(xs_XD, w_gate_EDI, group_sizes_E)) * ragged_dot(xs_XD, w_up_EDI, group_sizes_E)
+    y_XD = ragged_dot(h_XI, w_down_EID, group_sizes_E)
     y_XD = y_XD.astype(jnp.float32) * w_TK.reshape(-1)[order_X][:, None]
     return unsort_sum(y_XD, order_X, T, K).astype(x_TD.dtype)
+
+
+def block_rows(X: int, E: int) -> int:
+    """Rows per block of `routed_experts_blocked`: the power of two nearest below the mean rows per expert, in
+    [8, 128] (padding costs at most E x (block - 1) rows)."""
+    return int(min(128, max(8, 2 ** max(0, (max(X // E, 1)).bit_length() - 1))))
+
+
+def routed_experts(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, kernels: str = "auto"):
+    """The routed experts on one device, by `ModelConfig.kernels` (`ops.resolve`): tokamax grouped matmuls, or
+    the XLA blocked form. Both compute only the chosen experts."""
+    if ops.resolve(kernels, x_TD.dtype) == "tokamax":
+        gmm = lambda x, w, g: ops.grouped_matmul(x, w, g, "tokamax")  # noqa: E731
+        return routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, ragged_dot=gmm)
+    block = block_rows(idx_TK.size, w_gate_EDI.shape[0])
+    return routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, block=block)
 
 
 def routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, block: int = 128):
@@ -174,10 +194,12 @@ class MoE(nnx.Module):
         self.w_down = Param(init(rngs.params(), (E, I, D), pdt), axes=("exp", "moe_mlp", "embed"))
         self.shared = MLP(cfg, cfg.n_shared_experts * I, rngs=rngs) if cfg.n_shared_experts else None
 
-    def __call__(self, x_BTD, valid_BT, experts_fn=routed_experts_dropless):
+    def __call__(self, x_BTD, valid_BT, experts_fn=None):
         """Returns (y_BTD, load_E, balance_loss, dropped): dropped counts (token, expert) assignments
         past capacity (always 0 when dropless). experts_fn may return y or (y, dropped)."""
         cfg = self.cfg
+        if experts_fn is None:
+            experts_fn = functools.partial(routed_experts, kernels=cfg.kernels)
         B, T, D = x_BTD.shape
         logits_BTE = router_logits(x_BTD, self.gate[...])
         bias = None if self.bias is None else self.bias[...]

@@ -21,12 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from deepjax.model.config import ModelConfig
 from deepjax.parallel import sharding
 from deepjax.model.expert_parallel import ShardedExperts
 from deepjax.model.mla import MLA
-from deepjax.model.moe import MoE, routed_experts_dropless
+from deepjax.model import ops
+from deepjax.model.moe import MoE, routed_experts
 from deepjax.model.layers import MLP, Param, RMSNorm, dtype_of, normal_init
 from deepjax.model.rope import rope_tables
 
@@ -35,7 +37,7 @@ ACT_AXES = ("batch", "length", "act_embed")  # the residual stream between block
 
 
 class Output(NamedTuple):
-    logits: jnp.ndarray  # [B, T, V] float32
+    logits: Optional[jnp.ndarray]  # [B, T, V] float32 (None when the forward was given targets)
     mtp_logits: Optional[jnp.ndarray]  # [M, B, T, V] float32; depth k at index k-1 predicts t_{i+k+1}
     expert_load: jnp.ndarray  # [L_moe, E] tokens per expert per MoE layer (valid tokens only)
     balance_loss: jnp.ndarray  # [L_moe] sequence-wise balance loss per MoE layer (without alpha)
@@ -43,6 +45,24 @@ class Output(NamedTuple):
     mtp_balance_loss: Optional[jnp.ndarray]  # [M]
     dropped_tokens: jnp.ndarray  # (token, expert) assignments dropped by a capacity limit, all layers
     hidden: jnp.ndarray  # [B, T, D] last hidden state before the final norm
+    ce: Optional[jnp.ndarray] = None  # [1 + M] weighted cross-entropy sums, when the forward was given targets
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a `ModelConfig.remat` name, or False for no rematerialization:
+      none          keep every intermediate of the layer for the backward (fastest, most memory)
+      full          keep only the layer's input; recompute the whole layer in the backward
+      save_dots     keep the outputs of matmuls without batch dimensions (the projections); recompute the rest
+      save_outputs  keep the attention and FFN / MoE outputs of each layer; recompute inside them"""
+    if name == "none":
+        return False
+    if name == "full":
+        return None
+    if name == "save_dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "save_outputs":
+        return jax.checkpoint_policies.save_only_these_names("attn_out", "ffn_out")
+    raise ValueError(f"remat={name!r}: choose none, full, save_dots or save_outputs")
 
 
 class Block(nnx.Module):
@@ -54,13 +74,13 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg)
         self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, valid_BT, experts_fn):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_BTS)
+    def __call__(self, x_BTD, cos, sin, start_BT, valid_BT, experts_fn):
+        x_BTD = x_BTD + checkpoint_name(self.attn(self.attn_norm(x_BTD), cos, sin, start_BT), "attn_out")
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoE):
             y_BTD, load_E, bal, dropped = self.ffn(h_BTD, valid_BT, experts_fn)
-            return x_BTD + y_BTD, (load_E, bal, dropped)
-        return x_BTD + self.ffn(h_BTD), None
+            return x_BTD + checkpoint_name(y_BTD, "ffn_out"), (load_E, bal, dropped)
+        return x_BTD + checkpoint_name(self.ffn(h_BTD), "ffn_out"), None
 
 
 class MTPModule(nnx.Module):
@@ -100,24 +120,26 @@ class Transformer(nnx.Module):
         self.head = Param(init(rngs.params(), (D, V), pdt), axes=("embed", "vocab"))
         self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
 
-    def _scan(self, stack, x_BTD, cos, sin, mask_BTS, valid_BT, experts_fn):
+    def _scan(self, stack, x_BTD, cos, sin, start_BT, valid_BT, experts_fn):
         graphdef, state = nnx.split(stack)
 
         def body(x, layer_state):
-            x, aux = nnx.merge(graphdef, layer_state)(x, cos, sin, mask_BTS, valid_BT, experts_fn)
+            x, aux = nnx.merge(graphdef, layer_state)(x, cos, sin, start_BT, valid_BT, experts_fn)
             return sharding.constrain(x, ACT_AXES), aux
 
-        if self.cfg.remat == "full":
-            body = jax.checkpoint(body)
-        elif self.cfg.remat == "save_dots":
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        policy = remat_policy(self.cfg.remat)
+        if policy is not False:
+            body = jax.checkpoint(body, policy=policy)
         return jax.lax.scan(body, x_BTD, state)
 
     def logits(self, h_BTD, norm: RMSNorm):
         logits_BTV = (norm(h_BTD) @ self.head[...].astype(h_BTD.dtype)).astype(jnp.float32)
         return sharding.constrain(logits_BTV, ("batch", "length", "vocab"))
 
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None) -> Output:
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None, targets=None) -> Output:
+        """targets: None, or one (targets_BT, weights_BT) pair per prediction depth (main head, then each MTP
+        module): then the output holds `ce` (each depth's weighted cross-entropy sum, `ops.lm_head_ce`) instead of
+        logits, and no [B, T, V] logits are formed."""
         cfg = self.cfg
         if experts_fn is None:
             experts_fn = default_experts_fn(cfg)
@@ -128,26 +150,25 @@ class Transformer(nnx.Module):
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
         dt = dtype_of(cfg.dtype)
         cos, sin = rope_tables(cfg, positions_BT)
-        # Causal within a document: segment 0 marks padding, which attends only to padding.
-        causal_TS = jnp.tril(jnp.ones((T, T), jnp.bool_))
-        mask_BTS = causal_TS[None] & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+        # Causal within a document (a run of equal segment ids); padding (segment 0) attends only to padding.
+        start_BT = ops.doc_starts(segment_ids_BT)
         valid_BT = segment_ids_BT > 0
 
         # Cast before the lookup: the table's gradient (a scatter-add, full [V, D] per device under FSDP)
         # is then built in the compute dtype.
         x_BTD = sharding.constrain(jnp.take(self.embed[...].astype(dt), tokens_BT, axis=0), ACT_AXES)
         if self.dense_layers is not None:
-            x_BTD, _ = self._scan(self.dense_layers, x_BTD, cos, sin, mask_BTS, valid_BT, experts_fn)
+            x_BTD, _ = self._scan(self.dense_layers, x_BTD, cos, sin, start_BT, valid_BT, experts_fn)
         E = cfg.n_routed_experts
         load_LE, bal_L = jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
         dropped = jnp.zeros((), jnp.int32)
         if self.moe_layers is not None:
-            x_BTD, (load_LE, bal_L, dropped_L) = self._scan(self.moe_layers, x_BTD, cos, sin, mask_BTS, valid_BT,
+            x_BTD, (load_LE, bal_L, dropped_L) = self._scan(self.moe_layers, x_BTD, cos, sin, start_BT, valid_BT,
                                                  experts_fn)
             dropped = dropped_L.sum()
-        logits = self.logits(x_BTD, self.norm)
+        heads = [(x_BTD, self.norm)]
 
-        mtp_logits, mtp_load, mtp_bal = [], [], []
+        mtp_load, mtp_bal = [], []
         h_BTD = x_BTD
         for k, mod in enumerate(self.mtp, start=1):
             next_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
@@ -155,14 +176,23 @@ class Transformer(nnx.Module):
             eh_BTD = jnp.concatenate([mod.enorm(e_BTD), mod.hnorm(h_BTD)], axis=-1)
             h_BTD = eh_BTD @ mod.eh_proj[...].astype(dt)
             _, mtp_valid_BT = mtp_targets(tokens_BT, segment_ids_BT, k - 1)
-            h_BTD, aux = mod.block(h_BTD, cos, sin, mask_BTS, valid_BT & mtp_valid_BT, experts_fn)
-            mtp_logits.append(self.logits(h_BTD, mod.norm))
+            h_BTD, aux = mod.block(h_BTD, cos, sin, start_BT, valid_BT & mtp_valid_BT, experts_fn)
+            heads.append((h_BTD, mod.norm))
             mtp_load.append(aux[0])
             mtp_bal.append(aux[1])
             dropped = dropped + aux[2]
-        stack = lambda xs: jnp.stack(xs) if xs else None
-        return Output(logits, stack(mtp_logits), load_LE, bal_L, stack(mtp_load), stack(mtp_bal), dropped,
-                      x_BTD)
+        stack = lambda xs: jnp.stack(xs) if xs else None  # noqa: E731
+        logits, mtp_logits, ce = None, None, None
+        if targets is None:
+            logits = self.logits(*heads[0])
+            mtp_logits = stack([self.logits(h, n) for h, n in heads[1:]])
+        else:
+            if len(targets) != len(heads):
+                raise ValueError(f"targets: {len(targets)} (targets, weights) pairs for {len(heads)} prediction "
+                                 "depths (the main head and each MTP module)")
+            w_DV = self.head[...].astype(dt)
+            ce = jnp.stack([ops.lm_head_ce(n(h), w_DV, t, w) for (h, n), (t, w) in zip(heads, targets)])
+        return Output(logits, mtp_logits, load_LE, bal_L, stack(mtp_load), stack(mtp_bal), dropped, x_BTD, ce)
 
 
 def default_experts_fn(cfg: ModelConfig):
@@ -170,8 +200,8 @@ def default_experts_fn(cfg: ModelConfig):
     all-to-all over `expert` when experts are sharded, a capacity limit when cfg.capacity_factor is set."""
     ctx = sharding.current()
     if ctx is None:
-        return routed_experts_dropless
-    return ShardedExperts(*ctx, capacity_factor=cfg.capacity_factor)
+        return functools.partial(routed_experts, kernels=cfg.kernels)
+    return ShardedExperts(*ctx, capacity_factor=cfg.capacity_factor, kernels=cfg.kernels)
 
 
 def mtp_targets(tokens_BT, segment_ids_BT, k: int):
@@ -200,10 +230,12 @@ def abstract_init(cfg: ModelConfig):
     return nnx.split(model)
 
 
-def forward(graphdef, params, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None) -> Output:
+def forward(graphdef, params, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None,
+            targets=None) -> Output:
     """The pure forward pass. Jit with `jax.jit(forward, static_argnums=0)` (see `jit_forward`).
-    Inside `deepjax.parallel.sharding.use_mesh(...)` the MoE layers dispatch tokens over the mesh."""
-    return nnx.merge(graphdef, params)(tokens_BT, positions_BT, segment_ids_BT, experts_fn)
+    Inside `deepjax.parallel.sharding.use_mesh(...)` the MoE layers dispatch tokens over the mesh.
+    With `targets` (see `Transformer.__call__`) it returns per-depth cross-entropy sums instead of logits."""
+    return nnx.merge(graphdef, params)(tokens_BT, positions_BT, segment_ids_BT, experts_fn, targets)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("experts_fn", "mesh_context"))

@@ -61,14 +61,6 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
                       jax.random.key_data(jax.random.key(seed)), z(), z())
 
 
-def masked_ce(logits_BTV, targets_BT, mask_BT, denom=None):
-    """Mean cross-entropy over the masked positions; with `denom`, the masked sum divided by it instead (a
-    micro-batch's share of the whole batch's mean)."""
-    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
-    m = mask_BT.astype(jnp.float32)
-    return (ce_BT * m).sum() / jnp.maximum(m.sum() if denom is None else denom, 1.0)
-
-
 def target_counts(batch: Batch, depths: int) -> jax.Array:
     """[1 + depths] float32: how many targets the main head and each MTP depth have in `batch`."""
     return jnp.stack([depth_targets(batch, k)[1].sum() for k in range(depths + 1)]).astype(jnp.float32)
@@ -90,18 +82,17 @@ def lm_loss(trainable, bias, graphdef, batch: Batch, cfg: ModelConfig, mtp_lambd
 
     For one micro-batch of several: `denoms` are the whole batch's `target_counts` and `share` the micro-batch's
     fraction of the rows, so that the micro-batch losses (and gradients) sum to the whole batch's exactly."""
+    D = cfg.num_nextn_predict_layers
+    pairs = []
+    for k in range(1 + D):  # the mean over a depth's targets (or the whole batch's, `denoms`) as weights
+        t_k, v_k = depth_targets(batch, k)
+        m_k = v_k.astype(jnp.float32)
+        pairs.append((t_k, m_k / jnp.maximum(m_k.sum() if denoms is None else denoms[k], 1.0)))
     out = M.forward(graphdef, nnx.merge_state(trainable, bias), batch.tokens, batch.positions,
-                    batch.segment_ids, experts_fn)
-    d = (lambda k: None) if denoms is None else (lambda k: denoms[k])  # noqa: E731
-    targets, valid = depth_targets(batch, 0)
-    ce = masked_ce(out.logits, targets, valid, d(0))
-    mtp = jnp.zeros((), jnp.float32)
-    if out.mtp_logits is not None:
-        D = out.mtp_logits.shape[0]
-        for k in range(D):
-            t_k, v_k = depth_targets(batch, k + 1)
-            mtp = mtp + masked_ce(out.mtp_logits[k], t_k, v_k, d(k + 1))
-        mtp = mtp * mtp_lambda / D
+                    batch.segment_ids, experts_fn, targets=tuple(pairs))
+    ce = out.ce[0]
+    valid = pairs[0][1] > 0
+    mtp = out.ce[1:].sum() * mtp_lambda / D if D else jnp.zeros((), jnp.float32)
     bal = out.balance_loss.sum()  # each layer's loss is a mean over rows: a micro-batch contributes its share
     if out.mtp_balance_loss is not None:
         bal = bal + out.mtp_balance_loss.sum()

@@ -1,0 +1,200 @@
+"""Training throughput of one device: the step `deepjax train` jits (AdamW as `make_optimizer` builds it, under the
+run's mesh, state donated), per `ModelConfig.kernels`, beside the HF transformers anchor measured in the same call.
+
+    JAX_PLATFORMS=cuda PYTHONPATH=. python bench/train_bench.py --kernels xla tokamax
+    PYTHONPATH=. python bench/train_bench.py --batch 1 --seq 64 --steps 1 --preset tiny --no-hf --kernels xla  # CPU
+
+Bench preset, B 8 x T 2048, bf16 compute, fp32 params; each row a packed batch of --docs documents (segment ids
+1..N). One subprocess per configuration (`memory_stats()` peaks are per process), then bench/anchors/hf_deepseek_v3.py
+(stopped after its training line). Prints one JSON line each, then a table:
+
+    step_ms   mean over --steps after the compiling call and 2 warmup steps
+    mfu       tokens/s x matmul_flops_per_token / the bf16 8192^3 matmul rate measured in the same process
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from deepjax import model as M
+from deepjax.model import ops, presets
+from deepjax.parallel import sharding as S
+from deepjax.train import optim, step as TS
+from deepjax.train.config import OptimConfig, TrainConfig
+
+
+def emit(**kw):
+    print(json.dumps(kw, default=str), flush=True)
+    return kw
+
+
+def matmul_peak(n: int) -> float:
+    """bf16 n^3 matmul FLOP/s (as the HF anchor measures its peak)."""
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    for _ in range(3):
+        f(a, a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(20):
+        y = f(a, a)
+    y.block_until_ready()
+    return 2 * n ** 3 / ((time.perf_counter() - t) / 20)
+
+
+def make_batch(B: int, T: int, docs: int, vocab: int) -> TS.Batch:
+    """Random tokens; each row `docs` packed documents of T // docs tokens (the last takes the remainder)."""
+    seg_T = jnp.minimum(jnp.arange(T) // (T // docs), docs - 1)
+    pos_T = jnp.arange(T) - seg_T * (T // docs)
+    tok = jax.random.randint(jax.random.key(1), (B, T), 0, vocab, jnp.int32)
+    row = lambda x: jnp.broadcast_to(x.astype(jnp.int32), (B, T))  # noqa: E731
+    return TS.Batch(tok, row(seg_T + 1), row(pos_T))
+
+
+def one(args) -> dict:
+    """One configuration, in this process: its JSON record."""
+    k = args.one
+    rec = dict(what="train_step", kernels=k, preset=args.preset, B=args.batch, T=args.seq, docs=args.docs,
+               remat=args.remat, jax=jax.__version__, device=jax.devices()[0].device_kind)
+    try:
+        rec["resolved"] = ops.resolve(k, jnp.bfloat16)
+    except Exception as e:  # noqa: BLE001
+        rec["resolved"] = f"unavailable ({type(e).__name__}: {e})"[:200]
+    cfg = dataclasses.replace(getattr(presets, args.preset)(), dtype="bfloat16", param_dtype="float32",
+                              remat=args.remat, kernels=k)
+    cfg.validate()
+    o, t = OptimConfig(), TrainConfig()
+    # as deepjax/train/run.py (abstract_train_state, Run, jit_update) and loop.py (TrainRun) on one device
+    mesh, rules = S.make_mesh(S.MeshConfig()), S.rules_for(S.MeshConfig().rules)
+    graphdef, params, _ = M.init_sharded(cfg, jax.random.key(0), mesh, rules)
+    active = M.count_active_params(cfg, params)
+    optimizer, schedule = optim.make_optimizer(o, TS.split_params(params)[0], t.steps)
+    shardings = TS.state_shardings(jax.eval_shape(lambda p: TS.init_state(p, optimizer, 0), params), mesh, rules)
+    state = jax.jit(lambda p: TS.init_state(p, optimizer, 0), out_shardings=shardings)(params)
+    del params
+    B, T = args.batch, args.seq
+    batch = jax.device_put(make_batch(B, T, args.docs, cfg.vocab_size), S.batch_spec(mesh, rules))
+    with S.use_mesh(mesh, rules):
+        fn = TS.make_train_step(graphdef, cfg, optimizer, schedule, micro_batches=o.micro_batches,
+                                mtp_lambda=t.mtp_lambda, balance_alpha=t.balance_alpha,
+                                bias_update_speed=t.bias_update_speed)
+        step = jax.jit(fn, donate_argnums=0, out_shardings=(shardings, None))
+        t0 = time.perf_counter()
+        state, m = step(state, batch)
+        first = float(m["loss"])
+        compile_s = time.perf_counter() - t0
+        for _ in range(2):
+            state, m = step(state, batch)
+        jax.block_until_ready(m)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, m = step(state, batch)
+        jax.block_until_ready(m)
+        dt = (time.perf_counter() - t0) / args.steps
+        last = float(m["loss"])
+        stats = jax.devices()[0].memory_stats() or {}
+        if args.profile:
+            with jax.profiler.trace(os.path.join(args.profile, k)):
+                for _ in range(3):
+                    state, m = step(state, batch)
+                jax.block_until_ready(m)
+    del state, m
+    pk = matmul_peak(8192 if jax.default_backend() != "cpu" else 512)
+    tps = B * T / dt
+    mem = stats.get("peak_bytes_in_use")
+    return dict(rec, tokens_per_s=tps, step_ms=dt * 1e3, mfu=tps * TS.matmul_flops_per_token(cfg, T, active) / pk,
+                peak_tflops=pk / 1e12, compile_s=compile_s, peak_mem_gib=None if mem is None else mem / 2 ** 30,
+                loss_first=first, loss_last=last, finite=math.isfinite(first) and math.isfinite(last),
+                active_params=active)
+
+
+def child(cmd: list, env: dict, timeout: float, stop_at: str = "") -> tuple[list, str]:
+    """(JSON records on stdout, stderr tail) of `cmd`; killed after `timeout` s, or once a record has what=stop_at."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    killed, err, recs = [], [], []
+    timer = threading.Timer(timeout, lambda: (killed.append(1), p.kill()))
+    timer.start()
+    drain = threading.Thread(target=lambda: err.extend(p.stderr), daemon=True)
+    drain.start()
+    for line in p.stdout:
+        if line.startswith("{"):
+            recs.append(json.loads(line))
+            print(line, end="", flush=True)
+            if recs[-1].get("what") == stop_at:
+                p.kill()  # the HF anchor's generate measurement, not wanted here
+                break
+    p.wait(), timer.cancel(), drain.join(5)
+    return recs, (f"timed out after {timeout:.0f} s; " if killed else "") + "".join(err)[-2000:]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernels", nargs="+", default=["xla", "tokamax", "auto"], help="ModelConfig.kernels values")
+    ap.add_argument("--preset", default="bench", choices=["bench", "tiny"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--docs", type=int, default=1, help="packed documents per row (segment ids 1..N)")
+    ap.add_argument("--remat", default="none", help="ModelConfig.remat: none | full | save_dots")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (after the compile and 2 warmup steps)")
+    ap.add_argument("--profile", metavar="DIR", help="trace 3 more steps of each configuration into DIR/KERNELS")
+    ap.add_argument("--timeout", type=float, default=540.0, help="seconds per subprocess")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers anchor")
+    ap.add_argument("--one", metavar="KERNELS", help=argparse.SUPPRESS)  # child: one configuration
+    args = ap.parse_args(argv)
+    if not 1 <= args.docs <= args.seq:
+        ap.error(f"--docs {args.docs}: between 1 and --seq")
+    if args.one:
+        try:
+            emit(**one(args))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            emit(what="train_step", kernels=args.one, error=f"{type(e).__name__}: {str(e)[:400]}")
+        return
+    me, here = os.path.abspath(__file__), os.path.dirname(os.path.abspath(__file__))
+    common = ["--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq), "--docs", str(args.docs),
+              "--remat", args.remat, "--steps", str(args.steps)] + (["--profile", args.profile] if args.profile else [])
+    rows = []
+    for k in args.kernels:
+        recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
+        r = next((r for r in recs if r.get("what") == "train_step"), None)
+        rows.append(r or emit(what="train_step", kernels=k, error=f"no result: {err}"))
+    hf = None
+    if not args.no_hf:
+        env = dict(os.environ, B=str(args.batch), T=str(args.seq))
+        recs, err = child([sys.executable, os.path.join(here, "anchors", "hf_deepseek_v3.py")], env, args.timeout,
+                          stop_at="hf_train_step")
+        hf = next((r for r in recs if r.get("what") == "hf_train_step"), None)
+        if hf is None:
+            emit(what="hf_train_step", error=f"no result: {err}")
+    f = lambda x, p: "-" if x is None else f"{x:,.{p}f}"  # noqa: E731
+    print(f"\n{rows[0].get('device', '')}, {args.preset} preset, B {args.batch} x T {args.seq}, "
+          f"{args.docs} doc(s)/row, bf16 compute, fp32 params, remat {args.remat}, AdamW\n")
+    print("| kernels | resolved | tokens/s | step ms | MFU | compile s | peak GiB | loss first -> last | x HF |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['kernels']} | error: {r['error'][:100]} | | | | | | | |")
+            continue
+        xhf = f(r["tokens_per_s"] / hf["tokens_per_s"], 2) if hf else "-"
+        name = r["kernels"]
+        print(f"| {name} | {str(r['resolved'])[:60]} | "
+              f"{f(r['tokens_per_s'], 0)} | {f(r['step_ms'], 1)} | {f(r['mfu'], 3)} | {f(r['compile_s'], 1)} | "
+              f"{f(r['peak_mem_gib'], 2)} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} | {xhf} |")
+    if hf:
+        print(f"| HF transformers | torch eager | {f(hf['tokens_per_s'], 0)} | {f(hf['step_s'] * 1e3, 1)} | "
+              f"{f(hf['mfu'], 3)} | - | {f(hf['max_mem_gib'], 2)} | {hf['loss']:.3f} | 1.00 |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The kernel-backed operations of the training and prefill forward, each with one XLA implementation (CPU, and the
+reference the kernels are tested against) and one kernel implementation (tokamax: Mosaic GPU on sm80 / sm90 /
+sm100, Mosaic TPU), chosen by `ModelConfig.kernels`:
+
+    xla      XLA everywhere (the reference).
+    tokamax  tokamax: its Mosaic kernels on GPU and TPU, its XLA implementations elsewhere (so CPU tests run this
+             path's plumbing); an error if tokamax is not installed.
+    auto     tokamax where it imports (it needs Python >= 3.12 and jax >= 0.11.1) on a platform of AUTO_TOKAMAX, whose
+             kernels passed their tests there (none yet: tests/test_gpu_ops.py has not run on a GPU); XLA otherwise.
+
+Shape key: B batch, T queries, S keys, N heads, K qk head dim, V v head dim (K != V in MLA), D hidden,
+G groups (experts), M rows.
+
+The ops:
+    causal_attention   softmax attention, causal within each document of a packed row. A document is a maximal
+                       run of equal segment ids; each query t attends to keys [doc_start[t], t]. The kernel gets
+                       doc_start as tokamax's `k_start` ([B, T] int32) and skips the key blocks outside it; the
+                       XLA path builds each query block's mask from the same iota compare. Neither holds a
+                       [B, T, S] mask, and the kernel never holds [B, N, T, S] scores.
+    grouped_matmul     `lax.ragged_dot` semantics (rows sorted by group, group g's rows times w[g]). On GPU: tokamax's
+                       Mosaic kernels for the output and the input gradient (against the transposed weights), and
+                       the weight gradient per group from `gmm_grad.grouped_dw` (a Pallas kernel: tokamax's bf16
+                       one is wrong on the H200), so no FLOP is spent on a group a row is not in. (XLA's own
+                       `ragged_dot` on CPU and GPU multiplies every row by every group: the model's XLA path is
+                       `moe.routed_experts_blocked` instead.)
+    lm_head_ce         the LM head and cross-entropy over token chunks with the gradient computed chunk by chunk
+                       in the forward: [B, T, V] float32 logits never exist, forward or backward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from deepjax.model import gmm_grad
+from deepjax.model.config import KERNELS
+from deepjax.parallel import sharding
+
+Q_BLOCK = 1024  # XLA attention: queries per block when T is longer (scores live as [B, N, Q_BLOCK, S])
+CE_CHUNK_TOKENS = 4096  # lm_head_ce: B x chunk tokens per step ([4096, V] float32 logits at a time)
+
+
+@functools.cache
+def _tokamax():
+    try:
+        import tokamax  # lazy on purpose: tokamax needs Python >= 3.12 and jax >= 0.11.1; CPU CI has neither
+    except ImportError:
+        return None
+    return tokamax
+
+
+def platform() -> str:
+    """The platform the current trace compiles for: the active mesh's devices, else the default backend (so a
+    compile for a TPU topology on a CPU host picks the TPU kernels)."""
+    ctx = sharding.current()
+    if ctx is not None:
+        return ctx[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
+GPU_KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)  # what tokamax's Mosaic GPU kernels multiply
+# Platforms where kernels=auto takes tokamax. A platform joins once its kernel tests pass there
+# (tests/test_gpu_ops.py on GPU); until then auto is XLA and kernels=tokamax opts in. Not yet run on a GPU: no
+# machine was lent in the session that wrote the seam (docs/LOG.md).
+AUTO_TOKAMAX = frozenset()
+
+
+def resolve(kernels: str, dtype=None) -> str:
+    """'xla' or 'tokamax' for a `ModelConfig.kernels` value, on the current platform, for operands of `dtype`.
+    auto takes tokamax on the platforms of AUTO_TOKAMAX (on GPU for bf16 / f16 operands only: its Mosaic GPU kernels
+    take no float32)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"ModelConfig.kernels={kernels!r}: choose from {KERNELS}")
+    if kernels == "xla":
+        return "xla"
+    on_gpu = platform() in ("gpu", "cuda")
+    dtype_ok = dtype is None or not on_gpu or jnp.dtype(dtype) in GPU_KERNEL_DTYPES
+    if kernels == "tokamax":
+        if _tokamax() is None:
+            raise ImportError("ModelConfig.kernels='tokamax': tokamax is not installed (it needs Python >= 3.12 "
+                              "and jax >= 0.11.1; pip install deepjax on such a Python installs it)")
+        if not dtype_ok:
+            raise ValueError(f"ModelConfig.kernels='tokamax': tokamax's GPU kernels take bfloat16 or float16, not "
+                             f"{jnp.dtype(dtype).name} (set model.dtype=bfloat16, or kernels=auto / xla)")
+        return "tokamax"  # on CPU: tokamax's XLA implementations (tests)
+    auto_ok = ("gpu" if on_gpu else platform()) in AUTO_TOKAMAX
+    return "tokamax" if auto_ok and dtype_ok and _tokamax() is not None else "xla"
+
+
+def _impl(op: str) -> str:
+    """tokamax's implementation of `op` ("attention" or "ragged_dot") on this platform: its Mosaic kernels on GPU
+    and TPU; elsewhere (tests on CPU) its XLA reference, so the tokamax path's plumbing runs everywhere."""
+    p = platform()
+    if p in ("gpu", "cuda"):
+        return "mosaic_gpu"
+    if p == "tpu":
+        return "mosaic_tpu"
+    return "xla"
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+def doc_starts(segment_ids_BT: jax.Array) -> jax.Array:
+    """[B, T] int32: the first position of each position's document (a maximal run of equal segment ids)."""
+    B, T = segment_ids_BT.shape
+    t_T = jnp.arange(T, dtype=jnp.int32)
+    new_BT = jnp.concatenate([jnp.ones((B, 1), jnp.bool_), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], 1)
+    return jax.lax.cummax(jnp.where(new_BT, t_T[None], 0), axis=1)
+
+
+def _attend(q_BTNK, k_BSNK, v_BSNV, mask_BTS, scale: float):
+    s_BNTS = jnp.einsum("btnk,bsnk->bnts", q_BTNK, k_BSNK, preferred_element_type=jnp.float32) * scale
+    s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS, jnp.finfo(jnp.float32).min)
+    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(v_BSNV.dtype)
+    return jnp.einsum("bnts,bsnv->btnv", p_BNTS, v_BSNV)
+
+
+def _by_query_blocks(block, q_BTNK, per_query_BT, V: int):
+    """block(q_BCNK, per_query_BC, t0) over query blocks of Q_BLOCK under `lax.map`, each block rematerialized, when
+    T is a longer multiple of it: neither the forward nor the backward holds the [B, N, T, S] scores (at V3 shape and
+    T = 4096 that is 8.6 GB per sequence). Each query row's softmax is its own, so the result is one block's."""
+    B, T = q_BTNK.shape[:2]
+    if T <= Q_BLOCK or T % Q_BLOCK:
+        return block(q_BTNK, per_query_BT, 0)
+    n = T // Q_BLOCK
+    split = lambda a: jnp.moveaxis(a.reshape(B, n, Q_BLOCK, *a.shape[2:]), 1, 0)  # noqa: E731
+    o_nBCNV = jax.lax.map(jax.checkpoint(lambda a: block(*a)),
+                          (split(q_BTNK), split(per_query_BT), jnp.arange(n, dtype=jnp.int32) * Q_BLOCK))
+    return jnp.moveaxis(o_nBCNV, 0, 1).reshape(*q_BTNK.shape[:3], V)
+
+
+def masked_attention(q_BTNK, k_BSNK, v_BSNV, mask_BTS, scale: float):
+    """Softmax attention (softmax in float32) under an explicit mask, True = may attend: the sampler's prefill
+    against a cache (S != T). XLA, in query blocks (`_by_query_blocks`)."""
+    return _by_query_blocks(lambda q, m, t0: _attend(q, k_BSNK, v_BSNV, m, scale), q_BTNK, mask_BTS,
+                            v_BSNV.shape[-1])
+
+
+def _xla_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float):
+    s_S = jnp.arange(k_BSNK.shape[1], dtype=jnp.int32)
+
+    def block(q_BCNK, start_BC, t0):
+        t_C = t0 + jnp.arange(q_BCNK.shape[1], dtype=jnp.int32)
+        mask_BCS = (s_S[None, None] <= t_C[None, :, None]) & (s_S[None, None] >= start_BC[:, :, None])
+        return _attend(q_BCNK, k_BSNK, v_BSNV, mask_BCS, scale)
+
+    return _by_query_blocks(block, q_BTNK, start_BT, v_BSNV.shape[-1])
+
+
+def _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float):
+    # tokamax's public dot_product_attention takes only a boolean [B, N, T, S] mask; its Mask type (k_start per
+    # query) is what its kernels take, so the op is called through its implementation table.
+    from tokamax._src.ops.attention import api, base  # lazy on purpose: see _tokamax; pinned in pyproject
+
+    q_sharding = None
+    ctx = sharding.current()
+    if ctx is not None:
+        mesh, rules = ctx
+        q_sharding = jax.sharding.NamedSharding(
+            mesh, sharding.logical_to_spec(("batch", "length", "heads", None), rules, mesh))
+    mask = base.Mask(k_start=start_BT[:, None, :], is_causal=True)
+    with jax.numpy_rank_promotion("allow"):  # tokamax broadcasts its mask by implicit rank promotion
+        return api.IMPLEMENTATIONS[_impl("attention")](q_BTNK, k_BSNK, v_BSNV, mask=mask, logits_scale=scale,
+                                                       q_sharding=q_sharding)
+
+
+def causal_attention(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, kernels: str = "auto"):
+    """Causal attention within documents: query t attends to keys doc_start[t]..t (`doc_starts`), softmax in float32.
+    T == S (training and prefill from position 0)."""
+    if resolve(kernels, q_BTNK.dtype) == "tokamax":
+        return _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale)
+    return _xla_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale)
+
+
+# ---- grouped matmul -----------------------------------------------------------------------------
+
+def _rows_in_groups(y_MN, sizes_G):
+    """Rows past sum(sizes) set to zero (the expert-parallel receive buffer relies on it; kernels leave them
+    undefined)."""
+    live_M = jnp.arange(y_MN.shape[0], dtype=jnp.int32) < jnp.sum(sizes_G)
+    return jnp.where(live_M[:, None], y_MN, jnp.zeros((), y_MN.dtype))
+
+
+def _tokamax_ragged_dot(x_MK, w_GKN, sizes_G):
+    return _rows_in_groups(_tokamax().ragged_dot(x_MK, w_GKN, sizes_G, implementation=_impl("ragged_dot")), sizes_G)
+
+
+@jax.custom_vjp
+def _grouped_matmul_gpu(x_MK, w_GKN, sizes_G):
+    """tokamax's Mosaic GPU kernels for the output and the input gradient; the weight gradient from
+    `gmm_grad.grouped_dw` (tokamax's own bf16 weight gradient is wrong on the H200: see that module)."""
+    return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G)
+
+
+def _gmm_fwd(x_MK, w_GKN, sizes_G):
+    return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G), (x_MK, w_GKN, sizes_G)
+
+
+def _gmm_bwd(res, dy_MN):
+    x_MK, w_GKN, sizes_G = res
+    dy_MN = dy_MN.astype(x_MK.dtype)
+    dx_MK = _tokamax_ragged_dot(dy_MN, jnp.swapaxes(w_GKN, 1, 2), sizes_G)
+    dw_GKN = gmm_grad.grouped_dw(x_MK, dy_MN, sizes_G).astype(w_GKN.dtype)
+    return dx_MK, dw_GKN, None
+
+
+_grouped_matmul_gpu.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def grouped_matmul(x_MK, w_GKN, sizes_G, kernels: str = "auto"):
+    """`lax.ragged_dot` semantics: x's rows sorted by group, group g's rows times w[g] ([M, N]); rows past
+    sum(sizes) come out zero on every path. On tokamax: its kernels (with this module's weight gradient on GPU);
+    on XLA: `lax.ragged_dot`."""
+    if resolve(kernels, x_MK.dtype) == "tokamax":
+        if platform() in ("gpu", "cuda") and gmm_grad.supported(x_MK.shape[1], w_GKN.shape[2]):
+            return _grouped_matmul_gpu(x_MK, w_GKN, sizes_G)
+        return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G)
+    return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
+
+
+# ---- LM head + cross-entropy --------------------------------------------------------------------
+
+def _ce_chunks(h_BTD, w_DV, targets_BT, weights_BT, with_grad: bool):
+    """(loss, dh, dw): sum over positions of weights x CE(h @ w, target), by chunks of positions along T."""
+    B, T, D = h_BTD.shape
+    V = w_DV.shape[1]
+    c = max(1, min(T, CE_CHUNK_TOKENS // B))
+    n = -(-T // c)
+    pad = n * c - T
+    if pad:
+        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+        weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
+    split = lambda a: jnp.moveaxis(a.reshape(B, n, c, *a.shape[2:]), 1, 0)  # noqa: E731
+    v_V = jnp.arange(V, dtype=jnp.int32)
+
+    def body(dw_DV, xs):
+        h_BCD, t_BC, wt_BC = xs
+        logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
+        logits_BCV = sharding.constrain(logits_BCV, ("batch", "length", "vocab"))
+        lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+        hit_BCV = v_V[None, None] == t_BC[..., None]
+        tgt_BC = jnp.sum(jnp.where(hit_BCV, logits_BCV, 0.0), axis=-1)
+        loss = jnp.sum((lse_BC - tgt_BC) * wt_BC)
+        if not with_grad:
+            return dw_DV, (loss, None)
+        p_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
+        g_BCV = ((p_BCV - hit_BCV) * wt_BC[..., None]).astype(h_BCD.dtype)
+        dh_BCD = jnp.einsum("bcv,dv->bcd", g_BCV, w_DV)
+        dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, g_BCV, preferred_element_type=jnp.float32)
+        return sharding.constrain(dw_DV, ("embed", "vocab")), (loss, dh_BCD)
+
+    dw0 = jnp.zeros((D, V), jnp.float32) if with_grad else jnp.zeros((), jnp.float32)
+    dw_DV, (loss_n, dh_nBCD) = jax.lax.scan(
+        body, dw0, (split(h_BTD), split(targets_BT), split(weights_BT.astype(jnp.float32))))
+    if not with_grad:
+        return loss_n.sum(), None, None
+    dh_BTD = jnp.moveaxis(dh_nBCD, 0, 1).reshape(B, n * c, D)[:, :T]
+    return loss_n.sum(), dh_BTD, dw_DV
+
+
+@jax.custom_vjp
+def lm_head_ce(h_BTD, w_DV, targets_BT, weights_BT):
+    """sum_{b,t} weights[b,t] * CE(softmax(h[b,t] @ w), targets[b,t]) in float32 (logits accumulate in float32),
+    computed over chunks of positions: the [B, T, V] logits are never held, and under differentiation each chunk's
+    gradient is computed in the forward, so the backward does not recompute the head. weights carry the mask and
+    the mean's denominator; targets and weights get no gradient."""
+    return _ce_chunks(h_BTD, w_DV, targets_BT, weights_BT, with_grad=False)[0]
+
+
+def _ce_fwd(h_BTD, w_DV, targets_BT, weights_BT):
+    loss, dh_BTD, dw_DV = _ce_chunks(h_BTD, w_DV, targets_BT, weights_BT, with_grad=True)
+    return loss, (dh_BTD, dw_DV, jnp.zeros((), w_DV.dtype))
+
+
+def _ce_bwd(res, g):
+    dh_BTD, dw_DV, w_like = res
+    return ((g * dh_BTD.astype(jnp.float32)).astype(dh_BTD.dtype), (g * dw_DV).astype(w_like.dtype), None, None)
+
+
+lm_head_ce.defvjp(_ce_fwd, _ce_bwd)

@@ -1,0 +1,132 @@
+"""The kernel seam on the GPU (deepjax/model/ops.py with tokamax; skipped without a GPU or tokamax), against float32
+/ float64 references computed in the same process:
+
+- grouped matmul in bf16: output, dx and dW against per-group float64 products of the same bf16 values, on empty,
+  one-row and uneven groups and rows past sum(group_sizes) (which must come out zero); and tokamax's own bf16
+  weight gradient, which this path replaces, must fail the same check (if a tokamax release fixes it, this test
+  says so);
+- causal attention within packed documents: tokamax's Mosaic kernel with the per-query k_start mask against the
+  XLA path in float32, outputs and gradients, several documents per row at odd lengths;
+- the bench preset's training loss and gradients with kernels=tokamax against kernels=xla.
+
+    JAX_PLATFORMS=cuda PYTHONPATH=. python -m pytest -q -m gpu tests/test_gpu_ops.py
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepjax import model as M
+from deepjax.model import ops, presets
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    jax.default_backend() != "gpu" or ops._tokamax() is None,
+    reason="needs a CUDA GPU (JAX_PLATFORMS=cuda on the device machine) and tokamax")]
+
+# (rows, group sizes) at the bench preset's expert widths: empty groups, a one-row group, uneven sizes, and 77 rows
+# past the groups' end
+M_ROWS, K_IN, N_OUT = 4096, 1024, 512
+SIZES = [0, 1, 700, 0, 1203, 64, 5, 0, 1000, 1, 333, 711]
+
+
+def _data():
+    sizes = jnp.array(SIZES, jnp.int32)
+    ks = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(ks[0], (M_ROWS, K_IN), jnp.bfloat16)
+    w = (jax.random.normal(ks[1], (len(SIZES), K_IN, N_OUT)) * K_IN ** -0.5).astype(jnp.bfloat16)
+    dy = jax.random.normal(ks[2], (M_ROWS, N_OUT), jnp.bfloat16)
+    return x, w, sizes, dy
+
+
+def _references(x, w, dy):
+    """float64 per-group products of the bf16 values: y, dx (dy zero past the groups), dW."""
+    x64, w64, dy64 = (np.asarray(a, np.float64) for a in (x, w, dy))
+    used = sum(SIZES)
+    dy64[used:] = 0
+    y, dx, dw, s = np.zeros((M_ROWS, N_OUT)), np.zeros((M_ROWS, K_IN)), [], 0
+    for g, n in enumerate(SIZES):
+        y[s:s + n] = x64[s:s + n] @ w64[g]
+        dx[s:s + n] = dy64[s:s + n] @ w64[g].T
+        dw.append(x64[s:s + n].T @ dy64[s:s + n])
+        s += n
+    return y, dx, np.stack(dw)
+
+
+def _errors(f):
+    """Largest error of y, dx, dW relative to the reference's largest entry, and y / dx past the groups."""
+    x, w, sizes, dy = _data()
+    y, vjp = jax.vjp(lambda x, w: f(x, w, sizes), x, w)
+    dx, dw = jax.jit(vjp)(dy)
+    ref = _references(x, w, dy)
+    rel = [float(np.abs(np.asarray(a, np.float64) - r).max() / np.abs(r).max()) for a, r in zip((y, dx, dw), ref)]
+    used = sum(SIZES)
+    past = float(max(np.abs(np.asarray(y, np.float32)[used:]).max(), np.abs(np.asarray(dx, np.float32)[used:]).max()))
+    return rel, past
+
+
+def test_grouped_matmul_bf16_output_and_gradients():
+    rel, past = _errors(lambda x, w, g: ops.grouped_matmul(x, w, g, "tokamax"))
+    print("grouped_matmul relative errors y, dx, dW:", rel)
+    assert max(rel) < 1e-2, rel  # bf16 outputs: relative rounding 2^-8
+    assert past == 0.0
+
+
+def test_tokamax_own_weight_gradient_fails_the_same_check():
+    """Why `ops` replaces tokamax's dRHS: the same check on tokamax.ragged_dot's own VJP fails on dW."""
+    rel, _ = _errors(lambda x, w, g: ops._tokamax().ragged_dot(x, w, g, implementation="mosaic"))
+    print("tokamax.ragged_dot relative errors y, dx, dW:", rel)
+    assert max(rel[:2]) < 1e-2 and rel[2] > 5e-2, rel
+
+
+def _segments(B, T, seed):
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((B, T), np.int32)
+    for b in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, T), size=5, replace=False))
+        seg[b] = np.searchsorted(cuts, np.arange(T), side="right") + 1
+    return jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("T", [256, 2048])
+def test_packed_causal_attention_kernel_equals_xla(T):
+    B, N, K, V = 2, 16, 96, 64  # MLA's head dims at the bench preset: q/k 64 + 32, v 64
+    ks = jax.random.split(jax.random.key(1), 4)
+    q, k = (jax.random.normal(kk, (B, T, N, K), jnp.bfloat16) for kk in ks[:2])
+    v = jax.random.normal(ks[2], (B, T, N, V), jnp.bfloat16)
+    do = jax.random.normal(ks[3], (B, T, N, V), jnp.float32)
+    start = ops.doc_starts(_segments(B, T, T))
+
+    def run(kernels, dtype):
+        f = lambda q, k, v: ops.causal_attention(q, k, v, start, K ** -0.5, kernels)  # noqa: E731
+        o, vjp = jax.vjp(f, *(a.astype(dtype) for a in (q, k, v)))
+        return (o, *vjp(do.astype(dtype)))
+
+    ref = [np.asarray(a, np.float64) for a in run("xla", jnp.float32)]
+    got = [np.asarray(a, np.float64) for a in run("tokamax", jnp.bfloat16)]
+    rel = [float(np.abs(a - r).max() / np.abs(r).max()) for a, r in zip(got, ref)]
+    print(f"attention T={T} relative errors o, dq, dk, dv:", rel)
+    assert max(rel) < 2e-2, rel
+
+
+def test_bench_training_gradients_on_tokamax_equal_xla():
+    """The bench preset (3 layers) in float32 at full precision: loss and every parameter gradient, tokamax vs XLA."""
+    cfg = dataclasses.replace(presets.bench(), num_hidden_layers=3, dtype="bfloat16")
+    graphdef, params = M.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 512), 0, cfg.vocab_size)
+    seg = _segments(2, 512, 7)
+
+    def loss(params, kernels):
+        g = M.abstract_init(dataclasses.replace(cfg, kernels=kernels))[0]
+        out = M.forward(g, params, tokens, None, seg)
+        return jax.nn.logsumexp(out.logits, -1).mean()
+
+    l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "xla")
+    l2, g2 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "tokamax")
+    assert abs(float(l1) - float(l2)) < 2e-2 * abs(float(l1))
+    worst = max(float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-12))
+                for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)))
+    print("bench gradients, largest relative difference tokamax vs xla:", worst)
+    assert worst < 5e-2, worst

@@ -1,0 +1,204 @@
+"""The kernel seam (deepjax/model/ops.py) and the grouped-matmul weight-gradient kernel (deepjax/model/gmm_grad.py)
+against plain references: packed-document causal attention vs an explicit mask, grouped matmuls vs per-group float64
+products, the chunked LM-head cross-entropy vs optax on full logits. Where tokamax is installed (Python >= 3.12),
+its path (its XLA implementations on CPU, with this project's custom VJP) is compared with the XLA path too; the
+GPU kernels are compared in tests/test_gpu_ops.py."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from deepjax import model as M
+from deepjax.model import gmm_grad, ops, presets
+
+has_tokamax = ops._tokamax() is not None
+needs_tokamax = pytest.mark.skipif(not has_tokamax, reason="tokamax needs Python >= 3.12 and jax >= 0.11.1")
+KERNELS = ["xla"] + (["tokamax"] if has_tokamax else [])
+
+
+# ---- attention -----------------------------------------------------------------------------------------------
+
+def _segments(B, T, seed):
+    """Segment ids with several documents per row at odd lengths, and trailing padding (segment 0) on row 1."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((B, T), np.int32)
+    for b in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, T), size=3, replace=False))
+        seg[b] = np.searchsorted(cuts, np.arange(T), side="right") + 1
+    seg[1, -5:] = 0
+    return jnp.asarray(seg)
+
+
+def _qkv(B, T, N=3, K=24, V=16, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(0), 3)
+    return tuple(jax.random.normal(k, (B, T, N, d), dtype) for k, d in zip(ks, (K, K, V)))
+
+
+def test_doc_starts():
+    seg = jnp.array([[1, 1, 2, 2, 2, 3], [1, 2, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(ops.doc_starts(seg), [[0, 0, 2, 2, 2, 5], [0, 1, 1, 3, 3, 3]])
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_causal_attention_within_documents_equals_the_explicit_mask(kernels):
+    B, T = 2, 37
+    q, k, v = _qkv(B, T)
+    seg = _segments(B, T, 0)
+    mask = jnp.tril(jnp.ones((T, T), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+
+    def ref(q, k, v):
+        return ops.masked_attention(q, k, v, mask, 0.3)
+
+    def got(q, k, v):
+        return ops.causal_attention(q, k, v, ops.doc_starts(seg), 0.3, kernels)
+
+    np.testing.assert_allclose(got(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda *a: (f(*a) * jnp.cos(jnp.arange(16.0))[None, None, None]).sum()  # noqa: E731
+    for a, b in zip(jax.grad(loss(got), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_query_blocks_equal_one_block(monkeypatch):
+    B, T = 2, 32
+    q, k, v = _qkv(B, T)
+    start = ops.doc_starts(_segments(B, T, 1))
+    f = jax.jit(lambda q: ops.causal_attention(q, k, v, start, 0.3, "xla"))
+    one = f(q)
+    monkeypatch.setattr(ops, "Q_BLOCK", 8)
+    np.testing.assert_allclose(jax.jit(lambda q: ops.causal_attention(q, k, v, start, 0.3, "xla"))(q), one,
+                               rtol=1e-6, atol=1e-6)
+
+
+# ---- grouped matmul -------------------------------------------------------------------------------------------
+
+GROUPS = [  # (rows, group sizes): empty groups, a one-row group, uneven sizes, rows past sum(sizes)
+    (64, [0, 1, 20, 0, 31, 12]),
+    (75, [5, 0, 0, 50]),
+    (40, [40]),
+]
+
+
+def _per_group(x, w, gs):
+    x, w, out, s = np.asarray(x, np.float64), np.asarray(w, np.float64), np.zeros((x.shape[0], w.shape[2])), 0
+    for g, n in enumerate(np.asarray(gs)):
+        out[s:s + n] = x[s:s + n] @ w[g]
+        s += n
+    return out
+
+
+def _per_group_dw(x, dy, gs):
+    x, dy, out, s = np.asarray(x, np.float64), np.asarray(dy, np.float64), [], 0
+    for n in np.asarray(gs):
+        out.append(x[s:s + n].T @ dy[s:s + n])
+        s += n
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("M_, sizes", GROUPS)
+def test_grouped_dw_kernel_equals_per_group_products(M_, sizes):
+    gs = jnp.array(sizes, jnp.int32)
+    x = jax.random.normal(jax.random.key(1), (M_, 32))
+    dy = jax.random.normal(jax.random.key(2), (M_, 48))
+    got = gmm_grad.grouped_dw(x, dy, gs, interpret=True)
+    assert got.shape == (len(sizes), 32, 48) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, _per_group_dw(x, dy, gs), rtol=1e-5, atol=1e-4)
+    assert not np.asarray(got)[np.asarray(sizes) == 0].any()  # an empty group: exactly zero
+
+
+def _check_grouped(f, M_, sizes, rtol=1e-5, atol=1e-4):
+    """f(x, w, sizes): output and both gradients against per-group float64 products; rows past sum(sizes) zero."""
+    gs = jnp.array(sizes, jnp.int32)
+    G, K, N = len(sizes), 32, 48
+    x = jax.random.normal(jax.random.key(3), (M_, K))
+    w = jax.random.normal(jax.random.key(4), (G, K, N))
+    dy = jax.random.normal(jax.random.key(5), (M_, N))
+    y, vjp = jax.vjp(lambda x, w: f(x, w, gs), x, w)
+    dx, dw = vjp(dy)
+    used = int(sum(sizes))
+    np.testing.assert_allclose(y, _per_group(x, w, gs), rtol=rtol, atol=atol)
+    assert not np.asarray(y)[used:].any()
+    dy_used = np.asarray(dy).copy()
+    dy_used[used:] = 0
+    dx_ref = np.zeros((M_, K))
+    s = 0
+    for g, n in enumerate(sizes):
+        dx_ref[s:s + n] = dy_used[s:s + n] @ np.asarray(w, np.float64)[g].T
+        s += n
+    np.testing.assert_allclose(dx, dx_ref, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(dw, _per_group_dw(x, dy_used, gs), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("M_, sizes", GROUPS)
+def test_grouped_matmul_and_its_gradients(kernels, M_, sizes):
+    _check_grouped(lambda x, w, g: ops.grouped_matmul(x, w, g, kernels), M_, sizes)
+
+
+@needs_tokamax
+@pytest.mark.parametrize("M_, sizes", GROUPS)
+def test_gpu_custom_vjp_wiring_on_cpu(M_, sizes):
+    """The GPU path's custom VJP (tokamax output and input gradient, `gmm_grad.grouped_dw` weight gradient), run on
+    CPU through tokamax's XLA implementation and the Pallas interpreter."""
+    _check_grouped(ops._grouped_matmul_gpu, M_, sizes)
+
+
+# ---- LM head + cross-entropy ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [5, 24])
+def test_lm_head_ce_equals_full_logits(monkeypatch, T):
+    monkeypatch.setattr(ops, "CE_CHUNK_TOKENS", 8)  # several chunks, the last one padded at T = 5 x B = 2
+    B, D, V = 2, 16, 40
+    h = jax.random.normal(jax.random.key(6), (B, T, D))
+    w = jax.random.normal(jax.random.key(7), (D, V)) * 0.3
+    t = jax.random.randint(jax.random.key(8), (B, T), 0, V)
+    wt = jax.random.uniform(jax.random.key(9), (B, T)) * (jnp.arange(T) % 3 != 0)[None]
+
+    def ref(h, w):
+        return (optax.softmax_cross_entropy_with_integer_labels(h @ w, t) * wt).sum()
+
+    got = lambda h, w: ops.lm_head_ce(h, w, t, wt)  # noqa: E731
+    np.testing.assert_allclose(got(h, w), ref(h, w), rtol=1e-5)
+    for a, b in zip(jax.grad(got, argnums=(0, 1))(h, w), jax.grad(ref, argnums=(0, 1))(h, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---- the model through the seam -------------------------------------------------------------------------------
+
+@needs_tokamax
+def test_model_on_tokamax_equals_xla():
+    """The tiny model's logits and parameter gradients with kernels=tokamax (its XLA implementations on CPU, the
+    custom VJP, the k_start mask) equal kernels=xla, with packed documents."""
+    cfg = dataclasses.replace(presets.tiny(), initializer_range=0.2)
+    graphdef, params = M.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size)
+    seg = _segments(2, 32, 2)
+
+    def loss(params, kernels):
+        g = M.abstract_init(dataclasses.replace(cfg, kernels=kernels))[0]
+        out = M.forward(g, params, tokens, None, seg)
+        return (out.logits ** 2).mean(), out.logits
+
+    (l1, x1), g1 = jax.value_and_grad(loss, has_aux=True)(params, "xla")
+    with jax.numpy_rank_promotion("allow"):  # tokamax's mask broadcasts by rank promotion, also in its backward
+        (l2, x2), g2 = jax.value_and_grad(loss, has_aux=True)(params, "tokamax")
+    np.testing.assert_allclose(x2, x1, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_resolve(monkeypatch):
+    assert ops.resolve("xla") == "xla"
+    assert ops.resolve("auto") == "xla"  # CPU is not in AUTO_TOKAMAX
+    monkeypatch.setattr(ops, "AUTO_TOKAMAX", frozenset({"cpu"}))
+    assert ops.resolve("auto", jnp.float32) == ("tokamax" if has_tokamax else "xla")
+    if has_tokamax:
+        assert ops.resolve("tokamax") == "tokamax"
+    else:
+        with pytest.raises(ImportError, match="tokamax is not installed"):
+            ops.resolve("tokamax")
+    with pytest.raises(ValueError, match="kernels='bogus'"):
+        ops.resolve("bogus")
