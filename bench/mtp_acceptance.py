@@ -6,7 +6,7 @@
 Restores the newest checkpoint of a `deepjax train` run directory, prompts it with held-out problems of its task
 (`tasks.generate(..., split="test")`, in the run's prompt template), decodes greedily with and without MTP drafting
 and prints one JSON line: drafts proposed / accepted, tokens per decode step, whether both outputs are identical,
-and the share of problems solved (`tasks.verify`).
+and the share of problems solved (`rewards.accuracy_reward`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from flax import nnx
 from deepjax.infer import sampling as SP
 from deepjax.parallel import sharding as S
 from deepjax.data import tasks
+from deepjax.rl import rewards
 from deepjax.train import run as TR
 from deepjax.train.checkpoint import Checkpointer
 from deepjax.config import from_dict
@@ -63,7 +64,7 @@ def main(argv=None):
     solved = 0
     for i, ex in enumerate(examples):
         n = int(plain.lengths[i])
-        solved += tasks.verify(ex, tok.decode(np.asarray(plain.tokens[i, :n]), errors="replace"))
+        solved += rewards.accuracy_reward(ex, tok.decode(np.asarray(plain.tokens[i, :n]), errors="replace"))
     prop, acc = int(drafted.drafts_proposed.sum()), int(drafted.drafts_accepted.sum())
     print(json.dumps({
         "run": a.workdir, "step": step, "problems": a.problems, "device": jax.devices()[0].device_kind,

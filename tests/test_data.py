@@ -15,11 +15,17 @@ import pytest
 from deepjax.data import datasets
 
 from deepjax.data import tasks
+from deepjax.rl import rewards
 from deepjax.config import DataConfig
 from deepjax.data.tokenizer import (R1_TEMPLATE, SPECIALS, ByteTokenizer, HFTokenizer, load_tokenizer, plain_prompt,
                                r1_prompt)
 
 # ================================================================================================ tasks: generation
+
+
+def _ok(example, completion) -> bool:
+    """The accuracy reward as a verdict (GRPO's reward and `deepjax eval` use this one rule)."""
+    return rewards.accuracy_reward(example, completion) == 1.0
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)
@@ -75,15 +81,15 @@ def test_every_example_verifies_against_its_reference(task, split):
     for ex in examples:
         completion = tasks.sft_completion(ex)
         assert tasks.format_ok(completion), completion
-        assert tasks.verify(ex, completion), (ex, completion)
-        assert tasks.reward(ex, completion) == {"accuracy": 1.0, "format": 1.0}
+        assert _ok(ex, completion), (ex, completion)
+        assert rewards.combined(ex, completion)["format"] == 1.0
         assert tasks.extract_answer(completion) == ex["answer"]
     # and a wrong answer does not
     ex = examples[0]
     meta = tasks.example_meta(ex)
     wrong = str(int(ex["answer"]) + 1) if task == "arithmetic" else f"{meta['target'] + 1}"
-    assert not tasks.verify(ex, f"<think>x</think> <answer>{wrong}</answer>")
-    assert tasks.reward(ex, "no tags at all") == {"accuracy": 0.0, "format": 0.0}
+    assert not _ok(ex, f"<think>x</think> <answer>{wrong}</answer>")
+    assert (_ok(ex, "no tags at all"), rewards.format_reward(ex, "no tags at all")) == (False, 0.0)
 
 
 def test_countdown_examples_are_well_formed():
@@ -106,7 +112,7 @@ def test_sft_completion_known_values():
     # TFDS records come back as bytes
     as_bytes = {k: v.encode() for k, v in ex.items()}
     assert tasks.sft_completion(as_bytes) == tasks.sft_completion(ex)
-    assert tasks.verify(as_bytes, tasks.sft_completion(ex))
+    assert _ok(as_bytes, tasks.sft_completion(ex))
     with pytest.raises(ValueError, match="no SFT completion"):
         tasks.sft_completion({"task": "poetry", "answer": "x"})
 
@@ -118,7 +124,7 @@ _CD = {"question": "Using the numbers [2, 3, 4], create an equation that equals 
 
 
 def _cd(answer: str, example: dict = _CD) -> bool:
-    return tasks.verify(example, f"<think>...</think> <answer>{answer}</answer>")
+    return _ok(example, f"<think>...</think> <answer>{answer}</answer>")
 
 
 @pytest.mark.parametrize("answer", ["2 * 3 + 4", "4 * 3 - 2", "(4 * 3) - 2", "4*3-2 = 10", "4 × 3 - 2", "3*4-2",
@@ -136,8 +142,8 @@ def test_countdown_exact_fractions_and_number_counts():
     assert tasks.verify_countdown("7 + 3", [3, 7, 25], 10)  # not every number has to be used
     # top-level numbers / target (not only in meta) are read too
     ex = {"question": "q", "answer": "a", "task": "countdown", "numbers": [5, 5], "target": 25}
-    assert tasks.verify(ex, "<answer>5 * 5</answer>")
-    assert not tasks.verify(ex, "<answer>5 * 5 * 5 / 5</answer>")
+    assert _ok(ex, "<answer>5 * 5</answer>")
+    assert not _ok(ex, "<answer>5 * 5 * 5 / 5</answer>")
 
 
 @pytest.mark.parametrize("answer", [
@@ -188,7 +194,7 @@ def test_countdown_bounds_length_and_nesting():
     assert tasks.verify_countdown("-" * 190 + "10", [10], 10)  # an even number of unary minuses: +10
     assert not tasks.verify_countdown("-" * 191 + "10", [10], 10)  # odd: -10
     ex = dict(_CD, meta=json.dumps({"numbers": [1], "target": 1, "steps": []}))
-    assert tasks.verify(ex, "<answer>" + "(" * 5000 + "1" + ")" * 5000 + "</answer>") is False
+    assert _ok(ex, "<answer>" + "(" * 5000 + "1" + ")" * 5000 + "</answer>") is False
 
 
 def test_countdown_deep_nesting_is_safe_even_without_the_length_bound(monkeypatch):
@@ -239,14 +245,14 @@ def test_answers_match(predicted, reference, expected):
     assert tasks.answers_match(reference, predicted) is expected
 
 
-def test_math_verify_uses_answers_match():
+def test_math_accuracy_uses_answers_match():
     ex = {"question": "q", "answer": "1234", "task": "math", "solution": "... #### 1234"}
-    assert tasks.verify(ex, "<think>.</think><answer>1,234</answer>")
-    assert tasks.verify(ex, "The answer is \\boxed{1234}.")
-    assert not tasks.verify(ex, "<answer>1235</answer>")
-    assert not tasks.verify(ex, "1234")  # no extractable answer
-    with pytest.raises(ValueError, match="no verifier"):
-        tasks.verify({"task": "poetry", "answer": "x"}, "<answer>x</answer>")
+    assert _ok(ex, "<think>.</think><answer>1,234</answer>")
+    assert _ok(ex, "The answer is \\boxed{1234}.")
+    assert not _ok(ex, "<answer>1235</answer>")
+    assert not _ok(ex, "1234")  # no extractable answer (RewardConfig.last_number_fallback is off by default)
+    with pytest.raises(ValueError, match="no accuracy reward"):
+        _ok({"task": "poetry", "answer": "x"}, "<answer>x</answer>")
 
 
 @pytest.mark.parametrize("solution, expected", [
@@ -462,7 +468,7 @@ def test_build_generated_task(tmp_path, task):
         # TFDS stores records in the order of a hash of their keys: same examples, not the same order
         assert collections.Counter(map(_key, got)) == collections.Counter(map(_key, want))
         for ex in got:
-            assert tasks.verify(ex, tasks.sft_completion(ex))
+            assert _ok(ex, tasks.sft_completion(ex))
     assert os.path.isdir(tmp_path / "deepjax_tasks" / f"{task}_train40_test9_seed5" / "1.0.0")
     # a different seed is a different dataset next to it
     other = datasets.build(DataConfig(source=task, num_train=40, num_test=9, task_seed=6), str(tmp_path))
@@ -520,12 +526,12 @@ def test_build_jsonl_math(tmp_path):
     assert {q: r["answer"] for q, r in records.items()} == expected
     for r in records.values():
         assert set(r) == {"question", "answer", "solution", "task"} and r["task"] == "math"
-        assert tasks.verify(r, tasks.sft_completion(r)) and tasks.format_ok(tasks.sft_completion(r))
+        assert _ok(r, tasks.sft_completion(r)) and tasks.format_ok(tasks.sft_completion(r))
     gsm0 = records[GSM8K_LINES[0]["question"]]
     assert gsm0["solution"] == GSM8K_LINES[0]["answer"]
     assert "####" not in tasks.sft_completion(gsm0)
-    assert tasks.verify(records[GSM8K_LINES[1]["question"]], "<answer>1234</answer>")
-    assert tasks.verify(records[MATH_LINES[0]["problem"]], "<answer>0.5</answer>")
+    assert _ok(records[GSM8K_LINES[1]["question"]], "<answer>1234</answer>")
+    assert _ok(records[MATH_LINES[0]["problem"]], "<answer>0.5</answer>")
     # the config name hashes the contents: an edited file is a new dataset
     _write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_LINES[:1])
     assert len(datasets.build(cfg, str(tmp_path / "tfds"))["train"]) == 4

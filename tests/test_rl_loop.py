@@ -17,6 +17,7 @@ from flax import nnx
 from deepjax.train import checkpoint as C
 from deepjax.rl import loop
 from deepjax.data import tasks
+from deepjax.rl import rewards
 from deepjax.parallel import sharding as S
 from deepjax.train import loop as T
 from deepjax.train import run as TR
@@ -69,8 +70,11 @@ def _restore(workdir, cfg, with_ref=True):
 
 
 def test_grpo_killed_and_resumed_equals_the_straight_run(base):
+    """Also the loop under Dr. GRPO (rows of prompt + completion longer than its constant L = max_new_tokens); the
+    r1zero job test runs the default (grpo, std) and `test_dapo_step` DAPO."""
     N = 5
-    args = _args(base, f"--config.rl.steps={N}", "--config.train.checkpoint_every=2")
+    args = _args(base, f"--config.rl.steps={N}", "--config.train.checkpoint_every=2", "--config.rl.aggregation=dr_grpo",
+                 "--config.rl.advantage_norm=mean")
     straight = _grpo_cli(base / "straight", args)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "held-out (4 problems, k=2): pass@1" in straight.stdout
@@ -130,6 +134,17 @@ def test_grpo_killed_and_resumed_equals_the_straight_run(base):
     assert res["step"] == N and len(res["problems"]) == 4
 
 
+def test_dapo_step(base, tmp_path):
+    """DAPO through the loop: clip-higher, token-level mean, no KL term (no reference model kept)."""
+    cfg = load_config("tiny", _args(base, "--config.rl.steps=1", "--config.rl.mu=1", "--config.rl.eval_every=0",
+                                    "--config.rl.eval_problems=2", "--config.rl.eval_k=1",
+                                    "--config.rl.aggregation=dapo", "--config.rl.eps_high=0.28", "--config.rl.beta=0",
+                                    "--config.train.plot=false"))
+    loop.grpo(cfg, str(tmp_path), progress=False)
+    (h,) = TR.read_history(tmp_path / "metrics.jsonl").values()
+    assert np.isfinite(h["loss"]) and "kl" not in h  # beta = 0: no reference model, no KL
+
+
 def test_freeze_keeps_mtp_leaves():
     new = {"mtp": {"w": np.ones(2)}, "head": {"w": np.ones(2)}}
     old = {"mtp": {"w": np.zeros(2)}, "head": {"w": np.zeros(2)}}
@@ -162,7 +177,7 @@ def test_task_difficulty_options():
     for ex in easy:
         a, op, b = tasks.example_meta(ex)["expression"].split()
         assert op in "+-" and 0 <= int(a) <= 9 and 0 <= int(b) <= 9
-        assert tasks.verify(ex, f"<think>x</think> <answer>{ex['answer']}</answer>")
+        assert rewards.accuracy_reward(ex, f"<think>x</think> <answer>{ex['answer']}</answer>") == 1.0
     mul = tasks.generate("arithmetic", 20, 0, "test", max_digits=2, ops="*")
     assert all(int(tasks.example_meta(e)["expression"].split()[0]) <= 99 for e in mul)
     with pytest.raises(ValueError, match="question space too small"):

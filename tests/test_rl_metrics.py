@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import operator
+import random
 import re
 import subprocess
 import sys
@@ -234,3 +235,57 @@ def test_summarize_countdown_votes_on_space_free_expressions():
     arith = tasks.generate("arithmetic", 1, seed=1, split="test")[0]
     mixed = ev.summarize([example, arith], completions + [[_done(arith["answer"])] * 5])
     assert {row["k"]: row["cons@k"] for row in mixed["table"]}[5] == 1.0
+
+
+# ---- one rule for evaluation and reward ------------------------------------------------------------------------
+
+MATH = {"task": "math", "question": "2 to the tenth?", "answer": "1024"}
+ARITH = {"task": "arithmetic", "question": "2 - 7", "answer": "-5", "meta": {"expression": "2 - 7"}}
+HALF = {"task": "math", "question": "half?", "answer": "\\frac{1}{2}"}
+VERDICTS = [  # (example, completion, right?): answer forms the two rules once judged differently, and neighbours
+    (MATH, "<think>.</think> <answer>2^{10}</answer>", True),  # a LaTeX power
+    (MATH, "<answer>1,024</answer>", True),  # thousands separator
+    (MATH, "so the answer is \\boxed{1024}.", True),
+    (MATH, "<answer>1024 \\text{ apples}</answer>", True),  # trailing unit
+    (MATH, "<answer>１０２４</answer>", True),  # full-width digits
+    (MATH, "<answer>1025</answer>", False),
+    (MATH, "<answer>2^{11}</answer>", False),
+    (ARITH, "<answer>\u22125</answer>", True),  # U+2212 MINUS SIGN
+    (ARITH, "<answer>-5</answer>", True),
+    (ARITH, "<answer>٥</answer>", False),  # Arabic-Indic 5: positive
+    (ARITH, "<answer>2 - 7</answer>", False),  # the question echoed is not evaluated
+    (HALF, "<answer>0.5</answer>", True),
+    (HALF, "<answer>\\frac{3}{6}</answer>", True),
+    (HALF, "<answer>2/4</answer>", True),
+    (HALF, "<answer>0.25</answer>", False),
+]
+
+
+@pytest.mark.parametrize("example, completion, right", VERDICTS)
+def test_eval_and_reward_give_one_verdict(example, completion, right):
+    from deepjax.rl import rewards
+
+    summary = ev.summarize([example], [[completion]])["problems"][0]
+    assert summary["correct"] == [right]
+    assert (rewards.accuracy_reward(example, completion) == 1.0) is right
+    assert summary["majority_correct"] is right  # the majority vote judged by the same rule
+
+
+def test_eval_and_reward_agree_on_fuzzed_completions():
+    """Random completions around right and wrong answer forms: the eval verdict is the reward's, every time."""
+    from deepjax.rl import rewards
+
+    rng = random.Random(0)
+    noise = ["<answer>", "</answer>", "<think>", "</think>", "\\boxed{", "}", " ", "x", "١", "(", ")", "*", "/", "-",
+             "\u2212", ",", "\\text{ m}"]
+    forms = {id(MATH): ["1024", "2^{10}", "1,024", "1025"], id(ARITH): ["-5", "\u22125", "5", "2 - 7"],
+             id(HALF): ["0.5", "\\frac{1}{2}", "2/4", "0.4"]}
+    for ex in (MATH, ARITH, HALF):
+        comps = []
+        for _ in range(300):
+            mid = f"<answer>{rng.choice(forms[id(ex)])}</answer>" if rng.random() < 0.6 else ""
+            comps.append("".join(rng.choices(noise, k=rng.randint(0, 6))) + mid
+                         + "".join(rng.choices(noise, k=rng.randint(0, 3))))
+        summary = ev.summarize([ex], [comps])["problems"][0]
+        assert summary["correct"] == [rewards.accuracy_reward(ex, c) == 1.0 for c in comps]
+        assert 0 < sum(summary["correct"]) < len(comps)  # both verdicts occur

@@ -23,8 +23,9 @@ Train and test never share a question, whatever n and seed: each question belong
 Checkers (R1, docs/deepseek.md, R1: "rule-based rewards only"):
 
     extract_answer(text)         last <answer>...</answer>, else the last \\boxed{...}
-    verify(example, completion)  the accuracy reward (bool)
     format_ok(completion)        the format reward: "<think> ... </think> <answer> ... </answer>"
+    (The accuracy reward, which `deepjax eval` scores with too, is deepjax/rl/rewards.py's `accuracy_reward`: one rule
+    for training and evaluation.)
     sft_completion(example)      a short worked completion in that format, for SFT of the tiny model
 """
 
@@ -310,26 +311,6 @@ def verify_countdown(expression: str, numbers: list[int], target: int) -> bool:
     return value == int(target)
 
 
-def verify(example: dict, completion: str) -> bool:
-    """The accuracy reward: does the answer extracted from `completion` solve `example`?"""
-    example = as_example(example)
-    predicted = extract_answer(completion)
-    if predicted is None:
-        return False
-    task = example["task"]
-    if task == "countdown":
-        meta = example_meta(example)
-        return verify_countdown(predicted, meta["numbers"], meta["target"])
-    if task in ("arithmetic", "math"):
-        return answers_match(predicted, example["answer"])
-    raise ValueError(f"task={task!r}: no verifier")
-
-
-def reward(example: dict, completion: str) -> dict[str, float]:
-    """Both R1 rule-based rewards of one completion: {"accuracy": 0/1, "format": 0/1}."""
-    return {"accuracy": float(verify(example, completion)), "format": float(format_ok(completion))}
-
-
 __all__ = ["TASKS", "generate", "options_of", "check_options", "DEFAULT_OPTIONS", "sft_completion", "extract_answer", "final_answer_from_solution", "format_ok",
-           "verify", "verify_countdown", "answers_match", "to_number", "reward", "as_example", "example_meta",
+           "verify_countdown", "answers_match", "to_number", "as_example", "example_meta",
            "last_boxed"]

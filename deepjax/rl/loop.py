@@ -181,7 +181,7 @@ class GRPORun(Run):
         comps = evaluate.sample_completions(self.cfg, self.graphdef, self.policy_params(), self.mesh, self.rules,
                                             examples, k, self.cfg.rl.eval_sampling(), seed=self.cfg.seed,
                                             batch=max(64, self.rows), progress=False)
-        return metrics.summarize(examples, comps)
+        return metrics.summarize(examples, comps, reward_cfg=self.cfg.rl.rewards())
 
     def save(self, step: int, force: bool = False) -> bool:
         return super().save(step, self.prompts.get_state(), force=force,

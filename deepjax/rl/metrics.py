@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from deepjax.data import tasks
+from deepjax.rl import rewards
 
 Match = Callable[[str, str], bool]
 
@@ -245,12 +246,13 @@ def vote_answer(example: dict, completion: str) -> Optional[str]:
 
 
 def summarize(examples: Sequence[dict], completions_per_problem: Sequence[Sequence[str]],
-              ks: Optional[Sequence[int]] = None) -> dict:
+              ks: Optional[Sequence[int]] = None, reward_cfg: Optional[rewards.RewardConfig] = None) -> dict:
     """Evaluate k completions per example: {"table": scaling_table(...), "problems": [per-problem details]}.
 
-    Correctness of a sample is `tasks.verify`. Votes are `vote_answer`s; for countdown they are grouped by exact
-    string equality and the majority is judged by the countdown verifier (any valid expression is right); for other
-    tasks they are grouped and judged by `tasks.answers_match` against the reference.
+    Correctness of a sample is the GRPO accuracy reward, `rewards.accuracy_reward` (with `reward_cfg`, the run's
+    RewardConfig: the same rule the policy was trained on). Votes are `vote_answer`s; for countdown they are grouped
+    by exact string equality, for other tasks by `tasks.answers_match`; the majority answer is judged by the same
+    reward, as the completion `<answer>{majority}</answer>`.
 
     Per problem: question, task, reference, answers, correct, n, n_correct, majority, majority_votes, majority_correct
     (the majority over all its samples).
@@ -260,16 +262,14 @@ def summarize(examples: Sequence[dict], completions_per_problem: Sequence[Sequen
         raise ValueError(f"completions_per_problem: {len(completions_per_problem)} lists for {len(examples)} examples")
     if not examples:
         raise ValueError("examples: none")
-    correct = [[tasks.verify(ex, c) for c in comps] for ex, comps in zip(examples, completions_per_problem)]
+    correct = [[rewards.accuracy_reward(ex, c, cfg=reward_cfg) == 1.0 for c in comps]
+               for ex, comps in zip(examples, completions_per_problem)]
     answers = [[vote_answer(ex, c) for c in comps] for ex, comps in zip(examples, completions_per_problem)]
     references = [ex["answer"] for ex in examples]
     countdown = [ex["task"] == "countdown" for ex in examples]
 
     def judge(i: int, answer: str) -> bool:
-        if countdown[i]:
-            meta = tasks.example_meta(examples[i])
-            return tasks.verify_countdown(answer, meta["numbers"], meta["target"])
-        return _same(answer, references[i], tasks.answers_match)
+        return rewards.accuracy_reward(examples[i], f"<answer>{answer}</answer>", cfg=reward_cfg) == 1.0
 
     matches = [operator.eq if cd else tasks.answers_match for cd in countdown]
     table = scaling_table(correct, answers, references, ks, match=matches, judge=judge)

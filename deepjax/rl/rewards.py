@@ -3,7 +3,9 @@
 Pure Python (standard library plus deepjax.data.tasks): the GRPO loop calls these on the host for every sampled completion.
 Each reward is `f(example, completion, *, cfg=None) -> float` in [0, 1]:
 
-    accuracy_reward                1.0 iff the answer solves the example (rules only, no learned reward model)
+    accuracy_reward                1.0 iff the answer solves the example (rules only, no learned reward model); also
+                                   what `deepjax eval` counts as correct (rl/metrics.py), so pass@1 uses the rule
+                                   the policy was trained on
         arithmetic   the last <answer>...</answer> (else the last \\boxed{...}) equals the reference as a number
                      (tasks.answers_match); an expression such as "347 + 86" is NOT evaluated: echoing the question
                      would otherwise earn the reward
@@ -14,8 +16,8 @@ Each reward is `f(example, completion, *, cfg=None) -> float` in [0, 1]:
                      "\\frac{1}{2}", "3/4", units in \\text{}); failing that, both sides through `evaluate`, a small
                      bounded evaluator of numeric expressions ("2^{10}" = "1024", "\\frac{3}{6}" = "0.5")
     format_reward                  1.0 iff exactly one <think>...</think> followed by exactly one <answer>...</answer>,
-                                   with only whitespace around them (tasks.format_ok, plus a check that each of the four
-                                   tags occurs exactly once: tasks.format_ok alone lets <answer> tags sit in <think>)
+                                   with only whitespace around them (tasks.format_ok: each of the four tags exactly
+                                   once, so no <answer> tags inside the reasoning, then the layout)
     language_consistency_reward    the share of target-language words among the alphabetic words of the reasoning
                                    (the <think> part); 0.0 when it has no words at all
 
@@ -373,7 +375,6 @@ def evaluate(text: str, timeout_s: float = EVAL_TIMEOUT_S) -> Optional[Fraction]
 
 # ----------------------------------------------------------------------------------------------------------- rewards
 
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 # kana and Han, scripts that put no spaces between words
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
 # A word: one kana / Han character, or a maximal run of other letters (digits, '_', punctuation, marks end it).
@@ -415,9 +416,9 @@ def format_reward(example: dict, completion, *, cfg: Optional[RewardConfig] = No
     """1.0 iff `<think>...</think>` then `<answer>...</answer>`, each tag exactly once, only whitespace around."""
     cfg = cfg or DEFAULT
     text = _bounded(completion, cfg.max_chars)
-    if text is None or any(text.count(tag) != 1 for tag in _TAGS):
+    if text is None:
         return 0.0
-    return float(tasks.format_ok(text))  # fullmatch anchored at 0, single-tag bodies: linear
+    return float(tasks.format_ok(text))  # tag counts first, then a fullmatch over single-tag bodies: linear
 
 
 def language_consistency_reward(example: dict, completion, *, cfg: Optional[RewardConfig] = None) -> float:
