@@ -5,17 +5,23 @@
     deepjax grpo CONFIG [--config.FIELD=VALUE ...] [--workdir DIR] [--no-progress]
     deepjax r1zero [CONFIG] [--config.FIELD=VALUE ...] [--workdir runs/r1zero] [--seed S] [--k 16]
     deepjax eval WORKDIR [--k 8] [--problems 100] [--temperature 0.6] [--top-p 0.95] [--max-new-tokens 64]
+    deepjax sample SOURCE [--prompt TEXT ...] [--prompts-file F] [--template r1|plain|chat|none] [--max-new-tokens 128]
+                   [--temperature 0.6] [--top-p 0.95] [--top-k 0] [--seed 0] [--config.model.FIELD=VALUE ...]
 
 CONFIG is a file defining `get_config()` (`configs/tiny.py`) or a preset name (`tiny`, `bench`, `deepseek_v3`,
 ...); default `tiny`. `info` builds the model, prints its parameter table and runs one jitted forward pass on a
 random batch. `train` runs or resumes training (deepjax/train/loop.py) in the work directory (default
 runs/<config name>); `grpo` runs or resumes GRPO (deepjax/rl/loop.py), from rl.init_from's checkpoint.
-`r1zero` runs the whole R1-Zero story (deepjax/rl/r1zero.py; default config configs/r1zero.py). A bad config prints one line naming the field and exits with status 2.
+`r1zero` runs the whole R1-Zero story (deepjax/rl/r1zero.py; default config configs/r1zero.py). `sample` streams
+completions from a run or an HF checkpoint directory (deepjax/infer/sample.py). A bad config prints one line naming
+the field and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -26,15 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepjax import model as M
-from deepjax.config import Config, load_config
+from deepjax.config import Config, apply_overrides, from_dict, load_config
+from deepjax.infer import sample as SA
 from deepjax.model.config import ModelConfig
+from deepjax.parallel import sharding as S
 from deepjax.rl import evaluate
 from deepjax.rl import loop
 from deepjax.rl import r1zero
 from deepjax.schema import ConfigError
 from deepjax.train import loop as T
 from deepjax.train.checkpoint import CheckpointError
-from deepjax.train.run import NonFiniteError
+from deepjax.train.run import NonFiniteError, load_params
 
 # Model order for the parameter table (the state itself is sorted by name).
 GROUP_ORDER = ("embed", "dense_layers", "moe_layers", "norm", "head", "mtp")
@@ -220,6 +228,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("sample", help="complete prompts from a run or an HF checkpoint, streamed as decoded",
+                       description="Samples a completion of each prompt (--prompt, --prompts-file) from SOURCE: a "
+                                   "`deepjax train` / `grpo` run directory (its newest checkpoint) or an HF "
+                                   "checkpoint directory (config.json + *.safetensors + tokenizer.json), on one "
+                                   "device. One prompt is streamed as it is decoded, several print as each finishes; "
+                                   "the last line is N tokens in S s (T tokens/s).",
+                       epilog="Model fields that keep the parameters' shapes: --config.model.FIELD=VALUE (e.g. "
+                              "--config.model.dtype=bfloat16); sampler fields: --config.sampling.FIELD=VALUE "
+                              f"({', '.join(SA.SAMPLING_OVERRIDES)}).")
+    SA.add_arguments(p)
     return ap
 
 
@@ -229,6 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         ap.print_help()
         return 0
+    if args.command == "sample":
+        return sample_command(args, rest)
     if args.command == "eval":
         if rest:
             print(f"deepjax: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
@@ -270,6 +290,74 @@ def eval_command(args) -> int:
           f"temperature {res['temperature']}, top-p {res['top_p']}")
     print(evaluate.format_table(res["table"]))
     print(f"written: {args.workdir}/eval_step{res['step']}.json, eval_step{res['step']}_scaling.png")
+    return 0
+
+
+def _sample_run_config(workdir: str) -> Config:
+    with open(os.path.join(workdir, "config.json")) as f:
+        try:
+            return from_dict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{workdir}/config.json: not valid JSON ({e.msg})") from None
+
+
+def _sample_source(args, model_overrides: list[str]):
+    """(SOURCE without its weights, a function giving it its weights on one device with the model overrides). A
+    run directory is read with train.run.load_params (deepjax/infer does not import train)."""
+    path = args.source.rstrip("/") or args.source
+    override = lambda m: apply_overrides(Config(model=m), model_overrides).model  # noqa: E731
+    if SA.source_kind(path) == "hf":
+        if args.step is not None:
+            raise ValueError(f"--step {args.step}: {path} is an HF checkpoint directory (--step picks a run's "
+                             "checkpoint)")
+        src = SA.hf_source(path, args.tokenizer)
+        load = SA.load_hf_weights
+    else:
+        cfg = _sample_run_config(path)
+        tok = SA.tokenizer_of(args.tokenizer or cfg.data.tokenizer,
+                              "--tokenizer" if args.tokenizer else f"data.tokenizer of {path}/config.json")
+        SA.check_vocab(cfg.model, tok, path)
+        src = SA.Source(path, "run", cfg.model, None, None, tok, cfg.data.template, SA.chat_dir_of(tok))
+        ckdir = os.path.join(path, "checkpoints")
+        if not any(d.isdigit() for d in os.listdir(ckdir)):
+            raise FileNotFoundError(f"{ckdir}: no checkpoint saved yet")
+
+        def load(src):
+            mesh = S.make_mesh(S.MeshConfig(fsdp=1), devices=jax.devices()[:1])  # one device, sampled outside it
+            _, step, graphdef, params, _, _ = load_params(path, args.step, mesh, S.rules_for(cfg.mesh.rules))
+            return dataclasses.replace(src, graphdef=graphdef, params=params, step=step)
+    override(src.model)  # a bad override fails before the weights are read
+
+    def with_weights(src: SA.Source) -> SA.Source:
+        src = load(src)
+        return SA.with_model_config(src, override(src.model))
+    return src, with_weights
+
+
+def sample_command(args, rest) -> int:
+    """`deepjax sample` (deepjax/infer/sample.py): every input checked before the weights are read, each error one
+    line with status 2."""
+    unknown = [r for r in rest if not r.startswith(("--config.model.", "--config.sampling."))]
+    if unknown:
+        print(f"deepjax: error: unrecognized arguments: {' '.join(unknown)} (overrides: --config.model.FIELD=VALUE, "
+              "--config.sampling.FIELD=VALUE)", file=sys.stderr)
+        return 2
+    try:
+        prompts = SA.read_prompts(args.prompt, args.prompts_file)
+        sc = SA.sampling_config(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                                [r for r in rest if r.startswith("--config.sampling.")])
+        src, load = _sample_source(args, [r for r in rest if r.startswith("--config.model.")])
+        src, ids, sc = SA.encode(src, prompts, args.template, sc)
+        src = load(src)
+    except (ConfigError, ValueError, OSError, CheckpointError) as e:
+        # one line: a damaged checkpoint's message goes on with training's fallback hint, which is not ours
+        print(f"deepjax: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    try:
+        SA.run(src, prompts, ids, sc, args.seed, args.batch)
+    except KeyboardInterrupt:  # Ctrl-C while streaming: no traceback
+        print("\ndeepjax: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

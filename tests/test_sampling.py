@@ -260,3 +260,36 @@ def test_cache_is_576_values_per_token_per_layer_at_v3():
     cache = jax.eval_shape(lambda: SP.init_cache(v3, 2, 16))
     assert len(cache.dense) == 3 and len(cache.moe) == 58
     assert {c.shape for c in cache.dense + cache.moe} == {(2, 16, 576)}  # rows [c (512) ; k_pe (64)]
+
+
+def test_eval_and_grpo_take_the_fused_decode_on_one_device(tiny, capsys, monkeypatch):
+    """`text.complete` (the one path of `deepjax eval` and GRPO's rollouts): on a one-device mesh it samples outside
+    the mesh and takes the fused decode; on the 8-device mesh the modules decode, said once on stderr. Greedy
+    tokens agree."""
+    from deepjax.data.tokenizer import ByteTokenizer
+    from deepjax.infer import text
+
+    cfg, graphdef, params = tiny
+    tok = ByteTokenizer()
+    sc = SP.SamplingConfig(max_new_tokens=6, temperature=0.0)
+    one = S.make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
+    many = S.make_mesh(MeshConfig())
+    rules = S.rules_for(MeshConfig().rules)
+    assert many.devices.size == 8
+    assert text.decode_path(sc, one, 8) == "fused" and text.decode_path(sc, many, 8) == "module"
+    assert text.decode_path(sc, one, SP.DENSE_DECODE_MAX_TOKENS + 1) == "module"
+    assert text.decode_path(dataclasses.replace(sc, fused=False), one, 8) == "module"
+    prompts = [tok.encode(p, add_bos=True) for p in ("1 + 2 =", "hello", "7 - 3 =", "ab", "x", "99", "0", "q?")]
+    key = jax.random.key(0)
+    fused = []  # traces that built the fused weights
+    real = SP.fuse_layers
+    monkeypatch.setattr(SP, "fuse_layers", lambda *a, **k: fused.append(1) or real(*a, **k))
+    a = text.complete(graphdef, params, tok, prompts, key, sc, one, rules)
+    assert fused == [1]
+    capsys.readouterr()
+    b = text.complete(graphdef, params, tok, prompts, key, sc, many, rules)
+    assert fused == [1]
+    text.complete(graphdef, params, tok, prompts, key, sc, many, rules)
+    assert capsys.readouterr().err.count("the model's modules decode on this 8-device mesh") == 1
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)

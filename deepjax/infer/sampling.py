@@ -509,6 +509,30 @@ def _is_eos(tok_B, eos_ids):
     return jnp.any(tok_B[:, None] == jnp.asarray(eos_ids, jnp.int32)[None], axis=-1)
 
 
+def start(model: Transformer, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None):
+    """`generate` up to its loop: (decode layers, cache, first token [B], its log-prob [B], key). The decode layers
+    are the fused weights or per-layer modules the steps reuse (`_decode_layers`), or None."""
+    B, P = prompts_BP.shape
+    S = cache_length(sc, P)
+    cache = init_cache(model.cfg, B, S)
+    layers = _decode_layers(model, sc, experts_fn, B, S)
+    logits, cache = _prefill(model, layers, prompts_BP.astype(jnp.int32), lengths_B.astype(jnp.int32), cache,
+                             experts_fn or prefill_experts_fn(model.cfg))
+    key, k0 = jax.random.split(key)
+    tok, lp = sample(logits, k0, sc)
+    return layers, cache, tok, lp, key
+
+
+def advance(model: Transformer, layers, tok_B, pos_B, cache: Cache, key, sc: SamplingConfig, experts_fn=None):
+    """One step of `generate`'s loop: token tok_B enters the cache at pos_B; returns (next token, its log-prob,
+    cache, key)."""
+    decode_fn = experts_fn or decode_experts_fn(model.cfg, tok_B.shape[0])
+    logits, cache = decode_step(model, tok_B, pos_B, cache, decode_fn, sc.attention, layers)
+    key, k = jax.random.split(key)
+    tok, lp = sample(logits, k, sc)
+    return tok, lp, cache, key
+
+
 def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None) -> Output:
     """Samples up to sc.max_new_tokens per row (see the module docstring). Pure; `jit_generate` jits it."""
     B, P = prompts_BP.shape
@@ -523,12 +547,7 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
         layers = _decode_layers(model, sc, experts_fn, 2 * B, S, tokens_per_row=2)
         return _generate_mtp(model, prompts_BP.astype(jnp.int32), lengths_B, sc, S, prefill_fn,
                              experts_fn or decode_experts_fn(cfg, 2 * B), layers)
-    decode_fn = experts_fn or decode_experts_fn(cfg, B)
-    cache = init_cache(cfg, B, S)
-    layers = _decode_layers(model, sc, experts_fn, B, S)
-    logits, cache = _prefill(model, layers, prompts_BP.astype(jnp.int32), lengths_B, cache, prefill_fn)
-    key, k0 = jax.random.split(key)
-    tok, lp = sample(logits, k0, sc)
+    layers, cache, tok, lp, key = start(model, prompts_BP, lengths_B, key, sc, experts_fn)
     N = sc.max_new_tokens
     out_tok = jnp.full((B, N), sc.pad_id, jnp.int32)
     out_lp = jnp.zeros((B, N), jnp.float32)
@@ -546,10 +565,7 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
         out_lp = out_lp.at[:, i].set(jnp.where(active, lp, 0.0))
         n_new = n_new + active.astype(jnp.int32)
         done = done | (active & _is_eos(tok, sc.eos_ids))
-        pos = lengths_B + i  # where this token goes in the cache
-        logits, cache = decode_step(model, tok, pos, cache, decode_fn, sc.attention, layers)
-        key, k = jax.random.split(key)
-        tok, lp = sample(logits, k, sc)
+        tok, lp, cache, key = advance(model, layers, tok, lengths_B + i, cache, key, sc, experts_fn)
         return i + 1, tok, lp, out_tok, out_lp, done, n_new, cache, key
 
     carry = (jnp.int32(0), tok, lp, out_tok, out_lp, done, n_new, cache, key)

@@ -3,7 +3,9 @@ rollouts take (deepjax/rl/evaluate.py, deepjax/rl/loop.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -29,17 +31,40 @@ def prompt_ids(tokenizer, template: str, questions: Sequence[str]) -> list[list[
     return [tokenizer.encode(TEMPLATES[template](q), add_bos=True) for q in questions]
 
 
+_SAID: set = set()
+
+
+def decode_path(sc: SP.SamplingConfig, mesh, n_rows: int) -> str:
+    """The decode `complete` takes: "fused" (the fast decode, `sampling.use_fused`: one device, absorbed attention,
+    at most sampling.DENSE_DECODE_MAX_TOKENS rows) or "module" (the model's modules; on a mesh of several devices,
+    sharded over it). A one-device mesh samples outside the mesh, so it takes the fused decode where it applies."""
+    if mesh.devices.size > 1:
+        return "module"
+    return "fused" if SP.use_fused(sc, None, n_rows) else "module"
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"deepjax: {message}", file=sys.stderr, flush=True)
+
+
 def complete(graphdef, params, tokenizer, prompts: Sequence[Sequence[int]], key, sc: SP.SamplingConfig, mesh, rules,
              pad_multiple: int = 16) -> Completions:
     """Samples one completion per prompt (a row each) with `sc`, the tokenizer's EOS and pad ids, on `mesh`: rows
-    split over the batch axes (every process passes all rows and gets all back)."""
+    split over the batch axes (every process passes all rows and gets all back). The decode is `decode_path`'s;
+    on a mesh of several devices it says once (stderr) that the fused decode needs one device."""
     sc = dataclasses.replace(sc, eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
     P, L = SP.pad_prompts(list(prompts), pad_id=tokenizer.pad_id, multiple=pad_multiple)
-    with S.use_mesh(mesh, rules):
+    one_device = mesh.devices.size == 1
+    if not one_device and sc.fused:
+        _say_once(f"sampling: the model's modules decode on this {mesh.devices.size}-device mesh (the fused decode "
+                  "runs on one device)")
+    with contextlib.nullcontext() if one_device else S.use_mesh(mesh, rules):
         out = SP.jit_generate(graphdef, params, D.from_host(P, mesh, rules), D.from_host(L, mesh, rules), key, sc)
     toks, lps, lens, done = (D.host_array(x) for x in (out.tokens, out.logprobs, out.lengths, out.done))
     texts = [tokenizer.decode(toks[i, :int(lens[i]) - int(done[i])], errors="replace") for i in range(len(toks))]
     return Completions(P, L, toks, lps, lens, done, texts)
 
 
-__all__ = ["Completions", "prompt_ids", "complete"]
+__all__ = ["Completions", "prompt_ids", "complete", "decode_path"]
