@@ -13,9 +13,9 @@ if [ ! -d "$ROOT/base" ]; then
     --workdir "$ROOT/base" --no-progress $TASK --config.data.seq_len=96 --config.data.global_batch=8 \
     --config.train.steps=40 --config.optim.lr=3e-3 --config.train.checkpoint_every=40 --config.train.plot=false
 fi
-ARGS="$TASK --config.rl.init_from=$ROOT/base --config.rl.prompts_per_step=4 --config.rl.group_size=4
-      --config.rl.mu=2 --config.rl.max_new_tokens=24 --config.rl.beta=0.05 --config.rl.ref_refresh_every=3
-      --config.rl.eval_every=2 --config.rl.eval_problems=4 --config.rl.eval_k=2 --config.rl.steps=3
+ARGS="$TASK --config.rl.init_from=$ROOT/base --config.rl.prompts_per_step=4 --config.rl.loss.group_size=4
+      --config.rl.loss.mu=2 --config.rl.rollout.max_new_tokens=24 --config.rl.loss.beta=0.05 --config.rl.ref_refresh_every=3
+      --config.rl.eval.every=2 --config.rl.eval.problems=4 --config.rl.eval.k=2 --config.rl.steps=3
       --config.train.checkpoint_every=2 --config.train.log_every=1 --config.mesh.data=2 --config.mesh.fsdp=4"
 rm -rf "$ROOT/one" "$ROOT/two"
 JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 $PY -m deepjax grpo tiny \

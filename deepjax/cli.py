@@ -199,12 +199,12 @@ def parser() -> argparse.ArgumentParser:
          "--config.train.steps=400 --config.optim.lr=3e-3.", "tiny", "runs/<config name>")
     _job(sub, "grpo", "GRPO with rule-based rewards (R1-Zero): rollouts, rewards, policy updates",
          "Runs rl.steps GRPO steps in --workdir: rl.prompts_per_step prompts of data.source's train split, "
-         "rl.group_size sampled completions each, accuracy + format rewards, group advantages, rl.mu policy "
-         "updates; held-out pass@1 every rl.eval_every steps; checkpoints, metrics.jsonl, eval.jsonl, TensorBoard "
+         "rl.loss.group_size sampled completions each, accuracy + format rewards, group advantages, rl.loss.mu policy "
+         "updates; held-out pass@1 every rl.eval.every steps; checkpoints, metrics.jsonl, eval.jsonl, TensorBoard "
          "events and grpo_curves.png. Rerun the same command to resume.",
          "Start from a trained run with --config.rl.init_from=DIR (its model config must match). Any config field: "
-         "--config.SECTION.FIELD=VALUE (sections: rl, model, data, optim, train, mesh), e.g. --config.rl.beta=0 "
-         "--config.rl.group_size=16.", "tiny", "runs/<config name>_grpo")
+         "--config.SECTION.FIELD=VALUE (sections: rl, model, data, optim, train, mesh), e.g. --config.rl.loss.beta=0 "
+         "--config.rl.loss.group_size=16.", "tiny", "runs/<config name>_grpo")
     p = _job(sub, "r1zero", "the R1-Zero story on a CPU: weak base, eval, GRPO, eval again",
              "Builds the task data, pretrains the tiny MoE-MLA to a weak base, evaluates held-out pass@1, runs GRPO "
              "with rule-based rewards, evaluates again and prints before/after; writes r1zero.json and r1zero.png "

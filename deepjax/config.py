@@ -26,7 +26,7 @@ from deepjax.model import presets
 from deepjax.model.config import ModelConfig, RopeScaling
 from deepjax.parallel.sharding import MeshConfig
 from deepjax.rl.config import RLConfig
-from deepjax.schema import ConfigError, coerce, hints, parse_scalar, unwrap_optional
+from deepjax.schema import ConfigError, bad, coerce, hints, parse_scalar, unwrap_optional
 from deepjax.train.config import OptimConfig, TrainConfig
 
 
@@ -65,7 +65,13 @@ def _set_path(obj, path: list[str], raw: str, full: str):
         if child is None and dataclasses.is_dataclass(tp):
             child = tp()  # e.g. enabling rope_scaling from the command line
         value = _set_path(child, path[1:], raw, full)
-    return dataclasses.replace(obj, **{head: value})
+    try:
+        return dataclasses.replace(obj, **{head: value})
+    except ValueError as e:  # a library config (GRPOConfig, SamplingConfig, ...) validates itself when built
+        name = full.removeprefix("config.")
+        if isinstance(e, ConfigError) and str(e).startswith(name):
+            raise
+        raise bad(name, value, str(e)) from None
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
@@ -147,7 +153,12 @@ def from_dict(d: dict, cls=None, prefix: str = "") -> Config:
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[key] = coerce(cls, key, value, prefix)
-    out = cls(**kwargs)
+    try:
+        out = cls(**kwargs)
+    except ValueError as e:  # a nested library config validates itself when built
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
     if cls is Config:
         validate(out)
     return out

@@ -34,9 +34,22 @@ def unwrap_optional(tp) -> tuple[Any, bool]:
     return tp, False
 
 
+def _tuple_item(tp):
+    """The item type of `tuple[X, ...]`, else None."""
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+    return None
+
+
 def parse_scalar(tp, raw: str, name: str):
-    """A command-line string as a field of type `tp` (bool: true/false/1/0/yes/no)."""
+    """A command-line string as a field of type `tp` (bool: true/false/1/0/yes/no; tuple[X, ...]: comma-separated
+    X values, empty for ())."""
     s = raw.strip()
+    item = _tuple_item(tp)
+    if item is not None:
+        return tuple(parse_scalar(item, x, name) for x in s.split(",") if x.strip()) if s else ()
     try:
         if tp is bool:
             if s.lower() in ("true", "1", "yes"):
@@ -67,6 +80,14 @@ def coerce(cls, name: str, value: Any, prefix: str = "model."):
         if isinstance(value, tp):
             return value
         raise ConfigError(f"{full}: expected {tp.__name__}, got {value!r}")
+    item = _tuple_item(tp)
+    if item is not None:
+        if isinstance(value, list):
+            value = tuple(value)
+        if not isinstance(value, tuple) or not all(isinstance(x, item) and not isinstance(x, bool) or item is bool
+                                                   and isinstance(x, bool) for x in value):
+            raise ConfigError(f"{full}: expected a tuple of {item.__name__}, got {value!r}")
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool):

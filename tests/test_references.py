@@ -30,7 +30,7 @@ RETIRED = ("decode_fused", "kernels_grouped", "train_step", "grpo_run", "run_eva
            "moe64_check")
 # Old stems that are ordinary words or current names too: checked only as `stem.attr` in backticks.
 OLD_STEMS = set(RETIRED) | {"nn", "grpo", "evaluation", "model", "train", "rl"}
-# Run config sections (`rl.beta`, `model.q_lora_rank`): the config class whose fields `section.field` may name.
+# Run config sections (`rl.loss.beta`, `model.q_lora_rank`): the config class whose fields `section.field` may name.
 SECTIONS = {"model": ("deepjax/model/config.py", "ModelConfig"), "data": ("deepjax/data/config.py", "DataConfig"),
             "optim": ("deepjax/train/config.py", "OptimConfig"), "train": ("deepjax/train/config.py", "TrainConfig"),
             "rl": ("deepjax/rl/config.py", "RLConfig"), "mesh": ("deepjax/parallel/sharding.py", "MeshConfig"),
@@ -220,7 +220,7 @@ def test_the_check_finds_stale_names():
                 "tests/test_grpo_run.py", "model.py", "`rl.no_such_field`", "`nn.rms_norm`"):
         assert stale_references(src, bad), bad
     for good in ("`fused.fuse_block`", "deepjax.infer.fast.fused.fuse_block", "`deepjax/infer/fast/fused.py`",
-                 "`rl.beta`", "`model.init`", "tests/test_gpu_*.py", "`config.json`", "`jax.nn.softmax`",
+                 "`rl.loss.beta`", "`model.init`", "tests/test_gpu_*.py", "`config.json`", "`jax.nn.softmax`",
                  "DeepSeek's `inference/model.py`", "make_train_step"):
         assert not stale_references(src, good), good
     py = REPO / "deepjax" / "infer" / "sampling.py"

@@ -43,10 +43,10 @@ def base(tmp_path_factory):
 
 def _args(root, *extra):
     return TASK + [f"--config.data.data_dir={root}/tfds", f"--config.rl.init_from={root}/base",
-                   "--config.rl.prompts_per_step=4", "--config.rl.group_size=4", "--config.rl.mu=2",
-                   "--config.rl.max_new_tokens=24", "--config.rl.beta=0.05", "--config.rl.reward_language=1.0",
+                   "--config.rl.prompts_per_step=4", "--config.rl.loss.group_size=4", "--config.rl.loss.mu=2",
+                   "--config.rl.rollout.max_new_tokens=24", "--config.rl.loss.beta=0.05", "--config.rl.reward.language=1.0",
                    "--config.rl.ref_refresh_every=3",
-                   "--config.rl.eval_every=2", "--config.rl.eval_problems=4", "--config.rl.eval_k=2",
+                   "--config.rl.eval.every=2", "--config.rl.eval.problems=4", "--config.rl.eval.k=2",
                    "--config.optim.lr=1e-3", "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
                    "--config.train.log_every=1", *extra]
 
@@ -73,8 +73,8 @@ def test_grpo_killed_and_resumed_equals_the_straight_run(base):
     """Also the loop under Dr. GRPO (rows of prompt + completion longer than its constant L = max_new_tokens); the
     r1zero job test runs the default (grpo, std) and `test_dapo_step` DAPO."""
     N = 5
-    args = _args(base, f"--config.rl.steps={N}", "--config.train.checkpoint_every=2", "--config.rl.aggregation=dr_grpo",
-                 "--config.rl.advantage_norm=mean")
+    args = _args(base, f"--config.rl.steps={N}", "--config.train.checkpoint_every=2", "--config.rl.loss.aggregation=dr_grpo",
+                 "--config.rl.loss.advantage_norm=mean")
     straight = _grpo_cli(base / "straight", args)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "held-out (4 problems, k=2): pass@1" in straight.stdout
@@ -135,14 +135,18 @@ def test_grpo_killed_and_resumed_equals_the_straight_run(base):
 
 
 def test_dapo_step(base, tmp_path):
-    """DAPO through the loop: clip-higher, token-level mean, no KL term (no reference model kept)."""
-    cfg = load_config("tiny", _args(base, "--config.rl.steps=1", "--config.rl.mu=1", "--config.rl.eval_every=0",
-                                    "--config.rl.eval_problems=2", "--config.rl.eval_k=1",
-                                    "--config.rl.aggregation=dapo", "--config.rl.eps_high=0.28", "--config.rl.beta=0",
+    """DAPO through the loop: clip-higher, token-level mean, no KL term (no reference model kept); with truncated
+    importance sampling against the sampler (the trainer recomputes pi_old; sampler and trainer agree here, so the
+    weights are 1 and nothing is truncated)."""
+    cfg = load_config("tiny", _args(base, "--config.rl.steps=1", "--config.rl.loss.mu=1", "--config.rl.eval.every=0",
+                                    "--config.rl.eval.problems=2", "--config.rl.eval.k=1",
+                                    "--config.rl.loss.aggregation=dapo", "--config.rl.loss.eps_high=0.28", "--config.rl.loss.beta=0",
+                                    "--config.rl.loss.tis_cap=2",
                                     "--config.train.plot=false"))
     loop.grpo(cfg, str(tmp_path), progress=False)
     (h,) = TR.read_history(tmp_path / "metrics.jsonl").values()
     assert np.isfinite(h["loss"]) and "kl" not in h  # beta = 0: no reference model, no KL
+    assert h["tis_frac"] == 0 and abs(h["is_weight_mean"] - 1) < 1e-3
 
 
 def test_freeze_keeps_mtp_leaves():
@@ -153,9 +157,9 @@ def test_freeze_keeps_mtp_leaves():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("rl.group_size", "1", "rl.group_size=1"), ("rl.top_p", "0", "rl.top_p=0"),
-    ("rl.aggregation", "mean", "rl.aggregation='mean'"), ("rl.eps_low", "1.5", "rl.eps_low=1.5"),
-    ("rl.beta", "-1", "rl.beta=-1"), ("rl.steps", "0", "rl.steps=0"),
+    ("rl.loss.group_size", "1", "rl.loss.group_size=1"), ("rl.rollout.top_p", "0", "rl.rollout.top_p=0"),
+    ("rl.loss.aggregation", "mean", "rl.loss.aggregation='mean'"), ("rl.loss.eps_low", "1.5", "rl.loss.eps_low=1.5"),
+    ("rl.loss.beta", "-1", "rl.loss.beta=-1"), ("rl.steps", "0", "rl.steps=0"),
     ("data.max_digits", "12", "data.max_digits=12"), ("data.ops", "+/", "data.ops='\\+/'"),
 ])
 def test_bad_rl_and_task_settings_name_the_field(field, value, match):
@@ -189,8 +193,8 @@ def test_r1zero_job_runs_every_stage(tmp_path, capsys):
     the before/after table and the files. The rise it reports is measured in LOG, not asserted here."""
     from deepjax import cli
     args = ["r1zero", "--workdir", str(tmp_path), "--k", "2", "--no-progress", "--seed", "3",
-            "--config.train.steps=6", "--config.rl.steps=2", "--config.rl.eval_every=1", "--config.rl.eval_problems=3",
-            "--config.rl.prompts_per_step=4", "--config.rl.group_size=2", "--config.rl.max_new_tokens=16",
+            "--config.train.steps=6", "--config.rl.steps=2", "--config.rl.eval.every=1", "--config.rl.eval.problems=3",
+            "--config.rl.prompts_per_step=4", "--config.rl.loss.group_size=2", "--config.rl.rollout.max_new_tokens=16",
             "--config.data.global_batch=8", "--config.data.seq_len=96"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out

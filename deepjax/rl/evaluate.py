@@ -66,7 +66,7 @@ def run(workdir: str, k: int = 8, problems: int = 100, temperature: float = 0.6,
     examples = held_out(cfg, problems)
     sc = SP.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     completions = sample_completions(cfg, graphdef, params, mesh, rules, examples, k, sc, seed, batch, progress)
-    result = metrics.summarize(examples, completions, reward_cfg=cfg.rl.rewards())  # the rule GRPO rewarded
+    result = metrics.summarize(examples, completions, reward_cfg=cfg.rl.reward)  # the rule GRPO rewarded
     result.update(workdir=os.path.abspath(workdir), step=step, k=k, n_problems=problems, temperature=temperature,
                   top_p=top_p, max_new_tokens=max_new_tokens, task=cfg.data.source)
     base = os.path.join(workdir, f"eval_step{step}")

@@ -6,16 +6,16 @@ updates, all on the training mesh and the training parameters (no second copy of
 One GRPO step (docs/deepseek.md, GRPO):
 
 1. rl.prompts_per_step prompts from data.source's train split (a seeded Grain order, saved with the checkpoint);
-2. rl.group_size completions per prompt from `sampling.generate` (temperature rl.temperature, top-p / top-k), the
+2. rl.loss.group_size completions per prompt from `sampling.generate` (rl.rollout: temperature, top-p / top-k), the
    sampler's log-probs kept as pi_theta_old;
-3. rewards (deepjax/rl/rewards.py: accuracy + format [+ language], weights rl.reward_*), group advantages;
-4. with rl.beta > 0 the reference policy's log-probs (the reference is the initial policy, copied from the policy
+3. rewards (deepjax/rl/rewards.py: accuracy + format [+ language], weights rl.reward.*), group advantages;
+4. with rl.loss.beta > 0 the reference policy's log-probs (the reference is the initial policy, copied from the policy
    again every rl.ref_refresh_every steps when set; with beta = 0 no reference is held or run);
-5. rl.mu optimizer updates on the same rollouts (`update.make_grpo_step`). The MTP modules are frozen (they get no
+5. rl.loss.mu optimizer updates on the same rollouts (`update.make_grpo_step`). The MTP modules are frozen (they get no
    gradient from the GRPO loss; without the freeze AdamW's weight decay would still shrink them).
 
-Every rl.eval_every steps (and at the last) pass@1 on held-out problems (rl.eval_k samples each, temperature
-rl.eval_temperature, top-p rl.eval_top_p as R1's evaluation).
+Every rl.eval.every steps (and at the last) pass@1 on held-out problems (rl.eval.k samples each, temperature
+rl.eval.temperature, top-p rl.eval.top_p as R1's evaluation).
 
 What a run directory holds (as `deepjax train`'s, so `deepjax eval DIR` works on it):
 
@@ -25,7 +25,7 @@ What a run directory holds (as `deepjax train`'s, so `deepjax eval DIR` works on
     metrics.jsonl        one line per GRPO step: reward, accuracy, format, response_length, solved_all / solved_none
                          (share of groups with every / no output correct: zero advantage), loss, kl, clip_frac,
                          entropy, sampler_trainer_logp_gap, grad_norm, lr, rollout_s, update_s; eval_* on eval steps
-    eval.jsonl           the periodic evaluations (pass@1, pass@k, cons@k at k = rl.eval_k)
+    eval.jsonl           the periodic evaluations (pass@1, pass@k, cons@k at k = rl.eval.k)
     tb/                  TensorBoard events
     grpo_curves.png      reward, accuracy, response length, KL, clip fraction, entropy and held-out pass@1 per step
 
@@ -77,7 +77,7 @@ def freeze(new_params, old_params):
 
 def make_step(graphdef, cfg: Config, optimizer, schedule):
     """The policy update: update.make_grpo_step with the FROZEN groups kept as they were."""
-    inner = update.make_grpo_step(graphdef, cfg.model, optimizer, cfg.rl.grpo(), cfg.rl.temperature,
+    inner = update.make_grpo_step(graphdef, cfg.model, optimizer, cfg.rl.grpo(), cfg.rl.rollout.temperature,
                               bias_update_speed=cfg.rl.bias_update_speed, lr_schedule=schedule)
 
     def step(state: TS.TrainState, batch: update.Rollouts):
@@ -109,7 +109,7 @@ class GRPORun(Run):
             raise ConfigError(f"data.source={cfg.data.source!r}: GRPO needs a generated task with a verifier "
                               f"({', '.join(tasks.TASKS)})")
         r = cfg.rl
-        self.ref_needed = r.beta > 0
+        self.ref_needed = r.loss.beta > 0
         self.init_source = None
 
         def init_params():
@@ -121,13 +121,13 @@ class GRPORun(Run):
             return M.init_sharded(cfg.model, jax.random.key(cfg.seed), self.mesh, self.rules)[1]
 
         super().__init__(cfg, workdir, optim_cfg=cfg.optim if r.lr is None else dataclasses.replace(cfg.optim, lr=r.lr),
-                         total_steps=r.steps * r.mu, extra_items=("ref",) if self.ref_needed else (),
+                         total_steps=r.steps * r.loss.mu, extra_items=("ref",) if self.ref_needed else (),
                          init_params=init_params)
-        self.rows = r.prompts_per_step * r.group_size
+        self.rows = r.prompts_per_step * r.loss.group_size
         n_shards = S.batch_shards(self.mesh, self.rules)
         if self.rows % n_shards:
             self.checkpointer.close()
-            raise ConfigError(f"rl.prompts_per_step x rl.group_size = {self.rows} rollouts do not split evenly over "
+            raise ConfigError(f"rl.prompts_per_step x rl.loss.group_size = {self.rows} rollouts do not split evenly over "
                               f"the {n_shards} batch shards of the mesh")
         self.prompts = pipeline.prompt_iterator(cfg.data, self.sources[cfg.data.split], self.data_state)
         self.ref = self.extras.get("ref")
@@ -135,7 +135,7 @@ class GRPORun(Run):
             self.ref = self.policy_copy()
         self._update = self.jit_update(make_step(self.graphdef, cfg, self.optimizer, self.schedule))
         self.sampling = r.rollout_sampling()
-        self.rewards = r.rewards()
+        self.rewards = r.reward
 
     # ------------------------------------------------------------------------------------------------- pieces
     def policy_copy(self):
@@ -147,31 +147,35 @@ class GRPORun(Run):
 
     def rollout(self, examples: list[dict], step: int) -> text.Completions:
         """Samples G completions per example (rows i*G ... i*G + G-1)."""
-        G_ = self.cfg.rl.group_size
+        G_ = self.cfg.rl.loss.group_size
         prompts = text.prompt_ids(self.tokenizer, self.cfg.data.template, [ex["question"] for ex in examples])
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
         return text.complete(self.graphdef, self.policy_params(), self.tokenizer,
                              [p for p in prompts for _ in range(G_)], key, self.sampling, self.mesh, self.rules)
 
     def score(self, examples: list[dict], texts: list[str]) -> dict[str, np.ndarray]:
-        G_ = self.cfg.rl.group_size
+        G_ = self.cfg.rl.loss.group_size
         scores = [R.combined(examples[i // G_], t, self.rewards) for i, t in enumerate(texts)]
         return {k: np.asarray([s[k] for s in scores], np.float32) for k in scores[0]}
 
     def batch(self, ro: text.Completions, advantages: np.ndarray) -> update.Rollouts:
-        Tlen = ro.prompts.shape[1] + self.cfg.rl.max_new_tokens
+        Tlen = ro.prompts.shape[1] + self.cfg.rl.rollout.max_new_tokens
         b = update.rollouts_from_samples(ro.prompts, ro.prompt_lengths, ro.tokens, ro.logprobs, ro.lengths, advantages,
                                      Tlen, pad_id=self.tokenizer.pad_id)
         b = update.Rollouts(*(None if x is None else self.to_global(np.asarray(x)) for x in b))
-        if self.ref_needed:
-            with self.on_mesh():
-                b = b._replace(ref_logp=update.jit_token_logprobs(self.graphdef, self.ref, b, self.cfg.rl.temperature))
+        temperature = self.cfg.rl.rollout.temperature
+        with self.on_mesh():
+            if self.ref_needed:
+                b = b._replace(ref_logp=update.jit_token_logprobs(self.graphdef, self.ref, b, temperature))
+            if self.cfg.rl.loss.uses_sampler:  # TIS / MIS: pi_old from the trainer, the sampler's beside it
+                old = update.jit_token_logprobs(self.graphdef, self.policy_params(), b, temperature)
+                b = b._replace(old_logp=old, sampler_logp=b.old_logp)
         return b
 
     def update(self, batch: update.Rollouts) -> list[dict]:
         out = []
         with self.on_mesh():
-            for _ in range(self.cfg.rl.mu):
+            for _ in range(self.cfg.rl.loss.mu):
                 self.state, m = self._update(self.state, batch)
                 out.append(m)
         return [scalars(jax.device_get(m)) for m in out]
@@ -181,7 +185,7 @@ class GRPORun(Run):
         comps = evaluate.sample_completions(self.cfg, self.graphdef, self.policy_params(), self.mesh, self.rules,
                                             examples, k, self.cfg.rl.eval_sampling(), seed=self.cfg.seed,
                                             batch=max(64, self.rows), progress=False)
-        return metrics.summarize(examples, comps, reward_cfg=self.cfg.rl.rewards())
+        return metrics.summarize(examples, comps, reward_cfg=self.cfg.rl.reward)
 
     def save(self, step: int, force: bool = False) -> bool:
         return super().save(step, self.prompts.get_state(), force=force,
@@ -200,7 +204,8 @@ def step_record(step: int, examples, texts, ro, scores, adv, updates: list[dict]
     first, last = updates[0], updates[-1]
     for k in ("entropy", "sampler_trainer_logp_gap", "sampler_trainer_logp_gap_max"):
         rec[k] = first[k]
-    for k in ("loss", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_max", "kl"):
+    for k in ("loss", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_max", "kl", "tis_frac", "mis_drop_frac",
+              "is_weight_mean", "seq_ratio_mean"):
         if k in first:
             rec[k] = float(np.mean([u[k] for u in updates]))
     rec.update(grad_norm=last["grad_norm"], lr=last.get("lr"), applied=int(min(u["applied"] for u in updates)),
@@ -260,16 +265,16 @@ def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
             examples = run.next_prompts()
             ro = run.rollout(examples, s)
             scores = run.score(examples, ro.texts)
-            adv = np.asarray(G.group_advantages(scores["total"], r.group_size, r.advantage_norm))
+            adv = np.asarray(G.group_advantages(scores["total"], r.loss.group_size, r.loss.advantage_norm))
             t1 = time.perf_counter()
             updates = run.update(run.batch(ro, adv))
             if run.ref_needed and r.ref_refresh_every and done % r.ref_refresh_every == 0:
                 run.ref = run.policy_copy()
-            rec = step_record(done, examples, ro.texts, ro, scores, adv, updates, r.group_size)
+            rec = step_record(done, examples, ro.texts, ro, scores, adv, updates, r.loss.group_size)
             rec.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1)
             streak = 0 if rec["applied"] else streak + 1
-            if (r.eval_every and done % r.eval_every == 0) or done == r.steps:
-                ev = eval_record(done, run.evaluate(r.eval_problems, r.eval_k), r.eval_k)
+            if (r.eval.every and done % r.eval.every == 0) or done == r.steps:
+                ev = eval_record(done, run.evaluate(r.eval.problems, r.eval.k), r.eval.k)
                 evals = [e for e in evals if e["step"] != done] + [ev]
                 rec.update({f"eval_{k}": v for k, v in ev.items() if k not in ("step", "k")})
                 if run.is_main:

@@ -1,4 +1,4 @@
-"""GRPO: the clipped policy-gradient loss of DeepSeekMath (used unchanged in DeepSeek-V3 and R1) and two later variants.
+"""GRPO: the clipped policy-gradient loss of DeepSeekMath (used unchanged in DeepSeek-V3 and R1) and later variants.
 
 For each question q, sample G outputs o_1..o_G from pi_theta_old, score them (rewards r_1..r_G), give every token of o_i
 the same advantage A_i, and maximize, for mu updates of pi_theta on that batch of rollouts,
@@ -15,10 +15,14 @@ the same advantage A_i, and maximize, for mu updates of pi_theta on that batch o
                    token t of it; |o_i| = mask[i].sum() (mask is 1 on completion tokens, 0 on prompt and padding)
     pi_theta       logp[i, t] = log pi_theta(o_it | q, o_i,<t): the current policy, the only input differentiated
     pi_theta_old   old_logp: the policy that sampled the rollouts (constant; no gradient flows into it)
+    pi_sampler     sampler_logp (optional): the same policy as computed by the rollout engine for its own tokens; it
+                   can differ from old_logp (kernels, numerics, MoE routing); see "Sampler / trainer mismatch" below.
+                   With it, old_logp must be the trainer's recomputation under the sampling weights (a loop that
+                   passes the sampler's log-probs as old_logp, as deepjax's does today, has no mismatch to correct)
     pi_ref         ref_logp: the frozen reference policy of the KL penalty (None allowed when beta == 0)
     epsilon        GRPOConfig.eps_low (lower clip 1 - eps_low) and GRPOConfig.eps_high (upper clip 1 + eps_high)
     beta           GRPOConfig.beta
-    D_KL           GRPOConfig.kl_estimator == "k3" (`k3_kl`)
+    D_KL           GRPOConfig.kl_estimator: "k3" (`k3_kl`), or "k3_is" (DeepSeek-V3.2, below)
     A_i            advantages[i], from `group_advantages(r, G, GRPOConfig.advantage_norm)`
     r_i            the rewards given to `group_advantages`
     G              GRPOConfig.group_size
@@ -42,6 +46,54 @@ Where each variant departs from the paper (GRPOConfig fields in brackets):
         removes the std division from A_i (only the group mean is subtracted) and the 1/|o_i| length normalization:
         the token sum over the batch is divided by a constant, (number of outputs B) x (max completion length L),
         where L = GRPOConfig.max_completion_length, or the padded length T of the arrays when that is None.
+    GSPO (Qwen, arXiv 2507.18071) [ratio="sequence", gspo_eps_low=3e-4, gspo_eps_high=4e-4, beta=0]
+        replaces the token ratio rho_it by the output's length-normalized sequence ratio
+            s_i = (pi_theta(o_i | q) / pi_theta_old(o_i | q))^(1/|o_i|) = exp(1/|o_i| sum_t (logp_it - old_logp_it)),
+        clipped at [1 - gspo_eps_low, 1 + gspo_eps_high]: an output is clipped as a whole or not at all, never some of
+        its tokens. Implemented in the paper's GSPO-token form, s_it = sg(s_i) pi_theta(o_it) / sg(pi_theta(o_it))
+        (sg = stop-gradient): the value is s_i on every token and d s_it / d logp_it = s_i, so with one A_i per output
+        the gradient is exactly sequence-level GSPO's (per token s_i A_i / |o_i| under "grpo" aggregation, which is
+        the paper's 1/G sum_i). The clip range has its own two fields, not eps_low / eps_high (those are not read in
+        this mode): a geometric mean of token ratios sits orders of magnitude closer to 1 than the token ratios, and
+        0.2 would never clip; the defaults are the paper's 3e-4 / 4e-4 (section 5.1). |o_i| counts the tokens the
+        loss keeps (masked importance sampling below may drop some). The paper's per-output mean is "grpo".
+    CISPO (MiniMax-M1, arXiv 2506.13585) [ratio="cispo", cispo_eps_low=1 (no lower bound), aggregation="dapo",
+                                          beta=0]
+        no min of a clipped and an unclipped surrogate; the clipped ratio is a stop-gradient weight on each token's
+        log-prob:  J = sum_t sg(clip(rho_it, 1 - cispo_eps_low, 1 + cispo_eps_high)) A_i log pi_theta(o_it), then
+        aggregated. A token's gradient is clip(rho_it) A_i d logp_it: bounded, never zeroed by the clip, so the
+        tokens that PPO / GRPO clip out of the gradient after the first update (low-probability "fork" tokens such
+        as "However" / "Recheck", whose ratios change most) keep contributing; that is the method's point. The paper
+        puts no lower bound on the weight (cispo_eps_low = 1: clip below at 0, inactive since rho > 0), tunes only
+        the upper one, and averages over all tokens of the batch ("dapo"); cispo_eps_high = 3 (weight <= 4) is
+        Tinker's CISPO default. The loss VALUE is -sum sg(w) A logp: its gradient is CISPO's, but the number is not
+        comparable with the ratio losses (at mu = 1 it is not 0 but -mean A_i logp_it, with the aggregation's mean).
+    Unbiased KL (DeepSeek-V3.2, arXiv 2512.02556, section 3.1, eq. 7) [kl_estimator="k3_is"]
+        the k3 term weighted by the token ratio,
+            D_KL = pi_theta/pi_theta_old (pi_ref/pi_theta - log(pi_ref/pi_theta) - 1).
+        The tokens are sampled from pi_old, not pi_theta, and the ratio corrects for it: its gradient is
+        rho (logp - ref_logp) d logp, the unbiased gradient of KL(pi_theta || pi_ref) (plain k3 gives
+        (1 - pi_ref/pi_theta) d logp, which grows without bound where pi_theta << pi_ref). rho is the token ratio (the
+        one clamped as below) whatever `ratio` is; at mu = 1 (rho = 1) the value equals k3's.
+
+Sampler / trainer mismatch (off by default; needs `sampler_logp`). The rollouts come from an inference engine whose
+log-probs pi_sampler differ from the trainer's pi_theta_old for the same weights (other kernels and precision; on MoE
+models, tokens routed to other experts), so the batch is off-policy even at mu = 1. With the per-token ratio
+    w_it = pi_theta_old(o_it) / pi_sampler(o_it) = exp(old_logp - sampler_logp)     (a constant: no gradient)
+    TIS [tis_cap=C] truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
+        off-policy RL training"): the policy term of every token (the part multiplied by A_i, not the KL term) is
+        multiplied by min(w_it, C). C = 2 is a common choice; C < 1 is refused (it would scale down matched tokens).
+    MIS [mis_low, mis_high, mis_level] masked importance sampling / rejection ("When speed kills stability", Liu, Li
+        et al. 2025; IcePop of Ring-1T): tokens whose ratio leaves [mis_low, mis_high] are dropped, at mis_level
+        "token" (w_it) or "sequence" (the geometric mean exp(mean_t (old_logp - sampler_logp)) over the row's
+        completion tokens; an outlying row is dropped whole). Either bound may be None (one-sided). A dropped token is
+        treated as not sampled: it leaves the policy term, the KL term and the token counts of the aggregation (|o_i|
+        of "grpo", the token count of "dapo"; a row with no token left is not an output; the "dr_grpo" constant is a
+        constant and stays), as verl's and slime's rejection masks do, so the kept tokens are not diluted. Only the
+        mask acts: MIS alone applies no weight; with tis_cap >= mis_high the kept tokens carry w_it as well (the
+        blog's MIS, weight times mask).
+    Metrics: tis_frac (share of completion tokens kept and truncated), mis_drop_frac (share dropped), is_weight_mean
+    (mean weight on the kept tokens: min(w, C), or 1 without TIS). Both corrections apply to every `ratio` mode.
 
 The mu = 1 question (often asked): with mu = 1 the policy at the (single) update IS the old policy, so logp == old_logp,
 rho = 1 on every token, no clip is active, and the per-token surrogate is just A_i. With beta = 0 and the
@@ -54,13 +106,16 @@ plain policy gradient
 
 so training proceeds normally; a zero loss curve is expected and not a bug. (With "dapo" or "dr_grpo" aggregation
 the value at rho = 1 is -sum_i A_i |o_i| / const, generally non-zero when outputs differ in length; with beta > 0 the
-KL term adds beta * mean KL, zero only when pi_theta == pi_ref.)
+KL term adds beta * mean KL, zero only when pi_theta == pi_ref. GSPO gives the same value and gradient as GRPO at
+mu = 1; CISPO the same gradient, not the same value; TIS / MIS change both when the sampler differs.)
 
 Numerics: the log-ratios log rho = logp - old_logp and log(pi_ref / pi_theta) = ref_logp - logp are clamped to
 [-max_log_ratio, max_log_ratio] before exp(), so the loss and its gradient stay finite even for log-ratios of 1e4 (the
-gradient of a clamped token is zero). Everything is computed in float32. Masked tokens (mask == 0) are replaced by
-zeros before any arithmetic, so their values (even inf / nan) change neither the loss, nor the metrics, nor the
-gradient of the other tokens, and their own gradient is exactly zero.
+gradient of a clamped token is zero; under CISPO the clamp only bounds the token's constant weight). So are the
+sequence log-ratio of GSPO (the gradient of a clamped row is zero) and the sampler log-ratios (token and sequence).
+Everything is computed in float32. Masked tokens (mask == 0) are replaced by zeros before any arithmetic, so their
+values (even inf / nan) change neither the loss, nor the metrics, nor the gradient of the other tokens, and their own
+gradient is exactly zero.
 """
 
 from __future__ import annotations
@@ -73,7 +128,9 @@ import jax.numpy as jnp
 
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 ADVANTAGE_NORMS = ("std", "mean")
-KL_ESTIMATORS = ("k3",)
+KL_ESTIMATORS = ("k3", "k3_is")
+RATIOS = ("token", "sequence", "cispo")
+MIS_LEVELS = ("token", "sequence")
 MAX_LOG_RATIO_LIMIT = 80.0  # exp(80) = 5.5e34: well inside float32 (max 3.4e38) even when multiplied by an advantage
 
 
@@ -93,6 +150,7 @@ class GRPOConfig:
     eps_high         the ratio is clipped above at 1 + eps_high; None -> eps_low    (DAPO clip-higher: 0.28)
     beta             KL coefficient; 0 drops the KL term and the need for pi_ref    (R1-Zero 0.001, DeepSeekMath 0.04)
     kl_estimator     "k3": pi_ref/pi_theta - log(pi_ref/pi_theta) - 1
+                     "k3_is": k3 x pi_theta/pi_theta_old, the unbiased estimate of DeepSeek-V3.2
     aggregation      "grpo"    per-output mean over its completion tokens, then mean over outputs
                      "dapo"    mean over all completion tokens of the batch
                      "dr_grpo" sum over all completion tokens / (number of outputs x max completion length)
@@ -102,6 +160,17 @@ class GRPOConfig:
     max_log_ratio    clamp of the log-ratios before exp()
     max_completion_length  "dr_grpo" constant's length: the sampler's max new tokens (the arrays may be longer, with
                      the prompt masked out); None: the padded length T of the batch
+    ratio            "token"    per-token ratio, min / clip surrogate (GRPO, DAPO, Dr. GRPO)
+                     "sequence" GSPO: the output's geometric-mean ratio s_i, clipped by gspo_eps_low / gspo_eps_high
+                     "cispo"    CISPO: sg(clip(rho, 1 - cispo_eps_low, 1 + cispo_eps_high)) A logp, no token dropped
+    gspo_eps_low     GSPO's lower clip 1 - gspo_eps_low (only ratio="sequence")      (GSPO paper 3e-4)
+    gspo_eps_high    GSPO's upper clip 1 + gspo_eps_high (only ratio="sequence")     (GSPO paper 4e-4)
+    cispo_eps_low    CISPO's weight clipped below at 1 - cispo_eps_low, in (0, 1]    (1: no lower bound, MiniMax-M1)
+    cispo_eps_high   CISPO's weight clipped above at 1 + cispo_eps_high              (3: weight <= 4)
+    tis_cap          C of truncated IS: policy term x min(pi_old/pi_sampler, C); None: off (needs sampler_logp)
+    mis_low, mis_high  masked IS: drop tokens (or rows) whose pi_old/pi_sampler ratio is below mis_low / above
+                     mis_high; None: that side off (needs sampler_logp)
+    mis_level        "token": each token's ratio; "sequence": the row's geometric mean, the row dropped whole
     """
 
     eps_low: float = 0.2
@@ -114,11 +183,29 @@ class GRPOConfig:
     mu: int = 1
     max_log_ratio: float = 20.0
     max_completion_length: Optional[int] = None
+    ratio: str = "token"
+    gspo_eps_low: float = 3e-4
+    gspo_eps_high: float = 4e-4
+    cispo_eps_low: float = 1.0
+    cispo_eps_high: float = 3.0
+    tis_cap: Optional[float] = None
+    mis_low: Optional[float] = None
+    mis_high: Optional[float] = None
+    mis_level: str = "token"
 
     def __post_init__(self):
-        if self.eps_high is None:
-            object.__setattr__(self, "eps_high", self.eps_low)
         self.validate()
+
+    @property
+    def clip_high(self) -> float:
+        """The upper clip epsilon: eps_high, or eps_low when eps_high is None (kept None, so a config nested in the
+        run config follows an eps_low override)."""
+        return self.eps_low if self.eps_high is None else self.eps_high
+
+    @property
+    def uses_sampler(self) -> bool:
+        """Whether a sampler correction (TIS or MIS) is on: grpo_loss then needs sampler_logp."""
+        return self.tis_cap is not None or self.mis_low is not None or self.mis_high is not None
 
     def validate(self) -> None:
         def bad(field, want):
@@ -126,7 +213,7 @@ class GRPOConfig:
 
         if not _is_real(self.eps_low) or not 0.0 < self.eps_low < 1.0:
             bad("eps_low", "a number in (0, 1)")
-        if not _is_real(self.eps_high) or not self.eps_high > 0.0:
+        if self.eps_high is not None and (not _is_real(self.eps_high) or not self.eps_high > 0.0):
             bad("eps_high", "a positive number (or None for eps_low)")
         if not _is_real(self.beta) or self.beta < 0.0:
             bad("beta", "a finite number >= 0")
@@ -145,6 +232,24 @@ class GRPOConfig:
         if self.max_completion_length is not None and (
                 not _is_int(self.max_completion_length) or self.max_completion_length < 1):
             bad("max_completion_length", "None or an int >= 1")
+        if self.ratio not in RATIOS:
+            bad("ratio", f"one of {RATIOS}")
+        if not _is_real(self.gspo_eps_low) or not 0.0 < self.gspo_eps_low < 1.0:
+            bad("gspo_eps_low", "a number in (0, 1) (GSPO paper: 3e-4)")
+        if not _is_real(self.gspo_eps_high) or not self.gspo_eps_high > 0.0:
+            bad("gspo_eps_high", "a positive number (GSPO paper: 4e-4)")
+        if not _is_real(self.cispo_eps_low) or not 0.0 < self.cispo_eps_low <= 1.0:
+            bad("cispo_eps_low", "a number in (0, 1] (1: no lower bound)")
+        if not _is_real(self.cispo_eps_high) or not self.cispo_eps_high > 0.0:
+            bad("cispo_eps_high", "a positive number")
+        if self.tis_cap is not None and (not _is_real(self.tis_cap) or not self.tis_cap >= 1.0):
+            bad("tis_cap", "None (off) or a number >= 1")
+        if self.mis_low is not None and (not _is_real(self.mis_low) or not 0.0 < self.mis_low < 1.0):
+            bad("mis_low", "None (off) or a number in (0, 1)")
+        if self.mis_high is not None and (not _is_real(self.mis_high) or not self.mis_high > 1.0):
+            bad("mis_high", "None (off) or a finite number > 1")
+        if self.mis_level not in MIS_LEVELS:
+            bad("mis_level", f"one of {MIS_LEVELS}")
 
 
 def group_advantages(rewards, group_size: int, mode: str = "std", eps: float = 1e-6) -> jax.Array:
@@ -180,7 +285,7 @@ def k3_kl(logp, ref_logp, max_log_ratio: float = 20.0) -> jax.Array:
     return jnp.maximum(jnp.expm1(d) - d, 0.0)
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig, *, sampler_logp=None):
     """(loss, metrics): -J(theta) of the module docstring, aggregated by cfg.aggregation.
 
     logp [B, T]        log pi_theta of the sampled tokens (differentiated)
@@ -188,15 +293,22 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig):
     ref_logp [B, T]    log pi_ref of the same tokens, or None (allowed only when cfg.beta == 0)
     advantages [B]     A_i, one per output (row)
     mask [B, T]        1 / True on completion tokens, 0 / False on prompt and padding
+    sampler_logp [B, T]  (keyword) log-probs the rollout sampler computed for its own tokens (a constant), or None;
+                       needed when cfg.tis_cap / mis_low / mis_high is set, otherwise only reported on
 
-    metrics (all float32 scalars, no gradient, over the completion tokens):
-        clip_frac       share of tokens whose clip is active (the min picks the clipped term, so the token has no
-                        policy gradient): A > 0 and rho > 1 + eps_high, or A < 0 and rho < 1 - eps_low
-        clip_frac_low   the A < 0, rho < 1 - eps_low part;  clip_frac_high the A > 0, rho > 1 + eps_high part
-        ratio_mean      mean rho (rho clamped as in the loss);  ratio_max  max rho
-        kl              mean k3 KL(pi_theta || pi_ref); only when ref_logp is given
+    metrics (all float32 scalars, no gradient, over the completion tokens, MIS-dropped ones included):
+        clip_frac       share of tokens whose clip is active. ratio "token" / "sequence": the min picks the clipped
+                        term, so the token has no policy gradient: A > 0 and ratio > 1 + eps_high, or A < 0 and
+                        ratio < 1 - eps_low (ratio = rho_it, or the row's s_i with the gspo_eps_*); "cispo": the
+                        weight is clipped (either side, any A; the gradient is kept, with the clipped weight)
+        clip_frac_low   the lower-clip part;  clip_frac_high the upper-clip part
+        ratio_mean      mean rho (rho clamped as in the loss);  ratio_max  max rho  (the token ratio in every mode)
+        seq_ratio_mean, seq_ratio_max   mean / max of GSPO's s_i over the outputs; only with ratio "sequence"
+        kl              mean KL estimate (k3, or k3_is with kl_estimator "k3_is"); only when ref_logp is given
         entropy_proxy   mean -logp (entropy estimate of pi_theta on the sampled tokens)
         n_tokens        number of completion tokens
+        tis_frac, mis_drop_frac, is_weight_mean   only when sampler_logp is given: share of completion tokens whose
+                        TIS weight is truncated (kept ones), share MIS drops, mean weight on the kept tokens
     """
     if not isinstance(cfg, GRPOConfig):
         raise ValueError(f"cfg must be a GRPOConfig, got {type(cfg).__name__}")
@@ -204,7 +316,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig):
     if logp.ndim != 2:
         raise ValueError(f"logp must be [B, T], got shape {logp.shape}")
     shape = logp.shape
-    others = {"old_logp": old_logp, "mask": mask, "ref_logp": ref_logp}
+    others = {"old_logp": old_logp, "mask": mask, "ref_logp": ref_logp, "sampler_logp": sampler_logp}
     for name, x in others.items():
         if x is not None and jnp.shape(x) != shape:
             raise ValueError(f"{name} must have logp's shape {shape}, got {jnp.shape(x)}")
@@ -212,50 +324,108 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig):
         raise ValueError(f"advantages must be [B] = {shape[:1]}, got {jnp.shape(advantages)}")
     if cfg.beta > 0 and ref_logp is None:
         raise ValueError(f"ref_logp is None, but GRPOConfig.beta = {cfg.beta} > 0 needs the reference log-probs")
+    if cfg.uses_sampler and sampler_logp is None:
+        raise ValueError(f"sampler_logp is None, but GRPOConfig.tis_cap = {cfg.tis_cap}, mis_low = {cfg.mis_low}, "
+                         f"mis_high = {cfg.mis_high} need the sampler's log-probs")
     n_out, length = shape  # T may exceed max_completion_length: the rows hold prompt + completion, mask the latter
 
+    sg = jax.lax.stop_gradient
     m = jnp.asarray(mask) != 0
     mf = m.astype(jnp.float32)
     zero = jnp.zeros((), jnp.float32)
     # Masked tokens become zeros before any arithmetic: whatever they hold (inf, nan) cannot leak into value or grad.
     logp = jnp.where(m, logp.astype(jnp.float32), zero)
-    old_logp = jnp.where(m, jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32)), zero)
-    adv = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))[:, None]  # [B, 1]
-
+    old_logp = jnp.where(m, sg(jnp.asarray(old_logp, jnp.float32)), zero)
+    adv = sg(jnp.asarray(advantages, jnp.float32))[:, None]  # [B, 1]
     lim = float(cfg.max_log_ratio)
+
+    def row_mean(x, keep, keep_f):  # [B, T] -> [B]: mean over the kept tokens of each row (0 for an empty row)
+        return jnp.sum(jnp.where(keep, x, zero), axis=1) / jnp.maximum(jnp.sum(keep_f, axis=1), 1.0)
+
+    # ---- sampler / trainer mismatch: which tokens the loss keeps (lm), the TIS weight of the policy term
+    lm, lmf, is_weight, sampler_metrics = m, mf, None, None
+    if sampler_logp is not None:
+        sampler_logp = jnp.where(m, sg(jnp.asarray(sampler_logp, jnp.float32)), zero)
+        w = jnp.exp(jnp.clip(old_logp - sampler_logp, -lim, lim))  # pi_old / pi_sampler per token
+        dropped = jnp.zeros(shape, bool)
+        if cfg.mis_low is not None or cfg.mis_high is not None:
+            if cfg.mis_level == "sequence":  # geometric mean of the row's token ratios
+                w_mis = jnp.exp(jnp.clip(row_mean(old_logp - sampler_logp, m, mf), -lim, lim))[:, None]
+            else:
+                w_mis = w
+            if cfg.mis_low is not None:
+                dropped = dropped | (w_mis < cfg.mis_low)
+            if cfg.mis_high is not None:
+                dropped = dropped | (w_mis > cfg.mis_high)
+            dropped = dropped & m
+            lm = m & ~dropped
+            lmf = lm.astype(jnp.float32)
+        truncated = jnp.zeros(shape, bool)
+        if cfg.tis_cap is not None:
+            is_weight = jnp.minimum(w, cfg.tis_cap)
+            truncated = lm & (w > cfg.tis_cap)
+        n_kept = jnp.sum(lmf)
+        sampler_metrics = {
+            "tis_frac": jnp.sum(truncated.astype(jnp.float32)),
+            "mis_drop_frac": jnp.sum(dropped.astype(jnp.float32)),
+            "is_weight_mean": (jnp.sum(jnp.where(lm, is_weight, zero)) if is_weight is not None else n_kept) /
+                              jnp.maximum(n_kept, 1.0),
+        }
+
     ratio = jnp.exp(jnp.clip(logp - old_logp, -lim, lim))
-    clipped_ratio = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
-    objective = jnp.minimum(ratio * adv, clipped_ratio * adv)  # [B, T]
+    seq_ratio = None
+    if cfg.ratio == "token":
+        lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.clip_high
+        clipped_ratio = jnp.clip(ratio, lo, hi)
+        objective = jnp.minimum(ratio * adv, clipped_ratio * adv)  # [B, T]
+        high = (adv > 0) & (ratio > hi)
+        low = (adv < 0) & (ratio < lo)
+    elif cfg.ratio == "sequence":  # GSPO-token: value s_i, d s_it / d logp_it = s_i (0 for a clamped row)
+        lo, hi = 1.0 - cfg.gspo_eps_low, 1.0 + cfg.gspo_eps_high
+        seq_log = sg(row_mean(logp - old_logp, lm, lmf))  # [B]
+        seq_ratio = jnp.exp(jnp.clip(seq_log, -lim, lim))
+        live = (jnp.abs(seq_log) < lim)[:, None]
+        s_tok = seq_ratio[:, None] * jnp.exp(jnp.where(live, logp - sg(logp), zero))
+        objective = jnp.minimum(s_tok * adv, jnp.clip(s_tok, lo, hi) * adv)
+        high = (adv > 0) & (seq_ratio[:, None] > hi)
+        low = (adv < 0) & (seq_ratio[:, None] < lo)
+    else:  # cispo: a stop-gradient clipped weight on every token's log-prob gradient
+        lo, hi = 1.0 - cfg.cispo_eps_low, 1.0 + cfg.cispo_eps_high
+        objective = sg(jnp.clip(ratio, lo, hi)) * adv * logp
+        high = ratio > hi
+        low = ratio < lo
+    if is_weight is not None:
+        objective = objective * is_weight  # the policy term only: the KL term below is not reweighted
 
     kl = None
     if ref_logp is not None:
-        ref_logp = jnp.where(m, jax.lax.stop_gradient(jnp.asarray(ref_logp, jnp.float32)), zero)
-        kl = jnp.where(m, k3_kl(logp, ref_logp, lim), zero)
+        ref_logp = jnp.where(m, sg(jnp.asarray(ref_logp, jnp.float32)), zero)
+        kl = k3_kl(logp, ref_logp, lim)
+        if cfg.kl_estimator == "k3_is":
+            kl = ratio * kl  # rho carries gradient: d(rho k3)/d logp = rho (logp - ref_logp)
+        kl = jnp.where(m, kl, zero)
         if cfg.beta > 0:
             objective = objective - cfg.beta * kl
-    objective = jnp.where(m, objective, zero)
+    objective = jnp.where(lm, objective, zero)
 
     n_tokens = jnp.sum(mf)
     if cfg.aggregation == "grpo":
-        per_output_len = jnp.sum(mf, axis=1)
+        per_output_len = jnp.sum(lmf, axis=1)
         per_output = jnp.sum(objective, axis=1) / jnp.maximum(per_output_len, 1.0)
         n_nonempty = jnp.sum((per_output_len > 0).astype(jnp.float32))  # fully padded rows are not outputs
         value = jnp.sum(per_output) / jnp.maximum(n_nonempty, 1.0)
     elif cfg.aggregation == "dapo":
-        value = jnp.sum(objective) / jnp.maximum(n_tokens, 1.0)
+        value = jnp.sum(objective) / jnp.maximum(jnp.sum(lmf) if lm is not m else n_tokens, 1.0)
     else:  # dr_grpo
         max_len = cfg.max_completion_length if cfg.max_completion_length is not None else length
         value = jnp.sum(objective) / float(n_out * max_len)
     loss = -value
 
-    sg = jax.lax.stop_gradient
     denom = jnp.maximum(n_tokens, 1.0)
 
     def token_mean(x):
         return jnp.sum(jnp.where(m, sg(x), zero)) / denom
 
-    high = (adv > 0) & (ratio > 1.0 + cfg.eps_high)
-    low = (adv < 0) & (ratio < 1.0 - cfg.eps_low)
     metrics = {
         "clip_frac": token_mean((high | low).astype(jnp.float32)),
         "clip_frac_high": token_mean(high.astype(jnp.float32)),
@@ -265,6 +435,15 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig):
         "entropy_proxy": token_mean(-logp),
         "n_tokens": n_tokens,
     }
+    if seq_ratio is not None:
+        rows = jnp.sum(lmf, axis=1) > 0
+        metrics["seq_ratio_mean"] = jnp.sum(jnp.where(rows, seq_ratio, zero)) / jnp.maximum(
+            jnp.sum(rows.astype(jnp.float32)), 1.0)
+        metrics["seq_ratio_max"] = jnp.max(jnp.where(rows, seq_ratio, zero))
     if kl is not None:
         metrics["kl"] = token_mean(kl)
+    if sampler_metrics is not None:
+        metrics["tis_frac"] = sampler_metrics["tis_frac"] / denom
+        metrics["mis_drop_frac"] = sampler_metrics["mis_drop_frac"] / denom
+        metrics["is_weight_mean"] = sampler_metrics["is_weight_mean"]
     return loss, metrics

@@ -34,7 +34,9 @@ from deepjax.config import Config
 from deepjax.data.config import DataConfig
 from deepjax.rl import evaluate
 from deepjax.rl import loop
-from deepjax.rl.config import RLConfig
+from deepjax.infer.sampling import SamplingConfig
+from deepjax.rl.config import EvalConfig, RLConfig
+from deepjax.rl.loss import GRPOConfig
 from deepjax.train import loop as T
 from deepjax.train import run as TR
 from deepjax.train.config import OptimConfig, TrainConfig
@@ -50,8 +52,9 @@ def default_config() -> Config:
                         freeform_share=0.5, seq_len=128, global_batch=16),
         optim=OptimConfig(lr=3e-3, schedule="warmup_cosine", warmup_steps=20),
         train=TrainConfig(steps=400, checkpoint_every=200, log_every=10),
-        rl=RLConfig(steps=150, prompts_per_step=16, group_size=8, max_new_tokens=32, temperature=1.0, beta=0.001,
-                    lr=3e-4, eval_every=25, eval_problems=24, eval_k=8),
+        rl=RLConfig(steps=150, prompts_per_step=16, lr=3e-4, loss=GRPOConfig(beta=0.001, group_size=8),
+                    rollout=SamplingConfig(max_new_tokens=32, temperature=1.0),
+                    eval=EvalConfig(every=25, problems=24, k=8)),
     )
 
 
@@ -119,8 +122,8 @@ def run(cfg: Config, workdir: str, k: int = K_EVAL, progress: bool = True) -> di
     times = {}
 
     def held_out(d):
-        res = evaluate.run(d, k=k, problems=r.eval_problems, temperature=r.eval_temperature, top_p=r.eval_top_p,
-                           max_new_tokens=r.max_new_tokens, seed=cfg.seed, progress=progress)
+        res = evaluate.run(d, k=k, problems=r.eval.problems, temperature=r.eval.temperature, top_p=r.eval.top_p,
+                           max_new_tokens=r.rollout.max_new_tokens, seed=cfg.seed, progress=progress)
         return breakdown(res)
 
     t = time.perf_counter()
@@ -130,13 +133,13 @@ def run(cfg: Config, workdir: str, k: int = K_EVAL, progress: bool = True) -> di
     times["base_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    print(f"[2/4] evaluating the base: {r.eval_problems} held-out problems x {k} samples", flush=True)
+    print(f"[2/4] evaluating the base: {r.eval.problems} held-out problems x {k} samples", flush=True)
     before = held_out(base_dir)
     print(f"      base pass@1 {100 * before['pass@1']:.1f}%", flush=True)
     times["eval_before_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    print(f"[3/4] GRPO: {r.steps} steps x {r.prompts_per_step} prompts x {r.group_size} samples -> {grpo_dir}",
+    print(f"[3/4] GRPO: {r.steps} steps x {r.prompts_per_step} prompts x {r.loss.group_size} samples -> {grpo_dir}",
           flush=True)
     grpo_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(r, init_from=base_dir, init_step=None))
     loop.grpo(grpo_cfg, grpo_dir, progress=progress)

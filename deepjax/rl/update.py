@@ -50,6 +50,9 @@ class Rollouts(NamedTuple):
     old_logp: jax.Array  # [B, T] float32: the sampler's log-prob of each completion token, 0 elsewhere
     ref_logp: Optional[jax.Array]  # [B, T] float32 or None: the reference policy's log-probs (for beta > 0)
     advantages: jax.Array  # [B] float32: A_i, one per row
+    # [B, T] float32 or None: the sampler's log-probs when old_logp was recomputed by the trainer (a TIS / MIS
+    # correction is on, GRPOConfig.uses_sampler: the loop's `batch`); None when old_logp is the sampler's own
+    sampler_logp: Optional[jax.Array] = None
 
 
 def _is_traced(*xs) -> bool:
@@ -166,7 +169,8 @@ def grpo_objective(trainable, bias, graphdef, batch: Rollouts, grpo_cfg: G.GRPOC
                    experts_fn)
     logp, ent = logprobs_from_logits(out.logits, batch.tokens, batch.segment_ids, temperature)
     mask = batch.completion_mask
-    loss, metrics = G.grpo_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, mask, grpo_cfg)
+    loss, metrics = G.grpo_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, mask, grpo_cfg,
+                                sampler_logp=batch.sampler_logp)
     m = mask > 0
     n = jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
     # Masked tokens become zeros before the arithmetic (a padded old_logp may hold anything).
