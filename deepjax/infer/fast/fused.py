@@ -45,8 +45,23 @@ from deepjax.model.moe import MoE, gate_weights, router_logits, router_scores
 from deepjax.model.moe import route as moe_route
 from deepjax.model.layers import rms_norm
 from deepjax.model.rope import apply_rope
+from deepjax.schema import bad
 
 NEG = float(jnp.finfo(jnp.float32).min)
+# The routers `route_by_rank` implements (`moe.route`'s). The scores and gate weights are the model's own
+# (`moe.router_scores`, `moe.gate_weights`), so every scoring_func and norm_topk_prob the model has is the fused
+# step's too; a topk_method outside this tuple is refused by name (`check_supported`), never routed as plain top-k.
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+def check_supported(cfg: ModelConfig) -> None:
+    """Raises ConfigError naming the field when the fused decode step does not implement `cfg` (`fuse_block` and
+    `route_by_rank` call it: a config the step does not know is an error, never a silent difference from the
+    model). tests/test_decode_contract.py holds every decode path to this."""
+    if cfg.topk_method not in TOPK_METHODS:
+        raise bad("model.topk_method", cfg.topk_method,
+                  f"the fused decode step (deepjax/infer/fast/fused.py, route_by_rank) implements {TOPK_METHODS}; "
+                  "implement it there, or decode with sampling.fused=False (the model's own moe.route)")
 
 
 # ---------------------------------------------------------------------------------------------------- routing
@@ -64,7 +79,9 @@ def _rank_desc(v):
 
 def route_by_rank(logits_TE, bias_E, cfg: ModelConfig):
     """`moe.route` (same weights and indices, same order) by pairwise comparisons instead of sorts: a few fused
-    kernels on GPU where lax.top_k costs a sort each. For decoding (T small); memory is T x E x E booleans."""
+    kernels on GPU where lax.top_k costs a sort each. For decoding (T small); memory is T x E x E booleans.
+    A topk_method outside TOPK_METHODS raises (`check_supported`)."""
+    check_supported(cfg)
     E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
     scores_TE, choice_TE = router_scores(logits_TE, bias_E, cfg)
     if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and G > 1:
@@ -211,8 +228,10 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
     layout), "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`;
     "grouped" is the prefill's) and "folded" (norm weights folded into w_in / w_q, merged w_o: with "attn_pre").
     Made once per generate call inside the jitted generate. The arrays pass an optimization barrier: without it
-    XLA:GPU sinks the cheap concatenations and slices into the decode loop and redoes them at every step."""
+    XLA:GPU sinks the cheap concatenations and slices into the decode loop and redoes them at every step.
+    Raises ConfigError naming the field for a config the fused step does not implement (`check_supported`)."""
     cfg = blk.attn.cfg
+    check_supported(cfg)
     gathered = experts_fn_for(cfg, n_tokens) is experts_gathered
     ok = KN.supported(cfg, cache_len, kernels, n_tokens) if kernels else {}
     use = {k: kernels if ok.get(k) and k in kernel_set else None for k in KN.KERNELS}
@@ -404,6 +423,6 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
     return x_BTD + y.reshape(B, T, D), kv_BSc
 
 
-__all__ = ["Pending", "settle",
+__all__ = ["Pending", "settle", "TOPK_METHODS", "check_supported",
            "route_by_rank", "experts_gathered", "experts_all", "experts_all_flat", "experts_fn_for", "fuse_block",
            "fused_block", "absorbed_attention", "write_rows"]

@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from deepjax.infer.fast import grouped as KG
 from deepjax.infer.fast.common import call, chunk, pow2
 from deepjax.model.config import ModelConfig
+from deepjax.schema import bad
 
 NEG = float(jnp.finfo(jnp.float32).min)
 # the kernels a decode step can use (`supported`, kernel_set): "attn_in" is the norm + projections + rope before
@@ -48,6 +49,28 @@ NEG = float(jnp.finfo(jnp.float32).min)
 # (`latent_attention_pre`, for steps of more tokens than "attn_in" takes; it needs "attention")
 KERNELS = ("attention", "route", "experts", "attn_in", "moe_in", "grouped", "attn_pre")
 STEP_MAX_TOKENS = 8  # "attn_in" / "moe_in": one program per token and row block, for a few tokens per step
+# The routers the kernels implement in their own code (`_route_vec`: the "route" kernel and "moe_in"'s routing inside
+# the experts' gate/up kernel). For any other topk_method or scoring_func `supported` turns those two kernels off
+# (the XLA routing, `fused.route_by_rank` on the model's scores, runs instead) and `route` / `experts_routed` raise
+# naming the field: never a silent fallback to plain top-k or softmax.
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+ROUTING_KERNELS = ("route", "moe_in")
+
+
+def routes(cfg: ModelConfig) -> bool:
+    """Whether the kernels' own routing (`_route_vec`) implements cfg's router."""
+    return cfg.topk_method in TOPK_METHODS and cfg.scoring_func in SCORING_FUNCS
+
+
+def check_router(cfg: ModelConfig) -> None:
+    """Raises ConfigError naming the field when the kernels' routing does not implement cfg's router."""
+    for field, value, known in (("topk_method", cfg.topk_method, TOPK_METHODS),
+                                ("scoring_func", cfg.scoring_func, SCORING_FUNCS)):
+        if value not in known:
+            raise bad(f"model.{field}", value, f"the Pallas routing (deepjax/infer/fast/kernels.py, _route_vec) "
+                                               f"implements {known}; implement it there, or leave {ROUTING_KERNELS} "
+                                               "out of sampling.kernel_set")
 
 
 # Block sizes and warps per kernel (`bench/tune.py kernels` times the choices on the GPU).
@@ -76,7 +99,13 @@ def _cache_block(cfg: ModelConfig, cache_len: int) -> int:
 def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int = 1) -> dict:
     """Which kernels the shapes allow ({kernel: bool} over KERNELS) for steps of n_tokens tokens. On GPU: Triton's
     power-of-two blocks and tl.dot's 16-row minimum; "attn_in" needs a query compression (q_lora_rank), and
-    "attn_in" and "moe_in" at most STEP_MAX_TOKENS tokens. The interpreter takes any shape."""
+    "attn_in" and "moe_in" at most STEP_MAX_TOKENS tokens. The interpreter takes any shape. Either way "route" and
+    "moe_in" need a router the kernels implement (`routes`)."""
+    ok = _supported_shapes(cfg, cache_len, mode, n_tokens)
+    return ok if routes(cfg) else {**ok, **dict.fromkeys(ROUTING_KERNELS, False)}
+
+
+def _supported_shapes(cfg: ModelConfig, cache_len: int, mode: str, n_tokens: int) -> dict:
     N, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     few = n_tokens <= STEP_MAX_TOKENS
@@ -219,7 +248,9 @@ def latent_attention_pre(x_BD, zu_BK, qu_BNJ, cs_B2R, kv_norm_C, kv_BSc, pos_B, 
 def _route_vec(logits_E, bias_E, cfg: ModelConfig):
     """One token's routing in a kernel, by pairwise comparisons over [E, E]: (dense gate weights [E] float32,
     zero where unchosen; rank [E] int32 of each expert among the chosen, K or more where unchosen). Same choices
-    and order as `moe.route` (ties to the lower index, as lax.top_k)."""
+    and order as `moe.route` (ties to the lower index, as lax.top_k); routers outside TOPK_METHODS / SCORING_FUNCS
+    raise (`check_router`)."""
+    check_router(cfg)
     E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
     x = logits_E.astype(jnp.float32)
     if cfg.scoring_func == "sigmoid":
@@ -301,7 +332,8 @@ def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None
     path: h rounded to x's dtype, products and sums in float32). It then depends on x only, not on XLA's norm,
     so it is launched before the experts' gate/up matmul (which waits for that norm) and runs beside it (at 64
     tokens on an H100 XLA put its router matmul, its reduction and this kernel after gate/up: ~10 us a layer;
-    docs/LOG.md, session 7)."""
+    docs/LOG.md, session 7). Raises ConfigError naming the field for a router it does not implement (`check_router`)."""
+    check_router(cfg)
     E = cfg.n_routed_experts
     X = cfg.num_experts_per_tok + cfg.n_shared_experts
     tu = TUNING["route"]
@@ -590,7 +622,9 @@ def experts_gathered(x_TD, res_TD, idx_TX, w_TX, w_gu_EJD, w_down_EDI, mode: str
 def experts_routed(h_TD, logits_TE, bias_E, w_gu_EJD, w_down_EDI, cfg: ModelConfig, mode: str):
     """Routing and the gathered experts in two kernels: (parts [T, X, D] float32, idx [T, X], w [T, X]) with
     X = K routed + S shared experts; the output is sum_a w[:, a] * parts[:, a] (`attn_in` sums it). The gate/up
-    kernel routes each token itself (`_make_gate_up_kernel`), so no kernel of its own routes."""
+    kernel routes each token itself (`_make_gate_up_kernel`), so no kernel of its own routes. Raises ConfigError
+    naming the field for a router it does not implement (`check_router`)."""
+    check_router(cfg)
     T, D = h_TD.shape
     X = cfg.num_experts_per_tok + cfg.n_shared_experts
     I = w_down_EDI.shape[2]
@@ -605,4 +639,4 @@ def experts_routed(h_TD, logits_TE, bias_E, w_gu_EJD, w_down_EDI, cfg: ModelConf
 
 
 __all__ = ["latent_attention", "route", "experts_gathered", "experts_routed", "attn_in", "attn_q", "moe_in",
-           "supported"]
+           "supported", "routes", "check_router", "TOPK_METHODS", "SCORING_FUNCS"]
