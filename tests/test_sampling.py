@@ -284,6 +284,7 @@ def test_eval_and_grpo_take_the_fused_decode_on_one_device(tiny, capsys, monkeyp
     fused = []  # traces that built the fused weights
     real = SP.fuse_layers
     monkeypatch.setattr(SP, "fuse_layers", lambda *a, **k: fused.append(1) or real(*a, **k))
+    monkeypatch.setattr(text, "_SAID", set())  # said once per process: earlier tests may have said it already
     a = text.complete(graphdef, params, tok, prompts, key, sc, one, rules)
     assert fused == [1]
     capsys.readouterr()
