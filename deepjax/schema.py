@@ -84,8 +84,9 @@ def coerce(cls, name: str, value: Any, prefix: str = "model."):
     if item is not None:
         if isinstance(value, list):
             value = tuple(value)
-        if not isinstance(value, tuple) or not all(isinstance(x, item) and not isinstance(x, bool) or item is bool
-                                                   and isinstance(x, bool) for x in value):
+        is_item = (lambda x: isinstance(x, bool)) if item is bool else (  # noqa: E731
+            lambda x: isinstance(x, item) and not isinstance(x, bool))
+        if not isinstance(value, tuple) or not all(is_item(x) for x in value):
             raise ConfigError(f"{full}: expected a tuple of {item.__name__}, got {value!r}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
