@@ -13,8 +13,7 @@ import typing
 from typing import Any
 
 
-class ConfigError(ValueError):
-    """A config field has an invalid value; the message names the field and the value."""
+from deepjax.errors import ConfigError  # noqa: F401  (re-exported: config modules import it from here)
 
 
 def bad(name: str, value: Any, why: str) -> ConfigError:

@@ -46,8 +46,7 @@ FP8_BLOCK = 128
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not match the config: the message names the tensor (and file)."""
+from deepjax.errors import CheckpointError  # noqa: E402,F401  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,7 @@ MANIFEST = "deepjax_manifest.json"
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the step and the file."""
+from deepjax.errors import CheckpointError  # noqa: E402,F401  (re-exported)
 
 
 def _files(step_dir: str) -> dict[str, int]:

@@ -45,8 +45,7 @@ from deepjax.train.checkpoint import Checkpointer
 KILL_ENV = "DEEPJAX_TEST_SIGKILL_AFTER_STEP"
 
 
-class NonFiniteError(RuntimeError):
-    """Too many non-finite steps in a row; the message names the step."""
+from deepjax.errors import NonFiniteError  # noqa: E402,F401  (re-exported)
 
 
 def check_vocab(cfg: Config, tokenizer) -> None:
