@@ -12,7 +12,7 @@ count, HLO op) and the host events.
                comes first), their time, the top kernels and the device memcpy sizes
   --hlo FILE   writes the optimized HLO of the same generate call (abstract params: nothing runs, any backend)
                for counting kernels per decode step, and exits
---module profiles the unfused module path (fused=False), --kernels picks the fused path's kernels.
+--module profiles the unfused module path (sampling.decoder='model'), --kernels picks the fused path's kernels.
 
 `load_trace` and `gpu_kernels` are imported by bench/tune.py.
 """
@@ -42,7 +42,8 @@ def _setup(batch: int, prompt: int, new: int, fused: bool, kernels: str, abstrac
     else:
         prompts = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt)), jnp.int32)
         lengths = jnp.full((batch,), prompt, jnp.int32)
-    sc = SP.SamplingConfig(max_new_tokens=new, temperature=0.0, fused=fused, kernels=kernels)
+    decoder = "model" if not fused else {"auto": "auto", "xla": "fused"}.get(kernels, kernels)
+    sc = SP.SamplingConfig(max_new_tokens=new, temperature=0.0, decoder=decoder)
     return graphdef, params, prompts, lengths, sc
 
 
@@ -174,7 +175,7 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--out", default="/tmp/prof", help="trace directory")
     ap.add_argument("--summarize", metavar="DIR", help="summarize the trace under DIR (no run)")
-    ap.add_argument("--module", action="store_true", help="the unfused module path (fused=False)")
+    ap.add_argument("--module", action="store_true", help="the unfused module path (sampling.decoder='model')")
     ap.add_argument("--kernels", default="auto", help="auto | xla | pallas (the fused path's kernels)")
     ap.add_argument("--top", type=int, default=25, help="kernels listed")
     ap.add_argument("--seq", type=int, default=0, help="also list this many kernels in launch order, with gaps")

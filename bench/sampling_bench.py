@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/sampling_bench.py                 # batch 1 and 64, prompt 128, 256 new tokens
     PYTHONPATH=. python bench/sampling_bench.py --no-hf --batches 1 8 64
-    PYTHONPATH=. python bench/sampling_bench.py --module     # also the unfused module path (fused=False)
+    PYTHONPATH=. python bench/sampling_bench.py --module     # also the unfused module path (sampling.decoder='model')
     PYTHONPATH=. python bench/sampling_bench.py --kernels auto xla   # with and without the Pallas kernels
 
 Prints JSON lines, then a table: tokens/s (new tokens over the whole generate call, prefill included, as HF's
@@ -79,7 +79,8 @@ def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: in
     lengths = jnp.full((B,), prompt, jnp.int32)
     out = {}
     for n in (1, new):  # 1 new token: prefill (+ one sample); the difference is the decode loop
-        sc = SP.SamplingConfig(max_new_tokens=n, temperature=0.0, fused=fused, kernels=kernels, kernel_set=kernel_set)
+        decoder = "model" if not fused else {"auto": "auto", "xla": "fused"}.get(kernels, kernels)
+        sc = SP.SamplingConfig(max_new_tokens=n, temperature=0.0, decoder=decoder, kernel_set=kernel_set)
         t = time.perf_counter()
         jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(0), sc))
         compile_s = time.perf_counter() - t
@@ -91,7 +92,8 @@ def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: in
         assert int(o.lengths.min()) == n
         out[n] = (min(times), compile_s)
     total, first = out[new][0], out[1][0]
-    path = ("fused" + ("" if SP.kernel_mode(sc) is None else "+" + "+".join(k[:4] for k in kernel_set))) if fused else "module"
+    mode = SP.kernel_mode(SP.resolve_decoder(sc))
+    path = ("fused" + ("" if mode is None else "+" + "+".join(k[:4] for k in kernel_set))) if fused else "module"
     return {"batch": B, "path": path, "tokens": np.asarray(o.tokens[:, :16]).tolist(), "new_tokens": B * new, "s": total, "tokens_per_s": B * new / total,
             "decode_tokens_per_s": B * (new - 1) / max(total - first, 1e-9), "prefill_s": first,
             "compile_s": out[new][1]}
@@ -104,7 +106,7 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers anchor")
-    ap.add_argument("--module", action="store_true", help="also time the unfused module path (fused=False)")
+    ap.add_argument("--module", action="store_true", help="also time the unfused module path (sampling.decoder='model')")
     ap.add_argument("--kernels", nargs="+", default=["auto"], help="fused path's kernels: auto (Pallas on GPU) | "
                     "xla | pallas | a comma list of Pallas kernels (attention,route,experts); several are timed one "
                     "after the other")

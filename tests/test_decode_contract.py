@@ -10,20 +10,20 @@ steps are unrolled, not a lax.scan: under tests/conftest.py's --xla_backend_opti
 softmax) inside a loop body (wrong experts; right at optimization level 1 and above, and unrolled).
 
 Paths (chosen by `SamplingConfig` fields, built from sampling's public pieces as `generate` builds them:
-`use_fused` / `fuse_layers` / `unstack_layers`, `fused_prefill_ok` / `prefill_fused` / `prefill`, `decode_tokens`,
+`resolve_decoder` / `fuse_layers` / `unstack_layers`, `fused_prefill_ok` / `prefill_fused` / `prefill`, `decode_tokens`,
 `mtp_prefill` / `mtp_decode`):
-    module      fused=False: the model's own modules, absorbed attention
-    naive       attention="naive": the module path with k and v expanded from the cached latents
-    fused       kernels="xla": the fused weights (deepjax/infer/fast/fused.py), experts gathered (few tokens a step)
+    module      decoder="model": the model's own modules (`Transformer.blocks`, `MLA` with a cache), absorbed
+    naive       decoder="naive": the module path with k and v expanded from the cached latents
+    fused       decoder="fused": the fused weights (deepjax/infer/fast/fused.py), experts gathered (few tokens a step)
     fused_all   the same at many tokens a step (fuse_layers n_tokens=64): all experts, flat layout
-    pallas      kernels="interpret" (Pallas' interpreter, the kernels that compile for GPU): attn_in / attn_q,
+    pallas      decoder="interpret" (Pallas' interpreter, the kernels that compile for GPU): attn_in / attn_q,
                 latent_attention, moe_in + experts_routed (routing inside gate/up), grouped prefill
     pallas_split  kernel_set without attn_in / moe_in: latent_attention_pre ("attn_pre", with q_lora_rank), the
                 route kernel, then the gathered experts' kernels
-    pallas_all  kernels="interpret" at many tokens a step: attn_pre, the route kernel, all experts in XLA
-    mtp         mtp_draft=True (kernels="xla"): two tokens a step (fused, tokens_per_row=2) and the MTP module
-    mtp_module  mtp_draft=True, fused=False
-    mtp_pallas  mtp_draft=True, kernels="interpret": the route kernel at two tokens a step, the MTP block fused
+    pallas_all  decoder="interpret" at many tokens a step: attn_pre, the route kernel, all experts in XLA
+    mtp         mtp_draft=True (decoder="fused"): two tokens a step (fused, tokens_per_row=2) and the MTP module
+    mtp_module  mtp_draft=True, decoder="model"
+    mtp_pallas  mtp_draft=True, decoder="interpret": the route kernel at two tokens a step, the MTP block fused
 
 Axes (ModelConfig): topk_method x scoring_func x q_lora_rank (None / 16, not kv_lora_rank's 32) x
 n_shared_experts (0 / 2) x norm_topk_prob x num_nextn_predict_layers (0 / 1) x rope_scaling (None / YaRN with
@@ -97,17 +97,17 @@ AXES = ("topk_method", "scoring_func", "q_lora_rank", "n_shared_experts", "norm_
 
 # path: (SamplingConfig, tokens per step the weights are fused for (None: as generate, batch x tokens per row))
 PATHS = {
-    "module": (SP.SamplingConfig(fused=False), None),
-    "naive": (SP.SamplingConfig(attention="naive"), None),
-    "fused": (SP.SamplingConfig(kernels="xla"), 1),
-    "fused_all": (SP.SamplingConfig(kernels="xla"), 64),
-    "pallas": (SP.SamplingConfig(kernels="interpret"), 1),
-    "pallas_split": (SP.SamplingConfig(kernels="interpret", kernel_set=("attention", "route", "experts", "grouped",
+    "module": (SP.SamplingConfig(decoder="model"), None),
+    "naive": (SP.SamplingConfig(decoder="naive"), None),
+    "fused": (SP.SamplingConfig(decoder="fused"), 1),
+    "fused_all": (SP.SamplingConfig(decoder="fused"), 64),
+    "pallas": (SP.SamplingConfig(decoder="interpret"), 1),
+    "pallas_split": (SP.SamplingConfig(decoder="interpret", kernel_set=("attention", "route", "experts", "grouped",
                                                                         "attn_pre")), 1),
-    "pallas_all": (SP.SamplingConfig(kernels="interpret"), 64),
-    "mtp": (SP.SamplingConfig(kernels="xla", temperature=0.0, mtp_draft=True), None),
-    "mtp_module": (SP.SamplingConfig(fused=False, temperature=0.0, mtp_draft=True), None),
-    "mtp_pallas": (SP.SamplingConfig(kernels="interpret", temperature=0.0, mtp_draft=True), None),
+    "pallas_all": (SP.SamplingConfig(decoder="interpret"), 64),
+    "mtp": (SP.SamplingConfig(decoder="fused", temperature=0.0, mtp_draft=True), None),
+    "mtp_module": (SP.SamplingConfig(decoder="model", temperature=0.0, mtp_draft=True), None),
+    "mtp_pallas": (SP.SamplingConfig(decoder="interpret", temperature=0.0, mtp_draft=True), None),
 }
 
 # the Pallas kernels each Pallas path must have on in its fused layers (+ with a q_lora_rank; XLA paths: none)
@@ -183,8 +183,9 @@ def teacher_forced(graphdef, params, cfg, path: str):
     def run(params):
         model = nnx.merge(graphdef, params)
         prompts_BP, lengths_B, cont_BN = jnp.asarray(prompts), jnp.asarray(lengths), jnp.asarray(cont)
-        if SP.use_fused(sc, None, n_tokens):
-            layers = SP.fuse_layers(model, n_tokens, SP.kernel_mode(sc), S, sc.kernel_set, T)
+        decoder = SP.resolve_decoder(sc, None, n_tokens)
+        if decoder in SP.FUSED_DECODERS:
+            layers = SP.fuse_layers(model, n_tokens, SP.kernel_mode(decoder), S, sc.kernel_set, T)
         else:
             layers = SP.unstack_layers(model)
         for blk in (layers["dense_layers"] or []) + (layers["moe_layers"] or []):
@@ -200,12 +201,12 @@ def teacher_forced(graphdef, params, cfg, path: str):
         if not sc.mtp_draft:
             out = [logits]
             for i in range(N_CONT - 1):
-                lg, cache = SP.decode_step(model, cont_BN[:, i], lengths_B + i, cache, decode_fn, sc.attention,
+                lg, cache = SP.decode_step(model, cont_BN[:, i], lengths_B + i, cache, decode_fn, SP.attn_impl(sc.decoder),
                                            layers)
                 out.append(lg)
             return jnp.stack(out, 1), None
         # MTP: as `_generate_mtp`, with the reference tokens in place of the accepted ones and the drafts
-        mtp_block = (DF.fuse_block(model.mtp[0].block, h.dtype, n_tokens, SP.kernel_mode(sc), S, sc.kernel_set, T)
+        mtp_block = (DF.fuse_block(model.mtp[0].block, h.dtype, n_tokens, SP.kernel_mode(decoder), S, sc.kernel_set, T)
                      if isinstance((layers["moe_layers"] or layers["dense_layers"])[0], dict) else None)
         kv = jnp.zeros((B, S, cfg.kv_lora_rank + cfg.qk_rope_head_dim), h.dtype)
         dlogits, kv = SP.mtp_prefill(model, h, prompts_BP, lengths_B, cont_BN[:, 0], kv, SP.prefill_experts_fn(cfg))
@@ -213,8 +214,8 @@ def teacher_forced(graphdef, params, cfg, path: str):
         out, drafts = [logits[:, None]], [dlogits[:, None]]
         for j in range(0, N_CONT - 1, 2):
             q = lengths_B + j
-            lg, h, cache = SP.decode_tokens(model, cont_BN[:, j:j + 2], q, cache, decode_fn, sc.attention, layers)
-            dl, kv = SP.mtp_decode(model, h, cont_BN[:, j + 1:j + 3], q, kv, decode_fn, sc.attention, mtp_block)
+            lg, h, cache = SP.decode_tokens(model, cont_BN[:, j:j + 2], q, cache, decode_fn, SP.attn_impl(sc.decoder), layers)
+            dl, kv = SP.mtp_decode(model, h, cont_BN[:, j + 1:j + 3], q, kv, decode_fn, SP.attn_impl(sc.decoder), mtp_block)
             out.append(lg)
             drafts.append(dl)
         return jnp.concatenate(out, 1), jnp.concatenate(drafts, 1)
@@ -307,7 +308,7 @@ def new_router(monkeypatch):
         return moe.gate_weights(jnp.take_along_axis(s, idx, -1), cfg), idx.astype(jnp.int32), s
 
     for mod, name, fn in ((moe, "router_scores", router_scores), (DF, "router_scores", router_scores),
-                          (moe, "route", new_route), (SP, "route", new_route), (DF, "moe_route", new_route)):
+                          (moe, "route", new_route), (DF, "moe_route", new_route)):
         monkeypatch.setattr(mod, name, fn)  # (the configs with NEW_* differ from the design's: no stale cache)
 
 
@@ -320,7 +321,7 @@ def test_new_topk_method_is_refused_by_name_where_not_implemented(new_router):
         with pytest.raises(ValueError, match=r"model\.topk_method"):
             teacher_forced(graphdef, params, cfg, path)
     prompts, lengths, _, _ = _batch(cfg)
-    for sc in (SP.SamplingConfig(max_new_tokens=2), SP.SamplingConfig(max_new_tokens=2, kernels="interpret")):
+    for sc in (SP.SamplingConfig(max_new_tokens=2), SP.SamplingConfig(max_new_tokens=2, decoder="interpret")):
         with pytest.raises(ValueError, match=r"model\.topk_method"):
             SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0), sc)
     with pytest.raises(ValueError, match=r"model\.topk_method"):

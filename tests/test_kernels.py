@@ -128,8 +128,8 @@ def test_generate_with_kernels_equals_xla(tiny, mtp):
     prompts, lengths = SP.pad_prompts([[5, 17, 300], [9, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11]])
     args = (graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0))
     sc = SP.SamplingConfig(max_new_tokens=6, temperature=0.0, mtp_draft=mtp)
-    ref = SP.jit_generate(*args, dataclasses.replace(sc, kernels="xla"))
-    got = SP.jit_generate(*args, dataclasses.replace(sc, kernels="interpret"))
+    ref = SP.jit_generate(*args, dataclasses.replace(sc, decoder="fused"))
+    got = SP.jit_generate(*args, dataclasses.replace(sc, decoder="interpret"))
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-5)
 
@@ -201,8 +201,8 @@ def test_kernel_choice_follows_shapes_and_settings(tiny_blocks):
     assert not DF.fuse_block(blk, jnp.float32, 4, "interpret", 16, tokens_per_row=2)["kernels"]["attn_pre"]  # MTP
     rows(fuse(1, None), False)
     assert fuse(1, None)["kernels"] == dict.fromkeys(KN.KERNELS)
-    assert SP.kernel_mode(SP.SamplingConfig(kernels="xla")) is None
-    assert SP.kernel_mode(SP.SamplingConfig(kernels="auto")) == ("gpu" if jax.default_backend() == "gpu" else None)
+    assert SP.kernel_mode("fused") is None and SP.kernel_mode("interpret") == "interpret"
+    assert SP.kernel_mode(SP.resolve_decoder(SP.SamplingConfig())) == ("gpu" if jax.default_backend() == "gpu" else None)
 
 
 # ----------------------------------------------------------------------------------------------- step kernels

@@ -306,7 +306,7 @@ def test_router_logits_ask_for_full_float32_precision():
 
     paths = {
         "module": lambda x: blk.ffn(x, jnp.ones(x.shape[:2], bool)),
-        "module decode": lambda x: SP._ffn_decode(blk, x[:, 0], SP.decode_experts_fn(cfg, 2)),
+        "module decode": lambda x: blk.ffn(x[:, :1], jnp.ones((2, 1), bool), SP.decode_experts_fn(cfg, 2))[0],
         "fused decode": lambda x: DF._ffn_step(fused, x, None, fused["kernels"], False),
     }
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)

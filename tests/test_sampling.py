@@ -208,7 +208,8 @@ def test_mtp_drafting_gives_the_plain_greedy_output(tiny, eos, fused):
     args = (graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0))
     plain = SP.jit_generate(*args, SP.SamplingConfig(max_new_tokens=10, temperature=0.0))
     eos_ids = (int(plain.tokens[1, 4]),) if eos else ()
-    sc = SP.SamplingConfig(max_new_tokens=10, temperature=0.0, eos_ids=eos_ids, fused=fused)
+    sc = SP.SamplingConfig(max_new_tokens=10, temperature=0.0, eos_ids=eos_ids,
+                           decoder="fused" if fused else "model")
     plain = SP.jit_generate(*args, sc)
     drafted = SP.jit_generate(*args, dataclasses.replace(sc, mtp_draft=True))
     np.testing.assert_array_equal(np.asarray(drafted.tokens), np.asarray(plain.tokens))
@@ -240,11 +241,11 @@ def test_bad_sampling_settings_are_named(tiny):
     prompts, lengths = SP.pad_prompts(list(PROMPTS))
     cases = [(dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
              (dict(temperature=-0.5), "temperature"), (dict(max_new_tokens=0), "max_new_tokens"),
-             (dict(attention="flash"), "attention"), (dict(cache_len=10), "cache_len"),
-             (dict(mtp_draft=True, temperature=0.7), "mtp_draft"), (dict(kernels="triton"), "kernels"),
+             (dict(decoder="flash"), "decoder"), (dict(cache_len=10), "cache_len"),
+             (dict(mtp_draft=True, temperature=0.7), "mtp_draft"), (dict(decoder="triton"), "decoder"),
              (dict(kernel_set=("attention", "mlp")), "kernel_set")]
     if jax.default_backend() != "gpu":
-        cases.append((dict(kernels="pallas"), "kernels"))  # Pallas here compiles for GPU only
+        cases.append((dict(decoder="pallas"), "decoder"))  # Pallas here compiles for GPU only
     for kw, field in cases:
         with pytest.raises(ValueError, match=f"sampling.{field}|{field}"):
             SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(0),
@@ -276,9 +277,11 @@ def test_eval_and_grpo_take_the_fused_decode_on_one_device(tiny, capsys, monkeyp
     many = S.make_mesh(MeshConfig())
     rules = S.rules_for(MeshConfig().rules)
     assert many.devices.size == 8
-    assert text.decode_path(sc, one, 8) == "fused" and text.decode_path(sc, many, 8) == "module"
-    assert text.decode_path(sc, one, SP.DENSE_DECODE_MAX_TOKENS + 1) == "module"
-    assert text.decode_path(dataclasses.replace(sc, fused=False), one, 8) == "module"
+    assert text.decode_path(sc, one, 8) == "fused" and text.decode_path(sc, many, 8) == "model"
+    assert text.decode_path(sc, one, SP.DENSE_DECODE_MAX_TOKENS + 1) == "model"
+    assert text.decode_path(dataclasses.replace(sc, decoder="model"), one, 8) == "model"
+    with pytest.raises(ValueError, match="sampling.decoder='fused'"):  # a fused decoder named on 8 devices
+        text.decode_path(dataclasses.replace(sc, decoder="fused"), many, 8)
     prompts = [tok.encode(p, add_bos=True) for p in ("1 + 2 =", "hello", "7 - 3 =", "ab", "x", "99", "0", "q?")]
     key = jax.random.key(0)
     fused = []  # traces that built the fused weights

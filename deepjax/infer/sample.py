@@ -52,7 +52,7 @@ from deepjax.schema import ConfigError, hints, parse_scalar, unwrap_optional
 TEMPLATE_CHOICES = (*TEMPLATES, "chat", "none")
 # SamplingConfig fields settable with --config.sampling.FIELD=VALUE; the others have their own flag, come from the
 # tokenizer (eos_ids, pad_id), or are not supported by the streaming loop (mtp_draft, kernel_set).
-SAMPLING_OVERRIDES = ("attention", "cache_len", "unstack_layers", "fused", "kernels")
+SAMPLING_OVERRIDES = ("decoder", "cache_len", "unstack_layers")
 SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
                   "top_k": "--top-k"}
 

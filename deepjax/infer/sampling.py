@@ -6,24 +6,28 @@
 Shape key: B batch, P prompt (padded) length, N max_new_tokens, S = P + N cache length, L layers of a stack,
 D hidden, N_h heads, H qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank.
 
-Prompts are right-padded to P; row b's prompt is prompts[b, :lengths[b]]. Prefill runs the naive (expanded)
-attention over the prompts (with the Pallas kernels on, `prefill_fused`: absorbed attention over the fused
-weights) and fills the cache; then a `lax.while_loop` decodes one token per row per step,
-row b writing its i-th new token at position lengths[b] + i, until every row has stopped or N tokens are out.
+Prompts are right-padded to P; row b's prompt is prompts[b, :lengths[b]]. Prefill runs the model's blocks over
+the prompts and fills the cache; then a `lax.while_loop` decodes one token per row per step, row b writing its
+i-th new token at position lengths[b] + i, until every row has stopped or N tokens are out.
 
-The cache (`Cache`) holds, per layer and token, only what DeepSeek's inference code keeps in its "absorb" mode:
-the normalized KV latent c (C values) and the rotated shared rope key (R values), as one row [c ; k_pe] of
-C + R = 576 values at V3 shape. Decoding in absorbed form never expands keys or values per head:
+One model: prefill and decode run the model's own forward pieces (`Transformer.embed_tokens`, `Transformer.blocks`
+-> `Block` -> `MLA` with a cache, `Transformer.mtp_input`, `Transformer.logits`). The cache (`model.Cache`) holds,
+per layer and token, only what DeepSeek's inference code keeps in its "absorb" mode: the normalized KV latent c
+and the rotated shared rope key, one row [c ; k_pe] of C + R = 576 values at V3 shape; `MLA` attends over it in
+absorbed form (never expanding keys or values per head) or, as a check, expanded ("naive").
 
-    q_c   = q_nope . W_uk                  [B, N_h, C]   (W_uk = wkv_b[:, :, :H]: the key up-projection
-    score = [q_c ; q_pe] . [c_s ; k_pe_s] * softmax_scale         folded into the query)
-    o_c   = sum_s softmax(score)_s c_s      [B, N_h, C]
-    out   = (o_c . W_uv) . W_o             (W_uv = wkv_b[:, :, H:]: the value up-projection folded into the output)
-
-On one device the decode loop runs each layer with weights fused once per call (`deepjax.infer.fast.fused`: W_uk
-absorbed into the query weights, concatenated projections, shared experts appended to the routed ones, routing
-without sorts); under a mesh, or with `SamplingConfig.fused=False`, it runs the model's own modules.
-`SamplingConfig.attention="naive"` expands k and v from the cached latents instead (the check path).
+`SamplingConfig.decoder` picks the implementation of that step, one vocabulary (`DECODERS`):
+    model      the model's modules (absorbed attention)
+    naive      the model's modules, keys and values expanded from the cached latents (the check path)
+    fused      `deepjax.infer.fast.fused`: the same step over weights folded once per call (W_uk absorbed into the
+               query weights, concatenated projections, shared experts appended to the routed ones, routing
+               without sorts), XLA only; one device
+    pallas     fused, with the Pallas GPU kernels (`deepjax.infer.fast.kernels`, which of them: `kernel_set`)
+    interpret  fused, with the Pallas kernels in Pallas' interpreter (tests)
+    auto       pallas on one GPU, fused on one device of another backend, model under a multi-device mesh, with
+               a caller's experts_fn, or above DENSE_DECODE_MAX_TOKENS rows a step (`resolve_decoder`)
+The fused decoders raise an error naming the field for a config they do not implement (`fused.check_supported`);
+tests/test_decode_contract.py holds every decoder to the full forward.
 
 Log-probabilities. `logprobs[b, i]` is the log-probability of the sampled token under softmax(logits /
 temperature), taken BEFORE top-k / top-p truncation (the truncated distribution is only used to draw). Greedy
@@ -49,10 +53,9 @@ from deepjax.infer.fast import grouped as KG
 from deepjax.infer.fast import kernels as KN
 from deepjax.parallel import sharding
 from deepjax.model.config import ModelConfig
-from deepjax.schema import checker
-from deepjax.model import ACT_AXES, Transformer, default_experts_fn
+from deepjax.schema import ConfigError, checker
+from deepjax.model import Cache, Transformer, default_experts_fn
 from deepjax.model import ops
-from deepjax.model.moe import MoE, route, router_logits
 from deepjax.model.layers import dtype_of
 from deepjax.model.rope import rope_tables
 
@@ -65,12 +68,10 @@ class SamplingConfig:
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p; 1: off
     eos_ids: tuple[int, ...] = ()  # a row stops after sampling any of these (the EOS is kept in its output)
     pad_id: int = 0  # what fills a row's output after it stopped
-    attention: str = "absorbed"  # absorbed | naive (expanded k/v from the cached latents; for checking)
+    decoder: str = "auto"  # auto | model | naive | fused | pallas | interpret (the module docstring, DECODERS)
     cache_len: Optional[int] = None  # cache positions; None: prompt length + max_new_tokens, rounded up to 16
     unstack_layers: bool = True  # per-layer weight copies for the decode loop (faster on GPU; see unstack_layers)
-    fused: bool = True  # one device, absorbed: decode with fused per-layer weights (deepjax.infer.fast.fused)
-    kernels: str = "auto"  # fused path: auto (Pallas kernels on GPU, else XLA) | xla | pallas | interpret (tests)
-    kernel_set: tuple[str, ...] = KN.KERNELS  # which Pallas kernels (deepjax.infer.fast.kernels)
+    kernel_set: tuple[str, ...] = KN.KERNELS  # decoder pallas / interpret: which kernels (deepjax.infer.fast.kernels)
     mtp_draft: bool = False  # greedy only: the MTP module drafts one extra token per step, the main model checks it
 
     def __post_init__(self):
@@ -87,15 +88,13 @@ class SamplingConfig:
             fail("top_k", "must be an int >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
             fail("top_p", "must be in (0, 1]")
-        if self.attention not in ("absorbed", "naive"):
-            fail("attention", "choose from ('absorbed', 'naive')")
-        if self.kernels not in KERNEL_MODES:
-            fail("kernels", f"choose from {KERNEL_MODES}")
+        if self.decoder not in DECODERS:
+            fail("decoder", f"choose from {DECODERS}")
         if not isinstance(self.kernel_set, tuple) or not set(self.kernel_set) <= set(KN.KERNELS):
             fail("kernel_set", f"a tuple of some of {KN.KERNELS}")
-        if self.kernels == "pallas" and jax.default_backend() != "gpu":
-            fail("kernels", f"the Pallas kernels compile for GPU only (backend: {jax.default_backend()}); "
-                           "'interpret' runs them in Pallas' interpreter, 'xla' or 'auto' without them")
+        if self.decoder == "pallas" and jax.default_backend() != "gpu":
+            fail("decoder", f"the Pallas kernels compile for GPU only (backend: {jax.default_backend()}); "
+                            "'interpret' runs them in Pallas' interpreter, 'fused' or 'auto' without them")
         if self.mtp_draft and self.temperature != 0:
             fail("mtp_draft", "drafting is greedy only: set sampling.temperature=0")
 
@@ -109,14 +108,6 @@ def cache_length(sc: SamplingConfig, prompt_len: int) -> int:
         raise ValueError(f"prompt length {prompt_len} + sampling.max_new_tokens={sc.max_new_tokens}"
                          f"{' + 1 (MTP draft)' if sc.mtp_draft else ''} exceed sampling.cache_len={S}")
     return S
-
-
-class Cache(NamedTuple):
-    """Per stack (dense, MoE), one array per layer: rows [B, S, C + R] = [normalized latent c ; rotated k_pe].
-    Separate buffers per layer, not one stacked [L, ...] array: the decode loop updates each in place, where
-    reading a layer out of a stacked cache copies it at every step on GPU."""
-    dense: tuple
-    moe: tuple
 
 
 CACHE_AXES = ("batch", "length", None)
@@ -155,7 +146,7 @@ def prefill_experts_fn(cfg: ModelConfig):
 
 
 def decode_experts_fn(cfg: ModelConfig, n_tokens: int):
-    """Routed experts for the module decode path (`fused=False`, naive attention or a mesh) on n_tokens tokens."""
+    """Routed experts for the module decoders ("model", "naive", or under a mesh) on n_tokens tokens."""
     if sharding.current() is not None:
         return default_experts_fn(cfg)
     if n_tokens > DENSE_DECODE_MAX_TOKENS:
@@ -168,46 +159,7 @@ def decode_experts_fn(cfg: ModelConfig, n_tokens: int):
     return experts
 
 
-def _ffn_decode(blk, h_BD, experts_fn):
-    """The block's FFN on one token per row, without the load statistics and balance loss that training needs."""
-    ffn = blk.ffn
-    if not isinstance(ffn, MoE):
-        return ffn(h_BD)
-    dt = h_BD.dtype
-    logits_BE = router_logits(h_BD, ffn.gate[...])
-    w_BK, idx_BK, _ = route(logits_BE, None if ffn.bias is None else ffn.bias[...], ffn.cfg)
-    y = experts_fn(h_BD, w_BK, idx_BK, ffn.w_gate[...].astype(dt), ffn.w_up[...].astype(dt),
-                   ffn.w_down[...].astype(dt))
-    y = y[0] if isinstance(y, tuple) else y
-    return y if ffn.shared is None else y + ffn.shared(h_BD)
-
-
-def _ffn(blk, h_BTD, valid_BT, experts_fn):
-    if isinstance(blk.ffn, MoE):
-        return blk.ffn(h_BTD, valid_BT, experts_fn)[0]
-    return blk.ffn(h_BTD)
-
-
 # ---------------------------------------------------------------------------------------------------------- prefill
-
-
-def _prefill_block(blk, x, cos, sin, start_BP, valid_BP, experts_fn):
-    """One block over the prompts (the model's own attention); returns x and the block's cache rows [c ; k_pe]."""
-    h = blk.attn_norm(x)
-    row = jnp.concatenate(blk.attn.latent(h, cos, sin), -1)
-    x = x + blk.attn(h, cos, sin, start_BP)
-    x = x + _ffn(blk, blk.ffn_norm(x), valid_BP, experts_fn)
-    return sharding.constrain(x, ACT_AXES), row
-
-
-def _prefill_stack(stack, x_BPD, cos, sin, start_BP, valid_BP, experts_fn):
-    """Runs a scanned stack over the prompts; returns x and the stack's cache rows [L, B, P, C + R]."""
-    graphdef, state = nnx.split(stack)
-
-    def body(x, layer_state):
-        return _prefill_block(nnx.merge(graphdef, layer_state), x, cos, sin, start_BP, valid_BP, experts_fn)
-
-    return jax.lax.scan(body, x_BPD, state)
 
 
 def _fill(buf, values):
@@ -231,21 +183,15 @@ def _prompt_mask(valid_BP):
 
 def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn, return_hidden: bool = False):
     """(logits [B, V] at each row's last prompt token, cache with positions [0, P) filled); with return_hidden,
-    also the last hidden states [B, P, D] (before the final norm: what an MTP module reads)."""
+    also the last hidden states [B, P, D] (before the final norm: what an MTP module reads). The model's own
+    blocks over the prompts (`Transformer.blocks` with a cache)."""
     cfg = model.cfg
     B, P = prompts_BP.shape
     cos, sin, start_BP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
-    dt = dtype_of(cfg.dtype)
-    x = sharding.constrain(jnp.take(model.embed[...].astype(dt), prompts_BP, axis=0), ACT_AXES)
-    caches = list(cache)
-    for i, stack in ((0, model.dense_layers), (1, model.moe_layers)):
-        if stack is None:
-            continue
-        x, rows = _prefill_stack(stack, x, cos, sin, start_BP, valid_BP, experts_fn)
-        caches[i] = tuple(_fill(buf, rows[l]) for l, buf in enumerate(caches[i]))
+    x, _, cache = model.blocks(model.embed_tokens(prompts_BP), cos, sin, start_BP, valid_BP, experts_fn, cache)
     last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)  # [B, 1, D]
     logits = model.logits(last_BD, model.norm)[:, 0]
-    return (logits, Cache(*caches), x) if return_hidden else (logits, Cache(*caches))
+    return (logits, cache, x) if return_hidden else (logits, cache)
 
 
 def fused_prefill_ok(layers, n_tokens: int) -> bool:
@@ -293,29 +239,6 @@ def _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hid
 # T query tokens per row (1 when sampling; 2 when verifying an MTP draft) at positions pos_B + [0, T).
 
 
-def _attend_absorbed(attn, q_nope_BTNH, q_pe_BTNR, kv_BSc, mask_BTS, dt):
-    """Absorbed attention from the module's weights: W_uk folded into the query, W_uv into the output (see the
-    module docstring); `deepjax.infer.fast.fused` precomputes the same folded weights once per call."""
-    H, R = attn.cfg.qk_nope_head_dim, attn.cfg.qk_rope_head_dim
-    wkv_b = attn.wkv_b[...].astype(dt)
-    q_c = jnp.einsum("btnh,cnh->btnc", q_nope_BTNH, wkv_b[..., :H])
-    w_uv = jnp.pad(jnp.einsum("cnv->nvc", wkv_b[..., H:]), ((0, 0), (0, 0), (0, R)))  # zero for k_pe columns
-    return DF.absorbed_attention(jnp.concatenate([q_c, q_pe_BTNR], -1), kv_BSc, mask_BTS, w_uv,
-                                 jnp.einsum("nvd->dnv", attn.wo[...].astype(dt)), attn.cfg.softmax_scale)
-
-
-def _attend_naive(attn, q_nope_BTNH, q_pe_BTNR, kv_BSc, mask_BTS, dt):
-    C = attn.cfg.kv_lora_rank
-    k_pe_BSR = kv_BSc[..., C:]
-    k_pe_BSNR = jnp.broadcast_to(k_pe_BSR[:, :, None], (*k_pe_BSR.shape[:2], q_pe_BTNR.shape[2], k_pe_BSR.shape[-1]))
-    H = attn.cfg.qk_nope_head_dim
-    kv_BSNK = jnp.einsum("bsc,cnk->bsnk", kv_BSc[..., :C], attn.wkv_b[...].astype(dt))
-    q_BTNK = jnp.concatenate([q_nope_BTNH, q_pe_BTNR], -1)
-    k_BSNK = jnp.concatenate([kv_BSNK[..., :H], k_pe_BSNR], -1)
-    o_BTNV = ops.masked_attention(q_BTNK, k_BSNK, kv_BSNK[..., H:], mask_BTS, attn.cfg.softmax_scale)
-    return jnp.einsum("btnv,nvd->btd", o_BTNV, attn.wo[...].astype(dt))
-
-
 def unstack_layers(model: Transformer, barrier: bool = True):
     """{"dense_layers": [layer module, ...], "moe_layers": [...]}: each scanned stack split into per-layer modules
     (copies of the weights). `generate` does this once per call, outside its decode loop: on GPU, a layer sliced
@@ -329,16 +252,36 @@ def unstack_layers(model: Transformer, barrier: bool = True):
     return out
 
 
-KERNEL_MODES = ("auto", "xla", "pallas", "interpret")
+DECODERS = ("auto", "model", "naive", "fused", "pallas", "interpret")
+FUSED_DECODERS = ("fused", "pallas", "interpret")
 
 
-def kernel_mode(sc: SamplingConfig):
-    """How the fused decode step runs its Pallas kernels (`deepjax.infer.fast.kernels`): "gpu", "interpret" or None (XLA)."""
-    if sc.kernels == "interpret":
-        return "interpret"
-    if sc.kernels == "pallas" or (sc.kernels == "auto" and jax.default_backend() == "gpu"):
-        return "gpu"
-    return None
+def resolve_decoder(sc: SamplingConfig, experts_fn=None, n_tokens: int = 1, one_device: Optional[bool] = None) -> str:
+    """The decoder `sc.decoder` means here (never "auto"), for n_tokens rows x tokens per step. "auto" takes the
+    fused step on one device with the default experts and at most DENSE_DECODE_MAX_TOKENS tokens a step (beyond
+    that the sorted grouped matmul reads less), with the Pallas kernels on GPU; else the model's modules. A fused
+    decoder named explicitly where it cannot run (a multi-device mesh, a caller's experts_fn) is an error.
+    one_device: whether the step runs on one device (None: outside a `sharding.use_mesh` context)."""
+    one_device = sharding.current() is None if one_device is None else one_device
+    if sc.decoder != "auto":
+        if sc.decoder in FUSED_DECODERS and not (one_device and experts_fn is None):
+            raise ConfigError(f"sampling.decoder={sc.decoder!r}: the fused decoders run on one device with the "
+                              "model's own experts (not under a multi-device mesh or with experts_fn); use "
+                              "'model' or 'auto'")
+        return sc.decoder
+    if one_device and experts_fn is None and n_tokens <= DENSE_DECODE_MAX_TOKENS:
+        return "pallas" if jax.default_backend() == "gpu" else "fused"
+    return "model"
+
+
+def kernel_mode(decoder: str):
+    """How a fused decoder runs its Pallas kernels (`deepjax.infer.fast.kernels`): "gpu", "interpret" or None (XLA)."""
+    return {"pallas": "gpu", "interpret": "interpret"}.get(decoder)
+
+
+def attn_impl(decoder: str) -> str:
+    """The MLA mode (`mla.ATTN_IMPLS`) of a decoder: the check path expands k and v, every other is absorbed."""
+    return "naive" if decoder == "naive" else "absorbed"
 
 
 def fuse_layers(model: Transformer, n_tokens: int = 1, kernels: Optional[str] = None, cache_len: int = 0,
@@ -352,16 +295,15 @@ def fuse_layers(model: Transformer, n_tokens: int = 1, kernels: Optional[str] = 
 
 
 def use_fused(sc: SamplingConfig, experts_fn, n_tokens: int) -> bool:
-    """Whether `generate` decodes with fused weights: one device, absorbed attention, the default experts, and
-    at most DENSE_DECODE_MAX_TOKENS tokens per step (beyond that the sorted grouped matmul reads less)."""
-    return (sc.fused and sc.attention == "absorbed" and experts_fn is None and sharding.current() is None
-            and n_tokens <= DENSE_DECODE_MAX_TOKENS)
+    """Whether `generate` decodes with fused weights (`resolve_decoder`)."""
+    return resolve_decoder(sc, experts_fn, n_tokens) in FUSED_DECODERS
 
 
 def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens: int, cache_len: int,
                    tokens_per_row: int = 1):
-    if use_fused(sc, experts_fn, n_tokens):
-        return fuse_layers(model, n_tokens, kernel_mode(sc), cache_len, sc.kernel_set, tokens_per_row)
+    decoder = resolve_decoder(sc, experts_fn, n_tokens)
+    if decoder in FUSED_DECODERS:
+        return fuse_layers(model, n_tokens, kernel_mode(decoder), cache_len, sc.kernel_set, tokens_per_row)
     return unstack_layers(model) if sc.unstack_layers else None
 
 
@@ -372,22 +314,6 @@ def _layers_of(stack, barrier: bool = True):
     n = jax.tree.leaves(state)[0].shape[0]
     keep = jax.lax.optimization_barrier if barrier else (lambda t: t)
     return [nnx.merge(graphdef, keep(jax.tree.map(lambda a: a[i], state))) for i in range(n)]
-
-
-def _decode_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, experts_fn, attention):
-    """One block on T new tokens per row, writing their cache rows at pos_BT; returns (x, cache rows). `blk` is a
-    module, or a dict of fused weights (`fused.fuse_block`, absorbed attention only)."""
-    if isinstance(blk, dict):
-        return DF.fused_block(blk, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS)
-    B, T, D = x_BTD.shape
-    dt = x_BTD.dtype
-    h = blk.attn_norm(x_BTD)
-    q_nope, q_pe = blk.attn.query(h, cos, sin)
-    kv_BSc = DF.write_rows(kv_BSc, pos_BT, jnp.concatenate(blk.attn.latent(h, cos, sin), -1))
-    attend = _attend_absorbed if attention == "absorbed" else _attend_naive
-    x_BTD = x_BTD + attend(blk.attn, q_nope, q_pe, kv_BSc, mask_BTS, dt)
-    y = _ffn_decode(blk, blk.ffn_norm(x_BTD).reshape(B * T, D), experts_fn)
-    return x_BTD + y.reshape(B, T, D), kv_BSc
 
 
 def _geometry(cfg, pos_B, T: int, S: int):
@@ -404,18 +330,26 @@ def decode_tokens(model: Transformer, tokens_BT, pos_B, cache: Cache, experts_fn
 
     The layers run as a Python loop with static indices, not a scan: a rolled loop inside the decode while_loop
     costs a device-to-host round trip per layer on GPU (4x slower at batch 1 on the bench preset)."""
-    cfg = model.cfg
-    dt = dtype_of(cfg.dtype)
     S = (cache.dense or cache.moe)[0].shape[1]
-    pos_BT, cos, sin, mask_BTS = _geometry(cfg, pos_B, tokens_BT.shape[1], S)
-    x = jnp.take(model.embed[...].astype(dt), tokens_BT, axis=0)
-    caches = [list(c) for c in cache]
+    B, T = tokens_BT.shape
+    pos_BT, cos, sin, mask_BTS = _geometry(model.cfg, pos_B, T, S)
+    x = model.embed_tokens(tokens_BT)
     layers = layers or unstack_layers(model)
-    for i, name in enumerate(("dense_layers", "moe_layers")):
-        for l, blk in enumerate(layers[name] or []):
-            x, caches[i][l] = _decode_block(blk, x, caches[i][l], pos_BT, cos, sin, mask_BTS, experts_fn, attention)
-    x = DF.settle(x)  # a fused block may leave its experts' output to the next block's kernel to sum
-    return model.logits(x, model.norm), x, Cache(*(tuple(c) for c in caches))
+    if _is_fused(layers):  # the fast implementation of the same step (deepjax.infer.fast.fused)
+        caches = [list(c) for c in cache]
+        for i, name in enumerate(("dense_layers", "moe_layers")):
+            for l, blk in enumerate(layers[name] or []):
+                x, caches[i][l] = DF.fused_block(blk, x, caches[i][l], pos_BT, cos, sin, mask_BTS)
+        x, cache = DF.settle(x), Cache(*(tuple(c) for c in caches))  # (a fused block may leave its sum pending)
+    else:
+        x, _, cache = model.blocks(x, cos, sin, jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.bool_),
+                                   experts_fn, cache, pos_BT, attention, layers)
+    return model.logits(x, model.norm), x, cache
+
+
+def _is_fused(layers) -> bool:
+    blks = None if layers is None else (layers["moe_layers"] or layers["dense_layers"])
+    return bool(blks) and isinstance(blks[0], dict)
 
 
 def decode_step(model: Transformer, tokens_B, pos_B, cache: Cache, experts_fn, attention: str = "absorbed",
@@ -430,12 +364,6 @@ def decode_step(model: Transformer, tokens_B, pos_B, cache: Cache, experts_fn, a
 # the embedding of t_{i+1}: its own block, with its own latent cache over the positions it has seen.
 
 
-def _mtp_input(model: Transformer, mod, h_BTD, next_BT):
-    dt = h_BTD.dtype
-    e = jnp.take(model.embed[...].astype(dt), next_BT, axis=0)
-    return jnp.concatenate([mod.enorm(e), mod.hnorm(h_BTD)], axis=-1) @ mod.eh_proj[...].astype(dt)
-
-
 def mtp_prefill(model: Transformer, h_BPD, prompts_BP, lengths_B, first_B, kv_BSc, experts_fn):
     """The MTP module over the prompt: position i reads (h_i, t_{i+1}), the last prompt position reads the first
     sampled token. Returns (draft logits [B, V] for the token after it, the module's cache rows)."""
@@ -444,20 +372,23 @@ def mtp_prefill(model: Transformer, h_BPD, prompts_BP, lengths_B, first_B, kv_BS
     cos, sin, start_BP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
     pos = jnp.arange(P)[None]
     nxt = jnp.where(pos == (lengths_B - 1)[:, None], first_B[:, None], jnp.pad(prompts_BP[:, 1:], ((0, 0), (0, 1))))
-    x = _mtp_input(model, mod, h_BPD, nxt)
-    x, rows = _prefill_block(mod.block, x, cos, sin, start_BP, valid_BP, experts_fn)
+    x, _, kv_BSc = mod.block(model.mtp_input(mod, h_BPD, nxt), cos, sin, start_BP, valid_BP, experts_fn, kv_BSc)
     last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)
-    return model.logits(last, mod.norm)[:, 0], _fill(kv_BSc, rows)
+    return model.logits(last, mod.norm)[:, 0], kv_BSc
 
 
 def mtp_decode(model: Transformer, h_BTD, next_BT, pos_B, kv_BSc, experts_fn, attention: str, block=None):
     """The MTP module on T positions per row (pos_B + [0, T)): draft logits [B, T, V] and its cache rows.
     `block`: the module's block fused (`fused.fuse_block`), when the caller made that once."""
     mod = model.mtp[0]
-    pos_BT, cos, sin, mask_BTS = _geometry(model.cfg, pos_B, h_BTD.shape[1], kv_BSc.shape[1])
-    x = _mtp_input(model, mod, h_BTD, next_BT)
-    x, kv_BSc = _decode_block(mod.block if block is None else block, x, kv_BSc, pos_BT, cos, sin, mask_BTS,
-                              experts_fn, attention)
+    B, T = next_BT.shape
+    pos_BT, cos, sin, mask_BTS = _geometry(model.cfg, pos_B, T, kv_BSc.shape[1])
+    x = model.mtp_input(mod, h_BTD, next_BT)
+    if block is not None:
+        x, kv_BSc = DF.fused_block(block, x, kv_BSc, pos_BT, cos, sin, mask_BTS)
+    else:
+        x, _, kv_BSc = mod.block(x, cos, sin, jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.bool_), experts_fn,
+                                 kv_BSc, pos_BT, attention)
     return model.logits(DF.settle(x), mod.norm), kv_BSc
 
 
@@ -527,7 +458,7 @@ def advance(model: Transformer, layers, tok_B, pos_B, cache: Cache, key, sc: Sam
     """One step of `generate`'s loop: token tok_B enters the cache at pos_B; returns (next token, its log-prob,
     cache, key)."""
     decode_fn = experts_fn or decode_experts_fn(model.cfg, tok_B.shape[0])
-    logits, cache = decode_step(model, tok_B, pos_B, cache, decode_fn, sc.attention, layers)
+    logits, cache = decode_step(model, tok_B, pos_B, cache, decode_fn, attn_impl(sc.decoder), layers)
     key, k = jax.random.split(key)
     tok, lp = sample(logits, k, sc)
     return tok, lp, cache, key
@@ -584,9 +515,9 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
     cfg = model.cfg
     B, P = prompts_BP.shape
     N = sc.max_new_tokens
-    fused = layers is not None and isinstance((layers["moe_layers"] or layers["dense_layers"])[0], dict)
-    mtp_block = (DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype), 2 * B, kernel_mode(sc), S, sc.kernel_set, 2)
-                 if fused else None)
+    mtp_block = (DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype), 2 * B, kernel_mode(resolve_decoder(sc)), S,
+                               sc.kernel_set, 2) if _is_fused(layers) else None)
+    impl = attn_impl(sc.decoder)
     cache = init_cache(cfg, B, S)
     logits, cache, h_BPD = _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)
     greedy = lambda lg: sample(lg, None, sc)  # noqa: E731  (temperature 0: no key needed)
@@ -607,7 +538,7 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
         t, d, out_tok, out_lp, cache, done, n_new, mkv, proposed, accepted = c
         active = ~done & (n_new < N)
         q = lengths_B + n_new - 1  # position of t
-        logits, h, cache = decode_tokens(model, jnp.stack([t, d], 1), q, cache, decode_fn, sc.attention, layers)
+        logits, h, cache = decode_tokens(model, jnp.stack([t, d], 1), q, cache, decode_fn, impl, layers)
         a, lpa = greedy(logits[:, 0])
         b, lpb = greedy(logits[:, 1])
         hit = d == a
@@ -622,7 +553,7 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
         out_tok, out_lp = put(out_tok, n_new, take_b, b), put(out_lp, n_new, take_b, lpb)
         done = done | done_a | (take_b & _is_eos(b, sc.eos_ids))
         n_new = n_new + take_b.astype(jnp.int32)
-        dl, mkv = mtp_decode(model, h, jnp.stack([a, b], 1), q, mkv, decode_fn, sc.attention, mtp_block)
+        dl, mkv = mtp_decode(model, h, jnp.stack([a, b], 1), q, mkv, decode_fn, impl, mtp_block)
         drafts = jnp.argmax(dl, -1).astype(jnp.int32)
         t = jnp.where(take_b, b, a)
         d = jnp.where(take_b, drafts[:, 1], drafts[:, 0])
@@ -674,7 +605,7 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
     return out, np.asarray([len(p) for p in prompts], np.int32)
 
 
-__all__ = ["SamplingConfig", "generate", "jit_generate", "prefill", "decode_step", "decode_tokens", "sample",
+__all__ = ["SamplingConfig", "DECODERS", "resolve_decoder", "kernel_mode", "attn_impl", "generate", "jit_generate", "prefill", "decode_step", "decode_tokens", "sample",
            "truncate_logits", "mtp_prefill", "mtp_decode",
            "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "cache_length", "decode_experts_fn",
            "fuse_layers", "unstack_layers", "use_fused", "prefill_fused", "fused_prefill_ok"]

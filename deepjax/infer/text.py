@@ -35,12 +35,11 @@ _SAID: set = set()
 
 
 def decode_path(sc: SP.SamplingConfig, mesh, n_rows: int) -> str:
-    """The decode `complete` takes: "fused" (the fast decode, `sampling.use_fused`: one device, absorbed attention,
-    at most sampling.DENSE_DECODE_MAX_TOKENS rows) or "module" (the model's modules; on a mesh of several devices,
-    sharded over it). A one-device mesh samples outside the mesh, so it takes the fused decode where it applies."""
-    if mesh.devices.size > 1:
-        return "module"
-    return "fused" if SP.use_fused(sc, None, n_rows) else "module"
+    """The decoder `complete` takes (`sampling.resolve_decoder`, a value of sampling.DECODERS other than "auto"). A
+    one-device mesh samples outside the mesh, so "auto" takes the fused decode there (up to
+    sampling.DENSE_DECODE_MAX_TOKENS rows); on a mesh of several devices "auto" is the model's modules, sharded
+    over it, and a fused decoder named explicitly is an error naming sampling.decoder."""
+    return SP.resolve_decoder(sc, None, n_rows, one_device=mesh.devices.size == 1)
 
 
 def _say_once(message: str) -> None:
@@ -57,7 +56,7 @@ def complete(graphdef, params, tokenizer, prompts: Sequence[Sequence[int]], key,
     sc = dataclasses.replace(sc, eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
     P, L = SP.pad_prompts(list(prompts), pad_id=tokenizer.pad_id, multiple=pad_multiple)
     one_device = mesh.devices.size == 1
-    if not one_device and sc.fused:
+    if decode_path(sc, mesh, len(P)) == "model" and sc.decoder == "auto" and not one_device:
         _say_once(f"sampling: the model's modules decode on this {mesh.devices.size}-device mesh (the fused decode "
                   "runs on one device)")
     with contextlib.nullcontext() if one_device else S.use_mesh(mesh, rules):

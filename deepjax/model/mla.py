@@ -8,11 +8,23 @@ R qk_rope_head_dim, V v_head_dim, Q q_lora_rank, C kv_lora_rank, P = R/2.
   [k_nope ; v] = W_kvb c                             -> per head
   scores = (q_nope . k_nope + rope(q_pe) . rope(k_pe)) * softmax_scale   (softmax in float32)
 
-This is the "naive" (expanded) form used for training and prefill; the attention itself is
-`ops.causal_attention` (a tokamax flash kernel or XLA, by `cfg.kernels`). The decode path that keeps only
-[c ; rope(k_pe)] per token (the absorbed form) lives with the sampler.
+Training and prefill use the expanded ("naive") form; the attention itself is `ops.causal_attention` (a tokamax
+flash kernel or XLA, by `cfg.kernels`). With a cache (`MLA.__call__`'s kv_BSc: one layer's rows [c ; rope(k_pe)],
+C + R = 576 values per token at V3 shape, as DeepSeek's inference/model.py keeps in its "absorb" mode), the new
+tokens' rows are written into it and the queries attend over the cache in one of two modes (`ATTN_IMPLS`, DeepSeek's
+`attn_impl`):
+
+    absorbed  the key up-projection folded into the query and the value up-projection into the output, so the cache
+              is never expanded per head:
+                  q_c = q_nope . W_uk  [N, C];  score = [q_c ; q_pe] . [c_s ; k_pe_s] * softmax_scale
+                  o_c = sum_s softmax(score)_s c_s;  out = (o_c . W_uv) . W_o
+    naive     k and v expanded per head from the cached latents (the check path)
+
+Decoding reuses this module (`deepjax.infer.sampling`); `deepjax.infer.fast.fused` is a faster implementation of
+the same absorbed step over weights folded once per call.
 """
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -20,6 +32,27 @@ from deepjax.model import ops
 from deepjax.model.config import ModelConfig
 from deepjax.model.layers import Param, RMSNorm, dtype_of, normal_init
 from deepjax.model.rope import apply_rope
+
+ATTN_IMPLS = ("absorbed", "naive")
+NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def write_rows(buf_BSX, pos_BT, new_BTX):
+    """The T new tokens' cache rows written at their positions (for T = 1 a 1-D scatter: measured fastest on GPU)."""
+    B, T = pos_BT.shape
+    if T == 1:
+        return buf_BSX.at[jnp.arange(B), pos_BT[:, 0]].set(new_BTX[:, 0].astype(buf_BSX.dtype))
+    return buf_BSX.at[jnp.arange(B)[:, None], pos_BT].set(new_BTX.astype(buf_BSX.dtype))
+
+
+def absorbed_attention(q_BTNc, kv_BSc, mask_BTS, w_uv_NVc, wo_DNV, scale: float):
+    """Attention over the latent cache rows [c ; k_pe] for queries [q_c ; q_pe] (softmax in float32); the output
+    projections contracted-axis-last: w_uv [N, V, C + R] (zero for the k_pe columns), wo [D, N, V]."""
+    s_BNTS = jnp.einsum("btnc,bsc->bnts", q_BTNc, kv_BSc, preferred_element_type=jnp.float32)
+    s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS * scale, NEG)
+    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(q_BTNc.dtype)
+    o_BTNc = jnp.einsum("bnts,bsc->btnc", p_BNTS, kv_BSc)
+    return jnp.einsum("btnv,dnv->btd", jnp.einsum("btnc,nvc->btnv", o_BTNc, w_uv_NVc), wo_DNV)
 
 
 class MLA(nnx.Module):
@@ -56,16 +89,47 @@ class MLA(nnx.Module):
         kv_BTc = x_BTD @ self.wkv_a[...].astype(x_BTD.dtype)
         return self.kv_norm(kv_BTc[..., :C]), apply_rope(kv_BTc[..., C:], cos_BTP, sin_BTP)
 
-    def __call__(self, x_BTD, cos_BTP, sin_BTP, start_BT):
-        """start_BT: each position's document start (`ops.doc_starts`); attention is causal within documents."""
+    def __call__(self, x_BTD, cos_BTP, sin_BTP, start_BT, kv_BSc=None, pos_BT=None, impl: str = "naive"):
+        """start_BT: each position's document start (`ops.doc_starts`); attention is causal within documents.
+
+        kv_BSc None (training): attention over the T tokens themselves; returns the output [B, T, D].
+        kv_BSc [B, S, C + R], one layer's cache: the new tokens' rows [c ; rope(k_pe)] are written into it and the
+        result is (output, cache). pos_BT None: the tokens are positions [0, T) (a prefill), attending over their
+        own rows as in training. Else they are at pos_BT and attend over the cache rows s with
+        start_BT <= s <= pos_BT, in mode `impl` (`ATTN_IMPLS`, the module docstring)."""
         cfg, dt = self.cfg, x_BTD.dtype
-        H, N = cfg.qk_nope_head_dim, cfg.num_attention_heads
+        H, N, C = cfg.qk_nope_head_dim, cfg.num_attention_heads, cfg.kv_lora_rank
         q_nope_BTNH, q_pe_BTNR = self.query(x_BTD, cos_BTP, sin_BTP)
-        c_BSC, k_pe_BSR = self.latent(x_BTD, cos_BTP, sin_BTP)
-        kv_BSNK = jnp.einsum("bsc,cnk->bsnk", c_BSC, self.wkv_b[...].astype(dt))
+        c_BTC, k_pe_BTR = self.latent(x_BTD, cos_BTP, sin_BTP)
+        wkv_b = self.wkv_b[...].astype(dt)
+        if kv_BSc is not None and pos_BT is not None:  # new tokens against the cache
+            kv_BSc = write_rows(kv_BSc, pos_BT, jnp.concatenate([c_BTC, k_pe_BTR], -1))
+            s_S = jnp.arange(kv_BSc.shape[1], dtype=jnp.int32)
+            mask_BTS = (s_S[None, None] <= pos_BT[..., None]) & (s_S[None, None] >= start_BT[..., None])
+            if impl == "absorbed":
+                q_c = jnp.einsum("btnh,cnh->btnc", q_nope_BTNH, wkv_b[..., :H])
+                w_uv = jnp.pad(jnp.einsum("cnv->nvc", wkv_b[..., H:]), ((0, 0), (0, 0), (0, cfg.qk_rope_head_dim)))
+                out = absorbed_attention(jnp.concatenate([q_c, q_pe_BTNR], -1), kv_BSc, mask_BTS, w_uv,
+                                         jnp.einsum("nvd->dnv", self.wo[...].astype(dt)), cfg.softmax_scale)
+                return out, kv_BSc
+            if impl != "naive":
+                raise ValueError(f"MLA impl={impl!r}: choose from {ATTN_IMPLS}")
+            c_BSC, k_pe_BSR = kv_BSc[..., :C], kv_BSc[..., C:]
+        else:
+            c_BSC, k_pe_BSR = c_BTC, k_pe_BTR
+        kv_BSNK = jnp.einsum("bsc,cnk->bsnk", c_BSC, wkv_b)
         k_nope_BSNH, v_BSNV = kv_BSNK[..., :H], kv_BSNK[..., H:]
         k_pe_BSNR = jnp.broadcast_to(k_pe_BSR[:, :, None, :], (*k_pe_BSR.shape[:2], N, k_pe_BSR.shape[-1]))
         q_BTNK = jnp.concatenate([q_nope_BTNH, q_pe_BTNR], axis=-1)
         k_BSNK = jnp.concatenate([k_nope_BSNH, k_pe_BSNR], axis=-1)
-        o_BTNV = ops.causal_attention(q_BTNK, k_BSNK, v_BSNV, start_BT, cfg.softmax_scale, cfg.kernels)
-        return jnp.einsum("btnv,nvd->btd", o_BTNV, self.wo[...].astype(dt))
+        if kv_BSc is not None and pos_BT is not None:
+            o_BTNV = ops.masked_attention(q_BTNK, k_BSNK, v_BSNV, mask_BTS, cfg.softmax_scale)
+        else:
+            o_BTNV = ops.causal_attention(q_BTNK, k_BSNK, v_BSNV, start_BT, cfg.softmax_scale, cfg.kernels)
+        out = jnp.einsum("btnv,nvd->btd", o_BTNV, self.wo[...].astype(dt))
+        if kv_BSc is None:
+            return out
+        if pos_BT is None:  # a prefill: the rows of positions [0, T)
+            row = jnp.concatenate([c_BTC, k_pe_BTR], -1).astype(kv_BSc.dtype)
+            kv_BSc = jax.lax.dynamic_update_slice(kv_BSc, row, (0, 0, 0))
+        return out, kv_BSc

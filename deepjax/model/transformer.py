@@ -74,13 +74,29 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg)
         self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
-    def __call__(self, x_BTD, cos, sin, start_BT, valid_BT, experts_fn):
-        x_BTD = x_BTD + checkpoint_name(self.attn(self.attn_norm(x_BTD), cos, sin, start_BT), "attn_out")
+    def __call__(self, x_BTD, cos, sin, start_BT, valid_BT, experts_fn, kv_BSc=None, pos_BT=None,
+                 attn_impl: str = "naive"):
+        """(x, aux, kv_BSc): aux is the MoE's (load, balance loss, dropped) or None; kv_BSc the layer's cache with the
+        new tokens' rows written (`MLA.__call__`; None in training)."""
+        h_BTD = self.attn_norm(x_BTD)
+        if kv_BSc is None:
+            a_BTD = self.attn(h_BTD, cos, sin, start_BT)
+        else:
+            a_BTD, kv_BSc = self.attn(h_BTD, cos, sin, start_BT, kv_BSc, pos_BT, attn_impl)
+        x_BTD = x_BTD + checkpoint_name(a_BTD, "attn_out")
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoE):
             y_BTD, load_E, bal, dropped = self.ffn(h_BTD, valid_BT, experts_fn)
-            return x_BTD + checkpoint_name(y_BTD, "ffn_out"), (load_E, bal, dropped)
-        return x_BTD + checkpoint_name(self.ffn(h_BTD), "ffn_out"), None
+            return x_BTD + checkpoint_name(y_BTD, "ffn_out"), (load_E, bal, dropped), kv_BSc
+        return x_BTD + checkpoint_name(self.ffn(h_BTD), "ffn_out"), None, kv_BSc
+
+
+class Cache(NamedTuple):
+    """The decode cache (`MLA.__call__`): per stack (dense, MoE), one array per layer: rows [B, S, C + R] =
+    [normalized latent c ; rotated k_pe]. Separate buffers per layer, not one stacked [L, ...] array: the decode
+    loop updates each in place, where reading a layer out of a stacked cache copies it at every step on GPU."""
+    dense: tuple
+    moe: tuple
 
 
 class MTPModule(nnx.Module):
@@ -120,17 +136,62 @@ class Transformer(nnx.Module):
         self.head = Param(init(rngs.params(), (D, V), pdt), axes=("embed", "vocab"))
         self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
 
-    def _scan(self, stack, x_BTD, cos, sin, start_BT, valid_BT, experts_fn):
+    def _scan(self, stack, x_BTD, cos, sin, start_BT, valid_BT, experts_fn, kv_LBSc=None):
         graphdef, state = nnx.split(stack)
 
-        def body(x, layer_state):
-            x, aux = nnx.merge(graphdef, layer_state)(x, cos, sin, start_BT, valid_BT, experts_fn)
-            return sharding.constrain(x, ACT_AXES), aux
+        def body(x, xs):
+            layer_state, kv = xs
+            x, aux, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, start_BT, valid_BT, experts_fn, kv)
+            return sharding.constrain(x, ACT_AXES), (aux, kv)
 
         policy = remat_policy(self.cfg.remat)
-        if policy is not False:
+        if policy is not False and kv_LBSc is None:
             body = jax.checkpoint(body, policy=policy)
-        return jax.lax.scan(body, x_BTD, state)
+        return jax.lax.scan(body, x_BTD, (state, kv_LBSc))
+
+    def embed_tokens(self, tokens_BT):
+        # Cast before the lookup: the table's gradient (a scatter-add, full [V, D] per device under FSDP)
+        # is then built in the compute dtype.
+        dt = dtype_of(self.cfg.dtype)
+        return sharding.constrain(jnp.take(self.embed[...].astype(dt), tokens_BT, axis=0), ACT_AXES)
+
+    def mtp_input(self, mod: "MTPModule", h_BTD, next_BT):
+        """MTP module `mod`'s block input from the previous depth's hidden states and the embeddings of the tokens one
+        further ahead: eh_proj([RMSNorm_e(Emb(next)) ; RMSNorm_h(h)])."""
+        dt = h_BTD.dtype
+        e_BTD = jnp.take(self.embed[...].astype(dt), next_BT, axis=0)
+        return jnp.concatenate([mod.enorm(e_BTD), mod.hnorm(h_BTD)], axis=-1) @ mod.eh_proj[...].astype(dt)
+
+    def blocks(self, x_BTD, cos, sin, start_BT, valid_BT, experts_fn, cache: Optional[Cache] = None, pos_BT=None,
+               attn_impl: str = "naive", layers: Optional[dict] = None):
+        """The dense then the MoE blocks: (x [B, T, D], MoE aux (load [L, E], balance [L], dropped [L]) or None, cache).
+
+        cache None: training (each stack scanned, under the remat policy). With a `Cache`, every block writes its new
+        rows and attends as `MLA.__call__` says for pos_BT and attn_impl (a prefill: pos_BT None). layers: the stacks
+        as lists of per-layer modules (`deepjax.infer.sampling.unstack_layers`), run as a Python loop (the decoder's
+        form); else the stacks are scanned."""
+        caches, aux = [None, None], None
+        for i, name in enumerate(("dense_layers", "moe_layers")):
+            stack = getattr(self, name)
+            if stack is None:
+                caches[i] = () if cache is None else cache[i]
+                continue
+            if layers is not None:
+                kvs, out = list(cache[i]), []
+                for l, blk in enumerate(layers[name]):
+                    x_BTD, a, kvs[l] = blk(x_BTD, cos, sin, start_BT, valid_BT, experts_fn, kvs[l], pos_BT, attn_impl)
+                    out.append(a)
+                a = None if out[0] is None else jax.tree.map(lambda *v: jnp.stack(v), *out)
+                caches[i] = tuple(kvs)
+            else:
+                kv_LBSc = None if cache is None else jnp.stack(cache[i])
+                if cache is not None and pos_BT is not None:
+                    raise ValueError("Transformer.blocks: decoding at pos_BT takes per-layer `layers`")
+                x_BTD, (a, kv_LBSc) = self._scan(stack, x_BTD, cos, sin, start_BT, valid_BT, experts_fn, kv_LBSc)
+                caches[i] = () if kv_LBSc is None else tuple(kv_LBSc)
+            if name == "moe_layers":
+                aux = a
+        return x_BTD, aux, None if cache is None else Cache(*caches)
 
     def logits(self, h_BTD, norm: RMSNorm):
         logits_BTV = (norm(h_BTD) @ self.head[...].astype(h_BTD.dtype)).astype(jnp.float32)
@@ -148,35 +209,26 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
-        dt = dtype_of(cfg.dtype)
         cos, sin = rope_tables(cfg, positions_BT)
         # Causal within a document (a run of equal segment ids); padding (segment 0) attends only to padding.
         start_BT = ops.doc_starts(segment_ids_BT)
         valid_BT = segment_ids_BT > 0
 
-        # Cast before the lookup: the table's gradient (a scatter-add, full [V, D] per device under FSDP)
-        # is then built in the compute dtype.
-        x_BTD = sharding.constrain(jnp.take(self.embed[...].astype(dt), tokens_BT, axis=0), ACT_AXES)
-        if self.dense_layers is not None:
-            x_BTD, _ = self._scan(self.dense_layers, x_BTD, cos, sin, start_BT, valid_BT, experts_fn)
+        x_BTD, aux, _ = self.blocks(self.embed_tokens(tokens_BT), cos, sin, start_BT, valid_BT, experts_fn)
         E = cfg.n_routed_experts
         load_LE, bal_L = jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
         dropped = jnp.zeros((), jnp.int32)
-        if self.moe_layers is not None:
-            x_BTD, (load_LE, bal_L, dropped_L) = self._scan(self.moe_layers, x_BTD, cos, sin, start_BT, valid_BT,
-                                                 experts_fn)
+        if aux is not None:
+            load_LE, bal_L, dropped_L = aux
             dropped = dropped_L.sum()
         heads = [(x_BTD, self.norm)]
 
         mtp_load, mtp_bal = [], []
         h_BTD = x_BTD
         for k, mod in enumerate(self.mtp, start=1):
-            next_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
-            e_BTD = jnp.take(self.embed[...].astype(dt), next_BT, axis=0)
-            eh_BTD = jnp.concatenate([mod.enorm(e_BTD), mod.hnorm(h_BTD)], axis=-1)
-            h_BTD = eh_BTD @ mod.eh_proj[...].astype(dt)
+            h_BTD = self.mtp_input(mod, h_BTD, jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k))))
             _, mtp_valid_BT = mtp_targets(tokens_BT, segment_ids_BT, k - 1)
-            h_BTD, aux = mod.block(h_BTD, cos, sin, start_BT, valid_BT & mtp_valid_BT, experts_fn)
+            h_BTD, aux, _ = mod.block(h_BTD, cos, sin, start_BT, valid_BT & mtp_valid_BT, experts_fn)
             heads.append((h_BTD, mod.norm))
             mtp_load.append(aux[0])
             mtp_bal.append(aux[1])
@@ -190,7 +242,7 @@ class Transformer(nnx.Module):
             if len(targets) != len(heads):
                 raise ValueError(f"targets: {len(targets)} (targets, weights) pairs for {len(heads)} prediction "
                                  "depths (the main head and each MTP module)")
-            w_DV = self.head[...].astype(dt)
+            w_DV = self.head[...].astype(dtype_of(cfg.dtype))
             ce = jnp.stack([ops.lm_head_ce(n(h), w_DV, t, w) for (h, n), (t, w) in zip(heads, targets)])
         return Output(logits, mtp_logits, load_LE, bal_L, stack(mtp_load), stack(mtp_bal), dropped, x_BTD, ce)
 

@@ -44,6 +44,7 @@ from deepjax.model.config import ModelConfig
 from deepjax.model.moe import MoE, gate_weights, router_logits, router_scores
 from deepjax.model.moe import route as moe_route
 from deepjax.model.layers import rms_norm
+from deepjax.model.mla import absorbed_attention, write_rows  # noqa: F401  (the model's absorbed step; re-exported)
 from deepjax.model.rope import apply_rope
 from deepjax.schema import bad
 
@@ -61,7 +62,7 @@ def check_supported(cfg: ModelConfig) -> None:
     if cfg.topk_method not in TOPK_METHODS:
         raise bad("model.topk_method", cfg.topk_method,
                   f"the fused decode step (deepjax/infer/fast/fused.py, route_by_rank) implements {TOPK_METHODS}; "
-                  "implement it there, or decode with sampling.fused=False (the model's own moe.route)")
+                  "implement it there, or decode with sampling.decoder='model' (the model's own moe.route)")
 
 
 # ---------------------------------------------------------------------------------------------------- routing
@@ -253,24 +254,6 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
 
 
 # ----------------------------------------------------------------------------------------------------- the step
-
-
-def absorbed_attention(q_BTNc, kv_BSc, mask_BTS, w_uv_NVc, wo_DNV, scale: float):
-    """Attention over the latent cache rows [c ; k_pe] for queries [q_c ; q_pe] (softmax in float32); the output
-    projections contracted-axis-last: w_uv [N, V, C + R] (zero for the k_pe columns), wo [D, N, V]."""
-    s_BNTS = jnp.einsum("btnc,bsc->bnts", q_BTNc, kv_BSc, preferred_element_type=jnp.float32)
-    s_BNTS = jnp.where(mask_BTS[:, None], s_BNTS * scale, NEG)
-    p_BNTS = jax.nn.softmax(s_BNTS, axis=-1).astype(q_BTNc.dtype)
-    o_BTNc = jnp.einsum("bnts,bsc->btnc", p_BNTS, kv_BSc)
-    return jnp.einsum("btnv,dnv->btd", jnp.einsum("btnc,nvc->btnv", o_BTNc, w_uv_NVc), wo_DNV)
-
-
-def write_rows(buf_BSX, pos_BT, new_BTX):
-    """The T new tokens' cache rows written at their positions (for T = 1 a 1-D scatter: measured fastest on GPU)."""
-    B, T = pos_BT.shape
-    if T == 1:
-        return buf_BSX.at[jnp.arange(B), pos_BT[:, 0]].set(new_BTX[:, 0].astype(buf_BSX.dtype))
-    return buf_BSX.at[jnp.arange(B)[:, None], pos_BT].set(new_BTX.astype(buf_BSX.dtype))
 
 
 def _with_shared(w_TK, idx_TK, cfg: ModelConfig):
