@@ -13,8 +13,11 @@ CONFIG is a file defining `get_config()` (`configs/tiny.py`) or a preset name (`
 random batch. `train` runs or resumes training (deepjax/train/loop.py) in the work directory (default
 runs/<config name>); `grpo` runs or resumes GRPO (deepjax/rl/loop.py), from rl.init_from's checkpoint.
 `r1zero` runs the whole R1-Zero story (deepjax/rl/r1zero.py; default config configs/r1zero.py). `sample` streams
-completions from a run or an HF checkpoint directory (deepjax/infer/sample.py). A bad config prints one line naming
-the field and exits with status 2.
+completions from a run or an HF checkpoint directory (deepjax/infer/sample.py).
+
+What the user can fix (a `deepjax.errors.UserError`: a bad config, data or tokenizer file, a mesh that does not fit the
+devices, a damaged checkpoint, a run stopped by non-finite steps) prints one line naming the field, file, line or step
+and exits with status 2; a missing run directory exits with 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -33,16 +36,16 @@ import numpy as np
 
 from deepjax import model as M
 from deepjax.config import Config, apply_overrides, from_dict, load_config
+from deepjax.errors import NonFiniteError, UserError, one_line
 from deepjax.infer import sample as SA
 from deepjax.model.config import ModelConfig
+from deepjax.parallel import distributed as D
 from deepjax.parallel import sharding as S
 from deepjax.rl import evaluate
 from deepjax.rl import loop
 from deepjax.rl import r1zero
-from deepjax.schema import ConfigError
 from deepjax.train import loop as T
-from deepjax.train.checkpoint import CheckpointError
-from deepjax.train.run import NonFiniteError, load_params
+from deepjax.train.run import load_params
 
 # Model order for the parameter table (the state itself is sorted by name).
 GROUP_ORDER = ("embed", "dense_layers", "moe_layers", "norm", "head", "mtp")
@@ -261,9 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         cfg = load_config(args.config, rest)
-    except ConfigError as e:
-        print(f"deepjax: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return _user_error(e)
     name = " ".join([args.config, *rest])
     if args.command == "train":
         return train_command(cfg, args)
@@ -275,16 +277,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _user_error(e: Exception) -> int:
+    """A user error as one line on stderr (`deepjax: error: ...`, or `deepjax: stopped: ...` for a run stopped by
+    non-finite steps); its exit status, 2."""
+    print(f"deepjax: {'stopped' if isinstance(e, NonFiniteError) else 'error'}: {one_line(e)}", file=sys.stderr)
+    return 2
+
+
 def eval_command(args) -> int:
     try:
         res = evaluate.run(args.workdir, k=args.k, problems=args.problems, temperature=args.temperature,
                            top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
                            step=args.step, progress=not args.no_progress)
-    except (ConfigError, ValueError) as e:
-        print(f"deepjax: error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"deepjax: error: {e}", file=sys.stderr)
+    except (UserError, ValueError) as e:  # ValueError: evaluate's own argument checks (--k, --problems, ...)
+        return _user_error(e)
+    except FileNotFoundError as e:
+        print(f"deepjax: error: {one_line(e)}", file=sys.stderr)
         return 1
     print(f"{res['task']}, step {res['step']}: {res['n_problems']} held-out problems, k={res['k']}, "
           f"temperature {res['temperature']}, top-p {res['top_p']}")
@@ -349,7 +357,7 @@ def sample_command(args, rest) -> int:
         src, load = _sample_source(args, [r for r in rest if r.startswith("--config.model.")])
         src, ids, sc = SA.encode(src, prompts, args.template, sc)
         src = load(src)
-    except (ConfigError, ValueError, OSError, CheckpointError) as e:
+    except (UserError, ValueError, OSError) as e:
         # one line: a damaged checkpoint's message goes on with training's fallback hint, which is not ours
         print(f"deepjax: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
@@ -361,21 +369,28 @@ def sample_command(args, rest) -> int:
     return 0
 
 
+# The batches each job splits over the mesh's batch shards, checked before the job builds anything.
+_BATCHES = {
+    "train": lambda c: {f"data.global_batch={c.data.global_batch}": c.data.global_batch},
+    "grpo": lambda c: {f"rl.prompts_per_step x rl.loss.group_size = {c.rl.prompts_per_step} x {c.rl.loss.group_size}":
+                       c.rl.prompts_per_step * c.rl.loss.group_size},
+}
+_BATCHES["r1zero"] = lambda c: {**_BATCHES["train"](c), **_BATCHES["grpo"](c)}
+
+
 def _run_job(fn, cfg: Config, args, suffix: str = ""):
-    """(status, result) of fn(cfg, workdir, progress) with the run's errors as one line and an exit status."""
+    """(status, result) of fn(cfg, workdir, progress), the mesh and batch checked first (no model built for a mesh
+    that does not fit); a user error is one line and status 2, a missing file one line and status 1."""
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0] + suffix)
     args.workdir = workdir
     print(f"workdir: {os.path.abspath(workdir)}", flush=True)
     try:
+        D.check_mesh(cfg.mesh, _BATCHES[args.command](cfg))
         return 0, fn(cfg, workdir, progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"deepjax: error: {e}", file=sys.stderr)
-        return 2, None
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"deepjax: error: {e}", file=sys.stderr)
-        return 1, None
-    except NonFiniteError as e:
-        print(f"deepjax: stopped: {e}", file=sys.stderr)
+    except UserError as e:
+        return _user_error(e), None
+    except FileNotFoundError as e:
+        print(f"deepjax: error: {one_line(e)}", file=sys.stderr)
         return 1, None
 
 

@@ -10,8 +10,10 @@ A run config is a Python file defining `get_config() -> Config` (see `configs/`)
 
     --config.model.n_routed_experts=8 --config.model.rope_scaling.factor=10 --config.model.q_lora_rank=none
 
-`validate` checks the types, calls each part's `validate`, then the few rules that span parts; every error names
-the field and value.
+`validate` checks the types, calls each part's `validate`, then the few rules that span parts (data.seq_len within
+the model's context), then that every float of every part is finite; every error names the field and value. A config
+file that fails to load (a SyntaxError, a failed import, a raising get_config) is a ConfigError naming its file and
+line.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import traceback
 from typing import Sequence
 
 from deepjax.data.config import DataConfig
+from deepjax.errors import UserError, one_line
 from deepjax.model import presets
 from deepjax.model.config import ModelConfig, RopeScaling
 from deepjax.parallel.sharding import MeshConfig
 from deepjax.rl.config import RLConfig
-from deepjax.schema import ConfigError, bad, coerce, hints, parse_scalar, unwrap_optional
+from deepjax.schema import ConfigError, bad, check_finite, coerce, hints, parse_scalar, unwrap_optional
 from deepjax.train.config import OptimConfig, TrainConfig
 
 
@@ -117,13 +121,42 @@ def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"config file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"_deepjax_config_{abs(hash(path))}", path)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:
+        raise _file_error(path, e) from e
     if not hasattr(mod, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config()")
-    cfg = mod.get_config()
+    try:
+        cfg = mod.get_config()
+    except Exception as e:
+        raise _file_error(path, e) from e
     if not isinstance(cfg, Config):
         raise ConfigError(f"config file {path!r}: get_config() returned {type(cfg).__name__}, not a Config")
     return apply_overrides(cfg, overrides)
+
+
+# What a config file may raise that is the user's to fix wherever it was raised: a value or a call a library refused
+# (ValueError, TypeError: GRPOConfig(max_log_ratio=100), ModelConfig(hiden_size=8)), a failed import.
+_FILE_ERRORS = (UserError, ValueError, TypeError, ImportError)
+
+
+def _file_error(path: str, e: Exception) -> Exception:
+    """What a config file raised, as a ConfigError naming the file and line (a SyntaxError's own, else the innermost
+    frame in the file) when it is the user's to fix: a SyntaxError, anything raised by the file's own code, or one of
+    `_FILE_ERRORS`. Anything else was raised inside deepjax: a bug, returned as it is (re-raised with its traceback)."""
+    here = os.path.abspath(path)
+    if isinstance(e, SyntaxError):  # in the file, or a module it imports (no filename: null bytes in the file)
+        file = path if not e.filename or os.path.abspath(e.filename) == here else e.filename
+        return ConfigError(f"config file {file}{f':{e.lineno}' if e.lineno else ''}: SyntaxError: {e.msg}")
+    tb = traceback.extract_tb(e.__traceback__)
+    lines = [f.lineno for f in tb if os.path.abspath(f.filename) == here]
+    raised_here = bool(tb) and os.path.abspath(tb[-1].filename) == here
+    if not (raised_here or isinstance(e, _FILE_ERRORS)):
+        return e
+    where = f"{path}:{lines[-1]}" if lines else path
+    kind = "" if isinstance(e, UserError) else f"{type(e).__name__}: "
+    return ConfigError(f"config file {where}: {kind}{one_line(e)}")
 
 
 # ---- validation ---------------------------------------------------------------------------------------------------
@@ -136,6 +169,23 @@ def validate(cfg: Config) -> None:
     if cfg.data.global_batch % cfg.optim.micro_batches:
         raise ConfigError(f"optim.micro_batches={cfg.optim.micro_batches!r}: does not divide "
                           f"data.global_batch={cfg.data.global_batch}")
+    limit, what = context_length(cfg.model)
+    if cfg.data.seq_len > limit:
+        raise bad("data.seq_len", cfg.data.seq_len, f"longer than the model's context, {what}")
+    check_finite(cfg, "")  # last: every float of every part, nested library configs too (NaN / inf name the field)
+
+
+def context_length(m: ModelConfig) -> tuple[int, str]:
+    """(the longest sequence the model is configured for, where that number comes from): max_position_embeddings,
+    or YaRN's extended length original_max_position_embeddings x factor when that is longer (DeepSeek's configs have
+    the two equal: 4096 x 40 = 163840)."""
+    limit, what = m.max_position_embeddings, f"model.max_position_embeddings={m.max_position_embeddings}"
+    rs = m.rope_scaling
+    if rs is not None and int(rs.original_max_position_embeddings * rs.factor) > limit:
+        limit = int(rs.original_max_position_embeddings * rs.factor)
+        what = (f"YaRN's extended length model.rope_scaling.original_max_position_embeddings x factor = "
+                f"{rs.original_max_position_embeddings} x {rs.factor:g} = {limit}")
+    return limit, what
 
 
 def from_dict(d: dict, cls=None, prefix: str = "") -> Config:
@@ -155,10 +205,11 @@ def from_dict(d: dict, cls=None, prefix: str = "") -> Config:
         kwargs[key] = coerce(cls, key, value, prefix)
     try:
         out = cls(**kwargs)
-    except ValueError as e:  # a nested library config validates itself when built
-        if isinstance(e, ConfigError):
+    except ValueError as e:  # a nested library config validates itself when built: its errors get the path
+        where = prefix.rstrip(".") or "config"
+        if isinstance(e, ConfigError) and str(e).startswith(where):
             raise
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     if cls is Config:
         validate(out)
     return out

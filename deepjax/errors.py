@@ -31,3 +31,16 @@ class MeshError(UserError, ValueError):
 
 class NonFiniteError(UserError, RuntimeError):
     """Training produced too many non-finite steps in a row; the message names the step."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file named by data.path does not exist (still a FileNotFoundError for older callers)."""
+
+
+class TokenizerFileNotFoundError(TokenizerError, FileNotFoundError):
+    """The tokenizer file named by data.tokenizer (or --tokenizer) does not exist."""
+
+
+def one_line(e: BaseException) -> str:
+    """The message of `e` on one line (a multi-line message, e.g. one with a hint, joined with spaces)."""
+    return " ".join(s.strip() for s in str(e).splitlines() if s.strip()) or type(e).__name__

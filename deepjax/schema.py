@@ -1,4 +1,5 @@
-"""What every config dataclass shares: `ConfigError`, and type checks / parsing driven by the field annotations.
+"""What every config dataclass shares: `ConfigError`, type checks / parsing driven by the field annotations, the
+finite check of every float field (`check_finite`), and the range helpers (`positive`, `within`).
 
 Each concern defines its config beside its code and validates itself there (`ModelConfig` in deepjax/model/config.py,
 `MeshConfig` in deepjax/parallel/sharding.py, `DataConfig`, `OptimConfig` / `TrainConfig`, `RLConfig` in their
@@ -8,6 +9,7 @@ packages' config.py); deepjax/config.py composes them into the run `Config`. Sta
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -115,6 +117,26 @@ def checker(obj, section: str):
         raise bad(f"{section}.{field}", getattr(obj, field), why)
 
     return fail
+
+
+def check_finite(obj, prefix: str) -> None:
+    """Every float field of a config dataclass (nested ones too, None allowed) is finite: NaN and inf pass most
+    range checks (`nan > 0` is False, `inf > 0` True) and would stop a run steps later without naming the field."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            check_finite(v, f"{prefix}{f.name}.")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise bad(prefix + f.name, v, "must be a finite number")
+
+
+def within(obj, section: str, fields, low: float, high: float, high_open: bool = False) -> None:
+    """Each field in [low, high] (or [low, high) with high_open); NaN fails."""
+    fail = checker(obj, section)
+    for f in fields:
+        v = getattr(obj, f)
+        if not (low <= v < high if high_open else low <= v <= high):
+            fail(f, f"must be in [{low:g}, {high:g}{')' if high_open else ']'}")
 
 
 def positive(obj, section: str, fields, strict: bool = True) -> None:

@@ -389,7 +389,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
         f.truncate(1)
     more = args + [f"--config.train.steps={2 * N + 1}"]
     bad = _train_cli(tmp_path / "resumed", more)
-    assert bad.returncode == 1 and f"step {2 * N}" in bad.stderr and victim in bad.stderr, bad.stderr[-2000:]
+    assert bad.returncode == 2 and f"step {2 * N}" in bad.stderr and victim in bad.stderr, bad.stderr[-2000:]
     ok = _train_cli(tmp_path / "resumed", more + ["--config.train.fallback_on_damage=true"])
     assert ok.returncode == 0 and f"(step {N})" in ok.stdout, ok.stderr[-2000:]
 

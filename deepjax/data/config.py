@@ -8,7 +8,7 @@ from typing import Optional
 
 from deepjax.data import tasks
 from deepjax.data.tokenizer import TEMPLATES
-from deepjax.schema import ConfigError, check_types, checker, positive
+from deepjax.schema import check_types, checker, positive
 
 DATA_SOURCES = ("arithmetic", "countdown", "jsonl_math", "text")
 DATA_MODES = ("pretrain", "sft")
@@ -54,7 +54,4 @@ class DataConfig:
         positive(d, "data", ("worker_count",), strict=False)
         if not 0 <= d.freeform_share <= 1:
             fail("freeform_share", "must be in [0, 1]")
-        try:
-            tasks.check_options(d.source, d.max_digits, d.ops)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        tasks.check_options(d.source, d.max_digits, d.ops)  # ConfigError naming data.max_digits / data.ops

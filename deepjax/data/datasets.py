@@ -18,7 +18,8 @@ so different settings, or edited files, never reuse each other's data. Records (
 `data.path` is comma-separated; each part a file or a glob. JSONL formats: GSM8K `{"question", "answer": "... #### 72"}`
 (an answer without `####` is taken as the final answer itself) or MATH `{"problem", "solution": "... \\boxed{3}"}`
 (an `answer` field, when present, wins over the `\\boxed{}`). For `text`, a `.jsonl` file holds one document per
-non-empty line (`{"text": ...}`); any other file is one document. Errors name the file and line.
+non-empty line (`{"text": ...}`); any other file is one document. A bad file is a `DataError` naming the file and
+line, raised before TFDS sees the file.
 
 Several hosts sharing one `data_dir` may build at once: TFDS writes into a temporary directory and renames it, so the
 last writer wins with identical data; to avoid the duplicated work, build on process 0 first.
@@ -30,6 +31,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Iterator
 
@@ -37,10 +39,24 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
 from deepjax.data import tasks
+from deepjax.errors import ConfigError, DataError, DataFileNotFoundError
 
 QA_SOURCES = ("arithmetic", "countdown", "jsonl_math")
 SOURCES = QA_SOURCES + ("text",)
 VERSION = "1.0.0"
+
+
+class _QuietTfds(logging.Filter):
+    """Drops the two warnings TFDS logs for every builder here (each config is built on the fly, and is looked for
+    before it is prepared): noise above a run's own output, and above the one line of a data error."""
+
+    NOISE = ("Using custom data configuration", "Variant folder")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+logging.getLogger("absl").addFilter(_QuietTfds())
 
 
 # ------------------------------------------------------------------------------------------------------------- files
@@ -49,7 +65,7 @@ VERSION = "1.0.0"
 def resolve_paths(spec: str | None) -> list[str]:
     """The files named by `data.path` (comma-separated files or globs), in order, as absolute paths."""
     if not spec:
-        raise ValueError("data.path is not set: this data.source reads local files")
+        raise ConfigError("data.path is not set: this data.source reads local files")
     out = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
@@ -58,10 +74,10 @@ def resolve_paths(spec: str | None) -> list[str]:
         matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
         files = [m for m in matches if os.path.isfile(m)]
         if not files:
-            raise FileNotFoundError(f"data.path: {part!r} names no file (data.path={spec!r})")
+            raise DataFileNotFoundError(f"data.path: {part!r} names no file (data.path={spec!r})")
         out.extend(os.path.abspath(f) for f in files)
     if not out:
-        raise ValueError(f"data.path={spec!r} names no file")
+        raise DataFileNotFoundError(f"data.path={spec!r} names no file")
     return out
 
 
@@ -84,15 +100,15 @@ def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e})") from None
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e})") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, an int over 4300 digits, deep nesting
+                raise DataError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', None) or e})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
 
 
@@ -103,12 +119,18 @@ def math_record(obj: dict, where: str) -> dict:
         answer = tasks.final_answer_from_solution(solution) or solution.strip()
     elif isinstance(obj.get("problem"), str) and isinstance(obj.get("solution"), str):
         question, solution = obj["problem"], obj["solution"]
-        answer = obj.get("answer") or tasks.final_answer_from_solution(solution)
+        answer = obj.get("answer")
+        if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+            raise DataError(f"{where}: 'answer' must be a string or a number, got {type(answer).__name__}")
+        answer = answer if answer not in (None, "") else tasks.final_answer_from_solution(solution)
         if answer is None:
-            raise ValueError(f"{where}: the solution has no \\boxed{{...}} final answer and there is no 'answer' field")
+            raise DataError(f"{where}: the solution has no \\boxed{{...}} final answer and there is no 'answer' field")
     else:
-        raise ValueError(f"{where}: expected string fields 'question' and 'answer' (GSM8K) or 'problem' and "
-                         f"'solution' (MATH); got keys {sorted(obj)}")
+        got = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in sorted(obj.items())[:8])
+        raise DataError(f"{where}: expected string fields 'question' and 'answer' (GSM8K) or 'problem' and "
+                        f"'solution' (MATH); got {{{got}{', ...' if len(obj) > 8 else ''}}}")
+    if not question.strip() or not str(answer).strip():
+        raise DataError(f"{where}: the {'question' if not question.strip() else 'final answer'} is empty")
     return {"question": question, "answer": str(answer), "solution": solution, "task": "math"}
 
 
@@ -123,7 +145,7 @@ def read_text(paths: list[str]) -> Iterator[tuple[str, dict]]:
         if path.endswith(".jsonl"):
             for lineno, obj in _json_lines(path):
                 if not isinstance(obj.get("text"), str):
-                    raise ValueError(f"{path}:{lineno}: expected a string field 'text'; got keys {sorted(obj)}")
+                    raise DataError(f"{path}:{lineno}: expected a string field 'text'; got keys {sorted(obj)}")
                 if obj["text"]:
                     yield f"{i}-{lineno}", {"text": obj["text"]}
         else:
@@ -131,7 +153,7 @@ def read_text(paths: list[str]) -> Iterator[tuple[str, dict]]:
                 with open(path, encoding="utf-8") as f:
                     text = f.read()
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+                raise DataError(f"{path}: not UTF-8 text ({e})") from None
             if text:
                 yield f"{i}", {"text": text}
 
@@ -237,9 +259,9 @@ def builder(data_cfg: Any, data_dir: str) -> tfds.core.GeneratorBasedBuilder:
         if not b.is_prepared():
             count = sum(1 for _ in reader(paths))  # errors name the file and line, before TFDS wraps them
             if count == 0:
-                raise ValueError(f"data.path={data_cfg.path!r}: the files hold no examples")
+                raise DataError(f"data.path={data_cfg.path!r}: the files hold no examples")
         return b
-    raise ValueError(f"data.source={src!r}: unknown; choose from {SOURCES}")
+    raise ConfigError(f"data.source={src!r}: unknown; choose from {SOURCES}")
 
 
 def build(data_cfg: Any, data_dir: str) -> dict[str, Any]:
@@ -249,7 +271,7 @@ def build(data_cfg: Any, data_dir: str) -> dict[str, Any]:
     dict (strings as bytes), picklable, so Grain reads it from worker processes.
     """
     if not data_dir:
-        raise ValueError("data.data_dir is not set (and no data_dir was given)")
+        raise ConfigError("data.data_dir is not set (and no data_dir was given)")
     b = builder(data_cfg, os.path.expanduser(data_dir))
     if not b.is_prepared():
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(

@@ -35,6 +35,7 @@ import numpy as np
 
 from deepjax.data import tasks
 from deepjax.data.tokenizer import TEMPLATES
+from deepjax.errors import DataError
 
 FIELDS = ("tokens", "segment_ids", "positions", "target_mask")
 
@@ -61,7 +62,7 @@ class Tokenize(grain.transforms.RandomMap):
         completion = tok.encode(tasks.sft_completion(ex, freeform)) + [tok.eos_id]
         ids = prompt + completion
         if len(ids) > self.seq_len:
-            raise ValueError(
+            raise DataError(
                 f"an example is {len(ids)} tokens ({len(prompt)} prompt + {len(completion)} completion), longer than "
                 f"data.seq_len={self.seq_len}: raise data.seq_len, or use a shorter data.template "
                 f"(question: {ex['question'][:80]!r})")
@@ -81,7 +82,7 @@ class Chunk(grain.experimental.FlatMapTransform):
     def flat_map(self, element: dict):
         n = len(element["tokens"])
         if n > self.seq_len * self.max_fan_out:
-            raise ValueError(f"a document of {n} tokens is over {self.max_fan_out} rows of data.seq_len={self.seq_len}")
+            raise DataError(f"a document of {n} tokens is over {self.max_fan_out} rows of data.seq_len={self.seq_len}")
         return [{k: v[s:s + self.seq_len] for k, v in element.items()} for s in range(0, n, self.seq_len)]
 
 
@@ -99,7 +100,7 @@ def dataset(data_cfg: Any, tokenizer, source, local_batch: int, process_index: i
     if local_batch <= 0:
         raise ValueError(f"local batch {local_batch}: must be positive")
     if len(source) == 0:
-        raise ValueError(f"data.source={data_cfg.source!r}, split {data_cfg.split!r}: the dataset is empty")
+        raise DataError(f"data.source={data_cfg.source!r}, split {data_cfg.split!r}: the dataset is empty")
     text = data_cfg.source == "text"
     T = data_cfg.seq_len
     ds = grain.MapDataset.source(source).shuffle(seed=data_cfg.seed).repeat(None)
@@ -133,7 +134,7 @@ def prompt_iterator(data_cfg: Any, source, state: Optional[dict] = None):
     data.seed, reshuffled each epoch), as a checkpointable `grain.DatasetIterator`. GRPO reads its prompts here;
     every host reads the same order (the prompts of a step are few and every host scores all rollouts)."""
     if len(source) == 0:
-        raise ValueError(f"data.source={data_cfg.source!r}, split {data_cfg.split!r}: the dataset is empty")
+        raise DataError(f"data.source={data_cfg.source!r}, split {data_cfg.split!r}: the dataset is empty")
     it = iter(grain.MapDataset.source(source).shuffle(seed=data_cfg.seed).repeat(None).to_iter_dataset())
     if state is not None:
         it.set_state(state)

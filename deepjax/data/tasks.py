@@ -40,11 +40,14 @@ import re
 from fractions import Fraction
 from typing import Optional
 
+from deepjax.errors import ConfigError
+
 TASKS = ("arithmetic", "countdown")
 SPLITS = ("train", "test")
 TEST_SHARE = 1 / 8  # share of the question space reserved for the test split (by hash)
 MAX_NUMBER_CHARS = 1000  # longer numeric answers are not numbers to the checkers (bounds their work)
 MAX_EXPRESSION_CHARS = 200  # longer countdown answers are rejected before parsing (bounds the work of a reward)
+MAX_COMPLETION_CHARS = 64 * 1024  # longer completions are not read by extract_answer (as by the rewards: 0.0 unread)
 
 
 # ---------------------------------------------------------------------------------------------------------- examples
@@ -86,9 +89,9 @@ OPS = "+-*"
 def check_options(task: str, max_digits: int, ops: str) -> None:
     """Errors name the field (data.max_digits / data.ops) and the value."""
     if not (isinstance(max_digits, int) and 1 <= max_digits <= 9):
-        raise ValueError(f"data.max_digits={max_digits!r}: must be an integer in [1, 9]")
+        raise ConfigError(f"data.max_digits={max_digits!r}: must be an integer in [1, 9]")
     if not ops or any(c not in OPS for c in ops) or len(set(ops)) != len(ops):
-        raise ValueError(f"data.ops={ops!r}: must be distinct operators from {OPS!r}")
+        raise ConfigError(f"data.ops={ops!r}: must be distinct operators from {OPS!r}")
 
 
 def options_of(data_cfg) -> dict:
@@ -160,7 +163,8 @@ def generate(task: str, n: int, seed: int, split: str, max_digits: int = 4, ops:
     while len(out) < n:
         tries += 1
         if tries > 100 * n + 10_000:
-            raise ValueError(f"task={task!r}: could not draw {n} distinct {split} examples (question space too small)")
+            raise ConfigError(f"task={task!r}: could not draw {n} distinct {split} examples (question space too "
+                              f"small): lower data.num_{split}, or widen the task (data.max_digits, data.ops)")
         ex = GENERATORS[task](rng, max_digits=max_digits, ops=ops)
         if ex["question"] not in seen and _split_of(ex["question"]) == split:
             seen.add(ex["question"])
@@ -209,10 +213,14 @@ def last_boxed(text: str) -> Optional[str]:
     return None  # unbalanced
 
 
-def extract_answer(text: str) -> Optional[str]:
+def extract_answer(text: str, max_chars: Optional[int] = MAX_COMPLETION_CHARS) -> Optional[str]:
     """The content of the last `<answer>...</answer>` (paired left to right, as `re.findall` would pair them); else
-    that of the last `\\boxed{...}`; else None. Linear time: each tag is found once with str.find (a regex findall
-    rescans to the end of the text from every unclosed <answer>, quadratic on adversarial completions)."""
+    that of the last `\\boxed{...}`; else None. A text longer than `max_chars` (None: no limit) is not read: None, as
+    the rewards score such a completion 0.0 unread, so an adversarial megabyte costs nothing. Linear time: each tag
+    is found once with str.find (a regex findall rescans to the end of the text from every unclosed <answer>,
+    quadratic on adversarial completions)."""
+    if max_chars is not None and len(text) > max_chars:
+        return None
     last, pos = None, 0
     while True:
         i = text.find("<answer>", pos)
@@ -311,6 +319,7 @@ def verify_countdown(expression: str, numbers: list[int], target: int) -> bool:
     return value == int(target)
 
 
-__all__ = ["TASKS", "generate", "options_of", "check_options", "DEFAULT_OPTIONS", "sft_completion", "extract_answer", "final_answer_from_solution", "format_ok",
+__all__ = ["TASKS", "MAX_COMPLETION_CHARS", "generate", "options_of", "check_options", "DEFAULT_OPTIONS",
+           "sft_completion", "extract_answer", "final_answer_from_solution", "format_ok",
            "verify_countdown", "answers_match", "to_number", "as_example", "example_meta",
            "last_boxed"]

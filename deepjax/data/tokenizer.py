@@ -21,6 +21,8 @@ import os
 import re
 from typing import Iterable, Optional, Sequence
 
+from deepjax.errors import TokenizerError, TokenizerFileNotFoundError
+
 SPECIALS = ("<bos>", "<eos>", "<pad>", "<think>", "</think>", "<answer>", "</answer>")
 
 # DeepSeek-R1 paper, Table 1 (docs/deepseek.md, R1): the R1-Zero template, in full.
@@ -132,13 +134,14 @@ class HFTokenizer:
         named = cfg.get(f"{role}_token")
         if isinstance(named, dict):  # {"content": "<s>", ...} in older files
             named = named.get("content")
-        for name in ([named] if named else []) + list(names):
+        tried = ([named] if named else []) + list(names)
+        for name in tried:
             i = self._tok.token_to_id(name)
             if i is not None:
                 return i
         if required:
-            raise ValueError(f"{self.path}: no {role.upper()} token found (tried {named or ''} {list(names)}); "
-                             f"add one to the tokenizer, or name it as {role}_token in tokenizer_config.json")
+            raise TokenizerError(f"{self.path}: no {role.upper()} token found (tried {tried}); "
+                                 f"add one to the tokenizer, or name it as {role}_token in tokenizer_config.json")
         return None
 
     @property
@@ -197,13 +200,13 @@ class HFTokenizer:
 
 def _load_hf(path: str):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+        raise TokenizerFileNotFoundError(f"tokenizer file not found: {path}")
     import tokenizers  # lazy on purpose: this module (prompt templates) loads with the standard library only
 
     try:
         return tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # the library raises a bare Exception for malformed files
-        raise ValueError(f"could not read tokenizer file {path}: {e}") from e
+        raise TokenizerError(f"could not read tokenizer file {path}: {e}") from e
 
 
 def _tokenizer_config(directory: str) -> dict:
@@ -214,9 +217,9 @@ def _tokenizer_config(directory: str) -> dict:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"could not read {path}: {e}") from None
+        raise TokenizerError(f"could not read {path}: {e}") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     return cfg
 
 

@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any, Optional
 
-from deepjax.schema import ConfigError, bad, check_types, checker, coerce
+from deepjax.schema import ConfigError, bad, check_finite, check_types, checker, coerce
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -162,6 +162,7 @@ class ModelConfig:
             fail("kernels", f"unknown; choose from {KERNELS}")
         if m.rope_scaling is not None:
             m.rope_scaling.validate()
+        check_finite(m, "model.")  # last: an inf passes "must be positive" (initializer_range=inf)
 
     # ---- HF config.json ---------------------------------------------------------------------
     @classmethod

@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from deepjax.errors import MeshError
 from deepjax.parallel import sharding as S
 
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
@@ -51,23 +52,35 @@ def _from_env() -> dict:
     try:
         n_i, pid_i = int(n), int(pid) if pid is not None else None
     except ValueError:
-        raise ValueError(f"JAX_NUM_PROCESSES={n!r} and JAX_PROCESS_ID={pid!r} must be integers") from None
+        raise MeshError(f"JAX_NUM_PROCESSES={n!r} and JAX_PROCESS_ID={pid!r} must be integers") from None
     if pid_i is None or not 0 <= pid_i < n_i:
-        raise ValueError(f"JAX_PROCESS_ID={pid!r}: set it to this process's index in [0, {n_i})")
+        raise MeshError(f"JAX_PROCESS_ID={pid!r}: set it to this process's index in [0, {n_i})")
     return {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"], "num_processes": n_i,
             "process_id": pid_i}
 
 
+def check_mesh(mesh_cfg: S.MeshConfig, batches: dict[str, int]) -> None:
+    """Before a run builds anything: the mesh fits this run's devices and each batch ({"data.global_batch=16": 16})
+    splits evenly over the mesh's batch shards; a MeshError naming the field otherwise. Initializes multi-host jax
+    first (`initialize`), as it touches the devices."""
+    initialize()
+    mesh = S.make_mesh(mesh_cfg)
+    for what, rows in batches.items():
+        S.check_batch(rows, mesh, S.rules_for(mesh_cfg.rules), what)
+
+
 def process_rows(global_batch: int, mesh: Mesh, rules: dict) -> slice:
-    """The contiguous rows of a [global_batch, ...] batch held by this process's devices."""
+    """The contiguous rows of a [global_batch, ...] batch held by this process's devices (a MeshError when the rows
+    do not split evenly over the batch shards)."""
+    S.check_batch(global_batch, mesh, rules)
     sharding = S.batch_spec(mesh, rules, ndim=1)
     idx = sharding.addressable_devices_indices_map((global_batch,))
     spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in idx.values()})
     start, stop = spans[0][0], spans[0][1]
     for a, b in spans[1:]:
         if a > stop:
-            raise ValueError(f"this process's rows of the batch are not contiguous: {spans}; "
-                             "order the mesh so each host's devices are adjacent along the batch axes")
+            raise MeshError(f"this process's rows of the batch are not contiguous: {spans}; "
+                            "order the mesh so each host's devices are adjacent along the batch axes")
         stop = max(stop, b)
     return slice(start, stop)
 

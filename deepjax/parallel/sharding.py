@@ -28,6 +28,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from deepjax.errors import MeshError
 from deepjax.schema import ConfigError, check_types
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -76,9 +77,14 @@ class MeshConfig:
     def validate(self) -> None:
         check_types(self, "mesh.")
         sizes = [self.data, self.fsdp, self.expert, self.tensor]
-        if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes) or self.dcn_data < 1:
-            raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}, dcn_data={self.dcn_data}: sizes must be "
-                              "positive, with at most one -1")
+        for axis, n in zip(MESH_AXES, sizes):
+            if n == 0 or n < -1:
+                raise ConfigError(f"mesh.{axis}={n}: must be positive, or -1 (the remaining devices)")
+        if self.dcn_data < 1:
+            raise ConfigError(f"mesh.dcn_data={self.dcn_data}: must be positive")
+        if sum(s == -1 for s in sizes) > 1:
+            raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1 (the remaining "
+                              "devices)")
         if self.rules not in RULE_PRESETS:
             raise ConfigError(f"mesh.rules={self.rules!r}: unknown; choose from {sorted(RULE_PRESETS)}")
 
@@ -90,18 +96,24 @@ def rules_for(preset: str) -> dict[str, object]:
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+    """The axis sizes of `cfg` on `n_devices` devices (-1 filled); MeshError naming the mesh fields when they do not
+    fit the devices."""
     cfg.validate()
     sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
+    fields = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes) if s != -1)
+    if n_devices % cfg.dcn_data:
+        raise MeshError(f"mesh.dcn_data={cfg.dcn_data}: does not divide the {n_devices} devices")
     n_fill = sum(s == -1 for s in sizes)
     per_slice = n_devices // cfg.dcn_data
     known = math.prod(s for s in sizes if s != -1)
     if n_fill:
         if per_slice % known:
-            raise ValueError(f"mesh: {per_slice} devices per slice do not divide by the fixed axes ({known})")
+            raise MeshError(f"{fields} = {known}: does not divide the {per_slice} devices"
+                            f"{' per slice' if cfg.dcn_data > 1 else ''} (the -1 axis takes the rest)")
         sizes[sizes.index(-1)] = per_slice // known
     if math.prod(sizes) * cfg.dcn_data != n_devices:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} x dcn_data={cfg.dcn_data} needs "
-                         f"{math.prod(sizes) * cfg.dcn_data} devices, have {n_devices}")
+        raise MeshError(f"{fields} x mesh.dcn_data={cfg.dcn_data} needs {math.prod(sizes) * cfg.dcn_data} devices, "
+                        f"have {n_devices} (set one axis to -1 to take the rest)")
     return tuple(sizes)
 
 
@@ -147,7 +159,7 @@ def _path_name(path) -> str:
 
 
 def check_divisible(params, specs, mesh: Mesh) -> None:
-    """Every sharded dim must divide by its mesh axes; the error names the parameter, dim and axis."""
+    """Every sharded dim must divide by its mesh axes; the MeshError names the parameter, dim and axis."""
     shapes = {_path_name(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(
         params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
     spec_leaves = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
@@ -158,8 +170,8 @@ def check_divisible(params, specs, mesh: Mesh) -> None:
             axes = (part,) if isinstance(part, str) else tuple(part or ())
             n = math.prod(mesh.shape[a] for a in axes)
             if n > 1 and shape[dim] % n:
-                raise ValueError(f"parameter {name} dim {dim} (size {shape[dim]}) is not divisible by mesh "
-                                 f"axis {'x'.join(axes)} (size {n})")
+                raise MeshError(f"parameter {name} dim {dim} (size {shape[dim]}) is not divisible by mesh "
+                                f"axis {'x'.join(axes)} (size {n}): change mesh.{axes[-1]} or mesh.rules")
 
 
 def param_shardings(params, axes, mesh: Mesh, rules: dict):
@@ -250,6 +262,17 @@ def batch_shards(mesh: Mesh, rules: dict) -> int:
     return mesh.size // batch_spec(mesh, rules, ndim=1).shard_shape((mesh.size,))[0]
 
 
+def check_batch(rows: int, mesh: Mesh, rules: dict, what: str = "batch") -> None:
+    """A batch of `rows` rows splits evenly over the mesh's batch shards; MeshError naming `what` (the config
+    field, e.g. "data.global_batch=3") and the mesh axes otherwise."""
+    n = batch_shards(mesh, rules)
+    if rows % n:
+        part = logical_to_spec(("batch",), rules, mesh)[0]
+        axes = " x ".join(f"{a}={mesh.shape[a]}" for a in ((part,) if isinstance(part, str) else part))
+        raise MeshError(f"{what}: {rows} rows do not split evenly over the {n} batch shards of the mesh ({axes}); "
+                        f"use a multiple of {n}, or fewer devices on the batch axes")
+
+
 def spec_table(axes, rules: dict) -> dict[str, list]:
     """param path -> PartitionSpec as a JSON list (mesh-independent), for golden dumps and docs."""
     specs = param_specs(axes, rules)
@@ -257,6 +280,7 @@ def spec_table(axes, rules: dict) -> dict[str, list]:
             for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))}
 
 
-__all__ = ["MeshConfig", "make_mesh", "batch_shards", "rules_for", "RULE_PRESETS", "param_specs", "param_shardings",
+__all__ = ["MeshConfig", "make_mesh", "mesh_shape", "batch_shards", "check_batch", "rules_for", "RULE_PRESETS",
+           "param_specs", "param_shardings",
            "shardings_like_params", "abstract_with_shardings",
            "use_mesh", "constrain", "batch_spec", "spec_table", "logical_to_spec"]

@@ -63,7 +63,7 @@ from typing import Callable, Optional
 
 from deepjax.data import tasks
 
-MAX_COMPLETION_CHARS = 64 * 1024  # default cfg.max_chars: longer completions score 0.0 unread
+MAX_COMPLETION_CHARS = tasks.MAX_COMPLETION_CHARS  # default cfg.max_chars (64 Ki): longer completions score 0.0 unread
 MAX_ANSWER_CHARS = 1000  # longer extracted answers score 0.0 (also keeps tasks.to_number under int's 4300-digit limit)
 MAX_EVAL_DEPTH = 64  # nesting (parentheses, braces, unary signs, powers) accepted by `evaluate`
 MAX_EVAL_STEPS = 20_000  # parser steps per `evaluate` call
@@ -393,7 +393,7 @@ def accuracy_reward(example: dict, completion, *, cfg: Optional[RewardConfig] = 
     reference = reference_answer(example)
     if text is None:
         return 0.0
-    predicted = extract_answer(text)
+    predicted = extract_answer(text, max_chars=None)  # text is already bounded by cfg.max_chars
     if predicted is None and task == "math" and cfg.last_number_fallback:
         predicted = last_number(text)
     if predicted is None or len(predicted) > MAX_ANSWER_CHARS:

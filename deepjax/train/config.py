@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from deepjax.schema import check_types, checker, positive
+from deepjax.schema import check_types, checker, positive, within
 
 SCHEDULES = ("constant", "warmup_cosine", "deepseek_v3")
 
@@ -37,9 +37,10 @@ class OptimConfig:
         fail = checker(self, "optim")
         if self.schedule not in SCHEDULES:
             fail("schedule", f"unknown; choose from {SCHEDULES}")
-        positive(self, "optim", ("lr", "b2", "eps", "clip_norm", "micro_batches"))
+        positive(self, "optim", ("lr", "eps", "clip_norm", "micro_batches"))
         positive(self, "optim", ("warmup_steps", "constant_steps", "decay_steps", "tail_steps", "weight_decay",
-                                 "final_ratio", "tail_ratio", "b1"), strict=False)
+                                 "final_ratio", "tail_ratio"), strict=False)
+        within(self, "optim", ("b1", "b2"), 0, 1, high_open=True)  # Adam's moment decays: 1 never forgets
 
 
 @dataclasses.dataclass(frozen=True)
