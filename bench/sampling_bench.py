@@ -73,14 +73,15 @@ def step_bytes(cfg, params, B: int, positions: int) -> dict:
 
 
 def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: int, fused: bool = True,
-                  kernels: str = "auto", kernel_set=SP.KN.KERNELS) -> dict:
+                  kernels: str = "auto", kernel_set=SP.KN.KERNELS, kernel_tuning: tuple = ()) -> dict:
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, prompt)), jnp.int32)
     lengths = jnp.full((B,), prompt, jnp.int32)
     out = {}
     for n in (1, new):  # 1 new token: prefill (+ one sample); the difference is the decode loop
         decoder = "model" if not fused else {"auto": "auto", "xla": "fused"}.get(kernels, kernels)
-        sc = SP.SamplingConfig(max_new_tokens=n, temperature=0.0, decoder=decoder, kernel_set=kernel_set)
+        sc = SP.SamplingConfig(max_new_tokens=n, temperature=0.0, decoder=decoder, kernel_set=kernel_set,
+                               kernel_tuning=kernel_tuning)
         t = time.perf_counter()
         jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(0), sc))
         compile_s = time.perf_counter() - t

@@ -29,8 +29,10 @@ ab       `generate` end to end (bench/sampling_bench.py's timing) with each vari
          Python literals); an empty string is the defaults. Prints a JSON line per (round, variant), then the
          median tokens/s over the whole call and decode-only per variant.
 
-A setting is traced in a fresh function: jax.jit caches traces per function object, and TUNING is read while
-tracing (a first version of these sweeps timed the same trace under every setting).
+`ab` passes each variant as `SamplingConfig.kernel_tuning` (an argument: each variant is its own trace). The
+single-kernel sweeps call the kernels without a table, so they read `kernels.TUNING`'s defaults, swapped with
+`tuned`: each setting is traced in a fresh function (jax.jit caches traces per function object; a first version
+of these sweeps timed the same trace under every setting).
 """
 from __future__ import annotations
 
@@ -49,7 +51,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepjax.infer import sampling as SP
 from deepjax.infer.fast import fused as DF
 from deepjax.infer.fast import grouped as KG
 from deepjax.infer.fast import kernels as KN
@@ -363,10 +364,8 @@ def ab(a):
     res = {v: [] for v in a.variants}
     for r in range(a.rounds):
         for v in a.variants:
-            with tuned(KN.TUNING, **{k: {**KN.TUNING[k], **d} for k, d in parsed[v].items()}):
-                jax.clear_caches()  # TUNING is read while tracing
-                SP._JITS.clear()
-                t = time_generate(graphdef, params, cfg, a.batch, a.prompt, a.new, a.reps)
+            table = tuple((k, name, val) for k, d in parsed[v].items() for name, val in d.items())
+            t = time_generate(graphdef, params, cfg, a.batch, a.prompt, a.new, a.reps, kernel_tuning=table)
             res[v].append((t["tokens_per_s"], t["decode_tokens_per_s"], t["prefill_s"]))
             print(json.dumps({"round": r, "variant": v, **{k: t[k] for k in ("tokens_per_s", "decode_tokens_per_s",
                                                                             "prefill_s")}}), flush=True)

@@ -54,13 +54,8 @@ def test_route_kernel_equals_route(preset):
     router = jnp.asarray(rng.normal(size=(E, 256)) * 0.1, jnp.float32)
     lg = jnp.einsum("td,ed->te", rms_norm(x, norm, cfg.rms_norm_eps).astype(jnp.float32), router, precision="highest")
     want = KN.route(lg, bias, cfg, "interpret")
-    default = KN.TUNING["route"]["bt"]
-    for bt in (1, 2):
-        KN.TUNING["route"]["bt"] = bt
-        try:
-            got = KN.route(None, bias, cfg, "interpret", x, norm, router)
-        finally:
-            KN.TUNING["route"]["bt"] = default
+    for bt in (1, 2):  # the table passed as an argument (SamplingConfig.kernel_tuning), not global state
+        got = KN.route(None, bias, cfg, "interpret", x, norm, router, table=KN.tuning((("route", "bt", bt),)))
         for a, b in zip(got, want):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
 
@@ -90,8 +85,8 @@ def test_latent_attention_kernel_equals_absorbed_attention(dtype):
 
 
 @pytest.mark.parametrize("split", [True, False])
-def test_experts_kernel_equals_gathered_experts(split, monkeypatch):
-    monkeypatch.setitem(KN.TUNING, "down", dict(KN.TUNING["down"], split=split))
+def test_experts_kernel_equals_gathered_experts(split):
+    table = KN.tuning((("down", "split", split),))
     rng = np.random.default_rng(0)
     T, X, E, D, I = 3, 4, 6, 64, 32
     x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
@@ -100,7 +95,7 @@ def test_experts_kernel_equals_gathered_experts(split, monkeypatch):
     w = jnp.asarray(rng.random((T, X)), jnp.float32)
     w_gu = jnp.asarray(rng.normal(size=(E, 2 * I, D)) * 0.2, jnp.float32)
     w_down = jnp.asarray(rng.normal(size=(E, D, I)) * 0.2, jnp.float32)
-    got = KN.experts_gathered(x, res, idx, w, w_gu, w_down, "interpret")
+    got = KN.experts_gathered(x, res, idx, w, w_gu, w_down, "interpret", table)
     want = res + DF.experts_gathered(x, w, idx, w_gu, w_down)
     assert np.abs(np.asarray(want - res)).max() > 0.5
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
@@ -201,6 +196,10 @@ def test_kernel_choice_follows_shapes_and_settings(tiny_blocks):
     assert not DF.fuse_block(blk, jnp.float32, 4, "interpret", 16, tokens_per_row=2)["kernels"]["attn_pre"]  # MTP
     rows(fuse(1, None), False)
     assert fuse(1, None)["kernels"] == dict.fromkeys(KN.KERNELS)
+    # the block sizes are an argument: a table without the split down projection turns moe_in off for this block only
+    assert fuse(1)["kernels"]["moe_in"] == "interpret" and fuse(1)["tuning"] == KN.tuning()
+    no_split = DF.fuse_block(blk, jnp.float32, 1, "interpret", 16, tuning=KN.tuning((("down", "split", False),)))
+    assert no_split["kernels"]["moe_in"] is None and fuse(1)["kernels"]["moe_in"] == "interpret"
     assert SP.kernel_mode("fused") is None and SP.kernel_mode("interpret") == "interpret"
     assert SP.kernel_mode(SP.resolve_decoder(SP.SamplingConfig())) == ("gpu" if jax.default_backend() == "gpu" else None)
 

@@ -243,7 +243,8 @@ def test_bad_sampling_settings_are_named(tiny):
              (dict(temperature=-0.5), "temperature"), (dict(max_new_tokens=0), "max_new_tokens"),
              (dict(decoder="flash"), "decoder"), (dict(cache_len=10), "cache_len"),
              (dict(mtp_draft=True, temperature=0.7), "mtp_draft"), (dict(decoder="triton"), "decoder"),
-             (dict(kernel_set=("attention", "mlp")), "kernel_set")]
+             (dict(kernel_set=("attention", "mlp")), "kernel_set"),
+             (dict(kernel_tuning=(("route", "warps", 4),)), "kernel_tuning")]
     if jax.default_backend() != "gpu":
         cases.append((dict(decoder="pallas"), "decoder"))  # Pallas here compiles for GPU only
     for kw, field in cases:

@@ -72,6 +72,8 @@ class SamplingConfig:
     cache_len: Optional[int] = None  # cache positions; None: prompt length + max_new_tokens, rounded up to 16
     unstack_layers: bool = True  # per-layer weight copies for the decode loop (faster on GPU; see unstack_layers)
     kernel_set: tuple[str, ...] = KN.KERNELS  # decoder pallas / interpret: which kernels (deepjax.infer.fast.kernels)
+    # (kernel, setting, value) overrides of the kernels' block sizes (kernels.TUNING's defaults; bench/tune.py)
+    kernel_tuning: tuple = ()
     mtp_draft: bool = False  # greedy only: the MTP module drafts one extra token per step, the main model checks it
 
     def __post_init__(self):
@@ -92,6 +94,10 @@ class SamplingConfig:
             fail("decoder", f"choose from {DECODERS}")
         if not isinstance(self.kernel_set, tuple) or not set(self.kernel_set) <= set(KN.KERNELS):
             fail("kernel_set", f"a tuple of some of {KN.KERNELS}")
+        try:
+            KN.tuning(self.kernel_tuning)
+        except (TypeError, ValueError) as e:
+            fail("kernel_tuning", str(e))
         if self.decoder == "pallas" and jax.default_backend() != "gpu":
             fail("decoder", f"the Pallas kernels compile for GPU only (backend: {jax.default_backend()}); "
                             "'interpret' runs them in Pallas' interpreter, 'fused' or 'auto' without them")
@@ -285,12 +291,12 @@ def attn_impl(decoder: str) -> str:
 
 
 def fuse_layers(model: Transformer, n_tokens: int = 1, kernels: Optional[str] = None, cache_len: int = 0,
-                kernel_set=KN.KERNELS, tokens_per_row: int = 1):
+                kernel_set=KN.KERNELS, tokens_per_row: int = 1, tuning: Optional[dict] = None):
     """Like `unstack_layers`, with each layer's weights fused for the one-device decode step on n_tokens tokens
     per step: a dict of arrays per layer (`fused.fuse_block`), made once per generate call."""
     dt = dtype_of(model.cfg.dtype)
     return {name: None if blks is None else
-            [DF.fuse_block(b, dt, n_tokens, kernels, cache_len, kernel_set, tokens_per_row) for b in blks]
+            [DF.fuse_block(b, dt, n_tokens, kernels, cache_len, kernel_set, tokens_per_row, tuning) for b in blks]
             for name, blks in unstack_layers(model, barrier=False).items()}
 
 
@@ -303,7 +309,8 @@ def _decode_layers(model: Transformer, sc: SamplingConfig, experts_fn, n_tokens:
                    tokens_per_row: int = 1):
     decoder = resolve_decoder(sc, experts_fn, n_tokens)
     if decoder in FUSED_DECODERS:
-        return fuse_layers(model, n_tokens, kernel_mode(decoder), cache_len, sc.kernel_set, tokens_per_row)
+        return fuse_layers(model, n_tokens, kernel_mode(decoder), cache_len, sc.kernel_set, tokens_per_row,
+                           KN.tuning(sc.kernel_tuning))
     return unstack_layers(model) if sc.unstack_layers else None
 
 
@@ -516,7 +523,7 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
     B, P = prompts_BP.shape
     N = sc.max_new_tokens
     mtp_block = (DF.fuse_block(model.mtp[0].block, dtype_of(cfg.dtype), 2 * B, kernel_mode(resolve_decoder(sc)), S,
-                               sc.kernel_set, 2) if _is_fused(layers) else None)
+                               sc.kernel_set, 2, KN.tuning(sc.kernel_tuning)) if _is_fused(layers) else None)
     impl = attn_impl(sc.decoder)
     cache = init_cache(cfg, B, S)
     logits, cache, h_BPD = _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)

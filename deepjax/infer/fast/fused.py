@@ -223,22 +223,24 @@ def _fuse_ffn(ffn, dt, gathered: bool):
 
 
 def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len: int = 0,
-               kernel_set=KN.KERNELS, tokens_per_row: int = 1) -> dict:
+               kernel_set=KN.KERNELS, tokens_per_row: int = 1, tuning: dict | None = None) -> dict:
     """One block's decode weights (see the module docstring) for steps of n_tokens tokens: a dict of arrays, with
     static entries "cfg" (the model config), "gathered" (which experts function; it sets the expert weights'
     layout), "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`;
-    "grouped" is the prefill's) and "folded" (norm weights folded into w_in / w_q, merged w_o: with "attn_pre").
+    "grouped" is the prefill's), "folded" (norm weights folded into w_in / w_q, merged w_o: with "attn_pre") and
+    "tuning" (the kernels' block sizes: `kernels.tuning()`'s table, or the one passed).
     Made once per generate call inside the jitted generate. The arrays pass an optimization barrier: without it
     XLA:GPU sinks the cheap concatenations and slices into the decode loop and redoes them at every step.
     Raises ConfigError naming the field for a config the fused step does not implement (`check_supported`)."""
     cfg = blk.attn.cfg
     check_supported(cfg)
     gathered = experts_fn_for(cfg, n_tokens) is experts_gathered
-    ok = KN.supported(cfg, cache_len, kernels, n_tokens) if kernels else {}
+    table = KN.tuning() if tuning is None else tuning
+    ok = KN.supported(cfg, cache_len, kernels, n_tokens, table) if kernels else {}
     use = {k: kernels if ok.get(k) and k in kernel_set else None for k in KN.KERNELS}
     if not gathered:
         use["experts"] = None
-    if not (use["experts"] and KN.TUNING["down"]["split"]):
+    if not (use["experts"] and table["down"]["split"]):
         use["moe_in"] = None  # it routes inside the gathered experts' gate/up kernel
     if tokens_per_row > 1:  # (MTP verification) the attn_in / moe_in / attn_pre kernels: one-token steps only
         use["attn_in"] = use["moe_in"] = use["attn_pre"] = None
@@ -250,7 +252,8 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
                                  blk.attn_norm.weight[...] if folded else None)}
     if not folded:
         w["attn_norm"] = blk.attn_norm.weight[...].astype(dt)
-    return {"cfg": cfg, "gathered": gathered, "kernels": use, "folded": folded, **jax.lax.optimization_barrier(w)}
+    return {"cfg": cfg, "gathered": gathered, "kernels": use, "folded": folded, "tuning": table,
+            **jax.lax.optimization_barrier(w)}
 
 
 # ----------------------------------------------------------------------------------------------------- the step
@@ -301,10 +304,11 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: boo
     use = {} if prefill else w["kernels"]
     if use.get("attn_in") and T == 1:  # norms, projections and rope in two kernels (the Pending sum in the first)
         pend = x_BTD if isinstance(x_BTD, Pending) else Pending(res, None, None)
-        x_BD, z = KN.attn_in(res.reshape(B, D), w["attn_norm"], a["w_in"], eps, use["attn_in"], pend.parts, pend.w)
+        x_BD, z = KN.attn_in(res.reshape(B, D), w["attn_norm"], a["w_in"], eps, use["attn_in"], pend.parts, pend.w,
+                          w["tuning"])
         x_BTD = x_BD.reshape(B, T, D)
         cs = _cos_sin(cos, sin)
-        q, row = KN.attn_q(z, a["q_norm"], a["kv_norm"], a["w_q"], cs, cfg, use["attn_in"])
+        q, row = KN.attn_q(z, a["q_norm"], a["kv_norm"], a["w_q"], cs, cfg, use["attn_in"], w["tuning"])
         q, row = q[:, None], row[:, None]
     elif use.get("attn_pre") and T == 1:  # XLA's two products, then the attention kernel finishes q and the row
         x_BTD = settle(x_BTD)
@@ -312,7 +316,7 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: boo
         qu = jnp.einsum("bq,nkq->bnk", zu[:, :cfg.q_lora_rank], a["w_q"])
         cs = _cos_sin(cos, sin)
         o_BNc, kv_BSc = KN.latent_attention_pre(x_BTD[:, 0], zu, qu, cs, a["kv_norm"], kv_BSc, pos_BT[:, 0], cfg,
-                                                use["attn_pre"])
+                                                use["attn_pre"], w["tuning"])
         return _ffn_step(w, x_BTD + jnp.einsum("bk,kd->bd", o_BNc.reshape(B, -1), a["w_o"])[:, None], kv_BSc, use,
                          prefill)
     else:
@@ -331,7 +335,8 @@ def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: boo
         q = jnp.concatenate([q[..., :C], apply_rope(q[..., C:C + R], cos, sin)], -1)
         row = jnp.concatenate([rms_norm(kv[..., :C], a["kv_norm"], eps), apply_rope(kv[..., C:], cos, sin)], -1)
     if use.get("attention") and T == 1:  # one kernel: scores, softmax, o . c, and the row written in place
-        o_BNc, kv_BSc = KN.latent_attention(q[:, 0], row[:, 0], kv_BSc, pos_BT[:, 0], cfg, use["attention"])
+        o_BNc, kv_BSc = KN.latent_attention(q[:, 0], row[:, 0], kv_BSc, pos_BT[:, 0], cfg, use["attention"],
+                                            w["tuning"])
         o = jnp.einsum("bnv,dnv->bd", jnp.einsum("bnc,nvc->bnv", o_BNc, a["w_uv"]), a["wo"])[:, None]
     else:
         kv_BSc = row.astype(q.dtype) if prefill else write_rows(kv_BSc, pos_BT, row)
@@ -367,19 +372,20 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
     cfg, eps = w["cfg"], w["cfg"].rms_norm_eps
     f = w["ffn"]
     if use.get("moe_in") and T == 1 and "router" in f:  # norm + router logits; routing inside gate/up
-        h, logits_TE = KN.moe_in(x_BTD.reshape(B, D), w["ffn_norm"], f["router"], eps, use["moe_in"])
-        parts, _, w_TX = KN.experts_routed(h, logits_TE, f["bias"], f["w_gu"], f["w_down"], cfg, use["moe_in"])
+        h, logits_TE = KN.moe_in(x_BTD.reshape(B, D), w["ffn_norm"], f["router"], eps, use["moe_in"], w["tuning"])
+        parts, _, w_TX = KN.experts_routed(h, logits_TE, f["bias"], f["w_gu"], f["w_down"], cfg, use["moe_in"],
+                                              w["tuning"])
         return Pending(x_BTD, parts, w_TX), kv_BSc
     h = rms_norm(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
     if "router" not in f:
         y = jnp.einsum("tf,df->td", _swiglu(jnp.einsum("td,fd->tf", h, f["w_gu"])), f["w_down"])
         return x_BTD + y.reshape(B, T, D), kv_BSc
     E, S = cfg.n_routed_experts, cfg.n_shared_experts
-    if use.get("route") and KN.TUNING["route"]["logits"]:  # the K routed experts, then the S shared ones (weight
+    if use.get("route") and w["tuning"]["route"]["logits"]:  # the K routed experts, then the S shared ones (weight
         # 1), dense weights [T, E]; the kernel computes the norm and the router logits itself from x: it runs
         # beside gate/up (see `kernels.route`)
         idx_TX, w_TX, dense_TE = KN.route(None, f["bias"], cfg, use["route"], x_BTD.reshape(B * T, D),
-                                          w["ffn_norm"], f["router"])
+                                          w["ffn_norm"], f["router"], w["tuning"])
     else:
         logits_TE = router_logits(h, f["router"].T)
         if prefill:  # top-k routing (sorts are cheap next to T tokens' experts), then grouped matmuls
@@ -389,11 +395,12 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
                                    flat=not w["gathered"])
             return x_BTD + y.reshape(B, T, D), kv_BSc
         if use.get("route"):
-            idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"])
+            idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"], table=w["tuning"])
         else:
             (w_TX, idx_TX), dense_TE = _with_shared(*route_by_rank(logits_TE, f["bias"], cfg), cfg), None
     if use.get("experts"):  # gate/up + SwiGLU, then the down projection (kernels), weighted sum + residual
-        x_TD = KN.experts_gathered(h, x_BTD.reshape(B * T, D), idx_TX, w_TX, f["w_gu"], f["w_down"], use["experts"])
+        x_TD = KN.experts_gathered(h, x_BTD.reshape(B * T, D), idx_TX, w_TX, f["w_gu"], f["w_down"], use["experts"],
+                                   w["tuning"])
         return x_TD.reshape(B, T, D), kv_BSc
     if w["gathered"]:
         y = experts_gathered(h, w_TX, idx_TX, f["w_gu"], f["w_down"])

@@ -73,7 +73,10 @@ def check_router(cfg: ModelConfig) -> None:
                                                "out of sampling.kernel_set")
 
 
-# Block sizes and warps per kernel (`bench/tune.py kernels` times the choices on the GPU).
+# Block sizes and warps per kernel (`bench/tune.py kernels` times the choices on the GPU): the defaults. The product
+# passes its table as an argument (`tuning`: `SamplingConfig.kernel_tuning` overrides, `fused.fuse_block` keeps the
+# table in the block's weights dict); nothing reads settings from global state while tracing. A kernel function
+# called without a table (tests, bench/tune.py's single-kernel sweeps) uses these.
 TUNING = {
     "attention": {"bs": 128, "num_warps": 4},
     # route: 5.0 us at 64 tokens with 8 warps against 6.1 with 4 (`bench/tune.py kernels`; one H100); bt tokens per
@@ -88,24 +91,40 @@ TUNING = {
 }
 
 
-def _cache_block(cfg: ModelConfig, cache_len: int) -> int:
+def tuning(overrides=()) -> dict:
+    """A fresh table: TUNING with `overrides`, (kernel, setting, value) triples, applied (ValueError naming an
+    unknown one)."""
+    out = {k: dict(v) for k, v in TUNING.items()}
+    for item in overrides:
+        if not (isinstance(item, tuple) and len(item) == 3 and item[0] in out and item[1] in out[item[0]]):
+            raise ValueError(f"kernel tuning {item!r}: a (kernel, setting, value) triple of "
+                             f"{ {k: sorted(v) for k, v in TUNING.items()} }")
+        out[item[0]][item[1]] = item[2]
+    return out
+
+
+def _tu(table, kernel: str) -> dict:
+    return (TUNING if table is None else table)[kernel]
+
+
+def _cache_block(cfg: ModelConfig, cache_len: int, table=None) -> int:
     """Cache rows per attention step: TUNING's, at most 32768 latent values (64 KB in bf16), dividing the cache
     length (1 when the length is unknown: no kernel)."""
     if cache_len <= 0:
         return 1
-    return chunk(cache_len, min(TUNING["attention"]["bs"], 32768 // cfg.kv_lora_rank))
+    return chunk(cache_len, min(_tu(table, "attention")["bs"], 32768 // cfg.kv_lora_rank))
 
 
-def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int = 1) -> dict:
+def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int = 1, table=None) -> dict:
     """Which kernels the shapes allow ({kernel: bool} over KERNELS) for steps of n_tokens tokens. On GPU: Triton's
     power-of-two blocks and tl.dot's 16-row minimum; "attn_in" needs a query compression (q_lora_rank), and
     "attn_in" and "moe_in" at most STEP_MAX_TOKENS tokens. The interpreter takes any shape. Either way "route" and
     "moe_in" need a router the kernels implement (`routes`)."""
-    ok = _supported_shapes(cfg, cache_len, mode, n_tokens)
+    ok = _supported_shapes(cfg, cache_len, mode, n_tokens, table)
     return ok if routes(cfg) else {**ok, **dict.fromkeys(ROUTING_KERNELS, False)}
 
 
-def _supported_shapes(cfg: ModelConfig, cache_len: int, mode: str, n_tokens: int) -> dict:
+def _supported_shapes(cfg: ModelConfig, cache_len: int, mode: str, n_tokens: int, table=None) -> dict:
     N, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     few = n_tokens <= STEP_MAX_TOKENS
@@ -116,11 +135,11 @@ def _supported_shapes(cfg: ModelConfig, cache_len: int, mode: str, n_tokens: int
     z = Q + C + 2 * R  # attn_in's outputs: [q latent ; kv latent ; k_pe ; k_pe pairs swapped]
     return {
         "attention": (N % 16 == 0 and pow2(C) and pow2(R) and C >= 16 and R >= 16
-                      and _cache_block(cfg, cache_len) >= 16),
-        "route": pow2(E) and E >= 2 and chunk(D, TUNING["route"]["bd"]) >= 16,
+                      and _cache_block(cfg, cache_len, table) >= 16),
+        "route": pow2(E) and E >= 2 and chunk(D, _tu(table, "route")["bd"]) >= 16,
         "experts": chunk(D, 1024) >= 16 and chunk(I, 1024) >= 16,
-        "attn_in": (few and Q > 0 and chunk(Q, 128) >= 16 and chunk(z, TUNING["attn_in"]["br"]) >= 4
-                    and pow2(C) and pow2(R) and chunk(D, 512) >= 16 and chunk(C, TUNING["attn_q"]["bc"]) >= 16),
+        "attn_in": (few and Q > 0 and chunk(Q, 128) >= 16 and chunk(z, _tu(table, "attn_in")["br"]) >= 4
+                    and pow2(C) and pow2(R) and chunk(D, 512) >= 16 and chunk(C, _tu(table, "attn_q")["bc"]) >= 16),
         "moe_in": few and pow2(E) and E >= 4 and chunk(D, 512) >= 16 and chunk(I, 1024) >= 16,
         "grouped": KG.supported(D, I, 16, E + cfg.n_shared_experts),
         "attn_pre": Q > 0 and chunk(Q, 128) >= 16 and chunk(D, 1024) >= 16,
@@ -181,30 +200,30 @@ def _make_attention_kernel(C: int, R: int, bn: int, bs: int, scale: float, pre: 
     return kernel
 
 
-def latent_attention(q_BNc, row_Bc, kv_BSc, pos_B, cfg: ModelConfig, mode: str):
+def latent_attention(q_BNc, row_Bc, kv_BSc, pos_B, cfg: ModelConfig, mode: str, table=None):
     """Absorbed attention for one new token per row: q [B, N, C + R] (= [q_c ; q_pe]), the token's cache row
     [B, C + R] (= [c ; k_pe]), the cache [B, S, C + R] holding positions [0, pos_B). Returns (o [B, N, C + R]
     with o[..., :C] = softmax(q . kv * scale) . c and zeros in the last R columns, the cache with the new row
     written at pos_B). Softmax and sums in float32; the cached rows' unnormalized weights are rounded to the cache
     dtype before p . c (the new row's weight is not), close to `fused.absorbed_attention`, which rounds the
     normalized p."""
-    return _attention_call("latent_attention", cfg, mode, q_BNc.shape[-1], None, pos_B, q_BNc,
+    return _attention_call("latent_attention", cfg, mode, table, q_BNc.shape[-1], None, pos_B, q_BNc,
                            row_Bc.astype(kv_BSc.dtype), kv_BSc)
 
 
-def _attention_call(name: str, cfg: ModelConfig, mode: str, o_cols: int, pre, pos_B, q_BNx, *rest):
+def _attention_call(name: str, cfg: ModelConfig, mode: str, table, o_cols: int, pre, pos_B, q_BNx, *rest):
     """The attention kernel over grid (row, block of 16 heads) on (pos, q, ..., kv), the cache (last operand)
     aliased to the second output; o [B, N, o_cols] in q's dtype."""
     kv_BSc = rest[-1]
     B, N, _ = q_BNx.shape
     bn = 16 if N % 16 == 0 else N
-    bs = _cache_block(cfg, kv_BSc.shape[1])
+    bs = _cache_block(cfg, kv_BSc.shape[1], table)
     if mode == "gpu" and bs < 16:
         raise ValueError(f"{name}: cache length {kv_BSc.shape[1]} has no power-of-two block of 16+ rows "
                          "(kernels.supported says which shapes the GPU kernel takes)")
     kernel = _make_attention_kernel(cfg.kv_lora_rank, cfg.qk_rope_head_dim, bn, bs, cfg.softmax_scale, pre)
     out_shape = (jax.ShapeDtypeStruct((B, N, o_cols), q_BNx.dtype), jax.ShapeDtypeStruct(kv_BSc.shape, kv_BSc.dtype))
-    return call(kernel, mode, out_shape, (B, N // bn), name, TUNING["attention"]["num_warps"],
+    return call(kernel, mode, out_shape, (B, N // bn), name, _tu(table, "attention")["num_warps"],
                  input_output_aliases={len(rest) + 1: 1})(pos_B.astype(jnp.int32), q_BNx, *rest)
 
 
@@ -227,7 +246,8 @@ def _finish_query_and_row(b, heads, x_ref, q_ref, z_ref, cs_ref, kvn_ref, C: int
     return qc, qr, rc, (z(Q + C, R) * cos + z(Q + C + R, R) * sin).astype(dt)
 
 
-def latent_attention_pre(x_BD, zu_BK, qu_BNJ, cs_B2R, kv_norm_C, kv_BSc, pos_B, cfg: ModelConfig, mode: str):
+def latent_attention_pre(x_BD, zu_BK, qu_BNJ, cs_B2R, kv_norm_C, kv_BSc, pos_B, cfg: ModelConfig, mode: str,
+                         table=None):
     """`latent_attention` with the RMSNorm scales, the rope and the row's norm inside ("attn_pre", for steps of more
     tokens than `attn_q` takes), for weights with the norms' weights folded in (`fused._fuse_attention`):
     x [B, D] the block's input, zu [B, Q + C + 2R] = x . w_in^T (= [q latent ; c ; k_pe ; k_pe swapped] before the
@@ -237,7 +257,7 @@ def latent_attention_pre(x_BD, zu_BK, qu_BNJ, cs_B2R, kv_norm_C, kv_BSc, pos_B, 
     (`fused._folded_qkv` in XLA). Returns (o [B, N, C], the cache with the row written at pos_B). On one H100
     at batch 64 this replaced six XLA kernels per layer (norms, rope, concatenations; docs/LOG.md)."""
     dt = kv_BSc.dtype
-    return _attention_call("latent_attention_pre", cfg, mode, cfg.kv_lora_rank, (cfg.q_lora_rank, cfg.rms_norm_eps, dt),
+    return _attention_call("latent_attention_pre", cfg, mode, table, cfg.kv_lora_rank, (cfg.q_lora_rank, cfg.rms_norm_eps, dt),
                            pos_B, qu_BNJ.astype(dt), x_BD, zu_BK.astype(dt), cs_B2R.astype(jnp.float32), kv_norm_C.astype(dt),
                            kv_BSc)
 
@@ -322,7 +342,7 @@ def _make_route_kernel(cfg: ModelConfig, has_bias: bool, bt: int = 1, bd: int = 
     return kernel
 
 
-def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None, router_ED=None):
+def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None, router_ED=None, table=None):
     """(idx [T, K + S] int32, w [T, K + S] float32, dense [T, E] float32): each token's K routed experts in
     `moe.route`'s order followed by the S shared experts (indices E .. E + S - 1, weight 1), and the routed
     gate weights as a dense [T, E] array (zero where unchosen).
@@ -336,7 +356,7 @@ def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None
     check_router(cfg)
     E = cfg.n_routed_experts
     X = cfg.num_experts_per_tok + cfg.n_shared_experts
-    tu = TUNING["route"]
+    tu = _tu(table, "route")
     if logits_TE is None:
         T, D = x_TD.shape
         assert router_ED.shape == (E, D) and norm_D.shape == (D,), (x_TD.shape, norm_D.shape, router_ED.shape)
@@ -405,13 +425,13 @@ def _make_attn_in_kernel(D: int, A: int, br: int, bd: int, eps: float, dt):
     return kernel
 
 
-def attn_in(x_TD, norm_D, w_in_KD, eps: float, mode: str, parts_TAD=None, w_TA=None):
+def attn_in(x_TD, norm_D, w_in_KD, eps: float, mode: str, parts_TAD=None, w_TA=None, table=None):
     """(x [T, D], z [T, K]): x = x_TD, or x_TD + sum_a w[:, a] * parts[:, a] (the previous block's experts, summed
     here rather than in a kernel of their own), then z = w_in . rms_norm(x) * norm (in x's dtype)."""
     T, D = x_TD.shape
     Kz = w_in_KD.shape[0]
     A = 0 if parts_TAD is None else parts_TAD.shape[1]
-    tu = TUNING["attn_in"]
+    tu = _tu(table, "attn_in")
     br, bd = chunk(Kz, tu["br"]), chunk(D, 512)
     out_shape = (jax.ShapeDtypeStruct((T, D), x_TD.dtype), jax.ShapeDtypeStruct((T, Kz), x_TD.dtype))
     args = (x_TD,) + (() if A == 0 else (parts_TAD.astype(jnp.float32), w_TA.astype(jnp.float32)))
@@ -459,7 +479,7 @@ def _make_attn_q_kernel(N: int, Q: int, C: int, R: int, bq: int, bc: int, eps: f
     return kernel
 
 
-def attn_q(z_TK, q_norm_Q, kv_norm_C, w_q_NJQ, cs_T2R, cfg: ModelConfig, mode: str):
+def attn_q(z_TK, q_norm_Q, kv_norm_C, w_q_NJQ, cs_T2R, cfg: ModelConfig, mode: str, table=None):
     """(q [T, N, C + R], cache row [T, C + R]) from attn_in's z = [q latent (Q) ; c (C) ; k_pe (R) ; k_pe swapped
     (R)]: q = w_q . rms_norm(q latent) with w_q [N, C + 2R, Q] = [absorbed q_c rows ; q_pe rows ; q_pe rows
     swapped], rope on the pe part; row = [rms_norm(c) ; rope(k_pe)]. cs: [T, 2, R] cos and sin, each pair's twice.
@@ -467,7 +487,7 @@ def attn_q(z_TK, q_norm_Q, kv_norm_C, w_q_NJQ, cs_T2R, cfg: ModelConfig, mode: s
     T = z_TK.shape[0]
     N = w_q_NJQ.shape[0]
     Q, C, R = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    tu = TUNING["attn_q"]
+    tu = _tu(table, "attn_q")
     bc, bq = chunk(C, tu["bc"]), chunk(Q, 128)
     dt = z_TK.dtype
     out_shape = (jax.ShapeDtypeStruct((T, N, C + R), dt), jax.ShapeDtypeStruct((T, C + R), dt))
@@ -503,11 +523,11 @@ def _make_moe_in_kernel(D: int, be: int, bd: int, eps: float, dt):
     return kernel
 
 
-def moe_in(x_TD, norm_D, router_ED, eps: float, mode: str):
+def moe_in(x_TD, norm_D, router_ED, eps: float, mode: str, table=None):
     """(h [T, D] = rms_norm(x) * norm in x's dtype, router logits [T, E] = h . router in float32)."""
     T, D = x_TD.shape
     E = router_ED.shape[0]
-    tu = TUNING["moe_in"]
+    tu = _tu(table, "moe_in")
     be, bd = chunk(E, tu["be"]), chunk(D, 512)
     out_shape = (jax.ShapeDtypeStruct((T, D), x_TD.dtype), jax.ShapeDtypeStruct((T, E), jnp.float32))
     return call(_make_moe_in_kernel(D, be, bd, eps, x_TD.dtype), mode, out_shape, (T, E // be), "moe_in",
@@ -590,17 +610,17 @@ def _make_down_split_kernel(I: int, bo: int, bk: int):
     return kernel
 
 
-def _down_parts(idx_TX, h_TXI, w_down_EDI, mode: str):
+def _down_parts(idx_TX, h_TXI, w_down_EDI, mode: str, table=None):
     """The split down projection: partial outputs [T, X, D] float32, one program per (token, expert, rows)."""
     T, X, I = h_TXI.shape
     D = w_down_EDI.shape[1]
-    td = TUNING["down"]
+    td = _tu(table, "down")
     bk, bo = chunk(I, 1024), chunk(D, td["bo"])
     return call(_make_down_split_kernel(I, bo, bk), mode, jax.ShapeDtypeStruct((T, X, D), jnp.float32),
                  (T, X, D // bo), "experts_down", td["num_warps"])(idx_TX, h_TXI, w_down_EDI)
 
 
-def experts_gathered(x_TD, res_TD, idx_TX, w_TX, w_gu_EJD, w_down_EDI, mode: str):
+def experts_gathered(x_TD, res_TD, idx_TX, w_TX, w_gu_EJD, w_down_EDI, mode: str, table=None):
     """res + sum_a w[t, a] * down_e(silu(gate_e x) * up_e x) over each token's experts e = idx[t, a], reading
     only those experts' rows: w_gu [E', 2I, D] (gate rows, then up rows), w_down [E', D, I]. Two kernels: gate/up
     with SwiGLU into h [T, X, I] (float32), then the down projection, per expert with the weighted sum and the
@@ -608,18 +628,18 @@ def experts_gathered(x_TD, res_TD, idx_TX, w_TX, w_gu_EJD, w_down_EDI, mode: str
     T, D = x_TD.shape
     X = idx_TX.shape[1]
     I = w_down_EDI.shape[2]
-    tg, td = TUNING["gate_up"], TUNING["down"]
+    tg, td = _tu(table, "gate_up"), _tu(table, "down")
     bi, bd, bk, bo = chunk(I, tg["bi"]), chunk(D, 1024), chunk(I, 1024), chunk(D, td["bo"])
     h = call(_make_gate_up_kernel(I, D, bi, bd), mode, jax.ShapeDtypeStruct((T, X, I), jnp.float32),
               (T, X, I // bi), "experts_gate_up", tg["num_warps"])(idx_TX, x_TD, w_gu_EJD)
     if td["split"]:  # one program per (token, expert, rows): partial outputs, summed with the weights by XLA
-        y = _down_parts(idx_TX, h, w_down_EDI, mode)
+        y = _down_parts(idx_TX, h, w_down_EDI, mode, table)
         return (res_TD.astype(jnp.float32) + (y * w_TX[..., None]).sum(1)).astype(res_TD.dtype)
     return call(_make_down_kernel(X, I, bo, bk), mode, jax.ShapeDtypeStruct(res_TD.shape, res_TD.dtype),
                  (T, D // bo), "experts_down", td["num_warps"])(idx_TX, w_TX, h, res_TD, w_down_EDI)
 
 
-def experts_routed(h_TD, logits_TE, bias_E, w_gu_EJD, w_down_EDI, cfg: ModelConfig, mode: str):
+def experts_routed(h_TD, logits_TE, bias_E, w_gu_EJD, w_down_EDI, cfg: ModelConfig, mode: str, table=None):
     """Routing and the gathered experts in two kernels: (parts [T, X, D] float32, idx [T, X], w [T, X]) with
     X = K routed + S shared experts; the output is sum_a w[:, a] * parts[:, a] (`attn_in` sums it). The gate/up
     kernel routes each token itself (`_make_gate_up_kernel`), so no kernel of its own routes. Raises ConfigError
@@ -628,14 +648,14 @@ def experts_routed(h_TD, logits_TE, bias_E, w_gu_EJD, w_down_EDI, cfg: ModelConf
     T, D = h_TD.shape
     X = cfg.num_experts_per_tok + cfg.n_shared_experts
     I = w_down_EDI.shape[2]
-    tg = TUNING["gate_up"]
+    tg = _tu(table, "gate_up")
     bi, bd = chunk(I, tg["bi"]), chunk(D, 1024)
     out_shape = (jax.ShapeDtypeStruct((T, X, I), jnp.float32), jax.ShapeDtypeStruct((T, X), jnp.int32),
                  jax.ShapeDtypeStruct((T, X), jnp.float32))
     args = (logits_TE.astype(jnp.float32),) + (() if bias_E is None else (bias_E.astype(jnp.float32),))
     h, idx, w = call(_make_gate_up_kernel(I, D, bi, bd, cfg, bias_E is not None), mode, out_shape, (T, X, I // bi),
                       "experts_gate_up", tg["num_warps"])(*args, h_TD, w_gu_EJD)
-    return _down_parts(idx, h, w_down_EDI, mode), idx, w
+    return _down_parts(idx, h, w_down_EDI, mode, table), idx, w
 
 
 __all__ = ["latent_attention", "route", "experts_gathered", "experts_routed", "attn_in", "attn_q", "moe_in",
