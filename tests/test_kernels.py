@@ -398,7 +398,7 @@ def test_fused_block_with_kernels_equals_xla(tiny_blocks):
         def run(x, kvs):
             out = []
             for w, kv in zip(ws, kvs):
-                x, kv = DF.fused_block(w, x, kv, pos_BT, cos, sin, mask_BTS)
+                x, kv, _ = DF.fused_block(w, x, kv, pos_BT, cos, sin, mask_BTS)
                 out.append(kv)
             return x, out
 
@@ -441,7 +441,7 @@ def test_attn_pre_block_equals_xla(tiny_blocks, dtype, kind):
     kv = _normal(rng, (B, S, c), dt=dt)
 
     def run(w):
-        return jax.jit(lambda x, kv: DF.fused_block(w, x, kv, pos_BT, cos, sin, mask_BTS))(x_BTD, kv)
+        return jax.jit(lambda x, kv: DF.fused_block(w, x, kv, pos_BT, cos, sin, mask_BTS)[:2])(x_BTD, kv)
 
     x_got, kv_got = run(w)
     refs = [run(dict(w, kernels=dict.fromkeys(KN.KERNELS)))]  # XLA, the same folded weights (`_folded_qkv`)

@@ -109,6 +109,9 @@ def test_grpo_killed_and_resumed_equals_the_straight_run(base):
     assert any(h1[s]["adv_abs"] > 0 for s in h1)
     assert max(h1[s]["kl"] for s in h1) > 0
     assert max(h1[s]["sampler_trainer_logp_gap_max"] for s in h1) < 1e-4
+    # routing replay is on for the MoE model: the rollouts carried the sampler's routes (the share of them the
+    # trainer's own router would have chosen differently is reported; same params, so few if any)
+    assert all(0 <= h1[s]["routing_mismatch"] < 0.05 for s in h1)
     base_state = _restore(base / "base", cfg, with_ref=False)[1]
     moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
              zip(jax.tree.leaves(s1.params), jax.tree.leaves(base_state.params))]

@@ -363,14 +363,14 @@ class _Plan:
 
         def prepare(params, prompts_BP, lengths_B, key):  # generate up to its while_loop
             model = nnx.merge(graphdef, params)
-            layers, cache, tok, lp, key = SP.start(model, prompts_BP, lengths_B, key, sc)
+            layers, cache, tok, lp, key, _ = SP.start(model, prompts_BP, lengths_B, key, sc)
             arrays, self.static = _split_layers(layers)
             return arrays, cache, tok, lp, key
 
         def step(params, arrays, cache, tok, lengths_B, i, key):  # generate's loop body: token i in, i + 1 out
             model = nnx.merge(graphdef, params)
             layers = _join_layers(arrays, self.static)
-            return SP.advance(model, layers, tok, lengths_B.astype(jnp.int32) + i, cache, key, sc)
+            return SP.advance(model, layers, tok, lengths_B.astype(jnp.int32) + i, cache, key, sc)[:4]
 
         t = time.perf_counter()
         options = SP.GPU_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None  # as jit_generate on one GPU

@@ -75,6 +75,7 @@ class SamplingConfig:
     # (kernel, setting, value) overrides of the kernels' block sizes (kernels.TUNING's defaults; bench/tune.py)
     kernel_tuning: tuple = ()
     mtp_draft: bool = False  # greedy only: the MTP module drafts one extra token per step, the main model checks it
+    record_routes: bool = False  # Output.routes: the experts every token used in every MoE layer (routing replay)
 
     def __post_init__(self):
         self.validate()
@@ -103,6 +104,8 @@ class SamplingConfig:
                             "'interpret' runs them in Pallas' interpreter, 'fused' or 'auto' without them")
         if self.mtp_draft and self.temperature != 0:
             fail("mtp_draft", "drafting is greedy only: set sampling.temperature=0")
+        if self.record_routes and self.mtp_draft:
+            fail("record_routes", "not recorded with sampling.mtp_draft=True")
 
 
 def cache_length(sc: SamplingConfig, prompt_len: int) -> int:
@@ -187,17 +190,33 @@ def _prompt_mask(valid_BP):
     return jnp.tril(jnp.ones((P, P), jnp.bool_))[None] & (valid_BP[:, :, None] == valid_BP[:, None, :])
 
 
-def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn, return_hidden: bool = False):
+def _routes_BTLK(per_layer):
+    """[B, T, L_moe, K] int32 from each MoE layer's [B, T, K] routes (a list, or stacked [L, B, T, K]); None without
+    MoE layers."""
+    if per_layer is None or (isinstance(per_layer, (list, tuple)) and not per_layer):
+        return None
+    stacked = jnp.stack(per_layer) if isinstance(per_layer, (list, tuple)) else per_layer
+    return jnp.moveaxis(stacked, 0, 2).astype(jnp.int32)
+
+
+def _outputs(logits, cache, x, routes, return_hidden: bool, return_routes: bool):
+    return (logits, cache) + ((x,) if return_hidden else ()) + ((routes,) if return_routes else ())
+
+
+def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn, return_hidden: bool = False,
+            return_routes: bool = False):
     """(logits [B, V] at each row's last prompt token, cache with positions [0, P) filled); with return_hidden,
-    also the last hidden states [B, P, D] (before the final norm: what an MTP module reads). The model's own
-    blocks over the prompts (`Transformer.blocks` with a cache)."""
+    also the last hidden states [B, P, D] (before the final norm: what an MTP module reads); with return_routes,
+    the experts each prompt token used [B, P, L_moe, K] (None without MoE layers). The model's own blocks over the
+    prompts (`Transformer.blocks` with a cache)."""
     cfg = model.cfg
     B, P = prompts_BP.shape
     cos, sin, start_BP, valid_BP = _prompt_geometry(cfg, B, P, lengths_B)
-    x, _, cache = model.blocks(model.embed_tokens(prompts_BP), cos, sin, start_BP, valid_BP, experts_fn, cache)
+    x, aux, cache = model.blocks(model.embed_tokens(prompts_BP), cos, sin, start_BP, valid_BP, experts_fn, cache)
     last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)  # [B, 1, D]
     logits = model.logits(last_BD, model.norm)[:, 0]
-    return (logits, cache, x) if return_hidden else (logits, cache)
+    return _outputs(logits, cache, x, None if aux is None else _routes_BTLK(aux.routes), return_hidden,
+                    return_routes)
 
 
 def fused_prefill_ok(layers, n_tokens: int) -> bool:
@@ -213,7 +232,8 @@ def fused_prefill_ok(layers, n_tokens: int) -> bool:
                                                                       cfg.moe_intermediate_size)
 
 
-def prefill_fused(model: Transformer, layers: dict, prompts_BP, lengths_B, cache: Cache, return_hidden: bool = False):
+def prefill_fused(model: Transformer, layers: dict, prompts_BP, lengths_B, cache: Cache, return_hidden: bool = False,
+                  return_routes: bool = False):
     """`prefill` with the decode step's fused weights (`fuse_layers`): absorbed attention over the prompt's own
     rows, and the routed experts as grouped matmuls that read each expert's weights in place (Pallas,
     `deepjax.infer.fast.grouped`), where `prefill`'s block-sorted path gathers a copy of the weights per block of
@@ -224,21 +244,22 @@ def prefill_fused(model: Transformer, layers: dict, prompts_BP, lengths_B, cache
     mask_BPP = _prompt_mask(valid_BP)
     dt = dtype_of(cfg.dtype)
     x = jnp.take(model.embed[...].astype(dt), prompts_BP, axis=0)
-    caches = [list(c) for c in cache]
+    caches, routes = [list(c) for c in cache], []
     for i, name in enumerate(("dense_layers", "moe_layers")):
         for l, blk in enumerate(layers[name] or []):
-            x, rows = DF.fused_block(blk, x, None, None, cos, sin, mask_BPP, prefill=True)
+            x, rows, r = DF.fused_block(blk, x, None, None, cos, sin, mask_BPP, prefill=True)
             caches[i][l] = _fill(caches[i][l], rows)
+            routes += [] if r is None else [r]
     last_BD = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)
     logits = model.logits(last_BD, model.norm)[:, 0]
     cache = Cache(*(tuple(c) for c in caches))
-    return (logits, cache, x) if return_hidden else (logits, cache)
+    return _outputs(logits, cache, x, _routes_BTLK(routes), return_hidden, return_routes)
 
 
-def _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=False):
+def _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=False, return_routes=False):
     if fused_prefill_ok(layers, prompts_BP.size):
-        return prefill_fused(model, layers, prompts_BP, lengths_B, cache, return_hidden)
-    return prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden)
+        return prefill_fused(model, layers, prompts_BP, lengths_B, cache, return_hidden, return_routes)
+    return prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden, return_routes)
 
 
 # ----------------------------------------------------------------------------------------------------------- decode
@@ -331,9 +352,10 @@ def _geometry(cfg, pos_B, T: int, S: int):
 
 
 def decode_tokens(model: Transformer, tokens_BT, pos_B, cache: Cache, experts_fn, attention: str = "absorbed",
-                  layers: Optional[dict] = None):
+                  layers: Optional[dict] = None, return_routes: bool = False):
     """(logits [B, T, V], hidden [B, T, D] before the final norm, cache) for T new tokens per row at positions
-    pos_B + [0, T). `layers`: `unstack_layers(model)` or `fuse_layers(model)`, made once outside the caller's loop.
+    pos_B + [0, T); with return_routes also the experts they used [B, T, L_moe, K] (None without MoE layers).
+    `layers`: `unstack_layers(model)` or `fuse_layers(model)`, made once outside the caller's loop.
 
     The layers run as a Python loop with static indices, not a scan: a rolled loop inside the decode while_loop
     costs a device-to-host round trip per layer on GPU (4x slower at batch 1 on the bench preset)."""
@@ -343,15 +365,19 @@ def decode_tokens(model: Transformer, tokens_BT, pos_B, cache: Cache, experts_fn
     x = model.embed_tokens(tokens_BT)
     layers = layers or unstack_layers(model)
     if _is_fused(layers):  # the fast implementation of the same step (deepjax.infer.fast.fused)
-        caches = [list(c) for c in cache]
+        caches, routes = [list(c) for c in cache], []
         for i, name in enumerate(("dense_layers", "moe_layers")):
             for l, blk in enumerate(layers[name] or []):
-                x, caches[i][l] = DF.fused_block(blk, x, caches[i][l], pos_BT, cos, sin, mask_BTS)
+                x, caches[i][l], r = DF.fused_block(blk, x, caches[i][l], pos_BT, cos, sin, mask_BTS)
+                routes += [] if r is None else [r]
         x, cache = DF.settle(x), Cache(*(tuple(c) for c in caches))  # (a fused block may leave its sum pending)
+        routes = _routes_BTLK(routes)
     else:
-        x, _, cache = model.blocks(x, cos, sin, jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.bool_),
-                                   experts_fn, cache, pos_BT, attention, layers)
-    return model.logits(x, model.norm), x, cache
+        x, aux, cache = model.blocks(x, cos, sin, jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.bool_),
+                                     experts_fn, cache, pos_BT, attention, layers)
+        routes = None if aux is None else _routes_BTLK(aux.routes)
+    out = (model.logits(x, model.norm), x, cache)
+    return out + (routes,) if return_routes else out
 
 
 def _is_fused(layers) -> bool:
@@ -360,10 +386,11 @@ def _is_fused(layers) -> bool:
 
 
 def decode_step(model: Transformer, tokens_B, pos_B, cache: Cache, experts_fn, attention: str = "absorbed",
-                layers: Optional[dict] = None):
-    """Logits [B, V] for one new token per row at positions pos_B, and the cache with that token written."""
-    logits, _, cache = decode_tokens(model, tokens_B[:, None], pos_B, cache, experts_fn, attention, layers)
-    return logits[:, 0], cache
+                layers: Optional[dict] = None, return_routes: bool = False):
+    """Logits [B, V] for one new token per row at positions pos_B, and the cache with that token written (with
+    return_routes also the token's experts [B, 1, L_moe, K] or None)."""
+    out = decode_tokens(model, tokens_B[:, None], pos_B, cache, experts_fn, attention, layers, return_routes)
+    return (out[0][:, 0], out[2]) + ((out[3],) if return_routes else ())
 
 
 # ------------------------------------------------------------------------------------------------- MTP drafting
@@ -392,7 +419,7 @@ def mtp_decode(model: Transformer, h_BTD, next_BT, pos_B, kv_BSc, experts_fn, at
     pos_BT, cos, sin, mask_BTS = _geometry(model.cfg, pos_B, T, kv_BSc.shape[1])
     x = model.mtp_input(mod, h_BTD, next_BT)
     if block is not None:
-        x, kv_BSc = DF.fused_block(block, x, kv_BSc, pos_BT, cos, sin, mask_BTS)
+        x, kv_BSc, _ = DF.fused_block(block, x, kv_BSc, pos_BT, cos, sin, mask_BTS)
     else:
         x, _, kv_BSc = mod.block(x, cos, sin, jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.bool_), experts_fn,
                                  kv_BSc, pos_BT, attention)
@@ -439,6 +466,10 @@ class Output(NamedTuple):
     done: jax.Array  # [B] bool: the row stopped on an EOS (False: it ran out of max_new_tokens)
     drafts_proposed: Optional[jax.Array] = None  # [B] int32, with mtp_draft: MTP drafts checked by the main model
     drafts_accepted: Optional[jax.Array] = None  # [B] int32: of those, the ones equal to the main model's token
+    # [B, S, L_moe, K] int32, with record_routes: the experts each token fed to the model used in each MoE layer, at
+    # its position (prompt at [0, length), the i-th new token at length + i; the last sampled token is never fed:
+    # -1 there and wherever nothing was recorded)
+    routes: Optional[jax.Array] = None
 
 
 def _is_eos(tok_B, eos_ids):
@@ -447,28 +478,48 @@ def _is_eos(tok_B, eos_ids):
     return jnp.any(tok_B[:, None] == jnp.asarray(eos_ids, jnp.int32)[None], axis=-1)
 
 
+def _recording(model: Transformer, sc: SamplingConfig) -> bool:
+    return sc.record_routes and model.cfg.n_moe_layers > 0
+
+
 def start(model: Transformer, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None):
-    """`generate` up to its loop: (decode layers, cache, first token [B], its log-prob [B], key). The decode layers
-    are the fused weights or per-layer modules the steps reuse (`_decode_layers`), or None."""
+    """`generate` up to its loop: (decode layers, cache, first token [B], its log-prob [B], key, routes). The decode
+    layers are the fused weights or per-layer modules the steps reuse (`_decode_layers`), or None. routes: with
+    sc.record_routes, [B, S, L_moe, K] int32, the prompt tokens' experts at their positions and -1 elsewhere; else
+    None."""
     B, P = prompts_BP.shape
     S = cache_length(sc, P)
     cache = init_cache(model.cfg, B, S)
     layers = _decode_layers(model, sc, experts_fn, B, S)
-    logits, cache = _prefill(model, layers, prompts_BP.astype(jnp.int32), lengths_B.astype(jnp.int32), cache,
-                             experts_fn or prefill_experts_fn(model.cfg))
+    lengths_B = lengths_B.astype(jnp.int32)
+    record = _recording(model, sc)
+    out = _prefill(model, layers, prompts_BP.astype(jnp.int32), lengths_B, cache,
+                   experts_fn or prefill_experts_fn(model.cfg), return_routes=record)
+    logits, cache = out[:2]
+    routes = None
+    if record:
+        valid = (jnp.arange(P)[None] < lengths_B[:, None])[:, :, None, None]
+        routes = jnp.full((B, S) + out[2].shape[2:], -1, jnp.int32).at[:, :P].set(jnp.where(valid, out[2], -1))
     key, k0 = jax.random.split(key)
     tok, lp = sample(logits, k0, sc)
-    return layers, cache, tok, lp, key
+    return layers, cache, tok, lp, key, routes
 
 
-def advance(model: Transformer, layers, tok_B, pos_B, cache: Cache, key, sc: SamplingConfig, experts_fn=None):
+def advance(model: Transformer, layers, tok_B, pos_B, cache: Cache, key, sc: SamplingConfig, experts_fn=None,
+            routes=None):
     """One step of `generate`'s loop: token tok_B enters the cache at pos_B; returns (next token, its log-prob,
-    cache, key)."""
+    cache, key, routes): routes (`start`'s) with tok_B's experts written at pos_B, when given."""
     decode_fn = experts_fn or decode_experts_fn(model.cfg, tok_B.shape[0])
-    logits, cache = decode_step(model, tok_B, pos_B, cache, decode_fn, attn_impl(sc.decoder), layers)
+    out = decode_step(model, tok_B, pos_B, cache, decode_fn, attn_impl(sc.decoder), layers,
+                      return_routes=routes is not None)
+    logits, cache = out[:2]
+    if routes is not None:
+        B, S, L, K = routes.shape
+        routes = DF.write_rows(routes.reshape(B, S, L * K), pos_B[:, None], out[2].reshape(B, 1, L * K)).reshape(
+            routes.shape)
     key, k = jax.random.split(key)
     tok, lp = sample(logits, k, sc)
-    return tok, lp, cache, key
+    return tok, lp, cache, key, routes
 
 
 def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None) -> Output:
@@ -485,7 +536,7 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
         layers = _decode_layers(model, sc, experts_fn, 2 * B, S, tokens_per_row=2)
         return _generate_mtp(model, prompts_BP.astype(jnp.int32), lengths_B, sc, S, prefill_fn,
                              experts_fn or decode_experts_fn(cfg, 2 * B), layers)
-    layers, cache, tok, lp, key = start(model, prompts_BP, lengths_B, key, sc, experts_fn)
+    layers, cache, tok, lp, key, routes = start(model, prompts_BP, lengths_B, key, sc, experts_fn)
     N = sc.max_new_tokens
     out_tok = jnp.full((B, N), sc.pad_id, jnp.int32)
     out_lp = jnp.zeros((B, N), jnp.float32)
@@ -497,18 +548,18 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
         return (i < N) & ~jnp.all(done)
 
     def body(c):
-        i, tok, lp, out_tok, out_lp, done, n_new, cache, key = c
+        i, tok, lp, out_tok, out_lp, done, n_new, cache, key, routes = c
         active = ~done
         out_tok = out_tok.at[:, i].set(jnp.where(active, tok, sc.pad_id))
         out_lp = out_lp.at[:, i].set(jnp.where(active, lp, 0.0))
         n_new = n_new + active.astype(jnp.int32)
         done = done | (active & _is_eos(tok, sc.eos_ids))
-        tok, lp, cache, key = advance(model, layers, tok, lengths_B + i, cache, key, sc, experts_fn)
-        return i + 1, tok, lp, out_tok, out_lp, done, n_new, cache, key
+        tok, lp, cache, key, routes = advance(model, layers, tok, lengths_B + i, cache, key, sc, experts_fn, routes)
+        return i + 1, tok, lp, out_tok, out_lp, done, n_new, cache, key, routes
 
-    carry = (jnp.int32(0), tok, lp, out_tok, out_lp, done, n_new, cache, key)
-    _, _, _, out_tok, out_lp, done, n_new, _, _ = jax.lax.while_loop(cond, body, carry)
-    return Output(out_tok, out_lp, n_new, done)
+    carry = (jnp.int32(0), tok, lp, out_tok, out_lp, done, n_new, cache, key, routes)
+    _, _, _, out_tok, out_lp, done, n_new, _, _, routes = jax.lax.while_loop(cond, body, carry)
+    return Output(out_tok, out_lp, n_new, done, routes=routes)
 
 
 def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig, S: int, prefill_fn, decode_fn,

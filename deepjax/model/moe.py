@@ -20,6 +20,7 @@ experts only. V2's capacity-factor token dropping belongs to the expert-parallel
 """
 
 import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,23 @@ def route(logits_TE: jnp.ndarray, bias_E: jnp.ndarray | None, cfg: ModelConfig):
     _, idx_TK = jax.lax.top_k(choice_TE, K)
     w_TK = jnp.take_along_axis(scores_TE, idx_TK, axis=-1)
     return gate_weights(w_TK, cfg), idx_TK.astype(jnp.int32), scores_TE
+
+
+def replay_route(logits_TE, bias_E, routes_TK, cfg: ModelConfig):
+    """`route` with the expert choice given (routing replay, DeepSeek-V3.2's "Keep Routing"): where routes_TK >= 0
+    the K experts are those, else the router's own choice; the gate weights are always the current scores at the
+    experts used (so the router's gradient flows as in `route`). Returns (weights_TK, indices_TK, scores_TE,
+    own_TK): own_TK is the router's own choice, for the share of routes that differ."""
+    w_own, own_TK, scores_TE = route(logits_TE, bias_E, cfg)
+    given = routes_TK[..., :1] >= 0
+    idx_TK = jnp.where(given, routes_TK, own_TK).astype(jnp.int32)
+    w_TK = jnp.where(given, gate_weights(jnp.take_along_axis(scores_TE, idx_TK, axis=-1), cfg), w_own)
+    return w_TK, idx_TK, scores_TE, own_TK
+
+
+def routes_differ(a_TK, b_TK):
+    """Whether two expert choices of each token differ as sets (bool [T])."""
+    return jnp.any(jnp.sort(a_TK, axis=-1) != jnp.sort(b_TK, axis=-1), axis=-1)
 
 
 def expert_load(idx_BTK: jnp.ndarray, valid_BT: jnp.ndarray, n_experts: int) -> jnp.ndarray:
@@ -179,6 +197,15 @@ def routed_experts_dense(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
     return jnp.einsum("ted,te->td", y_TED, comb_TE).astype(x_TD.dtype)
 
 
+class MoEAux(NamedTuple):
+    """What a MoE layer reports beside its output."""
+    load: jax.Array  # [E] tokens per expert (valid tokens)
+    balance: jax.Array  # sequence-wise balance loss (without alpha)
+    dropped: jax.Array  # (token, expert) assignments past capacity (0 when dropless)
+    routes: jax.Array  # [B, T, K] int32: the experts each token used
+    route_diff: jax.Array  # float32: valid tokens with given routes whose own routing differs (0 without routes)
+
+
 class MoE(nnx.Module):
     """Shared experts (one SwiGLU of width n_shared_experts x I) plus routed experts."""
 
@@ -194,16 +221,26 @@ class MoE(nnx.Module):
         self.w_down = Param(init(rngs.params(), (E, I, D), pdt), axes=("exp", "moe_mlp", "embed"))
         self.shared = MLP(cfg, cfg.n_shared_experts * I, rngs=rngs) if cfg.n_shared_experts else None
 
-    def __call__(self, x_BTD, valid_BT, experts_fn=None):
-        """Returns (y_BTD, load_E, balance_loss, dropped): dropped counts (token, expert) assignments
-        past capacity (always 0 when dropless). experts_fn may return y or (y, dropped)."""
+    def __call__(self, x_BTD, valid_BT, experts_fn=None, routes_BTK: Optional[jax.Array] = None,
+                 replay: bool = True):
+        """Returns (y_BTD, MoEAux). experts_fn may return y or (y, dropped). routes_BTK: the experts a sampler chose
+        (-1: none recorded): with replay they are used (`replay_route`), without they are only compared with the
+        router's own choice (MoEAux.route_diff)."""
         cfg = self.cfg
         if experts_fn is None:
             experts_fn = functools.partial(routed_experts, kernels=cfg.kernels)
         B, T, D = x_BTD.shape
         logits_BTE = router_logits(x_BTD, self.gate[...])
         bias = None if self.bias is None else self.bias[...]
-        w_BTK, idx_BTK, scores_BTE = route(logits_BTE, bias, cfg)
+        route_diff = jnp.zeros((), jnp.float32)
+        if routes_BTK is None:
+            w_BTK, idx_BTK, scores_BTE = route(logits_BTE, bias, cfg)
+        else:
+            w_BTK, idx_BTK, scores_BTE, own_BTK = replay_route(logits_BTE, bias, routes_BTK, cfg)
+            given_BT = (routes_BTK[..., 0] >= 0) & valid_BT
+            route_diff = jnp.sum((given_BT & routes_differ(routes_BTK, own_BTK)).astype(jnp.float32))
+            if not replay:
+                w_BTK, idx_BTK, scores_BTE = route(logits_BTE, bias, cfg)
         dt = x_BTD.dtype
         y_TD = experts_fn(x_BTD.reshape(B * T, D), w_BTK.reshape(B * T, -1), idx_BTK.reshape(B * T, -1),
                           self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
@@ -215,4 +252,4 @@ class MoE(nnx.Module):
             y_BTD = y_BTD + self.shared(x_BTD)
         load_E = expert_load(idx_BTK, valid_BT, cfg.n_routed_experts)
         bal = sequence_balance_loss(scores_BTE, idx_BTK, valid_BT, cfg)
-        return y_BTD, load_E, bal, dropped
+        return y_BTD, MoEAux(load_E, bal, dropped, idx_BTK, route_diff)

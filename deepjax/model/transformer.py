@@ -46,6 +46,8 @@ class Output(NamedTuple):
     dropped_tokens: jnp.ndarray  # (token, expert) assignments dropped by a capacity limit, all layers
     hidden: jnp.ndarray  # [B, T, D] last hidden state before the final norm
     ce: Optional[jnp.ndarray] = None  # [1 + M] weighted cross-entropy sums, when the forward was given targets
+    routes: Optional[jnp.ndarray] = None  # [L_moe, B, T, K] int32: the experts each token used in each MoE layer
+    route_diff: Optional[jnp.ndarray] = None  # [L_moe]: tokens with given routes whose own routing differs
 
 
 def remat_policy(name: str):
@@ -75,9 +77,9 @@ class Block(nnx.Module):
         self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
     def __call__(self, x_BTD, cos, sin, start_BT, valid_BT, experts_fn, kv_BSc=None, pos_BT=None,
-                 attn_impl: str = "naive"):
-        """(x, aux, kv_BSc): aux is the MoE's (load, balance loss, dropped) or None; kv_BSc the layer's cache with the
-        new tokens' rows written (`MLA.__call__`; None in training)."""
+                 attn_impl: str = "naive", routes_BTK=None, replay: bool = True):
+        """(x, aux, kv_BSc): aux is the MoE's `MoEAux` or None; kv_BSc the layer's cache with the new tokens' rows
+        written (`MLA.__call__`; None in training). routes_BTK / replay: routing replay (`MoE.__call__`)."""
         h_BTD = self.attn_norm(x_BTD)
         if kv_BSc is None:
             a_BTD = self.attn(h_BTD, cos, sin, start_BT)
@@ -86,8 +88,8 @@ class Block(nnx.Module):
         x_BTD = x_BTD + checkpoint_name(a_BTD, "attn_out")
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoE):
-            y_BTD, load_E, bal, dropped = self.ffn(h_BTD, valid_BT, experts_fn)
-            return x_BTD + checkpoint_name(y_BTD, "ffn_out"), (load_E, bal, dropped), kv_BSc
+            y_BTD, aux = self.ffn(h_BTD, valid_BT, experts_fn, routes_BTK, replay)
+            return x_BTD + checkpoint_name(y_BTD, "ffn_out"), aux, kv_BSc
         return x_BTD + checkpoint_name(self.ffn(h_BTD), "ffn_out"), None, kv_BSc
 
 
@@ -136,18 +138,20 @@ class Transformer(nnx.Module):
         self.head = Param(init(rngs.params(), (D, V), pdt), axes=("embed", "vocab"))
         self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
 
-    def _scan(self, stack, x_BTD, cos, sin, start_BT, valid_BT, experts_fn, kv_LBSc=None):
+    def _scan(self, stack, x_BTD, cos, sin, start_BT, valid_BT, experts_fn, kv_LBSc=None, routes_LBTK=None,
+              replay: bool = True):
         graphdef, state = nnx.split(stack)
 
         def body(x, xs):
-            layer_state, kv = xs
-            x, aux, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, start_BT, valid_BT, experts_fn, kv)
+            layer_state, kv, routes = xs
+            x, aux, kv = nnx.merge(graphdef, layer_state)(x, cos, sin, start_BT, valid_BT, experts_fn, kv,
+                                                          routes_BTK=routes, replay=replay)
             return sharding.constrain(x, ACT_AXES), (aux, kv)
 
         policy = remat_policy(self.cfg.remat)
         if policy is not False and kv_LBSc is None:
             body = jax.checkpoint(body, policy=policy)
-        return jax.lax.scan(body, x_BTD, (state, kv_LBSc))
+        return jax.lax.scan(body, x_BTD, (state, kv_LBSc, routes_LBTK))
 
     def embed_tokens(self, tokens_BT):
         # Cast before the lookup: the table's gradient (a scatter-add, full [V, D] per device under FSDP)
@@ -163,13 +167,14 @@ class Transformer(nnx.Module):
         return jnp.concatenate([mod.enorm(e_BTD), mod.hnorm(h_BTD)], axis=-1) @ mod.eh_proj[...].astype(dt)
 
     def blocks(self, x_BTD, cos, sin, start_BT, valid_BT, experts_fn, cache: Optional[Cache] = None, pos_BT=None,
-               attn_impl: str = "naive", layers: Optional[dict] = None):
-        """The dense then the MoE blocks: (x [B, T, D], MoE aux (load [L, E], balance [L], dropped [L]) or None, cache).
+               attn_impl: str = "naive", layers: Optional[dict] = None, routes=None, replay: bool = True):
+        """The dense then the MoE blocks: (x [B, T, D], the MoE layers' `MoEAux` stacked over layers or None, cache).
 
         cache None: training (each stack scanned, under the remat policy). With a `Cache`, every block writes its new
         rows and attends as `MLA.__call__` says for pos_BT and attn_impl (a prefill: pos_BT None). layers: the stacks
         as lists of per-layer modules (`deepjax.infer.sampling.unstack_layers`), run as a Python loop (the decoder's
-        form); else the stacks are scanned."""
+        form); else the stacks are scanned. routes: [L_moe, B, T, K] expert choices to replay (-1: the router's own;
+        `MoE.__call__`), or None."""
         caches, aux = [None, None], None
         for i, name in enumerate(("dense_layers", "moe_layers")):
             stack = getattr(self, name)
@@ -179,7 +184,9 @@ class Transformer(nnx.Module):
             if layers is not None:
                 kvs, out = list(cache[i]), []
                 for l, blk in enumerate(layers[name]):
-                    x_BTD, a, kvs[l] = blk(x_BTD, cos, sin, start_BT, valid_BT, experts_fn, kvs[l], pos_BT, attn_impl)
+                    r = routes[l] if routes is not None and name == "moe_layers" else None
+                    x_BTD, a, kvs[l] = blk(x_BTD, cos, sin, start_BT, valid_BT, experts_fn, kvs[l], pos_BT, attn_impl,
+                                           r, replay)
                     out.append(a)
                 a = None if out[0] is None else jax.tree.map(lambda *v: jnp.stack(v), *out)
                 caches[i] = tuple(kvs)
@@ -187,7 +194,8 @@ class Transformer(nnx.Module):
                 kv_LBSc = None if cache is None else jnp.stack(cache[i])
                 if cache is not None and pos_BT is not None:
                     raise ValueError("Transformer.blocks: decoding at pos_BT takes per-layer `layers`")
-                x_BTD, (a, kv_LBSc) = self._scan(stack, x_BTD, cos, sin, start_BT, valid_BT, experts_fn, kv_LBSc)
+                x_BTD, (a, kv_LBSc) = self._scan(stack, x_BTD, cos, sin, start_BT, valid_BT, experts_fn, kv_LBSc,
+                                                 routes if name == "moe_layers" else None, replay)
                 caches[i] = () if kv_LBSc is None else tuple(kv_LBSc)
             if name == "moe_layers":
                 aux = a
@@ -197,10 +205,12 @@ class Transformer(nnx.Module):
         logits_BTV = (norm(h_BTD) @ self.head[...].astype(h_BTD.dtype)).astype(jnp.float32)
         return sharding.constrain(logits_BTV, ("batch", "length", "vocab"))
 
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None, targets=None) -> Output:
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None, targets=None,
+                 routes=None, replay_routes: bool = True) -> Output:
         """targets: None, or one (targets_BT, weights_BT) pair per prediction depth (main head, then each MTP
         module): then the output holds `ce` (each depth's weighted cross-entropy sum, `ops.lm_head_ce`) instead of
-        logits, and no [B, T, V] logits are formed."""
+        logits, and no [B, T, V] logits are formed. routes: [L_moe, B, T, K] expert choices (e.g. the sampler's,
+        -1 where none) that the main model's MoE layers use (replay_routes) or only compare with their own."""
         cfg = self.cfg
         if experts_fn is None:
             experts_fn = default_experts_fn(cfg)
@@ -214,13 +224,15 @@ class Transformer(nnx.Module):
         start_BT = ops.doc_starts(segment_ids_BT)
         valid_BT = segment_ids_BT > 0
 
-        x_BTD, aux, _ = self.blocks(self.embed_tokens(tokens_BT), cos, sin, start_BT, valid_BT, experts_fn)
+        x_BTD, aux, _ = self.blocks(self.embed_tokens(tokens_BT), cos, sin, start_BT, valid_BT, experts_fn,
+                                    routes=routes, replay=replay_routes)
         E = cfg.n_routed_experts
         load_LE, bal_L = jnp.zeros((0, E), jnp.float32), jnp.zeros((0,), jnp.float32)
         dropped = jnp.zeros((), jnp.int32)
+        used_routes = route_diff = None
         if aux is not None:
-            load_LE, bal_L, dropped_L = aux
-            dropped = dropped_L.sum()
+            load_LE, bal_L, dropped, used_routes, route_diff = aux.load, aux.balance, aux.dropped.sum(), aux.routes, \
+                aux.route_diff
         heads = [(x_BTD, self.norm)]
 
         mtp_load, mtp_bal = [], []
@@ -244,7 +256,8 @@ class Transformer(nnx.Module):
                                  "depths (the main head and each MTP module)")
             w_DV = self.head[...].astype(dtype_of(cfg.dtype))
             ce = jnp.stack([ops.lm_head_ce(n(h), w_DV, t, w) for (h, n), (t, w) in zip(heads, targets)])
-        return Output(logits, mtp_logits, load_LE, bal_L, stack(mtp_load), stack(mtp_bal), dropped, x_BTD, ce)
+        return Output(logits, mtp_logits, load_LE, bal_L, stack(mtp_load), stack(mtp_bal), dropped, x_BTD, ce,
+                      used_routes, route_diff)
 
 
 def default_experts_fn(cfg: ModelConfig):
@@ -283,11 +296,12 @@ def abstract_init(cfg: ModelConfig):
 
 
 def forward(graphdef, params, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None,
-            targets=None) -> Output:
+            targets=None, routes=None, replay_routes: bool = True) -> Output:
     """The pure forward pass. Jit with `jax.jit(forward, static_argnums=0)` (see `jit_forward`).
     Inside `deepjax.parallel.sharding.use_mesh(...)` the MoE layers dispatch tokens over the mesh.
     With `targets` (see `Transformer.__call__`) it returns per-depth cross-entropy sums instead of logits."""
-    return nnx.merge(graphdef, params)(tokens_BT, positions_BT, segment_ids_BT, experts_fn, targets)
+    return nnx.merge(graphdef, params)(tokens_BT, positions_BT, segment_ids_BT, experts_fn, targets, routes,
+                                       replay_routes)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("experts_fn", "mesh_context"))

@@ -54,6 +54,9 @@ class RLConfig:
     prompts_per_step: int = 16  # prompts per step over all hosts (R1-Zero: 32); rl.loss.group_size outputs each
     ref_refresh_every: int = 0  # copy the policy into the reference every N steps; 0: never
     bias_update_speed: float = 0.0  # gamma of the aux-loss-free bias rule on rollout loads; 0: biases frozen
+    # MoE models: the trainer's log-probs use the experts the sampler chose for each token (DeepSeek-V3.2's "Keep
+    # Routing"); False: its own routing. Either way the share of (token, layer) routes that differ is reported.
+    routing_replay: bool = True
     lr: Optional[float] = None  # GRPO's peak learning rate; None: optim.lr (the rest of `optim` applies as is)
     loss: GRPOConfig = GRPOConfig(beta=0.001, group_size=8)  # R1-Zero: beta 0.001, G 16
     reward: RewardConfig = RewardConfig()  # R1-Zero: accuracy 1 + format 0.1

@@ -78,7 +78,8 @@ def freeze(new_params, old_params):
 def make_step(graphdef, cfg: Config, optimizer, schedule):
     """The policy update: update.make_grpo_step with the FROZEN groups kept as they were."""
     inner = update.make_grpo_step(graphdef, cfg.model, optimizer, cfg.rl.grpo(), cfg.rl.rollout.temperature,
-                              bias_update_speed=cfg.rl.bias_update_speed, lr_schedule=schedule)
+                              bias_update_speed=cfg.rl.bias_update_speed, lr_schedule=schedule,
+                              routing_replay=cfg.rl.routing_replay)
 
     def step(state: TS.TrainState, batch: update.Rollouts):
         new, metrics = inner(state, batch)
@@ -134,7 +135,8 @@ class GRPORun(Run):
         if self.ref_needed and self.ref is None:
             self.ref = self.policy_copy()
         self._update = self.jit_update(make_step(self.graphdef, cfg, self.optimizer, self.schedule))
-        self.sampling = r.rollout_sampling()
+        # MoE models: rollouts record each token's experts (replayed by the update, or only compared: routing_replay)
+        self.sampling = dataclasses.replace(r.rollout_sampling(), record_routes=cfg.model.n_moe_layers > 0)
         self.rewards = r.reward
 
     # ------------------------------------------------------------------------------------------------- pieces
@@ -161,14 +163,15 @@ class GRPORun(Run):
     def batch(self, ro: text.Completions, advantages: np.ndarray) -> update.Rollouts:
         Tlen = ro.prompts.shape[1] + self.cfg.rl.rollout.max_new_tokens
         b = update.rollouts_from_samples(ro.prompts, ro.prompt_lengths, ro.tokens, ro.logprobs, ro.lengths, advantages,
-                                     Tlen, pad_id=self.tokenizer.pad_id)
+                                     Tlen, pad_id=self.tokenizer.pad_id, routes=ro.routes)
         b = update.Rollouts(*(None if x is None else self.to_global(np.asarray(x)) for x in b))
         temperature = self.cfg.rl.rollout.temperature
         with self.on_mesh():
             if self.ref_needed:
                 b = b._replace(ref_logp=update.jit_token_logprobs(self.graphdef, self.ref, b, temperature))
             if self.cfg.rl.loss.uses_sampler:  # TIS / MIS: pi_old from the trainer, the sampler's beside it
-                old = update.jit_token_logprobs(self.graphdef, self.policy_params(), b, temperature)
+                old = update.jit_token_logprobs(self.graphdef, self.policy_params(), b, temperature,
+                                                replay=self.cfg.rl.routing_replay)
                 b = b._replace(old_logp=old, sampler_logp=b.old_logp)
         return b
 
@@ -202,8 +205,9 @@ def step_record(step: int, examples, texts, ro, scores, adv, updates: list[dict]
            "solved_all": float(np.mean(acc.min(1) == 1)), "solved_none": float(np.mean(acc.max(1) == 0)),
            "adv_abs": float(np.mean(np.abs(adv)))}
     first, last = updates[0], updates[-1]
-    for k in ("entropy", "sampler_trainer_logp_gap", "sampler_trainer_logp_gap_max"):
-        rec[k] = first[k]
+    for k in ("entropy", "sampler_trainer_logp_gap", "sampler_trainer_logp_gap_max", "routing_mismatch"):
+        if k in first:
+            rec[k] = first[k]
     for k in ("loss", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_max", "kl", "tis_frac", "mis_drop_frac",
               "is_weight_mean", "seq_ratio_mean"):
         if k in first:

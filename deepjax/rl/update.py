@@ -53,6 +53,9 @@ class Rollouts(NamedTuple):
     # [B, T] float32 or None: the sampler's log-probs when old_logp was recomputed by the trainer (a TIS / MIS
     # correction is on, GRPOConfig.uses_sampler: the loop's `batch`); None when old_logp is the sampler's own
     sampler_logp: Optional[jax.Array] = None
+    # [B, T, L_moe, K] int32 or None: the experts the sampler used for each token in each MoE layer (-1: none
+    # recorded), for routing replay and the share of routes that differ (`grpo_objective`)
+    routes: Optional[jax.Array] = None
 
 
 def _is_traced(*xs) -> bool:
@@ -60,11 +63,13 @@ def _is_traced(*xs) -> bool:
 
 
 def rollouts_from_samples(prompts_BP, prompt_lengths_B, sample_tokens_BN, sample_logprobs_BN, sample_lengths_B,
-                          advantages_B, T: int, *, pad_id: int = 0, ref_logp=None) -> Rollouts:
+                          advantages_B, T: int, *, pad_id: int = 0, ref_logp=None, routes=None) -> Rollouts:
     """Rollouts with each row's completion right after its prompt: row b holds prompts[b, :prompt_lengths[b]] then
     sample_tokens[b, :sample_lengths[b]] (whose log-probs go to old_logp at the same positions), then pad_id.
     Numpy in, numpy out (the host-side path after scoring); jax arrays in, jax arrays out (jittable, T static).
-    `sampling.generate`'s Output gives sample_tokens / sample_logprobs / sample_lengths directly."""
+    `sampling.generate`'s Output gives sample_tokens / sample_logprobs / sample_lengths directly, and with
+    record_routes the `routes` [B, S, L_moe, K] (indexed by position as the rows here are: cut or padded with -1
+    to T)."""
     arrays = (prompts_BP, prompt_lengths_B, sample_tokens_BN, sample_logprobs_BN, sample_lengths_B, advantages_B)
     xp = jnp if any(isinstance(x, jax.Array) for x in arrays) else np
     prompts = xp.asarray(prompts_BP).astype(xp.int32)
@@ -96,9 +101,13 @@ def rollouts_from_samples(prompts_BP, prompt_lengths_B, sample_tokens_BN, sample
     tokens = xp.where(in_prompt, take(prompts, xp.broadcast_to(t, (B, T))), xp.where(in_completion, take(toks, j),
                                                                                         pad_id)).astype(xp.int32)
     old_logp = xp.where(in_completion, take(lps, j), 0.0).astype(xp.float32)
+    if routes is not None:
+        routes = xp.asarray(routes).astype(xp.int32)[:, :T]
+        routes = xp.pad(routes, ((0, 0), (0, T - routes.shape[1]), (0, 0), (0, 0)), constant_values=-1)
+        routes = xp.where(real[:, :, None, None], routes, -1)
     return Rollouts(tokens=tokens, positions=xp.where(real, t, 0).astype(xp.int32),
                     segment_ids=real.astype(xp.int32), completion_mask=in_completion.astype(xp.int32),
-                    old_logp=old_logp, ref_logp=ref_logp, advantages=adv)
+                    old_logp=old_logp, ref_logp=ref_logp, advantages=adv, routes=routes)
 
 
 # --------------------------------------------------------------------------------------------------- log-probs
@@ -127,46 +136,59 @@ def logprobs_from_logits(logits_BTV, tokens_BT, segment_ids_BT, temperature: flo
     return pad(lp), pad(ent)
 
 
-def _forward(graphdef, params, tokens, positions, segment_ids, experts_fn):
-    return M.forward(graphdef, params, tokens, positions, segment_ids, experts_fn)
+def _forward(graphdef, params, tokens, positions, segment_ids, experts_fn, routes=None, replay: bool = True):
+    """The model's forward; routes [B, T, L_moe, K] (the sampler's, -1 where none): replayed, or with replay=False
+    only compared with the trainer's own (Output.route_diff)."""
+    if routes is not None:
+        routes = jnp.moveaxis(routes, 2, 0)
+    return M.forward(graphdef, params, tokens, positions, segment_ids, experts_fn, routes=routes,
+                     replay_routes=replay)
 
 
 def token_logprobs_and_entropy(graphdef, params, tokens, positions, segment_ids, temperature: float,
-                               experts_fn=None):
+                               experts_fn=None, routes=None):
     """(logp [B, T], entropy [B, T]) of the model `params` (Param and RouterBias state) on `tokens`: see
-    `logprobs_from_logits`. Pure; the same quantity the sampler reports for the tokens it drew."""
-    out = _forward(graphdef, params, tokens, positions, segment_ids, experts_fn)
+    `logprobs_from_logits`. Pure; the same quantity the sampler reports for the tokens it drew. routes: the
+    sampler's expert choices to replay (`Rollouts.routes`), or None."""
+    out = _forward(graphdef, params, tokens, positions, segment_ids, experts_fn, routes)
     return logprobs_from_logits(out.logits, tokens, segment_ids, temperature)
 
 
-def token_logprobs(graphdef, params, tokens, positions, segment_ids, temperature: float, experts_fn=None):
+def token_logprobs(graphdef, params, tokens, positions, segment_ids, temperature: float, experts_fn=None,
+                   routes=None):
     """logp [B, T]: log-prob of token t under softmax(logits at t-1 / temperature), 0 at t = 0 and on padding."""
-    return token_logprobs_and_entropy(graphdef, params, tokens, positions, segment_ids, temperature, experts_fn)[0]
+    return token_logprobs_and_entropy(graphdef, params, tokens, positions, segment_ids, temperature, experts_fn,
+                                      routes)[0]
 
 
-def _jit_logp(graphdef, params, tokens, positions, segment_ids, mask, temperature, experts_fn):
-    lp = token_logprobs(graphdef, params, tokens, positions, segment_ids, temperature, experts_fn)
+def _jit_logp(graphdef, params, tokens, positions, segment_ids, mask, temperature, experts_fn, routes):
+    lp = token_logprobs(graphdef, params, tokens, positions, segment_ids, temperature, experts_fn, routes)
     return jnp.where(mask > 0, lp, 0.0)
 
 
 _jit_logp_fn = jax.jit(_jit_logp, static_argnums=(0, 6, 7))
 
 
-def jit_token_logprobs(graphdef, params, batch: Rollouts, temperature: float, experts_fn=None) -> jax.Array:
+def jit_token_logprobs(graphdef, params, batch: Rollouts, temperature: float, experts_fn=None,
+                       replay: bool = False) -> jax.Array:
     """Jitted `token_logprobs` of `params` on a Rollouts batch, zeroed outside the completion: e.g. the reference
-    policy's `ref_logp` (batch._replace(ref_logp=...)) or a recomputed `old_logp`."""
+    policy's `ref_logp` (batch._replace(ref_logp=...)) or a recomputed `old_logp` (replay: with the batch's routes,
+    as the policy's own log-probs are under routing replay)."""
     return _jit_logp_fn(graphdef, params, batch.tokens, batch.positions, batch.segment_ids, batch.completion_mask,
-                        _scale(temperature), experts_fn)
+                        _scale(temperature), experts_fn, batch.routes if replay else None)
 
 
 # --------------------------------------------------------------------------------------------------------- step
 
 
 def grpo_objective(trainable, bias, graphdef, batch: Rollouts, grpo_cfg: G.GRPOConfig, temperature: float,
-                   experts_fn=None):
-    """(loss, (metrics, loads, logp)) of the policy `trainable` + `bias` on `batch`; differentiate w.r.t. trainable."""
+                   experts_fn=None, routing_replay: bool = True):
+    """(loss, (metrics, loads, logp)) of the policy `trainable` + `bias` on `batch`; differentiate w.r.t. trainable.
+    With batch.routes the forward replays them (routing_replay) or only compares its own routes with them; either
+    way `routing_mismatch` is the share of (token, layer) pairs, over tokens with a recorded route, whose expert set
+    differs between the sampler and the trainer's own router."""
     out = _forward(graphdef, nnx.merge_state(trainable, bias), batch.tokens, batch.positions, batch.segment_ids,
-                   experts_fn)
+                   experts_fn, batch.routes, routing_replay)
     logp, ent = logprobs_from_logits(out.logits, batch.tokens, batch.segment_ids, temperature)
     mask = batch.completion_mask
     loss, metrics = G.grpo_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, mask, grpo_cfg,
@@ -177,12 +199,15 @@ def grpo_objective(trainable, bias, graphdef, batch: Rollouts, grpo_cfg: G.GRPOC
     gap = jnp.where(m, jnp.abs(jnp.where(m, batch.old_logp, 0.0) - jax.lax.stop_gradient(logp)), 0.0)
     metrics = dict(metrics, loss=loss, entropy=jnp.sum(jnp.where(m, ent, 0.0)) / n,
                    sampler_trainer_logp_gap=jnp.sum(gap) / n, sampler_trainer_logp_gap_max=jnp.max(gap))
+    if batch.routes is not None and out.route_diff is not None:
+        given = jnp.sum(((batch.routes[..., 0, 0] >= 0) & (batch.segment_ids > 0)).astype(jnp.float32))
+        metrics["routing_mismatch"] = jnp.sum(out.route_diff) / jnp.maximum(given * out.route_diff.shape[0], 1.0)
     return loss, (metrics, (out.expert_load, out.mtp_expert_load))
 
 
 def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                    grpo_cfg: G.GRPOConfig, temperature: float, *, bias_update_speed: float = 0.0, experts_fn=None,
-                   lr_schedule: Optional[optax.Schedule] = None) -> Callable[[TS.TrainState, Rollouts],
+                   lr_schedule: Optional[optax.Schedule] = None, routing_replay: bool = True) -> Callable[[TS.TrainState, Rollouts],
                                                                            tuple[TS.TrainState, dict]]:
     """step(state, batch) -> (state, metrics), pure; jit it with the state donated. Call it grpo_cfg.mu times per
     batch of rollouts with the same batch (old_logp fixed). `temperature`: the sampler's (0 = greedy: log-probs at 1).
@@ -192,7 +217,8 @@ def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTr
     tempered policy over completion tokens); sampler_trainer_logp_gap / _max (mean / max |old_logp - logp| over
     completion tokens: on the first of the mu updates, where params equal the sampler's, the sampler/trainer
     mismatch; on later ones, how far the policy has moved); grad_norm; applied (int32 1/0); maxvio [L] (this
-    batch's MoE load violation); lr when lr_schedule is given.
+    batch's MoE load violation); lr when lr_schedule is given; routing_mismatch when the batch carries the
+    sampler's routes (replayed when routing_replay, `grpo_objective`).
     """
     if not isinstance(grpo_cfg, G.GRPOConfig):
         raise ValueError(f"grpo_cfg must be a GRPOConfig, got {type(grpo_cfg).__name__}")
@@ -202,7 +228,7 @@ def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTr
 
     def step(state: TS.TrainState, batch: Rollouts):
         (loss, (metrics, loads)), grads = grad_fn(state.params, state.router_bias, graphdef, batch, grpo_cfg, tau,
-                                                  experts_fn)
+                                                  experts_fn, routing_replay)
         bias = TS.update_router_bias(state.router_bias, loads, bias_update_speed) if bias_update_speed else \
             state.router_bias
         applied = state.step - state.nonfinite_total  # optimizer updates applied before this step

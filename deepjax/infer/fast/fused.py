@@ -291,7 +291,7 @@ def _cos_sin(cos_BT, sin_BT):
 
 def fused_block(w: dict, x_BTD, kv_BSc, pos_BT, cos, sin, mask_BTS, prefill: bool = False):
     """One block on T new tokens per row with fused weights (`fuse_block`); returns (x, cache rows with the new
-    ones written). Uses the Pallas kernels `w["kernels"]` names. x may be `Pending` (from the previous block's
+    ones written, the routed experts each token used [B, T, K] int32, None for a dense block). Uses the Pallas kernels `w["kernels"]` names. x may be `Pending` (from the previous block's
     "moe_in" kernels) and so may the result: `settle` gives the array.
 
     prefill: the tokens are positions [0, T) of each row (the prompts; kv_BSc and pos_BT unused): the cache rows
@@ -367,19 +367,20 @@ def _folded_qkv(x_BTD, a: dict, eps: float, Q: int, CR: int):
 
 
 def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
-    """fused_block's feed-forward half (after attention's residual add)."""
+    """fused_block's feed-forward half (after attention's residual add): (x, cache rows, routes [B, T, K] or None)."""
     B, T, D = x_BTD.shape
     cfg, eps = w["cfg"], w["cfg"].rms_norm_eps
     f = w["ffn"]
+    routes = lambda idx_TX: idx_TX[:, :cfg.num_experts_per_tok].reshape(B, T, -1).astype(jnp.int32)  # noqa: E731
     if use.get("moe_in") and T == 1 and "router" in f:  # norm + router logits; routing inside gate/up
         h, logits_TE = KN.moe_in(x_BTD.reshape(B, D), w["ffn_norm"], f["router"], eps, use["moe_in"], w["tuning"])
-        parts, _, w_TX = KN.experts_routed(h, logits_TE, f["bias"], f["w_gu"], f["w_down"], cfg, use["moe_in"],
-                                              w["tuning"])
-        return Pending(x_BTD, parts, w_TX), kv_BSc
+        parts, idx_TX, w_TX = KN.experts_routed(h, logits_TE, f["bias"], f["w_gu"], f["w_down"], cfg, use["moe_in"],
+                                                w["tuning"])
+        return Pending(x_BTD, parts, w_TX), kv_BSc, routes(idx_TX)
     h = rms_norm(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
     if "router" not in f:
         y = jnp.einsum("tf,df->td", _swiglu(jnp.einsum("td,fd->tf", h, f["w_gu"])), f["w_down"])
-        return x_BTD + y.reshape(B, T, D), kv_BSc
+        return x_BTD + y.reshape(B, T, D), kv_BSc, None
     E, S = cfg.n_routed_experts, cfg.n_shared_experts
     if use.get("route") and w["tuning"]["route"]["logits"]:  # the K routed experts, then the S shared ones (weight
         # 1), dense weights [T, E]; the kernel computes the norm and the router logits itself from x: it runs
@@ -393,7 +394,7 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
             w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array
             y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["kernels"]["grouped"],
                                    flat=not w["gathered"])
-            return x_BTD + y.reshape(B, T, D), kv_BSc
+            return x_BTD + y.reshape(B, T, D), kv_BSc, routes(idx_TX)
         if use.get("route"):
             idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"], table=w["tuning"])
         else:
@@ -401,7 +402,7 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
     if use.get("experts"):  # gate/up + SwiGLU, then the down projection (kernels), weighted sum + residual
         x_TD = KN.experts_gathered(h, x_BTD.reshape(B * T, D), idx_TX, w_TX, f["w_gu"], f["w_down"], use["experts"],
                                    w["tuning"])
-        return x_TD.reshape(B, T, D), kv_BSc
+        return x_TD.reshape(B, T, D), kv_BSc, routes(idx_TX)
     if w["gathered"]:
         y = experts_gathered(h, w_TX, idx_TX, f["w_gu"], f["w_down"])
     else:
@@ -410,7 +411,7 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
         else:
             comb_TX = jnp.concatenate([dense_TE, jnp.ones((B * T, S), jnp.float32)], -1)
         y = experts_all_flat(h, comb_TX, f["w_gu"], f["w_down"])
-    return x_BTD + y.reshape(B, T, D), kv_BSc
+    return x_BTD + y.reshape(B, T, D), kv_BSc, routes(idx_TX)
 
 
 __all__ = ["Pending", "settle", "TOPK_METHODS", "check_supported",

@@ -1,0 +1,367 @@
+"""Seconds per GRPO iteration: deepjax's own loop (`deepjax grpo`) beside TRL's `GRPOTrainer` (HF transformers
+generate) on the same model shape, lengths and GPU, in one process run (TRL in a subprocess, first).
+
+    PYTHONPATH=. python bench/grpo_bench.py          # bench preset, 64 prompts x G 8 x 512 new tokens, mu 1 and 2
+    PYTHONPATH=. python bench/grpo_bench.py --preset tiny --prompts 2 --group 2 --new 8 --no-trl     # CPU smoke
+
+On the GPU machine (one H200). TRL and `datasets` are not on its image: carry their wheels (the device README's
+recipe; .whl/ is ignored by .gitignore, and the same folder holds the wheels deepjax already needs there, such as
+tensorboardx; keep one version of each package). Here, once:
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
+        -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+
+(trl needs accelerate, pandas, pyarrow, psutil, jinja2, pyyaml, transformers >= 4.56.2, all on the image; datasets
+needs dill, multiprocess, xxhash, fsspec, huggingface-hub, of which dill and multiprocess are not. 1.8 MB in all;
+checked here against transformers 5.17 and huggingface-hub 1.33, the image's.) Then one device call, with `.whl` carried (TRL runs first, while the GPU is still free of JAX's pool):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
+        .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \\
+    set -o pipefail; PYTHONUNBUFFERED=1 PYTHONPATH=.:$PYTHONPATH python3 bench/grpo_bench.py 2>&1 | tee $OUT/log
+
+A TRL that does not import prints one skip line and the table shows deepjax alone. --no-deepjax / --no-trl run one
+side (two calls, when one does not fit a call's 10 minutes). deepjax's GRPO step takes the whole batch (prompts x
+group rows of prompt + --new tokens) in one forward / backward; an update that runs out of memory prints its error
+line, and --set model.remat=full is the knob to try.
+
+What one iteration is, on each side (--prompts x --group completions of up to --new tokens, temperature 1):
+  deepjax  the body of `deepjax.rl.loop.grpo`'s step loop, run on a `GRPORun` built from the config as `deepjax
+           grpo` builds it: `next_prompts`, `rollout` (text.complete: the product's sampler and its decode path, on
+           the run's mesh), `score` (deepjax.rl.rewards.combined), `group_advantages`, `batch` (the rollouts as
+           training arrays; the reference's log-probs when beta > 0), `update` (mu optimizer steps of the jitted,
+           donated GRPO step, each on the whole batch; metrics fetched to the host), `step_record`. Seconds from
+           `next_prompts` to the record, as `rollout_s + update_s` of metrics.jsonl; generate_s is `rollout` alone.
+  TRL      bench/anchors/trl_grpo.py: generate (all rows in one call), rewards (the same `combined`), advantages,
+           (old log-probs when mu > 1, reference log-probs when beta > 0,) mu optimizer steps over the whole batch in
+           --trl-micro row chunks; seconds between the ends of the optimizer steps that close two iterations.
+Both: random weights of the same shape (the bench preset = hf_deepseek_v3.bench_cfg), bf16 compute, AdamW (deepjax
+on float32 master weights, --param-dtype; TRL on bf16 weights by default, --trl-dtype: its faster setting, and the
+one hf_deepseek_v3.py times HF training with), generated arithmetic problems in the same template and byte-level
+token ids (so the same prompt lengths, and the same EOS id: random weights rarely sample it, so rows run to --new
+tokens), beta --beta (default 0: no reference model on either side).
+
+Excluded: building the model, the optimizer state and the trainer; compilation (deepjax) and CUDA / allocator
+warm-up (TRL): --warmup untimed iterations before the first mu on each side (later mus reuse the warm process; on
+deepjax's side the same run and compiled step, only rl.loss.mu changed, so nothing compiles again). The held-out
+evaluation and checkpoints of `deepjax grpo` are not part of an iteration. The prompts come from deepjax.data.tasks
+without TFDS / Grain (the GPU image has neither): `Run`'s data sources are the generated lists, and Grain's prompt
+iterator, when Grain is absent, a seeded shuffle of them (`generated_prompts`).
+
+Prints one JSON line per measurement, then a table: seconds per iteration for each mu on each side and TRL /
+deepjax (target: at least 20x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import numpy as np
+
+TARGET = 20.0  # TRL seconds per iteration / deepjax's (issue 19)
+
+
+def emit(**kw):
+    print(json.dumps(kw, default=str), flush=True)
+    return kw
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+
+
+class _SeededPrompts:
+    """The records of a list one at a time in a seeded shuffled order, reshuffled each pass (what
+    `pipeline.prompt_iterator` gives through Grain), with the iterator's get_state / set_state."""
+
+    def __init__(self, records, seed: int, state=None):
+        self.records, self.seed, self.i, self.order = records, seed, 0, (None, None)
+        if state is not None:
+            self.set_state(state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        n = len(self.records)
+        epoch, j = divmod(self.i, n)
+        if self.order[0] != epoch:
+            self.order = (epoch, np.random.default_rng((self.seed, epoch)).permutation(n))
+        self.i += 1
+        return self.records[int(self.order[1][j])]
+
+    def get_state(self) -> dict:
+        return {"i": self.i}
+
+    def set_state(self, state: dict) -> None:
+        self.i = int(state["i"])
+
+
+@contextlib.contextmanager
+def generated_prompts():
+    """`GRPORun` without TFDS: `Run`'s data sources are deepjax.data.tasks' generated lists (what the TFDS builder
+    stores, as str); when Grain does not import, `pipeline.prompt_iterator` is a seeded shuffle of them. Yields
+    which prompt iterator the run got ("grain" or "seeded shuffle")."""
+    from deepjax.data import tasks
+    from deepjax.train import run as TR
+
+    def build_sources(cfg, workdir):
+        d = cfg.data
+        return {split: tasks.generate(d.source, n, d.task_seed, split, **tasks.options_of(d))
+                for split, n in (("train", d.num_train), ("test", d.num_test))}
+
+    saved = TR.build_sources
+    TR.build_sources = build_sources
+    try:
+        try:
+            from deepjax.data import pipeline  # noqa: F401  (Grain)
+            kind = "grain"
+        except ImportError:
+            import deepjax.data
+            stub = types.ModuleType("deepjax.data.pipeline")
+            stub.prompt_iterator = lambda data_cfg, source, state=None: _SeededPrompts(source, data_cfg.seed, state)
+            sys.modules["deepjax.data.pipeline"] = deepjax.data.pipeline = stub
+            kind = "seeded shuffle"
+        yield kind
+    finally:
+        TR.build_sources = saved
+
+
+# ------------------------------------------------------------------------------------------------------ deepjax
+
+
+def config(args):
+    from deepjax.config import load_config
+
+    sets = ["--config.model.dtype=bfloat16", f"--config.model.param_dtype={args.param_dtype}",
+            "--config.data.source=arithmetic", f"--config.data.template={args.template}",
+            f"--config.rl.prompts_per_step={args.prompts}", f"--config.rl.loss.group_size={args.group}",
+            f"--config.rl.loss.mu={args.mu[0]}", f"--config.rl.rollout.max_new_tokens={args.new}",
+            "--config.rl.rollout.temperature=1.0", f"--config.rl.loss.beta={args.beta}",
+            f"--config.rl.steps={args.warmup + args.steps * len(args.mu)}", f"--config.seed={args.seed}"]
+    return load_config(args.preset, sets + [s if s.startswith("--") else f"--config.{s}" for s in args.set])
+
+
+def with_mu(cfg, mu: int):
+    return dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, loss=dataclasses.replace(cfg.rl.loss, mu=mu)))
+
+
+def iteration(run, s: int) -> dict:
+    """One step of `deepjax.rl.loop.grpo`'s loop body (evaluation and checkpoints aside), timed as the loop times
+    it (rollout_s: prompts, rollouts, rewards, advantages; update_s: the batch, the mu updates, the record)."""
+    from deepjax.rl import loop
+    from deepjax.rl import loss as G
+
+    r = run.cfg.rl
+    t0 = time.perf_counter()
+    examples = run.next_prompts()
+    ro = run.rollout(examples, s)
+    t_gen = time.perf_counter()
+    scores = run.score(examples, ro.texts)
+    adv = np.asarray(G.group_advantages(scores["total"], r.loss.group_size, r.loss.advantage_norm))
+    t1 = time.perf_counter()
+    updates = run.update(run.batch(ro, adv))
+    rec = loop.step_record(s + 1, examples, ro.texts, ro, scores, adv, updates, r.loss.group_size)
+    t2 = time.perf_counter()
+    n_tokens = int(np.sum(ro.lengths))
+    return {"s": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1, "generate_s": t_gen - t0,
+            "generate_tokens_per_s": n_tokens / (t_gen - t0), "prompt_len": int(ro.prompts.shape[1]),
+            "completion_tokens": n_tokens, "response_length": rec["response_length"], "stopped": rec["stopped"],
+            "reward": rec["reward"], "loss": rec.get("loss"), "grad_norm": rec["grad_norm"], "applied": rec["applied"]}
+
+
+def run_deepjax(args) -> dict:
+    """{mu: median seconds per iteration} (or {"error": ...}); one JSON line per iteration and per mu."""
+    import jax
+
+    from deepjax import model as M
+    from deepjax.infer import text
+    from deepjax.rl import loop
+
+    dev = jax.devices()[0]
+    emit(what="device", kind=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
+         devices=jax.device_count())
+    cfg = config(args)
+    workdir = tempfile.mkdtemp(prefix="grpo_bench_")
+    out: dict = {}
+    run = None
+    try:
+        t = time.perf_counter()
+        with generated_prompts() as prompts_kind:
+            run = loop.GRPORun(cfg, workdir)
+        rows = run.rows
+        emit(what="deepjax_run", preset=args.preset, params=M.count_params(run.policy_params()),
+             dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, rows=rows, new=args.new, beta=args.beta,
+             template=args.template, decode_path=text.decode_path(run.sampling, run.mesh, rows),
+             mesh=dict(run.mesh.shape), prompt_iterator=prompts_kind, build_s=time.perf_counter() - t)
+        s = 0
+        for i, mu in enumerate(args.mu):
+            run.cfg = with_mu(cfg, mu)  # GRPORun.update reads rl.loss.mu; the jitted step does not depend on it
+            for w in range(args.warmup if i == 0 else 0):
+                t = time.perf_counter()
+                iteration(run, s)
+                s += 1
+                emit(what="deepjax_grpo_warmup", mu=mu, iteration=w, s=time.perf_counter() - t,
+                     note="compiles the sampler and the update")
+            recs = []
+            for k in range(args.steps):
+                recs.append(iteration(run, s))
+                s += 1
+                emit(what="deepjax_grpo_iteration", mu=mu, iteration=k, **recs[-1])
+            times = [r["s"] for r in recs]
+            out[mu] = {k: statistics.median(r[k] for r in recs) for k in ("s", "rollout_s", "update_s")}
+            emit(what="deepjax_grpo", mu=mu, s_per_iteration=out[mu]["s"], iterations_s=times, rows=rows,
+                 new=args.new)
+        if jax.default_backend() == "gpu":
+            stats = dev.memory_stats() or {}
+            emit(what="deepjax_memory", peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+                 limit_gib=stats.get("bytes_limit", 0) / 2**30)
+    except Exception as e:  # one line (an out-of-memory update says so), and the table still prints
+        emit(what="deepjax_grpo", error=f"{type(e).__name__}: {str(e)[:600]}")
+        out["error"] = f"{type(e).__name__}"
+    finally:
+        if run is not None:
+            run.checkpointer.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- TRL
+
+
+def hf_config_file(args, tmp: str):
+    """None for the bench shape unchanged (the anchor's own `bench_cfg`), else a config.json of the model."""
+    from deepjax.model import presets
+
+    cfg = config(args).model
+    d = cfg.to_hf()
+    same = {k: v for k, v in d.items() if k != "torch_dtype"} == \
+        {k: v for k, v in presets.bench().to_hf().items() if k != "torch_dtype"}
+    if args.preset == "bench" and same:
+        return None
+    path = os.path.join(tmp, "hf_config.json")
+    with open(path, "w") as f:
+        json.dump(d, f)
+    return path
+
+
+def run_trl(args) -> dict:
+    """{mu: seconds per iteration} from bench/anchors/trl_grpo.py (or {"skipped"/"error": why})."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    tmp = tempfile.mkdtemp(prefix="grpo_bench_trl_")
+    try:
+        hf = hf_config_file(args, tmp)
+        cmd = [args.trl_python, os.path.join(here, "anchors", "trl_grpo.py"), "--prompts", str(args.prompts),
+               "--group", str(args.group), "--new", str(args.new), "--mu", *map(str, args.mu),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--micro", str(args.trl_micro),
+               "--beta", str(args.beta), "--template", args.template, "--dtype", args.trl_dtype] + \
+            (["--hf-config", hf] if hf else [])
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", JAX_PLATFORMS="cpu",
+                   TOKENIZERS_PARALLELISM="false")
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out: dict = {}
+    for line in p.stdout.splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(d, dict) or "what" not in d:
+            continue
+        print(line, flush=True)
+        if d["what"] == "trl_grpo" and "skipped" in d:
+            out["skipped"] = d["skipped"]
+        elif d["what"] == "trl_grpo" and "s_per_iteration" in d:
+            out[d["mu"]] = {"s": d["s_per_iteration"], "rollout_s": statistics.median(d["rollout_s"] or [0.0])}
+        elif d["what"] == "trl_grpo" and "error" in d:
+            out[d["mu"]] = {"error": d["error"]}
+    if p.returncode:
+        out.setdefault("error", f"anchor exit status {p.returncode}")
+        emit(what="trl_grpo", error=f"exit status {p.returncode}", stderr_tail=p.stderr[-3000:])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def table(args, dj: dict, trl: dict) -> None:
+    def s(d, mu, key="s"):
+        v = d.get(mu, {})
+        return v.get(key) if isinstance(v, dict) else None
+
+    fmt = lambda v, w, p=2: f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+    print(f"\n{args.preset} preset, bf16 compute, deepjax {args.param_dtype} / TRL {args.trl_dtype} params; "
+          f"{args.prompts} prompts x G {args.group} x {args.new} new tokens ({args.prompts * args.group} rollouts), "
+          f"template {args.template}, beta {args.beta:g}; seconds per GRPO iteration (median of {args.steps}), "
+          f"target TRL / deepjax >= {TARGET:g}x")
+    print(f"{'mu':>3} {'deepjax s':>10} {'rollout s':>10} {'update s':>9} {'TRL s':>9} {'TRL rollout s':>14} "
+          f"{'TRL / deepjax':>14} {'target':>7}")
+    for mu in args.mu:
+        a, b = s(dj, mu), s(trl, mu)
+        ratio = b / a if a and b else None
+        ok = "-" if ratio is None else ("met" if ratio >= TARGET else "MISSED")
+        print(f"{mu:>3} {fmt(a, 10)} {fmt(s(dj, mu, 'rollout_s'), 10)} {fmt(s(dj, mu, 'update_s'), 9)} "
+              f"{fmt(b, 9)} {fmt(s(trl, mu, 'rollout_s'), 14)} {fmt(ratio, 13, 1) + ('x' if ratio else ' ')} "
+              f"{ok:>7}")
+    for side, d in (("deepjax", dj), ("TRL", trl)):
+        for k in ("skipped", "error"):
+            if k in d:
+                print(f"{side}: {k}: {d[k]}")
+        for mu in args.mu:
+            if isinstance(d.get(mu), dict) and "error" in d[mu]:
+                print(f"{side} mu {mu}: error: {d[mu]['error']}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench", help="a deepjax config or preset name (deepjax.model.presets)")
+    ap.add_argument("--prompts", type=int, default=64, help="prompts per iteration (rl.prompts_per_step)")
+    ap.add_argument("--group", type=int, default=8, help="completions per prompt (rl.loss.group_size)")
+    ap.add_argument("--new", type=int, default=512, help="max new tokens per completion (rl.rollout.max_new_tokens)")
+    ap.add_argument("--mu", type=int, nargs="+", default=[1, 2], help="optimizer updates per batch (rl.loss.mu)")
+    ap.add_argument("--steps", type=int, default=1, help="timed iterations per mu (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed iterations before the first mu, on each side")
+    ap.add_argument("--template", default="plain", help="prompt template: plain | r1 (data.template)")
+    ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient on both sides (0: no reference model)")
+    ap.add_argument("--param-dtype", default="float32", help="deepjax's model.param_dtype (TRL: float32 + bf16 "
+                    "autocast)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="more deepjax config overrides, e.g. --set model.remat=full (repeatable)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL anchor")
+    ap.add_argument("--no-deepjax", action="store_true", help="run only the TRL anchor")
+    ap.add_argument("--trl-micro", type=int, default=32, help="TRL rows per forward / backward "
+                    "(per_device_train_batch_size; gradient accumulation over the rest)")
+    ap.add_argument("--trl-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="TRL's model weights (float32: fp32 master weights under bf16 autocast, as deepjax)")
+    ap.add_argument("--trl-python", default=sys.executable, help="the Python that runs the TRL anchor")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.prompts < 1 or args.group < 2 or args.new < 1:
+        ap.error("--steps >= 1, --warmup >= 0, --prompts >= 1, --group >= 2, --new >= 1")
+
+    # TRL first: the GPU is still free (JAX takes its memory pool when deepjax's side first touches the device).
+    trl = {"skipped": "--no-trl"} if args.no_trl else run_trl(args)
+    if args.no_trl:
+        emit(what="trl_grpo", skipped="--no-trl")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # TRL is done: the GPU is deepjax's
+    dj = {"skipped": "--no-deepjax"} if args.no_deepjax else run_deepjax(args)
+    for mu in args.mu:
+        a, b = dj.get(mu), trl.get(mu)
+        if isinstance(a, dict) and isinstance(b, dict) and a.get("s") and b.get("s"):
+            emit(what="ratio_trl_over_deepjax", mu=mu, value=b["s"] / a["s"], target=TARGET)
+    table(args, dj, trl)
+
+
+if __name__ == "__main__":
+    main()
