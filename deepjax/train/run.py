@@ -10,14 +10,16 @@ What a run directory holds:
 
     config.json           the resolved config (every field, after overrides)
     checkpoints/<step>/   Orbax checkpoints (deepjax/train/checkpoint.py): state, data iterator state, config, extras
-    metrics.jsonl         one JSON line per step (the loop's metrics)
-    tb/                   TensorBoard event files (tensorboardX: no TensorFlow needed)
+    damaged/<step>/       steps found damaged and moved aside by train.fallback_on_damage (never read again)
+    metrics.jsonl         one JSON line per step (the loop's metrics); a resumed run drops the lines past its step
+    tb/                   TensorBoard event files (tensorboardX: no TensorFlow needed), one file per launch
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -93,16 +95,29 @@ def build_sources(cfg: Config, workdir: str) -> dict:
     return sources
 
 
-class MetricsLog:
-    """metrics.jsonl (one line per step, flushed) and TensorBoard events (tensorboardX) of a run, on process 0."""
+_WRITERS = itertools.count()
 
-    def __init__(self, workdir: str, log_every: int, enabled: bool = True):
+
+class MetricsLog:
+    """metrics.jsonl (one line per step, flushed) and TensorBoard events (tensorboardX) of a run, on process 0.
+
+    `resume_step`: the step the run continues from (0 for a fresh start). The lines of metrics.jsonl past it (a run
+    that went further before it was killed, or whose newer checkpoints were damaged) are dropped, so every step
+    appears once; TensorBoard gets a new event file whose start marker (tensorboardX `purge_step`) tells
+    TensorBoard to hide the older files' events from that step on (they stay on disk)."""
+
+    def __init__(self, workdir: str, log_every: int, enabled: bool = True, resume_step: Optional[int] = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.log_every = log_every
         self.file = self.writer = None
         if enabled:
+            if resume_step is not None:
+                truncate_jsonl(self.path, resume_step)
             self.file = open(self.path, "a")
-            self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+            tb = os.path.join(workdir, "tb")
+            purge = resume_step + 1 if resume_step is not None and os.path.isdir(tb) else None
+            # a name of its own: tensorboardX names files by the second and opens them with "wb"
+            self.writer = SummaryWriter(tb, purge_step=purge, filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")
 
     def write(self, rec: dict, step: int, last: bool = False, prefix: str = "train") -> None:
         if self.file:
@@ -207,7 +222,7 @@ class Progress:
     """A loop's logging on process 0: a tqdm bar, metrics.jsonl and TensorBoard (`MetricsLog`)."""
 
     def __init__(self, run: Run, total: int, start: int, desc: str, progress: bool = True):
-        self.log = MetricsLog(run.workdir, run.cfg.train.log_every, enabled=run.is_main)
+        self.log = MetricsLog(run.workdir, run.cfg.train.log_every, enabled=run.is_main, resume_step=start)
         self.bar = tqdm(total=total, initial=start, disable=not (progress and run.is_main), dynamic_ncols=True,
                         desc=desc, unit="step")
         self.total = total
@@ -282,6 +297,29 @@ def read_jsonl(path: str) -> list[dict]:
     return out
 
 
+def truncate_jsonl(path: str, step: int, write: bool = True) -> list[dict]:
+    """The records of a JSON-lines log with "step" <= `step`; with `write`, the file is rewritten to hold only those
+    (atomically: a kill leaves the old file or the new one). What a resumed run keeps of metrics.jsonl / eval.jsonl."""
+    recs = read_jsonl(path)
+    keep = [r for r in recs if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step]
+    if write and os.path.exists(path) and (len(keep) != len(recs) or _cut_tail(path)):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(tmp, path)
+    return keep
+
+
+def _cut_tail(path: str) -> bool:
+    """Whether a file ends without a newline (its last line cut by a kill)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 def read_history(path: str) -> dict[int, dict]:
     """step -> record from metrics.jsonl (a step redone after a resume keeps its last record)."""
     return {r["step"]: r for r in read_jsonl(path)}
@@ -305,4 +343,5 @@ def kill_if_asked(step: int, checkpointer) -> None:
 
 __all__ = ["Run", "Progress", "running", "load_params", "MetricsLog", "NonFiniteError", "KILL_ENV", "check_vocab",
            "check_same_model", "abstract_train_state", "build_sources", "scalars", "read_jsonl", "read_history",
+           "truncate_jsonl",
            "check_streak", "kill_if_asked"]
