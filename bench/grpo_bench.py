@@ -21,17 +21,19 @@ checked here against transformers 5.17 and huggingface-hub 1.33, the image's.) T
     set -o pipefail; PYTHONUNBUFFERED=1 PYTHONPATH=.:$PYTHONPATH python3 bench/grpo_bench.py 2>&1 | tee $OUT/log
 
 A TRL that does not import prints one skip line and the table shows deepjax alone. --no-deepjax / --no-trl run one
-side (two calls, when one does not fit a call's 10 minutes). deepjax's GRPO step takes the whole batch (prompts x
-group rows of prompt + --new tokens) in one forward / backward; an update that runs out of memory prints its error
-line, and --set model.remat=full is the knob to try.
+side (two calls, when one does not fit a call's 10 minutes). deepjax's GRPO step takes the rows in --micro-batches
+sequential parts (rl.micro_batches: gradient accumulation, exact; default 8 here, 64 rows of prompt + --new tokens
+each); an update that runs out of memory prints its error line, and more micro-batches or --set model.remat=full
+are the knobs to try.
 
 What one iteration is, on each side (--prompts x --group completions of up to --new tokens, temperature 1):
   deepjax  the body of `deepjax.rl.loop.grpo`'s step loop, run on a `GRPORun` built from the config as `deepjax
            grpo` builds it: `next_prompts`, `rollout` (text.complete: the product's sampler and its decode path, on
            the run's mesh), `score` (deepjax.rl.rewards.combined), `group_advantages`, `batch` (the rollouts as
            training arrays; the reference's log-probs when beta > 0), `update` (mu optimizer steps of the jitted,
-           donated GRPO step, each on the whole batch; metrics fetched to the host), `step_record`. Seconds from
-           `next_prompts` to the record, as `rollout_s + update_s` of metrics.jsonl; generate_s is `rollout` alone.
+           donated GRPO step, each on the whole batch in micro-batches; metrics fetched to the host),
+           `step_record`: `GRPORun.iteration`, which `grpo` calls. Seconds from `next_prompts` to the record, as
+           `rollout_s + update_s` of metrics.jsonl; generate_s is `rollout` alone.
   TRL      bench/anchors/trl_grpo.py: generate (all rows in one call), rewards (the same `combined`), advantages,
            (old log-probs when mu > 1, reference log-probs when beta > 0,) mu optimizer steps over the whole batch in
            --trl-micro row chunks; seconds between the ends of the optimizer steps that close two iterations.
@@ -148,7 +150,8 @@ def config(args):
             f"--config.rl.prompts_per_step={args.prompts}", f"--config.rl.loss.group_size={args.group}",
             f"--config.rl.loss.mu={args.mu[0]}", f"--config.rl.rollout.max_new_tokens={args.new}",
             "--config.rl.rollout.temperature=1.0", f"--config.rl.loss.beta={args.beta}",
-            f"--config.rl.steps={args.warmup + args.steps * len(args.mu)}", f"--config.seed={args.seed}"]
+            f"--config.rl.steps={args.warmup + args.steps * len(args.mu)}", f"--config.seed={args.seed}",
+            f"--config.rl.micro_batches={args.micro_batches}"]
     return load_config(args.preset, sets + [s if s.startswith("--") else f"--config.{s}" for s in args.set])
 
 
@@ -157,27 +160,16 @@ def with_mu(cfg, mu: int):
 
 
 def iteration(run, s: int) -> dict:
-    """One step of `deepjax.rl.loop.grpo`'s loop body (evaluation and checkpoints aside), timed as the loop times
-    it (rollout_s: prompts, rollouts, rewards, advantages; update_s: the batch, the mu updates, the record)."""
-    from deepjax.rl import loop
-    from deepjax.rl import loss as G
-
-    r = run.cfg.rl
+    """One iteration of `deepjax grpo`'s loop (`GRPORun.iteration`: evaluation and checkpoints aside), timed."""
     t0 = time.perf_counter()
-    examples = run.next_prompts()
-    ro = run.rollout(examples, s)
-    t_gen = time.perf_counter()
-    scores = run.score(examples, ro.texts)
-    adv = np.asarray(G.group_advantages(scores["total"], r.loss.group_size, r.loss.advantage_norm))
-    t1 = time.perf_counter()
-    updates = run.update(run.batch(ro, adv))
-    rec = loop.step_record(s + 1, examples, ro.texts, ro, scores, adv, updates, r.loss.group_size)
-    t2 = time.perf_counter()
-    n_tokens = int(np.sum(ro.lengths))
-    return {"s": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1, "generate_s": t_gen - t0,
-            "generate_tokens_per_s": n_tokens / (t_gen - t0), "prompt_len": int(ro.prompts.shape[1]),
-            "completion_tokens": n_tokens, "response_length": rec["response_length"], "stopped": rec["stopped"],
-            "reward": rec["reward"], "loss": rec.get("loss"), "grad_norm": rec["grad_norm"], "applied": rec["applied"]}
+    rec = run.iteration(s)
+    s_total = time.perf_counter() - t0
+    n_tokens = int(round(rec["response_length"] * run.rows))
+    return {"s": s_total, "rollout_s": rec["rollout_s"], "update_s": rec["update_s"], "generate_s": rec["generate_s"],
+            "generate_tokens_per_s": n_tokens / rec["generate_s"], "completion_tokens": n_tokens,
+            "response_length": rec["response_length"], "stopped": rec["stopped"], "reward": rec["reward"],
+            "loss": rec.get("loss"), "grad_norm": rec["grad_norm"], "applied": rec["applied"],
+            "routing_mismatch": rec.get("routing_mismatch")}
 
 
 def run_deepjax(args) -> dict:
@@ -336,6 +328,8 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient on both sides (0: no reference model)")
     ap.add_argument("--param-dtype", default="float32", help="deepjax's model.param_dtype (TRL: float32 + bf16 "
                     "autocast)")
+    ap.add_argument("--micro-batches", type=int, default=8, help="rl.micro_batches: the update's rows in this many "
+                    "sequential parts (must divide --prompts x --group)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="more deepjax config overrides, e.g. --set model.remat=full (repeatable)")
     ap.add_argument("--seed", type=int, default=0)

@@ -208,3 +208,29 @@ def test_kl_and_router_bias_under_a_donated_jit(setup):
     assert float(m["kl"]) > 0 and np.isfinite(float(m["loss"]))
     with pytest.raises(ValueError, match="ref_logp is None"):
         jax.eval_shape(update.make_grpo_step(graphdef, cfg, opt, gc, TEMP), state, _jnp(batch))
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dapo", "dr_grpo"])
+def test_micro_batches_give_the_whole_batch_step(setup, aggregation):
+    """rl.micro_batches: the rows in two sequential halves (one group each, with different token counts) give the
+    whole batch's gradient (SGD with lr 1: the new params are params - grad), loss and token-mean metrics; and the
+    log-prob passes in parts equal the whole."""
+    import optax
+    cfg, graphdef, params, prompts, lengths, out, batch = setup
+    ref = update.jit_token_logprobs(graphdef, params, batch, TEMP, micro_batches=2)
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(update.jit_token_logprobs(graphdef, params, batch, TEMP)),
+                               atol=2e-5)  # (float rounding of a 4-row vs 8-row program)
+    jb = _jnp(batch._replace(ref_logp=np.asarray(ref) + 0.01 * batch.completion_mask))  # a non-zero KL term
+    assert batch.completion_mask[:GROUP].sum() != batch.completion_mask[GROUP:].sum()
+    opt = optax.sgd(1.0)
+    gc = G.GRPOConfig(beta=0.04, aggregation=aggregation, group_size=GROUP, max_completion_length=N_NEW)
+    runs = {mb: jax.jit(update.make_grpo_step(graphdef, cfg, opt, gc, TEMP, micro_batches=mb))(
+        TS.init_state(params, opt, 0), jb) for mb in (1, 2)}
+    (one, m1), (two, m2) = runs[1], runs[2]
+    deltas = [np.abs(np.asarray(a) - np.asarray(p)).max() for a, p in
+              zip(jax.tree.leaves(one.params), jax.tree.leaves(TS.split_params(params)[0]))]
+    assert max(deltas) > 1e-4  # the step moved the params
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+    for k in ("loss", "kl", "n_tokens", "entropy", "ratio_mean", "ratio_max", "grad_norm"):
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-4, atol=1e-6, err_msg=k)

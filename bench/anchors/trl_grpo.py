@@ -5,7 +5,7 @@
 
 Written against TRL 1.16.0 (GRPOConfig: num_generations, max_completion_length, num_iterations = mu,
 per_device_train_batch_size, gradient_accumulation_steps, steps_per_generation; generation through
-`model.generate`, use_vllm=False). `bench/grpo_bench.py` runs it beside deepjax's own loop; it is also runnable alone.
+HF generate, use_vllm=False). `bench/grpo_bench.py` runs it beside deepjax's own loop; it is also runnable alone.
 
 What runs, as deepjax's side of the comparison does (bench/grpo_bench.py):
   * the model: HF transformers `DeepseekV3ForCausalLM` with random weights, on the bench shape

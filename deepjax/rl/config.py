@@ -57,6 +57,7 @@ class RLConfig:
     # MoE models: the trainer's log-probs use the experts the sampler chose for each token (DeepSeek-V3.2's "Keep
     # Routing"); False: its own routing. Either way the share of (token, layer) routes that differ is reported.
     routing_replay: bool = True
+    micro_batches: int = 1  # the rollout rows in this many sequential parts for the update's gradient and log-probs
     lr: Optional[float] = None  # GRPO's peak learning rate; None: optim.lr (the rest of `optim` applies as is)
     loss: GRPOConfig = GRPOConfig(beta=0.001, group_size=8)  # R1-Zero: beta 0.001, G 16
     reward: RewardConfig = RewardConfig()  # R1-Zero: accuracy 1 + format 0.1
@@ -80,7 +81,10 @@ class RLConfig:
         """Each nested config validated itself when it was built; the run-level fields here."""
         check_types(self, "rl.")
         self.eval.validate()
-        positive(self, "rl", ("steps", "prompts_per_step"))
+        positive(self, "rl", ("steps", "prompts_per_step", "micro_batches"))
+        if (self.prompts_per_step * self.loss.group_size) % self.micro_batches:
+            checker(self, "rl")("micro_batches", f"must divide the rollout rows, rl.prompts_per_step x "
+                                                 f"rl.loss.group_size = {self.prompts_per_step * self.loss.group_size}")
         positive(self, "rl", ("ref_refresh_every", "bias_update_speed"), strict=False)
         if self.lr is not None and not self.lr > 0:
             checker(self, "rl")("lr", "must be positive, or None (= optim.lr)")

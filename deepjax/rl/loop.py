@@ -59,8 +59,8 @@ from deepjax.rl import update
 from deepjax.parallel import sharding as S
 from deepjax.schema import ConfigError
 from deepjax.train import step as TS
-from deepjax.train.run import Run, check_same_model, check_streak, kill_if_asked, load_params, read_jsonl, \
-    running, scalars
+from deepjax.train.run import Run, check_same_model, check_streak, kill_if_asked, load_params, running, scalars, \
+    truncate_jsonl
 
 FROZEN = ("mtp",)  # top-level parameter groups GRPO never changes
 
@@ -79,7 +79,7 @@ def make_step(graphdef, cfg: Config, optimizer, schedule):
     """The policy update: update.make_grpo_step with the FROZEN groups kept as they were."""
     inner = update.make_grpo_step(graphdef, cfg.model, optimizer, cfg.rl.grpo(), cfg.rl.rollout.temperature,
                               bias_update_speed=cfg.rl.bias_update_speed, lr_schedule=schedule,
-                              routing_replay=cfg.rl.routing_replay)
+                              routing_replay=cfg.rl.routing_replay, micro_batches=cfg.rl.micro_batches)
 
     def step(state: TS.TrainState, batch: update.Rollouts):
         new, metrics = inner(state, batch)
@@ -126,6 +126,9 @@ class GRPORun(Run):
                          init_params=init_params)
         self.rows = r.prompts_per_step * r.loss.group_size
         n_shards = S.batch_shards(self.mesh, self.rules)
+        if (self.rows // cfg.rl.micro_batches) % n_shards:
+            raise ConfigError(f"rl.micro_batches={cfg.rl.micro_batches}: each micro-batch's "
+                              f"{self.rows // cfg.rl.micro_batches} rows do not split over the {n_shards} batch shards")
         if self.rows % n_shards:
             self.checkpointer.close()
             raise ConfigError(f"rl.prompts_per_step x rl.loss.group_size = {self.rows} rollouts do not split evenly over "
@@ -168,10 +171,12 @@ class GRPORun(Run):
         temperature = self.cfg.rl.rollout.temperature
         with self.on_mesh():
             if self.ref_needed:
-                b = b._replace(ref_logp=update.jit_token_logprobs(self.graphdef, self.ref, b, temperature))
+                b = b._replace(ref_logp=update.jit_token_logprobs(self.graphdef, self.ref, b, temperature,
+                                                                  micro_batches=self.cfg.rl.micro_batches))
             if self.cfg.rl.loss.uses_sampler:  # TIS / MIS: pi_old from the trainer, the sampler's beside it
                 old = update.jit_token_logprobs(self.graphdef, self.policy_params(), b, temperature,
-                                                replay=self.cfg.rl.routing_replay)
+                                                replay=self.cfg.rl.routing_replay,
+                                                micro_batches=self.cfg.rl.micro_batches)
                 b = b._replace(old_logp=old, sampler_logp=b.old_logp)
         return b
 
@@ -182,6 +187,25 @@ class GRPORun(Run):
                 self.state, m = self._update(self.state, batch)
                 out.append(m)
         return [scalars(jax.device_get(m)) for m in out]
+
+    def iteration(self, s: int) -> dict:
+        """GRPO step s + 1 (evaluation and checkpoints aside): prompts, rollouts, rewards, group advantages, the mu
+        updates, the reference refresh; its metrics.jsonl record (`step_record`) with the seconds of its halves:
+        rollout_s (prompts, rollouts, rewards, advantages; generate_s of it the sampling alone) and update_s."""
+        r, done = self.cfg.rl, s + 1
+        t0 = time.perf_counter()
+        examples = self.next_prompts()
+        ro = self.rollout(examples, s)
+        t_gen = time.perf_counter()
+        scores = self.score(examples, ro.texts)
+        adv = np.asarray(G.group_advantages(scores["total"], r.loss.group_size, r.loss.advantage_norm))
+        t1 = time.perf_counter()
+        updates = self.update(self.batch(ro, adv))
+        if self.ref_needed and r.ref_refresh_every and done % r.ref_refresh_every == 0:
+            self.ref = self.policy_copy()
+        rec = step_record(done, examples, ro.texts, ro, scores, adv, updates, r.loss.group_size)
+        rec.update(rollout_s=t1 - t0, generate_s=t_gen - t0, update_s=time.perf_counter() - t1)
+        return rec
 
     def evaluate(self, n_problems: int, k: int) -> dict:
         examples = evaluate.held_out(self.cfg, n_problems)
@@ -260,22 +284,12 @@ def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
               else f"policy: {run.init_source}", flush=True)
     streak = int(jax.device_get(run.state.nonfinite_streak))
     eval_path = os.path.join(run.workdir, "eval.jsonl")
-    evals = [e for e in read_jsonl(eval_path) if e["step"] <= start]
+    evals = truncate_jsonl(eval_path, start, write=run.is_main)  # eval.jsonl, as metrics.jsonl: each step once
     last: dict = {}
     with running(run, r.steps, start, "grpo", progress) as log:
         for s in range(start, r.steps):
             done = s + 1
-            t0 = time.perf_counter()
-            examples = run.next_prompts()
-            ro = run.rollout(examples, s)
-            scores = run.score(examples, ro.texts)
-            adv = np.asarray(G.group_advantages(scores["total"], r.loss.group_size, r.loss.advantage_norm))
-            t1 = time.perf_counter()
-            updates = run.update(run.batch(ro, adv))
-            if run.ref_needed and r.ref_refresh_every and done % r.ref_refresh_every == 0:
-                run.ref = run.policy_copy()
-            rec = step_record(done, examples, ro.texts, ro, scores, adv, updates, r.loss.group_size)
-            rec.update(rollout_s=t1 - t0, update_s=time.perf_counter() - t1)
+            rec = run.iteration(s)
             streak = 0 if rec["applied"] else streak + 1
             if (r.eval.every and done % r.eval.every == 0) or done == r.steps:
                 ev = eval_record(done, run.evaluate(r.eval.problems, r.eval.k), r.eval.k)

@@ -285,7 +285,7 @@ def k3_kl(logp, ref_logp, max_log_ratio: float = 20.0) -> jax.Array:
     return jnp.maximum(jnp.expm1(d) - d, 0.0)
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig, *, sampler_logp=None):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig, *, sampler_logp=None, denominator=None):
     """(loss, metrics): -J(theta) of the module docstring, aggregated by cfg.aggregation.
 
     logp [B, T]        log pi_theta of the sampled tokens (differentiated)
@@ -307,6 +307,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig, *, sa
         kl              mean KL estimate (k3, or k3_is with kl_estimator "k3_is"); only when ref_logp is given
         entropy_proxy   mean -logp (entropy estimate of pi_theta on the sampled tokens)
         n_tokens        number of completion tokens
+        agg_denominator what the aggregation divides by (outputs, kept tokens, or B x max_completion_length); it does
+                        not depend on logp, so micro-batches of a batch pass the whole batch's as `denominator`
         tis_frac, mis_drop_frac, is_weight_mean   only when sampler_logp is given: share of completion tokens whose
                         TIS weight is truncated (kept ones), share MIS drops, mean weight on the kept tokens
     """
@@ -411,14 +413,17 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig, *, sa
     n_tokens = jnp.sum(mf)
     if cfg.aggregation == "grpo":
         per_output_len = jnp.sum(lmf, axis=1)
-        per_output = jnp.sum(objective, axis=1) / jnp.maximum(per_output_len, 1.0)
-        n_nonempty = jnp.sum((per_output_len > 0).astype(jnp.float32))  # fully padded rows are not outputs
-        value = jnp.sum(per_output) / jnp.maximum(n_nonempty, 1.0)
+        numerator = jnp.sum(jnp.sum(objective, axis=1) / jnp.maximum(per_output_len, 1.0))
+        agg = jnp.maximum(jnp.sum((per_output_len > 0).astype(jnp.float32)), 1.0)  # padded rows are not outputs
     elif cfg.aggregation == "dapo":
-        value = jnp.sum(objective) / jnp.maximum(jnp.sum(lmf) if lm is not m else n_tokens, 1.0)
+        numerator, agg = jnp.sum(objective), jnp.maximum(jnp.sum(lmf), 1.0)
     else:  # dr_grpo
         max_len = cfg.max_completion_length if cfg.max_completion_length is not None else length
-        value = jnp.sum(objective) / float(n_out * max_len)
+        numerator, agg = jnp.sum(objective), jnp.asarray(float(n_out * max_len), jnp.float32)
+    # The aggregation's denominator does not depend on the policy: a caller that splits the batch into micro-batches
+    # passes the whole batch's (`metrics["agg_denominator"]` of a call on the whole batch), and the summed
+    # micro-batch losses and gradients are the whole batch's.
+    value = numerator / (agg if denominator is None else denominator)
     loss = -value
 
     denom = jnp.maximum(n_tokens, 1.0)
@@ -434,6 +439,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig, *, sa
         "ratio_max": jnp.max(jnp.where(m, sg(ratio), zero)),
         "entropy_proxy": token_mean(-logp),
         "n_tokens": n_tokens,
+        "agg_denominator": sg(agg),
     }
     if seq_ratio is not None:
         rows = jnp.sum(lmf, axis=1) > 0

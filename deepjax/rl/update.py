@@ -161,38 +161,48 @@ def token_logprobs(graphdef, params, tokens, positions, segment_ids, temperature
                                       routes)[0]
 
 
-def _jit_logp(graphdef, params, tokens, positions, segment_ids, mask, temperature, experts_fn, routes):
-    lp = token_logprobs(graphdef, params, tokens, positions, segment_ids, temperature, experts_fn, routes)
-    return jnp.where(mask > 0, lp, 0.0)
+def _jit_logp(graphdef, params, tokens, positions, segment_ids, mask, temperature, experts_fn, routes,
+              micro_batches):
+    def logp(rows):
+        t, p, s, m, r = rows
+        return jnp.where(m > 0, token_logprobs(graphdef, params, t, p, s, temperature, experts_fn, r), 0.0)
+
+    rows = (tokens, positions, segment_ids, mask, routes)
+    if micro_batches == 1:
+        return logp(rows)
+    split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), rows)
+    return jax.lax.map(logp, split).reshape(tokens.shape)
 
 
-_jit_logp_fn = jax.jit(_jit_logp, static_argnums=(0, 6, 7))
+_jit_logp_fn = jax.jit(_jit_logp, static_argnums=(0, 6, 7, 9))
 
 
 def jit_token_logprobs(graphdef, params, batch: Rollouts, temperature: float, experts_fn=None,
-                       replay: bool = False) -> jax.Array:
+                       replay: bool = False, micro_batches: int = 1) -> jax.Array:
     """Jitted `token_logprobs` of `params` on a Rollouts batch, zeroed outside the completion: e.g. the reference
     policy's `ref_logp` (batch._replace(ref_logp=...)) or a recomputed `old_logp` (replay: with the batch's routes,
-    as the policy's own log-probs are under routing replay)."""
+    as the policy's own log-probs are under routing replay). micro_batches: the rows in that many sequential parts
+    (one part's [rows, T, V] logits at a time)."""
     return _jit_logp_fn(graphdef, params, batch.tokens, batch.positions, batch.segment_ids, batch.completion_mask,
-                        _scale(temperature), experts_fn, batch.routes if replay else None)
+                        _scale(temperature), experts_fn, batch.routes if replay else None, micro_batches)
 
 
 # --------------------------------------------------------------------------------------------------------- step
 
 
 def grpo_objective(trainable, bias, graphdef, batch: Rollouts, grpo_cfg: G.GRPOConfig, temperature: float,
-                   experts_fn=None, routing_replay: bool = True):
+                   experts_fn=None, routing_replay: bool = True, denominator=None):
     """(loss, (metrics, loads, logp)) of the policy `trainable` + `bias` on `batch`; differentiate w.r.t. trainable.
     With batch.routes the forward replays them (routing_replay) or only compares its own routes with them; either
     way `routing_mismatch` is the share of (token, layer) pairs, over tokens with a recorded route, whose expert set
-    differs between the sampler and the trainer's own router."""
+    differs between the sampler and the trainer's own router. denominator: the whole batch's aggregation denominator
+    when `batch` is a micro-batch of it (`grpo_loss`)."""
     out = _forward(graphdef, nnx.merge_state(trainable, bias), batch.tokens, batch.positions, batch.segment_ids,
                    experts_fn, batch.routes, routing_replay)
     logp, ent = logprobs_from_logits(out.logits, batch.tokens, batch.segment_ids, temperature)
     mask = batch.completion_mask
     loss, metrics = G.grpo_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, mask, grpo_cfg,
-                                sampler_logp=batch.sampler_logp)
+                                sampler_logp=batch.sampler_logp, denominator=denominator)
     m = mask > 0
     n = jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
     # Masked tokens become zeros before the arithmetic (a padded old_logp may hold anything).
@@ -205,9 +215,27 @@ def grpo_objective(trainable, bias, graphdef, batch: Rollouts, grpo_cfg: G.GRPOC
     return loss, (metrics, (out.expert_load, out.mtp_expert_load))
 
 
+def combine_micro_metrics(per_micro: dict) -> dict:
+    """One batch's metrics from its micro-batches' (each [M], `make_grpo_step`)."""
+    n = per_micro["n_tokens"]
+    w = n / jnp.maximum(jnp.sum(n), 1.0)
+    out = {}
+    for k, v in per_micro.items():
+        if k in ("loss", "n_tokens"):
+            out[k] = jnp.sum(v)
+        elif k == "agg_denominator":
+            out[k] = v[0]
+        elif k.endswith("_max"):
+            out[k] = jnp.max(v)
+        else:
+            out[k] = jnp.sum(v * w)
+    return out
+
+
 def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                    grpo_cfg: G.GRPOConfig, temperature: float, *, bias_update_speed: float = 0.0, experts_fn=None,
-                   lr_schedule: Optional[optax.Schedule] = None, routing_replay: bool = True) -> Callable[[TS.TrainState, Rollouts],
+                   lr_schedule: Optional[optax.Schedule] = None, routing_replay: bool = True,
+                   micro_batches: int = 1) -> Callable[[TS.TrainState, Rollouts],
                                                                            tuple[TS.TrainState, dict]]:
     """step(state, batch) -> (state, metrics), pure; jit it with the state donated. Call it grpo_cfg.mu times per
     batch of rollouts with the same batch (old_logp fixed). `temperature`: the sampler's (0 = greedy: log-probs at 1).
@@ -219,6 +247,11 @@ def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTr
     mismatch; on later ones, how far the policy has moved); grad_norm; applied (int32 1/0); maxvio [L] (this
     batch's MoE load violation); lr when lr_schedule is given; routing_mismatch when the batch carries the
     sampler's routes (replayed when routing_replay, `grpo_objective`).
+
+    micro_batches M: the rows are split M ways and the gradients summed in a `lax.scan` (gradient accumulation): each
+    micro-batch's loss divides by the whole batch's aggregation denominator, so loss and gradient are the whole
+    batch's up to float rounding. Metrics then combine as: loss summed, maxima the max, n_tokens summed, the rest
+    the micro-batches' means weighted by their completion tokens (exact for token means).
     """
     if not isinstance(grpo_cfg, G.GRPOConfig):
         raise ValueError(f"grpo_cfg must be a GRPOConfig, got {type(grpo_cfg).__name__}")
@@ -226,9 +259,30 @@ def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTr
     del model_cfg  # the graphdef carries the model's config; kept for symmetry with make_train_step
     grad_fn = jax.value_and_grad(grpo_objective, has_aux=True)
 
+    def grads_of(state, b, denominator=None):
+        (_, (metrics, loads)), grads = grad_fn(state.params, state.router_bias, graphdef, b, grpo_cfg, tau,
+                                               experts_fn, routing_replay, denominator)
+        return grads, metrics, loads
+
     def step(state: TS.TrainState, batch: Rollouts):
-        (loss, (metrics, loads)), grads = grad_fn(state.params, state.router_bias, graphdef, batch, grpo_cfg, tau,
-                                                  experts_fn, routing_replay)
+        if micro_batches == 1:
+            grads, metrics, loads = grads_of(state, batch)
+        else:
+            denominator = G.grpo_loss(batch.old_logp, batch.old_logp, batch.ref_logp, batch.advantages,
+                                      batch.completion_mask, grpo_cfg,
+                                      sampler_logp=batch.sampler_logp)[1]["agg_denominator"]
+            split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]),
+                                 batch)
+
+            def body(acc, b):
+                grads, metrics, loads = grads_of(state, b, denominator)
+                return jax.tree.map(jnp.add, acc, (grads, loads)), metrics
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda: (lambda g, m, l: (g, l))(*grads_of(state, jax.tree.map(lambda x: x[0], split), denominator))))
+            (grads, loads), per_micro = jax.lax.scan(body, zeros, split)
+            metrics = combine_micro_metrics(per_micro)
+        loss = metrics["loss"]
         bias = TS.update_router_bias(state.router_bias, loads, bias_update_speed) if bias_update_speed else \
             state.router_bias
         applied = state.step - state.nonfinite_total  # optimizer updates applied before this step
