@@ -199,7 +199,7 @@ def test_kl_and_router_bias_under_a_donated_jit(setup):
     jb = _jnp(batch._replace(ref_logp=np.asarray(ref)))
     step = jax.jit(update.make_grpo_step(graphdef, cfg, opt, gc, TEMP, bias_update_speed=1e-3), donate_argnums=0)
     bias0 = [np.asarray(x) for x in jax.tree.leaves(TS.split_params(params)[1])]
-    state, m = step(TS.init_state(params, opt, 0), jb)
+    state, m = step(TS.init_state(jax.tree.map(jnp.copy, params), opt, 0), jb)  # (donated: not the fixture's)
     assert float(m["kl"]) < 1e-6 and int(m["applied"]) == 1  # policy == reference at the first update
     moved = [np.abs(np.asarray(b) - a) for a, b in zip(bias0, jax.tree.leaves(state.router_bias))]
     assert any((d > 0).any() for d in moved) and all(np.allclose(d[d > 0], 1e-3) for d in moved)
@@ -234,3 +234,43 @@ def test_micro_batches_give_the_whole_batch_step(setup, aggregation):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
     for k in ("loss", "kl", "n_tokens", "entropy", "ratio_mean", "ratio_max", "grad_norm"):
         np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_sampling_mask_replay(setup):
+    """record_support: each token's kept set (top-50, then top-0.95) is the one the full forward's logits give, the
+    token is in it, the sampler's log-prob is under that set's renormalized distribution, and the trainer over the
+    same sets (Rollouts.support) reproduces it, where over the full softmax it does not; the GRPO step's
+    sampler/trainer gap is then ~0."""
+    cfg, graphdef, params, prompts, lengths = setup[:5]
+    sc = SP.SamplingConfig(max_new_tokens=N_NEW, temperature=TEMP, top_k=50, top_p=0.95,
+                           eos_ids=tuple(range(3, cfg.vocab_size, 8)), record_support=True)
+    out = SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(1), sc)
+    adv = G.group_advantages(REWARDS, GROUP)
+    b = update.rollouts_from_samples(prompts, lengths, np.asarray(out.tokens), np.asarray(out.logprobs),
+                                     np.asarray(out.lengths), np.asarray(adv), T, support=np.asarray(out.support))
+    m = b.completion_mask > 0
+    sup = np.asarray(b.support)
+    assert sup.shape == (len(prompts), T, 50) and (sup[~m] == -1).all() and (sup[m][:, 0] >= 0).all()
+    assert all(b.tokens[r, t] in sup[r, t] for r, t in zip(*np.nonzero(m)))  # drawn from its set
+    logits = np.asarray(M.jit_forward(graphdef, params, jnp.asarray(b.tokens), jnp.asarray(b.positions),
+                                      jnp.asarray(b.segment_ids)).logits, np.float64) / TEMP
+    for r, t in zip(*np.nonzero(m)):  # the set by hand from the forward's logits at t - 1
+        z = logits[r, t - 1]
+        top = np.argsort(-z, kind="stable")[:50]
+        p = np.exp(z[top] - z[top].max())
+        p /= p.sum()
+        want = top[(np.cumsum(p) - p) < 0.95]
+        assert set(sup[r, t][sup[r, t] >= 0]) == set(want.tolist()), (r, t)
+    kept = np.asarray(update.token_logprobs(graphdef, params, jnp.asarray(b.tokens), jnp.asarray(b.positions),
+                                            jnp.asarray(b.segment_ids), TEMP, support=jnp.asarray(b.support)))
+    full = np.asarray(update.jit_token_logprobs(graphdef, params, b, TEMP))
+    np.testing.assert_allclose(kept[m], b.old_logp[m], atol=2e-5)
+    assert np.abs(full[m] - b.old_logp[m]).max() > 1e-3  # the truncation matters on this batch
+    np.testing.assert_allclose(np.asarray(update.jit_token_logprobs(graphdef, params, b, TEMP, replay_support=True))[m],
+                               kept[m], atol=1e-5)
+    opt = optim.adamw(1e-4, TS.split_params(params)[0])
+    step = jax.jit(update.make_grpo_step(graphdef, cfg, opt, G.GRPOConfig(beta=0.0, group_size=GROUP), TEMP))
+    _, metrics = step(TS.init_state(params, opt, 0), _jnp(b))
+    assert float(metrics["sampler_trainer_logp_gap_max"]) < 2e-5
+    _, metrics = step(TS.init_state(params, opt, 0), _jnp(b._replace(support=None)))
+    assert float(metrics["sampler_trainer_logp_gap_max"]) > 1e-3

@@ -363,7 +363,7 @@ class _Plan:
 
         def prepare(params, prompts_BP, lengths_B, key):  # generate up to its while_loop
             model = nnx.merge(graphdef, params)
-            layers, cache, tok, lp, key, _ = SP.start(model, prompts_BP, lengths_B, key, sc)
+            layers, cache, tok, lp, key, _, _ = SP.start(model, prompts_BP, lengths_B, key, sc)
             arrays, self.static = _split_layers(layers)
             return arrays, cache, tok, lp, key
 

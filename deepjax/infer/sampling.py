@@ -32,7 +32,10 @@ tests/test_decode_contract.py holds every decoder to the full forward.
 Log-probabilities. `logprobs[b, i]` is the log-probability of the sampled token under softmax(logits /
 temperature), taken BEFORE top-k / top-p truncation (the truncated distribution is only used to draw). Greedy
 (temperature 0) reports the log-probability under softmax(logits) (temperature 1). A trainer that recomputes
-log_softmax(logits / temperature) at the same tokens gets the same numbers (tests/test_sampling.py).
+log_softmax(logits / temperature) at the same tokens gets the same numbers (tests/test_sampling.py). With
+`record_support` (sampling-mask replay, DeepSeek-V3.2's "Keep Sampling Mask") they are instead under the truncated
+distribution the token was drawn from, and `Output.support` holds that set's ids, so a trainer can compute its own
+log-probs over the same set (`deepjax.rl.update.logprobs_from_logits`).
 
 Under `sharding.use_mesh(mesh, rules)` the same code runs sharded: params in their training shardings, the
 batch and the cache split over the batch axes, routed experts dispatched over `expert` as in training.
@@ -76,6 +79,9 @@ class SamplingConfig:
     kernel_tuning: tuple = ()
     mtp_draft: bool = False  # greedy only: the MTP module drafts one extra token per step, the main model checks it
     record_routes: bool = False  # Output.routes: the experts every token used in every MoE layer (routing replay)
+    # Output.support: the token ids of the truncated set each token was drawn from (top-k, then top-p; sampling-mask
+    # replay); the log-probs are then those of that truncated distribution. Needs top_k > 0 (the set's bound).
+    record_support: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -106,6 +112,9 @@ class SamplingConfig:
             fail("mtp_draft", "drafting is greedy only: set sampling.temperature=0")
         if self.record_routes and self.mtp_draft:
             fail("record_routes", "not recorded with sampling.mtp_draft=True")
+        if self.record_support and not (self.top_k > 0 and self.temperature > 0):
+            fail("record_support", "the kept set is stored as top-k ids: needs sampling.top_k > 0 and "
+                                   "sampling.temperature > 0")
 
 
 def cache_length(sc: SamplingConfig, prompt_len: int) -> int:
@@ -446,8 +455,25 @@ def truncate_logits(logits_BV, top_k: int, top_p: float):
     return logits_BV
 
 
+def kept_set(scaled_BV, top_k: int, top_p: float):
+    """The ids [B, top_k] of the truncated set `truncate_logits` keeps (its top_k most likely, most likely first;
+    -1 past the top-p cut), for top_k > 0 (ties at the k-th value aside)."""
+    vals, ids = jax.lax.top_k(scaled_BV, top_k)
+    probs = jax.nn.softmax(vals, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # the top-p cut over the top-k (renormalized) distribution
+    return jnp.where(keep, ids, -1).astype(jnp.int32)
+
+
+def kept_logprobs(scaled_BV, ids_BK, tok_B):
+    """log-prob of tok under softmax over the kept ids only (-1: not kept): the truncated distribution."""
+    vals = jnp.take_along_axis(scaled_BV, jnp.maximum(ids_BK, 0), axis=-1)
+    lse = jax.nn.logsumexp(jnp.where(ids_BK >= 0, vals, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(scaled_BV, tok_B[:, None], axis=-1)[:, 0] - lse
+
+
 def sample(logits_BV, key, sc: SamplingConfig):
-    """(tokens [B], log-probs [B]): see the module docstring for which distribution the log-probs are under."""
+    """(tokens [B], log-probs [B]), and with sc.record_support the kept set's ids [B, top_k] (`kept_set`): see the
+    module docstring for which distribution the log-probs are under."""
     logits_BV = logits_BV.astype(jnp.float32)
     if sc.temperature == 0:
         tok = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -456,6 +482,9 @@ def sample(logits_BV, key, sc: SamplingConfig):
         scaled = logits_BV / sc.temperature
         logp_BV = jax.nn.log_softmax(scaled, axis=-1)
         tok = jax.random.categorical(key, truncate_logits(scaled, sc.top_k, sc.top_p), axis=-1).astype(jnp.int32)
+        if sc.record_support:
+            ids = kept_set(scaled, sc.top_k, sc.top_p)
+            return tok, kept_logprobs(scaled, ids, tok), ids
     return tok, jnp.take_along_axis(logp_BV, tok[:, None], axis=-1)[:, 0]
 
 
@@ -470,6 +499,9 @@ class Output(NamedTuple):
     # its position (prompt at [0, length), the i-th new token at length + i; the last sampled token is never fed:
     # -1 there and wherever nothing was recorded)
     routes: Optional[jax.Array] = None
+    # [B, N, top_k] int32, with record_support: the ids of the truncated set each new token was drawn from (-1 past
+    # the top-p cut and after a row stopped); logprobs are then under that set's renormalized distribution
+    support: Optional[jax.Array] = None
 
 
 def _is_eos(tok_B, eos_ids):
@@ -483,10 +515,10 @@ def _recording(model: Transformer, sc: SamplingConfig) -> bool:
 
 
 def start(model: Transformer, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None):
-    """`generate` up to its loop: (decode layers, cache, first token [B], its log-prob [B], key, routes). The decode
-    layers are the fused weights or per-layer modules the steps reuse (`_decode_layers`), or None. routes: with
-    sc.record_routes, [B, S, L_moe, K] int32, the prompt tokens' experts at their positions and -1 elsewhere; else
-    None."""
+    """`generate` up to its loop: (decode layers, cache, first token [B], its log-prob [B], key, routes, kept). The
+    decode layers are the fused weights or per-layer modules the steps reuse (`_decode_layers`), or None. routes:
+    with sc.record_routes, [B, S, L_moe, K] int32, the prompt tokens' experts at their positions and -1 elsewhere;
+    else None. kept: with sc.record_support the first token's kept set [B, top_k] (`sample`); else None."""
     B, P = prompts_BP.shape
     S = cache_length(sc, P)
     cache = init_cache(model.cfg, B, S)
@@ -501,14 +533,15 @@ def start(model: Transformer, prompts_BP, lengths_B, key, sc: SamplingConfig, ex
         valid = (jnp.arange(P)[None] < lengths_B[:, None])[:, :, None, None]
         routes = jnp.full((B, S) + out[2].shape[2:], -1, jnp.int32).at[:, :P].set(jnp.where(valid, out[2], -1))
     key, k0 = jax.random.split(key)
-    tok, lp = sample(logits, k0, sc)
-    return layers, cache, tok, lp, key, routes
+    tok, lp, *ids = sample(logits, k0, sc)
+    return layers, cache, tok, lp, key, routes, (ids or [None])[0]
 
 
 def advance(model: Transformer, layers, tok_B, pos_B, cache: Cache, key, sc: SamplingConfig, experts_fn=None,
             routes=None):
     """One step of `generate`'s loop: token tok_B enters the cache at pos_B; returns (next token, its log-prob,
-    cache, key, routes): routes (`start`'s) with tok_B's experts written at pos_B, when given."""
+    cache, key, routes, kept): routes (`start`'s) with tok_B's experts written at pos_B, when given; kept the next
+    token's kept set with sc.record_support, else None."""
     decode_fn = experts_fn or decode_experts_fn(model.cfg, tok_B.shape[0])
     out = decode_step(model, tok_B, pos_B, cache, decode_fn, attn_impl(sc.decoder), layers,
                       return_routes=routes is not None)
@@ -518,8 +551,8 @@ def advance(model: Transformer, layers, tok_B, pos_B, cache: Cache, key, sc: Sam
         routes = DF.write_rows(routes.reshape(B, S, L * K), pos_B[:, None], out[2].reshape(B, 1, L * K)).reshape(
             routes.shape)
     key, k = jax.random.split(key)
-    tok, lp = sample(logits, k, sc)
-    return tok, lp, cache, key, routes
+    tok, lp, *ids = sample(logits, k, sc)
+    return tok, lp, cache, key, routes, (ids or [None])[0]
 
 
 def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None) -> Output:
@@ -536,30 +569,34 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
         layers = _decode_layers(model, sc, experts_fn, 2 * B, S, tokens_per_row=2)
         return _generate_mtp(model, prompts_BP.astype(jnp.int32), lengths_B, sc, S, prefill_fn,
                              experts_fn or decode_experts_fn(cfg, 2 * B), layers)
-    layers, cache, tok, lp, key, routes = start(model, prompts_BP, lengths_B, key, sc, experts_fn)
+    layers, cache, tok, lp, key, routes, ids = start(model, prompts_BP, lengths_B, key, sc, experts_fn)
     N = sc.max_new_tokens
     out_tok = jnp.full((B, N), sc.pad_id, jnp.int32)
     out_lp = jnp.zeros((B, N), jnp.float32)
     done = jnp.zeros((B,), jnp.bool_)
     n_new = jnp.zeros((B,), jnp.int32)
+    out_ids = None if ids is None else jnp.full((B, N, sc.top_k), -1, jnp.int32)
 
     def cond(c):
         i, done = c[0], c[5]
         return (i < N) & ~jnp.all(done)
 
     def body(c):
-        i, tok, lp, out_tok, out_lp, done, n_new, cache, key, routes = c
+        i, tok, lp, out_tok, out_lp, done, n_new, cache, key, routes, ids, out_ids = c
         active = ~done
         out_tok = out_tok.at[:, i].set(jnp.where(active, tok, sc.pad_id))
         out_lp = out_lp.at[:, i].set(jnp.where(active, lp, 0.0))
+        if ids is not None:
+            out_ids = out_ids.at[:, i].set(jnp.where(active[:, None], ids, -1))
         n_new = n_new + active.astype(jnp.int32)
         done = done | (active & _is_eos(tok, sc.eos_ids))
-        tok, lp, cache, key, routes = advance(model, layers, tok, lengths_B + i, cache, key, sc, experts_fn, routes)
-        return i + 1, tok, lp, out_tok, out_lp, done, n_new, cache, key, routes
+        tok, lp, cache, key, routes, ids = advance(model, layers, tok, lengths_B + i, cache, key, sc, experts_fn,
+                                                   routes)
+        return i + 1, tok, lp, out_tok, out_lp, done, n_new, cache, key, routes, ids, out_ids
 
-    carry = (jnp.int32(0), tok, lp, out_tok, out_lp, done, n_new, cache, key, routes)
-    _, _, _, out_tok, out_lp, done, n_new, _, _, routes = jax.lax.while_loop(cond, body, carry)
-    return Output(out_tok, out_lp, n_new, done, routes=routes)
+    carry = (jnp.int32(0), tok, lp, out_tok, out_lp, done, n_new, cache, key, routes, ids, out_ids)
+    _, _, _, out_tok, out_lp, done, n_new, _, _, routes, _, out_ids = jax.lax.while_loop(cond, body, carry)
+    return Output(out_tok, out_lp, n_new, done, routes=routes, support=out_ids)
 
 
 def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig, S: int, prefill_fn, decode_fn,
@@ -578,7 +615,7 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
     impl = attn_impl(sc.decoder)
     cache = init_cache(cfg, B, S)
     logits, cache, h_BPD = _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=True)
-    greedy = lambda lg: sample(lg, None, sc)  # noqa: E731  (temperature 0: no key needed)
+    greedy = lambda lg: sample(lg, None, sc)[:2]  # noqa: E731  (temperature 0: no key needed)
     t, lp = greedy(logits)
     dlogits, mkv = mtp_prefill(model, h_BPD, prompts_BP, lengths_B, t, _layer_cache(cfg, B, S), prefill_fn)
     d = jnp.argmax(dlogits, -1).astype(jnp.int32)

@@ -25,6 +25,7 @@ class Completions(NamedTuple):
     done: np.ndarray  # [B] the row stopped at an EOS
     texts: list[str]  # each row decoded up to, not including, its EOS
     routes: Optional[np.ndarray] = None  # [B, S, L_moe, K] with sampling.record_routes (sampling.Output.routes)
+    support: Optional[np.ndarray] = None  # [B, N, top_k] with sampling.record_support (sampling.Output.support)
 
 
 def prompt_ids(tokenizer, template: str, questions: Sequence[str]) -> list[list[int]]:
@@ -64,8 +65,8 @@ def complete(graphdef, params, tokenizer, prompts: Sequence[Sequence[int]], key,
         out = SP.jit_generate(graphdef, params, D.from_host(P, mesh, rules), D.from_host(L, mesh, rules), key, sc)
     toks, lps, lens, done = (D.host_array(x) for x in (out.tokens, out.logprobs, out.lengths, out.done))
     texts = [tokenizer.decode(toks[i, :int(lens[i]) - int(done[i])], errors="replace") for i in range(len(toks))]
-    routes = None if out.routes is None else D.host_array(out.routes)
-    return Completions(P, L, toks, lps, lens, done, texts, routes)
+    routes, support = (None if x is None else D.host_array(x) for x in (out.routes, out.support))
+    return Completions(P, L, toks, lps, lens, done, texts, routes, support)
 
 
 __all__ = ["Completions", "prompt_ids", "complete", "decode_path"]

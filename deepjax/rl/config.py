@@ -57,6 +57,9 @@ class RLConfig:
     # MoE models: the trainer's log-probs use the experts the sampler chose for each token (DeepSeek-V3.2's "Keep
     # Routing"); False: its own routing. Either way the share of (token, layer) routes that differ is reported.
     routing_replay: bool = True
+    # rollouts with top-k (and top-p) truncation: pi_theta and pi_old over the truncated set each token was drawn from
+    # (DeepSeek-V3.2's "Keep Sampling Mask"); needs rl.rollout.top_k > 0. Off, or without truncation: full softmax.
+    mask_replay: bool = True
     micro_batches: int = 1  # the rollout rows in this many sequential parts for the update's gradient and log-probs
     lr: Optional[float] = None  # GRPO's peak learning rate; None: optim.lr (the rest of `optim` applies as is)
     loss: GRPOConfig = GRPOConfig(beta=0.001, group_size=8)  # R1-Zero: beta 0.001, G 16
@@ -82,6 +85,9 @@ class RLConfig:
         check_types(self, "rl.")
         self.eval.validate()
         positive(self, "rl", ("steps", "prompts_per_step", "micro_batches"))
+        if self.mask_replay and self.rollout.top_p < 1 and self.rollout.top_k == 0:
+            checker(self, "rl")("mask_replay", "the sampler's truncated sets are stored as top-k ids: set "
+                                               "rl.rollout.top_k > 0 with top_p, or rl.mask_replay=false")
         if (self.prompts_per_step * self.loss.group_size) % self.micro_batches:
             checker(self, "rl")("micro_batches", f"must divide the rollout rows, rl.prompts_per_step x "
                                                  f"rl.loss.group_size = {self.prompts_per_step * self.loss.group_size}")

@@ -139,7 +139,10 @@ class GRPORun(Run):
             self.ref = self.policy_copy()
         self._update = self.jit_update(make_step(self.graphdef, cfg, self.optimizer, self.schedule))
         # MoE models: rollouts record each token's experts (replayed by the update, or only compared: routing_replay)
-        self.sampling = dataclasses.replace(r.rollout_sampling(), record_routes=cfg.model.n_moe_layers > 0)
+        # and with top-k truncation and rl.mask_replay, the set each token was drawn from (sampling-mask replay)
+        self.sampling = dataclasses.replace(r.rollout_sampling(), record_routes=cfg.model.n_moe_layers > 0,
+                                            record_support=r.mask_replay and r.rollout.top_k > 0
+                                            and r.rollout.temperature > 0)
         self.rewards = r.reward
 
     # ------------------------------------------------------------------------------------------------- pieces
@@ -166,7 +169,7 @@ class GRPORun(Run):
     def batch(self, ro: text.Completions, advantages: np.ndarray) -> update.Rollouts:
         Tlen = ro.prompts.shape[1] + self.cfg.rl.rollout.max_new_tokens
         b = update.rollouts_from_samples(ro.prompts, ro.prompt_lengths, ro.tokens, ro.logprobs, ro.lengths, advantages,
-                                     Tlen, pad_id=self.tokenizer.pad_id, routes=ro.routes)
+                                     Tlen, pad_id=self.tokenizer.pad_id, routes=ro.routes, support=ro.support)
         b = update.Rollouts(*(None if x is None else self.to_global(np.asarray(x)) for x in b))
         temperature = self.cfg.rl.rollout.temperature
         with self.on_mesh():
@@ -175,7 +178,7 @@ class GRPORun(Run):
                                                                   micro_batches=self.cfg.rl.micro_batches))
             if self.cfg.rl.loss.uses_sampler:  # TIS / MIS: pi_old from the trainer, the sampler's beside it
                 old = update.jit_token_logprobs(self.graphdef, self.policy_params(), b, temperature,
-                                                replay=self.cfg.rl.routing_replay,
+                                                replay_routes=self.cfg.rl.routing_replay, replay_support=True,
                                                 micro_batches=self.cfg.rl.micro_batches)
                 b = b._replace(old_logp=old, sampler_logp=b.old_logp)
         return b

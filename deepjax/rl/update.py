@@ -56,6 +56,9 @@ class Rollouts(NamedTuple):
     # [B, T, L_moe, K] int32 or None: the experts the sampler used for each token in each MoE layer (-1: none
     # recorded), for routing replay and the share of routes that differ (`grpo_objective`)
     routes: Optional[jax.Array] = None
+    # [B, T, k] int32 or None: at each completion token, the ids of the truncated set the sampler drew it from (-1
+    # past its top-p cut and elsewhere): sampling-mask replay, the policy's log-probs over that set
+    support: Optional[jax.Array] = None
 
 
 def _is_traced(*xs) -> bool:
@@ -63,13 +66,14 @@ def _is_traced(*xs) -> bool:
 
 
 def rollouts_from_samples(prompts_BP, prompt_lengths_B, sample_tokens_BN, sample_logprobs_BN, sample_lengths_B,
-                          advantages_B, T: int, *, pad_id: int = 0, ref_logp=None, routes=None) -> Rollouts:
+                          advantages_B, T: int, *, pad_id: int = 0, ref_logp=None, routes=None,
+                          support=None) -> Rollouts:
     """Rollouts with each row's completion right after its prompt: row b holds prompts[b, :prompt_lengths[b]] then
     sample_tokens[b, :sample_lengths[b]] (whose log-probs go to old_logp at the same positions), then pad_id.
     Numpy in, numpy out (the host-side path after scoring); jax arrays in, jax arrays out (jittable, T static).
     `sampling.generate`'s Output gives sample_tokens / sample_logprobs / sample_lengths directly, and with
     record_routes the `routes` [B, S, L_moe, K] (indexed by position as the rows here are: cut or padded with -1
-    to T)."""
+    to T), and with record_support the `support` [B, N, k] (placed with the completion tokens)."""
     arrays = (prompts_BP, prompt_lengths_B, sample_tokens_BN, sample_logprobs_BN, sample_lengths_B, advantages_B)
     xp = jnp if any(isinstance(x, jax.Array) for x in arrays) else np
     prompts = xp.asarray(prompts_BP).astype(xp.int32)
@@ -105,9 +109,13 @@ def rollouts_from_samples(prompts_BP, prompt_lengths_B, sample_tokens_BN, sample
         routes = xp.asarray(routes).astype(xp.int32)[:, :T]
         routes = xp.pad(routes, ((0, 0), (0, T - routes.shape[1]), (0, 0), (0, 0)), constant_values=-1)
         routes = xp.where(real[:, :, None, None], routes, -1)
+    if support is not None:
+        support = xp.asarray(support).astype(xp.int32)
+        at = xp.broadcast_to(xp.clip(j, 0, N - 1)[:, :, None], (B, T, support.shape[-1]))
+        support = xp.where(in_completion[:, :, None], xp.take_along_axis(support, at, axis=1), -1)
     return Rollouts(tokens=tokens, positions=xp.where(real, t, 0).astype(xp.int32),
                     segment_ids=real.astype(xp.int32), completion_mask=in_completion.astype(xp.int32),
-                    old_logp=old_logp, ref_logp=ref_logp, advantages=adv, routes=routes)
+                    old_logp=old_logp, ref_logp=ref_logp, advantages=adv, routes=routes, support=support)
 
 
 # --------------------------------------------------------------------------------------------------- log-probs
@@ -120,14 +128,20 @@ def _scale(temperature: float) -> float:
     return float(temperature) or 1.0
 
 
-def logprobs_from_logits(logits_BTV, tokens_BT, segment_ids_BT, temperature: float):
+def logprobs_from_logits(logits_BTV, tokens_BT, segment_ids_BT, temperature: float, support_BTk=None):
     """(logp [B, T], entropy [B, T]): log softmax(logits[t-1] / temperature)[token t] and the entropy of that
     distribution, at every t whose previous token is in the same (non-padding) document; 0 elsewhere (t = 0,
-    padding, a document's first token). The entropy carries no gradient."""
+    padding, a document's first token). The entropy carries no gradient. support_BTk (sampling-mask replay): where
+    it holds ids (>= 0) at t, token t's log-prob is over those ids only (the sampler's truncated set)."""
     tau = _scale(temperature)
     scaled = logits_BTV[:, :-1].astype(jnp.float32) / tau  # position t-1 predicts token t
     logp_BTV = jax.nn.log_softmax(scaled, axis=-1)
     lp = jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    if support_BTk is not None:
+        ids = support_BTk[:, 1:]
+        kept = jnp.where(ids >= 0, jnp.take_along_axis(logp_BTV, jnp.maximum(ids, 0), axis=-1), -jnp.inf)
+        has = ids[..., 0] >= 0
+        lp = jnp.where(has, lp - jax.nn.logsumexp(jnp.where(has[..., None], kept, 0.0), axis=-1), lp)
     lpv = jax.lax.stop_gradient(logp_BTV)
     ent = -jnp.sum(jnp.exp(lpv) * lpv, axis=-1)
     seg = segment_ids_BT
@@ -146,28 +160,29 @@ def _forward(graphdef, params, tokens, positions, segment_ids, experts_fn, route
 
 
 def token_logprobs_and_entropy(graphdef, params, tokens, positions, segment_ids, temperature: float,
-                               experts_fn=None, routes=None):
+                               experts_fn=None, routes=None, support=None):
     """(logp [B, T], entropy [B, T]) of the model `params` (Param and RouterBias state) on `tokens`: see
     `logprobs_from_logits`. Pure; the same quantity the sampler reports for the tokens it drew. routes: the
-    sampler's expert choices to replay (`Rollouts.routes`), or None."""
+    sampler's expert choices to replay (`Rollouts.routes`), or None; support: the sampler's kept sets
+    (`Rollouts.support`), or None."""
     out = _forward(graphdef, params, tokens, positions, segment_ids, experts_fn, routes)
-    return logprobs_from_logits(out.logits, tokens, segment_ids, temperature)
+    return logprobs_from_logits(out.logits, tokens, segment_ids, temperature, support)
 
 
 def token_logprobs(graphdef, params, tokens, positions, segment_ids, temperature: float, experts_fn=None,
-                   routes=None):
+                   routes=None, support=None):
     """logp [B, T]: log-prob of token t under softmax(logits at t-1 / temperature), 0 at t = 0 and on padding."""
     return token_logprobs_and_entropy(graphdef, params, tokens, positions, segment_ids, temperature, experts_fn,
-                                      routes)[0]
+                                      routes, support)[0]
 
 
 def _jit_logp(graphdef, params, tokens, positions, segment_ids, mask, temperature, experts_fn, routes,
-              micro_batches):
+              micro_batches, support):
     def logp(rows):
-        t, p, s, m, r = rows
-        return jnp.where(m > 0, token_logprobs(graphdef, params, t, p, s, temperature, experts_fn, r), 0.0)
+        t, p, s, m, r, k = rows
+        return jnp.where(m > 0, token_logprobs(graphdef, params, t, p, s, temperature, experts_fn, r, k), 0.0)
 
-    rows = (tokens, positions, segment_ids, mask, routes)
+    rows = (tokens, positions, segment_ids, mask, routes, support)
     if micro_batches == 1:
         return logp(rows)
     split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), rows)
@@ -178,13 +193,15 @@ _jit_logp_fn = jax.jit(_jit_logp, static_argnums=(0, 6, 7, 9))
 
 
 def jit_token_logprobs(graphdef, params, batch: Rollouts, temperature: float, experts_fn=None,
-                       replay: bool = False, micro_batches: int = 1) -> jax.Array:
+                       replay_routes: bool = False, replay_support: bool = False, micro_batches: int = 1) -> jax.Array:
     """Jitted `token_logprobs` of `params` on a Rollouts batch, zeroed outside the completion: e.g. the reference
-    policy's `ref_logp` (batch._replace(ref_logp=...)) or a recomputed `old_logp` (replay: with the batch's routes,
-    as the policy's own log-probs are under routing replay). micro_batches: the rows in that many sequential parts
-    (one part's [rows, T, V] logits at a time)."""
+    policy's `ref_logp` (batch._replace(ref_logp=...)) or a recomputed `old_logp` (replay_routes / replay_support:
+    with the batch's routes / over its kept sets, as the policy's own log-probs are under routing / sampling-mask
+    replay).
+    micro_batches: the rows in that many sequential parts (one part's [rows, T, V] logits at a time)."""
     return _jit_logp_fn(graphdef, params, batch.tokens, batch.positions, batch.segment_ids, batch.completion_mask,
-                        _scale(temperature), experts_fn, batch.routes if replay else None, micro_batches)
+                        _scale(temperature), experts_fn, batch.routes if replay_routes else None, micro_batches,
+                        batch.support if replay_support else None)
 
 
 # --------------------------------------------------------------------------------------------------------- step
@@ -199,7 +216,7 @@ def grpo_objective(trainable, bias, graphdef, batch: Rollouts, grpo_cfg: G.GRPOC
     when `batch` is a micro-batch of it (`grpo_loss`)."""
     out = _forward(graphdef, nnx.merge_state(trainable, bias), batch.tokens, batch.positions, batch.segment_ids,
                    experts_fn, batch.routes, routing_replay)
-    logp, ent = logprobs_from_logits(out.logits, batch.tokens, batch.segment_ids, temperature)
+    logp, ent = logprobs_from_logits(out.logits, batch.tokens, batch.segment_ids, temperature, batch.support)
     mask = batch.completion_mask
     loss, metrics = G.grpo_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, mask, grpo_cfg,
                                 sampler_logp=batch.sampler_logp, denominator=denominator)
