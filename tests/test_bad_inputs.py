@@ -231,6 +231,8 @@ CASES = [
     ("mesh-all-fixed", train("--config.mesh.fsdp=3"), ["mesh.fsdp=3", "needs 3 devices, have 8"]),
     ("mesh-tensor-16", train("--config.mesh.tensor=16"), ["mesh.tensor=16", "8 devices"]),
     ("mesh-dcn-3", train("--config.mesh.dcn_data=3"), ["mesh.dcn_data=3", "8 devices"]),
+    ("mesh-tensor-8-params", train("--config.mesh.tensor=8"), ["not divisible by mesh axis tensor (size 8)",
+                                                               "change mesh.tensor"]),  # before any dataset
     ("batch-3-on-8", train("--config.data.global_batch=3"), ["data.global_batch=3", "8 batch shards"]),
     ("batch-12-on-8", train("--config.data.global_batch=12"), ["data.global_batch=12", "8 batch shards"]),
     ("batch-on-data-and-fsdp", train("--config.mesh.data=2", "--config.data.global_batch=4"),

@@ -15,29 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from deepjax.config import load_config
 from deepjax.train import checkpoint as C
 from deepjax.train import loop as T
 from deepjax.train import run as TR
 from test_train import _abstract_state, data_dir, small_args  # noqa: F401  (data_dir: that module's fixture)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache for this module: the loop tests compile the same train step several times."""
-    before = [jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
-              jax.config.jax_persistent_cache_min_entry_size_bytes]
-    names = ["jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes"]
-    compilation_cache.reset_cache()
-    for k, v in zip(names, [str(tmp_path_factory.mktemp("xla_cache")), 0, 0]):
-        jax.config.update(k, v)
-    yield
-    for k, v in zip(names, before):
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
 
 
 def _state(seed: int):

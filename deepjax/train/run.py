@@ -163,12 +163,12 @@ class Run:
         self.mesh, self.rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_vocab(cfg, self.tokenizer)
-        self.sources = build_sources(cfg, self.workdir)
-
-        # abstract first, so a resumed run never allocates a fresh init it would throw away
+        # abstract first, so a resumed run never allocates a fresh init it would throw away; and before the data, so a
+        # mesh that cannot split the parameters is refused before any dataset is built
         opt_run = cfg if optim_cfg is None else dataclasses.replace(cfg, optim=optim_cfg)
         (self.graphdef, self.abstract_params, self.optimizer, self.schedule, self.state_shardings,
          self.abstract_state) = abstract_train_state(opt_run, self.mesh, self.rules, total_steps)
+        self.sources = build_sources(cfg, self.workdir)
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                                          async_save=cfg.train.async_checkpoint, extra_items=extra_items)
         self.resumed_from = self.checkpointer.latest_step()
