@@ -16,3 +16,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop every compiled program when a test module ends. XLA:CPU maps memory for each executable it loads (about 6
+    mappings per small program, measured); one pytest process over the whole suite reached Linux's vm.max_map_count
+    (65,530) and aborted inside an XLA compile (tests/test_sharding.py's first init, session 10)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
