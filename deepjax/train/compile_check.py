@@ -9,16 +9,31 @@ shardings), the step is lowered and compiled by XLA:TPU for the topology's devic
 executable's memory analysis says what one chip would hold. Defaults for the check: activations in bf16,
 full per-layer rematerialization (override with --config.model.dtype / --config.model.remat).
 
-FLOPs: `flops_per_chip` is XLA's cost analysis, which counts a loop body once (measured: a 10-step `lax.scan`
-of matmuls reports 1/10 of the unrolled figure), so with scanned layers, blocked attention / expert
-dispatch and micro-batch scans it is far below the work done; `model_flops_per_chip` is the analytic
-figure (step.matmul_flops_per_token: main model, PaLM convention, no MTP, no remat recompute).
+FLOPs, per chip and optimizer step (docs/LOG.md has the figures):
+  flops_xla_per_chip       XLA's cost analysis: each loop body counted once, a kernel only through its
+                           `pl.CostEstimate`: far below the work in a step of scanned layers.
+  flops_per_chip           the compiled program's matmul FLOPs read from its optimized HLO (`hlo_flops.count`):
+                           dots and convolutions from their shapes, each loop body times its trip count (XLA's
+                           annotation, or the loop condition on TPU), custom kernels from their cost estimate or,
+                           without one, from their shapes (`kernel_flops`).
+  model_flops_per_chip     the model's FLOPs (PaLM convention, what MFU divides by): 6 x matmul-active parameters
+                           + 6 x layers x heads x T x (qk + v) per token, main model and MTP modules.
+  expected_flops_per_chip  model + the work a step adds by design, each named in `overhead_per_chip`: the forward
+                           recomputed under remat, and expert rows computed beyond the real assignments (the XLA
+                           blocked form's per-expert padding; the expert-parallel receive buffer, sized for the
+                           worst case: a grouped-matmul kernel's cost estimate counts the whole buffer, though it
+                           skips empty tiles at run time).
+  flops_check              flops_per_chip within 15% of expected_flops_per_chip.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -33,11 +48,22 @@ from jax.experimental import topologies
 
 from deepjax import model as M
 from deepjax.parallel import sharding as S
+from deepjax.train import hlo_flops
 from deepjax.train import step as TS
 from deepjax.config import load_config
 from deepjax.schema import ConfigError
 
 V5P_HBM_GIB = 95.0
+
+
+def _cross_compile():
+    """tokamax checks that the default device can run its kernels; compiling for a topology this host does not
+    have, that check is lifted (tokamax.config.cross_compile)."""
+    try:
+        import tokamax.config  # lazy: tokamax needs Python >= 3.12
+    except ImportError:
+        return contextlib.nullcontext()
+    return tokamax.config.cross_compile(True)
 
 
 def compile_step(cfg, devices, mesh_cfg: S.MeshConfig, batch: int, seq: int, micro_batches: int = 1):
@@ -51,7 +77,7 @@ def compile_step(cfg, devices, mesh_cfg: S.MeshConfig, batch: int, seq: int, mic
     state_sh = TS.state_shardings(state, mesh, rules)
     data = S.batch_spec(mesh, rules)
     b = TS.Batch(*(jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=data) for _ in range(4)))
-    with S.use_mesh(mesh, rules):
+    with S.use_mesh(mesh, rules), _cross_compile():
         step = TS.make_train_step(graphdef, cfg, optimizer, micro_batches=micro_batches)
         jitted = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, None))
         t = time.time()
@@ -59,7 +85,66 @@ def compile_step(cfg, devices, mesh_cfg: S.MeshConfig, batch: int, seq: int, mic
     return compiled, time.time() - t, mesh
 
 
-def report(compiled) -> dict:
+def model_flops(cfg, params, batch: int, seq: int) -> dict:
+    """The model's FLOPs per optimizer step (all chips): {"main", "mtp", "remat"}. main and mtp are the PaLM
+    convention (6 x matmul-active parameters + non-causal attention, per token); remat is the forward of the
+    scanned layers that cfg.remat recomputes in the backward (full / save_outputs: all of it; save_dots: the
+    attention products, the one matmul family with batch dimensions it does not save)."""
+    tokens = batch * seq
+    D, V = cfg.hidden_size, cfg.vocab_size
+    attn = 6 * cfg.num_attention_heads * seq * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    active = M.count_active_params(cfg, params)
+    main = TS.matmul_flops_per_token(cfg, seq, active) * tokens
+    unchosen = (cfg.n_routed_experts - cfg.num_experts_per_tok) * 3 * D * cfg.moe_intermediate_size
+    n_mtp = cfg.num_nextn_predict_layers
+    mtp_params = sum(math.prod(shape) for path, shape, _ in M.param_table(params) if path.startswith("mtp."))
+    mtp = (6 * (mtp_params - n_mtp * unchosen + n_mtp * D * V) + n_mtp * attn) * tokens
+    layers = active - 2 * V * D  # without the embedding and the head
+    L = cfg.num_hidden_layers
+    remat = {"none": 0.0, "save_dots": L * attn / 3 * tokens}.get(cfg.remat, (2 * layers + L * attn / 3) * tokens)
+    return {"main": float(main), "mtp": float(mtp), "remat": float(remat)}
+
+
+def expert_overhead(cfg, tokens_local: int, ep: int, kernels: str) -> float:
+    """FLOPs per chip per step of expert rows computed beyond the real (token, expert) assignments: the XLA
+    blocked form's padding (`moe.block_rows`) without expert parallelism; with it, the receive buffer of
+    `expert_parallel` (ep x assignments per block of TOKEN_CHUNK tokens, dropless; c x assignments with a
+    capacity factor c)."""
+    from deepjax.model import expert_parallel as EP, moe
+
+    K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    X = tokens_local * K
+    if ep > 1:
+        chunk = min(tokens_local, EP.TOKEN_CHUNK) * K
+        per_chunk = ep * chunk if cfg.capacity_factor is None else ep * math.ceil(cfg.capacity_factor * chunk / ep)
+        rows = per_chunk * math.ceil(tokens_local * K / chunk)
+    elif kernels == "tokamax":
+        rows = X
+    else:
+        b = moe.block_rows(X, E)
+        rows = math.ceil((X + E * (b - 1)) / b) * b
+    passes = 3 + (cfg.remat in ("full", "save_outputs"))  # forward, input and weight gradients, recompute
+    moe_layers = cfg.n_moe_layers + cfg.num_nextn_predict_layers
+    return float((rows - X) * 3 * 2 * cfg.hidden_size * cfg.moe_intermediate_size * passes * moe_layers)
+
+
+def attention_kernel_flops(name: str, operands: list, outputs: list) -> Optional[float]:
+    """FLOPs of an attention kernel that carries no cost estimate, from its shapes: jax's splash attention (q
+    [.., H, T, dqk], k [.., S, dqk], v [.., S, dv]): 2 T S (dqk + dv) per head forward, twice that for the
+    backward's dq / dkv kernels (block-sparse kernels skip masked blocks: this counts them, as the model's
+    non-causal convention does)."""
+    if "splash" not in name and "flash" not in name:
+        return None
+    q, k, v = (operands + [[], [], []])[:3]
+    if len(q) < 2 or len(k) < 2 or len(v) < 2:
+        return None
+    heads = math.prod(q[:-2])
+    T, S, dqk, dv = q[-2], k[-2], q[-1], v[-1]
+    fwd = 2.0 * heads * T * S * (dqk + dv)
+    return 2 * fwd if ("bwd" in name or "dq" in name or "dkv" in name) else fwd
+
+
+def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=None) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -70,12 +155,40 @@ def report(compiled) -> dict:
         "temp_gib": mem.temp_size_in_bytes / gib,
         "alias_gib": mem.alias_size_in_bytes / gib,
         "generated_code_gib": mem.generated_code_size_in_bytes / gib,
-        # XLA's count: each loop (scan) body once, see the module docstring
-        "flops_per_chip": float(cost.get("flops", float("nan"))) if cost else float("nan"),
+        "flops_xla_per_chip": float(cost.get("flops", float("nan"))) if cost else float("nan"),
     }
     # Donated outputs alias their arguments: peak ~ arguments + temporaries + non-aliased outputs.
     out["peak_gib"] = out["argument_gib"] + out["temp_gib"] + out["output_gib"] - out["alias_gib"]
+    counted = hlo_flops.count(compiled.as_text(), attention_kernel_flops)
+    out["flops_per_chip"] = counted.total
+    out["flops_by_kind"] = counted.by_kind
+    out["kernels"] = counted.kernels
+    out["uncounted_kernels"] = counted.uncounted
+    out["loops"] = {"counted": len(counted.loops), "trip_count_from_condition": len(counted.derived_loops),
+                    "unknown_trip_count": len(counted.unknown_loops)}
+    if cfg is not None:
+        chips = mesh.size if mesh is not None else 1
+        tensor = dict(mesh.shape).get("tensor", 1) if mesh is not None else 1
+        ep = dict(mesh.shape).get("expert", 1) if mesh is not None else 1
+        from deepjax.model import ops
+
+        kernels = ops.resolve(cfg.kernels, jnp.dtype(cfg.dtype)) if mesh is None else _kernels_on(cfg, mesh)
+        mf = model_flops(cfg, params, batch, seq)
+        overhead = {"remat": mf["remat"] / chips,
+                    "expert_rows": expert_overhead(cfg, batch * seq * tensor // chips, ep, kernels)}
+        out["model_flops_per_chip"] = (mf["main"] + mf["mtp"]) / chips
+        out["overhead_per_chip"] = overhead
+        out["expected_flops_per_chip"] = out["model_flops_per_chip"] + sum(overhead.values())
+        out["flops_ratio"] = out["flops_per_chip"] / out["expected_flops_per_chip"]
+        out["flops_check"] = abs(out["flops_ratio"] - 1) <= 0.15
     return out
+
+
+def _kernels_on(cfg, mesh) -> str:
+    from deepjax.model import ops
+
+    with S.use_mesh(mesh, S.rules_for(S.MeshConfig().rules)):
+        return ops.resolve(cfg.kernels, jnp.dtype(cfg.dtype))
 
 
 def main(argv=None):
@@ -104,10 +217,8 @@ def main(argv=None):
     mesh_cfg = S.MeshConfig(**mesh_kw)
     compiled, secs, mesh = compile_step(cfg.model, topo.devices, mesh_cfg, args.batch, args.seq,
                                         args.micro_batches)
-    rep = report(compiled)
     _, abstract = M.abstract_init(cfg.model)
-    per_token = TS.matmul_flops_per_token(cfg.model, args.seq, M.count_active_params(cfg.model, abstract))
-    rep["model_flops_per_chip"] = per_token * args.batch * args.seq / len(topo.devices)
+    rep = report(compiled, cfg.model, abstract, args.batch, args.seq, mesh)
     rep.update(topology=args.topology, chips=len(topo.devices), mesh=dict(mesh.shape), rules=mesh_cfg.rules,
                batch=args.batch, seq=args.seq, micro_batches=args.micro_batches, compile_s=round(secs, 1),
                fits=rep["peak_gib"] <= args.hbm_gib)

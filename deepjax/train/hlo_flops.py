@@ -1,0 +1,324 @@
+"""Loop-aware matmul FLOPs of a compiled XLA program, read from its optimized HLO text.
+
+XLA's `compiled.cost_analysis()["flops"]` counts each `while` body once, however many times it runs (a 10-step
+`lax.scan` of matmuls reports 1/10 of the work), and a custom kernel (Pallas / Mosaic) only through the cost
+estimate attached to it. deepjax's step is full of loops (scanned layers, blocked attention, micro-batches), so
+that figure says little. This module walks the optimized HLO instead:
+
+  dot            2 x prod(output dims) x prod(lhs contracting dims)
+  convolution    2 x prod(output dims) x kernel input features x window taps (window size / input dilation)
+  custom-call    the `cost_estimate` flops in its backend config when present (Mosaic kernels carry the
+                 `pl.CostEstimate` their author gave); otherwise `kernel_flops(name, operand shapes, output shapes)`
+                 from the caller, else counted as 0 and listed in `uncounted`
+  while          its body x `known_trip_count` (XLA annotates counted loops); an unknown trip count is counted
+                 once and listed in `unknown_loops`
+  conditional    the most expensive branch
+  fusion / call  the called computation
+
+Only matmul-like work is counted (the PaLM / MFU convention the model's FLOPs use); elementwise work is not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+_SHAPE = re.compile(r"\b(pred|s4|s8|s16|s32|s64|u4|u8|u16|u32|u64|f8e4m3fn|f8e5m2|f8e4m3b11fnuz|f8e4m3fnuz|f8e5m2fnuz|"
+                    r"bf16|f16|f32|f64|c64|c128|token)\[([0-9,]*)\]")
+_COMP_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+
+
+@dataclass
+class Instr:
+    name: str
+    shape: str  # the result type text
+    opcode: str
+    operands: list  # operand texts
+    attrs: str  # everything after the operand list
+
+
+@dataclass
+class Flops:
+    total: float = 0.0
+    by_kind: dict = field(default_factory=dict)  # dot / convolution / custom-call -> FLOPs
+    loops: list = field(default_factory=list)  # (while name, trip count) in order of first visit
+    unknown_loops: list = field(default_factory=list)  # no trip count found: counted once
+    derived_loops: list = field(default_factory=list)  # trip count read from the loop condition (TPU programs)
+    uncounted: list = field(default_factory=list)  # custom calls without an estimate or a kernel_flops figure
+    kernels: dict = field(default_factory=dict)  # custom-call target / kernel name -> FLOPs
+    by_source: dict = field(default_factory=dict)  # the op's jax source (metadata op_name) -> FLOPs
+
+
+def dims(type_text: str) -> list[list[int]]:
+    """Every array shape in a type text, e.g. '(f32[2,3]{1,0}, s32[])' -> [[2, 3], []]."""
+    return [[int(d) for d in m.group(2).split(",") if d] for m in _SHAPE.finditer(type_text)]
+
+
+def _split_top(s: str) -> list[str]:
+    out, depth, cur = [], 0, []
+    for ch in s:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():
+        out.append("".join(cur).strip())
+    return out
+
+
+def _parse_instr(rest: str) -> Optional[tuple[str, str, list, str]]:
+    """'TYPE opcode(operands), attrs' -> (TYPE, opcode, operands, attrs)."""
+    i = 0
+    if rest.startswith("("):  # tuple type: balanced parentheses
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                break
+        i += 1
+    else:
+        while i < len(rest) and rest[i] != " ":
+            i += 1
+    type_text, rest = rest[:i], rest[i:].lstrip()
+    m = re.match(r"([\w\-]+)\(", rest)
+    if not m:
+        return None
+    opcode = m.group(1)
+    depth, j = 0, m.end() - 1
+    for j in range(m.end() - 1, len(rest)):
+        depth += rest[j] == "("
+        depth -= rest[j] == ")"
+        if depth == 0:
+            break
+    return type_text, opcode, _split_top(rest[m.end():j]), rest[j + 1:]
+
+
+def _logical_lines(hlo_text: str):
+    """Lines, with an instruction whose attributes span several lines (TPU kernels' metadata) joined into one."""
+    buf, depth = [], 0
+    for line in hlo_text.splitlines():
+        buf.append(line)
+        depth += line.count("{") - line.count("}")
+        if depth <= 0 or line.endswith(" {") and len(buf) == 1:
+            yield " ".join(buf)
+            buf, depth = [], 0
+    if buf:
+        yield " ".join(buf)
+
+
+def parse(hlo_text: str) -> tuple[dict, str]:
+    """{computation name: [Instr]} and the entry computation's name."""
+    comps, entry, cur = {}, None, None
+    for line in _logical_lines(hlo_text):
+        h = _COMP_HEADER.match(line)
+        if h and "=" not in line.split("(")[0]:
+            cur = h.group(2)
+            comps[cur] = []
+            if h.group(1):
+                entry = cur
+            continue
+        if line.strip() == "}":
+            cur = None
+            continue
+        if cur is None:
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        parsed = _parse_instr(m.group(3))
+        if parsed:
+            comps[cur].append(Instr(m.group(2), *parsed))
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+def _attr(attrs: str, key: str) -> Optional[str]:
+    m = re.search(key + r"=\{?([^}\s,]*(?:,[^}\s,=]*)*)\}?", attrs)
+    return m.group(1) if m else None
+
+
+def _called(attrs: str, key: str) -> list[str]:
+    m = re.search(key + r"=\{([^}]*)\}", attrs)
+    if m:
+        return [c.strip().lstrip("%") for c in m.group(1).split(",") if c.strip()]
+    m = re.search(key + r"=%?([\w.\-]+)", attrs)
+    return [m.group(1)] if m else []
+
+
+def _backend_config(attrs: str) -> Optional[dict]:
+    i = attrs.find("backend_config=")
+    if i < 0:
+        return None
+    s = attrs[i + len("backend_config="):]
+    if s.startswith('"'):  # escaped string form
+        m = re.match(r'"((?:[^"\\]|\\.)*)"', s)
+        if not m:
+            return None
+        s = m.group(1).encode().decode("unicode_escape")
+    elif not s.startswith("{"):
+        return None
+    depth = 0
+    for j, ch in enumerate(s):
+        depth += ch == "{"
+        depth -= ch == "}"
+        if depth == 0:
+            try:
+                return json.loads(s[:j + 1])
+            except ValueError:
+                return None
+    return None
+
+
+def _source(op_name: str) -> str:
+    """'jit(step)/transpose(jvp(Block))/while/body/attn/dot_general' -> 'bwd Block/attn/dot_general'."""
+    bwd = "transpose(" in op_name
+    parts = [p for p in re.split(r"[/()]", op_name) if p and p not in ("jvp", "transpose", "while", "body", "cond",
+                                                                        "closed_call", "checkpoint", "remat")]
+    parts = [p for p in parts if not p.startswith("jit") and not p.startswith("vmap")]
+    return ("bwd " if bwd else "fwd ") + "/".join(parts[-3:])
+
+
+def _taps(attrs: str) -> float:
+    """Kernel taps that meet a real input element per output: the window's size over its input dilation (XLA:TPU
+    writes batched matmuls as convolutions whose batch dimensions are windows over a dilated input, one tap each)."""
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    if not m:
+        return 1.0
+    fields = dict(kv.split("=", 1) for kv in m.group(1).split() if "=" in kv)
+    size = math.prod(int(x) for x in fields.get("size", "1").split("x"))
+    dilate = math.prod(int(x) for x in fields.get("lhs_dilate", "1").split("x"))
+    return max(size / dilate, 1.0)
+
+
+def _constant(instrs: list, name: str) -> Optional[int]:
+    for i in instrs:
+        if i.name == name.split()[-1].lstrip("%") and i.opcode == "constant":
+            try:
+                return int(i.operands[0])
+            except (ValueError, IndexError):
+                return None
+    return None
+
+
+def _trip_count_from_condition(comps: dict, cond: str, loop: Instr, caller: list) -> Optional[int]:
+    """Trip count of a counted loop whose condition is `counter < N` (XLA:TPU does not annotate
+    known_trip_count): N minus the counter's initial value (a constant in the loop's init tuple, else 0)."""
+    instrs = comps.get(cond, [])
+    root = instrs[-1] if instrs else None
+    for i in instrs:  # the ROOT is the last instruction of a computation in XLA's printout, but be safe
+        if i.opcode == "compare" and "direction=LT" in i.attrs:
+            root = i
+    if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs or len(root.operands) != 2:
+        return None
+    bound = _constant(instrs, root.operands[1])
+    gte = next((i for i in instrs if i.name == root.operands[0].split()[-1].lstrip("%")), None)
+    if bound is None or gte is None or gte.opcode != "get-tuple-element":
+        return None
+    index = int((re.search(r"index=(\d+)", gte.attrs) or [0, 0])[1])
+    init = 0
+    tup = next((i for i in caller if i.name == loop.operands[0].split()[-1].lstrip("%")), None)
+    if tup is not None and tup.opcode == "tuple" and index < len(tup.operands):
+        init = _constant(caller, tup.operands[index]) or 0
+    return max(bound - init, 0)
+
+
+KernelFlops = Callable[[str, list, list], Optional[float]]
+
+
+def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
+    """Matmul FLOPs of one run of the program (see the module docstring)."""
+    comps, entry = parse(hlo_text)
+    res = Flops()
+
+    def shape_of(comp_shapes: dict, operand: str) -> list[int]:
+        d = dims(operand)  # operands printed with their types
+        if d:
+            return d[0]
+        name = operand.split()[-1].lstrip("%")
+        return (comp_shapes.get(name) or [[]])[0]
+
+    def add(kind: str, f: float, mult: float, ins: Instr):
+        res.by_kind[kind] = res.by_kind.get(kind, 0.0) + f * mult
+        m = re.search(r'op_name="([^"]*)"', ins.attrs)
+        src = _source(m.group(1)) if m else "?"
+        res.by_source[src] = res.by_source.get(src, 0.0) + f * mult
+
+    def comp_flops(name: str, mult: float) -> float:
+        """FLOPs of one execution of computation `name`; records kinds scaled by `mult` executions."""
+        total = 0.0
+        instrs = comps.get(name, [])
+        shapes = {i.name: dims(i.shape) for i in instrs}
+        for ins in instrs:
+            op = ins.opcode
+            if op == "dot":
+                out = dims(ins.shape)[0]
+                lhs = shape_of(shapes, ins.operands[0])
+                contract = [int(c) for c in (_attr(ins.attrs, "lhs_contracting_dims") or "").split(",") if c]
+                f = 2.0 * math.prod(out) * math.prod(lhs[c] for c in contract)
+                add("dot", f, mult, ins)
+                total += f
+            elif op == "convolution":
+                out = dims(ins.shape)[0]
+                rhs = shape_of(shapes, ins.operands[1])
+                labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
+                i = rhs[labels.group(1).index("i")] if labels and rhs else 1
+                f = 2.0 * math.prod(out) * i * _taps(ins.attrs)
+                add("convolution", f, mult, ins)
+                total += f
+            elif op == "custom-call":
+                target = (re.search(r'custom_call_target="([^"]+)"', ins.attrs) or [None, "?"])[1]
+                cfg = _backend_config(ins.attrs) or {}
+                est = cfg.get("cost_estimate") or (cfg.get("custom_call_config") or {}).get("cost_estimate")
+                kname = cfg.get("name") or (cfg.get("custom_call_config") or {}).get("name") or target
+                f = None
+                if isinstance(est, dict) and "flops" in est:
+                    f = float(est["flops"])
+                elif kernel_flops is not None:
+                    f = kernel_flops(kname, [shape_of(shapes, o) for o in ins.operands], dims(ins.shape))
+                if f is None:
+                    if kname not in res.uncounted:
+                        res.uncounted.append(kname)
+                    f = 0.0
+                add("custom-call", f, mult, ins)
+                res.kernels[kname] = res.kernels.get(kname, 0.0) + f * mult
+                total += f
+            elif op == "while":
+                body = _called(ins.attrs, "body")[0]
+                cfg = _backend_config(ins.attrs) or {}
+                n = (cfg.get("known_trip_count") or {}).get("n")
+                if n is None:
+                    n = _trip_count_from_condition(comps, _called(ins.attrs, "condition")[0], ins, instrs)
+                    if n is not None:
+                        res.derived_loops.append(ins.name)
+                if n is None:
+                    res.unknown_loops.append(ins.name)
+                    trips = 1
+                else:
+                    trips = int(n)
+                res.loops.append((ins.name, trips))
+                total += trips * comp_flops(body, mult * trips)
+            elif op == "conditional":
+                branches = _called(ins.attrs, "branch_computations") or (
+                    _called(ins.attrs, "true_computation") + _called(ins.attrs, "false_computation"))
+                costs = [comp_flops(b, 0.0) for b in branches]  # measure without recording
+                if costs:
+                    best = branches[costs.index(max(costs))]
+                    total += comp_flops(best, mult)
+            elif op in ("fusion", "call", "async-start"):
+                for c in _called(ins.attrs, "calls"):
+                    total += comp_flops(c, mult)
+        return total
+
+    res.total = comp_flops(entry, 1.0)
+    return res
