@@ -12,6 +12,7 @@ host ever holding the whole batch.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -26,8 +27,15 @@ _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SI
 
 
 def _tpu_pod() -> bool:
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return "," in hosts
+    """A Cloud TPU VM worker: the worker list in the environment (set by some images and by tests), else TPU
+    chips on this host (/dev/accel* on v4 / v5e, /dev/vfio on v5p / v6e), whose worker list jax then reads
+    from the GCE metadata (a one-host slice initializes as one process)."""
+    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        return True
+    if os.environ.get("DEEPJAX_NO_TPU_DETECT") or importlib.util.find_spec("libtpu") is None:
+        return False
+    return os.path.exists("/dev/accel0") or (os.path.isdir("/dev/vfio") and any(
+        n.isdigit() for n in os.listdir("/dev/vfio")))
 
 
 def initialize(**kwargs) -> None:
