@@ -170,8 +170,42 @@ def causal_attention(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, kernels: st
     """Causal attention within documents: query t attends to keys doc_start[t]..t (`doc_starts`), softmax in float32.
     T == S (training and prefill from position 0)."""
     if resolve(kernels, q_BTNK.dtype) == "tokamax":
+        if platform() == "tpu":  # tokamax's TPU attention takes no per-query k_start: jax's splash kernel
+            return splash_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale)
         return _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale)
     return _xla_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale)
+
+
+def splash_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, block: int = 512, interpret: bool = False):
+    """Causal attention within documents on TPU: jax's splash attention (the block-sparse Mosaic TPU kernel MaxText
+    uses), with a causal mask and each token's document start as its segment id (for keys at or before the query,
+    "same document" and "at or after the query's document start" are the same condition, documents being
+    contiguous). Under a mesh it runs per shard of batch and heads (shard_map). interpret: Pallas' interpreter,
+    for tests on CPU."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    def local(q_BTNK, k_BSNK, v_BSNV, start_BT):
+        T, N, S = q_BTNK.shape[1], q_BTNK.shape[2], k_BSNK.shape[1]
+        bq, bkv = min(block, T), min(block, S)
+        sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                              block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
+        mask = sm.MultiHeadMask([sm.CausalMask((T, S)) for _ in range(N)])
+        kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+        heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B, T, N, K] -> [B, N, T, K]
+        o = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(
+            heads_first(q_BTNK * jnp.asarray(scale, q_BTNK.dtype)), heads_first(k_BSNK), heads_first(v_BSNV),
+            start_BT)
+        return heads_first(o).astype(q_BTNK.dtype)
+
+    ctx = sharding.current()
+    if ctx is None:
+        return local(q_BTNK, k_BSNK, v_BSNV, start_BT)
+    mesh, rules = ctx
+    spec4 = sharding.logical_to_spec(("batch", "length", "heads", None), rules, mesh)
+    spec2 = sharding.logical_to_spec(("batch", "length"), rules, mesh)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec4, spec4, spec4, spec2), out_specs=spec4,
+                         check_vma=False)(q_BTNK, k_BSNK, v_BSNV, start_BT)
 
 
 # ---- grouped matmul -----------------------------------------------------------------------------
