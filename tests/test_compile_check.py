@@ -90,7 +90,7 @@ ENTRY %main (a: bf16[4,128,256], b: bf16[4,128,256], c: bf16[4,128,128]) -> bf16
   %b = bf16[4,128,256]{{2,1,0}} parameter(1)
   %c = bf16[4,128,128]{{2,1,0}} parameter(2)
   %k = bf16[128,64]{{1,0}} custom-call(%a), custom_call_target="tpu_custom_call", backend_config={est}
-  %s = bf16[4,128,128]{{2,1,0}} custom-call(%a, %b, %c), custom_call_target="tpu_custom_call", backend_config={{"custom_call_config":{{"name":"splash_mha_fwd"}}}}
+  %s = bf16[4,128,128]{{2,1,0}} custom-call(%a, %b, %c), custom_call_target="tpu_custom_call", metadata={{op_name="jit(f)/splash_mha_fwd/pallas_call"}}
   ROOT %u = bf16[128,64]{{1,0}} custom-call(%a), custom_call_target="mystery"
 }}
 """

@@ -105,43 +105,49 @@ def model_flops(cfg, params, batch: int, seq: int) -> dict:
     return {"main": float(main), "mtp": float(mtp), "remat": float(remat)}
 
 
-def expert_overhead(cfg, tokens_local: int, ep: int, kernels: str) -> float:
-    """FLOPs per chip per step of expert rows computed beyond the real (token, expert) assignments: the XLA
-    blocked form's padding (`moe.block_rows`) without expert parallelism; with it, the receive buffer of
-    `expert_parallel` (ep x assignments per block of TOKEN_CHUNK tokens, dropless; c x assignments with a
-    capacity factor c)."""
+def expert_overhead(cfg, tokens_local: int, ep: int, kernels: str) -> dict:
+    """FLOPs per chip per step of expert work beyond the real (token, expert) assignments: "expert_rows", rows
+    computed past them (the XLA blocked form's padding, `moe.block_rows`, without expert parallelism; with it,
+    the receive buffer of `expert_parallel`: ep x assignments per block of TOKEN_CHUNK tokens, dropless, or c x
+    assignments with a capacity factor c) in the forward, both backward products and a remat recompute; and
+    "expert_block_remat", the forward of the whole buffer recomputed in the backward when the local tokens go
+    through in several rematerialized blocks."""
     from deepjax.model import expert_parallel as EP, moe
 
     K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
     X = tokens_local * K
+    blocks = 1
     if ep > 1:
         chunk = min(tokens_local, EP.TOKEN_CHUNK) * K
         per_chunk = ep * chunk if cfg.capacity_factor is None else ep * math.ceil(cfg.capacity_factor * chunk / ep)
-        rows = per_chunk * math.ceil(tokens_local * K / chunk)
+        blocks = math.ceil(X / chunk)
+        rows = per_chunk * blocks
     elif kernels == "tokamax":
         rows = X
     else:
         b = moe.block_rows(X, E)
         rows = math.ceil((X + E * (b - 1)) / b) * b
     passes = 3 + (cfg.remat in ("full", "save_outputs"))  # forward, input and weight gradients, recompute
-    moe_layers = cfg.n_moe_layers + cfg.num_nextn_predict_layers
-    return float((rows - X) * 3 * 2 * cfg.hidden_size * cfg.moe_intermediate_size * passes * moe_layers)
+    per_row = 3 * 2 * cfg.hidden_size * cfg.moe_intermediate_size * (cfg.n_moe_layers + cfg.num_nextn_predict_layers)
+    return {"expert_rows": float((rows - X) * per_row * passes),
+            "expert_block_remat": float(rows * per_row if blocks > 1 else 0.0)}
 
 
 def attention_kernel_flops(name: str, operands: list, outputs: list) -> Optional[float]:
-    """FLOPs of an attention kernel that carries no cost estimate, from its shapes: jax's splash attention (q
-    [.., H, T, dqk], k [.., S, dqk], v [.., S, dv]): 2 T S (dqk + dv) per head forward, twice that for the
-    backward's dq / dkv kernels (block-sparse kernels skip masked blocks: this counts them, as the model's
-    non-causal convention does)."""
+    """FLOPs of an attention kernel that carries no cost estimate (jax's splash attention), from its shapes: q, k
+    and v are its first three floating-point operands of rank >= 3 ([.., T, dqk], [.., S, dqk], [.., S, dv]);
+    2 T S (dqk + dv) per head for the forward, twice that for a backward kernel, every block counted (as the
+    model's non-causal convention counts them; the kernel skips the blocks above the diagonal at run time, and
+    its backward also recomputes q k^T, which this does not count)."""
     if "splash" not in name and "flash" not in name:
         return None
-    q, k, v = (operands + [[], [], []])[:3]
-    if len(q) < 2 or len(k) < 2 or len(v) < 2:
+    arrays = [d for dtype, d in operands if dtype in ("bf16", "f16", "f32") and len(d) >= 3]
+    if len(arrays) < 3:
         return None
+    q, k, v = arrays[:3]
     heads = math.prod(q[:-2])
-    T, S, dqk, dv = q[-2], k[-2], q[-1], v[-1]
-    fwd = 2.0 * heads * T * S * (dqk + dv)
-    return 2 * fwd if ("bwd" in name or "dq" in name or "dkv" in name) else fwd
+    fwd = 2.0 * heads * q[-2] * k[-2] * (q[-1] + v[-1])
+    return fwd if "fwd" in name else 2 * fwd
 
 
 def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=None) -> dict:
@@ -174,8 +180,7 @@ def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=N
 
         kernels = ops.resolve(cfg.kernels, jnp.dtype(cfg.dtype)) if mesh is None else _kernels_on(cfg, mesh)
         mf = model_flops(cfg, params, batch, seq)
-        overhead = {"remat": mf["remat"] / chips,
-                    "expert_rows": expert_overhead(cfg, batch * seq * tensor // chips, ep, kernels)}
+        overhead = {"remat": mf["remat"] / chips, **expert_overhead(cfg, batch * seq * tensor // chips, ep, kernels)}
         out["model_flops_per_chip"] = (mf["main"] + mf["mtp"]) / chips
         out["overhead_per_chip"] = overhead
         out["expected_flops_per_chip"] = out["model_flops_per_chip"] + sum(overhead.values())

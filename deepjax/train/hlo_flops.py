@@ -6,9 +6,10 @@ estimate attached to it. deepjax's step is full of loops (scanned layers, blocke
 that figure says little. This module walks the optimized HLO instead:
 
   dot            2 x prod(output dims) x prod(lhs contracting dims)
-  convolution    2 x prod(output dims) x kernel input features x window taps (window size / input dilation)
+  convolution    2 x batch x output features x input features x the window taps that meet real input
   custom-call    the `cost_estimate` flops in its backend config when present (Mosaic kernels carry the
-                 `pl.CostEstimate` their author gave); otherwise `kernel_flops(name, operand shapes, output shapes)`
+                 `pl.CostEstimate` their author gave); otherwise `kernel_flops(name, operand types, output types)`,
+                 a type being (dtype, dims) and the name the kernel's (its pallas_call's jax name)
                  from the caller, else counted as 0 and listed in `uncounted`
   while          its body x `known_trip_count` (XLA annotates counted loops); an unknown trip count is counted
                  once and listed in `unknown_loops`
@@ -25,6 +26,8 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+import numpy as np
 
 _SHAPE = re.compile(r"\b(pred|s4|s8|s16|s32|s64|u4|u8|u16|u32|u64|f8e4m3fn|f8e5m2|f8e4m3b11fnuz|f8e4m3fnuz|f8e5m2fnuz|"
                     r"bf16|f16|f32|f64|c64|c128|token)\[([0-9,]*)\]")
@@ -51,6 +54,11 @@ class Flops:
     uncounted: list = field(default_factory=list)  # custom calls without an estimate or a kernel_flops figure
     kernels: dict = field(default_factory=dict)  # custom-call target / kernel name -> FLOPs
     by_source: dict = field(default_factory=dict)  # the op's jax source (metadata op_name) -> FLOPs
+
+
+def types(type_text: str) -> list[tuple[str, list[int]]]:
+    """Every array type in a type text, e.g. '(f32[2,3]{1,0}, s32[])' -> [('f32', [2, 3]), ('s32', [])]."""
+    return [(m.group(1), [int(d) for d in m.group(2).split(",") if d]) for m in _SHAPE.finditer(type_text)]
 
 
 def dims(type_text: str) -> list[list[int]]:
@@ -189,16 +197,37 @@ def _source(op_name: str) -> str:
     return ("bwd " if bwd else "fwd ") + "/".join(parts[-3:])
 
 
-def _taps(attrs: str) -> float:
-    """Kernel taps that meet a real input element per output: the window's size over its input dilation (XLA:TPU
-    writes batched matmuls as convolutions whose batch dimensions are windows over a dilated input, one tap each)."""
-    m = re.search(r"window=\{([^}]*)\}", attrs)
-    if not m:
-        return 1.0
-    fields = dict(kv.split("=", 1) for kv in m.group(1).split() if "=" in kv)
-    size = math.prod(int(x) for x in fields.get("size", "1").split("x"))
-    dilate = math.prod(int(x) for x in fields.get("lhs_dilate", "1").split("x"))
-    return max(size / dilate, 1.0)
+def _conv_flops(attrs: str, lhs: list, rhs: list, out: list) -> float:
+    """2 x batch x output features x input features x, per spatial dimension, the (output position, kernel tap)
+    pairs that meet a real input element: XLA:TPU writes batched and multi-axis matmuls as convolutions whose
+    extra dimensions are windows over padded or dilated inputs, where most taps meet padding."""
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+    if not m or not lhs or not rhs:
+        return 2.0 * math.prod(out) * (rhs[-2] if len(rhs) >= 2 else 1)
+    lhs_l, rhs_l, out_l = m.groups()
+    w = re.search(r"window=\{([^}]*)\}", attrs)
+    fields = dict(kv.split("=", 1) for kv in (w.group(1).split() if w else []) if "=" in kv)
+
+    def per_dim(key, n, default):
+        return [int(x) for x in fields[key].split("x")] if key in fields else [default] * n
+
+    spatial = sorted(c for c in out_l if c.isdigit())
+    n = len(spatial)
+    size, stride = per_dim("size", n, 1), per_dim("stride", n, 1)
+    lhs_dil, rhs_dil = per_dim("lhs_dilate", n, 1), per_dim("rhs_dilate", n, 1)
+    pads = [tuple(int(v) for v in p.split("_")) for p in fields["pad"].split("x")] if "pad" in fields else [(0, 0)] * n
+    pairs = 1.0
+    for j, d in enumerate(spatial):
+        n_in, n_out = lhs[lhs_l.index(d)], out[out_l.index(d)]
+        if n_out * size[j] > 4_000_000:  # too many to enumerate: every tap counts
+            pairs *= n_out * size[j]
+            continue
+        o = np.arange(n_out)[:, None]
+        t = np.arange(size[j])[None, :]
+        pos = o * stride[j] + t * rhs_dil[j] - pads[j][0]
+        pairs *= float(((pos >= 0) & (pos <= (n_in - 1) * lhs_dil[j]) & (pos % lhs_dil[j] == 0)).sum())
+    batch, features = out[out_l.index("b")], out[out_l.index("f")]
+    return 2.0 * batch * features * rhs[rhs_l.index("i")] * pairs
 
 
 def _constant(instrs: list, name: str) -> Optional[int]:
@@ -241,6 +270,12 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
     comps, entry = parse(hlo_text)
     res = Flops()
 
+    def type_of(comp_types: dict, operand: str) -> tuple[str, list[int]]:
+        t = types(operand)
+        if t:
+            return t[0]
+        return (comp_types.get(operand.split()[-1].lstrip("%")) or [("?", [])])[0]
+
     def shape_of(comp_shapes: dict, operand: str) -> list[int]:
         d = dims(operand)  # operands printed with their types
         if d:
@@ -259,6 +294,7 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
         total = 0.0
         instrs = comps.get(name, [])
         shapes = {i.name: dims(i.shape) for i in instrs}
+        typed = {i.name: types(i.shape) for i in instrs}
         for ins in instrs:
             op = ins.opcode
             if op == "dot":
@@ -270,22 +306,22 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
                 total += f
             elif op == "convolution":
                 out = dims(ins.shape)[0]
-                rhs = shape_of(shapes, ins.operands[1])
-                labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
-                i = rhs[labels.group(1).index("i")] if labels and rhs else 1
-                f = 2.0 * math.prod(out) * i * _taps(ins.attrs)
+                f = _conv_flops(ins.attrs, shape_of(shapes, ins.operands[0]), shape_of(shapes, ins.operands[1]), out)
                 add("convolution", f, mult, ins)
                 total += f
             elif op == "custom-call":
                 target = (re.search(r'custom_call_target="([^"]+)"', ins.attrs) or [None, "?"])[1]
                 cfg = _backend_config(ins.attrs) or {}
                 est = cfg.get("cost_estimate") or (cfg.get("custom_call_config") or {}).get("cost_estimate")
-                kname = cfg.get("name") or (cfg.get("custom_call_config") or {}).get("name") or target
+                op_name = (re.search(r'op_name="([^"]*)"', ins.attrs) or [None, ""])[1]
+                pallas = re.search(r"([\w.\-]+)/pallas_call", op_name)
+                kname = cfg.get("name") or (cfg.get("custom_call_config") or {}).get("name") or (
+                    pallas.group(1) if pallas else target)
                 f = None
                 if isinstance(est, dict) and "flops" in est:
                     f = float(est["flops"])
                 elif kernel_flops is not None:
-                    f = kernel_flops(kname, [shape_of(shapes, o) for o in ins.operands], dims(ins.shape))
+                    f = kernel_flops(kname, [type_of(typed, o) for o in ins.operands], types(ins.shape))
                 if f is None:
                     if kname not in res.uncounted:
                         res.uncounted.append(kname)
