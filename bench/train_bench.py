@@ -2,6 +2,8 @@
 run's mesh, state donated), per `ModelConfig.kernels`, beside the HF transformers anchor measured in the same call.
 
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/train_bench.py --kernels xla tokamax
+    JAX_PLATFORMS=cuda PYTHONPATH=. python bench/train_bench.py --kernels tokamax --shapes 8x2048 2x8192 \
+        --remat none full save_dots save_outputs --param-dtype float32 bfloat16     # issue 32's table
     PYTHONPATH=. python bench/train_bench.py --batch 1 --seq 64 --steps 1 --preset tiny --no-hf --kernels xla  # CPU
 
 Bench preset, B 8 x T 2048, bf16 compute, fp32 params; each row a packed batch of --docs documents (segment ids
@@ -66,13 +68,14 @@ def one(args) -> dict:
     """One configuration, in this process: its JSON record."""
     k = args.one
     rec = dict(what="train_step", kernels=k, preset=args.preset, B=args.batch, T=args.seq, docs=args.docs,
-               remat=args.remat, jax=jax.__version__, device=jax.devices()[0].device_kind)
+               remat=args.remat[0], param_dtype=args.param_dtype[0], jax=jax.__version__,
+               device=jax.devices()[0].device_kind)
     try:
         rec["resolved"] = ops.resolve(k, jnp.bfloat16)
     except Exception as e:  # noqa: BLE001
         rec["resolved"] = f"unavailable ({type(e).__name__}: {e})"[:200]
-    cfg = dataclasses.replace(getattr(presets, args.preset)(), dtype="bfloat16", param_dtype="float32",
-                              remat=args.remat, kernels=k)
+    cfg = dataclasses.replace(getattr(presets, args.preset)(), dtype="bfloat16", param_dtype=args.param_dtype[0],
+                              remat=args.remat[0], kernels=k)
     cfg.validate()
     o, t = OptimConfig(), TrainConfig()
     # as deepjax/train/run.py (abstract_train_state, Run, jit_update) and loop.py (TrainRun) on one device
@@ -145,7 +148,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--docs", type=int, default=1, help="packed documents per row (segment ids 1..N)")
-    ap.add_argument("--remat", default="none", help="ModelConfig.remat: none | full | save_dots")
+    ap.add_argument("--remat", nargs="+", default=["none"],
+                    help="ModelConfig.remat policies, one row each: none | full | save_dots | save_outputs")
+    ap.add_argument("--param-dtype", nargs="+", default=["float32"], help="parameter dtypes, one row each")
+    ap.add_argument("--shapes", nargs="+", metavar="BxT",
+                    help="batch x length shapes, one row (and one HF anchor) each; default --batch x --seq")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after the compile and 2 warmup steps)")
     ap.add_argument("--profile", metavar="DIR", help="trace 3 more steps of each configuration into DIR/KERNELS")
     ap.add_argument("--timeout", type=float, default=540.0, help="seconds per subprocess")
@@ -161,40 +168,55 @@ def main(argv=None):
             traceback.print_exc()
             emit(what="train_step", kernels=args.one, error=f"{type(e).__name__}: {str(e)[:400]}")
         return
+    try:
+        shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes] if args.shapes else \
+            [(args.batch, args.seq)]
+    except ValueError:
+        ap.error(f"--shapes {' '.join(args.shapes)}: each BxT, e.g. 8x2048")
     me, here = os.path.abspath(__file__), os.path.dirname(os.path.abspath(__file__))
-    common = ["--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq), "--docs", str(args.docs),
-              "--remat", args.remat, "--steps", str(args.steps)] + (["--profile", args.profile] if args.profile else [])
-    rows = []
-    for k in args.kernels:
-        recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
-        r = next((r for r in recs if r.get("what") == "train_step"), None)
-        rows.append(r or emit(what="train_step", kernels=k, error=f"no result: {err}"))
-    hf = None
-    if not args.no_hf:
-        env = dict(os.environ, B=str(args.batch), T=str(args.seq))
-        recs, err = child([sys.executable, os.path.join(here, "anchors", "hf_deepseek_v3.py")], env, args.timeout,
-                          stop_at="hf_train_step")
-        hf = next((r for r in recs if r.get("what") == "hf_train_step"), None)
-        if hf is None:
-            emit(what="hf_train_step", error=f"no result: {err}")
     f = lambda x, p: "-" if x is None else f"{x:,.{p}f}"  # noqa: E731
-    print(f"\n{rows[0].get('device', '')}, {args.preset} preset, B {args.batch} x T {args.seq}, "
-          f"{args.docs} doc(s)/row, bf16 compute, fp32 params, remat {args.remat}, AdamW\n")
-    print("| kernels | resolved | tokens/s | step ms | MFU | compile s | peak GiB | loss first -> last | x HF |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['kernels']} | error: {r['error'][:100]} | | | | | | | |")
-            continue
-        xhf = f(r["tokens_per_s"] / hf["tokens_per_s"], 2) if hf else "-"
-        name = r["kernels"]
-        print(f"| {name} | {str(r['resolved'])[:60]} | "
-              f"{f(r['tokens_per_s'], 0)} | {f(r['step_ms'], 1)} | {f(r['mfu'], 3)} | {f(r['compile_s'], 1)} | "
-              f"{f(r['peak_mem_gib'], 2)} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} | {xhf} |")
-    if hf:
-        print(f"| HF transformers | torch eager | {f(hf['tokens_per_s'], 0)} | {f(hf['step_s'] * 1e3, 1)} | "
-              f"{f(hf['mfu'], 3)} | - | {f(hf['max_mem_gib'], 2)} | {hf['loss']:.3f} | 1.00 |")
-
+    table = ["| B x T | kernels | remat | params | resolved | tokens/s | step ms | MFU | compile s | peak GiB | "
+             "loss first -> last | x HF |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    device = ""
+    for B, T in shapes:
+        rows = []
+        for k in args.kernels:
+            for remat in args.remat:
+                for pd in args.param_dtype:
+                    common = ["--preset", args.preset, "--batch", str(B), "--seq", str(T), "--docs", str(args.docs),
+                              "--remat", remat, "--param-dtype", pd, "--steps", str(args.steps)] + (
+                        ["--profile", args.profile] if args.profile else [])
+                    recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
+                    r = next((r for r in recs if r.get("what") == "train_step"), None)
+                    rows.append(r or emit(what="train_step", kernels=k, remat=remat, param_dtype=pd, B=B, T=T,
+                                          error=f"no result: {err}"))
+        hf = None
+        if not args.no_hf:
+            env = dict(os.environ, B=str(B), T=str(T))
+            recs, err = child([sys.executable, os.path.join(here, "anchors", "hf_deepseek_v3.py")], env, args.timeout,
+                              stop_at="hf_train_step")
+            hf = next((r for r in recs if r.get("what") == "hf_train_step"), None)
+            if hf is None:
+                oom = "out of memory" in err.lower() or "outofmemory" in err.lower()
+                hf = emit(what="hf_train_step", B=B, T=T, error="out of memory" if oom else f"no result: {err}")
+        for r in rows:
+            device = device or r.get("device", "")
+            head = f"| {B} x {T} | {r['kernels']} | {r.get('remat')} | {r.get('param_dtype')} |"
+            if "error" in r:
+                table.append(f"{head} error: {r['error'][:100]} | | | | | | | |")
+                continue
+            xhf = f(r["tokens_per_s"] / hf["tokens_per_s"], 2) if hf and "error" not in hf else "-"
+            table.append(f"{head} {str(r['resolved'])[:40]} | {f(r['tokens_per_s'], 0)} | {f(r['step_ms'], 1)} | "
+                         f"{f(r['mfu'], 3)} | {f(r['compile_s'], 1)} | {f(r['peak_mem_gib'], 2)} | "
+                         f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {xhf} |")
+        if hf and "error" in hf:
+            table.append(f"| {B} x {T} | HF transformers | - | float32 | {hf['error'][:60]} | | | | | | | |")
+        elif hf:
+            table.append(f"| {B} x {T} | HF transformers | - | float32 | torch eager | {f(hf['tokens_per_s'], 0)} | "
+                         f"{f(hf['step_s'] * 1e3, 1)} | {f(hf['mfu'], 3)} | - | {f(hf['max_mem_gib'], 2)} | "
+                         f"{hf['loss']:.3f} | 1.00 |")
+    print(f"\n{device}, {args.preset} preset, {args.docs} doc(s)/row, bf16 compute, AdamW\n")
+    print("\n".join(table))
 
 if __name__ == "__main__":
     main()

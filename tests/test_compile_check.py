@@ -29,6 +29,8 @@ def test_scanned_matmuls_are_counted_per_trip():
     assert r.total == 3 * 10 * 2 * 64 * 128 * 128  # forward, and the two products of the backward, 10 times
     assert r.unknown_loops == [] and sorted(n for _, n in r.loops) == [10, 10]
     assert compiled.cost_analysis()["flops"] < r.total / 5  # XLA's own figure counts each body once
+    # traffic: at least each step's weight slice read in the forward and again in the backward
+    assert r.bytes >= 2 * 10 * 128 * 128 * 4
 
 
 def test_nested_loops_batched_dots_and_branches():

@@ -24,6 +24,9 @@ FLOPs, per chip and optimizer step (docs/LOG.md has the figures):
                            worst case: a grouped-matmul kernel's cost estimate counts the whole buffer, though it
                            skips empty tiles at run time).
   flops_check              flops_per_chip within 15% of expected_flops_per_chip.
+  bytes_per_chip           memory traffic counted the same way (`hlo_flops`), and step_s_at_peak the step time
+                           flops and bytes imply at the chip's published peaks (v5p: 459 TFLOP/s bf16, 2.765
+                           TB/s), mfu_at_peak_step the model FLOPs' share of that: a bound, not a prediction.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from deepjax.config import load_config
 from deepjax.schema import ConfigError
 
 V5P_HBM_GIB = 95.0
+V5P_BF16_FLOPS = 459e12  # per chip, Google's published v5p peak
+V5P_HBM_BYTES_S = 2765e9  # per chip
 
 
 def _cross_compile():
@@ -109,9 +114,11 @@ def expert_overhead(cfg, tokens_local: int, ep: int, kernels: str) -> dict:
     """FLOPs per chip per step of expert work beyond the real (token, expert) assignments: "expert_rows", rows
     computed past them (the XLA blocked form's padding, `moe.block_rows`, without expert parallelism; with it,
     the receive buffer of `expert_parallel`: ep x assignments per block of TOKEN_CHUNK tokens, dropless, or c x
-    assignments with a capacity factor c) in the forward, both backward products and a remat recompute; and
-    "expert_block_remat", the forward of the whole buffer recomputed in the backward when the local tokens go
-    through in several rematerialized blocks."""
+    assignments with a capacity factor c) in the forward, both backward products and a recompute; and
+    "expert_block_remat", the recompute of the real rows' forward that `model_flops` does not count: the
+    expert-parallel token blocks are rematerialized when there are several, and a layer remat policy other than
+    full / save_outputs recomputes the expert kernels too. (Measured: an outer full remat and the inner block
+    remat recompute the forward once, not twice.)"""
     from deepjax.model import expert_parallel as EP, moe
 
     K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
@@ -127,10 +134,11 @@ def expert_overhead(cfg, tokens_local: int, ep: int, kernels: str) -> dict:
     else:
         b = moe.block_rows(X, E)
         rows = math.ceil((X + E * (b - 1)) / b) * b
-    passes = 3 + (cfg.remat in ("full", "save_outputs"))  # forward, input and weight gradients, recompute
+    in_model = cfg.remat in ("full", "save_outputs")  # model_flops' remat term recomputes the real rows
+    recompute = in_model or blocks > 1 or (cfg.remat != "none" and kernels == "tokamax")
     per_row = 3 * 2 * cfg.hidden_size * cfg.moe_intermediate_size * (cfg.n_moe_layers + cfg.num_nextn_predict_layers)
-    return {"expert_rows": float((rows - X) * per_row * passes),
-            "expert_block_remat": float(rows * per_row if blocks > 1 else 0.0)}
+    return {"expert_rows": float((rows - X) * per_row * (3 + recompute)),
+            "expert_block_remat": float(X * per_row if recompute and not in_model else 0.0)}
 
 
 def attention_kernel_flops(name: str, operands: list, outputs: list) -> Optional[float]:
@@ -150,7 +158,8 @@ def attention_kernel_flops(name: str, operands: list, outputs: list) -> Optional
     return fwd if "fwd" in name else 2 * fwd
 
 
-def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=None) -> dict:
+def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=None,
+           peak_flops: float = V5P_BF16_FLOPS, peak_bytes_s: float = V5P_HBM_BYTES_S) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -167,6 +176,9 @@ def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=N
     out["peak_gib"] = out["argument_gib"] + out["temp_gib"] + out["output_gib"] - out["alias_gib"]
     counted = hlo_flops.count(compiled.as_text(), attention_kernel_flops)
     out["flops_per_chip"] = counted.total
+    out["bytes_per_chip"] = counted.bytes
+    # the step time the counted work implies at the chip's peaks (a lower bound: no overlap loss, no collectives)
+    out["step_s_at_peak"] = max(counted.total / peak_flops, counted.bytes / peak_bytes_s)
     out["flops_by_kind"] = counted.by_kind
     out["kernels"] = counted.kernels
     out["uncounted_kernels"] = counted.uncounted
@@ -186,6 +198,7 @@ def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=N
         out["expected_flops_per_chip"] = out["model_flops_per_chip"] + sum(overhead.values())
         out["flops_ratio"] = out["flops_per_chip"] / out["expected_flops_per_chip"]
         out["flops_check"] = abs(out["flops_ratio"] - 1) <= 0.15
+        out["mfu_at_peak_step"] = out["model_flops_per_chip"] / (out["step_s_at_peak"] * peak_flops)
     return out
 
 
@@ -204,6 +217,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batches", type=int, default=1)
     ap.add_argument("--hbm-gib", type=float, default=V5P_HBM_GIB)
+    ap.add_argument("--hlo", metavar="FILE", help="write the compiled program's optimized HLO text here")
     args, rest = ap.parse_known_args(argv)
     mesh_kw, overrides = {}, []
     for r in rest:
@@ -224,6 +238,9 @@ def main(argv=None):
                                         args.micro_batches)
     _, abstract = M.abstract_init(cfg.model)
     rep = report(compiled, cfg.model, abstract, args.batch, args.seq, mesh)
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(compiled.as_text())
     rep.update(topology=args.topology, chips=len(topo.devices), mesh=dict(mesh.shape), rules=mesh_cfg.rules,
                batch=args.batch, seq=args.seq, micro_batches=args.micro_batches, compile_s=round(secs, 1),
                fits=rep["peak_gib"] <= args.hbm_gib)

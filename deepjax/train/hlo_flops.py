@@ -17,6 +17,8 @@ that figure says little. This module walks the optimized HLO instead:
   fusion / call  the called computation
 
 Only matmul-like work is counted (the PaLM / MFU convention the model's FLOPs use); elementwise work is not.
+`bytes` is the memory traffic the same way: operands and results of every instruction outside fusion bodies
+(a fusion counts its own operands and result), times the trip counts of its loops.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Flops:
     derived_loops: list = field(default_factory=list)  # trip count read from the loop condition (TPU programs)
     uncounted: list = field(default_factory=list)  # custom calls without an estimate or a kernel_flops figure
     kernels: dict = field(default_factory=dict)  # custom-call target / kernel name -> FLOPs
+    bytes: float = 0.0  # HBM traffic: operands + results of every unfused instruction / fusion, loop-aware
     by_source: dict = field(default_factory=dict)  # the op's jax source (metadata op_name) -> FLOPs
 
 
@@ -230,6 +233,16 @@ def _conv_flops(attrs: str, lhs: list, rhs: list, out: list) -> float:
     return 2.0 * batch * features * rhs[rhs_l.index("i")] * pairs
 
 
+_NO_TRAFFIC = frozenset(("parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "conditional",
+                         "call", "after-all", "partition-id", "replica-id", "copy-done", "async-done", "opt-barrier"))
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8,
+          "u64": 8, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
+
+
+def _nbytes(ts: list) -> float:
+    return sum(_BYTES.get(t, 1) * math.prod(d) for t, d in ts if t in _BYTES or t.startswith("f8"))
+
+
 def _constant(instrs: list, name: str) -> Optional[int]:
     for i in instrs:
         if i.name == name.split()[-1].lstrip("%") and i.opcode == "constant":
@@ -289,14 +302,18 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
         src = _source(m.group(1)) if m else "?"
         res.by_source[src] = res.by_source.get(src, 0.0) + f * mult
 
-    def comp_flops(name: str, mult: float) -> float:
-        """FLOPs of one execution of computation `name`; records kinds scaled by `mult` executions."""
+    def comp_flops(name: str, mult: float, top: bool = True) -> float:
+        """FLOPs of one execution of computation `name`; records kinds (and, for computations that are not fusion
+        bodies, memory traffic) scaled by `mult` executions."""
         total = 0.0
         instrs = comps.get(name, [])
         shapes = {i.name: dims(i.shape) for i in instrs}
         typed = {i.name: types(i.shape) for i in instrs}
         for ins in instrs:
             op = ins.opcode
+            if top and op not in _NO_TRAFFIC:
+                res.bytes += mult * (_nbytes(types(ins.shape)) + sum(_nbytes([type_of(typed, o)])
+                                                                     for o in ins.operands))
             if op == "dot":
                 out = dims(ins.shape)[0]
                 lhs = shape_of(shapes, ins.operands[0])
@@ -353,7 +370,7 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
                     total += comp_flops(best, mult)
             elif op in ("fusion", "call", "async-start"):
                 for c in _called(ins.attrs, "calls"):
-                    total += comp_flops(c, mult)
+                    total += comp_flops(c, mult, top=op == "call")
         return total
 
     res.total = comp_flops(entry, 1.0)
