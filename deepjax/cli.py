@@ -4,16 +4,21 @@
     deepjax train CONFIG [--config.FIELD=VALUE ...] [--workdir DIR] [--no-progress]
     deepjax grpo CONFIG [--config.FIELD=VALUE ...] [--workdir DIR] [--no-progress]
     deepjax r1zero [CONFIG] [--config.FIELD=VALUE ...] [--workdir runs/r1zero] [--seed S] [--k 16]
+    deepjax distill CONFIG --config.distill.teacher=DIR [--config.FIELD=VALUE ...] [--workdir DIR] [--no-progress]
     deepjax eval WORKDIR [--k 8] [--problems 100] [--temperature 0.6] [--top-p 0.95] [--max-new-tokens 64]
     deepjax sample SOURCE [--prompt TEXT ...] [--prompts-file F] [--template r1|plain|chat|none] [--max-new-tokens 128]
                    [--temperature 0.6] [--top-p 0.95] [--top-k 0] [--seed 0] [--config.model.FIELD=VALUE ...]
+    deepjax convert HF_DIR RUN_DIR [--run-config CONFIG] [--config.FIELD=VALUE ...] [--no-progress]
+    deepjax convert RUN_DIR HF_DIR [--step N] [--fp8] [--dtype bfloat16] [--shard-size 4GB] [--no-progress]
 
 CONFIG is a file defining `get_config()` (`configs/tiny.py`) or a preset name (`tiny`, `bench`, `deepseek_v3`,
 ...); default `tiny`. `info` builds the model, prints its parameter table and runs one jitted forward pass on a
 random batch. `train` runs or resumes training (deepjax/train/loop.py) in the work directory (default
 runs/<config name>); `grpo` runs or resumes GRPO (deepjax/rl/loop.py), from rl.init_from's checkpoint.
-`r1zero` runs the whole R1-Zero story (deepjax/rl/r1zero.py; default config configs/r1zero.py). `sample` streams
-completions from a run or an HF checkpoint directory (deepjax/infer/sample.py).
+`r1zero` runs the whole R1-Zero story (deepjax/rl/r1zero.py; default config configs/r1zero.py). `distill` trains
+CONFIG's model from a teacher run, on its filtered sampled traces or on its logits (deepjax/rl/distill.py).
+`sample` streams completions from a run or an HF checkpoint directory (deepjax/infer/sample.py). `convert` turns an HF
+safetensors checkpoint into a run directory or back, tensor by tensor (deepjax/train/convert.py).
 
 What the user can fix (a `deepjax.errors.UserError`: a bad config, data or tokenizer file, a mesh that does not fit the
 devices, a damaged checkpoint, a run stopped by non-finite steps) prints one line naming the field, file, line or step
@@ -35,15 +40,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepjax import model as M
+from deepjax import paths
 from deepjax.config import Config, apply_overrides, from_dict, load_config
 from deepjax.errors import NonFiniteError, UserError, one_line
 from deepjax.infer import sample as SA
 from deepjax.model.config import ModelConfig
 from deepjax.parallel import distributed as D
 from deepjax.parallel import sharding as S
+from deepjax.rl import distill
 from deepjax.rl import evaluate
 from deepjax.rl import loop
 from deepjax.rl import r1zero
+from deepjax.train import convert as CV
 from deepjax.train import loop as T
 from deepjax.train.run import load_params
 
@@ -172,6 +180,21 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _size(s: str) -> int:
+    """A byte count: 4GB, 500MB, 123456 (K/M/G/T are powers of 1024: safetensors shards as HF sizes them)."""
+    units = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,
+             "T": 1 << 40, "TB": 1 << 40}
+    t = s.strip().upper()
+    num = t.rstrip("KMGTB")
+    try:
+        v = int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {s!r} (e.g. 4GB, 500MB)") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {s}")
+    return v
+
+
 def _job(sub, name: str, help: str, description: str, epilog: str, config: str, workdir: str):
     """A subcommand that runs a job in a work directory: CONFIG, --workdir, --no-progress."""
     p = sub.add_parser(name, help=help, description=description, epilog=epilog)
@@ -216,6 +239,17 @@ def parser() -> argparse.ArgumentParser:
              "r1zero", "runs/r1zero, or runs/r1zero_s<SEED>")
     p.add_argument("--seed", type=int, default=0, help="init, data order and sampling seed (default 0)")
     p.add_argument("--k", type=_positive_int, default=16, help="samples per held-out problem (default 16)")
+    _job(sub, "distill", "distill a teacher run into CONFIG's model: its verified traces, or its logits",
+         "Trains CONFIG's model (the student) from the teacher run directory distill.teacher, in --workdir. "
+         "distill.mode=traces (R1-Distill): the teacher samples distill.k completions of each train prompt of "
+         "data.source, a rejection filter keeps the finished, well-formatted, correct, language-consistent ones "
+         "(traces/traces.jsonl, traces/stats.json), and the student is SFT-trained on them (student/). "
+         "distill.mode=logits (same tokenizer): the student trains on data.source with kd_alpha x T^2 x "
+         "KL(teacher_T || student_T) on the completion tokens + (1 - kd_alpha) x the hard-label loss. Then teacher "
+         "and student are evaluated on held-out problems (distill.json). Rerun the same command to resume.",
+         "Any config field: --config.SECTION.FIELD=VALUE (sections: distill, model, data, optim, train, mesh, rl), "
+         "e.g. --config.distill.teacher=runs/r1zero/grpo --config.distill.k=8 --config.distill.mode=logits "
+         "--config.distill.kd_temperature=2 (docs/distill.md).", "tiny", "runs/<config name>_distill")
     p = sub.add_parser("eval", help="pass@1 / pass@k / cons@k of a trained run on held-out problems",
                        description="Samples --k answers per held-out problem of the run's task from the newest "
                                    "checkpoint in WORKDIR and reports pass@1 (from the k samples), pass@k (unbiased) "
@@ -241,6 +275,39 @@ def parser() -> argparse.ArgumentParser:
                               "--config.model.dtype=bfloat16); sampler fields: --config.sampling.FIELD=VALUE "
                               f"({', '.join(SA.SAMPLING_OVERRIDES)}).")
     SA.add_arguments(p)
+    p = sub.add_parser(
+        "convert", help="HF safetensors checkpoint <-> deepjax run directory, tensor by tensor",
+        usage="deepjax convert HF_DIR RUN_DIR [--run-config CONFIG] [--config.FIELD=VALUE ...]\n"
+              "       deepjax convert RUN_DIR HF_DIR [--step N] [--fp8] [--dtype DTYPE] [--shard-size SIZE]",
+        description="Converts SOURCE into DEST, a new directory; the direction follows SOURCE. An HF checkpoint "
+                    "directory (config.json + *.safetensors; FP8 weights with weight_scale_inv are dequantized) "
+                    "becomes a run directory with a step-0 checkpoint: what `deepjax train` would save right after "
+                    "initializing with these weights (optimizer state at its init), read by --config.rl.init_from, "
+                    "`deepjax eval` / `sample`, and resumed by `deepjax train` / `grpo` --workdir DEST. A run "
+                    "directory (its newest or --step checkpoint) becomes an HF checkpoint directory: config.json, "
+                    "safetensors shards, model.safetensors.index.json. Tensors are converted one at a time: memory "
+                    "stays near the largest tensor, whatever the model's size.",
+        epilog="HF -> run: the model comes from HF_DIR/config.json; --run-config CONFIG (a configs/NAME.py file or "
+               "preset) gives the other sections (data, optim, train, mesh, seed) and must have that model; "
+               "--config.FIELD=VALUE overrides, e.g. --config.model.param_dtype=bfloat16 (HF config.json carries no "
+               "parameter dtype: default float32). Examples: deepjax convert DeepSeek-V3/ runs/v3 "
+               "--config.model.param_dtype=bfloat16; deepjax convert runs/tiny hf/tiny --fp8")
+    p.add_argument("source", help="an HF checkpoint directory or a deepjax run directory")
+    p.add_argument("dest", help="the directory to write (new, or empty)")
+    p.add_argument("--to", choices=("run", "hf"), default=None,
+                   help="the direction, checked against SOURCE (default: the one SOURCE gives)")
+    p.add_argument("--run-config", default=None, metavar="CONFIG",
+                   help="HF -> run: config file or preset for the run directory's config.json")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="run -> HF: checkpoint step (default: the newest)")
+    p.add_argument("--fp8", action="store_true",
+                   help="run -> HF: the linear weights DeepSeek-V3 releases in FP8 as E4M3 with a float32 "
+                        "weight_scale_inv per 128x128 block (config.json gets its quantization_config)")
+    p.add_argument("--dtype", choices=sorted(CV.DTYPES), default=None,
+                   help="run -> HF: dtype of the tensors (not FP8 ones; default: as stored)")
+    p.add_argument("--shard-size", type=_size, default=4 << 30, metavar="SIZE",
+                   help="run -> HF: largest safetensors file (default 4GB)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
@@ -252,6 +319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.command == "sample":
         return sample_command(args, rest)
+    if args.command == "convert":
+        return convert_command(args, rest)
     if args.command == "eval":
         if rest:
             print(f"deepjax: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
@@ -273,6 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return grpo_command(cfg, args)
     if args.command == "r1zero":
         return r1zero_command(cfg, args)
+    if args.command == "distill":
+        return distill_command(cfg, args)
     info(cfg, name, args.batch, args.length)
     return 0
 
@@ -301,8 +372,31 @@ def eval_command(args) -> int:
     return 0
 
 
+def convert_command(args, rest) -> int:
+    """`deepjax convert` (deepjax/train/convert.py): bad input is one line with status 2, a missing SOURCE status 1."""
+    unknown = [r for r in rest if not r.startswith("--config.")]
+    if unknown:
+        print(f"deepjax: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    try:
+        base = load_config(args.run_config) if args.run_config is not None else None
+        out = CV.convert(args.source, args.dest, to=args.to, base=base, overrides=rest, step=args.step, fp8=args.fp8,
+                         dtype=args.dtype, max_shard_bytes=args.shard_size, progress=not args.no_progress)
+    except UserError as e:
+        return _user_error(e)
+    except FileNotFoundError as e:
+        print(f"deepjax: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    what = (f"run directory (checkpoint step {out['step']})" if out["to"] == "run" else
+            f"HF checkpoint directory (from step {out['step']})")
+    b = out["bytes"]
+    size = next((f"{b / 2**k:.2f} {u}" for k, u in ((30, "GiB"), (20, "MiB"), (10, "KiB")) if b >= 2**k), f"{b} B")
+    print(f"converted {out['tensors']} tensors ({size}) in {out['seconds']:.1f} s: {what} {out['path']}")
+    return 0
+
+
 def _sample_run_config(workdir: str) -> Config:
-    with open(os.path.join(workdir, "config.json")) as f:
+    with paths.Path(workdir, "config.json").open() as f:
         try:
             return from_dict(json.load(f))
         except json.JSONDecodeError as e:
@@ -326,8 +420,8 @@ def _sample_source(args, model_overrides: list[str]):
                               "--tokenizer" if args.tokenizer else f"data.tokenizer of {path}/config.json")
         SA.check_vocab(cfg.model, tok, path)
         src = SA.Source(path, "run", cfg.model, None, None, tok, cfg.data.template, SA.chat_dir_of(tok))
-        ckdir = os.path.join(path, "checkpoints")
-        if not any(d.isdigit() for d in os.listdir(ckdir)):
+        ckdir = paths.Path(path, "checkpoints")
+        if not any(d.name.isdigit() for d in ckdir.iterdir()):
             raise FileNotFoundError(f"{ckdir}: no checkpoint saved yet")
 
         def load(src):
@@ -376,6 +470,7 @@ _BATCHES = {
                        c.rl.prompts_per_step * c.rl.loss.group_size},
 }
 _BATCHES["r1zero"] = lambda c: {**_BATCHES["train"](c), **_BATCHES["grpo"](c)}
+_BATCHES["distill"] = _BATCHES["train"]
 
 
 def _run_job(fn, cfg: Config, args, suffix: str = ""):
@@ -383,7 +478,7 @@ def _run_job(fn, cfg: Config, args, suffix: str = ""):
     that does not fit); a user error is one line and status 2, a missing file one line and status 1."""
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0] + suffix)
     args.workdir = workdir
-    print(f"workdir: {os.path.abspath(workdir)}", flush=True)
+    print(f"workdir: {paths.shown(workdir)}", flush=True)
     try:
         D.check_mesh(cfg.mesh, _BATCHES[args.command](cfg))
         return 0, fn(cfg, workdir, progress=not args.no_progress)
@@ -410,6 +505,17 @@ def r1zero_command(cfg: Config, args) -> int:
     return 0
 
 
+def distill_command(cfg: Config, args) -> int:
+    status, out = _run_job(distill.run, cfg, args, suffix="_distill")
+    if status:
+        return status
+    print()
+    print(distill.format_summary(out))
+    print(f"run directory: {out['workdir']} (distill.json, "
+          f"{'traces/, ' if out['mode'] == 'traces' else ''}student/)")
+    return 0
+
+
 def grpo_command(cfg: Config, args) -> int:
     status, out = _run_job(loop.grpo, cfg, args, suffix="_grpo")
     if status:
@@ -421,7 +527,7 @@ def grpo_command(cfg: Config, args) -> int:
     if ev:
         print(f"held-out ({ev['n_problems']} problems, k={ev['k']}): pass@1 {100 * ev['pass@1']:.1f}%, "
               f"cons@{ev['k']} {100 * ev['cons@k']:.1f}%")
-    print(f"run directory: {os.path.abspath(args.workdir)} (metrics.jsonl, eval.jsonl, tb/, grpo_curves.png, "
+    print(f"run directory: {paths.shown(args.workdir)} (metrics.jsonl, eval.jsonl, tb/, grpo_curves.png, "
           "checkpoints/)")
     return 0
 
@@ -434,5 +540,5 @@ def train_command(cfg: Config, args) -> int:
     if last:
         print(f"step {last['step']}: loss {last['loss']:.4f}, mtp loss {last['mtp_loss']:.4f}, "
               f"MaxVio {sum(last['maxvio']) / len(last['maxvio']):.3f} (mean over MoE layers)")
-    print(f"run directory: {os.path.abspath(workdir)} (metrics.jsonl, tb/, train_curves.png, checkpoints/)")
+    print(f"run directory: {paths.shown(workdir)} (metrics.jsonl, tb/, train_curves.png, checkpoints/)")
     return 0

@@ -3,7 +3,7 @@
 Each part is defined, documented and validated beside its code: `ModelConfig` (deepjax/model/config.py; fields
 carry the names of DeepSeek's `config.json`), `MeshConfig` (deepjax/parallel/sharding.py), `DataConfig`
 (deepjax/data/config.py), `OptimConfig` and `TrainConfig` (deepjax/train/config.py), `RLConfig`
-(deepjax/rl/config.py). They are re-exported here.
+and `DistillConfig` (deepjax/rl/config.py). They are re-exported here.
 
 A run config is a Python file defining `get_config() -> Config` (see `configs/`), or a preset name
 (`tiny`, `bench`, `deepseek_v3`, ...). Any field can be overridden on the command line:
@@ -29,7 +29,7 @@ from deepjax.errors import UserError, one_line
 from deepjax.model import presets
 from deepjax.model.config import ModelConfig, RopeScaling
 from deepjax.parallel.sharding import MeshConfig
-from deepjax.rl.config import RLConfig
+from deepjax.rl.config import DistillConfig, RLConfig
 from deepjax.schema import ConfigError, bad, check_finite, coerce, hints, parse_scalar, unwrap_optional
 from deepjax.train.config import OptimConfig, TrainConfig
 
@@ -45,6 +45,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     rl: RLConfig = RLConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 # ---- overrides -------------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def _file_error(path: str, e: Exception) -> Exception:
 def validate(cfg: Config) -> None:
     for f in dataclasses.fields(cfg):  # each part checks its own fields' types
         coerce(Config, f.name, getattr(cfg, f.name), "")
-    for part in (cfg.model, cfg.mesh, cfg.data, cfg.optim, cfg.train, cfg.rl):
+    for part in (cfg.model, cfg.mesh, cfg.data, cfg.optim, cfg.train, cfg.rl, cfg.distill):
         part.validate()
     if cfg.data.global_batch % cfg.optim.micro_batches:
         raise ConfigError(f"optim.micro_batches={cfg.optim.micro_batches!r}: does not divide "
@@ -221,5 +222,5 @@ def to_dict(cfg) -> dict:
 
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "RopeScaling", "MeshConfig", "DataConfig", "OptimConfig",
-           "TrainConfig", "RLConfig", "load_config", "apply_overrides", "validate", "from_dict", "to_dict",
-           "CONFIG_DIRS"]
+           "TrainConfig", "RLConfig", "DistillConfig", "load_config", "apply_overrides", "validate", "from_dict",
+           "to_dict", "CONFIG_DIRS"]

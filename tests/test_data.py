@@ -600,3 +600,42 @@ def test_data_errors_name_the_file_and_line(tmp_path):
     # nothing was written for the failed builds
     assert not os.path.exists(os.path.join(data_dir, "deepjax_jsonl_math"))
     assert not os.path.exists(os.path.join(data_dir, "deepjax_text"))
+
+
+def test_chain_arithmetic_slips_and_rechecks():
+    """data.terms chains, data.slip_share / data.recheck_share completions: every step written is the arithmetic
+    it claims except the slipped one, a slip moves the final answer by its size, and a re-check finds it and ends
+    on the right answer."""
+    exs = tasks.generate("arithmetic", 60, 0, "train", max_digits=1, ops="+-", terms=3)
+    test = {e["question"] for e in tasks.generate("arithmetic", 60, 0, "test", max_digits=1, ops="+-", terms=3)}
+    assert not test & {e["question"] for e in exs}
+    step = re.compile(r"(-?\d+) ([+-]) (-?\d+) = (-?\d+)")
+
+    def steps_ok(think):
+        return [int(a) + (int(b) if op == "+" else -int(b)) == int(c) for a, op, b, c in step.findall(think)]
+
+    for ex in exs:
+        expr = tasks.example_meta(ex)["expression"]
+        assert len(expr.split()) == 5 and int(ex["answer"]) == eval(expr)  # noqa: S307 (digits, + and -)
+        plain = tasks.sft_completion(ex)
+        assert tasks.extract_answer(plain) == ex["answer"] and all(steps_ok(plain)) and not tasks.rechecked(plain)
+        slipped = tasks.sft_completion(ex, slip=2, slip_at=1)
+        assert int(tasks.extract_answer(slipped)) == int(ex["answer"]) + 2
+        assert steps_ok(slipped) == [True, False]
+        fixed = tasks.sft_completion(ex, slip=-1, slip_at=0, recheck=True)
+        assert tasks.extract_answer(fixed) == ex["answer"] and tasks.rechecked(fixed) and ", not " in fixed
+        assert steps_ok(fixed).count(False) == 1  # only the slip; the check and the second pass are right
+        ok = tasks.sft_completion(ex, recheck=True)
+        assert ok.endswith(f", ok</think> <answer>{ex['answer']}</answer>") and all(steps_ok(ok))
+    # the original task, draw for draw: two operands give the same examples as before terms existed
+    assert tasks.generate("arithmetic", 5, 3, "train") == tasks.generate("arithmetic", 5, 3, "train", terms=2)
+
+
+@pytest.mark.parametrize("field,value", [("terms", 1), ("terms", 6), ("slip_share", 1.5), ("recheck_share", -0.1)])
+def test_chain_options_are_checked(field, value):
+    from deepjax.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=f"data.{field}"):
+        DataConfig(ops="+-", **{field: value}).validate()
+    with pytest.raises(ConfigError, match="data.terms"):
+        DataConfig(ops="+-*", terms=3).validate()

@@ -7,19 +7,22 @@ Builders (one per `data.source`), and where their files go under `data_dir`:
 
     arithmetic, countdown  deepjax_tasks/<task>_train<N>_test<M>_seed<S>[_d<D>_<ops>]/1.0.0  by deepjax/data/tasks.py
     jsonl_math             deepjax_jsonl_math/h<hash of paths + contents>/1.0.0    GSM8K- or MATH-style JSONL files
+    traces                 deepjax_traces/h<hash of paths + contents>/1.0.0        prompt / completion JSONL files
     text                   deepjax_text/h<hash of paths + contents>/1.0.0          plain-text corpora
 
 so different settings, or edited files, never reuse each other's data. Records (TFDS gives strings as bytes):
 
     tasks       question, answer (the reference), task, meta (JSON; see deepjax/data/tasks.py)
     jsonl_math  question, answer (the final answer), solution (the full solution text), task ("math")
+    traces      question, completion (trained verbatim), answer (the reference, or ""), task
     text        text
 
 `data.path` is comma-separated; each part a file or a glob. JSONL formats: GSM8K `{"question", "answer": "... #### 72"}`
 (an answer without `####` is taken as the final answer itself) or MATH `{"problem", "solution": "... \\boxed{3}"}`
-(an `answer` field, when present, wins over the `\\boxed{}`). For `text`, a `.jsonl` file holds one document per
-non-empty line (`{"text": ...}`); any other file is one document. A bad file is a `DataError` naming the file and
-line, raised before TFDS sees the file.
+(an `answer` field, when present, wins over the `\\boxed{}`). `traces`: `{"question", "completion"}` per line
+(optional `answer`, `task`; other fields ignored), e.g. `deepjax distill`'s traces.jsonl. For `text`, a `.jsonl` file
+holds one document per non-empty line (`{"text": ...}`); any other file is one document. A bad file is a `DataError`
+naming the file and line, raised before TFDS sees the file.
 
 Several hosts sharing one `data_dir` may build at once: TFDS writes into a temporary directory and renames it, so the
 last writer wins with identical data; to avoid the duplicated work, build on process 0 first.
@@ -41,7 +44,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 from deepjax.data import tasks
 from deepjax.errors import ConfigError, DataError, DataFileNotFoundError
 
-QA_SOURCES = ("arithmetic", "countdown", "jsonl_math")
+QA_SOURCES = ("arithmetic", "countdown", "jsonl_math", "traces")
 SOURCES = QA_SOURCES + ("text",)
 VERSION = "1.0.0"
 
@@ -140,6 +143,27 @@ def read_math(paths: list[str]) -> Iterator[tuple[str, dict]]:
             yield f"{i}-{lineno}", math_record(obj, f"{path}:{lineno}")
 
 
+def trace_record(obj: dict, where: str) -> dict:
+    """One prompt / completion JSON object as {question, completion, answer, task}; `where` is "file:line"."""
+    for key in ("question", "completion"):
+        if not isinstance(obj.get(key), str):
+            raise DataError(f"{where}: expected a string field {key!r} (traces: question, completion); got keys "
+                            f"{sorted(obj)[:8]}")
+    if not obj["question"].strip():
+        raise DataError(f"{where}: the question is empty")
+    for key in ("answer", "task"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise DataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
+    return {"question": obj["question"], "completion": obj["completion"], "answer": obj.get("answer") or "",
+            "task": obj.get("task") or "trace"}
+
+
+def read_traces(paths: list[str]) -> Iterator[tuple[str, dict]]:
+    for i, path in enumerate(paths):
+        for lineno, obj in _json_lines(path):
+            yield f"{i}-{lineno}", trace_record(obj, f"{path}:{lineno}")
+
+
 def read_text(paths: list[str]) -> Iterator[tuple[str, dict]]:
     for i, path in enumerate(paths):
         if path.endswith(".jsonl"):
@@ -169,6 +193,7 @@ class TasksConfig(tfds.core.BuilderConfig):
     task_seed: int = 0
     max_digits: int = 4
     ops: str = "+-*"
+    terms: int = 2
 
 
 @dataclasses.dataclass
@@ -206,7 +231,8 @@ class DeepjaxTasks(_LocalBuilder):
 
     def _generate_examples(self, split: str, n: int):
         c = self.builder_config
-        for i, ex in enumerate(tasks.generate(c.task, n, c.task_seed, split, max_digits=c.max_digits, ops=c.ops)):
+        for i, ex in enumerate(tasks.generate(c.task, n, c.task_seed, split, max_digits=c.max_digits, ops=c.ops,
+                                              terms=c.terms)):
             yield i, ex
 
 
@@ -221,6 +247,19 @@ class DeepjaxJsonlMath(_LocalBuilder):
 
     def _generate_examples(self, paths: list[str]):
         return read_math(paths)
+
+
+class DeepjaxTraces(_LocalBuilder):
+    """Prompt / completion pairs from local JSONL files (`deepjax distill`'s traces): one train split."""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=_text("question", "completion", "answer", "task"))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(list(self.builder_config.paths))}
+
+    def _generate_examples(self, paths: list[str]):
+        return read_traces(paths)
 
 
 class DeepjaxText(_LocalBuilder):
@@ -248,12 +287,14 @@ def builder(data_cfg: Any, data_dir: str) -> tfds.core.GeneratorBasedBuilder:
         if src == "arithmetic" and opts != tasks.DEFAULT_OPTIONS:  # default names stay as they were
             words = {"+": "add", "-": "sub", "*": "mul"}
             name += f"_d{opts['max_digits']}_" + "".join(words[c] for c in opts["ops"])
+            name += f"_t{opts['terms']}" if opts["terms"] != 2 else ""
         config = TasksConfig(name=name, version=VERSION, task=src, num_train=data_cfg.num_train,
                              num_test=data_cfg.num_test, task_seed=data_cfg.task_seed, **opts)
         return DeepjaxTasks(data_dir=data_dir, config=config, file_format="array_record")
-    if src in ("jsonl_math", "text"):
+    if src in ("jsonl_math", "traces", "text"):
         paths = resolve_paths(data_cfg.path)
-        reader, cls = (read_math, DeepjaxJsonlMath) if src == "jsonl_math" else (read_text, DeepjaxText)
+        reader, cls = {"jsonl_math": (read_math, DeepjaxJsonlMath), "traces": (read_traces, DeepjaxTraces),
+                       "text": (read_text, DeepjaxText)}[src]
         config = FilesConfig(name=f"h{files_hash(paths)}", version=VERSION, paths=tuple(paths))
         b = cls(data_dir=data_dir, config=config, file_format="array_record")
         if not b.is_prepared():
@@ -279,5 +320,5 @@ def build(data_cfg: Any, data_dir: str) -> dict[str, Any]:
     return {split: b.as_data_source(split) for split in b.info.splits}
 
 
-__all__ = ["build", "builder", "resolve_paths", "files_hash", "math_record", "read_math", "read_text", "SOURCES",
-           "QA_SOURCES", "DeepjaxTasks", "DeepjaxJsonlMath", "DeepjaxText"]
+__all__ = ["build", "builder", "resolve_paths", "files_hash", "math_record", "read_math", "trace_record", "read_traces",
+           "read_text", "SOURCES", "QA_SOURCES", "DeepjaxTasks", "DeepjaxJsonlMath", "DeepjaxTraces", "DeepjaxText"]

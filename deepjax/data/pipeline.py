@@ -45,21 +45,28 @@ class Tokenize(grain.transforms.RandomMap):
     freeform_share > 0 that share of question/answer completions is written free-form (`tasks.sft_completion`),
     drawn from Grain's per-element generator: a pure function of data.seed and the element's place in the order."""
 
-    def __init__(self, tokenizer, mode: str, template: str, seq_len: int, text: bool, freeform_share: float = 0.0):
+    def __init__(self, tokenizer, mode: str, template: str, seq_len: int, text: bool, freeform_share: float = 0.0,
+                 slip_share: float = 0.0, recheck_share: float = 0.0):
         self.tokenizer, self.mode, self.template, self.seq_len, self.text = tokenizer, mode, template, seq_len, text
-        self.freeform_share = freeform_share
+        self.freeform_share, self.slip_share, self.recheck_share = freeform_share, slip_share, recheck_share
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-        return self.map(record, freeform=bool(self.freeform_share and rng.random() < self.freeform_share))
+        kw = {"freeform": bool(self.freeform_share and rng.random() < self.freeform_share)}
+        if self.slip_share and rng.random() < self.slip_share:  # drawn only when asked: older runs draw as before
+            kw["slip"] = int(rng.choice([-2, -1, 1, 2]))
+            kw["slip_at"] = int(rng.integers(0, tasks.MAX_TERMS))
+        if self.recheck_share:
+            kw["recheck"] = bool(rng.random() < self.recheck_share)
+        return self.map(record, **kw)
 
-    def map(self, record: dict, freeform: bool = False) -> dict:
+    def map(self, record: dict, freeform: bool = False, **completion) -> dict:
         tok = self.tokenizer
         ex = tasks.as_example(record)
         if self.text:
             ids = [tok.bos_id] + tok.encode(ex["text"]) + [tok.eos_id]
             return {"tokens": np.asarray(ids, np.int32), "target_mask": np.ones(len(ids), np.int32)}
         prompt = [tok.bos_id] + tok.encode(TEMPLATES[self.template](ex["question"]))
-        completion = tok.encode(tasks.sft_completion(ex, freeform)) + [tok.eos_id]
+        completion = tok.encode(tasks.sft_completion(ex, freeform, **completion)) + [tok.eos_id]
         ids = prompt + completion
         if len(ids) > self.seq_len:
             raise DataError(
@@ -107,7 +114,8 @@ def dataset(data_cfg: Any, tokenizer, source, local_batch: int, process_index: i
     if process_count > 1:
         ds = ds[process_index::process_count]
     ds = ds.random_map(Tokenize(tokenizer, data_cfg.mode, data_cfg.template, T, text,
-                                getattr(data_cfg, "freeform_share", 0.0)), seed=data_cfg.seed)
+                                getattr(data_cfg, "freeform_share", 0.0), getattr(data_cfg, "slip_share", 0.0),
+                                getattr(data_cfg, "recheck_share", 0.0)), seed=data_cfg.seed)
     it = ds.to_iter_dataset()
     if text:
         it = grain.experimental.FlatMapIterDataset(it, Chunk(T))

@@ -82,16 +82,21 @@ def _make(task: str, question: str, answer: str, **meta) -> dict:
 # -------------------------------------------------------------------------------------------------------- generation
 
 
-DEFAULT_OPTIONS = {"max_digits": 4, "ops": "+-*"}  # arithmetic: operand digits, operators
+DEFAULT_OPTIONS = {"max_digits": 4, "ops": "+-*", "terms": 2}  # arithmetic: operand digits, operators, operands
 OPS = "+-*"
+MAX_TERMS = 5
 
 
-def check_options(task: str, max_digits: int, ops: str) -> None:
-    """Errors name the field (data.max_digits / data.ops) and the value."""
+def check_options(task: str, max_digits: int, ops: str, terms: int = 2) -> None:
+    """Errors name the field (data.max_digits / data.ops / data.terms) and the value."""
     if not (isinstance(max_digits, int) and 1 <= max_digits <= 9):
         raise ConfigError(f"data.max_digits={max_digits!r}: must be an integer in [1, 9]")
     if not ops or any(c not in OPS for c in ops) or len(set(ops)) != len(ops):
         raise ConfigError(f"data.ops={ops!r}: must be distinct operators from {OPS!r}")
+    if not (isinstance(terms, int) and 2 <= terms <= MAX_TERMS):
+        raise ConfigError(f"data.terms={terms!r}: must be an integer in [2, {MAX_TERMS}]")
+    if terms > 2 and "*" in ops:
+        raise ConfigError(f"data.terms={terms}: chains of more than two operands take + and - only (data.ops={ops!r})")
 
 
 def options_of(data_cfg) -> dict:
@@ -99,9 +104,16 @@ def options_of(data_cfg) -> dict:
     return {k: getattr(data_cfg, k, v) for k, v in DEFAULT_OPTIONS.items()}
 
 
-def _arithmetic(rng: random.Random, max_digits: int = 4, ops: str = "+-*") -> dict:
+def _arithmetic(rng: random.Random, max_digits: int = 4, ops: str = "+-*", terms: int = 2) -> dict:
     """`a op b`: + and - on operands of 1..max_digits digits (the digit count drawn first), * on 2-3 digits times
-    1-2 digits (capped at max_digits). The defaults (4, "+-*") are the original task, draw for draw."""
+    1-2 digits (capped at max_digits). The defaults (4, "+-*", 2) are the original task, draw for draw.
+    terms > 2: a chain `a op b op c ...` of + and -, worked left to right (meta `steps`: "a op b = r", ...)."""
+    if terms > 2:
+        nums = [rng.randint(0, 10 ** rng.randint(1, max_digits) - 1) for _ in range(terms)]
+        chain_ops = [rng.choice(ops) for _ in range(terms - 1)]
+        expression = " ".join([str(nums[0])] + [f"{o} {n}" for o, n in zip(chain_ops, nums[1:])])
+        steps, value = chain_steps(nums, chain_ops)
+        return _make("arithmetic", f"Compute {expression}", str(value), expression=expression, steps=steps)
     op = rng.choice(ops)
     if op == "*":  # 2-3 digits times 1-2 digits: hard for a tiny model, checkable by hand
         a, b = rng.randint(10 if max_digits > 1 else 2, 10 ** min(3, max_digits) - 1), \
@@ -111,6 +123,25 @@ def _arithmetic(rng: random.Random, max_digits: int = 4, ops: str = "+-*") -> di
     expression = f"{a} {op} {b}"
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
     return _make("arithmetic", f"Compute {expression}", str(value), expression=expression)
+
+
+def chain_steps(nums: list, ops: list, slip: int = 0, slip_at: int = 0) -> tuple[list, int]:
+    """The left-to-right steps of `nums[0] ops[0] nums[1] ...` as ["a op b = r", ...] and the final value; with
+    `slip` != 0 the result of step `slip_at` is off by `slip` and the later steps carry the wrong value on."""
+    value, steps = nums[0], []
+    for i, (op, n) in enumerate(zip(ops, nums[1:])):
+        new = value + n if op == "+" else value - n
+        if slip and i == slip_at:
+            new += slip
+        steps.append(f"{value} {op} {n} = {new}")
+        value = new
+    return steps, value
+
+
+def _chain_of(expression: str) -> tuple[list, list]:
+    """'3 + 5 - 2' -> ([3, 5, 2], ['+', '-'])."""
+    toks = expression.split()
+    return [int(t) for t in toks[0::2]], toks[1::2]
 
 
 def _countdown(rng: random.Random, **_) -> dict:
@@ -146,9 +177,11 @@ def _split_of(question: str) -> str:
     return "test" if h < TEST_SHARE * 2**64 else "train"
 
 
-def generate(task: str, n: int, seed: int, split: str, max_digits: int = 4, ops: str = "+-*") -> list[dict]:
+def generate(task: str, n: int, seed: int, split: str, max_digits: int = 4, ops: str = "+-*",
+             terms: int = 2) -> list[dict]:
     """`n` distinct examples of `task` for `split`, a pure function of (task, n, seed, split, options).
-    Options (arithmetic only; countdown ignores them): `max_digits` per operand, `ops` the operators drawn from.
+    Options (arithmetic only; countdown ignores them): `max_digits` per operand, `ops` the operators drawn from,
+    `terms` the operands per question (a chain of + and - worked step by step when more than 2).
 
     The first k examples of generate(..., n) are those of generate(..., k) for k < n. Train and test are disjoint for
     any sizes and seeds (see `_split_of`).
@@ -157,7 +190,7 @@ def generate(task: str, n: int, seed: int, split: str, max_digits: int = 4, ops:
         raise ValueError(f"task={task!r}: unknown; choose from {TASKS}")
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: unknown; choose from {SPLITS}")
-    check_options(task, max_digits, ops)
+    check_options(task, max_digits, ops, terms)
     rng = random.Random(f"deepjax/{task}/{split}/{seed}")  # str seeds hash with SHA-512: stable across runs
     out, seen, tries = [], set(), 0
     while len(out) < n:
@@ -165,25 +198,54 @@ def generate(task: str, n: int, seed: int, split: str, max_digits: int = 4, ops:
         if tries > 100 * n + 10_000:
             raise ConfigError(f"task={task!r}: could not draw {n} distinct {split} examples (question space too "
                               f"small): lower data.num_{split}, or widen the task (data.max_digits, data.ops)")
-        ex = GENERATORS[task](rng, max_digits=max_digits, ops=ops)
+        ex = GENERATORS[task](rng, max_digits=max_digits, ops=ops, terms=terms)
         if ex["question"] not in seen and _split_of(ex["question"]) == split:
             seen.add(ex["question"])
             out.append(ex)
     return out
 
 
-def sft_completion(example: dict, freeform: bool = False) -> str:
+def sft_completion(example: dict, freeform: bool = False, slip: int = 0, slip_at: int = 0,
+                   recheck: bool = False) -> str:
     """A short worked completion in R1 format: `<think>347 + 86 = 433</think> <answer>433</answer>`, or with
     `freeform` the same reasoning with the answer in words and no tags: `<think>...</think> The answer is 433.`
     (which the checkers do not accept: see data.freeform_share).
 
+    Arithmetic only (data.slip_share, data.recheck_share: the imperfect base of `deepjax r1zero`):
+      slip     a step's result off by `slip` (step `slip_at`), carried on to a wrong final answer, as a base that
+               computes carelessly;
+      recheck  the worked chain is checked by undoing it from the result ("check 6 + 2 = 8, 8 - 5 = 3, ok"); a
+               check that does not give back the first operand says so and works the chain again, correctly
+               ("..., not 3. again 3 + 5 = 8, 8 - 2 = 6"): the answer after a re-check is the right one.
+
     Generated tasks show their computation; `math` examples (jsonl_math) put the solution text (without GSM8K's
-    `#### N` line) in <think> and the final answer in <answer>.
+    `#### N` line) in <think> and the final answer in <answer>; a `traces` record (with a `completion` field) is
+    trained on its completion as it is (freeform, slips and re-checks do not apply).
     """
     example = as_example(example)
+    if "completion" in example:  # a `traces` record (deepjax distill): the completion itself, verbatim
+        return example["completion"]
     task, answer = example["task"], example["answer"]
-    if task == "arithmetic":
-        think = f"{example_meta(example)['expression']} = {answer}"
+    if task == "arithmetic" and "*" in example_meta(example)["expression"]:
+        think = f"{example_meta(example)['expression']} = {answer}"  # slips and re-checks: + and - only
+    elif task == "arithmetic":
+        nums, ops = _chain_of(example_meta(example)["expression"])
+        steps, value = chain_steps(nums, ops, slip, slip_at % len(ops))
+        think = ", ".join(steps)
+        if recheck:
+            undo, x = [], value
+            for op, n in zip(reversed(ops), reversed(nums[1:])):
+                inv = "-" if op == "+" else "+"
+                y = x - n if op == "+" else x + n
+                undo.append(f"{x} {inv} {n} = {y}")
+                x = y
+            think += ". check " + ", ".join(undo)
+            if x == nums[0]:
+                think += ", ok"
+            else:
+                steps, value = chain_steps(nums, ops)
+                think += f", not {nums[0]}. again " + ", ".join(steps)
+        answer = str(value)
     elif task == "countdown":
         think = ", ".join(example_meta(example)["steps"])
     elif task == "math":
@@ -193,6 +255,11 @@ def sft_completion(example: dict, freeform: bool = False) -> str:
     if freeform:
         return f"<think>{think}</think> The answer is {answer}."
     return f"<think>{think}</think> <answer>{answer}</answer>"
+
+
+def rechecked(completion: str) -> bool:
+    """Whether a completion re-checks its work (the marker `deepjax r1zero` follows over training)."""
+    return "check" in completion
 
 
 # ---------------------------------------------------------------------------------------------------------- checkers

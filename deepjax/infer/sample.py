@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from deepjax import model as M
+from deepjax import paths
 from deepjax.data.tokenizer import TEMPLATES, load_tokenizer
 from deepjax.infer import sampling as SP
 from deepjax.infer import text
@@ -181,7 +182,15 @@ class Source:
 
 
 def source_kind(path: str) -> str:
-    """"run" (config.json + checkpoints/) or "hf" (config.json + *.safetensors); anything else is an error."""
+    """"run" (config.json + checkpoints/) or "hf" (config.json + *.safetensors); anything else is an error. A run
+    directory may be a gs:// URI (deepjax/paths.py); an HF checkpoint directory is read with local file I/O."""
+    if paths.is_remote(path):
+        paths.check(path, "SOURCE")
+        p = paths.Path(path)
+        if (p / "config.json").is_file() and (p / "checkpoints").is_dir():
+            return "run"
+        raise ValueError(f"{path}: not a deepjax run directory (config.json + checkpoints/); an HF checkpoint "
+                         "directory must be on a local (or mounted) file system")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such directory")
     if not os.path.isdir(path):

@@ -11,9 +11,10 @@ shares with the main model: they are checked for shape and skipped on import, wr
 
 FP8 (E4M3) weights with a `weight_scale_inv` tensor are dequantized per 128x128 block: w = fp8 x scale.
 
-Memory: tensors are read one at a time and written into preallocated (optionally sharded) device buffers by
-a donated in-place update, so host memory never holds more than one checkpoint tensor beyond what the
-device buffers themselves occupy.
+Memory: tensors are read one at a time (plain reads at their offsets, no memory map) and written into
+preallocated (optionally sharded) device buffers by a donated in-place update, so host memory never holds more
+than one checkpoint tensor beyond what the device buffers themselves occupy. `deepjax convert`
+(deepjax/train/convert.py) converts between this layout and a run directory without holding the model at all.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from deepjax.model.config import ModelConfig
@@ -43,6 +43,7 @@ for _name in ("float8_e4m3fn", "float8_e5m2"):
         setattr(np, _name, getattr(ml_dtypes, _name))
 
 FP8_BLOCK = 128
+E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
 
 
@@ -140,21 +141,139 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, name: str = "") -> np.n
     return w.astype(np.float32) * s
 
 
+def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(E4M3 weight, float32 `weight_scale_inv`) of w [out, in], one scale per 128x128 block: scale = amax / 448
+    (E4M3's largest finite value), so that dequantize_fp8 inverts it up to E4M3 rounding."""
+    rows, cols = w.shape
+    B = FP8_BLOCK
+    nb = (-(-rows // B), -(-cols // B))
+    padded = np.zeros((nb[0] * B, nb[1] * B), np.float32)
+    padded[:rows, :cols] = w
+    blocks = padded.reshape(nb[0], B, nb[1], B)
+    amax = np.abs(blocks).max(axis=(1, 3))
+    scale = np.where(amax > 0, amax / E4M3_MAX, 1.0).astype(np.float32)
+    q = (blocks / scale[:, None, :, None]).astype(ml_dtypes.float8_e4m3fn)
+    return np.ascontiguousarray(q.reshape(padded.shape)[:rows, :cols]), scale
+
+
+def fp8_quantized(name: str) -> bool:
+    """Whether DeepSeek-V3's FP8 release stores this tensor in E4M3: the linear weights of the attention and MLP
+    blocks (experts, shared experts, dense MLPs; the MTP module's block too), not the router (`mlp.gate`), norms,
+    embeddings, heads or the MTP module's eh_proj."""
+    return (name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight")) and \
+        (".self_attn." in name or ".mlp." in name)
+
+
 # ---- reading ------------------------------------------------------------------------------------
 
-def _index_files(directory: str) -> dict[str, str]:
-    """tensor name -> file, from the shard index when present, else from every *.safetensors header."""
-    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"{directory}: no *.safetensors files")
-    where: dict[str, str] = {}
-    for fname in files:
-        with safe_open(os.path.join(directory, fname), "np") as f:
-            for name in f.keys():
-                if name in where:
-                    raise CheckpointError(f"{name}: in both {where[name]} and {fname}")
-                where[name] = fname
-    return where
+# safetensors dtype names -> numpy (ml_dtypes for bfloat16 / FP8)
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+             "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """(tensor name -> {"dtype", "shape", "data_offsets"}, offset of the data) of a .safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= os.path.getsize(path) - 8:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class Checkpoint:
+    """The tensors of an HF checkpoint directory by name, read one at a time.
+
+    Tensors are read with plain file reads at their offsets, not through a memory map: resident memory holds the
+    tensor being read, never the rest of its (multi-GB) file. `read` dequantizes FP8 tensors that have a
+    `weight_scale_inv`."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        if not files:
+            raise CheckpointError(f"{directory}: no *.safetensors files")
+        self.where: dict[str, str] = {}  # tensor name -> file
+        self._headers: dict[str, tuple[dict, int]] = {}
+        for fname in files:
+            header, _ = self._headers[fname] = read_header(os.path.join(directory, fname))
+            for name in header:
+                if name in self.where:
+                    raise CheckpointError(f"{name}: in both {self.where[name]} and {fname}")
+                self.where[name] = fname
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._headers[self.where[name]][0][name]["shape"])
+
+    def raw(self, name: str) -> np.ndarray:
+        """One tensor as stored."""
+        fname = self.where[name]
+        header, base = self._headers[fname]
+        h = header[name]
+        if h["dtype"] not in ST_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {fname}: dtype {h['dtype']} is not supported")
+        start, end = h["data_offsets"]
+        out = np.empty(h["shape"], ST_DTYPES[h["dtype"]])
+        if out.nbytes != end - start:
+            raise CheckpointError(f"tensor {name!r} in {fname}: {end - start} bytes for shape {h['shape']} "
+                                  f"{h['dtype']}")
+        with open(os.path.join(self.directory, fname), "rb") as f:
+            f.seek(base + start)
+            if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+                raise CheckpointError(f"tensor {name!r} in {fname}: the file is truncated")
+        return out
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor, FP8 (with a `_scale_inv`) dequantized to float32."""
+        w = self.raw(name)
+        if name + "_scale_inv" in self.where:
+            w = dequantize_fp8(w, self.raw(name + "_scale_inv"), name)
+        return w
+
+
+def check(ckpt: Checkpoint, cfg: Optional[ModelConfig] = None) -> tuple[ModelConfig, list[Entry], dict]:
+    """(cfg, entries, {param path: abstract param}) of a checkpoint, every tensor name and shape checked.
+
+    cfg defaults to the directory's config.json (without MTP when the checkpoint has no MTP tensors, as HF's
+    save_pretrained writes it). Raises CheckpointError naming any missing, unexpected or mis-shaped tensor."""
+    directory, where = ckpt.directory, ckpt.where
+    if cfg is None:
+        cfg = ModelConfig.from_hf(directory)
+        mtp_probe = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
+        if cfg.num_nextn_predict_layers and mtp_probe not in where:
+            # HF's save_pretrained drops the MTP layer; DeepSeek's releases keep it.
+            warnings.warn(f"{directory}: config.json has num_nextn_predict_layers="
+                          f"{cfg.num_nextn_predict_layers} but no MTP tensors ({mtp_probe}); loading without MTP")
+            cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    _, abstract = abstract_init(cfg)
+    flat_abs = {tuple(p): v for p, v in nnx.to_flat_state(abstract)}
+    ents = entries(cfg)
+    expected = {e.name for e in ents}
+    for e in ents:
+        if e.name not in where:
+            raise CheckpointError(f"missing tensor {e.name!r} (for deepjax param "
+                                  f"{'.'.join(map(str, e.path))}{list(e.index) if e.index else ''})")
+    scale_names = {n for n in where if n.endswith("_scale_inv") and n[: -len("_scale_inv")] in expected}
+    extra = sorted(n for n in where if n not in expected and n not in scale_names
+                   and not n.endswith(IGNORED_SUFFIXES))
+    if extra:
+        raise CheckpointError(f"unexpected tensor {extra[0]!r} in {where[extra[0]]}"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                              + ": the checkpoint does not match the config")
+    for e in ents:
+        want = _hf_shape(flat_abs[e.path].shape[len(e.index):], e.linear)
+        got = ckpt.shape(e.name)
+        if got != want:
+            raise CheckpointError(f"tensor {e.name!r} in {where[e.name]} has shape {got}, expected {want}")
+    return cfg, ents, flat_abs
 
 
 def _set_fn(buf_shape, n_index: int):
@@ -175,46 +294,11 @@ def load(directory: str, cfg: Optional[ModelConfig] = None, shardings=None,
     like params of `jax.sharding.Sharding`, places each parameter directly into its sharding.
     Raises CheckpointError naming any missing, unexpected or mis-shaped tensor before reading data.
     """
-    where = _index_files(directory)
-    if cfg is None:
-        cfg = ModelConfig.from_hf(directory)
-        mtp_probe = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
-        if cfg.num_nextn_predict_layers and mtp_probe not in where:
-            # HF's save_pretrained drops the MTP layer; DeepSeek's releases keep it.
-            warnings.warn(f"{directory}: config.json has num_nextn_predict_layers="
-                          f"{cfg.num_nextn_predict_layers} but no MTP tensors ({mtp_probe}); loading without MTP")
-            cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    ckpt = Checkpoint(directory)
+    cfg, ents, flat_abs = check(ckpt, cfg)  # everything validated before any data is read
     graphdef, abstract = abstract_init(cfg)
-    flat_abs = {tuple(p): v for p, v in nnx.to_flat_state(abstract)}
     flat_shard = ({tuple(p): v for p, v in nnx.to_flat_state(shardings)} if shardings is not None else {})
-    ents = entries(cfg)
-
-    # Validate everything before reading any data.
-    expected = {e.name for e in ents}
-    for e in ents:
-        if e.name not in where:
-            raise CheckpointError(f"missing tensor {e.name!r} (for deepjax param "
-                                  f"{'.'.join(map(str, e.path))}{list(e.index) if e.index else ''})")
-    scale_names = {n for n in where if n.endswith("_scale_inv") and n[: -len("_scale_inv")] in expected}
-    extra = sorted(n for n in where if n not in expected and n not in scale_names
-                   and not n.endswith(IGNORED_SUFFIXES))
-    if extra:
-        raise CheckpointError(f"unexpected tensor {extra[0]!r} in {where[extra[0]]}"
-                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                              + ": the checkpoint does not match the config")
-    handles: dict[str, object] = {}
-
-    def handle(fname):
-        if fname not in handles:
-            handles[fname] = safe_open(os.path.join(directory, fname), "np")
-        return handles[fname]
-
-    for e in ents:
-        slot = flat_abs[e.path].shape[len(e.index):]
-        want = _hf_shape(slot, e.linear)
-        got = tuple(handle(where[e.name]).get_slice(e.name).get_shape())
-        if got != want:
-            raise CheckpointError(f"tensor {e.name!r} in {where[e.name]} has shape {got}, expected {want}")
+    where = ckpt.where
 
     # Stacked parameters (layers, experts) are preallocated in their shardings and filled slot by slot;
     # the others are placed whole. Files are read in order, one tensor at a time.
@@ -225,10 +309,7 @@ def load(directory: str, cfg: Optional[ModelConfig] = None, shardings=None,
     bufs, setters = {}, {}
     loaded = sorted((e for e in ents if e.copy_of is None), key=lambda e: where[e.name])
     for n, e in enumerate(loaded):
-        w = handle(where[e.name]).get_tensor(e.name)
-        if e.name + "_scale_inv" in where:
-            scale = handle(where[e.name + "_scale_inv"]).get_tensor(e.name + "_scale_inv")
-            w = dequantize_fp8(w, scale, e.name)
+        w = ckpt.read(e.name)
         v = flat_abs[e.path]
         slot = _to_slot(w, v.shape[len(e.index):], e.linear).astype(v.dtype)
         del w

@@ -7,7 +7,10 @@ validating its own fields, so a field exists once:
                    temperature, top-p / top-k, the decode path); EOS and pad come from the tokenizer
     rl.eval.*      `EvalConfig` (below): the held-out evaluation during the run
 
-e.g. `--config.rl.loss.beta=0 --config.rl.rollout.temperature=0.9 --config.rl.eval.every=10`."""
+e.g. `--config.rl.loss.beta=0 --config.rl.rollout.temperature=0.9 --config.rl.eval.every=10`.
+
+`DistillConfig` (the `distill` section, `deepjax distill`, deepjax/rl/distill.py) lives here too: it nests a
+`SamplingConfig` for the teacher's traces, as rl.rollout does."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Optional
 
 from deepjax.infer.sampling import SamplingConfig
 from deepjax.rl.loss import GRPOConfig
-from deepjax.rl.rewards import RewardConfig
+from deepjax.rl.rewards import LANGUAGES, RewardConfig
 from deepjax.schema import check_types, checker, positive
 
 
@@ -96,3 +99,59 @@ class RLConfig:
             checker(self, "rl")("lr", "must be positive, or None (= optim.lr)")
         if self.init_step is not None and self.init_step < 0:
             checker(self, "rl")("init_step", "must be >= 0, or None (the newest)")
+
+
+DISTILL_MODES = ("traces", "logits")
+KD_DIRECTIONS = ("forward", "reverse")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Distillation (`deepjax distill`, deepjax/rl/distill.py; docs/distill.md). The student is the run config's model
+    (model, data, optim, train, mesh); the teacher is another run directory.
+
+    mode=traces (R1-Distill): the teacher samples distill.k completions of each of distill.prompts train-split
+    prompts of data.source (a generated task); a rejection filter keeps the finished, well-formatted, correct,
+    language-consistent ones (each check switchable); the kept traces are SFT data for the student.
+    mode=logits: the student trains on data.source's batches with kd_alpha x T^2 x KL(teacher_T || student_T) on the
+    completion tokens + (1 - kd_alpha) x the hard-label cross-entropy; teacher and student share the tokenizer."""
+
+    teacher: Optional[str] = None  # the teacher's run directory (`deepjax train` / `grpo`); required
+    teacher_step: Optional[int] = None  # its checkpoint step; None: the newest
+    mode: str = "traces"  # traces | logits
+    student_init: Optional[str] = None  # run directory whose checkpoint initializes the student; None: random init
+    student_init_step: Optional[int] = None
+    # traces
+    prompts: int = 0  # train-split prompts the teacher answers; 0: data.num_train
+    k: int = 4  # completions sampled per prompt
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=0.6, top_p=0.95)  # as R1's sampling
+    batch: int = 64  # rows per generate call
+    require_correct: bool = True  # keep only traces whose answer the task's verifier accepts (rewards.accuracy_reward)
+    require_format: bool = True  # keep only <think>...</think> <answer>...</answer> traces (rewards.format_reward)
+    require_language: bool = True  # keep only traces whose words are all in distill.language
+    language: str = "en"  # a key of rewards.LANGUAGES
+    max_per_prompt: int = 0  # keep at most this many traces of one prompt (the first ones); 0: all
+    # logits
+    kd_temperature: float = 2.0  # T: both distributions at temperature T; the KL term is scaled by T^2
+    kd_alpha: float = 0.5  # weight of the KL term; 1 - kd_alpha weights the hard-label cross-entropy
+    kd_direction: str = "forward"  # forward: KL(teacher || student); reverse: KL(student || teacher)
+    # held-out evaluation of teacher and student at the end (0 problems: none)
+    eval_problems: int = 64
+    eval_k: int = 4
+
+    def validate(self) -> None:
+        check_types(self, "distill.")
+        fail = checker(self, "distill")
+        if self.mode not in DISTILL_MODES:
+            fail("mode", f"unknown; choose from {DISTILL_MODES}")
+        if self.kd_direction not in KD_DIRECTIONS:
+            fail("kd_direction", f"unknown; choose from {KD_DIRECTIONS}")
+        if self.language not in LANGUAGES:
+            fail("language", f"unknown; choose from {tuple(LANGUAGES)}")
+        positive(self, "distill", ("k", "batch", "kd_temperature", "eval_k"))
+        positive(self, "distill", ("prompts", "max_per_prompt", "eval_problems"), strict=False)
+        if not 0 <= self.kd_alpha <= 1:
+            fail("kd_alpha", "must be in [0, 1]")
+        for name in ("teacher_step", "student_init_step"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                fail(name, "must be >= 0, or None (the newest)")

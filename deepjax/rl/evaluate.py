@@ -6,19 +6,19 @@ For each held-out problem of the run's task (`tasks.generate(..., split="test")`
 prompt is the run's template; k samples are drawn with `sampling.generate` on the run's mesh (defaults as R1's
 evaluation: temperature 0.6, top-p 0.95). Reported (deepjax/rl/metrics.py): pass@1 estimated from the k samples,
 pass@k with the unbiased estimator, cons@k by majority vote over extracted answers, for k = 1, 2, 4, ... (the
-test-time-scaling table). Written to the run directory: `eval_step<N>.json` (table + every problem's answers),
-`eval_step<N>_scaling.png`. Every process samples the same rows (deepjax/infer/text.py).
+test-time-scaling table). Written to the run directory (local or gs://): `eval_step<N>.json` (table + every
+problem's answers), `eval_step<N>_scaling.png`. Every process samples the same rows (deepjax/infer/text.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
 import jax
 from tqdm import tqdm
 
+from deepjax import paths
 from deepjax.config import Config
 from deepjax.data import tasks
 from deepjax.data.tokenizer import load_tokenizer
@@ -59,22 +59,22 @@ def sample_completions(cfg: Config, graphdef, params, mesh, rules, examples: lis
     return [texts[i * k:(i + 1) * k] for i in range(len(examples))]
 
 
-def run(workdir: str, k: int = 8, problems: int = 100, temperature: float = 0.6, top_p: float = 0.95,
+def run(workdir, k: int = 8, problems: int = 100, temperature: float = 0.6, top_p: float = 0.95,
         max_new_tokens: int = 64, batch: int = 64, seed: int = 0, step: Optional[int] = None,
         progress: bool = True) -> dict:
+    workdir = paths.run_path(workdir, "run directory")  # local (absolute) or gs://
     cfg, step, graphdef, params, mesh, rules = load_params(workdir, step)
     examples = held_out(cfg, problems)
     sc = SP.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     completions = sample_completions(cfg, graphdef, params, mesh, rules, examples, k, sc, seed, batch, progress)
     result = metrics.summarize(examples, completions, reward_cfg=cfg.rl.reward)  # the rule GRPO rewarded
-    result.update(workdir=os.path.abspath(workdir), step=step, k=k, n_problems=problems, temperature=temperature,
+    result.update(workdir=str(workdir), step=step, k=k, n_problems=problems, temperature=temperature,
                   top_p=top_p, max_new_tokens=max_new_tokens, task=cfg.data.source)
-    base = os.path.join(workdir, f"eval_step{step}")
     if jax.process_index() == 0:
-        with open(base + ".json", "w") as f:
-            json.dump(result, f, indent=1)
-        metrics.plot_scaling(result["table"], base + "_scaling.png",
-                                title=f"{cfg.data.source}, step {step}: accuracy vs samples per problem")
+        paths.write_text_atomic(workdir / f"eval_step{step}.json", json.dumps(result, indent=1))
+        with paths.local_file(workdir / f"eval_step{step}_scaling.png") as png:  # plot_scaling takes a local name
+            metrics.plot_scaling(result["table"], png,
+                                 title=f"{cfg.data.source}, step {step}: accuracy vs samples per problem")
     return result
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Optional
 
@@ -48,6 +47,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from deepjax import model as M
+from deepjax import paths
 from deepjax.config import Config, to_dict
 from deepjax.data import tasks
 from deepjax.infer import text
@@ -88,9 +88,10 @@ def make_step(graphdef, cfg: Config, optimizer, schedule):
     return step
 
 
-def restore_policy(run_dir: str, step: Optional[int], cfg: Config, mesh, rules):
-    """(step, params State with router biases) of the checkpoint of another run directory, placed on `mesh`;
-    its model must be `cfg`'s."""
+def restore_policy(run_dir, step: Optional[int], cfg: Config, mesh, rules):
+    """(step, params State with router biases) of the checkpoint of another run directory (local or gs://), placed
+    on `mesh`; its model must be `cfg`'s."""
+    paths.check(run_dir, "rl.init_from")
     try:
         src, step, _, params, _, _ = load_params(run_dir, step, mesh, rules)
     except FileNotFoundError as e:
@@ -110,13 +111,15 @@ class GRPORun(Run):
             raise ConfigError(f"data.source={cfg.data.source!r}: GRPO needs a generated task with a verifier "
                               f"({', '.join(tasks.TASKS)})")
         r = cfg.rl
+        if r.init_from:
+            paths.check(r.init_from, "rl.init_from")
         self.ref_needed = r.loss.beta > 0
         self.init_source = None
 
         def init_params():
             if r.init_from:
                 src_step, params = restore_policy(r.init_from, r.init_step, cfg, self.mesh, self.rules)
-                self.init_source = f"{os.path.abspath(r.init_from)} step {src_step}"
+                self.init_source = f"{paths.run_path(r.init_from, 'rl.init_from')} step {src_step}"
                 return params
             self.init_source = f"random init (seed {cfg.seed})"
             return M.init_sharded(cfg.model, jax.random.key(cfg.seed), self.mesh, self.rules)[1]
@@ -244,7 +247,7 @@ def step_record(step: int, examples, texts, ro, scores, adv, updates: list[dict]
     return rec
 
 
-def plot_grpo(history: dict[int, dict], evals: list[dict], path: str) -> None:
+def plot_grpo(history: dict[int, dict], evals: list[dict], path) -> None:
     steps = sorted(history)
     if not steps:
         return
@@ -268,7 +271,7 @@ def plot_grpo(history: dict[int, dict], evals: list[dict], path: str) -> None:
     axes[7].plot(steps, get("sampler_trainer_logp_gap"))
     axes[7].set_title("|sampler - trainer| log-prob gap"), axes[7].set_xlabel("GRPO step")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    paths.save_figure(fig, path, dpi=100)
 
 
 def eval_record(step: int, result: dict, k: int) -> dict:
@@ -277,7 +280,7 @@ def eval_record(step: int, result: dict, k: int) -> dict:
             "n_problems": len(result["problems"])}
 
 
-def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
+def grpo(cfg: Config, workdir, progress: bool = True) -> dict:
     """Runs (or resumes) GRPO to rl.steps; returns {"last": last step's metrics, "eval": last evaluation}."""
     run = GRPORun(cfg, workdir)
     r, t = cfg.rl, cfg.train
@@ -286,7 +289,7 @@ def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
         print(f"resumed from {run.checkpointer.step_dir(start)} (GRPO step {start})" if run.resumed_from is not None
               else f"policy: {run.init_source}", flush=True)
     streak = int(jax.device_get(run.state.nonfinite_streak))
-    eval_path = os.path.join(run.workdir, "eval.jsonl")
+    eval_path = run.workdir / "eval.jsonl"
     evals = truncate_jsonl(eval_path, start, write=run.is_main)  # eval.jsonl, as metrics.jsonl: each step once
     last: dict = {}
     with running(run, r.steps, start, "grpo", progress) as log:
@@ -299,8 +302,7 @@ def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
                 evals = [e for e in evals if e["step"] != done] + [ev]
                 rec.update({f"eval_{k}": v for k, v in ev.items() if k not in ("step", "k")})
                 if run.is_main:
-                    with open(eval_path, "a") as f:
-                        f.write(json.dumps(ev) + "\n")
+                    paths.append_text(eval_path, json.dumps(ev) + "\n")
                     log.scalars({k: v for k, v in ev.items() if k != "step"}, done, "eval")
             log.step(rec, done, "grpo", reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}",
                      len=f"{rec['response_length']:.1f}", kl=f"{rec.get('kl', 0.0):.4f}")
@@ -310,7 +312,7 @@ def grpo(cfg: Config, workdir: str, progress: bool = True) -> dict:
                 run.save(done, force=done == r.steps)
             kill_if_asked(done, run.checkpointer)
     if run.is_main and t.plot:
-        plot_grpo(log.history(), evals, os.path.join(run.workdir, "grpo_curves.png"))
+        plot_grpo(log.history(), evals, run.workdir / "grpo_curves.png")
     return {"last": last, "eval": evals[-1] if evals else None}
 
 

@@ -283,6 +283,9 @@ def summarize(examples: Sequence[dict], completions_per_problem: Sequence[Sequen
             "answers": answers[i], "correct": correct[i], "n": len(correct[i]), "n_correct": sum(correct[i]),
             "majority": majority, "majority_votes": votes,
             "majority_correct": majority is not None and judge(i, majority),
+            # how the completions work: re-checks (`tasks.rechecked`) and mean length in characters
+            "n_rechecked": sum(tasks.rechecked(c) for c in completions_per_problem[i]),
+            "mean_chars": float(np.mean([len(c) for c in completions_per_problem[i]])),
         })
     return {"table": table, "problems": problems}
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 from matplotlib.figure import Figure
 
+from deepjax import paths
 from deepjax.model import presets
 from deepjax.config import Config
 from deepjax.data.config import DataConfig
@@ -87,9 +87,9 @@ def format_summary(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(before: dict, after: dict, grpo_dir: str, path: str) -> None:
-    hist = TR.read_history(os.path.join(grpo_dir, "metrics.jsonl"))
-    evals = TR.read_jsonl(os.path.join(grpo_dir, "eval.jsonl"))
+def plot(before: dict, after: dict, grpo_dir, path) -> None:
+    hist = TR.read_history(paths.Path(grpo_dir) / "metrics.jsonl")
+    evals = TR.read_jsonl(paths.Path(grpo_dir) / "eval.jsonl")
     fig = Figure(figsize=(16, 4.2))
     ax = fig.subplots(1, 3)
     keys = ["pass@1", "cons@k", "pass@k", "answered", "accuracy_when_answered"]
@@ -109,15 +109,17 @@ def plot(before: dict, after: dict, grpo_dir: str, path: str) -> None:
                    "o-")
     ax[2].set_xlabel("GRPO step"), ax[2].set_ylabel("%"), ax[2].set_title("held-out pass@1 during GRPO")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    paths.save_figure(fig, path, dpi=100)
 
 
-def run(cfg: Config, workdir: str, k: int = K_EVAL, progress: bool = True) -> dict:
-    """Runs the stages (module docstring) in `workdir`; returns the summary written to r1zero.json."""
-    workdir = os.path.abspath(workdir)
-    base_dir, grpo_dir = os.path.join(workdir, "base"), os.path.join(workdir, "grpo")
-    if cfg.data.data_dir is None:  # one dataset for both stages
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=os.path.join(workdir, "tfds")))
+def run(cfg: Config, workdir, k: int = K_EVAL, progress: bool = True) -> dict:
+    """Runs the stages (module docstring) in `workdir` (local or gs://); returns the summary written to
+    r1zero.json."""
+    workdir = paths.run_path(workdir)
+    TR.check_data_dir(cfg.data.data_dir)
+    base_dir, grpo_dir = workdir / "base", workdir / "grpo"
+    if cfg.data.data_dir is None:  # one dataset for both stages (a local cache under a gs:// workdir)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=TR.default_data_dir(workdir)))
     r = cfg.rl
     times = {}
 
@@ -141,7 +143,7 @@ def run(cfg: Config, workdir: str, k: int = K_EVAL, progress: bool = True) -> di
     t = time.perf_counter()
     print(f"[3/4] GRPO: {r.steps} steps x {r.prompts_per_step} prompts x {r.loss.group_size} samples -> {grpo_dir}",
           flush=True)
-    grpo_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(r, init_from=base_dir, init_step=None))
+    grpo_cfg = dataclasses.replace(cfg, rl=dataclasses.replace(r, init_from=str(base_dir), init_step=None))
     loop.grpo(grpo_cfg, grpo_dir, progress=progress)
     times["grpo_s"] = time.perf_counter() - t
 
@@ -152,11 +154,10 @@ def run(cfg: Config, workdir: str, k: int = K_EVAL, progress: bool = True) -> di
 
     summary = {"seed": cfg.seed, "before": before, "after": after,
                "pass@1_change_points": 100 * (after["pass@1"] - before["pass@1"]), "times": times,
-               "workdir": workdir}
-    with open(os.path.join(workdir, "r1zero.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+               "workdir": str(workdir)}
+    paths.write_text_atomic(workdir / "r1zero.json", json.dumps(summary, indent=1))
     if cfg.train.plot:
-        plot(before, after, grpo_dir, os.path.join(workdir, "r1zero.png"))
+        plot(before, after, grpo_dir, workdir / "r1zero.png")
     return summary
 
 

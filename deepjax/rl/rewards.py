@@ -421,6 +421,12 @@ def format_reward(example: dict, completion, *, cfg: Optional[RewardConfig] = No
     return float(tasks.format_ok(text))  # tag counts first, then a fullmatch over single-tag bodies: linear
 
 
+def words(text: str) -> list[str]:
+    """The words of `text` as the language reward counts them: maximal runs of letters, each Han / kana character a
+    word of its own; digits, punctuation and symbols are not words."""
+    return _WORD_RE.findall(text)
+
+
 def language_consistency_reward(example: dict, completion, *, cfg: Optional[RewardConfig] = None) -> float:
     """Share of target-language words among the words of the reasoning (the <think> part); 0.0 if it has none.
 
@@ -452,5 +458,5 @@ def combined(example: dict, completion, cfg: Optional[RewardConfig] = None) -> d
 
 
 __all__ = ["RewardConfig", "DEFAULT", "R1_ZERO", "R1", "LANGUAGES", "REWARDS", "accuracy_reward", "format_reward",
-           "language_consistency_reward", "combined", "evaluate", "extract_answer", "reasoning_text", "last_number",
-           "reference_answer", "MAX_COMPLETION_CHARS", "MAX_ANSWER_CHARS"]
+           "language_consistency_reward", "combined", "words", "evaluate", "extract_answer", "reasoning_text",
+           "last_number", "reference_answer", "MAX_COMPLETION_CHARS", "MAX_ANSWER_CHARS"]

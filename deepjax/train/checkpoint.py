@@ -16,7 +16,9 @@ burst of up to 32 flipped bits and any truncation.
 
 Guarantees:
 - A checkpoint interrupted mid-write is never picked up: Orbax writes into a temporary directory and renames it
-  only when every host has finished and the manifest is written (temporary directories are never listed).
+  only when every host has finished and the manifest is written (temporary directories are never listed). On GCS
+  (`gs://`, where a rename is a copy) Orbax writes the step directory in place and commits it by writing
+  `commit_success.txt` last, after the manifest: a step directory without that file is never listed either.
 - A non-finite state is never saved (`save` raises instead).
 - A damaged step (no or unreadable manifest, a file missing, of another size or checksum, unparseable metadata)
   raises `CheckpointError` naming the step and the file, before Orbax reads any of it. With `fallback=True` the
@@ -37,7 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import posixpath
 import signal
 import threading
 import zlib
@@ -48,12 +50,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from deepjax import paths
 from deepjax.errors import CheckpointError  # noqa: F401  (re-exported)
 
 MANIFEST = "deepjax_manifest.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's temporary step directories: <step>.orbax-checkpoint-tmp[...]
 DAMAGED = "damaged"  # fallback moves damaged steps to <parent of the checkpoint root>/damaged/<step>
 UNHASHED = ("_CHECKPOINT_METADATA", "commit_success.txt")  # top-level files Orbax rewrites after the manifest
+COMMIT_FILE = UNHASHED[1]  # on GCS Orbax writes the step in place and commits it with this file (no rename)
 JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "metadata")  # Orbax's JSON files: checked to parse on verify
 CHUNK = 8 << 20
 # Test hook (bench/faults.py): "save:S[:N]" / "restore:S" SIGKILLs this process S seconds after the (N-th) save /
@@ -64,33 +68,36 @@ log = logging.getLogger(__name__)
 
 
 
-def crc32(path: str) -> int:
-    """CRC-32 of a file, read in CHUNK-sized pieces."""
+def crc32(path) -> int:
+    """CRC-32 of a file (local or remote), read in CHUNK-sized pieces."""
     c = 0
-    with open(path, "rb") as f:
+    with paths.Path(path).open("rb") as f:
         while b := f.read(CHUNK):
             c = zlib.crc32(b, c)
     return c
 
 
-def _files(step_dir: str) -> list[str]:
-    """Relative paths of the files under a step directory, the manifest (and its temporary) excluded."""
-    out = []
-    for root, _, names in os.walk(step_dir):
-        out += [os.path.relpath(os.path.join(root, n), step_dir) for n in names if not n.startswith(MANIFEST)]
-    return sorted(out)
+def _files(step_dir) -> list[str]:
+    """Relative paths (with /) of the files under a step directory, the manifest (and its temporary) excluded."""
+    return [rel for rel in paths.walk_files(step_dir) if not posixpath.basename(rel).startswith(MANIFEST)]
 
 
-def write_manifest(step_dir: str, step: int) -> None:
+def _size(path) -> int:
+    return os.path.getsize(path) if not paths.is_remote(path) else paths.Path(path).stat().length
+
+
+def _commits_with_file(directory) -> bool:
+    """Whether Orbax commits steps under `directory` by writing COMMIT_FILE last instead of renaming a temporary
+    directory (it does on GCS, where a rename is a copy): such a step without the file is an unfinished save."""
+    return paths.scheme(directory) == "gs"
+
+
+def write_manifest(step_dir, step: int) -> None:
     """Records size and CRC-32 of every file of a step directory (Orbax's rewritten ones excepted)."""
-    files = {rel: [os.path.getsize(os.path.join(step_dir, rel)), crc32(os.path.join(step_dir, rel))]
-             for rel in _files(step_dir) if rel not in UNHASHED}
-    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"format": 2, "step": step, "files": files, "crc": _files_crc(files)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+    d = paths.Path(step_dir)
+    files = {rel: [_size(d / rel), crc32(d / rel)] for rel in _files(d) if rel not in UNHASHED}
+    paths.write_text_atomic(d / MANIFEST, json.dumps({"format": 2, "step": step, "files": files,
+                                                      "crc": _files_crc(files)}), fsync=True)
 
 
 def _files_crc(files: dict) -> int:
@@ -129,25 +136,32 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {s.splitlines()[0][:300]}" if s else type(e).__name__
 
 
-def list_steps(directory: str) -> list[int]:
-    """The step directories (canonical numbers, good or damaged) of a checkpoint root, oldest first."""
-    if not os.path.isdir(directory):
+def list_steps(directory) -> list[int]:
+    """The committed step directories (canonical numbers, good or damaged) of a checkpoint root, oldest first. On
+    GCS a step directory without Orbax's commit file is a save still running or cut off: not listed (as the
+    temporary directories of a local save are not)."""
+    root = paths.Path(directory)
+    paths.refresh(root)
+    if not root.is_dir():
         return []
-    return sorted(s for n in os.listdir(directory)
-                  if (s := step_number(n)) is not None and os.path.isdir(os.path.join(directory, n)))
+    steps = sorted(s for c in root.iterdir() if (s := step_number(c.name)) is not None and c.is_dir())
+    if _commits_with_file(root):
+        steps = [s for s in steps if (root / str(s) / COMMIT_FILE).exists()]
+    return steps
 
 
-def verify_step(d: str, step: int, checksums: bool = True) -> None:
+def verify_step(d, step: int, checksums: bool = True) -> None:
     """Checks a committed step directory against its manifest (every file present, its size, its CRC-32 unless
     checksums=False) and that Orbax's JSON metadata parses; raises CheckpointError naming the step and the file."""
     bad = lambda what: CheckpointError(f"checkpoint step {step} is damaged: {what}")  # noqa: E731
-    path = os.path.join(d, MANIFEST)
-    if not os.path.exists(path):
+    d = paths.Path(d)
+    paths.refresh(d)
+    path = d / MANIFEST
+    if not path.exists():
         raise bad(f"{path} is missing (every complete save writes it; the step was not written by one, or the "
                   f"manifest was deleted)")
     try:
-        with open(path) as f:
-            m = json.load(f)
+        m = json.loads(path.read_bytes())
         v2 = m.get("format") == 2
         if v2 and m.get("crc") != _files_crc(m["files"]):
             raise ValueError("it does not match its own checksum")
@@ -156,23 +170,24 @@ def verify_step(d: str, step: int, checksums: bool = True) -> None:
             raise ValueError(f"it records step {m.get('step')}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise bad(f"manifest {path} is unreadable ({_first_line(e)})") from e
+    present = set(_files(d))
     for rel, (size, crc) in recorded.items():
-        p = os.path.join(d, rel)
-        if not os.path.isfile(p):
+        p = d / rel
+        if rel not in present:
             raise bad(f"file {p} is missing")
-        if os.path.getsize(p) != size:
-            raise bad(f"file {p} has {os.path.getsize(p)} bytes, {size} were written")
+        got = _size(p)
+        if got != size:
+            raise bad(f"file {p} has {got} bytes, {size} were written")
         if checksums and crc is not None and crc32(p) != crc:
             raise bad(f"file {p} does not match its checksum (its content changed after it was written)")
-    for rel in _files(d):
-        if os.path.basename(rel) in JSON_FILES and (rel not in recorded or not checksums or not v2):
+    for rel in sorted(present):
+        if posixpath.basename(rel) in JSON_FILES and (rel not in recorded or not checksums or not v2):
             try:
-                with open(os.path.join(d, rel), "rb") as f:
-                    json.loads(f.read())
+                json.loads((d / rel).read_bytes())
             except (OSError, ValueError) as e:
-                raise bad(f"file {os.path.join(d, rel)} is not valid JSON ({_first_line(e)})") from e
-    if not os.path.exists(os.path.join(d, UNHASHED[0])):
-        raise bad(f"file {os.path.join(d, UNHASHED[0])} is missing")
+                raise bad(f"file {d / rel} is not valid JSON ({_first_line(e)})") from e
+    if UNHASHED[0] not in present:
+        raise bad(f"file {d / UNHASHED[0]} is missing")
 
 
 class Checkpointer:
@@ -183,23 +198,25 @@ class Checkpointer:
     them (e.g. `deepjax eval` on a GRPO run) restores the state alone. `damaged_dir`: where fallback moves damaged
     steps (default <parent of directory>/damaged)."""
 
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True, extra_items: tuple[str, ...] = (),
-                 damaged_dir: Optional[str] = None):
-        self.directory = os.path.abspath(directory)
-        self.damaged_dir = os.path.abspath(damaged_dir or os.path.join(os.path.dirname(self.directory), DAMAGED))
+    def __init__(self, directory, keep: int = 3, async_save: bool = True, extra_items: tuple[str, ...] = (),
+                 damaged_dir=None):
+        self.directory = paths.run_path(directory, "checkpoint directory")  # local (made absolute) or gs://
+        self.damaged_dir = (paths.run_path(damaged_dir, "damaged directory") if damaged_dir is not None
+                            else self.directory.parent / DAMAGED)
         self.keep = keep
         self._async = async_save
         self._inflight: Optional[int] = None  # the step whose asynchronous save is running
         self._good: set[int] = set()  # steps fully verified (or written) by this process
         self.extra_items = tuple(extra_items)
         self.is_main = jax.process_index() == 0
-        if self.is_main and os.path.isdir(self.directory):
-            for name in sorted(os.listdir(self.directory)):
-                d = os.path.join(self.directory, name)
-                if os.path.isdir(d) and TMP_SUFFIX not in name and name != DAMAGED:
+        paths.refresh(self.directory)
+        if self.is_main and self.directory.is_dir():
+            for d in sorted(self.directory.iterdir(), key=lambda c: c.name):
+                name = d.name
+                if TMP_SUFFIX not in name and name != DAMAGED and d.is_dir():
                     if step_number(name) is None:
                         log.warning("checkpoint directory %s: %r is not a step number; ignored", self.directory, name)
-                    elif not _files(d) and not os.path.exists(os.path.join(d, MANIFEST)):
+                    elif not _files(d) and not (d / MANIFEST).exists():
                         log.warning("checkpoint step %s: %s is empty; moved to %s", name, d,
                                     self._move_aside(int(name)))
         self._sync("deepjax: checkpoint directory scanned")
@@ -216,15 +233,15 @@ class Checkpointer:
             multihost_utils.sync_global_devices(name)
 
     # ---- saving --------------------------------------------------------------------------------
-    def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+    def step_dir(self, step: int) -> paths.Path:
+        return self.directory / str(step)
 
     def _write_manifest(self) -> None:
         """Orbax's post-finalization callback (primary host, every host's files written, before the rename that
         commits the step): the manifest goes into the temporary directory, so it is part of the commit."""
         step = self._inflight
-        tmp = self.step_dir(step) + TMP_SUFFIX
-        write_manifest(tmp if os.path.isdir(tmp) else self.step_dir(step), step)
+        tmp = self.directory / (str(step) + TMP_SUFFIX)  # local saves; on GCS Orbax writes the step in place
+        write_manifest(os.fspath(tmp if not paths.is_remote(tmp) and tmp.is_dir() else self.step_dir(step)), step)
         self._good.add(step)
 
     def save(self, step: int, state, data_state: Any, config: dict, force: bool = False,
@@ -282,7 +299,7 @@ class Checkpointer:
         for s in reversed(self.steps()):
             if good >= self.keep:
                 log.info("checkpoint step %d: deleted (%d newer good steps kept)", s, good)
-                shutil.rmtree(self.step_dir(s), ignore_errors=True)
+                paths.rmtree(self.step_dir(s))
             elif self._is_good(s):
                 good += 1
 
@@ -306,7 +323,7 @@ class Checkpointer:
 
     def verify(self, step: int, checksums: bool = True) -> None:
         """`verify_step` of one of this directory's steps (remembered as good when checksums were checked)."""
-        if not os.path.isdir(self.step_dir(step)):
+        if not self.step_dir(step).is_dir():
             raise CheckpointError(f"no checkpoint step {step} in {self.directory}")
         verify_step(self.step_dir(step), step, checksums)
         if checksums:
@@ -314,12 +331,12 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> str:
         """Moves a step directory to damaged_dir/<step>[.n]; returns where."""
-        os.makedirs(self.damaged_dir, exist_ok=True)
-        dest, n = os.path.join(self.damaged_dir, str(step)), 0
-        while os.path.exists(dest):
+        self.damaged_dir.mkdir(parents=True, exist_ok=True)
+        dest, n = self.damaged_dir / str(step), 0
+        while dest.exists():
             n += 1
-            dest = os.path.join(self.damaged_dir, f"{step}.{n}")
-        shutil.move(self.step_dir(step), dest)  # a rename, or a copy where damaged_dir is on another file system
+            dest = self.damaged_dir / f"{step}.{n}"
+        paths.move_tree(self.step_dir(step), dest)
         self._good.discard(step)
         return dest
 

@@ -50,6 +50,7 @@ import optax
 from jax.experimental import topologies
 
 from deepjax import model as M
+from deepjax.model import expert_parallel as EP, moe, ops
 from deepjax.parallel import sharding as S
 from deepjax.train import hlo_flops
 from deepjax.train import step as TS
@@ -65,7 +66,7 @@ def _cross_compile():
     """tokamax checks that the default device can run its kernels; compiling for a topology this host does not
     have, that check is lifted (tokamax.config.cross_compile)."""
     try:
-        import tokamax.config  # lazy: tokamax needs Python >= 3.12
+        import tokamax.config  # lazy on purpose: tokamax needs Python >= 3.12
     except ImportError:
         return contextlib.nullcontext()
     return tokamax.config.cross_compile(True)
@@ -119,8 +120,6 @@ def expert_overhead(cfg, tokens_local: int, ep: int, kernels: str) -> dict:
     expert-parallel token blocks are rematerialized when there are several, and a layer remat policy other than
     full / save_outputs recomputes the expert kernels too. (Measured: an outer full remat and the inner block
     remat recompute the forward once, not twice.)"""
-    from deepjax.model import expert_parallel as EP, moe
-
     K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
     X = tokens_local * K
     blocks = 1
@@ -188,8 +187,6 @@ def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=N
         chips = mesh.size if mesh is not None else 1
         tensor = dict(mesh.shape).get("tensor", 1) if mesh is not None else 1
         ep = dict(mesh.shape).get("expert", 1) if mesh is not None else 1
-        from deepjax.model import ops
-
         kernels = ops.resolve(cfg.kernels, jnp.dtype(cfg.dtype)) if mesh is None else _kernels_on(cfg, mesh)
         mf = model_flops(cfg, params, batch, seq)
         overhead = {"remat": mf["remat"] / chips, **expert_overhead(cfg, batch * seq * tensor // chips, ep, kernels)}
@@ -203,8 +200,6 @@ def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=N
 
 
 def _kernels_on(cfg, mesh) -> str:
-    from deepjax.model import ops
-
     with S.use_mesh(mesh, S.rules_for(S.MeshConfig().rules)):
         return ops.resolve(cfg.kernels, jnp.dtype(cfg.dtype))
 

@@ -11,10 +11,11 @@ What a run directory holds:
     tb/                   TensorBoard event files (tensorboardX: no TensorFlow needed), every train.log_every steps
     train_curves.png      loss, MTP loss, MaxVio and learning rate against the step, written at the end
 
-Restarting with the same work directory resumes from the newest checkpoint: the same state, the same RNG stream
-and the same next batch, so a run interrupted at any point and resumed ends bitwise equal to one that never
-stopped (tests/test_train.py kills a run with SIGKILL to check this). The model part of the config must match the
-checkpoint's; the rest (steps, logging, ...) may change between restarts.
+The work directory may be a gs:// URI (docs/storage.md). Restarting with the same work directory resumes from the
+newest checkpoint: the same state, the same RNG stream and the same next batch, so a run interrupted at any point
+and resumed ends bitwise equal to one that never stopped (tests/test_train.py kills a run with SIGKILL to check
+this). The model part of the config must match the checkpoint's; the rest (steps, logging, ...) may change between
+restarts.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from deepjax import model as M
+from deepjax import paths
 from deepjax.config import Config
 from deepjax.parallel import distributed as D
 from deepjax.train import step as TS
@@ -80,7 +82,7 @@ class TrainRun(Run):
         return metrics
 
 
-def plot_curves(history: dict[int, dict], path: str) -> None:
+def plot_curves(history: dict[int, dict], path) -> None:
     steps = sorted(history)
     if not steps:
         return
@@ -98,10 +100,10 @@ def plot_curves(history: dict[int, dict], path: str) -> None:
     ax[2].plot(steps, get("lr"))
     ax[2].set_xlabel("step"), ax[2].set_title("learning rate")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    paths.save_figure(fig, path, dpi=100)
 
 
-def train(cfg: Config, workdir: str, progress: bool = True) -> dict:
+def train(cfg: Config, workdir, progress: bool = True) -> dict:
     """Runs (or resumes) training to `cfg.train.steps`; returns a summary of the last logged metrics."""
     run = TrainRun(cfg, workdir)
     t = cfg.train
@@ -151,7 +153,7 @@ def train(cfg: Config, workdir: str, progress: bool = True) -> dict:
         if pending is not None:
             finish(pending)
     if run.is_main and t.plot:
-        plot_curves(log.history(), os.path.join(run.workdir, "train_curves.png"))
+        plot_curves(log.history(), run.workdir / "train_curves.png")
     return last
 
 

@@ -13,6 +13,9 @@ What a run directory holds:
     damaged/<step>/       steps found damaged and moved aside by train.fallback_on_damage (never read again)
     metrics.jsonl         one JSON line per step (the loop's metrics); a resumed run drops the lines past its step
     tb/                   TensorBoard event files (tensorboardX: no TensorFlow needed), one file per launch
+
+A run directory is a local path or a gs:// URI (deepjax/paths.py, docs/storage.md): every file goes through
+`etils.epath`, the checkpoints through Orbax.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from deepjax import model as M
+from deepjax import paths
 from deepjax.config import Config, from_dict, to_dict
 from deepjax.data.tokenizer import load_tokenizer
 from deepjax.parallel import distributed as D
@@ -78,12 +82,31 @@ def abstract_train_state(cfg: Config, mesh, rules, total_steps: Optional[int] = 
     return graphdef, abstract_params, optimizer, schedule, shardings, S.abstract_with_shardings(state, shardings)
 
 
-def build_sources(cfg: Config, workdir: str) -> dict:
-    """{split: TFDS data source} of cfg.data, built under data.data_dir (default <workdir>/tfds) on first use:
-    process 0 builds while the others wait, then every process reads."""
+def default_data_dir(workdir) -> str:
+    """data.data_dir when unset: <workdir>/tfds for a local run directory; for a remote one a directory on this
+    machine's disk (`paths.local_cache("tfds")`): TFDS's ArrayRecord files are written and read with local file
+    I/O only. Dataset directories are named by their content (deepjax/data/datasets.py), so runs share it safely."""
+    if paths.is_remote(workdir):
+        return paths.local_cache("tfds")
+    return os.path.join(os.fspath(workdir), "tfds")
+
+
+def check_data_dir(data_dir: Optional[str]) -> None:
+    if data_dir is not None and paths.is_remote(data_dir):
+        raise paths.StorageError(
+            f"data.data_dir={data_dir}: TFDS's ArrayRecord files are written and read with local file I/O only "
+            f"(array_record has no {paths.scheme(data_dir)}:// support); use a local or mounted (e.g. gcsfuse) "
+            f"directory, or leave it unset (a gs:// --workdir then builds the data under {paths.local_cache('tfds')})")
+
+
+def build_sources(cfg: Config, workdir) -> dict:
+    """{split: TFDS data source} of cfg.data, built under data.data_dir (default `default_data_dir(workdir)`) on
+    first use: process 0 builds while the others wait, then every process reads (and builds its own copy first
+    where the directory is not shared: a local cache under a remote run directory on several hosts)."""
     from deepjax.data import datasets  # lazy on purpose: tensorflow-datasets, absent where only models run
 
-    data_dir = cfg.data.data_dir or os.path.join(workdir, "tfds")
+    check_data_dir(cfg.data.data_dir)
+    data_dir = cfg.data.data_dir or default_data_dir(workdir)
     multi = jax.process_count() > 1
     if multi and jax.process_index() != 0:
         multihost_utils.sync_global_devices("deepjax: dataset built")
@@ -104,25 +127,30 @@ class MetricsLog:
     `resume_step`: the step the run continues from (0 for a fresh start). The lines of metrics.jsonl past it (a run
     that went further before it was killed, or whose newer checkpoints were damaged) are dropped, so every step
     appears once; TensorBoard gets a new event file whose start marker (tensorboardX `purge_step`) tells
-    TensorBoard to hide the older files' events from that step on (they stay on disk)."""
+    TensorBoard to hide the older files' events from that step on (they stay on disk).
 
-    def __init__(self, workdir: str, log_every: int, enabled: bool = True, resume_step: Optional[int] = None):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+    In a remote run directory (gs://) both are written through `paths.AppendLog` / `paths.TensorBoardMirror`:
+    rewritten at most every paths.REMOTE_SYNC_S seconds, at every `sync` (each checkpoint save) and on close."""
+
+    def __init__(self, workdir, log_every: int, enabled: bool = True, resume_step: Optional[int] = None):
+        workdir = paths.run_path(workdir)
+        self.path = workdir / "metrics.jsonl"
         self.log_every = log_every
-        self.file = self.writer = None
+        self.file = self.writer = self.tb = None
         if enabled:
             if resume_step is not None:
                 truncate_jsonl(self.path, resume_step)
-            self.file = open(self.path, "a")
-            tb = os.path.join(workdir, "tb")
-            purge = resume_step + 1 if resume_step is not None and os.path.isdir(tb) else None
+            self.file = paths.AppendLog(self.path)
+            tb = workdir / "tb"
+            purge = resume_step + 1 if resume_step is not None and tb.is_dir() else None
+            self.tb = paths.TensorBoardMirror(tb)
             # a name of its own: tensorboardX names files by the second and opens them with "wb"
-            self.writer = SummaryWriter(tb, purge_step=purge, filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")
+            self.writer = SummaryWriter(self.tb.local_dir, purge_step=purge,
+                                        filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")
 
     def write(self, rec: dict, step: int, last: bool = False, prefix: str = "train") -> None:
         if self.file:
             self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
         if self.writer and (step % self.log_every == 0 or last):
             self.scalars(rec, step, prefix)
 
@@ -136,15 +164,27 @@ class MetricsLog:
                 for i, x in enumerate(v):
                     self.writer.add_scalar(f"{k}/layer_{i}", x, step)
         self.writer.flush()
+        self.tb.sync(force=False)
+
+    def sync(self) -> None:
+        """Everything written so far made durable in the run directory (a no-op locally: lines are flushed)."""
+        if self.file:
+            self.file.sync()
+        if self.writer:
+            self.writer.flush()
+            self.tb.sync()
 
     def history(self) -> dict[int, dict]:
         return read_history(self.path)
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-        if self.file:
-            self.file.close()
+        try:
+            if self.writer:
+                self.writer.close()
+                self.tb.close()
+        finally:
+            if self.file:
+                self.file.close()
 
 
 class Run:
@@ -154,12 +194,14 @@ class Run:
     extra_items: names of parameter trees saved beside the state (GRPO's reference policy), restored into `extras`.
     init_params: () -> params (router biases included) for a fresh run; default a sharded random init."""
 
-    def __init__(self, cfg: Config, workdir: str, optim_cfg=None, total_steps: Optional[int] = None,
+    def __init__(self, cfg: Config, workdir, optim_cfg=None, total_steps: Optional[int] = None,
                  extra_items: tuple[str, ...] = (), init_params: Optional[Callable] = None):
-        self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+        self.cfg, self.workdir = cfg, paths.run_path(workdir)  # an epath.Path: local (absolute) or gs://
+        check_data_dir(cfg.data.data_dir)
+        self.logs: list = []  # the MetricsLogs open on this run (`Progress`): synced before each checkpoint
         D.initialize()
         self.is_main = jax.process_index() == 0
-        os.makedirs(self.workdir, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.mesh, self.rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_vocab(cfg, self.tokenizer)
@@ -169,7 +211,7 @@ class Run:
         (self.graphdef, self.abstract_params, self.optimizer, self.schedule, self.state_shardings,
          self.abstract_state) = abstract_train_state(opt_run, self.mesh, self.rules, total_steps)
         self.sources = build_sources(cfg, self.workdir)
-        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                                          async_save=cfg.train.async_checkpoint, extra_items=extra_items)
         self.resumed_from = self.checkpointer.latest_step()
         self.extras: dict = {}
@@ -194,8 +236,7 @@ class Run:
                 raise
             self.resumed_from = step
         if self.is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                json.dump(to_dict(cfg), f, indent=1)
+            paths.write_text_atomic(self.workdir / "config.json", json.dumps(to_dict(cfg), indent=1))
 
     def on_mesh(self):
         """The `sharding.use_mesh` context of this run (MoE dispatch, activation constraints)."""
@@ -215,6 +256,8 @@ class Run:
         return nnx.merge_state(self.state.params, self.state.router_bias)
 
     def save(self, step: int, data_state, force: bool = False, extra: Optional[dict] = None) -> bool:
+        for log in self.logs:  # a checkpoint never gets ahead of the logs (remote ones are rewritten, not appended)
+            log.sync()
         return self.checkpointer.save(step, self.state, data_state, to_dict(self.cfg), force=force, extra=extra)
 
 
@@ -223,6 +266,8 @@ class Progress:
 
     def __init__(self, run: Run, total: int, start: int, desc: str, progress: bool = True):
         self.log = MetricsLog(run.workdir, run.cfg.train.log_every, enabled=run.is_main, resume_step=start)
+        self.run = run
+        run.logs.append(self.log)
         self.bar = tqdm(total=total, initial=start, disable=not (progress and run.is_main), dynamic_ncols=True,
                         desc=desc, unit="step")
         self.total = total
@@ -242,6 +287,8 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+        if self.log in self.run.logs:
+            self.run.logs.remove(self.log)
         self.log.close()
 
 
@@ -260,15 +307,15 @@ def running(run: Run, total: int, start: int, desc: str, progress: bool = True):
 def load_params(workdir: str, step: Optional[int] = None, mesh=None, rules=None):
     """(config, step, graphdef, params (router biases included), mesh, rules) of a `deepjax train` or `grpo` run,
     placed on the run's own mesh, or on `mesh` / `rules` when given."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    workdir = paths.run_path(workdir, "run directory")
+    path = workdir / "config.json"
+    if not path.exists():
         raise FileNotFoundError(f"{path}: not a deepjax run directory (no config.json)")
-    with open(path) as f:
-        cfg = from_dict(json.load(f))
+    cfg = from_dict(json.loads(path.read_text()))
     if mesh is None:
         mesh, rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
     graphdef, *_, abstract = abstract_train_state(cfg, mesh, rules)
-    ck = Checkpointer(os.path.join(workdir, "checkpoints"))
+    ck = Checkpointer(workdir / "checkpoints")
     try:
         step, state, _, _ = ck.restore(abstract, step=step)
     finally:
@@ -284,35 +331,34 @@ def scalars(m: dict) -> dict:
     return out
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """The records of a JSON-lines log (none if it does not exist), skipping a last line cut by a kill."""
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines log (local or remote; none if it does not exist), skipping a last line cut by a
+    kill."""
     out = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+    path = paths.Path(path)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
     return out
 
 
-def truncate_jsonl(path: str, step: int, write: bool = True) -> list[dict]:
+def truncate_jsonl(path, step: int, write: bool = True) -> list[dict]:
     """The records of a JSON-lines log with "step" <= `step`; with `write`, the file is rewritten to hold only those
     (atomically: a kill leaves the old file or the new one). What a resumed run keeps of metrics.jsonl / eval.jsonl."""
+    path = paths.Path(path)
     recs = read_jsonl(path)
     keep = [r for r in recs if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step]
-    if write and os.path.exists(path) and (len(keep) != len(recs) or _cut_tail(path)):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, path)
+    if write and path.exists() and (len(keep) != len(recs) or _cut_tail(path)):
+        paths.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
     return keep
 
 
-def _cut_tail(path: str) -> bool:
+def _cut_tail(path) -> bool:
     """Whether a file ends without a newline (its last line cut by a kill)."""
-    with open(path, "rb") as f:
+    with paths.Path(path).open("rb") as f:
         f.seek(0, os.SEEK_END)
         if f.tell() == 0:
             return False
@@ -320,7 +366,7 @@ def _cut_tail(path: str) -> bool:
         return f.read(1) != b"\n"
 
 
-def read_history(path: str) -> dict[int, dict]:
+def read_history(path) -> dict[int, dict]:
     """step -> record from metrics.jsonl (a step redone after a resume keeps its last record)."""
     return {r["step"]: r for r in read_jsonl(path)}
 
@@ -342,6 +388,7 @@ def kill_if_asked(step: int, checkpointer) -> None:
 
 
 __all__ = ["Run", "Progress", "running", "load_params", "MetricsLog", "NonFiniteError", "KILL_ENV", "check_vocab",
-           "check_same_model", "abstract_train_state", "build_sources", "scalars", "read_jsonl", "read_history",
+           "check_same_model", "abstract_train_state", "build_sources", "default_data_dir", "check_data_dir",
+           "scalars", "read_jsonl", "read_history",
            "truncate_jsonl",
            "check_streak", "kill_if_asked"]
