@@ -52,6 +52,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from deepjax import model as M
+from deepjax.infer import sample as SA
 from deepjax.config import Config, apply_overrides, from_dict, to_dict
 from deepjax.errors import CheckpointError, ConfigError, UserError
 from deepjax.model import hf
@@ -73,16 +74,12 @@ class ConvertError(UserError, ValueError):
 
 
 def source_kind(path: str) -> str:
-    """"run" (config.json + checkpoints/) or "hf" (config.json + *.safetensors)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such directory")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        if os.path.isdir(os.path.join(path, "checkpoints")):
-            return "run"
-        if any(f.endswith(".safetensors") for f in os.listdir(path)):
-            return "hf"
-    raise ConvertError(f"{path}: neither an HF checkpoint directory (config.json + *.safetensors) nor a deepjax run "
-                       "directory (config.json + checkpoints/)")
+    """"run" (config.json + checkpoints/) or "hf" (config.json + *.safetensors): `deepjax sample`'s rule, with a
+    directory that is neither a ConvertError."""
+    try:
+        return SA.source_kind(path)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
 
 
 def _check_new(path: str) -> str:
