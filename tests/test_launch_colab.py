@@ -99,7 +99,7 @@ ACTIONS = [  # every action, single slice and multislice
     ("--best-effort", "create", "pod", "z", "v5litepod-16"),
     ("setup", "pod", "z", "https://github.com/me/deepjax.git", "dev"),
     ("--slices", "2", "setup", "pod", "z", "-"),
-    ("copy", "pod", "z", "configs/my.py", "deepjax/configs/"),
+    ("copy", "pod", "z", "configs/NAME.py", "deepjax/configs/"),
     ("--run", "r1", "--env", "LIBTPU_INIT_ARGS=--xla_a=1 --xla_b=2", "run", "pod", "z", "--", *TRAIN),
     ("--slices", "2", "--run", "r1", "run", "pod", "z", "--", *TRAIN),
     ("--slices", "2", "exec", "pod", "z", "--", "deepjax", "info", "configs/bench.py"),
@@ -140,8 +140,8 @@ def test_tpu_vm_dry_run_every_action():
         "compute tpus tpu-vm ssh pod-0 --zone z --worker=all", "compute tpus tpu-vm ssh pod-1 --zone z --worker=all"]
     assert "git clone" not in s[0] and "test -f deepjax/pyproject.toml" in s[0]
 
-    assert one("copy", "pod", "z", "configs/my.py", "deepjax/configs/") == [
-        "compute tpus tpu-vm scp --recurse configs/my.py pod:deepjax/configs/ --zone z --worker=all"]
+    assert one("copy", "pod", "z", "configs/NAME.py", "deepjax/configs/") == [
+        "compute tpus tpu-vm scp --recurse configs/NAME.py pod:deepjax/configs/ --zone z --worker=all"]
 
     # run: detached (setsid nohup), one log per worker, the command and its overrides passed through as given
     r, = one("--run", "r1", "--env", "LIBTPU_INIT_ARGS=--xla_a=1 --xla_b=2", "run", "pod", "z", "--", *TRAIN)

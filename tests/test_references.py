@@ -34,11 +34,14 @@ OLD_STEMS = set(RETIRED) | {"nn", "grpo", "evaluation", "model", "train", "rl"}
 SECTIONS = {"model": ("deepjax/model/config.py", "ModelConfig"), "data": ("deepjax/data/config.py", "DataConfig"),
             "optim": ("deepjax/train/config.py", "OptimConfig"), "train": ("deepjax/train/config.py", "TrainConfig"),
             "rl": ("deepjax/rl/config.py", "RLConfig"), "mesh": ("deepjax/parallel/sharding.py", "MeshConfig"),
-            "sampling": ("deepjax/infer/sampling.py", "SamplingConfig")}
+            "sampling": ("deepjax/infer/sampling.py", "SamplingConfig"),
+            "distill": ("deepjax/rl/config.py", "DistillConfig")}
 # Placeholders in usage lines and error formats: configs/NAME.py, `sampling.FIELD=value`, deepjax.a.b.
 PLACEHOLDERS = {"NAME", "FIELD", "VALUE", "a", "b", "c"}
 # Files of other projects, cited by their own paths.
-EXTERNAL = {"inference/model.py"}  # DeepSeek-V3's inference code
+EXTERNAL = {"inference/model.py",  # DeepSeek-V3's inference code
+            # on a TPU VM worker: launch/tpu_vm.sh's checkout in ~/deepjax and its venv
+            "deepjax/.venv", "deepjax/.venv/bin/python", "deepjax/pyproject.toml"}
 FILE_EXT = r"(?:py|md|sh|ipynb|png|toml|json|jsonl|txt|cfg|yaml|yml|safetensors)"
 ROOTS = ("deepjax", "tests", "bench", "docs", "configs", "launch", "colab")
 
