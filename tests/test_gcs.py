@@ -25,7 +25,6 @@ import urllib.request
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 pytest.importorskip("gcp_storage_emulator")
@@ -36,6 +35,7 @@ from deepjax.config import load_config  # noqa: E402
 from deepjax.parallel import sharding as S  # noqa: E402
 from deepjax.train import checkpoint as C  # noqa: E402
 from deepjax.train import run as TR  # noqa: E402
+from test_train import assert_same_final_state  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "deepjax-test"
@@ -153,19 +153,7 @@ def test_train_killed_and_resumed_on_gcs_equals_the_straight_run(gcs, tmp_path):
     assert [h1[s]["loss"] for s in h1] == [h2[s]["loss"] for s in h1]
     cfg = load_config("tiny", args)
     abstract = TR.abstract_train_state(cfg, S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules))[-1]
-    finals = []
-    for d in (straight, resumed):
-        ck = C.Checkpointer(f"{d}/checkpoints")
-        step, state, data, _ = ck.restore(abstract)
-        ck.close()
-        assert step == 2 * N
-        finals.append((state, data))
-    (s1, d1), (s2, d2) = finals
-    assert d1 == d2
-    leaves1, leaves2 = jax.tree.leaves(s1), jax.tree.leaves(s2)
-    assert len(leaves1) == len(leaves2) > 10
-    for a, b in zip(leaves1, leaves2):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_final_state([f"{d}/checkpoints" for d in (straight, resumed)], abstract, 2 * N)
     # the run directory, in the bucket
     run = paths.Path(resumed)
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 2 * N

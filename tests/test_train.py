@@ -342,6 +342,25 @@ def _history(workdir):
     return TR.read_history(os.path.join(workdir, "metrics.jsonl"))
 
 
+
+def assert_same_final_state(checkpoint_dirs, abstract, step: int):
+    """The newest checkpoint of each directory is `step`, and their states (params, optimizer state, router biases,
+    RNG, counters) and data-iterator states are bitwise equal; returns the first state."""
+    finals = []
+    for d in checkpoint_dirs:
+        ck = C.Checkpointer(d)
+        got, state, data, _ = ck.restore(abstract)
+        ck.close()
+        assert got == step
+        finals.append((state, data))
+    (s1, d1), (s2, d2) = finals
+    assert d1 == d2
+    leaves1, leaves2 = jax.tree.leaves(s1), jax.tree.leaves(s2)
+    assert len(leaves1) == len(leaves2) > 10
+    for a, b in zip(leaves1, leaves2):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    return s1
+
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
     N = 4
     args = small_args(data_dir, f"--config.train.steps={2 * N}", f"--config.train.checkpoint_every={N}")
@@ -362,19 +381,8 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
     # params, optimizer state, router biases, RNG, counters: bitwise
     cfg = load_config("tiny", args)
     run_abstract = _abstract_state(cfg)
-    finals = []
-    for d in ("straight", "resumed"):
-        ck = C.Checkpointer(str(tmp_path / d / "checkpoints"))
-        step, state, data, _ = ck.restore(run_abstract)
-        ck.close()
-        assert step == 2 * N
-        finals.append((state, data))
-    (s1, d1), (s2, d2) = finals
-    assert d1 == d2
-    leaves1, leaves2 = jax.tree.leaves(s1), jax.tree.leaves(s2)
-    assert len(leaves1) == len(leaves2) > 10
-    for a, b in zip(leaves1, leaves2):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    s1 = assert_same_final_state([str(tmp_path / d / "checkpoints") for d in ("straight", "resumed")],
+                                 run_abstract, 2 * N)
     assert any(np.abs(np.asarray(x)).sum() > 0 for x in jax.tree.leaves(s1.router_bias))
     # the run directory
     for f in ("config.json", "train_curves.png"):

@@ -182,7 +182,6 @@ def splash_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, block: int = 5
     "same document" and "at or after the query's document start" are the same condition, documents being
     contiguous). Under a mesh it runs per shard of batch and heads (shard_map). interpret: Pallas' interpreter,
     for tests on CPU."""
-    # lazy on purpose: a TPU kernel, imported only when a TPU program (or its interpreter test) is traced
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # lazy on purpose: TPU
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # lazy on purpose: TPU
 

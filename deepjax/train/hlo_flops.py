@@ -340,7 +340,7 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
                 elif kernel_flops is not None:
                     f = kernel_flops(kname, [type_of(typed, o) for o in ins.operands], types(ins.shape))
                 if f is None:
-                    if kname not in res.uncounted:
+                    if mult and kname not in res.uncounted:
                         res.uncounted.append(kname)
                     f = 0.0
                 add("custom-call", f, mult, ins)
@@ -350,16 +350,16 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
                 body = _called(ins.attrs, "body")[0]
                 cfg = _backend_config(ins.attrs) or {}
                 n = (cfg.get("known_trip_count") or {}).get("n")
-                if n is None:
+                derived = n is None
+                if derived:
                     n = _trip_count_from_condition(comps, _called(ins.attrs, "condition")[0], ins, instrs)
-                    if n is not None:
+                trips = 1 if n is None else int(n)
+                if mult:  # not the measuring pass over a conditional's branches
+                    res.loops.append((ins.name, trips))
+                    if n is None:
+                        res.unknown_loops.append(ins.name)
+                    elif derived:
                         res.derived_loops.append(ins.name)
-                if n is None:
-                    res.unknown_loops.append(ins.name)
-                    trips = 1
-                else:
-                    trips = int(n)
-                res.loops.append((ins.name, trips))
                 total += trips * comp_flops(body, mult * trips)
             elif op == "conditional":
                 branches = _called(ins.attrs, "branch_computations") or (
