@@ -191,6 +191,28 @@ def test_task_difficulty_options():
         tasks.generate("arithmetic", 300, 0, "train", max_digits=1, ops="+-")
 
 
+def test_r1zero_breakdown_by_hand():
+    """The before / after figures pooled over problems, each with a bootstrap standard error over problems."""
+    from deepjax.rl import r1zero
+    problems = [  # 2 samples each: answers (None = no checkable answer), correct, majority_correct, re-checks, chars
+        dict(answers=["1", "2"], correct=[True, False], majority_correct=True, n=2, n_rechecked=1, mean_chars=10.0),
+        dict(answers=[None, "3"], correct=[False, True], majority_correct=True, n=2, n_rechecked=0, mean_chars=20.0),
+        dict(answers=[None, None], correct=[False, False], majority_correct=False, n=2, n_rechecked=2,
+             mean_chars=30.0)]
+    b = r1zero.breakdown({"table": [{"k": 2}], "problems": problems}, resamples=400)
+    assert b["k"] == 2 and b["n_problems"] == 3
+    assert b["pass@1"] == pytest.approx(2 / 6) and b["cons@k"] == pytest.approx(2 / 3)
+    assert b["pass@k"] == pytest.approx(2 / 3) and b["answered"] == pytest.approx(3 / 6)
+    assert b["accuracy_when_answered"] == pytest.approx(2 / 3) and b["rechecked"] == pytest.approx(3 / 6)
+    assert b["mean_chars"] == pytest.approx(20.0)
+    # cons@k per problem is 1, 1, 0: its standard error over problems is about sqrt(p (1 - p) / n)
+    assert b["se"]["cons@k"] == pytest.approx((2 / 9 / 3) ** 0.5, rel=0.2)
+    same = dict(answers=["1"], correct=[True], majority_correct=True, n=1, n_rechecked=0, mean_chars=5.0)
+    assert r1zero.breakdown({"table": [{"k": 1}], "problems": [same] * 4})["se"]["pass@1"] == 0.0
+    table = r1zero.format_summary(b, b)
+    assert "samples that re-check" in table and "±" in table and "mean length (characters)" in table
+
+
 def test_r1zero_job_runs_every_stage(tmp_path, capsys):
     """`deepjax r1zero` end to end at a toy budget (the real one is in docs/LOG.md): base, eval, GRPO, eval,
     the before/after table and the files. The rise it reports is measured in LOG, not asserted here."""
@@ -202,6 +224,9 @@ def test_r1zero_job_runs_every_stage(tmp_path, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "[4/4] evaluating the GRPO policy" in out and "samples with a checkable answer" in out
+    assert "samples that re-check" in out and "±" in out
+    recs = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+    assert all(0.0 <= r["rechecked"] <= 1.0 for r in recs)
     summary = json.load(open(tmp_path / "r1zero.json"))
     assert summary["seed"] == 3 and summary["before"]["n_problems"] == summary["after"]["n_problems"] == 3
     assert summary["pass@1_change_points"] == pytest.approx(

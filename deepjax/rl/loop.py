@@ -22,7 +22,8 @@ What a run directory holds (as `deepjax train`'s, so `deepjax eval DIR` works on
     config.json          the resolved config
     checkpoints/<step>/  policy TrainState (params, router biases, optimizer, counters), the reference policy when
                          beta > 0 (item "ref"), the prompt iterator's state, the config; <step> counts GRPO steps
-    metrics.jsonl        one line per GRPO step: reward, accuracy, format, response_length, solved_all / solved_none
+    metrics.jsonl        one line per GRPO step: reward, accuracy, format, response_length, rechecked (the share of
+                         rollouts that re-check their work, `tasks.rechecked`), solved_all / solved_none
                          (share of groups with every / no output correct: zero advantage), loss, kl, clip_frac,
                          entropy, sampler_trainer_logp_gap, grad_norm, lr, rollout_s, update_s; eval_* on eval steps
     eval.jsonl           the periodic evaluations (pass@1, pass@k, cons@k at k = rl.eval.k)
@@ -170,7 +171,7 @@ class GRPORun(Run):
         return {k: np.asarray([s[k] for s in scores], np.float32) for k in scores[0]}
 
     def batch(self, ro: text.Completions, advantages: np.ndarray) -> update.Rollouts:
-        Tlen = ro.prompts.shape[1] + self.cfg.rl.rollout.max_new_tokens
+        Tlen = update.padded_length(ro.prompts.shape[1], ro.lengths, self.cfg.rl.rollout.max_new_tokens)
         b = update.rollouts_from_samples(ro.prompts, ro.prompt_lengths, ro.tokens, ro.logprobs, ro.lengths, advantages,
                                      Tlen, pad_id=self.tokenizer.pad_id, routes=ro.routes, support=ro.support)
         b = update.Rollouts(*(None if x is None else self.to_global(np.asarray(x)) for x in b))
@@ -232,6 +233,7 @@ def step_record(step: int, examples, texts, ro, scores, adv, updates: list[dict]
     rec = {"step": step, "reward": float(scores["total"].mean()), "accuracy": float(scores["accuracy"].mean()),
            "format": float(scores["format"].mean()), "language": float(scores["language"].mean()),
            "response_length": float(np.mean(ro.lengths)), "stopped": float(np.mean(ro.done)),
+           "rechecked": float(np.mean([tasks.rechecked(t) for t in texts])),
            "solved_all": float(np.mean(acc.min(1) == 1)), "solved_none": float(np.mean(acc.max(1) == 0)),
            "adv_abs": float(np.mean(np.abs(adv)))}
     first, last = updates[0], updates[-1]

@@ -26,6 +26,8 @@ import dataclasses
 import json
 import time
 
+import numpy as np
+
 from matplotlib.figure import Figure
 
 from deepjax import paths
@@ -63,51 +65,90 @@ def with_seed(cfg: Config, seed: int) -> Config:
     return dataclasses.replace(cfg, seed=seed, data=dataclasses.replace(cfg.data, seed=seed))
 
 
-def breakdown(result: dict) -> dict:
-    """pass@1 / cons@k / pass@k at the largest k, and the share of samples whose answer could be extracted
-    (`answered`) and the accuracy among those (`accuracy_when_answered`)."""
+def _per_problem(result: dict) -> dict:
+    """Per held-out problem: the numerators / denominators every figure of `breakdown` pools."""
+    pr = result["problems"]
+    arr = lambda xs: np.asarray(xs, np.float64)  # noqa: E731
+    answered = [[a is not None for a in p["answers"]] for p in pr]
+    return {"n": arr([p["n"] for p in pr]), "correct": arr([sum(p["correct"]) for p in pr]),
+            "majority_correct": arr([p["majority_correct"] for p in pr]), "any": arr([any(p["correct"]) for p in pr]),
+            "answered": arr([sum(a) for a in answered]),
+            "answered_correct": arr([sum(c for a, c in zip(aa, p["correct"]) if a) for aa, p in zip(answered, pr)]),
+            "rechecked": arr([p.get("n_rechecked", 0) for p in pr]),
+            "chars": arr([p.get("mean_chars", 0.0) * p["n"] for p in pr])}
+
+
+def _figures(c: dict) -> dict:
+    return {"pass@1": c["correct"].sum() / c["n"].sum(), "cons@k": c["majority_correct"].mean(),
+            "pass@k": c["any"].mean(), "answered": c["answered"].sum() / c["n"].sum(),
+            "accuracy_when_answered": c["answered_correct"].sum() / max(c["answered"].sum(), 1.0),
+            "rechecked": c["rechecked"].sum() / c["n"].sum(), "mean_chars": c["chars"].sum() / c["n"].sum()}
+
+
+def breakdown(result: dict, resamples: int = 1000, seed: int = 0) -> dict:
+    """pass@1 / cons@k / pass@k with k = the samples per problem (the largest k of the table), the share of samples
+    whose answer could be extracted (`answered`) and the accuracy among those (`accuracy_when_answered`), the share
+    of samples that re-check their work (`tasks.rechecked`) and their mean length in characters; `se` holds each
+    figure's standard error over problems (a bootstrap: problems drawn with replacement, `resamples` times)."""
     row = result["table"][-1]
-    answers = [a for p in result["problems"] for a in p["answers"]]
-    correct = [c for p in result["problems"] for c in p["correct"]]
-    answered = [c for a, c in zip(answers, correct) if a is not None]
-    return {"k": row["k"], "pass@1": row["pass@1"], "cons@k": row["cons@k"], "pass@k": row["pass@k"],
-            "answered": len(answered) / max(len(answers), 1),
-            "accuracy_when_answered": sum(answered) / max(len(answered), 1), "n_problems": len(result["problems"])}
+    c = _per_problem(result)
+    out = {"k": row["k"], **_figures(c), "n_problems": len(result["problems"])}
+    rng = np.random.default_rng(seed)
+    n = len(c["n"])
+    draws = [_figures({k: v[idx] for k, v in c.items()}) for idx in rng.integers(0, n, (resamples, n))]
+    out["se"] = {k: float(np.std([d[k] for d in draws])) for k in draws[0]}
+    return out
+
+
+ROWS = (("pass@1", "pass@1"), ("cons@k", "cons@{k}"), ("pass@k", "pass@{k}"),
+        ("answered", "samples with a checkable answer"), ("accuracy_when_answered", "accuracy of those"),
+        ("rechecked", "samples that re-check"))
 
 
 def format_summary(before: dict, after: dict) -> str:
+    """The before / after table: each figure with its standard error over problems (± in points)."""
     k = before["k"]
-    lines = [f"{'held-out (' + str(before['n_problems']) + ' problems, k=' + str(k) + ')':<34} {'base':>8} "
-             f"{'GRPO':>8} {'change':>8}"]
-    for key, name in (("pass@1", "pass@1"), ("cons@k", f"cons@{k}"), ("pass@k", f"pass@{k}"),
-                      ("answered", "samples with a checkable answer"),
-                      ("accuracy_when_answered", "accuracy of those")):
+    lines = [f"{'held-out (' + str(before['n_problems']) + ' problems, k=' + str(k) + ')':<34} {'base':>14} "
+             f"{'GRPO':>14} {'change':>8}"]
+    se = lambda d, key: 100 * d.get("se", {}).get(key, float("nan"))  # noqa: E731
+    for key, name in ROWS:
         b, a = 100 * before[key], 100 * after[key]
-        lines.append(f"{name:<34} {b:>7.1f}% {a:>7.1f}% {a - b:>+7.1f}")
+        lines.append(f"{name.format(k=k):<34} {b:>6.1f}% ± {se(before, key):>4.1f} {a:>6.1f}% ± {se(after, key):>4.1f} "
+                     f"{a - b:>+8.1f}")
+    b, a = before.get("mean_chars"), after.get("mean_chars")
+    if b is not None and a is not None:
+        lines.append(f"{'mean length (characters)':<34} {b:>14.1f} {a:>14.1f} {a - b:>+8.1f}")
     return "\n".join(lines)
 
 
 def plot(before: dict, after: dict, grpo_dir, path) -> None:
     hist = TR.read_history(paths.Path(grpo_dir) / "metrics.jsonl")
     evals = TR.read_jsonl(paths.Path(grpo_dir) / "eval.jsonl")
-    fig = Figure(figsize=(16, 4.2))
-    ax = fig.subplots(1, 3)
-    keys = ["pass@1", "cons@k", "pass@k", "answered", "accuracy_when_answered"]
-    labels = ["pass@1", f"cons@{before['k']}", f"pass@{before['k']}", "checkable\nanswer", "accuracy of\nthose"]
+    fig = Figure(figsize=(21, 4.2))
+    ax = fig.subplots(1, 4)
+    keys = ["pass@1", "cons@k", "pass@k", "answered", "accuracy_when_answered", "rechecked"]
+    labels = ["pass@1", f"cons@{before['k']}", f"pass@{before['k']}", "checkable\nanswer", "accuracy of\nthose",
+              "re-checks"]
     x = range(len(keys))
-    ax[0].bar([i - 0.2 for i in x], [100 * before[k] for k in keys], 0.4, label="base")
-    ax[0].bar([i + 0.2 for i in x], [100 * after[k] for k in keys], 0.4, label="after GRPO")
+    se = lambda d, k: 100 * d.get("se", {}).get(k, 0.0)  # noqa: E731
+    ax[0].bar([i - 0.2 for i in x], [100 * before.get(k, 0.0) for k in keys], 0.4, label="base",
+              yerr=[se(before, k) for k in keys])
+    ax[0].bar([i + 0.2 for i in x], [100 * after.get(k, 0.0) for k in keys], 0.4, label="after GRPO",
+              yerr=[se(after, k) for k in keys])
     ax[0].set_xticks(list(x), labels), ax[0].set_ylabel("%"), ax[0].legend()
     ax[0].set_title(f"held-out, {before['n_problems']} problems x {before['k']} samples")
     steps = sorted(hist)
-    ax[1].plot(steps, [hist[s]["reward"] for s in steps], label="reward")
-    ax[1].plot(steps, [hist[s]["accuracy"] for s in steps], label="accuracy")
-    ax[1].plot(steps, [hist[s]["format"] for s in steps], label="format")
+    get = lambda k: [hist[s].get(k, np.nan) for s in steps]  # noqa: E731
+    for k, name in (("reward", "reward"), ("accuracy", "accuracy"), ("format", "format"),
+                    ("rechecked", "re-checks")):
+        ax[1].plot(steps, get(k), label=name)
     ax[1].set_xlabel("GRPO step"), ax[1].set_title("rollouts (train prompts)"), ax[1].legend()
+    ax[2].plot(steps, get("response_length"))
+    ax[2].set_xlabel("GRPO step"), ax[2].set_title("rollout length (tokens)")
     if evals:
-        ax[2].plot([0] + [e["step"] for e in evals], [100 * before["pass@1"]] + [100 * e["pass@1"] for e in evals],
+        ax[3].plot([0] + [e["step"] for e in evals], [100 * before["pass@1"]] + [100 * e["pass@1"] for e in evals],
                    "o-")
-    ax[2].set_xlabel("GRPO step"), ax[2].set_ylabel("%"), ax[2].set_title("held-out pass@1 during GRPO")
+    ax[3].set_xlabel("GRPO step"), ax[3].set_ylabel("%"), ax[3].set_title("held-out pass@1 during GRPO")
     fig.tight_layout()
     paths.save_figure(fig, path, dpi=100)
 

@@ -65,6 +65,19 @@ def _is_traced(*xs) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
+LENGTH_BUCKET = 32  # rollouts' padded completion width: the longest completion rounded up to this (few compiles)
+
+
+def padded_length(prompt_width: int, sample_lengths_B, max_new_tokens: int, bucket: int = LENGTH_BUCKET) -> int:
+    """T for `rollouts_from_samples`: the prompt width plus the longest completion of the batch rounded up to a
+    multiple of `bucket` (at most max_new_tokens), rather than plus max_new_tokens. Padding never changes the loss or
+    its gradient (tests/test_rl_update.py), so the update, the reference's and the old policy's log-probs only pay
+    for the rows' real width: a GRPO step whose completions stop at half the budget updates on about half the
+    tokens. Every process holds the whole batch's lengths, so every process gets the same T."""
+    longest = int(np.max(np.asarray(sample_lengths_B), initial=0))
+    return int(prompt_width) + min(int(max_new_tokens), max(bucket, -(-longest // bucket) * bucket))
+
+
 def rollouts_from_samples(prompts_BP, prompt_lengths_B, sample_tokens_BN, sample_logprobs_BN, sample_lengths_B,
                           advantages_B, T: int, *, pad_id: int = 0, ref_logp=None, routes=None,
                           support=None) -> Rollouts:
