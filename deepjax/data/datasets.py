@@ -218,6 +218,14 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def code_path(cls) -> None:
         return None
 
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "Dataset ... downloaded and prepared to ..."
+    # around every build: nothing is downloaded here, and the run prints its own lines (tests/test_quiet.py).
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
 
 class DeepjaxTasks(_LocalBuilder):
     """Generated verifiable tasks (deepjax/data/tasks.py): train and test splits."""
@@ -315,8 +323,15 @@ def build(data_cfg: Any, data_dir: str) -> dict[str, Any]:
         raise ConfigError("data.data_dir is not set (and no data_dir was given)")
     b = builder(data_cfg, os.path.expanduser(data_dir))
     if not b.is_prepared():
-        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+        # TFDS's nested progress bars (splits, examples, shuffling) for a build of a second or less would fight the
+        # run's own bar; they are off while it builds, then back as they were (a notebook's TFDS keeps its setting).
+        shown = getattr(tfds_utils.tqdm_utils, "_active", True)
+        tfds.display_progress_bar(False)
+        try:
+            b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+        finally:
+            tfds.display_progress_bar(shown)
     return {split: b.as_data_source(split) for split in b.info.splits}
 
 
