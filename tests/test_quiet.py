@@ -27,7 +27,7 @@ NOISE = [
 ARGS = ["r1zero", "--k", "2", "--config.train.steps=2", "--config.train.checkpoint_every=2", "--config.rl.steps=1",
         "--config.rl.eval.every=100", "--config.rl.eval.problems=2", "--config.rl.prompts_per_step=2",
         "--config.rl.loss.group_size=2", "--config.rl.rollout.max_new_tokens=8", "--config.data.global_batch=4",
-        "--config.data.seq_len=64", "--config.model.num_hidden_layers=2"]
+        "--config.data.seq_len=192", "--config.model.num_hidden_layers=2"]
 
 
 def test_first_run_prints_only_its_own_lines(tmp_path):

@@ -220,7 +220,7 @@ def test_r1zero_job_runs_every_stage(tmp_path, capsys):
     args = ["r1zero", "--workdir", str(tmp_path), "--k", "2", "--no-progress", "--seed", "3",
             "--config.train.steps=6", "--config.rl.steps=2", "--config.rl.eval.every=1", "--config.rl.eval.problems=3",
             "--config.rl.prompts_per_step=4", "--config.rl.loss.group_size=2", "--config.rl.rollout.max_new_tokens=16",
-            "--config.data.global_batch=8", "--config.data.seq_len=96"]
+            "--config.data.global_batch=8", "--config.data.seq_len=192"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "[4/4] evaluating the GRPO policy" in out and "samples with a checkable answer" in out

@@ -1,23 +1,28 @@
-"""`deepjax r1zero`: the R1-Zero story end to end, small enough for a laptop CPU (about 3.5 minutes on 2 cores).
+"""`deepjax r1zero`: the R1-Zero story end to end, small enough for a laptop CPU (about 12 minutes on 2 cores).
 
     deepjax r1zero                                   # runs/r1zero, the built-in default (configs/r1zero.py)
-    deepjax r1zero --seed 1 --workdir runs/r1zero_s1 --config.rl.steps=120
+    deepjax r1zero --seed 1 --workdir runs/r1zero_s1 --config.rl.steps=150
 
 Stages (each resumes if its run directory already holds it):
 
-1. data: the arithmetic task at one digit, + and - (`tasks.generate`; held-out questions never appear in training),
-   built as a TFDS ArrayRecord dataset;
-2. base (`<workdir>/base`, `deepjax train`): the `tiny` MoE-MLA pretrained on worked answers of which
-   data.freeform_share are written free-form ("The answer is 7.") instead of in <answer> tags. The result is a weak
-   base in the sense of R1-Zero: it can often compute the answer, but states it in the checkable form only part of
-   the time, and its sampled answers scatter;
-3. before: pass@1 on the held-out problems (`deepjax eval`: k samples each at temperature 0.6, top-p 0.95, as R1);
+1. data: three-term chains of one-digit additions and subtractions (`tasks.generate`, data.terms = 3: 4,000
+   questions, 400 held out and never trained on), built as a TFDS ArrayRecord dataset;
+2. base (`<workdir>/base`, `deepjax train`): the `tiny` MoE-MLA pretrained on worked chains ("9 - 9 = 0, 0 + 1 = 1")
+   that are imperfect on purpose, so that the base is weak in the ways R1-Zero's base is: data.freeform_share of
+   them state the answer in words instead of <answer> tags (uncheckable), data.slip_share make one slip carried to
+   a wrong answer, and data.recheck_share check the chain by undoing it and work it again when the check fails
+   (`tasks.sft_completion`). The base states a checkable answer in about 80% of its samples, half of them right;
+3. before: the held-out problems (`deepjax eval`: 16 samples each at temperature 0.6, top-p 0.95, as R1);
 4. GRPO (`<workdir>/grpo`, `deepjax grpo`): rule-based rewards only (accuracy + 0.1 format), group advantages,
-   KL to the base with beta 0.001 (as R1-Zero);
+   KL to the base with beta 0.001 (as R1-Zero), Dr. GRPO's aggregation (no 1/|o| length normalization), rollouts at
+   temperature 0.8, learning rate 1e-4;
 5. after: the same evaluation of the GRPO policy (same problems, k, sampling settings and seed).
 
 Printed and written to `<workdir>/r1zero.json` and `<workdir>/r1zero.png`: pass@1, cons@k and pass@k before and
-after, and where the change comes from: the share of samples with a checkable answer, and the accuracy of those.
+after, where the change comes from (the share of samples with a checkable answer, and the accuracy of those), the
+share of samples that re-check their work and their length, each with its standard error over problems; the plot
+adds the rollouts' reward, accuracy, format, re-check share and length per GRPO step. docs/LOG.md has the design's
+history (the one-step task it replaces learned the format, not the answers).
 """
 
 from __future__ import annotations
@@ -50,13 +55,15 @@ def default_config() -> Config:
     return Config(
         model=presets.tiny(),
         seed=0,
-        data=DataConfig(source="arithmetic", template="plain", max_digits=1, ops="+-", num_train=170, num_test=24,
-                        freeform_share=0.5, seq_len=128, global_batch=16),
+        data=DataConfig(source="arithmetic", template="plain", max_digits=1, ops="+-", terms=3, num_train=2000,
+                        num_test=400, freeform_share=0.3, slip_share=0.3, recheck_share=0.3, seq_len=256,
+                        global_batch=16),
         optim=OptimConfig(lr=3e-3, schedule="warmup_cosine", warmup_steps=20),
-        train=TrainConfig(steps=400, checkpoint_every=200, log_every=10),
-        rl=RLConfig(steps=150, prompts_per_step=16, lr=3e-4, loss=GRPOConfig(beta=0.001, group_size=8),
-                    rollout=SamplingConfig(max_new_tokens=32, temperature=1.0),
-                    eval=EvalConfig(every=25, problems=24, k=8)),
+        train=TrainConfig(steps=1200, checkpoint_every=1200, log_every=50),
+        rl=RLConfig(steps=100, prompts_per_step=16, lr=1e-4,
+                    loss=GRPOConfig(beta=0.001, group_size=8, aggregation="dr_grpo"),
+                    rollout=SamplingConfig(max_new_tokens=112, temperature=0.8),
+                    eval=EvalConfig(every=0, problems=256, k=8)),
     )
 
 

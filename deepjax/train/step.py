@@ -51,7 +51,7 @@ class TrainState(NamedTuple):
 
 def split_params(params):
     """(trainable nnx.Param state, RouterBias state)."""
-    return params.split(nnx.Param, RouterBias)
+    return nnx.split_state(params, nnx.Param, RouterBias)
 
 
 def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
