@@ -5,6 +5,7 @@
     deepjax grpo CONFIG [--config.FIELD=VALUE ...] [--workdir DIR] [--no-progress]
     deepjax r1zero [CONFIG] [--config.FIELD=VALUE ...] [--workdir runs/r1zero] [--seed S] [--k 16]
     deepjax distill CONFIG --config.distill.teacher=DIR [--config.FIELD=VALUE ...] [--workdir DIR] [--no-progress]
+    deepjax r1 [CONFIG] [--config.FIELD=VALUE ...] [--config.r1.FIELD=VALUE ...] [--workdir runs/r1] [--seed S]
     deepjax eval WORKDIR [--k 8] [--problems 100] [--temperature 0.6] [--top-p 0.95] [--max-new-tokens 64]
     deepjax sample SOURCE [--prompt TEXT ...] [--prompts-file F] [--template r1|plain|chat|none] [--max-new-tokens 128]
                    [--temperature 0.6] [--top-p 0.95] [--top-k 0] [--seed 0] [--config.model.FIELD=VALUE ...]
@@ -16,7 +17,8 @@ CONFIG is a file defining `get_config()` (`configs/tiny.py`) or a preset name (`
 random batch. `train` runs or resumes training (deepjax/train/loop.py) in the work directory (default
 runs/<config name>); `grpo` runs or resumes GRPO (deepjax/rl/loop.py), from rl.init_from's checkpoint.
 `r1zero` runs the whole R1-Zero story (deepjax/rl/r1zero.py; default config configs/r1zero.py). `distill` trains
-CONFIG's model from a teacher run, on its filtered sampled traces or on its logits (deepjax/rl/distill.py).
+CONFIG's model from a teacher run, on its filtered sampled traces or on its logits (deepjax/rl/distill.py). `r1` runs
+DeepSeek-R1's four stages, each its own run directory (deepjax/rl/r1.py; default config configs/r1.py).
 `sample` streams completions from a run or an HF checkpoint directory (deepjax/infer/sample.py). `convert` turns an HF
 safetensors checkpoint into a run directory or back, tensor by tensor (deepjax/train/convert.py).
 
@@ -50,6 +52,7 @@ from deepjax.parallel import sharding as S
 from deepjax.rl import distill
 from deepjax.rl import evaluate
 from deepjax.rl import loop
+from deepjax.rl import r1
 from deepjax.rl import r1zero
 from deepjax.train import convert as CV
 from deepjax.train import loop as T
@@ -250,6 +253,16 @@ def parser() -> argparse.ArgumentParser:
          "Any config field: --config.SECTION.FIELD=VALUE (sections: distill, model, data, optim, train, mesh, rl), "
          "e.g. --config.distill.teacher=runs/r1zero/grpo --config.distill.k=8 --config.distill.mode=logits "
          "--config.distill.kd_temperature=2 (docs/distill.md).", "tiny", "runs/<config name>_distill")
+    p = _job(sub, "r1", "DeepSeek-R1's pipeline on a CPU: cold start, reasoning RL, rejection sampling + SFT, RL",
+             "Runs the base, then R1's four stages, each its own run directory in --workdir: 1_cold_start (SFT of "
+             "the base on long, re-checked, tagged chains of thought), 2_reasoning_rl (GRPO: accuracy + format + "
+             "language rewards), 3_rejection_sft (correct, readable samples of stage 2 plus non-reasoning examples; "
+             "SFT of the base on them), 4_all_rl (GRPO again); evaluates each on held-out problems and prints a "
+             "stage x metric table (r1.json, r1.png). Rerun the same command to resume where it stopped.",
+             "Shared fields: --config.SECTION.FIELD=VALUE (model, data, optim, train, mesh, rl, distill); the stages' "
+             "own: --config.r1.FIELD=VALUE, e.g. --config.r1.reasoning_rl_steps=80 --config.r1.sft_steps=400 "
+             "(docs/r1.md).", "r1", "runs/r1, or runs/r1_s<SEED>")
+    p.add_argument("--seed", type=int, default=0, help="init, data order and sampling seed (default 0)")
     p = sub.add_parser("eval", help="pass@1 / pass@k / cons@k of a trained run on held-out problems",
                        description="Samples --k answers per held-out problem of the run's task from the newest "
                                    "checkpoint in WORKDIR and reports pass@1 (from the k samples), pass@k (unbiased) "
@@ -326,6 +339,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"deepjax: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
             return 2
         return eval_command(args)
+    if args.command == "r1":  # before load_config: --config.r1.* are R1Config's fields
+        return r1_command(args, rest)
     unknown = [r for r in rest if not r.startswith("--config.")]
     if unknown:
         print(f"deepjax: error: unrecognized arguments: {' '.join(unknown)} "
@@ -471,6 +486,7 @@ _BATCHES = {
 }
 _BATCHES["r1zero"] = lambda c: {**_BATCHES["train"](c), **_BATCHES["grpo"](c)}
 _BATCHES["distill"] = _BATCHES["train"]
+_BATCHES["r1"] = _BATCHES["r1zero"]
 
 
 def _run_job(fn, cfg: Config, args, suffix: str = ""):
@@ -502,6 +518,30 @@ def r1zero_command(cfg: Config, args) -> int:
     print(f"time: base {t['base_s']:.0f} s, evals {t['eval_before_s'] + t['eval_after_s']:.0f} s, "
           f"GRPO {t['grpo_s']:.0f} s")
     print(f"run directory: {out['workdir']} (r1zero.json, r1zero.png, base/, grpo/)")
+    return 0
+
+
+def r1_command(args, rest) -> int:
+    unknown = [r for r in rest if not r.startswith("--config.")]
+    if unknown:
+        print(f"deepjax: error: unrecognized arguments: {' '.join(unknown)} "
+              "(config fields are set with --config.FIELD=VALUE)", file=sys.stderr)
+        return 2
+    try:
+        cfg, rc = r1.load(args.config, rest)
+    except UserError as e:
+        return _user_error(e)
+    cfg = r1.with_seed(cfg, args.seed)
+    if args.workdir is None:
+        args.workdir = os.path.join("runs", "r1" if args.seed == 0 else f"r1_s{args.seed}")
+    status, out = _run_job(lambda c, w, progress: r1.run(c, rc, w, progress=progress), cfg, args)
+    if status:
+        return status
+    print()
+    print(r1.format_summary(out))
+    t = out["times"]
+    print("time: " + ", ".join(f"{r1.LABELS[s]} {t[s]['train_s'] + t[s]['eval_s']:.0f} s" for s in r1.STAGES))
+    print(f"run directory: {out['workdir']} (r1.json, r1.png, {', '.join(s + '/' for s in r1.STAGES)})")
     return 0
 
 
