@@ -2,7 +2,10 @@
 logit-KD loss against a numpy hand computation (T^2 scaling, forward and reverse KL, the chunked form and its
 gradient; a student equal to its teacher gets zero loss and gradient); the KD step with kd_alpha = 0 is the training
 step (the KL still reported), and with the teacher a copy of the student it reports KL 0; a traces-mode run killed
-with SIGKILL and resumed equals the straight run bitwise, a logits-mode run stopped and resumed too."""
+with SIGKILL and resumed equals the straight run bitwise, a logits-mode run stopped and resumed too (and with
+distill.on_policy=0 it never samples). On-policy steps: the loss on the student's own samples against a numpy hand
+computation over the sampled positions only; the step schedule; config errors; an on-policy run stopped and resumed
+equals the straight run."""
 
 from __future__ import annotations
 
@@ -19,8 +22,11 @@ import pytest
 
 from deepjax import model as M
 from deepjax.config import DistillConfig, load_config
-from deepjax.data import datasets, tasks
+from deepjax.data import datasets, pipeline, tasks
+from deepjax.data.tokenizer import load_tokenizer
 from deepjax.errors import DataError
+from deepjax.infer import sampling as SP
+from deepjax.infer import text
 from deepjax.rl import distill
 from deepjax.train import checkpoint as C
 from deepjax.train import loop as T
@@ -28,6 +34,7 @@ from deepjax.train import optim
 from deepjax.train import run as TR
 from deepjax.train import step as TS
 from deepjax.parallel import sharding as S
+from deepjax.schema import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = ["--config.data.template=plain", "--config.data.max_digits=1", "--config.data.ops=+-",
@@ -36,6 +43,27 @@ TASK = ["--config.data.template=plain", "--config.data.max_digits=1", "--config.
 # the runs' model: the tiny one without MoE layers and MTP (a third of the compile time; the KD step test above has
 # both)
 SMALL = ["--config.model.first_k_dense_replace=3", "--config.model.num_nextn_predict_layers=0"]
+
+CACHE = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
+         "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_once(tmp_path_factory):
+    """A persistent compilation cache for this module: the runs below build the same jitted programs again (a straight
+    run, a stopped one, its resumption: each a new run object; the SIGKILLed subprocess gets it through the
+    environment), and each is compiled once. The executables are the ones a compile makes, so results are the same."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    old = {k: getattr(jax.config, k) for k in CACHE}
+    CACHE["jax_compilation_cache_dir"] = str(tmp_path_factory.mktemp("jax_cache"))
+    for k, v in CACHE.items():
+        jax.config.update(k, v)
+    cc.reset_cache()  # taken up at the next compile
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+
 
 EX = {"question": "Compute 3 + 4", "answer": "7", "task": "arithmetic", "meta": json.dumps({"expression": "3 + 4"})}
 GOOD = "<think>3 + 4 = 7</think> <answer>7</answer>"
@@ -167,7 +195,8 @@ def test_kd_step_with_alpha0_is_the_train_step():
     dc0 = dataclasses.replace(cfg.distill, kd_alpha=0.0)
     kd_step = jax.jit(distill.make_kd_step(graphdef, m, graphdef, m, optimizer, dc0, schedule, **kw))
     train_step = jax.jit(TS.make_train_step(graphdef, m, optimizer, schedule, **kw))
-    state = lambda: TS.init_state(jax.tree.map(jnp.copy, params), optimizer, 0)  # noqa: E731
+    init = jax.jit(lambda p: TS.init_state(p, optimizer, 0))  # fresh buffers each call, not op by op
+    state = lambda: init(params)  # noqa: E731
     s_kd, m_kd = kd_step(state(), teacher, batch)
     s_tr, m_tr = train_step(state(), batch)
     assert float(m_kd["kd_loss"]) > 0  # still reported (a monitor) at alpha 0
@@ -221,7 +250,7 @@ def test_traces_run_killed_and_resumed_equals_the_straight_run(teacher, capsys):
     out = capsys.readouterr().out
     assert "[2/2] student: SFT on" in out and "traces: " in out and "student step 4: loss" in out
 
-    env = dict(os.environ, **{TR.KILL_ENV: "2"})
+    env = dict(os.environ, **{TR.KILL_ENV: "2"}, **{k.upper(): str(v) for k, v in CACHE.items()})
     killed = subprocess.run([sys.executable, "-m", "deepjax", "distill", "tiny", "--workdir", str(teacher / "resumed"),
                              "--no-progress", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL in the student's stage, after step 2
@@ -252,12 +281,17 @@ def test_traces_run_killed_and_resumed_equals_the_straight_run(teacher, capsys):
     assert "holds traces made with other settings (k)" in capsys.readouterr().err
 
 
-def test_logits_run_stopped_and_resumed_equals_the_straight_run(teacher):
+def test_logits_run_stopped_and_resumed_equals_the_straight_run(teacher, monkeypatch):
     """mode=logits (the KD step in the student's run, the teacher on its mesh): 2 steps then 2 more (a resumed run,
-    train.steps raised; constant learning rate) equal 4 straight steps; the KL falls."""
+    train.steps raised; constant learning rate) equal 4 straight steps; the KL falls. distill.on_policy=0 (the
+    default) never samples and logs no on-policy fields."""
+    def no_sampling(*a, **k):
+        raise AssertionError("distill.on_policy=0 sampled")
+    monkeypatch.setattr(text, "complete", no_sampling)
     args = _args(teacher, "--config.distill.mode=logits", "--config.distill.kd_alpha=0.7",
                  "--config.distill.kd_temperature=2", "--config.optim.lr=3e-3")
     cfg = load_config("tiny", args)
+    assert cfg.distill.on_policy == 0
     distill.run(cfg, teacher / "kd_straight", progress=False)
     distill.run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=2)), teacher / "kd_resumed",
                 progress=False)
@@ -270,3 +304,107 @@ def test_logits_run_stopped_and_resumed_equals_the_straight_run(teacher):
     h = TR.read_history(teacher / "kd_straight" / "student" / "metrics.jsonl")
     assert sorted(h) == [1, 2, 3, 4] and h[4]["kd_loss"] < h[1]["kd_loss"]
     assert all(abs(h[s]["objective"] - (0.7 * h[s]["kd_loss"] + 0.3 * h[s]["loss"])) < 1e-4 for s in h)
+    assert not any("on_policy" in h[s] for s in h)
+
+
+# ---- on-policy steps ----------------------------------------------------------------------------------------------
+
+def test_on_policy_schedule_and_config_errors(tmp_path, capsys):
+    assert [distill.is_on_policy(s, 0.5) for s in range(1, 7)] == [False, True] * 3
+    assert [s for s in range(1, 13) if distill.is_on_policy(s, 0.25)] == [4, 8, 12]
+    assert sum(distill.is_on_policy(s, 0.3) for s in range(1, 101)) == 30
+    assert not any(distill.is_on_policy(s, 0.0) for s in range(1, 50))
+    assert all(distill.is_on_policy(s, 1.0) for s in range(1, 50))
+    for bad in ("1.5", "-0.1", "nan"):
+        with pytest.raises(ConfigError, match="distill.on_policy"):
+            load_config("tiny", [f"--config.distill.on_policy={bad}"])
+    # no prompts to sample from (plain text; pretrain masks), or not logit distillation: one line, status 2
+    from deepjax import cli
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some plain text\n")
+    base = ["--config.distill.on_policy=0.5", f"--config.distill.teacher={tmp_path}", "--no-progress"]
+    for extra, why in [(["--config.distill.mode=logits", "--config.data.source=text", f"--config.data.path={corpus}"],
+                        "data.source='text' has no prompts"),
+                       (["--config.distill.mode=logits", "--config.data.mode=pretrain"], "data.mode='pretrain'"),
+                       ([], "set distill.mode=logits")]:
+        assert cli.main(["distill", "tiny", "--workdir", str(tmp_path / "w"), *base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "distill.on_policy=0.5" in err and why in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_on_policy_loss_against_a_hand_computation():
+    """The student completes the first document's prompt of each packed row; the on-policy loss (KD term alone, reverse
+    KL at T = 2) is T^2 x the mean over exactly the positions that predict a sampled token of the numpy KL of the two
+    models' full logits."""
+    cfg = load_config("tiny", TASK + SMALL + ["--config.distill.kd_direction=reverse"])
+    m, dc = cfg.model, distill.on_policy_config(cfg.distill)
+    assert dc.kd_alpha == 1.0 and dc.kd_direction == "reverse"
+    graphdef, params = M.init(m, jax.random.key(0))
+    teacher = jax.tree.map(lambda x: x * 1.5 if x.ndim >= 2 else x, params)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    B, L = 8, 112
+    docs = [pipeline.Tokenize(tok, "sft", "plain", L, False).map(ex)
+            for ex in tasks.generate("arithmetic", 2 * B, 0, "train", max_digits=1, ops="+-")]
+    rows = {k: np.zeros((B, L), np.int32) for k in ("tokens", "segment_ids", "positions", "target_mask")}
+    for b in range(B):  # two documents packed in each row
+        at = 0
+        for d, doc in enumerate(docs[2 * b:2 * b + 2]):
+            n = len(doc["tokens"])
+            for k, v in (("tokens", doc["tokens"]), ("target_mask", doc["target_mask"]), ("segment_ids", d + 1),
+                         ("positions", np.arange(n))):
+                rows[k][b, at:at + n] = v
+            at += n
+    prompts = distill.batch_prompts(rows["tokens"], rows["segment_ids"], rows["target_mask"])
+    assert prompts == [list(docs[2 * b]["tokens"][:int(np.argmax(docs[2 * b]["target_mask"]))]) for b in range(B)]
+
+    mesh, rules = S.make_mesh(cfg.mesh), S.rules_for(cfg.mesh.rules)
+    c = text.complete(graphdef, params, tok, prompts, jax.random.key(3), SP.SamplingConfig(max_new_tokens=8),
+                      mesh, rules)
+    batch = distill.samples_batch(c, L, tok.pad_id)
+    P, N = c.prompt_lengths, c.lengths
+    assert N.min() > 0
+    for b in range(B):  # prompt, then the sampled tokens (the only targets), then padding
+        p, n = P[b], N[b]
+        np.testing.assert_array_equal(batch.tokens[b, :p + n], np.concatenate([prompts[b], c.tokens[b, :n]]))
+        assert (batch.tokens[b, p + n:] == tok.pad_id).all()
+        assert np.flatnonzero(batch.target_mask[b]).tolist() == list(range(p, p + n))
+    cut = distill.samples_batch(c, int(P.max()) + 3, tok.pad_id)  # completions cut to fit seq_len
+    assert cut.target_mask.sum(1).tolist() == np.minimum(N, P.max() + 3 - P).tolist()
+
+    trainable, bias = TS.split_params(params)
+    total, (metrics, _) = jax.jit(lambda tr, bi, te, b: distill.kd_lm_loss(
+        tr, bi, te, graphdef, graphdef, b, m, m, dc, 0.3, 1e-4))(trainable, bias, teacher, TS.Batch(*batch))
+    s_logits, t_logits = (np.asarray(M.jit_forward(graphdef, p_, batch.tokens, batch.positions,
+                                                   batch.segment_ids).logits) for p_ in (params, teacher))
+    kl = [_np_kl(s_logits[b, j], t_logits[b, j], 2.0, "reverse")  # position j predicts token j + 1
+          for b in range(B) for j in range(P[b] - 1, P[b] + N[b] - 1)]
+    want = 4.0 * np.mean(kl)
+    np.testing.assert_allclose(float(metrics["kd_loss"]), want, rtol=1e-4)
+    np.testing.assert_allclose(float(total), want, rtol=1e-4)  # no cross-entropy on the samples (dense: no balance)
+    assert float(metrics["objective"]) == float(metrics["kd_loss"]) and metrics["target_tokens"] == N.sum()
+
+
+def test_on_policy_run_stopped_and_resumed_equals_the_straight_run(teacher):
+    """distill.on_policy=0.5: steps 2 and 4 train on the student's samples, 1 and 3 on the data; 2 steps then 2 more
+    (resumed from step 2's checkpoint) equal 4 straight steps, the same samples (each step's key from the seed and
+    the step) and the same batches."""
+    args = _args(teacher, "--config.distill.mode=logits", "--config.distill.kd_direction=reverse",
+                 "--config.distill.on_policy=0.5", "--config.distill.on_policy_sampling.max_new_tokens=12",
+                 "--config.optim.lr=3e-3")
+    cfg = load_config("tiny", args)
+    distill.run(cfg, teacher / "op_straight", progress=False)
+    distill.run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=2)), teacher / "op_resumed",
+                progress=False)
+    out = distill.run(cfg, teacher / "op_resumed", progress=False)
+    assert out["student"]["step"] == 4 and out["student"]["on_policy"] == 1
+    (st1, s1, d1, _), (st2, s2, d2, _) = (_restore(teacher / d / "student", cfg) for d in ("op_straight", "op_resumed"))
+    assert st1 == st2 == 4 and d1 == d2
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    h1, h2 = (TR.read_history(teacher / d / "student" / "metrics.jsonl") for d in ("op_straight", "op_resumed"))
+    assert [h1[s]["on_policy"] for s in sorted(h1)] == [0, 1, 0, 1]
+    for s in h1:
+        assert all(h1[s][k] == h2[s][k] for k in ("data", "kd_loss", "loss", "objective", "target_tokens"))
+    for s in (2, 4):  # the KD term alone on the student's samples, one target per sampled token
+        assert h1[s]["objective"] == h1[s]["kd_loss"] and h1[s]["response_length"] == h2[s]["response_length"]
+        assert h1[s]["target_tokens"] == round(8 * h1[s]["response_length"])

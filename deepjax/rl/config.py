@@ -114,7 +114,10 @@ class DistillConfig:
     prompts of data.source (a generated task); a rejection filter keeps the finished, well-formatted, correct,
     language-consistent ones (each check switchable); the kept traces are SFT data for the student.
     mode=logits: the student trains on data.source's batches with kd_alpha x T^2 x KL(teacher_T || student_T) on the
-    completion tokens + (1 - kd_alpha) x the hard-label cross-entropy; teacher and student share the tokenizer."""
+    completion tokens + (1 - kd_alpha) x the hard-label cross-entropy; teacher and student share the tokenizer. With
+    distill.on_policy > 0 that share of the steps is on-policy (GKD): the student's own completions of the batch's
+    prompts (sampled with distill.on_policy_sampling) replace the batch, and the step's objective is the KD term alone
+    on the sampled tokens."""
 
     teacher: Optional[str] = None  # the teacher's run directory (`deepjax train` / `grpo`); required
     teacher_step: Optional[int] = None  # its checkpoint step; None: the newest
@@ -135,6 +138,10 @@ class DistillConfig:
     kd_temperature: float = 2.0  # T: both distributions at temperature T; the KL term is scaled by T^2
     kd_alpha: float = 0.5  # weight of the KL term; 1 - kd_alpha weights the hard-label cross-entropy
     kd_direction: str = "forward"  # forward: KL(teacher || student); reverse: KL(student || teacher)
+    # the share of steps (evenly spread) on the student's own samples of the batch's prompts (GKD's lambda); 0: none
+    on_policy: float = 0.0
+    # how the student samples on those steps (temperature 1: its own distribution); EOS and pad from the tokenizer
+    on_policy_sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=1.0)
     # held-out evaluation of teacher and student at the end (0 problems: none)
     eval_problems: int = 64
     eval_k: int = 4
@@ -152,6 +159,8 @@ class DistillConfig:
         positive(self, "distill", ("prompts", "max_per_prompt", "eval_problems"), strict=False)
         if not 0 <= self.kd_alpha <= 1:
             fail("kd_alpha", "must be in [0, 1]")
+        if not 0 <= self.on_policy <= 1:
+            fail("on_policy", "must be in [0, 1] (the share of steps on the student's own samples; 0: none)")
         for name in ("teacher_step", "student_init_step"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 fail(name, "must be >= 0, or None (the newest)")

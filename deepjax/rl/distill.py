@@ -39,10 +39,24 @@ data.source's batches with
 the KL averaged over the completion tokens (the tokens the hard-label loss counts; data.mode=sft: the completion),
 T = distill.kd_temperature (the T^2 keeps the gradient's scale as T changes, Hinton et al. 2015), s / t the student's
 / teacher's logits. distill.kd_direction=reverse takes KL(softmax(s / T) || softmax(t / T)) on the same tokens
-(mode-seeking); on-policy KL (on the student's own samples) is not implemented. The teacher's parameters are an
-argument of the same jitted step, in the student's mesh shardings, frozen (outside the train state and the
-optimizer); its forward runs in the step. Both models' logits are formed by chunks of positions (as ops.lm_head_ce),
-each chunk rematerialized in the backward: no [B, T, V] logits are held.
+(mode-seeking). The teacher's parameters are an argument of the same jitted step, in the student's mesh shardings,
+frozen (outside the train state and the optimizer); its forward runs in the step. Both models' logits are formed by
+chunks of positions (as ops.lm_head_ce), each chunk rematerialized in the backward: no [B, T, V] logits are held.
+
+On-policy distillation (GKD, Agarwal et al. 2024; Thinking Machines' on-policy distillation), distill.on_policy =
+lambda in [0, 1]: the share lambda of the steps, evenly spread (`is_on_policy`: 0.5 takes steps 2, 4, ...), trains
+on the student's own samples instead of the batch. Such a step reads its batch as any other (the data order does not
+depend on lambda), takes each row's first document's prompt (`batch_prompts`: the tokens before its first target,
+so data.mode=sft on a question/answer source; anything else is a ConfigError naming distill.on_policy), and the
+student, with its current parameters, completes them (`text.complete` on the run's mesh, distill.on_policy_sampling:
+temperature 1, 64 new tokens; key fold_in(key(seed), step index), so a run killed and resumed samples what the
+straight run did). Rows [prompt, completion cut to data.seq_len, pad] (`samples_batch`, laid out by
+`update.rollouts_from_samples`) go through the same KD step with kd_alpha = 1 (`on_policy_config`): the configured
+KL (reverse is the usual on-policy choice) at the positions that predict a sampled token, and only there; no
+cross-entropy (the samples have no labels). The samples are constants: no gradient flows through sampling.
+metrics.jsonl then adds on_policy (1 / 0), and on on-policy steps response_length and stopped; there `loss` is the
+student's cross-entropy on its own samples (reported, not trained on). lambda = 0 (the default) runs exactly the
+steps above.
 
 Then, with distill.eval_problems > 0, teacher and student are evaluated on held-out problems of data.source
 (distill.eval_k samples each, temperature 0.6, top-p 0.95): `<workdir>/distill.json` holds the summary.
@@ -56,12 +70,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import time
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
@@ -74,10 +90,12 @@ from deepjax.infer import sampling as SP
 from deepjax.infer import text
 from deepjax.model import ops
 from deepjax.model.layers import dtype_of
+from deepjax.parallel import distributed as D
 from deepjax.parallel import sharding as S
 from deepjax.rl import evaluate
 from deepjax.rl import metrics as RM
 from deepjax.rl import rewards
+from deepjax.rl import update
 from deepjax.rl.config import DistillConfig
 from deepjax.schema import ConfigError
 from deepjax.train import loop as T
@@ -416,13 +434,76 @@ def student_config(cfg: Config, workdir) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
+# ---- on-policy steps (mode=logits, distill.on_policy > 0) --------------------------------------------------------
+
+def check_on_policy(cfg: Config) -> None:
+    """distill.on_policy > 0 needs mode=logits and prompts in data.source's batches: a question/answer source (not
+    `text`) in data.mode=sft, whose target mask marks where each prompt ends. A ConfigError naming the field."""
+    dc, d = cfg.distill, cfg.data
+    if not dc.on_policy:
+        return
+    why = None
+    if dc.mode != "logits":
+        why = "on-policy steps are part of logit distillation: set distill.mode=logits (or distill.on_policy=0)"
+    elif d.source == "text":
+        why = ("the student samples completions of the batch's prompts, and data.source='text' has no prompts: use a "
+               "question/answer source (arithmetic, countdown, jsonl_math, traces), or distill.on_policy=0")
+    elif d.mode != "sft":
+        why = (f"the batch's prompts are the tokens before each document's first target, and data.mode={d.mode!r} "
+               f"makes every token a target: use data.mode=sft, or distill.on_policy=0")
+    if why:
+        raise ConfigError(f"distill.on_policy={dc.on_policy:g}: {why}")
+
+
+def is_on_policy(step: int, share: float) -> bool:
+    """Whether training step `step` (1-based) is on-policy: the share `share` of the steps, evenly spread (step s when
+    floor(s * share) > floor((s - 1) * share): share 0.5 takes steps 2, 4, ...; 1 every step; 0 none). A function of
+    the step alone, so a resumed run takes the same steps."""
+    return share > 0 and math.floor(step * share) > math.floor((step - 1) * share)
+
+
+def on_policy_config(dc: DistillConfig) -> DistillConfig:
+    """The settings of an on-policy step's loss: the KD term alone (kd_alpha 1). The student's samples have no hard
+    labels (a cross-entropy on them would train the student towards itself); direction and T as configured."""
+    return dataclasses.replace(dc, kd_alpha=1.0)
+
+
+def batch_prompts(tokens_BT, segment_ids_BT, target_mask_BT) -> list[list[int]]:
+    """Each row's first document's prompt (numpy in): its tokens before its first target, which with data.mode=sft is
+    [BOS] template(question) (deepjax/data/pipeline.py). A DataError for a row without one."""
+    tokens, segments, mask = (np.asarray(x) for x in (tokens_BT, segment_ids_BT, target_mask_BT))
+    out = []
+    for b in range(tokens.shape[0]):
+        doc = segments[b] == segments[b, 0]
+        n = int(np.argmin(doc)) if not doc.all() else len(doc)  # the first document: the row's first n tokens
+        targets = np.flatnonzero(mask[b, :n])
+        p = int(targets[0]) if len(targets) else 0
+        if segments[b, 0] == 0 or p == 0:
+            raise DataError(f"distill.on_policy: row {b} of the batch has no prompt (no tokens before its first "
+                            f"document's first target)")
+        out.append(tokens[b, :p].tolist())
+    return out
+
+
+def samples_batch(c: text.Completions, seq_len: int, pad_id: int) -> TS.Batch:
+    """The student's samples as training rows of seq_len (numpy): each row its prompt then its completion (EOS
+    included, cut to fit seq_len), then pad_id; the completion tokens are the targets (`update.rollouts_from_samples`
+    lays them out). The KD loss then counts the positions that predict a sampled token, and only those."""
+    lengths = np.minimum(np.asarray(c.lengths), seq_len - np.asarray(c.prompt_lengths))
+    r = update.rollouts_from_samples(c.prompts, c.prompt_lengths, c.tokens, c.logprobs, lengths,
+                                     np.zeros(len(lengths), np.float32), seq_len, pad_id=pad_id)
+    return TS.Batch(r.tokens, r.segment_ids, r.positions, r.completion_mask)
+
+
 # ---- stage 2 (logits): the KD run ---------------------------------------------------------------------------------
 
 class KDRun(T.TrainRun):
     """A training run (`TrainRun`: the student's state, data, checkpoints) whose step is `make_kd_step`, with the
-    teacher's parameters on the student's mesh."""
+    teacher's parameters on the student's mesh; with distill.on_policy > 0 also the on-policy step
+    (`on_policy_config`) and the student's samples it trains on (`student_samples`)."""
 
     def __init__(self, cfg: Config, workdir):
+        check_on_policy(cfg)
         super().__init__(cfg, workdir)
         try:
             tcfg, self.teacher_step, self.t_graphdef, self.teacher = load_teacher(cfg.distill, self.mesh, self.rules)
@@ -431,16 +512,34 @@ class KDRun(T.TrainRun):
             self.checkpointer.close()
             raise
         t = cfg.train
-        with self.on_mesh():
-            fn = make_kd_step(self.graphdef, cfg.model, self.t_graphdef, tcfg.model, self.optimizer, cfg.distill,
-                              self.schedule, micro_batches=cfg.optim.micro_batches, mtp_lambda=t.mtp_lambda,
-                              balance_alpha=t.balance_alpha, bias_update_speed=t.bias_update_speed)
-            self._kd = jax.jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
 
-    def step(self, batch: TS.Batch):
+        def jitted(dc: DistillConfig):  # jit compiles on the first call: the on-policy step only if one runs
+            with self.on_mesh():
+                fn = make_kd_step(self.graphdef, cfg.model, self.t_graphdef, tcfg.model, self.optimizer, dc,
+                                  self.schedule, micro_batches=cfg.optim.micro_batches, mtp_lambda=t.mtp_lambda,
+                                  balance_alpha=t.balance_alpha, bias_update_speed=t.bias_update_speed)
+                return jax.jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
+
+        self._kd = jitted(cfg.distill)
+        self._kd_on_policy = jitted(on_policy_config(cfg.distill)) if cfg.distill.on_policy else None
+
+    def step(self, batch: TS.Batch, on_policy: bool = False):
         with self.on_mesh():
-            self.state, metrics = self._kd(self.state, self.teacher, batch)
+            self.state, metrics = (self._kd_on_policy if on_policy else self._kd)(self.state, self.teacher, batch)
         return metrics
+
+    def student_samples(self, batch: TS.Batch, s: int) -> tuple[TS.Batch, dict]:
+        """Step s + 1's on-policy batch: the student (its current parameters) completes each row's prompt
+        (`batch_prompts`) with distill.on_policy_sampling and the key fold_in(key(seed), s), a function of the run's
+        seed and the step only (a resumed run samples what the straight one did); the rows as `samples_batch`. Also
+        {response_length, stopped}: the mean completion length (EOS included) and the share that ended with EOS."""
+        tokens, segments, mask = (D.host_array(x) for x in (batch.tokens, batch.segment_ids, batch.target_mask))
+        key = jax.random.fold_in(jax.random.key(self.cfg.seed), s)
+        c = text.complete(self.graphdef, self.policy_params(), self.tokenizer, batch_prompts(tokens, segments, mask),
+                          key, self.cfg.distill.on_policy_sampling, self.mesh, self.rules)
+        rows = samples_batch(c, self.cfg.data.seq_len, self.tokenizer.pad_id)
+        return (TS.Batch(*(self.to_global(x) for x in rows)),
+                {"response_length": float(np.mean(c.lengths)), "stopped": float(np.mean(c.done))})
 
 
 def check_same_vocabulary(cfg: Config, tcfg: Config) -> None:
@@ -459,13 +558,20 @@ def kd_train(cfg: Config, workdir, progress: bool = True) -> dict:
     streak = int(jax.device_get(run.state.nonfinite_streak))
     if run.resumed_from is not None and run.is_main:
         print(f"resumed from {run.checkpointer.step_dir(run.resumed_from)} (step {start})", flush=True)
+    share = cfg.distill.on_policy
     last: dict = {}
     with TR.running(run, t.steps, start, "distill", progress) as log:
         for s in range(start, t.steps):
             done = s + 1
-            batch, data_hash = run.next_batch()
-            rec = TR.scalars(jax.device_get(run.step(batch)))
+            batch, data_hash = run.next_batch()  # every step reads one: the data order is independent of on_policy
+            on = is_on_policy(done, share)
+            sampled = {}
+            if on:
+                batch, sampled = run.student_samples(batch, s)
+            rec = TR.scalars(jax.device_get(run.step(batch, on_policy=on)))
             rec.update(step=done, data=data_hash)
+            if share:
+                rec.update(on_policy=int(on), **sampled)
             streak = 0 if rec["applied"] else streak + 1
             log.step(rec, done, "distill", loss=f"{rec['loss']:.4f}", kd=f"{rec['kd_loss']:.4f}")
             last = rec
@@ -501,6 +607,7 @@ def run(cfg: Config, workdir, progress: bool = True) -> dict:
     workdir = paths.run_path(workdir)
     if not dc.teacher:
         raise ConfigError("distill.teacher=None: set the teacher's run directory (--config.distill.teacher=DIR)")
+    check_on_policy(cfg)
     paths.check(dc.teacher, "distill.teacher")
     if not (paths.run_path(dc.teacher, "distill.teacher") / "config.json").exists():
         raise FileNotFoundError(f"distill.teacher={dc.teacher!r}: not a deepjax run directory (no config.json)")
@@ -538,8 +645,9 @@ def run(cfg: Config, workdir, progress: bool = True) -> dict:
     else:
         scfg = cfg
         t0 = time.perf_counter()
+        on = f", on-policy share {dc.on_policy:g}" if dc.on_policy else ""
         print(f"[1/{n_stages}] student: logit distillation ({dc.kd_direction} KL at T={dc.kd_temperature:g}, "
-              f"alpha {dc.kd_alpha:g}), {cfg.train.steps} steps -> {student_dir}", flush=True)
+              f"alpha {dc.kd_alpha:g}{on}), {cfg.train.steps} steps -> {student_dir}", flush=True)
         init_student(scfg, student_dir)
         summary["student"] = kd_train(scfg, student_dir, progress=progress)
         times["student_s"] = time.perf_counter() - t0
@@ -586,4 +694,5 @@ def format_summary(summary: dict) -> str:
 
 __all__ = ["run", "write_traces", "filter_traces", "check_trace", "failed_checks", "language_consistent",
            "token_kl", "kd_loss", "kd_loss_from_logits", "kd_lm_loss", "make_kd_step", "KDRun", "kd_train",
+           "check_on_policy", "is_on_policy", "on_policy_config", "batch_prompts", "samples_batch",
            "student_config", "trace_settings", "init_student", "load_teacher", "format_summary", "CHECKS", "REASONS"]
