@@ -23,6 +23,15 @@ import gc  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def jax_cache_env(tmp_path_factory) -> dict:
+    """Environment for `deepjax` subprocesses: one persistent compilation cache for the session's subprocess runs,
+    so a straight run, its killed twin and the resumption compile each program once (a cache hit loads the
+    executable that compile made: results are bitwise the same). The test process itself does not use it."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
     """Drop every compiled program when a test module ends. XLA:CPU maps memory for each executable it loads (about 6

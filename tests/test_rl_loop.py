@@ -69,19 +69,19 @@ def _restore(workdir, cfg, with_ref=True):
         ck.close()
 
 
-def test_grpo_killed_and_resumed_equals_the_straight_run(base):
+def test_grpo_killed_and_resumed_equals_the_straight_run(base, jax_cache_env):
     """Also the loop under Dr. GRPO (rows of prompt + completion longer than its constant L = max_new_tokens); the
     r1zero job test runs the default (grpo, std) and `test_dapo_step` DAPO."""
     N = 5
     args = _args(base, f"--config.rl.steps={N}", "--config.train.checkpoint_every=2", "--config.rl.loss.aggregation=dr_grpo",
                  "--config.rl.loss.advantage_norm=mean")
-    straight = _grpo_cli(base / "straight", args)
+    straight = _grpo_cli(base / "straight", args, jax_cache_env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "held-out (4 problems, k=2): pass@1" in straight.stdout
-    killed = _grpo_cli(base / "resumed", args, {TR.KILL_ENV: "3"})
+    killed = _grpo_cli(base / "resumed", args, {**jax_cache_env, TR.KILL_ENV: "3"})
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL, not a clean stop
     assert sorted(os.listdir(base / "resumed" / "checkpoints")) == ["2"]
-    resumed = _grpo_cli(base / "resumed", args)
+    resumed = _grpo_cli(base / "resumed", args, jax_cache_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(GRPO step 2)" in resumed.stdout
 

@@ -361,15 +361,15 @@ def assert_same_final_state(checkpoint_dirs, abstract, step: int):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     return s1
 
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir, jax_cache_env):
     N = 4
     args = small_args(data_dir, f"--config.train.steps={2 * N}", f"--config.train.checkpoint_every={N}")
-    straight = _train_cli(tmp_path / "straight", args)
+    straight = _train_cli(tmp_path / "straight", args, jax_cache_env)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _train_cli(tmp_path / "resumed", args, {TR.KILL_ENV: str(N + 2)})
+    killed = _train_cli(tmp_path / "resumed", args, {**jax_cache_env, TR.KILL_ENV: str(N + 2)})
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL, no clean stop
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == [str(N)]
-    resumed = _train_cli(tmp_path / "resumed", args)
+    resumed = _train_cli(tmp_path / "resumed", args, jax_cache_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(step {N})" in resumed.stdout
 
@@ -396,9 +396,9 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data_dir):
     with open(victim, "r+b") as f:
         f.truncate(1)
     more = args + [f"--config.train.steps={2 * N + 1}"]
-    bad = _train_cli(tmp_path / "resumed", more)
+    bad = _train_cli(tmp_path / "resumed", more, jax_cache_env)
     assert bad.returncode == 2 and f"step {2 * N}" in bad.stderr and victim in bad.stderr, bad.stderr[-2000:]
-    ok = _train_cli(tmp_path / "resumed", more + ["--config.train.fallback_on_damage=true"])
+    ok = _train_cli(tmp_path / "resumed", more + ["--config.train.fallback_on_damage=true"], jax_cache_env)
     assert ok.returncode == 0 and f"(step {N})" in ok.stdout, ok.stderr[-2000:]
 
 

@@ -1,4 +1,4 @@
-"""`deepjax r1zero`: the R1-Zero story end to end, small enough for a laptop CPU (about 12 minutes on 2 cores).
+"""`deepjax r1zero`: the R1-Zero story end to end, small enough for a laptop CPU (about 20 minutes on 2 cores).
 
     deepjax r1zero                                   # runs/r1zero, the built-in default (configs/r1zero.py)
     deepjax r1zero --seed 1 --workdir runs/r1zero_s1 --config.rl.steps=150
