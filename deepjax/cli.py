@@ -339,13 +339,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"deepjax: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
             return 2
         return eval_command(args)
-    if args.command == "r1":  # before load_config: --config.r1.* are R1Config's fields
-        return r1_command(args, rest)
     unknown = [r for r in rest if not r.startswith("--config.")]
     if unknown:
         print(f"deepjax: error: unrecognized arguments: {' '.join(unknown)} "
               "(config fields are set with --config.FIELD=VALUE)", file=sys.stderr)
         return 2
+    if args.command == "r1":  # before load_config: --config.r1.* are R1Config's fields
+        return r1_command(args, rest)
     try:
         cfg = load_config(args.config, rest)
     except UserError as e:
@@ -522,11 +522,6 @@ def r1zero_command(cfg: Config, args) -> int:
 
 
 def r1_command(args, rest) -> int:
-    unknown = [r for r in rest if not r.startswith("--config.")]
-    if unknown:
-        print(f"deepjax: error: unrecognized arguments: {' '.join(unknown)} "
-              "(config fields are set with --config.FIELD=VALUE)", file=sys.stderr)
-        return 2
     try:
         cfg, rc = r1.load(args.config, rest)
     except UserError as e:
