@@ -46,10 +46,7 @@ if stage == "base":
     t = time.time()
     res = evaluate.run(f"{workdir}/base", k=g("k", 16), problems=g("problems", 256), max_new_tokens=g("new", 112),
                        seed=seed, progress=False)
-    b = r1zero.breakdown(res)
-    pr = res["problems"]
-    b["rechecked"] = sum(p["n_rechecked"] for p in pr) / sum(p["n"] for p in pr)
-    b["chars"] = sum(p["mean_chars"] for p in pr) / len(pr)
+    b = r1zero.breakdown(res)  # with the re-check share and the mean length
     print("eval s", time.time() - t, json.dumps(b), flush=True)
 else:
     s = r1zero.run(cfg, workdir, k=g("k", 16), progress=False)

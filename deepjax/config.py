@@ -22,7 +22,7 @@ import dataclasses
 import importlib.util
 import os
 import traceback
-from typing import Sequence
+from typing import Optional, Sequence
 
 from deepjax.data.config import DataConfig
 from deepjax.errors import UserError, one_line
@@ -50,7 +50,9 @@ class Config:
 
 # ---- overrides -------------------------------------------------------------------------------------------------
 
-def _set_path(obj, path: list[str], raw: str, full: str):
+def set_path(obj, path: list[str], raw: str, full: str):
+    """`obj` (a config dataclass) with the field at `path` set from the override string `raw`; `full` names it in
+    errors."""
     if not dataclasses.is_dataclass(obj):
         raise ConfigError(f"{full}: unknown override key (nothing under a non-config value)")
     names = {f.name for f in dataclasses.fields(obj)}
@@ -69,7 +71,7 @@ def _set_path(obj, path: list[str], raw: str, full: str):
         child = getattr(obj, head)
         if child is None and dataclasses.is_dataclass(tp):
             child = tp()  # e.g. enabling rope_scaling from the command line
-        value = _set_path(child, path[1:], raw, full)
+        value = set_path(child, path[1:], raw, full)
     try:
         return dataclasses.replace(obj, **{head: value})
     except ValueError as e:  # a library config (GRPOConfig, SamplingConfig, ...) validates itself when built
@@ -91,7 +93,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
             parts = parts[1:]
         if not parts or not all(parts):
             raise ConfigError(f"{item}: empty override key")
-        cfg = _set_path(cfg, parts, raw, "config." + ".".join(parts))
+        cfg = set_path(cfg, parts, raw, "config." + ".".join(parts))
     validate(cfg)
     return cfg
 
@@ -104,20 +106,23 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIRS = (os.path.join(_PACKAGE_DIR, "configs"),)
 
 
+def config_file(name_or_path: str) -> Optional[str]:
+    """The config file a `CONFIG` argument names: a path ending in .py as it is, else `configs/NAME.py` when it
+    exists; None for anything else (a preset name)."""
+    if name_or_path.endswith(".py"):
+        return name_or_path
+    return next((c for c in (os.path.join(d, f"{name_or_path}.py") for d in CONFIG_DIRS) if os.path.exists(c)), None)
+
+
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
     """Loads `configs/NAME.py` (or any file defining get_config()), or a preset by name, then overrides."""
-    path = name_or_path
-    if not path.endswith(".py"):
-        found = next((c for c in (os.path.join(d, f"{path}.py") for d in CONFIG_DIRS) if os.path.exists(c)), None)
-        if found:
-            path = found
-        else:
-            # Only the names in PRESETS: the module also holds imports and helpers.
-            if name_or_path not in presets.PRESETS:
-                raise ConfigError(f"config {name_or_path!r}: no such file or preset "
-                                  f"(presets: {', '.join(presets.PRESETS)})")
-            cfg = Config(model=getattr(presets, name_or_path)())
-            return apply_overrides(cfg, overrides)
+    path = config_file(name_or_path)
+    if path is None:
+        # Only the names in PRESETS: the module also holds imports and helpers.
+        if name_or_path not in presets.PRESETS:
+            raise ConfigError(f"config {name_or_path!r}: no such file or preset "
+                              f"(presets: {', '.join(presets.PRESETS)})")
+        return apply_overrides(Config(model=getattr(presets, name_or_path)()), overrides)
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"_deepjax_config_{abs(hash(path))}", path)

@@ -57,7 +57,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from deepjax import paths
-from deepjax.config import CONFIG_DIRS, Config, load_config, to_dict
+from deepjax.config import Config, config_file, load_config, set_path, to_dict
 from deepjax.data import tasks
 from deepjax.infer.sampling import SamplingConfig
 from deepjax.model import presets
@@ -70,7 +70,7 @@ from deepjax.rl import r1zero
 from deepjax.rl import rewards
 from deepjax.rl.config import DistillConfig, EvalConfig, RLConfig
 from deepjax.rl.loss import GRPOConfig
-from deepjax.schema import ConfigError, check_types, hints, parse_scalar, positive, unwrap_optional
+from deepjax.schema import ConfigError, check_types, positive
 from deepjax.train import loop as T
 from deepjax.train import run as TR
 from deepjax.train.config import OptimConfig, TrainConfig
@@ -134,24 +134,13 @@ def _key(override: str) -> str:
 
 def apply_overrides(rc: R1Config, overrides: Sequence[str]) -> R1Config:
     """`--config.r1.FIELD=VALUE` strings applied to `rc`, then validated."""
-    fields = hints(R1Config)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{item}: an override must look like --config.r1.FIELD=VALUE")
         name, raw = _key(item).removeprefix("r1."), item.split("=", 1)[1]
-        if name not in fields:
-            raise ConfigError(f"config.r1.{name}: unknown override key; known: {sorted(fields)}")
-        tp, optional = unwrap_optional(fields[name])
-        value = None if optional and raw.strip().lower() in ("none", "null") else parse_scalar(tp, raw, f"r1.{name}")
-        rc = dataclasses.replace(rc, **{name: value})
+        rc = set_path(rc, name.split("."), raw, f"config.r1.{name}")
     rc.validate()
     return rc
-
-
-def _config_file(name_or_path: str) -> Optional[str]:
-    if name_or_path.endswith(".py"):
-        return name_or_path
-    return next((c for c in (os.path.join(d, f"{name_or_path}.py") for d in CONFIG_DIRS) if os.path.exists(c)), None)
 
 
 def load(name_or_path: str, overrides: Sequence[str] = ()) -> tuple[Config, R1Config]:
@@ -161,7 +150,7 @@ def load(name_or_path: str, overrides: Sequence[str] = ()) -> tuple[Config, R1Co
     mine = [o for o in overrides if _key(o).startswith("r1.")]
     cfg = load_config(name_or_path, [o for o in overrides if o not in mine])  # a bad file fails here, in one line
     rc = R1Config()
-    path = _config_file(name_or_path)
+    path = config_file(name_or_path)
     if path is not None:
         spec = importlib.util.spec_from_file_location(f"_deepjax_r1_config_{abs(hash(path))}", path)
         mod = importlib.util.module_from_spec(spec)
@@ -327,10 +316,8 @@ def evaluate_stage(cfg: Config, rc: R1Config, stage_dir, progress: bool = True) 
     result = RM.summarize(examples, comps, reward_cfg=cfg.rl.reward)
     flat = [(ex, c) for ex, cs in zip(examples, comps) for c in cs]
     row = r1zero.breakdown(result)
-    row.update(step=step,
+    row.update(step=step,  # breakdown gives the re-check share and the mean length
                format=float(np.mean([rewards.format_reward(ex, c, cfg=cfg.rl.reward) == 1.0 for ex, c in flat])),
-               rechecked=float(np.mean([tasks.rechecked(c) for _, c in flat])),
-               mean_chars=float(np.mean([len(c) for _, c in flat])),
                language=float(np.mean([rewards.language_consistency_reward(ex, c, cfg=cfg.rl.reward)
                                        for ex, c in flat])))
     result.update(step=step, k=rc.eval_k, examples=[{"question": ex["question"], "completions": cs[:2]}
