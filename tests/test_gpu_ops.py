@@ -7,7 +7,8 @@
   says so);
 - causal attention within packed documents: tokamax's Mosaic kernel with the per-query k_start mask against the
   XLA path in float32, outputs and gradients, several documents per row at odd lengths;
-- the bench preset's training loss and gradients with kernels=tokamax against kernels=xla.
+- the bench preset's training loss and gradients in bf16, kernels=tokamax and kernels=xla each against the
+  float32 XLA reference.
 
     JAX_PLATFORMS=cuda PYTHONPATH=. python -m pytest -q -m gpu tests/test_gpu_ops.py
 """
@@ -75,10 +76,12 @@ def test_grouped_matmul_bf16_output_and_gradients():
 
 
 def test_tokamax_own_weight_gradient_fails_the_same_check():
-    """Why `ops` replaces tokamax's dRHS: the same check on tokamax.ragged_dot's own VJP fails on dW."""
+    """Why `ops` replaces tokamax's own VJP: the same check on tokamax.ragged_dot's own kernels fails (on the H200
+    its bf16 dW was off by ~20%; on the H100, tokamax 0.0.17, y and dx came out NaN and dW 20% off). If a release
+    fixes it, this test says so."""
     rel, _ = _errors(lambda x, w, g: ops._tokamax().ragged_dot(x, w, g, implementation="mosaic"))
     print("tokamax.ragged_dot relative errors y, dx, dW:", rel)
-    assert max(rel[:2]) < 1e-2 and rel[2] > 5e-2, rel
+    assert not all(np.isfinite(r) and r < 1e-2 for r in rel), rel
 
 
 def _segments(B, T, seed):
@@ -111,22 +114,39 @@ def test_packed_causal_attention_kernel_equals_xla(T):
     assert max(rel) < 2e-2, rel
 
 
+def _rel_l2(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
+
+
 def test_bench_training_gradients_on_tokamax_equal_xla():
-    """The bench preset (3 layers) in float32 at full precision: loss and every parameter gradient, tokamax vs XLA."""
+    """The bench preset (3 layers, packed documents) in bf16: the loss and every parameter gradient with
+    kernels=tokamax and kernels=xla, each against the float32 XLA reference (same parameters). bf16 rounding flips
+    some tokens' expert choices, so neither bf16 path equals the reference; the kernels must be no further from it
+    than XLA's own bf16 path (relative L2 per parameter, within 1.5x + 0.01)."""
     cfg = dataclasses.replace(presets.bench(), num_hidden_layers=3, dtype="bfloat16")
     graphdef, params = M.init(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 512), 0, cfg.vocab_size)
     seg = _segments(2, 512, 7)
 
-    def loss(params, kernels):
-        g = M.abstract_init(dataclasses.replace(cfg, kernels=kernels))[0]
+    def loss(params, kernels, dtype):
+        g = M.abstract_init(dataclasses.replace(cfg, kernels=kernels, dtype=dtype))[0]
         out = M.forward(g, params, tokens, None, seg)
-        return jax.nn.logsumexp(out.logits, -1).mean()
+        return jax.nn.logsumexp(out.logits.astype(jnp.float32), -1).mean()
 
-    l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "xla")
-    l2, g2 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "tokamax")
-    assert abs(float(l1) - float(l2)) < 2e-2 * abs(float(l1))
-    worst = max(float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-12))
-                for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)))
-    print("bench gradients, largest relative difference tokamax vs xla:", worst)
-    assert worst < 5e-2, worst
+    step = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))
+    with jax.default_matmul_precision("highest"):
+        l_ref, g_ref = step(params, "xla", "float32")
+    l_x, g_x = step(params, "xla", "bfloat16")
+    l_t, g_t = step(params, "tokamax", "bfloat16")
+    print(f"loss float32 {float(l_ref):.5f}  xla bf16 {float(l_x):.5f}  tokamax bf16 {float(l_t):.5f}")
+    assert abs(float(l_t) - float(l_ref)) < 2e-2 * abs(float(l_ref))
+    names = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(g_ref)[0]]
+    worse = []
+    for name, r, x, t in zip(names, jax.tree.leaves(g_ref), jax.tree.leaves(g_x), jax.tree.leaves(g_t)):
+        ex, et = _rel_l2(x, r), _rel_l2(t, r)
+        print(f"{name:60s} xla {ex:.4f}  tokamax {et:.4f}")
+        if not et <= 1.5 * ex + 1e-2:
+            worse.append((name, ex, et))
+    assert not worse, worse
