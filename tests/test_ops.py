@@ -224,3 +224,13 @@ def test_resolve(monkeypatch):
             ops.resolve("tokamax")
     with pytest.raises(ValueError, match="kernels='bogus'"):
         ops.resolve("bogus")
+
+
+def test_auto_takes_the_kernels_on_gpu_for_bf16_only(monkeypatch):
+    """kernels=auto on a GPU: tokamax for bf16 operands (its kernels passed tests/test_gpu_ops.py there), XLA for
+    float32 (its Mosaic GPU kernels take none) and wherever tokamax does not import."""
+    monkeypatch.setattr(ops, "platform", lambda: "gpu")
+    assert ops.resolve("auto", jnp.bfloat16) == ("tokamax" if has_tokamax else "xla")
+    assert ops.resolve("auto", jnp.float32) == "xla"
+    monkeypatch.setattr(ops, "platform", lambda: "tpu")
+    assert ops.resolve("auto", jnp.bfloat16) == "xla"  # compiled for v5p, never run on one

@@ -6,7 +6,8 @@ sm100, Mosaic TPU), chosen by `ModelConfig.kernels`:
     tokamax  tokamax: its Mosaic kernels on GPU and TPU, its XLA implementations elsewhere (so CPU tests run this
              path's plumbing); an error if tokamax is not installed.
     auto     tokamax where it imports (it needs Python >= 3.12 and jax >= 0.11.1) on a platform of AUTO_TOKAMAX, whose
-             kernels passed their tests there (none yet: tests/test_gpu_ops.py has not run on a GPU); XLA otherwise.
+             kernels passed their tests there (GPU: tests/test_gpu_ops.py on an H100, docs/LOG.md 2026-12-06; not yet
+             TPU); XLA otherwise.
 
 Shape key: B batch, T queries, S keys, N heads, K qk head dim, V v head dim (K != V in MLA), D hidden,
 G groups (experts), M rows.
@@ -61,10 +62,11 @@ def platform() -> str:
 
 
 GPU_KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)  # what tokamax's Mosaic GPU kernels multiply
-# Platforms where kernels=auto takes tokamax. A platform joins once its kernel tests pass there
-# (tests/test_gpu_ops.py on GPU); until then auto is XLA and kernels=tokamax opts in. Not yet run on a GPU: no
-# machine was lent in the session that wrote the seam (docs/LOG.md).
-AUTO_TOKAMAX = frozenset()
+# Platforms where kernels=auto takes tokamax. A platform joins once its kernel tests pass there: GPU did on an H100
+# (tests/test_gpu_ops.py: grouped matmul and packed attention against float64 / float32 references, the bench
+# preset's gradients as close to the float32 reference as XLA's own bf16 path; docs/LOG.md 2026-12-06). TPU has
+# compiled (deepjax.train.compile_check) but not run: there auto is XLA and kernels=tokamax opts in.
+AUTO_TOKAMAX = frozenset({"gpu"})
 
 
 def resolve(kernels: str, dtype=None) -> str:
