@@ -169,7 +169,11 @@ def iteration(run, s: int) -> dict:
             "generate_tokens_per_s": n_tokens / rec["generate_s"], "completion_tokens": n_tokens,
             "response_length": rec["response_length"], "stopped": rec["stopped"], "reward": rec["reward"],
             "loss": rec.get("loss"), "grad_norm": rec["grad_norm"], "applied": rec["applied"],
-            "routing_mismatch": rec.get("routing_mismatch")}
+            "routing_mismatch": rec.get("routing_mismatch"),
+            # the sampler / trainer mismatch (issue 20.5): on the first update of a batch the policy is the sampler's,
+            # so |old_logp - logp| and the ratio exp(logp - old_logp) measure only the numerical difference
+            **{k: rec.get(k) for k in ("sampler_trainer_logp_gap", "sampler_trainer_logp_gap_max",
+                                       "ratio_max", "clip_frac")}}
 
 
 def run_deepjax(args) -> dict:

@@ -108,7 +108,7 @@ def one(args) -> dict:
         last = float(m["loss"])
         stats = jax.devices()[0].memory_stats() or {}
         if args.profile:
-            with jax.profiler.trace(os.path.join(args.profile, k)):
+            with jax.profiler.trace(os.path.join(args.profile, k), create_perfetto_trace=True):
                 for _ in range(3):
                     state, m = step(state, batch)
                 jax.block_until_ready(m)
