@@ -112,6 +112,7 @@ def one(args) -> dict:
                 for _ in range(3):
                     state, m = step(state, batch)
                 jax.block_until_ready(m)
+        tuned = autotuned(args, fn, shardings, state, batch) if args.autotune and rec["resolved"] == "tokamax" else {}
     del state, m
     pk = matmul_peak(8192 if jax.default_backend() != "cpu" else 512)
     tps = B * T / dt
@@ -119,7 +120,36 @@ def one(args) -> dict:
     return dict(rec, tokens_per_s=tps, step_ms=dt * 1e3, mfu=tps * TS.matmul_flops_per_token(cfg, T, active) / pk,
                 peak_tflops=pk / 1e12, compile_s=compile_s, peak_mem_gib=None if mem is None else mem / 2 ** 30,
                 loss_first=first, loss_last=last, finite=math.isfinite(first) and math.isfinite(last),
-                active_params=active)
+                active_params=active, **tuned)
+
+
+def autotuned(args, fn, shardings, state, batch) -> dict:
+    """tokamax's autotuner over every tokamax op in the step (its shipped configs miss the bench shapes: "Autotuning
+    cache miss"), the result written to --autotune as JSON (`tokamax.AutotuningResult.dumps`), then the step
+    re-traced under it and timed: {tuned_tokens_per_s, tuned_step_ms, autotune_s} or {autotune_error}."""
+    tk = ops._tokamax()
+    try:
+        t0 = time.perf_counter()
+        res = tk.autotune(jax.jit(fn, donate_argnums=0, out_shardings=(shardings, None)).lower(state, batch),
+                          progress_bar=False)
+        tune_s = time.perf_counter() - t0
+        with open(args.autotune, "w") as f:
+            res.dump(f, prune_errors=True)
+        with res:  # configs are picked when the ops are traced: a fresh function object, so a fresh trace
+            step = jax.jit(lambda s, b: fn(s, b), donate_argnums=0, out_shardings=(shardings, None))
+            for _ in range(3):
+                state, m = step(state, batch)
+            jax.block_until_ready(m)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                state, m = step(state, batch)
+            jax.block_until_ready(m)
+        dt = (time.perf_counter() - t0) / args.steps
+        return dict(tuned_tokens_per_s=args.batch * args.seq / dt, tuned_step_ms=dt * 1e3, autotune_s=tune_s,
+                    tuned_loss_last=float(m["loss"]))
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        return dict(autotune_error=f"{type(e).__name__}: {str(e)[:300]}")
 
 
 def child(cmd: list, env: dict, timeout: float, stop_at: str = "") -> tuple[list, str]:
@@ -155,6 +185,8 @@ def main(argv=None):
                     help="batch x length shapes, one row (and one HF anchor) each; default --batch x --seq")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after the compile and 2 warmup steps)")
     ap.add_argument("--profile", metavar="DIR", help="trace 3 more steps of each configuration into DIR/KERNELS")
+    ap.add_argument("--autotune", metavar="FILE", help="after timing a tokamax configuration, run tokamax's "
+                    "autotuner on its step, write the configs to FILE (JSON) and time the step again under them")
     ap.add_argument("--timeout", type=float, default=540.0, help="seconds per subprocess")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers anchor")
     ap.add_argument("--one", metavar="KERNELS", help=argparse.SUPPRESS)  # child: one configuration
@@ -185,7 +217,8 @@ def main(argv=None):
                 for pd in args.param_dtype:
                     common = ["--preset", args.preset, "--batch", str(B), "--seq", str(T), "--docs", str(args.docs),
                               "--remat", remat, "--param-dtype", pd, "--steps", str(args.steps)] + (
-                        ["--profile", args.profile] if args.profile else [])
+                        ["--profile", args.profile] if args.profile else []) + (
+                        ["--autotune", args.autotune] if args.autotune else [])
                     recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
                     r = next((r for r in recs if r.get("what") == "train_step"), None)
                     rows.append(r or emit(what="train_step", kernels=k, remat=remat, param_dtype=pd, B=B, T=T,
