@@ -5,6 +5,8 @@ run's mesh, state donated), per `ModelConfig.kernels`, beside the HF transformer
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/train_bench.py --kernels tokamax --shapes 8x2048 2x8192 \
         --remat none full save_dots save_outputs --param-dtype float32 bfloat16     # issue 32's table
     PYTHONPATH=. python bench/train_bench.py --batch 1 --seq 64 --steps 1 --preset tiny --no-hf --kernels xla  # CPU
+    JAX_PLATFORMS=cuda PYTHONPATH=. python bench/train_bench.py --kernels tokamax --batch 64 --no-hf \
+        --mesh data=1 fsdp=-1 expert=1   --mesh fsdp=1 expert=8        # 8 GPUs: FSDP, then expert parallel (issue 24)
 
 Bench preset, B 8 x T 2048, bf16 compute, fp32 params; each row a packed batch of --docs documents (segment ids
 1..N). One subprocess per configuration (`memory_stats()` peaks are per process), then bench/anchors/hf_deepseek_v3.py
@@ -12,12 +14,18 @@ Bench preset, B 8 x T 2048, bf16 compute, fp32 params; each row a packed batch o
 
     step_ms   mean over --steps after the compiling call and 2 warmup steps
     mfu       tokens/s x matmul_flops_per_token / the bf16 8192^3 matmul rate measured in the same process
+              (per device on a mesh of several: tokens/s per device)
+
+--mesh AXIS=N ... (repeatable: one row each) runs the step on a `deepjax.parallel.sharding.MeshConfig` over all
+devices (data / fsdp / expert / tensor, one of them -1 for the rest), --batch being the global batch; default: one
+device, as `deepjax train` runs there.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -79,7 +87,10 @@ def one(args) -> dict:
     cfg.validate()
     o, t = OptimConfig(), TrainConfig()
     # as deepjax/train/run.py (abstract_train_state, Run, jit_update) and loop.py (TrainRun) on one device
-    mesh, rules = S.make_mesh(S.MeshConfig()), S.rules_for(S.MeshConfig().rules)
+    mc = mesh_config(args.mesh[0] if args.mesh else [])
+    mesh = S.make_mesh(mc, None if args.mesh else jax.devices()[:1])
+    rules = S.rules_for(mc.rules)
+    rec.update(mesh={k: int(v) for k, v in mesh.shape.items()}, devices=int(mesh.devices.size))
     graphdef, params, _ = M.init_sharded(cfg, jax.random.key(0), mesh, rules)
     active = M.count_active_params(cfg, params)
     optimizer, schedule = optim.make_optimizer(o, TS.split_params(params)[0], t.steps)
@@ -117,10 +128,25 @@ def one(args) -> dict:
     pk = matmul_peak(8192 if jax.default_backend() != "cpu" else 512)
     tps = B * T / dt
     mem = stats.get("peak_bytes_in_use")
-    return dict(rec, tokens_per_s=tps, step_ms=dt * 1e3, mfu=tps * TS.matmul_flops_per_token(cfg, T, active) / pk,
+    n_dev = rec["devices"]
+    return dict(rec, tokens_per_s=tps, tokens_per_s_per_device=tps / n_dev, step_ms=dt * 1e3,
+                mfu=tps / n_dev * TS.matmul_flops_per_token(cfg, T, active) / pk,
                 peak_tflops=pk / 1e12, compile_s=compile_s, peak_mem_gib=None if mem is None else mem / 2 ** 30,
                 loss_first=first, loss_last=last, finite=math.isfinite(first) and math.isfinite(last),
                 active_params=active, **tuned)
+
+
+def mesh_config(items: list) -> S.MeshConfig:
+    """A MeshConfig from AXIS=N items (e.g. ["fsdp=2", "expert=4"]); the axes not named are 1."""
+    kw = {}
+    for it in items:
+        axis, _, n = it.partition("=")
+        if axis not in ("data", "fsdp", "expert", "tensor", "rules") or not n:
+            raise SystemExit(f"--mesh {it}: expected AXIS=N with AXIS one of data, fsdp, expert, tensor (or rules=NAME)")
+        kw[axis] = n if axis == "rules" else int(n)
+    mc = S.MeshConfig(**{"fsdp": 1, **kw})
+    mc.validate()
+    return mc
 
 
 def autotuned(args, fn, shardings, state, batch) -> dict:
@@ -174,7 +200,8 @@ def child(cmd: list, env: dict, timeout: float, stop_at: str = "") -> tuple[list
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", nargs="+", default=["xla", "tokamax", "auto"], help="ModelConfig.kernels values")
-    ap.add_argument("--preset", default="bench", choices=["bench", "tiny"])
+    ap.add_argument("--preset", default="bench",
+                    choices=["bench", "tiny", "deepseek_v2_lite", "deepseek_v2", "deepseek_v3"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--docs", type=int, default=1, help="packed documents per row (segment ids 1..N)")
@@ -184,6 +211,8 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", metavar="BxT",
                     help="batch x length shapes, one row (and one HF anchor) each; default --batch x --seq")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after the compile and 2 warmup steps)")
+    ap.add_argument("--mesh", nargs="+", action="append", metavar="AXIS=N",
+                    help="a mesh over all devices, e.g. --mesh fsdp=2 expert=4 (repeatable: one row each)")
     ap.add_argument("--profile", metavar="DIR", help="trace 3 more steps of each configuration into DIR/KERNELS")
     ap.add_argument("--autotune", metavar="FILE", help="after timing a tokamax configuration, run tokamax's "
                     "autotuner on its step, write the configs to FILE (JSON) and time the step again under them")
@@ -207,22 +236,21 @@ def main(argv=None):
         ap.error(f"--shapes {' '.join(args.shapes)}: each BxT, e.g. 8x2048")
     me, here = os.path.abspath(__file__), os.path.dirname(os.path.abspath(__file__))
     f = lambda x, p: "-" if x is None else f"{x:,.{p}f}"  # noqa: E731
-    table = ["| B x T | kernels | remat | params | resolved | tokens/s | step ms | MFU | compile s | peak GiB | "
-             "loss first -> last | x HF |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| B x T | kernels | remat | params | mesh | resolved | tokens/s | per device | step ms | MFU | compile s | "
+             "peak GiB | loss first -> last | x HF |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     device = ""
     for B, T in shapes:
         rows = []
         for k in args.kernels:
-            for remat in args.remat:
-                for pd in args.param_dtype:
-                    common = ["--preset", args.preset, "--batch", str(B), "--seq", str(T), "--docs", str(args.docs),
-                              "--remat", remat, "--param-dtype", pd, "--steps", str(args.steps)] + (
-                        ["--profile", args.profile] if args.profile else []) + (
-                        ["--autotune", args.autotune] if args.autotune else [])
-                    recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
-                    r = next((r for r in recs if r.get("what") == "train_step"), None)
-                    rows.append(r or emit(what="train_step", kernels=k, remat=remat, param_dtype=pd, B=B, T=T,
-                                          error=f"no result: {err}"))
+            for remat, pd, mesh in itertools.product(args.remat, args.param_dtype, args.mesh or [None]):
+                common = ["--preset", args.preset, "--batch", str(B), "--seq", str(T), "--docs", str(args.docs),
+                          "--remat", remat, "--param-dtype", pd, "--steps", str(args.steps)] + (
+                    ["--profile", args.profile] if args.profile else []) + (
+                    ["--autotune", args.autotune] if args.autotune else []) + (["--mesh", *mesh] if mesh else [])
+                recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
+                r = next((r for r in recs if r.get("what") == "train_step"), None)
+                rows.append(r or emit(what="train_step", kernels=k, remat=remat, param_dtype=pd, B=B, T=T,
+                                      mesh=mesh, error=f"no result: {err}"))
         hf = None
         if not args.no_hf:
             env = dict(os.environ, B=str(B), T=str(T))
@@ -234,18 +262,21 @@ def main(argv=None):
                 hf = emit(what="hf_train_step", B=B, T=T, error="out of memory" if oom else f"no result: {err}")
         for r in rows:
             device = device or r.get("device", "")
-            head = f"| {B} x {T} | {r['kernels']} | {r.get('remat')} | {r.get('param_dtype')} |"
+            mesh = ",".join(f"{a}{n}" for a, n in (r.get("mesh") or {}).items() if n > 1) or "1 device"
+            head = f"| {B} x {T} | {r['kernels']} | {r.get('remat')} | {r.get('param_dtype')} | {mesh} |"
             if "error" in r:
-                table.append(f"{head} error: {r['error'][:100]} | | | | | | | |")
+                table.append(f"{head} error: {r['error'][:100]} | | | | | | | | |")
                 continue
             xhf = f(r["tokens_per_s"] / hf["tokens_per_s"], 2) if hf and "error" not in hf else "-"
-            table.append(f"{head} {str(r['resolved'])[:40]} | {f(r['tokens_per_s'], 0)} | {f(r['step_ms'], 1)} | "
+            table.append(f"{head} {str(r['resolved'])[:40]} | {f(r['tokens_per_s'], 0)} | "
+                         f"{f(r.get('tokens_per_s_per_device'), 0)} | {f(r['step_ms'], 1)} | "
                          f"{f(r['mfu'], 3)} | {f(r['compile_s'], 1)} | {f(r['peak_mem_gib'], 2)} | "
                          f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {xhf} |")
         if hf and "error" in hf:
-            table.append(f"| {B} x {T} | HF transformers | - | float32 | {hf['error'][:60]} | | | | | | | |")
+            table.append(f"| {B} x {T} | HF transformers | - | float32 | 1 device | {hf['error'][:60]} | | | | | | | | |")
         elif hf:
-            table.append(f"| {B} x {T} | HF transformers | - | float32 | torch eager | {f(hf['tokens_per_s'], 0)} | "
+            table.append(f"| {B} x {T} | HF transformers | - | float32 | 1 device | torch eager | "
+                         f"{f(hf['tokens_per_s'], 0)} | {f(hf['tokens_per_s'], 0)} | "
                          f"{f(hf['step_s'] * 1e3, 1)} | {f(hf['mfu'], 3)} | - | {f(hf['max_mem_gib'], 2)} | "
                          f"{hf['loss']:.3f} | 1.00 |")
     print(f"\n{device}, {args.preset} preset, {args.docs} doc(s)/row, bf16 compute, AdamW\n")
