@@ -142,7 +142,7 @@ def mesh_config(items: list) -> S.MeshConfig:
     for it in items:
         axis, _, n = it.partition("=")
         if axis not in ("data", "fsdp", "expert", "tensor", "rules") or not n:
-            raise SystemExit(f"--mesh {it}: expected AXIS=N with AXIS one of data, fsdp, expert, tensor (or rules=NAME)")
+            raise SystemExit(f"--mesh {it}: expected AXIS=N, AXIS one of data, fsdp, expert, tensor (or rules=NAME)")
         kw[axis] = n if axis == "rules" else int(n)
     mc = S.MeshConfig(**{"fsdp": 1, **kw})
     mc.validate()
@@ -236,8 +236,8 @@ def main(argv=None):
         ap.error(f"--shapes {' '.join(args.shapes)}: each BxT, e.g. 8x2048")
     me, here = os.path.abspath(__file__), os.path.dirname(os.path.abspath(__file__))
     f = lambda x, p: "-" if x is None else f"{x:,.{p}f}"  # noqa: E731
-    table = ["| B x T | kernels | remat | params | mesh | resolved | tokens/s | per device | step ms | MFU | compile s | "
-             "peak GiB | loss first -> last | x HF |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| B x T | kernels | remat | params | mesh | resolved | tokens/s | per device | step ms | MFU | "
+             "compile s | peak GiB | loss first -> last | x HF |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     device = ""
     for B, T in shapes:
         rows = []
@@ -273,7 +273,8 @@ def main(argv=None):
                          f"{f(r['mfu'], 3)} | {f(r['compile_s'], 1)} | {f(r['peak_mem_gib'], 2)} | "
                          f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {xhf} |")
         if hf and "error" in hf:
-            table.append(f"| {B} x {T} | HF transformers | - | float32 | 1 device | {hf['error'][:60]} | | | | | | | | |")
+            table.append(f"| {B} x {T} | HF transformers | - | float32 | 1 device | {hf['error'][:60]} "
+                         "| | | | | | | | |")
         elif hf:
             table.append(f"| {B} x {T} | HF transformers | - | float32 | 1 device | torch eager | "
                          f"{f(hf['tokens_per_s'], 0)} | {f(hf['tokens_per_s'], 0)} | "
