@@ -237,7 +237,7 @@ def main(argv=None):
     me, here = os.path.abspath(__file__), os.path.dirname(os.path.abspath(__file__))
     f = lambda x, p: "-" if x is None else f"{x:,.{p}f}"  # noqa: E731
     table = ["| B x T | kernels | remat | params | mesh | resolved | tokens/s | per device | step ms | MFU | "
-             "compile s | peak GiB | loss first -> last | x HF |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "compile s | peak GiB | loss first -> last | x HF |", "|---" * 14 + "|"]
     device = ""
     for B, T in shapes:
         rows = []
