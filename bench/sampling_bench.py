@@ -4,6 +4,11 @@
     PYTHONPATH=. python bench/sampling_bench.py --no-hf --batches 1 8 64
     PYTHONPATH=. python bench/sampling_bench.py --module     # also the unfused module path (sampling.decoder='model')
     PYTHONPATH=. python bench/sampling_bench.py --kernels auto xla   # with and without the Pallas kernels
+    PYTHONPATH=. python bench/sampling_bench.py --no-hf --batches 64 256 --mesh expert=8   # experts over 8 devices
+
+The path column is the decoder `sampling.decoder=auto` resolves to for that batch (`sampling.resolve_decoder`):
+`pallas` / `fused` (one device, up to DENSE_DECODE_MAX_TOKENS rows) or `model` (the model's modules; always under
+--mesh, which shards the parameters and rows over a `MeshConfig` of all devices as `deepjax eval` / `grpo` do).
 
 Prints JSON lines, then a table: tokens/s (new tokens over the whole generate call, prefill included, as HF's
 figure), decode-only tokens/s, the cache bytes per token, and the memory-bandwidth roofline of one decode step:
@@ -19,6 +24,7 @@ The copy bandwidth is measured here (as bench/anchors/jax_peak.py: read + write 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,6 +39,8 @@ import numpy as np
 from deepjax import model as M
 from deepjax.model import presets
 from deepjax.infer import sampling as SP
+from deepjax.parallel import distributed as D
+from deepjax.parallel import sharding as S
 
 
 def emit(**kw):
@@ -73,29 +81,41 @@ def step_bytes(cfg, params, B: int, positions: int) -> dict:
 
 
 def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: int, fused: bool = True,
-                  kernels: str = "auto", kernel_set=SP.KN.KERNELS, kernel_tuning: tuple = ()) -> dict:
+                  kernels: str = "auto", kernel_set=SP.KN.KERNELS, kernel_tuning: tuple = (), mesh=None,
+                  rules=None) -> dict:
+    """Times `jit_generate` on B random prompts; with `mesh`, under it (rows over its batch axes), as
+    `text.complete` runs on a mesh of several devices."""
     rng = np.random.default_rng(0)
-    prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, prompt)), jnp.int32)
-    lengths = jnp.full((B,), prompt, jnp.int32)
+    prompts = rng.integers(0, cfg.vocab_size, (B, prompt)).astype(np.int32)
+    lengths = np.full((B,), prompt, np.int32)
+    if mesh is None:
+        prompts, lengths = jnp.asarray(prompts), jnp.asarray(lengths)
+        scope = contextlib.nullcontext
+    else:
+        prompts, lengths = D.from_host(prompts, mesh, rules), D.from_host(lengths, mesh, rules)
+        scope = lambda: S.use_mesh(mesh, rules)  # noqa: E731
     out = {}
     for n in (1, new):  # 1 new token: prefill (+ one sample); the difference is the decode loop
         decoder = "model" if not fused else {"auto": "auto", "xla": "fused"}.get(kernels, kernels)
         sc = SP.SamplingConfig(max_new_tokens=n, temperature=0.0, decoder=decoder, kernel_set=kernel_set,
                                kernel_tuning=kernel_tuning)
-        t = time.perf_counter()
-        jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(0), sc))
-        compile_s = time.perf_counter() - t
-        times = []
-        for r in range(reps):
+        with scope():
             t = time.perf_counter()
-            o = jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(r), sc))
-            times.append(time.perf_counter() - t)
+            jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(0), sc))
+            compile_s = time.perf_counter() - t
+            times = []
+            for r in range(reps):
+                t = time.perf_counter()
+                o = jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(r), sc))
+                times.append(time.perf_counter() - t)
+            decoder = SP.resolve_decoder(sc, None, B)
         assert int(o.lengths.min()) == n
         out[n] = (min(times), compile_s)
     total, first = out[new][0], out[1][0]
-    mode = SP.kernel_mode(SP.resolve_decoder(sc))
-    path = ("fused" + ("" if mode is None else "+" + "+".join(k[:4] for k in kernel_set))) if fused else "module"
-    return {"batch": B, "path": path, "tokens": np.asarray(o.tokens[:, :16]).tolist(), "new_tokens": B * new, "s": total, "tokens_per_s": B * new / total,
+    path = decoder + (f"({','.join(kernel_set)})" if decoder == "pallas" and kernel_set != SP.KN.KERNELS else "")
+    return {"batch": B, "path": path, "devices": 1 if mesh is None else int(mesh.devices.size),
+            "tokens": np.asarray(o.tokens[:, :16]).tolist(), "new_tokens": B * new, "s": total,
+            "tokens_per_s": B * new / total,
             "decode_tokens_per_s": B * (new - 1) / max(total - first, 1e-9), "prefill_s": first,
             "compile_s": out[new][1]}
 
@@ -108,6 +128,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers anchor")
     ap.add_argument("--module", action="store_true", help="also time the unfused module path (sampling.decoder='model')")
+    ap.add_argument("--preset", default="bench", choices=["bench", "tiny", "deepseek_v2_lite"],
+                    help="model shape (tiny: a CPU smoke run)")
+    ap.add_argument("--mesh", nargs="+", metavar="AXIS=N", help="sample under a mesh of all devices, e.g. --mesh "
+                    "expert=8 (axes not named are 1): the model's modules, sharded, as deepjax eval / grpo")
     ap.add_argument("--kernels", nargs="+", default=["auto"], help="fused path's kernels: auto (Pallas on GPU) | "
                     "xla | pallas | a comma list of Pallas kernels (attention,route,experts); several are timed one "
                     "after the other")
@@ -117,9 +141,18 @@ def main(argv=None):
     emit(what="device", kind=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__)
     bw = copy_bandwidth()
     emit(what="copy_bandwidth_tb_s", value=bw / 1e12)
-    cfg = dataclasses.replace(presets.bench(), dtype="bfloat16", param_dtype="bfloat16")
-    graphdef, params = M.init(cfg, jax.random.key(0))
-    emit(what="model", preset="bench", params=M.count_params(params), cache_bytes_per_token=SP.cache_bytes_per_token(cfg))
+    cfg = dataclasses.replace(getattr(presets, args.preset)(), dtype="bfloat16", param_dtype="bfloat16")
+    mesh = rules = None
+    if args.mesh:
+        kw = dict(a.split("=", 1) for a in args.mesh)
+        mc = S.MeshConfig(**{"fsdp": 1, **{k: (v if k == "rules" else int(v)) for k, v in kw.items()}})
+        mc.validate()
+        mesh, rules = S.make_mesh(mc), S.rules_for(mc.rules)
+        graphdef, params, _ = M.init_sharded(cfg, jax.random.key(0), mesh, rules)
+        emit(what="mesh", **{k: int(v) for k, v in mesh.shape.items()})
+    else:
+        graphdef, params = M.init(cfg, jax.random.key(0))
+    emit(what="model", preset=args.preset, params=M.count_params(params), cache_bytes_per_token=SP.cache_bytes_per_token(cfg))
     rows = []
     for B in args.batches:
         runs = [(True, k) for k in args.kernels] + ([(False, "xla")] if args.module else [])
@@ -127,7 +160,8 @@ def main(argv=None):
             ks = SP.KN.KERNELS
             if "," in kernels or kernels in ks:
                 kernels, ks = "auto", tuple(kernels.split(","))
-            r = time_generate(graphdef, params, cfg, B, args.prompt, args.new, args.reps, fused, kernels, ks)
+            r = time_generate(graphdef, params, cfg, B, args.prompt, args.new, args.reps, fused, kernels, ks,
+                              mesh=mesh, rules=rules)
             mid = args.prompt + args.new // 2  # mean cache positions read per decode step
             by = step_bytes(cfg, params, B, mid)
             r.update(step_bytes=by["total"], roofline_tokens_per_s=B / (by["total"] / bw),
@@ -146,7 +180,7 @@ def main(argv=None):
                 print(line, flush=True)
         if p.returncode:
             print(p.stderr[-3000:], file=sys.stderr)
-    print(f"\n{dev.device_kind}, bench preset bf16, prompt {args.prompt}, {args.new} new tokens, greedy; "
+    print(f"\n{dev.device_kind}, {args.preset} preset bf16, prompt {args.prompt}, {args.new} new tokens, greedy; "
           f"copy bandwidth {bw / 1e12:.2f} TB/s; cache {SP.cache_bytes_per_token(cfg)} bytes/token")
     print(f"{'batch':>5} {'path':>22} {'deepjax tok/s':>14} {'decode tok/s':>13} {'roofline tok/s':>15} {'% roofline':>10} "
           f"{'HF tok/s':>9} {'x HF':>7}")
