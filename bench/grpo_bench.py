@@ -22,9 +22,10 @@ checked here against transformers 5.17 and huggingface-hub 1.33, the image's.) T
 
 A TRL that does not import prints one skip line and the table shows deepjax alone. --no-deepjax / --no-trl run one
 side (two calls, when one does not fit a call's 10 minutes). deepjax's GRPO step takes the rows in --micro-batches
-sequential parts (rl.micro_batches: gradient accumulation, exact; default 8 here, 64 rows of prompt + --new tokens
-each); an update that runs out of memory prints its error line, and more micro-batches or --set model.remat=full
-are the knobs to try.
+sequential parts (rl.micro_batches: gradient accumulation, exact; default 16 here, 32 rows of prompt + --new tokens
+each) with --remat (default full). On an H100 80GB, 8 micro-batches with remat none asked for a 141.65 GiB
+temporary and ran out of memory; 16 with full ran (docs/LOG.md, 2026-12-06). An update that runs out of memory
+prints its error line; more micro-batches are the knob to try.
 
 What one iteration is, on each side (--prompts x --group completions of up to --new tokens, temperature 1):
   deepjax  the body of `deepjax.rl.loop.grpo`'s step loop, run on a `GRPORun` built from the config as `deepjax
@@ -151,7 +152,7 @@ def config(args):
             f"--config.rl.loss.mu={args.mu[0]}", f"--config.rl.rollout.max_new_tokens={args.new}",
             "--config.rl.rollout.temperature=1.0", f"--config.rl.loss.beta={args.beta}",
             f"--config.rl.steps={args.warmup + args.steps * len(args.mu)}", f"--config.seed={args.seed}",
-            f"--config.rl.micro_batches={args.micro_batches}"]
+            f"--config.rl.micro_batches={args.micro_batches}", f"--config.model.remat={args.remat}"]
     return load_config(args.preset, sets + [s if s.startswith("--") else f"--config.{s}" for s in args.set])
 
 
@@ -332,7 +333,9 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient on both sides (0: no reference model)")
     ap.add_argument("--param-dtype", default="float32", help="deepjax's model.param_dtype (TRL: float32 + bf16 "
                     "autocast)")
-    ap.add_argument("--micro-batches", type=int, default=8, help="rl.micro_batches: the update's rows in this many "
+    ap.add_argument("--remat", default="full", help="model.remat of the update (none | full | save_dots | "
+                    "save_outputs)")
+    ap.add_argument("--micro-batches", type=int, default=16, help="rl.micro_batches: the update's rows in this many "
                     "sequential parts (must divide --prompts x --group)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="more deepjax config overrides, e.g. --set model.remat=full (repeatable)")
