@@ -108,14 +108,7 @@ def one(args) -> dict:
         state, m = step(state, batch)
         first = float(m["loss"])
         compile_s = time.perf_counter() - t0
-        for _ in range(2):
-            state, m = step(state, batch)
-        jax.block_until_ready(m)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, m = step(state, batch)
-        jax.block_until_ready(m)
-        dt = (time.perf_counter() - t0) / args.steps
+        state, m, dt = timed(step, state, batch, 2, args.steps)
         last = float(m["loss"])
         stats = jax.devices()[0].memory_stats() or {}
         if args.profile:
@@ -134,6 +127,18 @@ def one(args) -> dict:
                 peak_tflops=pk / 1e12, compile_s=compile_s, peak_mem_gib=None if mem is None else mem / 2 ** 30,
                 loss_first=first, loss_last=last, finite=math.isfinite(first) and math.isfinite(last),
                 active_params=active, **tuned)
+
+
+def timed(step, state, batch, warmup: int, steps: int):
+    """(state, metrics, seconds per step) of `steps` steps after `warmup` untimed ones."""
+    for _ in range(warmup):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    return state, m, (time.perf_counter() - t0) / steps
 
 
 def mesh_config(items: list) -> S.MeshConfig:
@@ -163,14 +168,7 @@ def autotuned(args, fn, shardings, state, batch) -> dict:
             res.dump(f, prune_errors=True)
         with res:  # configs are picked when the ops are traced: a fresh function object, so a fresh trace
             step = jax.jit(lambda s, b: fn(s, b), donate_argnums=0, out_shardings=(shardings, None))
-            for _ in range(3):
-                state, m = step(state, batch)
-            jax.block_until_ready(m)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                state, m = step(state, batch)
-            jax.block_until_ready(m)
-        dt = (time.perf_counter() - t0) / args.steps
+            state, m, dt = timed(step, state, batch, 3, args.steps)
         return dict(tuned_tokens_per_s=args.batch * args.seq / dt, tuned_step_ms=dt * 1e3, autotune_s=tune_s,
                     tuned_loss_last=float(m["loss"]))
     except Exception as e:  # noqa: BLE001
