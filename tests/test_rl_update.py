@@ -290,8 +290,10 @@ def test_sampling_mask_replay(setup):
         p /= p.sum()
         want = top[(np.cumsum(p) - p) < 0.95]
         assert set(sup[r, t][sup[r, t] >= 0]) == set(want.tolist()), (r, t)
-    kept = np.asarray(update.token_logprobs(graphdef, params, jnp.asarray(b.tokens), jnp.asarray(b.positions),
-                                            jnp.asarray(b.segment_ids), TEMP, support=jnp.asarray(b.support)))
+    # jitted (not op by op: the same function, compiled once instead of each of its ops)
+    kept = np.asarray(jax.jit(update.token_logprobs, static_argnums=(0, 5))(
+        graphdef, params, jnp.asarray(b.tokens), jnp.asarray(b.positions), jnp.asarray(b.segment_ids), TEMP,
+        support=jnp.asarray(b.support)))
     full = np.asarray(update.jit_token_logprobs(graphdef, params, b, TEMP))
     np.testing.assert_allclose(kept[m], b.old_logp[m], atol=2e-5)
     assert np.abs(full[m] - b.old_logp[m]).max() > 1e-3  # the truncation matters on this batch
