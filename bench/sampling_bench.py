@@ -108,10 +108,10 @@ def time_generate(graphdef, params, cfg, B: int, prompt: int, new: int, reps: in
                 t = time.perf_counter()
                 o = jax.block_until_ready(SP.jit_generate(graphdef, params, prompts, lengths, jax.random.key(r), sc))
                 times.append(time.perf_counter() - t)
-            decoder = SP.resolve_decoder(sc, None, B)
         assert int(o.lengths.min()) == n
         out[n] = (min(times), compile_s)
     total, first = out[new][0], out[1][0]
+    decoder = SP.resolve_decoder(sc, None, B, one_device=mesh is None)  # the decoder jit_generate took
     path = decoder + (f"({','.join(kernel_set)})" if decoder == "pallas" and kernel_set != SP.KN.KERNELS else "")
     return {"batch": B, "path": path, "devices": 1 if mesh is None else int(mesh.devices.size),
             "tokens": np.asarray(o.tokens[:, :16]).tolist(), "new_tokens": B * new, "s": total,
@@ -144,9 +144,9 @@ def main(argv=None):
     cfg = dataclasses.replace(getattr(presets, args.preset)(), dtype="bfloat16", param_dtype="bfloat16")
     mesh = rules = None
     if args.mesh:
-        kw = dict(a.split("=", 1) for a in args.mesh)
-        mc = S.MeshConfig(**{"fsdp": 1, **{k: (v if k == "rules" else int(v)) for k, v in kw.items()}})
-        mc.validate()
+        from train_bench import mesh_config  # bench/ is on sys.path when this script runs
+
+        mc = mesh_config(args.mesh)
         mesh, rules = S.make_mesh(mc), S.rules_for(mc.rules)
         graphdef, params, _ = M.init_sharded(cfg, jax.random.key(0), mesh, rules)
         emit(what="mesh", **{k: int(v) for k, v in mesh.shape.items()})

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from deepjax import model as M
+from deepjax.config import set_path
 from deepjax.model import ops, presets
 from deepjax.parallel import sharding as S
 from deepjax.train import optim, step as TS
@@ -142,14 +143,12 @@ def timed(step, state, batch, warmup: int, steps: int):
 
 
 def mesh_config(items: list) -> S.MeshConfig:
-    """A MeshConfig from AXIS=N items (e.g. ["fsdp=2", "expert=4"]); the axes not named are 1."""
-    kw = {}
+    """A MeshConfig from AXIS=N items (e.g. ["fsdp=2", "expert=4"]; the axes not named are 1), parsed as the
+    `--config.mesh.AXIS=N` overrides are (`config.set_path`: an unknown axis or value is one error naming it)."""
+    mc = S.MeshConfig(fsdp=1)
     for it in items:
         axis, _, n = it.partition("=")
-        if axis not in ("data", "fsdp", "expert", "tensor", "rules") or not n:
-            raise SystemExit(f"--mesh {it}: expected AXIS=N, AXIS one of data, fsdp, expert, tensor (or rules=NAME)")
-        kw[axis] = n if axis == "rules" else int(n)
-    mc = S.MeshConfig(**{"fsdp": 1, **kw})
+        mc = set_path(mc, [axis], n, f"--mesh {it}")
     mc.validate()
     return mc
 
