@@ -66,6 +66,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import traceback
 import tempfile
 import time
 import types
@@ -224,6 +225,7 @@ def run_deepjax(args) -> dict:
             emit(what="deepjax_memory", peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
                  limit_gib=stats.get("bytes_limit", 0) / 2**30)
     except Exception as e:  # one line (an out-of-memory update says so), and the table still prints
+        traceback.print_exc()  # (stderr) where it failed
         emit(what="deepjax_grpo", error=f"{type(e).__name__}: {str(e)[:600]}")
         out["error"] = f"{type(e).__name__}"
     finally:

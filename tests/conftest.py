@@ -22,6 +22,8 @@ import gc  # noqa: E402
 
 import pytest  # noqa: E402
 
+from deepjax import held_jit  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def jax_cache_env(tmp_path_factory) -> dict:
@@ -39,4 +41,5 @@ def _release_compiled_programs():
     (65,530) and aborted inside an XLA compile (tests/test_sharding.py's first init, session 10)."""
     yield
     jax.clear_caches()
+    held_jit.clear_all()
     gc.collect()

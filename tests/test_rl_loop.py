@@ -15,7 +15,9 @@ import pytest
 from flax import nnx
 
 from deepjax.train import checkpoint as C
+from deepjax.infer import sampling as SP
 from deepjax.rl import loop
+from deepjax.rl import update as UP
 from deepjax.data import tasks
 from deepjax.rl import rewards
 from deepjax.parallel import sharding as S
@@ -137,17 +139,34 @@ def test_grpo_killed_and_resumed_equals_the_straight_run(base, jax_cache_env):
     assert res["step"] == N and len(res["problems"]) == 4
 
 
-def test_dapo_step(base, tmp_path):
+def test_dapo_step(base, tmp_path, monkeypatch):
     """DAPO through the loop: clip-higher, token-level mean, no KL term (no reference model kept); with truncated
     importance sampling against the sampler (the trainer recomputes pi_old; sampler and trainer agree here, so the
-    weights are 1 and nothing is truncated)."""
-    cfg = load_config("tiny", _args(base, "--config.rl.steps=1", "--config.rl.loss.mu=1", "--config.rl.eval.every=0",
+    weights are 1 and nothing is truncated).
+    Also: the sampler, the old policy's log-probs and the update are held executables (deepjax/held_jit.py). Before
+    the second step jax's caches are cleared, as a large trace on the GPU evicts them; nothing compiles again."""
+    cfg = load_config("tiny", _args(base, "--config.rl.steps=2", "--config.rl.loss.mu=1", "--config.rl.eval.every=0",
                                     "--config.rl.eval.problems=2", "--config.rl.eval.k=1",
                                     "--config.rl.loss.aggregation=dapo", "--config.rl.loss.eps_high=0.28", "--config.rl.loss.beta=0",
                                     "--config.rl.loss.tis_cap=2",
                                     "--config.train.plot=false"))
+    held = lambda run: (sum(h.compiles for h in SP._JITS.values()), UP._jit_logp_fn.compiles,  # noqa: E731
+                        run._update.compiles)
+    counts, iteration = [], loop.GRPORun.iteration
+
+    def cleared_then_iteration(run, s):
+        if s > 0:
+            jax.clear_caches()
+            counts.append(held(run))
+        out = iteration(run, s)
+        if s > 0:
+            counts.append(held(run))
+        return out
+    monkeypatch.setattr(loop.GRPORun, "iteration", cleared_then_iteration)
     loop.grpo(cfg, str(tmp_path), progress=False)
-    (h,) = TR.read_history(tmp_path / "metrics.jsonl").values()
+    before, after = counts
+    assert min(before) >= 1 and after == before, counts  # the sampler, pi_old's log-probs, the update: held
+    h = TR.read_history(tmp_path / "metrics.jsonl")[2]
     assert np.isfinite(h["loss"]) and "kl" not in h  # beta = 0: no reference model, no KL
     assert h["tis_frac"] == 0 and abs(h["is_weight_mean"] - 1) < 1e-3
 

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepjax.held_jit import held_jit
 from deepjax.infer.fast import fused as DF
 from deepjax.infer.fast import grouped as KG
 from deepjax.infer.fast import kernels as KN
@@ -678,14 +679,15 @@ _JITS: dict = {}
 
 def _jitted():
     """The jitted generate for the default backend (built on first use: the backend is not known at import). The
-    compiler options apply on one GPU only: they were measured there, not with a mesh's collectives."""
+    compiler options apply on one GPU only: they were measured there, not with a mesh's collectives. A `held_jit`:
+    a GRPO update traced between two rollouts cannot evict the sampler's executable (deepjax/held_jit.py)."""
     backend = (jax.default_backend(), sharding.current() is None)
     if backend not in _JITS:
         def f(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, mesh_context):
             del mesh_context
             return generate(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn)
-        _JITS[backend] = jax.jit(f, static_argnums=(0, 5, 6, 7),
-                                 compiler_options=GPU_COMPILER_OPTIONS if backend == ("gpu", True) else None)
+        _JITS[backend] = held_jit(f, static_argnums=(0, 5, 6, 7),
+                                  compiler_options=GPU_COMPILER_OPTIONS if backend == ("gpu", True) else None)
     return _JITS[backend]
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from deepjax.held_jit import held_jit
 from deepjax.model.config import ModelConfig
 from deepjax.parallel import sharding
 from deepjax.model.expert_parallel import ShardedExperts
@@ -304,7 +305,7 @@ def forward(graphdef, params, tokens_BT, positions_BT=None, segment_ids_BT=None,
                                        replay_routes)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("experts_fn", "mesh_context"))
+@held_jit(static_argnums=(0, 5, 6))
 def _jit_forward(graphdef, params, tokens_BT, positions_BT, segment_ids_BT, experts_fn, mesh_context):
     del mesh_context  # only keys the cache: a trace made under one mesh is never reused under another
     return forward(graphdef, params, tokens_BT, positions_BT, segment_ids_BT, experts_fn)
@@ -312,8 +313,7 @@ def _jit_forward(graphdef, params, tokens_BT, positions_BT, segment_ids_BT, expe
 
 def jit_forward(graphdef, params, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None) -> Output:
     """`forward` under jax.jit, retraced when the `sharding.use_mesh` context changes."""
-    return _jit_forward(graphdef, params, tokens_BT, positions_BT, segment_ids_BT, experts_fn=experts_fn,
-                        mesh_context=sharding.context_key())
+    return _jit_forward(graphdef, params, tokens_BT, positions_BT, segment_ids_BT, experts_fn, sharding.context_key())
 
 
 # ---- parameter inventory ------------------------------------------------------------------------

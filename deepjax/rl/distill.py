@@ -81,6 +81,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from deepjax.held_jit import held_jit
 from deepjax import paths
 from deepjax.config import Config, to_dict
 from deepjax.data import tasks
@@ -518,7 +519,7 @@ class KDRun(T.TrainRun):
                 fn = make_kd_step(self.graphdef, cfg.model, self.t_graphdef, tcfg.model, self.optimizer, dc,
                                   self.schedule, micro_batches=cfg.optim.micro_batches, mtp_lambda=t.mtp_lambda,
                                   balance_alpha=t.balance_alpha, bias_update_speed=t.bias_update_speed)
-                return jax.jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
+                return held_jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
 
         self._kd = jitted(cfg.distill)
         self._kd_on_policy = jitted(on_policy_config(cfg.distill)) if cfg.distill.on_policy else None

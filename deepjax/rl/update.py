@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from deepjax.held_jit import held_jit
 from deepjax.rl import loss as G
 from deepjax import model as M
 from deepjax.train import step as TS
@@ -202,7 +203,7 @@ def _jit_logp(graphdef, params, tokens, positions, segment_ids, mask, temperatur
     return jax.lax.map(logp, split).reshape(tokens.shape)
 
 
-_jit_logp_fn = jax.jit(_jit_logp, static_argnums=(0, 6, 7, 9))
+_jit_logp_fn = held_jit(_jit_logp, static_argnums=(0, 6, 7, 9))
 
 
 def jit_token_logprobs(graphdef, params, batch: Rollouts, temperature: float, experts_fn=None,

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from deepjax.held_jit import held_jit
 from deepjax import model as M
 from deepjax import paths
 from deepjax.config import Config, from_dict, to_dict
@@ -245,7 +246,7 @@ class Run:
     def jit_update(self, fn):
         """`fn(state, batch) -> (state, metrics)` jitted under the mesh: the state donated, kept in its shardings."""
         with self.on_mesh():
-            return jax.jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
+            return held_jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
 
     def to_global(self, x: np.ndarray) -> jax.Array:
         """A [rows, ...] host array (the same on every process) as a global array split over the batch axes."""
