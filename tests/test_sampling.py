@@ -30,8 +30,12 @@ def tiny():
     return cfg, graphdef, params
 
 
-def _forward_logits(graphdef, params, seq):
-    return np.asarray(M.jit_forward(graphdef, params, jnp.asarray([seq], jnp.int32)).logits[0])
+def _forward_logits(graphdef, params, seq, width: int = 64):
+    """The full forward's logits at each position of seq. The row is right-padded to `width` (one compile for every
+    length: causal attention and dropless experts make a position's logits independent of what follows it)."""
+    n = len(seq)
+    row = list(seq) + [0] * (-(-n // width) * width - n)
+    return np.asarray(M.jit_forward(graphdef, params, jnp.asarray([row], jnp.int32)).logits[0, :n])
 
 
 @pytest.mark.parametrize("attention", ["absorbed", "naive", "fused", "fused_all", "fused_kernels", "fused_kernels_all"])
@@ -298,3 +302,27 @@ def test_eval_and_grpo_take_the_fused_decode_on_one_device(tiny, capsys, monkeyp
     assert capsys.readouterr().err.count("the model's modules decode on this 8-device mesh") == 1
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("decoder", ["model", "naive", "fused", "interpret"])
+def test_float32_master_weights_are_cast_once_without_changing_samples(decoder, monkeypatch):
+    """GRPO samples from float32 master weights with bf16 compute: `generate` casts them to bf16 once per call
+    (`compute_params`; the router's float32 gate and bias kept) rather than at every decode step. The samples, their
+    log-probs and routes equal those of the uncast weights exactly."""
+    cfg = dataclasses.replace(presets.tiny(), dtype="bfloat16", param_dtype="float32")
+    graphdef, params = M.init(cfg, jax.random.key(2))
+    cast = SP.compute_params(params, cfg.dtype)
+    kinds = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(cast)[0]}
+    assert kinds["['moe_layers']['ffn']['gate'].value"] == jnp.float32
+    assert kinds["['moe_layers']['ffn']['bias'].value"] == jnp.float32
+    assert kinds["['moe_layers']['ffn']['w_up'].value"] == jnp.bfloat16 and kinds["['head'].value"] == jnp.bfloat16
+    prompts, lengths = SP.pad_prompts(list(PROMPTS))
+    sc = SP.SamplingConfig(max_new_tokens=6, temperature=1.0, decoder=decoder, record_routes=True)
+    run = lambda: SP.generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths),  # noqa: E731
+                              jax.random.key(5), sc)
+    got = jax.jit(run)()
+    monkeypatch.setattr(SP, "compute_params", lambda p, dtype: p)
+    want = jax.jit(run)()
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(got.routes), np.asarray(want.routes))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), rtol=0, atol=1e-6)

@@ -556,12 +556,32 @@ def advance(model: Transformer, layers, tok_B, pos_B, cache: Cache, key, sc: Sam
     return tok, lp, cache, key, routes, (ids or [None])[0]
 
 
+# The forward's weights that stay float32 whatever model.param_dtype is: the router's gate (its logits are float32,
+# deepjax/model/moe.py) and the aux-loss-free bias.
+FLOAT32_WEIGHTS = ("gate", "bias")
+
+
+def compute_params(params, dtype: str):
+    """params with every weight the forward casts to model.dtype where it is used already in model.dtype (all but
+    FLOAT32_WEIGHTS): `generate` casts once per call instead of at every decode step. With float32 master weights
+    (GRPO's policy) a step would otherwise read each weight in float32 and convert it: about 3x the bytes of a bf16
+    step. The same values reach every matmul, so the samples do not change (tests/test_sampling.py)."""
+    dt = dtype_of(dtype)
+
+    def cast(path, x):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dt or any(n in FLOAT32_WEIGHTS for n in names):
+            return x
+        return x.astype(dt)
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None) -> Output:
     """Samples up to sc.max_new_tokens per row (see the module docstring). Pure; `jit_generate` jits it."""
     B, P = prompts_BP.shape
     S = cache_length(sc, P)
-    model = nnx.merge(graphdef, params)
-    cfg = model.cfg
+    cfg = nnx.merge(graphdef, params).cfg
+    model = nnx.merge(graphdef, compute_params(params, cfg.dtype))
     prefill_fn = experts_fn or prefill_experts_fn(cfg)
     lengths_B = lengths_B.astype(jnp.int32)
     if sc.mtp_draft:
