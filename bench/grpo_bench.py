@@ -51,6 +51,9 @@ evaluation and checkpoints of `deepjax grpo` are not part of an iteration. The p
 without TFDS / Grain (the GPU image has neither): `Run`'s data sources are the generated lists, and Grain's prompt
 iterator, when Grain is absent, a seeded shuffle of them (`generated_prompts`).
 
+--sampler-alone then times the sampler alone on the same rows and prompts, as the rollout calls it and as
+bench/sampling_bench.py does (bf16 weights, greedy, no routes): issue 19.3's comparison inside one process.
+
 Prints one JSON line per measurement, then a table: seconds per iteration for each mu on each side and TRL /
 deepjax (target: at least 20x).
 """
@@ -178,6 +181,40 @@ def iteration(run, s: int) -> dict:
                                        "ratio_max", "clip_frac")}}
 
 
+def sampler_alone(run, s: int, reps: int = 2) -> None:
+    """Issue 19.3's comparison in one process: the same rows and prompts as the rollout, the sampler alone
+    (`sampling.jit_generate`, no text decode, no scoring), first as the rollout calls it (float32 master weights,
+    temperature 1, routes recorded), then as bench/sampling_bench.py times it (bf16 weights, greedy, no routes).
+    One JSON line each with tokens/s (new tokens over the call); the rollout's own tokens/s is the iterations'
+    generate_tokens_per_s."""
+    import jax
+    import jax.numpy as jnp
+
+    from deepjax.infer import sampling as SP
+    from deepjax.infer import text
+
+    G_ = run.cfg.rl.loss.group_size
+    prompts = text.prompt_ids(run.tokenizer, run.cfg.data.template, [ex["question"] for ex in run.next_prompts()])
+    P, L = SP.pad_prompts([p for p in prompts for _ in range(G_)], pad_id=run.tokenizer.pad_id, multiple=16)
+    sc = dataclasses.replace(run.sampling, eos_ids=(run.tokenizer.eos_id,), pad_id=run.tokenizer.pad_id)
+    params = run.policy_params()
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, params)
+    for name, p, c in (("as_rollout", params, sc),
+                       ("as_sampling_bench", bf16, dataclasses.replace(sc, temperature=0.0, record_routes=False,
+                                                                       record_support=False))):
+        key = jax.random.key(s)
+        jax.block_until_ready(SP.jit_generate(run.graphdef, p, jnp.asarray(P), jnp.asarray(L), key, c).tokens)
+        best, n = float("inf"), 0
+        for _ in range(reps):
+            t = time.perf_counter()
+            out = SP.jit_generate(run.graphdef, p, jnp.asarray(P), jnp.asarray(L), key, c)
+            n = int(jax.device_get(out.lengths).sum())
+            best = min(best, time.perf_counter() - t)
+        emit(what="deepjax_sampler_alone", mode=name, rows=int(P.shape[0]), prompt_width=int(P.shape[1]),
+             new_tokens=n, s=best, tokens_per_s=n / best, temperature=c.temperature,
+             record_routes=c.record_routes)
+
+
 def run_deepjax(args) -> dict:
     """{mu: median seconds per iteration} (or {"error": ...}); one JSON line per iteration and per mu."""
     import jax
@@ -220,6 +257,8 @@ def run_deepjax(args) -> dict:
             out[mu] = {k: statistics.median(r[k] for r in recs) for k in ("s", "rollout_s", "update_s")}
             emit(what="deepjax_grpo", mu=mu, s_per_iteration=out[mu]["s"], iterations_s=times, rows=rows,
                  new=args.new)
+        if args.sampler_alone:
+            sampler_alone(run, s)
         if jax.default_backend() == "gpu":
             stats = dev.memory_stats() or {}
             emit(what="deepjax_memory", peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
@@ -342,6 +381,8 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="more deepjax config overrides, e.g. --set model.remat=full (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sampler-alone", action="store_true", help="after the iterations, time the sampler alone on "
+                    "the same rows: as the rollout calls it, and as sampling_bench does (bf16, greedy)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL anchor")
     ap.add_argument("--no-deepjax", action="store_true", help="run only the TRL anchor")
     ap.add_argument("--trl-micro", type=int, default=32, help="TRL rows per forward / backward "
