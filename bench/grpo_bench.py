@@ -197,17 +197,18 @@ def sampler_alone(run, s: int, reps: int = 2) -> None:
     prompts = text.prompt_ids(run.tokenizer, run.cfg.data.template, [ex["question"] for ex in run.next_prompts()])
     P, L = SP.pad_prompts([p for p in prompts for _ in range(G_)], pad_id=run.tokenizer.pad_id, multiple=16)
     sc = dataclasses.replace(run.sampling, eos_ids=(run.tokenizer.eos_id,), pad_id=run.tokenizer.pad_id)
+    P, L = jnp.asarray(P), jnp.asarray(L)
     params = run.policy_params()
-    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, params)
+    bf16 = SP.compute_params(params, run.cfg.model.dtype)  # as sampling_bench's: the router's gate stays float32
     for name, p, c in (("as_rollout", params, sc),
                        ("as_sampling_bench", bf16, dataclasses.replace(sc, temperature=0.0, record_routes=False,
                                                                        record_support=False))):
         key = jax.random.key(s)
-        jax.block_until_ready(SP.jit_generate(run.graphdef, p, jnp.asarray(P), jnp.asarray(L), key, c).tokens)
+        jax.block_until_ready(SP.jit_generate(run.graphdef, p, P, L, key, c).tokens)
         best, n = float("inf"), 0
         for _ in range(reps):
             t = time.perf_counter()
-            out = SP.jit_generate(run.graphdef, p, jnp.asarray(P), jnp.asarray(L), key, c)
+            out = SP.jit_generate(run.graphdef, p, P, L, key, c)
             n = int(jax.device_get(out.lengths).sum())
             best = min(best, time.perf_counter() - t)
         emit(what="deepjax_sampler_alone", mode=name, rows=int(P.shape[0]), prompt_width=int(P.shape[1]),

@@ -64,9 +64,6 @@ class HeldJit:
             self.executables.move_to_end(key)
         return compiled(*dynamic)
 
-    def lower(self, *args):
-        return self.jitted.lower(*args)
-
     def clear(self) -> None:
         self.executables.clear()
 
