@@ -164,14 +164,37 @@ def with_mu(cfg, mu: int):
     return dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, loss=dataclasses.replace(cfg.rl.loss, mu=mu)))
 
 
+_CALLS: list[float] = []  # --breakdown: seconds of each sampler call in the rollout (outputs ready)
+
+
+def timed_sampler():
+    """Wraps the sampler the rollout calls (`text.SP.jit_generate`) so that each call blocks on its outputs and
+    appends its seconds to _CALLS (--breakdown)."""
+    import jax
+
+    from deepjax.infer import text
+
+    inner = text.SP.jit_generate
+
+    def call(*a, **k):
+        t = time.perf_counter()
+        out = jax.block_until_ready(inner(*a, **k))
+        _CALLS.append(time.perf_counter() - t)
+        return out
+
+    text.SP.jit_generate = call
+
+
 def iteration(run, s: int) -> dict:
     """One iteration of `deepjax grpo`'s loop (`GRPORun.iteration`: evaluation and checkpoints aside), timed."""
+    _CALLS.clear()
     t0 = time.perf_counter()
     rec = run.iteration(s)
     s_total = time.perf_counter() - t0
+    extra = {"sampler_call_s": sum(_CALLS)} if _CALLS else {}
     n_tokens = int(round(rec["response_length"] * run.rows))
     return {"s": s_total, "rollout_s": rec["rollout_s"], "update_s": rec["update_s"], "generate_s": rec["generate_s"],
-            "generate_tokens_per_s": n_tokens / rec["generate_s"], "completion_tokens": n_tokens,
+            "generate_tokens_per_s": n_tokens / rec["generate_s"], "completion_tokens": n_tokens, **extra,
             "response_length": rec["response_length"], "stopped": rec["stopped"], "reward": rec["reward"],
             "loss": rec.get("loss"), "grad_norm": rec["grad_norm"], "applied": rec["applied"],
             "routing_mismatch": rec.get("routing_mismatch"),
@@ -240,6 +263,8 @@ def run_deepjax(args) -> dict:
              dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, rows=rows, new=args.new, beta=args.beta,
              template=args.template, decode_path=text.decode_path(run.sampling, run.mesh, rows),
              mesh=dict(run.mesh.shape), prompt_iterator=prompts_kind, build_s=time.perf_counter() - t)
+        if args.breakdown:
+            timed_sampler()
         s = 0
         for i, mu in enumerate(args.mu):
             run.cfg = with_mu(cfg, mu)  # GRPORun.update reads rl.loss.mu; the jitted step does not depend on it
@@ -384,6 +409,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sampler-alone", action="store_true", help="after the iterations, time the sampler alone on "
                     "the same rows: as the rollout calls it, and as sampling_bench does (bf16, greedy)")
+    ap.add_argument("--breakdown", action="store_true", help="time the rollout's sampler call alone (blocking on its "
+                    "outputs) and report it per iteration as sampler_call_s; the rest of generate_s is host work")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL anchor")
     ap.add_argument("--no-deepjax", action="store_true", help="run only the TRL anchor")
     ap.add_argument("--trl-micro", type=int, default=32, help="TRL rows per forward / backward "
