@@ -2,6 +2,7 @@
 balance loss and expert loads (docs/deepseek.md, Routing and Balancing)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +267,57 @@ def test_blocked_grouped_matmul_equals_dense_reference(skew):
     for block in (4, 16, 128):
         np.testing.assert_allclose(moe.routed_experts_blocked(x, w, idx, *ws, block=block), ref, rtol=1e-5,
                                    atol=1e-4)
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, nested ones (jit, loops, conditionals, custom derivatives) included."""
+    from jax.extend import core as jcore
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    yield from _eqns(sub.jaxpr)
+                elif isinstance(sub, jcore.Jaxpr):
+                    yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("path", ["dropless", "blocked"])
+def test_expert_gradients_scatter_without_collisions(path):
+    """The dispatch x[order // K], the unsort and the blocked path's padding are permutations: gathers marked
+    unique (`moe.sorted_tokens`, `moe.unsort_sum`), so every scatter-add of activations in the gradient has
+    unique indices (no atomics; scatter-adds with collisions were 10% of the H100 training step, docs/LOG.md
+    session 15). Gradients equal the dense reference, and forward mode still works."""
+    from deepjax.model import moe
+    rng = np.random.default_rng(5)
+    T, D, I, E, K = 40, 16, 8, 8, 3
+    x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
+    w = jnp.asarray(rng.random((T, K)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]), jnp.int32)
+    ws = [jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
+    ct = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
+    fn = moe.routed_experts_dropless if path == "dropless" else functools.partial(moe.routed_experts_blocked,
+                                                                                  block=8)
+
+    def grads(f):
+        return jax.grad(lambda x, w, *ws: jnp.sum(f(x, w, idx, *ws) * ct), argnums=(0, 1, 2, 3, 4))
+
+    for name, a, b in zip(("x", "w", "w_gate", "w_up", "w_down"), grads(fn)(x, w, *ws),
+                          grads(moe.routed_experts_dense)(x, w, *ws)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
+    _, t_out = jax.jvp(lambda x: fn(x, w, idx, *ws), (x,), (ct,))
+    _, t_ref = jax.jvp(lambda x: moe.routed_experts_dense(x, w, idx, *ws), (x,), (ct,))
+    np.testing.assert_allclose(t_out, t_ref, atol=1e-4, rtol=1e-4)
+
+    def colliding(jaxpr):
+        return [e for e in _eqns(jaxpr) if e.primitive.name == "scatter-add" and not e.params["unique_indices"]
+                and e.invars[0].aval.ndim == 2 and e.invars[0].aval.shape[-1] == D]
+
+    bad = colliding(jax.make_jaxpr(grads(fn))(x, w, *ws).jaxpr)
+    assert not bad, [str(e)[:200] for e in bad]
+    # the plain gather's gradient collides: the check above can fail
+    assert colliding(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(x[jnp.argsort(idx.reshape(-1)) // K] ** 2)))(x).jaxpr)
 
 
 def _dots(jaxpr):

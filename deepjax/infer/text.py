@@ -63,9 +63,11 @@ def complete(graphdef, params, tokenizer, prompts: Sequence[Sequence[int]], key,
                   "runs on one device)")
     with contextlib.nullcontext() if one_device else S.use_mesh(mesh, rules):
         out = SP.jit_generate(graphdef, params, D.from_host(P, mesh, rules), D.from_host(L, mesh, rules), key, sc)
-    toks, lps, lens, done = (D.host_array(x) for x in (out.tokens, out.logprobs, out.lengths, out.done))
+    # routes go to the host as int16 (expert ids < 32,768; -1 past the row): half the bytes of the largest output
+    routes = None if out.routes is None else out.routes.astype("int16")
+    toks, lps, lens, done, routes, support = D.host_arrays(out.tokens, out.logprobs, out.lengths, out.done, routes,
+                                                           out.support)
     texts = [tokenizer.decode(toks[i, :int(lens[i]) - int(done[i])], errors="replace") for i in range(len(toks))]
-    routes, support = (None if x is None else D.host_array(x) for x in (out.routes, out.support))
     return Completions(P, L, toks, lps, lens, done, texts, routes, support)
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from deepjax.model import ops
-from deepjax.model.moe import inverse_permutation, routed_experts, unsort_sum
+from deepjax.model.moe import inverse_permutation, routed_experts, sorted_tokens, unsort_sum
 
 ragged_all_to_all = jax.lax.ragged_all_to_all  # module-level so tests can stand in an emulation on CPU
 # Local tokens per exchange. Longer local batches go through in blocks (lax.map, rematerialized): the
@@ -102,7 +102,7 @@ def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, 
     at_sender = jax.lax.all_gather(plan.starts, axis)  # replies land where each source's block began
     recv = table[:, me]
     R = ep * capacity
-    rows = ragged_all_to_all(x_TD[plan.order // K], jnp.zeros((R, D), x_TD.dtype), plan.starts, send,
+    rows = ragged_all_to_all(sorted_tokens(x_TD, plan.order, K), jnp.zeros((R, D), x_TD.dtype), plan.starts, send,
                              at_receiver[me], recv, axis_name=axis)
     ids = ragged_all_to_all(plan.local_e, jnp.full((R,), E_l, jnp.int32), plan.starts, send,
                             at_receiver[me], recv, axis_name=axis)
@@ -118,7 +118,8 @@ def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: s
     E_l, D = wg.shape[0], x_TD.shape[-1]
     plan = _plan(idx_TK, E_l, ep, capacity)
     slot = jnp.where(plan.keep, plan.pos, capacity)  # out of range: dropped by mode="drop"
-    send_x = jnp.zeros((ep, capacity, D), x_TD.dtype).at[plan.dest, slot].set(x_TD[plan.order // K], mode="drop")
+    send_x = jnp.zeros((ep, capacity, D), x_TD.dtype).at[plan.dest, slot].set(sorted_tokens(x_TD, plan.order, K),
+                                                                              mode="drop")
     send_e = jnp.full((ep, capacity), E_l, jnp.int32).at[plan.dest, slot].set(plan.local_e, mode="drop")
     recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True).reshape(ep * capacity, D)
     recv_e = jax.lax.all_to_all(send_e, axis, 0, 0, tiled=True).reshape(ep * capacity)

@@ -123,8 +123,16 @@ def inverse_permutation(order_X):
 def unsort_sum(y_XD, order_X, T: int, K: int):
     """Rows in expert-sorted order -> per-token sums over its K experts: a gather by the inverse permutation
     and a reduction, not a scatter-add into [T, D] (scatters of activations are slow and memory-hungry on
-    TPU)."""
-    return y_XD[inverse_permutation(order_X)].reshape(T, K, y_XD.shape[-1]).sum(1)
+    TPU). The gather is marked unique, so its gradient is a scatter without collisions (`sorted_tokens`)."""
+    return y_XD.at[inverse_permutation(order_X)].get(unique_indices=True).reshape(T, K, y_XD.shape[-1]).sum(1)
+
+
+def sorted_tokens(x_TD, order_X, K: int):
+    """x_TD[order_X // K]: each (token, expert) assignment's token row, in expert-sorted order, taken as a
+    permutation of x repeated K times. Autodiff of x[order // K] scatter-adds into [T, D] with colliding
+    indices (the scatters were 10% of the bench preset's training step on an H100, docs/LOG.md session 15);
+    here the gradient is a scatter with unique indices into [T*K, D] and a sum over each token's K rows."""
+    return jnp.repeat(x_TD, K, axis=0).at[order_X].get(unique_indices=True)
 
 
 def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, ragged_dot=jax.lax.ragged_dot):
@@ -133,9 +141,8 @@ def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
     E = w_gate_EDI.shape[0]
     flat_X = idx_TK.reshape(-1)
     order_X = jnp.argsort(flat_X, stable=True)
-    token_X = order_X // K
     group_sizes_E = jnp.bincount(flat_X, length=E).astype(jnp.int32)
-    xs_XD = x_TD[token_X]
+    xs_XD = sorted_tokens(x_TD, order_X, K)
     h_XI = jax.nn.silu(ragged_dot(xs_XD, w_gate_EDI, group_sizes_E)) * ragged_dot(xs_XD, w_up_EDI, group_sizes_E)
     y_XD = ragged_dot(h_XI, w_down_EID, group_sizes_E)
     y_XD = y_XD.astype(jnp.float32) * w_TK.reshape(-1)[order_X][:, None]
@@ -176,14 +183,16 @@ def routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID,
     dest_X = start_E[e_X] + jnp.arange(X) - first_E[e_X]  # padded row of each sorted assignment
     n_blocks = -(-(X + E * (block - 1)) // block)
     R = n_blocks * block
-    xs_RD = jnp.zeros((R, D), x_TD.dtype).at[dest_X].set(x_TD[order_X // K])
+    xs_RD = jnp.zeros((R, D), x_TD.dtype).at[dest_X].set(sorted_tokens(x_TD, order_X, K), unique_indices=True,
+                                                        indices_are_sorted=True)
     block_e = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_blocks) * block, side="right")
     block_e = jnp.minimum(block_e, E - 1)  # blocks past the last expert's rows hold zeros
     xb = xs_RD.reshape(n_blocks, block, D)
     h = jax.nn.silu(jnp.einsum("nbd,ndi->nbi", xb, w_gate_EDI[block_e])) * jnp.einsum(
         "nbd,ndi->nbi", xb, w_up_EDI[block_e])
     y_RD = jnp.einsum("nbi,nid->nbd", h, w_down_EID[block_e]).reshape(R, D)
-    y_XD = y_RD[dest_X].astype(jnp.float32) * w_TK.reshape(-1)[order_X][:, None]
+    y_XD = y_RD.at[dest_X].get(unique_indices=True, indices_are_sorted=True).astype(jnp.float32)
+    y_XD = y_XD * w_TK.reshape(-1)[order_X][:, None]
     return unsort_sum(y_XD, order_X, T, K).astype(x_TD.dtype)
 
 
