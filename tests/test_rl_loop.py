@@ -171,6 +171,23 @@ def test_dapo_step(base, tmp_path, monkeypatch):
     assert h["tis_frac"] == 0 and abs(h["is_weight_mean"] - 1) < 1e-3
 
 
+@pytest.mark.parametrize("aggregation,advantage_norm,ratio", [("grpo", "mean", "sequence"),
+                                                              ("dr_grpo", "std", "cispo")])
+def test_loss_variants_through_the_loop(base, tmp_path, aggregation, advantage_norm, ratio):
+    """The aggregations, advantage modes and ratios the tests above do not run (dr_grpo / std / token in the resume
+    test, dapo in test_dapo_step) through `deepjax grpo`'s loop: one step of two updates (the second one's policy
+    differs from the sampler's), finite and applied."""
+    cfg = load_config("tiny", _args(base, "--config.rl.steps=1", "--config.rl.loss.mu=2", "--config.rl.eval.every=0",
+                                    "--config.rl.eval.problems=2", "--config.rl.eval.k=1",
+                                    f"--config.rl.loss.aggregation={aggregation}",
+                                    f"--config.rl.loss.advantage_norm={advantage_norm}",
+                                    f"--config.rl.loss.ratio={ratio}", "--config.train.plot=false"))
+    loop.grpo(cfg, str(tmp_path), progress=False)
+    hist = TR.read_history(tmp_path / "metrics.jsonl")
+    h = hist[1]
+    assert np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 and h["applied"] == 1, h
+
+
 def test_freeze_keeps_mtp_leaves():
     new = {"mtp": {"w": np.ones(2)}, "head": {"w": np.ones(2)}}
     old = {"mtp": {"w": np.zeros(2)}, "head": {"w": np.zeros(2)}}
