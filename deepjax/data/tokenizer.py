@@ -94,18 +94,18 @@ class ByteTokenizer:
         """Text of `ids` (invalid UTF-8 becomes U+FFFD). An id outside the vocabulary raises, or with
         errors="replace" becomes U+FFFD: a model's vocab_size is usually larger than the tokenizer's, and a
         sampler can draw the spare ids (`sampled_text`)."""
-        out, pending = [], bytearray()
-        for i in ids:
-            i = int(i)
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]  # numpy rows: one conversion
+        if all(0 <= i < 256 for i in ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+        out, start = [], 0  # runs of bytes between the other ids
+        for n, i in enumerate(ids):
             if 0 <= i < 256:
-                pending.append(i)
                 continue
             if i not in self._special_text and errors != "replace":
                 raise ValueError(f"token id {i} is outside the byte vocabulary (size {self.vocab_size})")
-            out.append(pending.decode("utf-8", errors="replace"))
-            pending = bytearray()
-            out.append(self._special_text.get(i, "\ufffd"))
-        out.append(pending.decode("utf-8", errors="replace"))
+            out += [bytes(ids[start:n]).decode("utf-8", errors="replace"), self._special_text.get(i, "\ufffd")]
+            start = n + 1
+        out.append(bytes(ids[start:]).decode("utf-8", errors="replace"))
         return "".join(out)
 
     def __repr__(self) -> str:
