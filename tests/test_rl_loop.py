@@ -186,6 +186,7 @@ def test_loss_variants_through_the_loop(base, tmp_path, aggregation, advantage_n
     hist = TR.read_history(tmp_path / "metrics.jsonl")
     h = hist[1]
     assert np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 and h["applied"] == 1, h
+    assert ("seq_ratio_mean" in h) == (ratio == "sequence"), h  # GSPO's sequence ratio is the one in use
 
 
 def test_freeze_keeps_mtp_leaves():

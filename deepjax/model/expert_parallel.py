@@ -53,11 +53,11 @@ def _local_experts(xs, local_e, E_l, wg, wu, wd, kernels: str):
     group) give zeros."""
     o2 = jnp.argsort(local_e, stable=True)
     sizes = jnp.bincount(local_e, length=E_l + 1)[:E_l].astype(jnp.int32)
-    xs = xs[o2]
+    xs = xs.at[o2].get(unique_indices=True)  # a permutation: its gradient scatters without collisions
     gmm = lambda x, w: ops.grouped_matmul(x, w, sizes, kernels)  # noqa: E731
     h = jax.nn.silu(gmm(xs, wg)) * gmm(xs, wu)
     ys = jnp.where((local_e[o2] < E_l)[:, None], gmm(h, wd), 0)
-    return ys[inverse_permutation(o2)]
+    return ys.at[inverse_permutation(o2)].get(unique_indices=True)
 
 
 class _Plan(NamedTuple):
