@@ -129,6 +129,8 @@ def scaled_model(model_cfg, hidden: int, layers: int):
 
 def r1zero_config(args, seed: int, teacher: bool):
     cfg = r1zero.default_config()
+    # the base's rows as when docs/distill.md's figures were measured (r1zero's default was 16 x 256 then)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=256, global_batch=16))
     hidden, layers = (args.teacher_hidden, args.teacher_layers) if teacher else (args.student_hidden,
                                                                                  args.student_layers)
     base_steps = args.teacher_base_steps if teacher else args.student_base_steps

@@ -237,7 +237,7 @@ def parser() -> argparse.ArgumentParser:
     p = _job(sub, "r1zero", "the R1-Zero story on a CPU: weak base, eval, GRPO, eval again",
              "Builds the task data, pretrains the tiny MoE-MLA to a weak base, evaluates held-out pass@1, runs GRPO "
              "with rule-based rewards, evaluates again and prints before/after; writes r1zero.json and r1zero.png "
-             "(plus each stage's own run directory: base/, grpo/). About 20 minutes on 2 CPU cores.",
+             "(plus each stage's own run directory: base/, grpo/). About 11 minutes on 2 CPU cores.",
              "Any config field: --config.SECTION.FIELD=VALUE, e.g. --config.rl.steps=120 --config.train.steps=600.",
              "r1zero", "runs/r1zero, or runs/r1zero_s<SEED>")
     p.add_argument("--seed", type=int, default=0, help="init, data order and sampling seed (default 0)")
