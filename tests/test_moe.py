@@ -322,17 +322,7 @@ def test_expert_gradients_scatter_without_collisions(path):
 
 def _dots(jaxpr):
     """Every dot_general equation of a jaxpr, nested ones (jit, loops, conditionals) included."""
-    from jax.extend import core as jcore
-
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            yield eqn
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                if isinstance(sub, jcore.ClosedJaxpr):
-                    yield from _dots(sub.jaxpr)
-                elif isinstance(sub, jcore.Jaxpr):
-                    yield from _dots(sub)
+    return (eqn for eqn in _eqns(jaxpr) if eqn.primitive.name == "dot_general")
 
 
 def test_router_logits_ask_for_full_float32_precision():
