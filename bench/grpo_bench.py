@@ -216,10 +216,7 @@ def sampler_alone(run, s: int, reps: int = 2) -> None:
     from deepjax.infer import sampling as SP
     from deepjax.infer import text
 
-    G_ = run.cfg.rl.loss.group_size
-    prompts = text.prompt_ids(run.tokenizer, run.cfg.data.template, [ex["question"] for ex in run.next_prompts()])
-    P, L = SP.pad_prompts([p for p in prompts for _ in range(G_)], pad_id=run.tokenizer.pad_id, multiple=16)
-    sc = dataclasses.replace(run.sampling, eos_ids=(run.tokenizer.eos_id,), pad_id=run.tokenizer.pad_id)
+    P, L, sc = text.sampler_inputs(run.tokenizer, run.rollout_prompts(run.next_prompts()), run.sampling)
     P, L = jnp.asarray(P), jnp.asarray(L)
     params = run.policy_params()
     bf16 = SP.compute_params(params, run.cfg.model.dtype)  # as sampling_bench's: the router's gate stays float32

@@ -50,13 +50,18 @@ def _say_once(message: str) -> None:
         print(f"deepjax: {message}", file=sys.stderr, flush=True)
 
 
+def sampler_inputs(tokenizer, prompts: Sequence[Sequence[int]], sc: SP.SamplingConfig, pad_multiple: int = 16):
+    """(prompts [B, P], lengths [B], sc with the tokenizer's EOS and pad ids): what `complete` hands the sampler."""
+    P, L = SP.pad_prompts(list(prompts), pad_id=tokenizer.pad_id, multiple=pad_multiple)
+    return P, L, dataclasses.replace(sc, eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+
+
 def complete(graphdef, params, tokenizer, prompts: Sequence[Sequence[int]], key, sc: SP.SamplingConfig, mesh, rules,
              pad_multiple: int = 16) -> Completions:
     """Samples one completion per prompt (a row each) with `sc`, the tokenizer's EOS and pad ids, on `mesh`: rows
     split over the batch axes (every process passes all rows and gets all back). The decode is `decode_path`'s;
     on a mesh of several devices it says once (stderr) that the fused decode needs one device."""
-    sc = dataclasses.replace(sc, eos_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
-    P, L = SP.pad_prompts(list(prompts), pad_id=tokenizer.pad_id, multiple=pad_multiple)
+    P, L, sc = sampler_inputs(tokenizer, prompts, sc, pad_multiple)
     one_device = mesh.devices.size == 1
     if decode_path(sc, mesh, len(P)) == "model" and sc.decoder == "auto" and not one_device:
         _say_once(f"sampling: the model's modules decode on this {mesh.devices.size}-device mesh (the fused decode "
@@ -71,4 +76,4 @@ def complete(graphdef, params, tokenizer, prompts: Sequence[Sequence[int]], key,
     return Completions(P, L, toks, lps, lens, done, texts, routes, support)
 
 
-__all__ = ["Completions", "prompt_ids", "complete", "decode_path"]
+__all__ = ["Completions", "prompt_ids", "sampler_inputs", "complete", "decode_path"]

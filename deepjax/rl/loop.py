@@ -157,13 +157,16 @@ class GRPORun(Run):
     def next_prompts(self) -> list[dict]:
         return [tasks.as_example(next(self.prompts)) for _ in range(self.cfg.rl.prompts_per_step)]
 
+    def rollout_prompts(self, examples: list[dict]) -> list[list[int]]:
+        """The rollout's rows: each example's prompt ids G times (rows i*G ... i*G + G-1)."""
+        prompts = text.prompt_ids(self.tokenizer, self.cfg.data.template, [ex["question"] for ex in examples])
+        return [p for p in prompts for _ in range(self.cfg.rl.loss.group_size)]
+
     def rollout(self, examples: list[dict], step: int) -> text.Completions:
         """Samples G completions per example (rows i*G ... i*G + G-1)."""
-        G_ = self.cfg.rl.loss.group_size
-        prompts = text.prompt_ids(self.tokenizer, self.cfg.data.template, [ex["question"] for ex in examples])
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
-        return text.complete(self.graphdef, self.policy_params(), self.tokenizer,
-                             [p for p in prompts for _ in range(G_)], key, self.sampling, self.mesh, self.rules)
+        return text.complete(self.graphdef, self.policy_params(), self.tokenizer, self.rollout_prompts(examples), key,
+                             self.sampling, self.mesh, self.rules)
 
     def score(self, examples: list[dict], texts: list[str]) -> dict[str, np.ndarray]:
         G_ = self.cfg.rl.loss.group_size
