@@ -93,12 +93,20 @@ ENTRY %main (a: bf16[4,128,256], b: bf16[4,128,256], c: bf16[4,128,128]) -> bf16
   %c = bf16[4,128,128]{{2,1,0}} parameter(2)
   %k = bf16[128,64]{{1,0}} custom-call(%a), custom_call_target="tpu_custom_call", backend_config={est}
   %s = bf16[4,128,128]{{2,1,0}} custom-call(%a, %b, %c), custom_call_target="tpu_custom_call", metadata={{op_name="jit(f)/splash_mha_fwd/pallas_call"}}
+  %x = bf16[96,256]{{1,0}} parameter(3)
+  %w = bf16[4,256,64]{{2,1,0}} parameter(4)
+  %g = s32[4]{{0}} parameter(5)
+  %y = bf16[96,64]{{1,0}} custom-call(%x, %w, %g), custom_call_target="mosaic_gpu", metadata={{op_name="jit(f)/ragged_dot/pallas_call"}}
+  %dy = bf16[96,64]{{1,0}} parameter(6)
+  %dw = f32[4,256,64]{{2,1,0}} custom-call(%x, %dy, %g), custom_call_target="__gpu$xla.gpu.triton", metadata={{op_name="jit(f)/grouped_dw/pallas_call"}}
   ROOT %u = bf16[128,64]{{1,0}} custom-call(%a), custom_call_target="mystery"
 }}
 """
-    r = H.count(hlo, CC.attention_kernel_flops)
+    r = H.count(hlo, CC.kernel_flops)
     assert r.kernels["tpu_custom_call"] == 1000
     assert r.kernels["splash_mha_fwd"] == 2 * 4 * 128 * 128 * (256 + 128)
+    # grouped matmuls without an estimate: every row once, 2 M K N for the product and for the weight gradient
+    assert r.kernels["ragged_dot"] == r.kernels["grouped_dw"] == 2 * 96 * 256 * 64
     assert r.uncounted == ["mystery"]
 
 
@@ -117,3 +125,12 @@ def test_train_step_flops_match_the_model_on_cpu(remat):
     assert rep["overhead_per_chip"]["expert_rows"] > 0
     assert (rep["overhead_per_chip"]["remat"] > 0) == (remat == "full")
     assert rep["flops_xla_per_chip"] < rep["flops_per_chip"]
+
+
+def test_local_topology_needs_published_peaks():
+    """`--topology local` compiles for this machine's devices and divides by the GPU's published peaks; a device
+    kind without them (this CPU) is one error naming the kind, before anything is compiled."""
+    gpu = type("D", (), {"device_kind": "NVIDIA H200"})()
+    assert CC.local_peaks(gpu) == (989e12, 4.8e12, 141.0)
+    with pytest.raises(SystemExit, match="no published peaks for device kind"):
+        CC.main(["bench", "--topology", "local", "--batch", "1", "--seq", "8"])

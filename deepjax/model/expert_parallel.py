@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from deepjax.model import ops
+from deepjax.model import moe, ops
 from deepjax.model.moe import inverse_permutation, routed_experts, sorted_tokens, unsort_sum
 
 ragged_all_to_all = jax.lax.ragged_all_to_all  # module-level so tests can stand in an emulation on CPU
@@ -54,9 +54,8 @@ def _local_experts(xs, local_e, E_l, wg, wu, wd, kernels: str):
     o2 = jnp.argsort(local_e, stable=True)
     sizes = jnp.bincount(local_e, length=E_l + 1)[:E_l].astype(jnp.int32)
     xs = xs.at[o2].get(unique_indices=True)  # a permutation: its gradient scatters without collisions
-    gmm = lambda x, w: ops.grouped_matmul(x, w, sizes, kernels)  # noqa: E731
-    h = jax.nn.silu(gmm(xs, wg)) * gmm(xs, wu)
-    ys = jnp.where((local_e[o2] < E_l)[:, None], gmm(h, wd), 0)
+    ys = moe.grouped_swiglu(xs, wg, wu, wd, lambda x, w: ops.grouped_matmul(x, w, sizes, kernels))
+    ys = jnp.where((local_e[o2] < E_l)[:, None], ys, 0)
     return ys.at[inverse_permutation(o2)].get(unique_indices=True)
 
 
@@ -85,8 +84,8 @@ def _plan(idx_TK, E_l: int, ep: int, capacity: int) -> _Plan:
 
 def _combine(y_X, w_TK, plan: _Plan, T: int, K: int):
     """Step 4's end: gate-weight the returned rows (dropped ones weigh 0), back to tokens."""
-    w_X = (w_TK.reshape(-1)[plan.order] * plan.keep).astype(jnp.float32)
-    return unsort_sum(y_X.astype(jnp.float32) * w_X[:, None], plan.order, T, K), T * K - plan.keep.sum()
+    keep_TK = plan.keep.at[inverse_permutation(plan.order)].get(unique_indices=True).reshape(T, K)
+    return unsort_sum(y_X, plan.order, jnp.where(keep_TK, w_TK, 0.0)), T * K - plan.keep.sum()
 
 
 def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str, kernels: str):

@@ -60,6 +60,19 @@ from deepjax.schema import ConfigError
 V5P_HBM_GIB = 95.0
 V5P_BF16_FLOPS = 459e12  # per chip, Google's published v5p peak
 V5P_HBM_BYTES_S = 2765e9  # per chip
+# Published dense bf16 peaks and HBM bandwidth of the GPUs the device machines lend (NVIDIA's SXM data sheets), for
+# `--topology local`: (substring of device_kind, FLOP/s, bytes/s, HBM GiB).
+GPU_PEAKS = (("H200", 989e12, 4.8e12, 141.0), ("H100", 989e12, 3.35e12, 80.0))
+
+
+def local_peaks(device) -> tuple[float, float, float]:
+    """(peak FLOP/s, peak bytes/s, HBM GiB) of a local device, from GPU_PEAKS; an error naming the device kind for
+    one it does not list (a CPU's peaks are not published in a form this check can use)."""
+    for name, flops, bw, hbm in GPU_PEAKS:
+        if name in device.device_kind:
+            return flops, bw, hbm
+    raise SystemExit(f"error: --topology local: no published peaks for device kind {device.device_kind!r} "
+                     f"(deepjax/train/compile_check.py GPU_PEAKS lists {[g[0] for g in GPU_PEAKS]})")
 
 
 def _cross_compile():
@@ -157,6 +170,32 @@ def attention_kernel_flops(name: str, operands: list, outputs: list) -> Optional
     return fwd if "fwd" in name else 2 * fwd
 
 
+def grouped_matmul_kernel_flops(name: str, operands: list, outputs: list) -> Optional[float]:
+    """FLOPs of a grouped-matmul kernel without a cost estimate (tokamax's Mosaic GPU ragged dot, deepjax's Triton
+    weight gradient `gmm_grad.grouped_dw`), from its shapes, every row counted (the kernels skip rows past the last
+    group at run time): out [M, N] = x [M, K] times a group's [K, N] (or [N, K]) is 2 M K N; the weight gradient
+    out [G, K, N] from x [M, K] and dy [M, N] is 2 M K N too."""
+    if not any(s in name for s in ("ragged_dot", "gmm", "grouped")):
+        return None
+    floats = [d for dtype, d in operands if dtype in ("bf16", "f16", "f32", "f8e4m3fn", "f8e5m2")]
+    outs = [d for dtype, d in outputs if dtype in ("bf16", "f16", "f32")]
+    if not floats or not outs:
+        return None
+    out, x = outs[0], floats[0]
+    if len(out) == 2 and len(x) == 2 and x[0] == out[0]:
+        return 2.0 * out[0] * x[1] * out[1]
+    mats = [d for d in floats if len(d) == 2]
+    if len(out) == 3 and len(mats) >= 2 and mats[0][0] == mats[1][0]:
+        return 2.0 * mats[0][0] * out[1] * out[2]
+    return None
+
+
+def kernel_flops(name: str, operands: list, outputs: list) -> Optional[float]:
+    """`hlo_flops.count`'s fallback for kernels without a cost estimate: attention, then grouped matmuls."""
+    f = attention_kernel_flops(name, operands, outputs)
+    return f if f is not None else grouped_matmul_kernel_flops(name, operands, outputs)
+
+
 def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=None,
            peak_flops: float = V5P_BF16_FLOPS, peak_bytes_s: float = V5P_HBM_BYTES_S) -> dict:
     mem = compiled.memory_analysis()
@@ -173,7 +212,7 @@ def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=N
     }
     # Donated outputs alias their arguments: peak ~ arguments + temporaries + non-aliased outputs.
     out["peak_gib"] = out["argument_gib"] + out["temp_gib"] + out["output_gib"] - out["alias_gib"]
-    counted = hlo_flops.count(compiled.as_text(), attention_kernel_flops)
+    counted = hlo_flops.count(compiled.as_text(), kernel_flops)
     out["flops_per_chip"] = counted.total
     out["bytes_per_chip"] = counted.bytes
     # the step time the counted work implies at the chip's peaks (a lower bound: no overlap loss, no collectives)
@@ -207,11 +246,13 @@ def _kernels_on(cfg, mesh) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
-    ap.add_argument("--topology", default="v5p:8x8x8")
+    ap.add_argument("--topology", default="v5p:8x8x8",
+                    help="a TPU topology compiled for with libtpu, or 'local': this machine's devices (the GPU "
+                         "program, with the peaks of GPU_PEAKS)")
     ap.add_argument("--batch", type=int, default=512, help="global sequences per optimizer step")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batches", type=int, default=1)
-    ap.add_argument("--hbm-gib", type=float, default=V5P_HBM_GIB)
+    ap.add_argument("--hbm-gib", type=float, help=f"memory per chip (default: v5p's {V5P_HBM_GIB}, or the GPU's)")
     ap.add_argument("--hlo", metavar="FILE", help="write the compiled program's optimized HLO text here")
     args, rest = ap.parse_known_args(argv)
     mesh_kw, overrides = {}, []
@@ -227,18 +268,23 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    topo = topologies.get_topology_desc(args.topology, "tpu")
+    if args.topology == "local":
+        devices = jax.devices()
+        peak_flops, peak_bytes_s, hbm = local_peaks(devices[0])
+    else:
+        devices = topologies.get_topology_desc(args.topology, "tpu").devices
+        peak_flops, peak_bytes_s, hbm = V5P_BF16_FLOPS, V5P_HBM_BYTES_S, V5P_HBM_GIB
+    hbm = args.hbm_gib or hbm
     mesh_cfg = S.MeshConfig(**mesh_kw)
-    compiled, secs, mesh = compile_step(cfg.model, topo.devices, mesh_cfg, args.batch, args.seq,
-                                        args.micro_batches)
+    compiled, secs, mesh = compile_step(cfg.model, devices, mesh_cfg, args.batch, args.seq, args.micro_batches)
     _, abstract = M.abstract_init(cfg.model)
-    rep = report(compiled, cfg.model, abstract, args.batch, args.seq, mesh)
+    rep = report(compiled, cfg.model, abstract, args.batch, args.seq, mesh, peak_flops, peak_bytes_s)
     if args.hlo:
         with open(args.hlo, "w") as f:
             f.write(compiled.as_text())
-    rep.update(topology=args.topology, chips=len(topo.devices), mesh=dict(mesh.shape), rules=mesh_cfg.rules,
-               batch=args.batch, seq=args.seq, micro_batches=args.micro_batches, compile_s=round(secs, 1),
-               fits=rep["peak_gib"] <= args.hbm_gib)
+    rep.update(topology=args.topology, device_kind=devices[0].device_kind, chips=len(devices),
+               mesh=dict(mesh.shape), rules=mesh_cfg.rules, batch=args.batch, seq=args.seq,
+               micro_batches=args.micro_batches, compile_s=round(secs, 1), fits=rep["peak_gib"] <= hbm)
     print(json.dumps(rep, indent=1))
     return 0 if rep["fits"] else 1
 
