@@ -357,3 +357,36 @@ def test_router_logits_ask_for_full_float32_precision():
         assert len(dots) == 1 and dots[0].params["precision"] == highest, (name, [e.params for e in dots])
     # the check can fail: a plain product carries no precision
     assert router_dots(lambda x: x @ blk.ffn.gate[...])[0].params["precision"] != highest
+
+
+def test_joined_gate_up_equals_two_grouped_matmuls():
+    """`moe.grouped_swiglu` joins gate and up into one [E, D, 2I] grouped matmul from ops.LARGE_GROUP_ROWS rows per
+    expert (training, prefill) and keeps two below (decode): both forms give the same rows and gradients."""
+    from deepjax.model import moe, ops
+    E, D, I = 2, 16, 8
+    X = ops.LARGE_GROUP_ROWS * E  # the joined form
+    k = jax.random.split(jax.random.key(3), 4)
+    xs = jax.random.normal(k[0], (X, D))
+    wg, wu = jax.random.normal(k[1], (E, D, I)) / 4, jax.random.normal(k[2], (E, D, I)) / 4
+    wd = jax.random.normal(k[3], (E, I, D)) / 3
+    sizes = jnp.array([X // 3, X - X // 3], jnp.int32)
+    calls = []
+
+    def gmm(x, w):
+        calls.append(w.shape)
+        return jax.lax.ragged_dot(x, w, sizes)
+
+    def two(xs, wg, wu, wd):
+        g = lambda x, w: jax.lax.ragged_dot(x, w, sizes)  # noqa: E731
+        return g(jax.nn.silu(g(xs, wg)) * g(xs, wu), wd)
+
+    loss = lambda f: lambda *a: jnp.sum(f(*a) ** 2)  # noqa: E731
+    joined = jax.value_and_grad(loss(lambda *a: moe.grouped_swiglu(*a, gmm)), argnums=(0, 1, 2, 3))(xs, wg, wu, wd)
+    assert (E, D, 2 * I) in calls  # the joined form ran
+    ref = jax.value_and_grad(loss(two), argnums=(0, 1, 2, 3))(xs, wg, wu, wd)
+    for a, b in zip(jax.tree.leaves(joined), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+    calls.clear()
+    moe.grouped_swiglu(xs[: X // 4], wg, wu, wd, lambda x, w: calls.append(w.shape) or jax.lax.ragged_dot(
+        x, w, jnp.array([X // 8, X // 8], jnp.int32)))
+    assert calls == [(E, D, I), (E, D, I), (E, I, D)]  # decode-sized: two grouped matmuls, no joined copy

@@ -151,10 +151,14 @@ def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
 
 
 def grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm):
-    """silu(x W_gate) * (x W_up) W_down over rows sorted by expert, with `gmm(x, w)` a grouped matmul: gate and
-    up as one grouped matmul against [E, D, 2I] (the rows are read once, one kernel of twice the width, and in the
-    backward one input gradient instead of two summed)."""
-    I = w_gate_EDI.shape[-1]
+    """silu(x W_gate) * (x W_up) W_down over rows sorted by expert, with `gmm(x, w)` a grouped matmul. With
+    ops.LARGE_GROUP_ROWS rows per expert or more on average (training, prefill), gate and up are one grouped
+    matmul against [E, D, 2I]: the rows are read once, one kernel of twice the width, and in the backward one
+    input gradient instead of two summed. With fewer (decode steps) the weights' reads dominate and joining them
+    would copy them every step: two grouped matmuls."""
+    E, _, I = w_gate_EDI.shape
+    if xs_XD.shape[0] < ops.LARGE_GROUP_ROWS * E:
+        return gmm(jax.nn.silu(gmm(xs_XD, w_gate_EDI)) * gmm(xs_XD, w_up_EDI), w_down_EID)
     gu_XI2 = gmm(xs_XD, jnp.concatenate([w_gate_EDI, w_up_EDI], axis=-1))
     return gmm(jax.nn.silu(gu_XI2[:, :I]) * gu_XI2[:, I:], w_down_EID)
 

@@ -219,8 +219,37 @@ def _rows_in_groups(y_MN, sizes_G):
     return jnp.where(live_M[:, None], y_MN, jnp.zeros((), y_MN.dtype))
 
 
+# tokamax's Mosaic GPU ragged dot on Hopper (sm90): the tile its heuristic picks (block_m 64, block_n 64, 2 stages)
+# against this one, on the bench preset's expert shapes (98,304 rows, 64 experts; bench/ragged_dot_tune.py, H100,
+# docs/LOG.md session 16): gate/up [1024 -> 1024] 737 -> 545 us, down [512 -> 1024] 378 -> 344 us, the down input
+# gradient [1024 -> 512] 365 -> 289 us. tokamax's shipped autotuning cache has none of these shapes.
+# The tile pads each group's rows to a multiple of block_m: it is taken from LARGE_GROUP_ROWS rows per group on
+# average (training and prefill: 1,536 at the bench preset's B 8 x T 2048), not for decode steps (a GRPO rollout's
+# 512 rows give 48 per expert, where it slowed the sampler by a quarter).
+SM90_RAGGED_DOT = dict(block_m=128, block_n=64, block_k=128, num_stages=4, split_k=1, persistent=False)
+LARGE_GROUP_ROWS = 256
+
+
+def _ragged_dot_impl(M: int, K: int, N: int, G: int):
+    """tokamax's ragged-dot implementation for a [M, K] x [G, K, N] product on this platform: on Hopper GPUs, for
+    groups of LARGE_GROUP_ROWS rows or more on average, the Mosaic GPU kernel with SM90_RAGGED_DOT's tile where the
+    widths divide it; otherwise `_impl`'s choice with tokamax's own config."""
+    impl = _impl("ragged_dot")
+    if impl != "mosaic_gpu" or K % SM90_RAGGED_DOT["block_k"] or N % SM90_RAGGED_DOT["block_n"]:
+        return impl
+    if M < LARGE_GROUP_ROWS * G:
+        return impl
+    if getattr(jax.devices()[0], "compute_capability", None) != "9.0":
+        return impl
+    # lazy on purpose: see _tokamax
+    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu as mg, pallas_mosaic_gpu_common as common
+    config = mg.Config(**SM90_RAGGED_DOT, grid_minor_dim=common.MatmulDimension.M, grid_tile_width=1)
+    return (mg.PallasMosaicGpuRaggedDot(config=config),)
+
+
 def _tokamax_ragged_dot(x_MK, w_GKN, sizes_G):
-    return _rows_in_groups(_tokamax().ragged_dot(x_MK, w_GKN, sizes_G, implementation=_impl("ragged_dot")), sizes_G)
+    impl = _ragged_dot_impl(x_MK.shape[0], x_MK.shape[1], w_GKN.shape[2], w_GKN.shape[0])
+    return _rows_in_groups(_tokamax().ragged_dot(x_MK, w_GKN, sizes_G, implementation=impl), sizes_G)
 
 
 @jax.custom_vjp
