@@ -134,3 +134,37 @@ def test_local_topology_needs_published_peaks():
     assert CC.local_peaks(gpu) == (989e12, 4.8e12, 141.0)
     with pytest.raises(SystemExit, match="no published peaks for device kind"):
         CC.main(["bench", "--topology", "local", "--batch", "1", "--seq", "8"])
+
+
+def test_gpu_program_custom_calls():
+    """XLA:GPU's forms (read from a real H100 program of the bench step): dots as cuBLAS custom calls, a sort with
+    no matmul work, tokamax's Mosaic GPU kernels named by the jax name before `mpmd_map` ([B, T, N, d] attention
+    forward and its two backward kernels), and kernels whose backend config is a compiled module in a quoted
+    string with unbalanced braces, which must not swallow the next instruction."""
+    gemm = ('{"gemm_backend_config":{"dot_dimension_numbers":{"lhs_batch_dimensions":[],'
+            '"lhs_contracting_dimensions":["1"],"rhs_batch_dimensions":[],"rhs_contracting_dimensions":["0"]}}}')
+    blob = 'backend_config={debug = false, ir = "ML\\EFR{{{\\00\\01"}'
+    hlo = f"""HloModule m
+ENTRY %main (a: bf16[256,64], b: bf16[64,32]) -> f32[256,32] {{
+  %a = bf16[256,64]{{1,0}} parameter(0)
+  %b = bf16[64,32]{{1,0}} parameter(1)
+  %q = bf16[2,128,4,96]{{3,2,1,0}} parameter(2)
+  %v = bf16[2,128,4,64]{{3,2,1,0}} parameter(3)
+  %x = bf16[96,256]{{1,0}} parameter(4)
+  %dy = bf16[96,64]{{1,0}} parameter(5)
+  %g = s32[4]{{0}} parameter(6)
+  %s = (s32[96]{{0}}, s32[96]{{0}}, u8[100]{{0}}) custom-call(%g), custom_call_target="xla.gpu.ext.cub_sort_pairs"
+  %f = bf16[2,128,4,64]{{3,2,1,0}} custom-call(%q, %q, %v), custom_call_target="mosaic_gpu_v2", metadata={{op_name="jit(f)/vmap()/flash_attention_sm90/mpmd_map"}}, {blob}
+  %d1 = f32[4,256,64]{{2,1,0}} custom-call(%g, %g, %x, %dy), custom_call_target="__gpu$xla.gpu.triton", metadata={{op_name="jit(f)/grouped_dw/pallas_call"}}, {blob}
+  %d2 = f32[4,256,64]{{2,1,0}} custom-call(%g, %g, %x, %dy), custom_call_target="__gpu$xla.gpu.triton", metadata={{op_name="jit(f)/grouped_dw/pallas_call"}}, {blob}
+  %bw = bf16[2,128,4,128]{{3,2,1,0}} custom-call(%q, %q, %v), custom_call_target="mosaic_gpu_v2", metadata={{op_name="jit(f)/vmap()/batched_body/mpmd_map"}}, {blob}
+  ROOT %c = (f32[256,32]{{1,0}}, s8[1024]{{0}}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", backend_config={gemm}
+}}
+"""
+    r = H.count(hlo, CC.kernel_flops)
+    assert r.uncounted == []
+    assert r.kernels["cublas"] == 2 * 256 * 32 * 64
+    assert r.kernels["xla.gpu.ext.cub_sort_pairs"] == 0
+    heads = 2 * 4  # B x N of [B, T, N, d]
+    assert r.kernels["flash_attention_sm90"] == r.kernels["batched_body"] == 2 * heads * 128 * 128 * (96 + 64)
+    assert r.kernels["grouped_dw"] == 2 * (2 * 96 * 256 * 64)  # both weight gradients: none swallowed

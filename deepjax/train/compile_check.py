@@ -38,6 +38,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -154,20 +155,31 @@ def expert_overhead(cfg, tokens_local: int, ep: int, kernels: str) -> dict:
 
 
 def attention_kernel_flops(name: str, operands: list, outputs: list) -> Optional[float]:
-    """FLOPs of an attention kernel that carries no cost estimate (jax's splash attention), from its shapes: q, k
-    and v are its first three floating-point operands of rank >= 3 ([.., T, dqk], [.., S, dqk], [.., S, dv]);
-    2 T S (dqk + dv) per head for the forward, twice that for a backward kernel, every block counted (as the
-    model's non-causal convention counts them; the kernel skips the blocks above the diagonal at run time, and
-    its backward also recomputes q k^T, which this does not count)."""
-    if "splash" not in name and "flash" not in name:
+    """FLOPs of an attention kernel that carries no cost estimate, from its shapes: q, k and v are its first three
+    floating-point operands of rank >= 3; 2 T S (dqk + dv) per head for the forward, every block counted (as the
+    model's non-causal convention counts them; the kernels skip the blocks above the diagonal at run time).
+      jax's splash attention (TPU): [.., T, d]; a backward kernel ("bwd" / no "fwd" in the name) counts twice the
+        forward (it also recomputes q k^T, not counted).
+      tokamax's Mosaic GPU attention: [B, T, N, d]; the forward is flash_attention_sm90 / _sm100, the backward two
+        kernels named batched_body (dq; dk and dv), each counted as one forward, so the pair is the model's twice
+        the forward. Their q and k come padded to a power of two (96 -> 128 at the bench preset), and the padded
+        width is the one counted: the work the kernel does."""
+    gpu_fwd = re.match(r"flash_attention_sm\d+", name) is not None
+    gpu_bwd = name == "batched_body"
+    if not (gpu_fwd or gpu_bwd or "splash" in name or "flash" in name):
         return None
     arrays = [d for dtype, d in operands if dtype in ("bf16", "f16", "f32") and len(d) >= 3]
     if len(arrays) < 3:
         return None
     q, k, v = arrays[:3]
-    heads = math.prod(q[:-2])
-    fwd = 2.0 * heads * q[-2] * k[-2] * (q[-1] + v[-1])
-    return fwd if "fwd" in name else 2 * fwd
+    if gpu_fwd or gpu_bwd:
+        if len(q) != 4:
+            return None
+        heads, T, S = q[0] * q[2], q[1], k[1]
+    else:
+        heads, T, S = math.prod(q[:-2]), q[-2], k[-2]
+    fwd = 2.0 * heads * T * S * (q[-1] + v[-1])
+    return fwd if ("fwd" in name or gpu_fwd or gpu_bwd) else 2 * fwd
 
 
 def grouped_matmul_kernel_flops(name: str, operands: list, outputs: list) -> Optional[float]:

@@ -7,10 +7,12 @@ that figure says little. This module walks the optimized HLO instead:
 
   dot            2 x prod(output dims) x prod(lhs contracting dims)
   convolution    2 x batch x output features x input features x the window taps that meet real input
-  custom-call    the `cost_estimate` flops in its backend config when present (Mosaic kernels carry the
-                 `pl.CostEstimate` their author gave); otherwise `kernel_flops(name, operand types, output types)`,
-                 a type being (dtype, dims) and the name the kernel's (its pallas_call's jax name)
-                 from the caller, else counted as 0 and listed in `uncounted`
+  custom-call    a cuBLAS matmul (XLA:GPU) as a dot, from its gemm_backend_config's contracting dims; a sort
+                 as 0; the `cost_estimate` flops in its backend config when present (Mosaic kernels carry the
+                 `pl.CostEstimate` their author gave); otherwise `kernel_flops(name, operand types, output types)`
+                 from the caller, a type being (dtype, dims) and the name the kernel's (the jax name before its
+                 pallas_call, or before mpmd_map for a Mosaic GPU kernel), else counted as 0 and listed in
+                 `uncounted`
   while          its body x `known_trip_count` (XLA annotates counted loops); an unknown trip count is counted
                  once and listed in `unknown_loops`
   conditional    the most expensive branch
@@ -114,12 +116,17 @@ def _parse_instr(rest: str) -> Optional[tuple[str, str, list, str]]:
     return type_text, opcode, _split_top(rest[m.end():j]), rest[j + 1:]
 
 
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
 def _logical_lines(hlo_text: str):
-    """Lines, with an instruction whose attributes span several lines (TPU kernels' metadata) joined into one."""
+    """Lines, with an instruction whose attributes span several lines (TPU kernels' metadata) joined into one.
+    Braces inside quoted strings do not count (GPU kernels carry their compiled module as an escaped string)."""
     buf, depth = [], 0
     for line in hlo_text.splitlines():
         buf.append(line)
-        depth += line.count("{") - line.count("}")
+        bare = _QUOTED.sub("", line) if '"' in line else line
+        depth += bare.count("{") - bare.count("}")
         if depth <= 0 or line.endswith(" {") and len(buf) == 1:
             yield " ".join(buf)
             buf, depth = [], 0
@@ -157,6 +164,10 @@ def parse(hlo_text: str) -> tuple[dict, str]:
 def _attr(attrs: str, key: str) -> Optional[str]:
     m = re.search(key + r"=\{?([^}\s,]*(?:,[^}\s,=]*)*)\}?", attrs)
     return m.group(1) if m else None
+
+
+# custom calls that do no matmul work (sorts: XLA:GPU's CUB sort of the MoE's expert ids)
+_NO_FLOP_TARGETS = ("cub_sort",)
 
 
 def _called(attrs: str, key: str) -> list[str]:
@@ -331,11 +342,20 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
                 cfg = _backend_config(ins.attrs) or {}
                 est = cfg.get("cost_estimate") or (cfg.get("custom_call_config") or {}).get("cost_estimate")
                 op_name = (re.search(r'op_name="([^"]*)"', ins.attrs) or [None, ""])[1]
-                pallas = re.search(r"([\w.\-]+)/pallas_call", op_name)
+                pallas = re.search(r"([\w.\-]+)/(?:pallas_call|mpmd_map)", op_name)  # Pallas; Mosaic GPU kernels
                 kname = cfg.get("name") or (cfg.get("custom_call_config") or {}).get("name") or (
                     pallas.group(1) if pallas else target)
+                gemm = cfg.get("gemm_backend_config")
                 f = None
-                if isinstance(est, dict) and "flops" in est:
+                if isinstance(gemm, dict):  # a cuBLAS / cuBLASLt matmul (XLA:GPU's dots): a dot's count
+                    out = dims(ins.shape)[0]
+                    lhs = shape_of(shapes, ins.operands[0])
+                    contract = (gemm.get("dot_dimension_numbers") or {}).get("lhs_contracting_dimensions") or []
+                    f = 2.0 * math.prod(out) * math.prod(lhs[int(c)] for c in contract)
+                    kname = "cublas"
+                elif any(z in target for z in _NO_FLOP_TARGETS):
+                    f = 0.0
+                elif isinstance(est, dict) and "flops" in est:
                     f = float(est["flops"])
                 elif kernel_flops is not None:
                     f = kernel_flops(kname, [type_of(typed, o) for o in ins.operands], types(ins.shape))
