@@ -3,6 +3,8 @@
     pip install -e '.[tpu]'     # libtpu: lets jax describe and compile for TPU topologies without a TPU
     python -m deepjax.train.compile_check configs/deepseek_v3.py --topology v5p:8x8x8 \\
         --mesh.fsdp=64 --mesh.expert=8 --batch 512 --seq 4096
+    python -m deepjax.train.compile_check bench --topology local --batch 8 --seq 2048 \\
+        --config.model.kernels=tokamax --config.model.param_dtype=bfloat16      # the GPU program, on a GPU
 
 Nothing is allocated: parameters, optimizer state and the batch are abstract (`jax.ShapeDtypeStruct` with
 shardings), the step is lowered and compiled by XLA:TPU for the topology's devices, and the compiled
