@@ -1,0 +1,122 @@
+"""tokamax's Mosaic GPU flash attention on the training step's shape: GPU time per call of the forward and of the
+backward over small sweeps of their kernel configs, against tokamax's heuristic defaults (the configs the step runs
+with: the shipped autotuning cache has none of these shapes). The companion of bench/ragged_dot_tune.py.
+
+    JAX_PLATFORMS=cuda PYTHONPATH=. python bench/attention_tune.py               # bench preset, B 8 x T 2048
+    JAX_PLATFORMS=cuda PYTHONPATH=. python bench/attention_tune.py --batch 2 --seq 8192
+
+The call is the one `ops.causal_attention` makes with kernels=tokamax on GPU: q, k [B, T, N, 96], v [B, T, N, 64]
+(MLA's qk_nope + qk_rope and v widths at the bench preset), bf16, causal within documents (a k_start per query;
+one document per row here). Forward configs (block_q, block_kv, num_stages, persistent) are timed on the forward
+alone; backward configs (the dk/dv and dq kernels' blocks, stages, compute warpgroups) on forward + backward with
+the default forward. One JSON line each: microseconds per call and the largest difference from the defaults'
+output (forward) or gradients (backward); then the fastest of each.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def _mods():
+    from tokamax._src.ops.attention import base, pallas_mosaic_gpu as fa, pallas_mosaic_gpu_kernel_sm90 as sm90
+    from tokamax._src.ops.attention import pallas_mosaic_gpu_vjp as vjp, pallas_mosaic_gpu_vjp_common as vjpc
+    return base, fa, sm90, vjp, vjpc
+
+
+def fwd_configs():
+    _, _, sm90, _, _ = _mods()
+    for bq, bkv, st, p in itertools.product([64, 128], [64, 128, 256], [2, 3, 4], [False, True]):
+        yield dict(block_q=bq, block_kv=bkv, num_stages=st, persistent=p), sm90.Config(
+            block_q=bq, block_kv=bkv, num_stages=st, persistent=p)
+
+
+def bwd_configs():
+    _, _, _, _, vjpc = _mods()
+    for (bq, bkv), st, wgs in itertools.product([(64, 64), (64, 128), (128, 64), (128, 128)], [2, 3], [1, 2]):
+        yield dict(block_q=bq, block_kv=bkv, num_stages=st, compute_wgs=wgs), vjpc.Config(
+            block_q_dkv=bq, block_kv_dkv=bkv, block_q_dq=bq, block_kv_dq=bkv, num_stages=st, compute_wgs=wgs)
+
+
+def timed(f, args, reps: int) -> float:
+    for _ in range(3):
+        jax.block_until_ready(f(*args))
+    t = time.perf_counter()
+    for _ in range(reps):
+        y = f(*args)
+    jax.block_until_ready(y)
+    return (time.perf_counter() - t) / reps
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--dqk", type=int, default=96)
+    ap.add_argument("--dv", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--only", choices=["fwd", "bwd"], help="one sweep")
+    args = ap.parse_args(argv)
+    base, fa, _, vjp, _ = _mods()
+    B, T, N = args.batch, args.seq, args.heads
+    kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(kq, (B, T, N, args.dqk), jnp.bfloat16)
+    k = jax.random.normal(kk, (B, T, N, args.dqk), jnp.bfloat16)
+    v = jax.random.normal(kv, (B, T, N, args.dv), jnp.bfloat16)
+    dout = jax.random.normal(kg, (B, T, N, args.dv), jnp.bfloat16)
+    mask = base.Mask(k_start=jnp.zeros((B, 1, T), jnp.int32), is_causal=True)
+    scale = float(args.dqk) ** -0.5
+
+    def call(op):
+        def f(q, k, v):
+            with jax.numpy_rank_promotion("allow"):
+                return op(q, k, v, mask=mask, logits_scale=scale)
+        return f
+
+    def fwd_bwd(op):
+        f = call(op)
+
+        def g(q, k, v, dout):
+            out, pull = jax.vjp(f, q, k, v)
+            return (out, *pull(dout))
+        return g
+
+    best = {}
+
+    def run(kind, label, fn, fargs, ref):
+        rec = dict(kind=kind, B=B, T=T, N=N, config=label)
+        try:
+            out = jax.block_until_ready(jax.jit(fn)(*fargs))
+            ref = ref if ref is not None else out
+            rec["max_diff_vs_default"] = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                                             for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
+            dt = timed(jax.jit(fn), fargs, args.reps)
+            rec["us"] = round(dt * 1e6, 1)
+            if rec["max_diff_vs_default"] < 0.1 and (kind not in best or dt < best[kind][1]):
+                best[kind] = (label, dt)
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(json.dumps(rec), flush=True)
+        return ref
+
+    if args.only in (None, "fwd"):
+        ref = run("fwd", "default", call(fa.PallasMosaicGpuFlashAttention()), (q, k, v), None)
+        for label, cfg in fwd_configs():
+            run("fwd", json.dumps(label), call(fa.PallasMosaicGpuFlashAttention(config=cfg)), (q, k, v), ref)
+    if args.only in (None, "bwd"):
+        ref = run("fwd+bwd", "default", fwd_bwd(fa.PallasMosaicGpuFlashAttention()), (q, k, v, dout), None)
+        for label, cfg in bwd_configs():
+            op = fa.PallasMosaicGpuFlashAttention(vjp=vjp.PallasMosaicGpuFlashAttentionVjp(config=cfg))
+            run("fwd+bwd", json.dumps(label), fwd_bwd(op), (q, k, v, dout), ref)
+    for kind, (label, dt) in best.items():
+        print(f"fastest {kind}: {label} {dt * 1e6:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
