@@ -168,3 +168,36 @@ ENTRY %main (a: bf16[256,64], b: bf16[64,32]) -> f32[256,32] {{
     heads = 2 * 4  # B x N of [B, T, N, d]
     assert r.kernels["flash_attention_sm90"] == r.kernels["batched_body"] == 2 * heads * 128 * 128 * (96 + 64)
     assert r.kernels["grouped_dw"] == 2 * (2 * 96 * 256 * 64)  # both weight gradients: none swallowed
+
+
+def test_traffic_of_slices_and_in_place_updates():
+    """Memory traffic: a (fused or async) dynamic slice of a stacked operand reads the slice, not the stack, and a
+    dynamic-update-slice into a buffer writes the update in place; counting whole operands charged a scanned
+    layer's weights as the whole stack on every trip."""
+    hlo = """HloModule m
+%slice_body (p0: f32[10,128,128], p1: s32[]) -> f32[1,128,128] {
+  %p0 = f32[10,128,128]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,128,128]{2,1,0} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,128,128}
+}
+%update_body (q0: f32[10,128,128], q1: f32[1,128,128], q2: s32[]) -> f32[10,128,128] {
+  %q0 = f32[10,128,128]{2,1,0} parameter(0)
+  %q1 = f32[1,128,128]{2,1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[10,128,128]{2,1,0} dynamic-update-slice(%q0, %q1, %q2, %z, %z)
+}
+ENTRY %main (w: f32[10,128,128], i: s32[]) -> f32[10,128,128] {
+  %w = f32[10,128,128]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %s = f32[1,128,128]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%slice_body
+  %a = ((f32[10,128,128]{2,1,0}, s32[]), f32[1,128,128]{2,1,0}, u32[]) fusion-start(%w, %i), kind=kLoop, calls=%slice_body
+  %d = f32[1,128,128]{2,1,0} fusion-done(%a)
+  ROOT %u = f32[10,128,128]{2,1,0} fusion(%w, %s, %i), kind=kLoop, calls=%update_body
+}
+"""
+    r = H.count(hlo)
+    layer = 128 * 128 * 4
+    # each slice: read a layer, write a layer (+ the index); the update: read the update, write it in place
+    assert r.bytes == 2 * (2 * layer + 4) + (2 * layer + 4)

@@ -46,6 +46,7 @@ class Instr:
     opcode: str
     operands: list  # operand texts
     attrs: str  # everything after the operand list
+    root: bool = False  # the computation's ROOT
 
 
 @dataclass
@@ -155,7 +156,7 @@ def parse(hlo_text: str) -> tuple[dict, str]:
             continue
         parsed = _parse_instr(m.group(3))
         if parsed:
-            comps[cur].append(Instr(m.group(2), *parsed))
+            comps[cur].append(Instr(m.group(2), *parsed, root=bool(m.group(1))))
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     return comps, entry
@@ -245,7 +246,8 @@ def _conv_flops(attrs: str, lhs: list, rhs: list, out: list) -> float:
 
 
 _NO_TRAFFIC = frozenset(("parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "conditional",
-                         "call", "after-all", "partition-id", "replica-id", "copy-done", "async-done", "opt-barrier"))
+                         "call", "after-all", "partition-id", "replica-id", "copy-done", "async-done", "opt-barrier",
+                         "fusion-done"))
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8,
           "u64": 8, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
 
@@ -289,6 +291,56 @@ def _trip_count_from_condition(comps: dict, cond: str, loop: Instr, caller: list
 KernelFlops = Callable[[str, list, list], Optional[float]]
 
 
+def _operand_name(operand: str) -> str:
+    return operand.split()[-1].lstrip("%")
+
+
+def _traffic(ins: Instr, operand_bytes: list, comps: dict) -> float:
+    """Bytes an unfused instruction (or a fusion, as a whole) reads and writes. A slice reads only its result's
+    bytes of the sliced operand, and a dynamic-update-slice updates its buffer in place (reads and writes the
+    update): counting whole operands there would charge a scanned layer's slice of the stacked weights as the
+    whole stack, every trip. A fusion's operands and results get the same rule from its body: a parameter used
+    only by slices counts what they read; a ROOT dynamic-update-slice (or a tuple of them) into a parameter counts
+    the update, not the buffer."""
+    out = _nbytes(types(ins.shape))
+    if ins.opcode == "fusion-start":  # an async fusion: ((operands), result, context); its fusion-done moves nothing
+        out = _nbytes(types(ins.shape)[len(operand_bytes):-1])
+    ins_b = list(operand_bytes)
+    if ins.opcode in ("slice", "dynamic-slice") and ins_b:
+        ins_b[0] = out
+    elif ins.opcode == "dynamic-update-slice" and len(ins_b) > 1:
+        return 2 * ins_b[1] + sum(ins_b[2:])
+    elif ins.opcode in ("fusion", "fusion-start"):
+        body = comps.get((_called(ins.attrs, "calls") or [""])[0], [])
+        params = {}
+        for b in body:
+            if b.opcode == "parameter":
+                m = re.match(r"\s*(\d+)", b.operands[0] if b.operands else "")
+                if m:
+                    params[b.name] = int(m.group(1))
+        users: dict = {}
+        for b in body:
+            for o in b.operands:
+                users.setdefault(_operand_name(o), []).append(b)
+        for pname, i in params.items():
+            us = users.get(pname, [])
+            if i < len(ins_b) and us and all(u.opcode in ("slice", "dynamic-slice")
+                                             and _operand_name(u.operands[0]) == pname for u in us):
+                ins_b[i] = sum(_nbytes(types(u.shape)) for u in us)
+        by_name = {b.name: b for b in body}
+        root = next((b for b in body if b.root), None)
+        parts = [by_name.get(_operand_name(o)) for o in root.operands] if root and root.opcode == "tuple" else [root]
+        for part in parts:
+            if part is not None and part.opcode == "dynamic-update-slice":
+                buf = _operand_name(part.operands[0])
+                if buf in params and params[buf] < len(ins_b):
+                    upd = by_name.get(_operand_name(part.operands[1]))
+                    upd_b = _nbytes(types(upd.shape)) if upd is not None else 0.0
+                    out += upd_b - _nbytes(types(part.shape))
+                    ins_b[params[buf]] = upd_b if len(users.get(buf, [])) > 1 else 0.0
+    return out + sum(ins_b)
+
+
 def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
     """Matmul FLOPs of one run of the program (see the module docstring)."""
     comps, entry = parse(hlo_text)
@@ -323,8 +375,7 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
         for ins in instrs:
             op = ins.opcode
             if top and op not in _NO_TRAFFIC:
-                res.bytes += mult * (_nbytes(types(ins.shape)) + sum(_nbytes([type_of(typed, o)])
-                                                                     for o in ins.operands))
+                res.bytes += mult * _traffic(ins, [_nbytes([type_of(typed, o)]) for o in ins.operands], comps)
             if op == "dot":
                 out = dims(ins.shape)[0]
                 lhs = shape_of(shapes, ins.operands[0])
@@ -388,7 +439,7 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
                 if costs:
                     best = branches[costs.index(max(costs))]
                     total += comp_flops(best, mult)
-            elif op in ("fusion", "call", "async-start"):
+            elif op in ("fusion", "fusion-start", "call", "async-start"):
                 for c in _called(ins.attrs, "calls"):
                     total += comp_flops(c, mult, top=op == "call")
         return total
