@@ -390,3 +390,22 @@ def test_joined_gate_up_equals_two_grouped_matmuls():
     moe.grouped_swiglu(xs[: X // 4], wg, wu, wd, lambda x, w: calls.append(w.shape) or jax.lax.ragged_dot(
         x, w, jnp.array([X // 8, X // 8], jnp.int32)))
     assert calls == [(E, D, I), (E, D, I), (E, I, D)]  # decode-sized: two grouped matmuls, no joined copy
+
+
+def test_ragged_dot_tile_only_for_large_groups_on_hopper(monkeypatch):
+    """ops.SM90_RAGGED_DOT's tile (measured faster on the training step's expert shapes, slower on decode's small
+    groups: docs/LOG.md session 16) is chosen on Hopper for groups of LARGE_GROUP_ROWS rows or more on average, and
+    only where the widths divide its blocks; everything else keeps tokamax's own choice."""
+    pytest.importorskip("tokamax")
+    from deepjax.model import ops
+    monkeypatch.setattr(ops, "_impl", lambda op: "mosaic_gpu")
+    dev = type("Dev", (), {"compute_capability": "9.0"})()
+    monkeypatch.setattr(ops.jax, "devices", lambda *a: [dev])
+    (op,) = ops._ragged_dot_impl(8 * 2048 * 6, 1024, 1024, 64)  # training, bench preset: 1,536 rows per expert
+    assert (op.config.block_m, op.config.block_k, op.config.num_stages) == (128, 128, 4)
+    assert ops._ragged_dot_impl(512 * 6, 1024, 1024, 64) == "mosaic_gpu"  # a decode step of 512 rows
+    assert ops._ragged_dot_impl(8 * 2048 * 6, 96, 1024, 64) == "mosaic_gpu"  # K not a multiple of block_k
+    dev.compute_capability = "10.0"
+    assert ops._ragged_dot_impl(8 * 2048 * 6, 1024, 1024, 64) == "mosaic_gpu"  # not Hopper
+    monkeypatch.setattr(ops, "_impl", lambda op: "xla")
+    assert ops._ragged_dot_impl(8 * 2048 * 6, 1024, 1024, 64) == "xla"
