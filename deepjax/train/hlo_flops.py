@@ -167,8 +167,9 @@ def _attr(attrs: str, key: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
-# custom calls that do no matmul work (sorts: XLA:GPU's CUB sort of the MoE's expert ids)
-_NO_FLOP_TARGETS = ("cub_sort",)
+# custom calls that do no matmul work: XLA:GPU's CUB sort of the MoE's expert ids; XLA:TPU's buffer allocation and
+# gather-bounds annotation
+_NO_FLOP_TARGETS = ("cub_sort", "AllocateBuffer", "AssumeGatherIndicesInBound")
 
 
 def _called(attrs: str, key: str) -> list[str]:
