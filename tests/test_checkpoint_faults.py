@@ -211,16 +211,22 @@ def test_metrics_and_eval_logs_hold_each_step_once_after_a_resume(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, data_dir):  # noqa: F811
-    """A tiny run trained straight to step 6, checkpoints every 2 (keep 2): the reference."""
+def straight(tmp_path_factory, data_dir, jax_cache_env):  # noqa: F811
+    """A tiny run trained straight to step 6, checkpoints every 2 (keep 2): the reference. One dense and one MoE
+    layer, no MTP module: the same kinds of state to save and restore at a fraction of tiny's compile time. Its
+    programs go to the session's persistent compilation cache, from which the test below loads them."""
+    from conftest import persistent_compile_cache
     args = small_args(data_dir, "--config.train.steps=6", "--config.train.checkpoint_every=2",
-                      "--config.train.keep_checkpoints=2", "--config.train.plot=false")
+                      "--config.train.keep_checkpoints=2", "--config.train.plot=false",
+                      "--config.model.num_hidden_layers=2", "--config.model.num_nextn_predict_layers=0")
     root = tmp_path_factory.mktemp("straight")
-    T.train(load_config("tiny", args), str(root), progress=False)
+    with persistent_compile_cache(jax_cache_env["JAX_COMPILATION_CACHE_DIR"]):
+        T.train(load_config("tiny", args), str(root), progress=False)
     return root, args
 
 
-def test_damaged_newest_falls_back_resaves_and_ends_equal_to_the_straight_run(straight, tmp_path, capsys):
+def test_damaged_newest_falls_back_resaves_and_ends_equal_to_the_straight_run(straight, tmp_path, capsys,
+                                                                             compile_cache):
     ref, args = straight
     run = tmp_path / "run"
     shutil.copytree(ref, run)

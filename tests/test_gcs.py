@@ -121,14 +121,16 @@ def _gs(*parts: str) -> paths.Path:
 # ----------------------------------------------------------------------------------------- train, killed, resumed
 
 
-def _train(workdir: str, args, cache: str, env_extra=None):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **(env_extra or {}))
+def _train(workdir: str, args, env_extra):
+    env = dict(os.environ, **env_extra)
     return subprocess.run([sys.executable, "-m", "deepjax", "train", "tiny", "--workdir", workdir, "--no-progress",
                            *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_train_killed_and_resumed_on_gcs_equals_the_straight_run(gcs, tmp_path):
+def test_train_killed_and_resumed_on_gcs_equals_the_straight_run(gcs, tmp_path, compile_cache, capsys):
+    """The straight run and the resumption run in this process (`cli.main`), the SIGKILLed one in a subprocess; the
+    persistent compilation cache (conftest's `compile_cache`) compiles each program once between them."""
+    from deepjax import cli
     N = 2
     args = ["--config.data.template=plain", "--config.data.seq_len=96", "--config.data.global_batch=8",
             "--config.data.num_train=400", "--config.data.num_test=20", f"--config.data.data_dir={tmp_path}/tfds",
@@ -136,16 +138,16 @@ def test_train_killed_and_resumed_on_gcs_equals_the_straight_run(gcs, tmp_path):
             f"--config.train.checkpoint_every={N}",
             # one dense and one MoE layer, no MTP module: a third of tiny's compile time, the same files to store
             "--config.model.num_hidden_layers=2", "--config.model.num_nextn_predict_layers=0"]
-    cache = str(tmp_path / "xla")  # the three launches compile once
     straight, resumed = str(_gs("straight")), str(_gs("resumed"))
-    out = _train(straight, args, cache)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"workdir: {straight}" in out.stdout
-    killed = _train(resumed, args, cache, {TR.KILL_ENV: str(N + 1)})
+    train = lambda d: cli.main(["train", "tiny", "--workdir", d, "--no-progress", *args])  # noqa: E731
+    capsys.readouterr()
+    assert train(straight) == 0
+    assert f"workdir: {straight}" in capsys.readouterr().out
+    killed = _train(resumed, args, {**compile_cache, TR.KILL_ENV: str(N + 1)})
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL after step N+1, the step-N checkpoint committed
     assert C.list_steps(f"{resumed}/checkpoints") == [N]
-    out = _train(resumed, args, cache)
-    assert out.returncode == 0 and f"(step {N})" in out.stdout, out.stderr[-3000:]
+    assert train(resumed) == 0
+    assert f"(step {N})" in capsys.readouterr().out
 
     h1, h2 = TR.read_history(f"{straight}/metrics.jsonl"), TR.read_history(f"{resumed}/metrics.jsonl")
     assert sorted(h1) == sorted(h2) == list(range(1, 2 * N + 1))

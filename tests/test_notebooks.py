@@ -21,8 +21,8 @@ def _run(name, tmp_path, monkeypatch):
     """Executes colab/NAME.ipynb with tmp_path as its working directory; returns the executed notebook."""
     monkeypatch.setenv("DEEPJAX_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    # one CPU device (as on Colab's CPU runtime, not conftest's 8), compiled cheaply
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    # one CPU device (as on Colab's CPU runtime, not conftest's 8), compiled cheaply (conftest's other flags)
+    monkeypatch.setenv("XLA_FLAGS", os.environ["DEEPJAX_TEST_CHEAP_COMPILE"])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     # the kernel spec starts `python`: this interpreter's, where deepjax and ipykernel are installed
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])

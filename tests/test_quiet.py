@@ -35,8 +35,8 @@ ARGS = ["r1zero", "--k", "2", "--seed", "3", "--config.train.steps=2", "--config
 
 def test_first_run_prints_only_its_own_lines(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               # one CPU device as on a laptop (not conftest's 8), compiled cheaply
-               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+               # one CPU device as on a laptop (not conftest's 8), compiled cheaply (conftest's other flags)
+               XLA_FLAGS=os.environ["DEEPJAX_TEST_CHEAP_COMPILE"])
     env.pop("PYTHONWARNINGS", None)
     work = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "deepjax", *ARGS, "--workdir", str(work)], cwd=tmp_path,

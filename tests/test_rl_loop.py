@@ -70,21 +70,25 @@ def _restore(workdir, cfg, with_ref=True):
         ck.close()
 
 
-def test_grpo_killed_and_resumed_equals_the_straight_run(base, jax_cache_env):
-    """Also the loop under Dr. GRPO (rows of prompt + completion longer than its constant L = max_new_tokens);
-    `test_dapo_step` runs DAPO, `test_loss_variants_through_the_loop` the rest, tests/test_quiet.py the r1zero job."""
+def test_grpo_killed_and_resumed_equals_the_straight_run(base, compile_cache, capsys):
+    """`deepjax grpo` straight to step 5, and in another directory SIGKILLed after step 3 (a subprocess; checkpoint
+    2 committed) then run again: the two end bitwise equal. The straight run and the resumption run in this process
+    (`cli.main`, a new run object reading the directory back), sharing the persistent compilation cache with the
+    killed subprocess. Also the loop under Dr. GRPO (rows of prompt + completion longer than its constant
+    L = max_new_tokens); `test_dapo_step` runs DAPO, `test_loss_variants_through_the_loop` the rest,
+    tests/test_quiet.py the r1zero job."""
+    from deepjax import cli
     N = 5
     args = _args(base, f"--config.rl.steps={N}", "--config.train.checkpoint_every=2", "--config.rl.loss.aggregation=dr_grpo",
                  "--config.rl.loss.advantage_norm=mean")
-    straight = _grpo_cli(base / "straight", args, jax_cache_env)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert "held-out (4 problems, k=2): pass@1" in straight.stdout
-    killed = _grpo_cli(base / "resumed", args, {**jax_cache_env, TR.KILL_ENV: "3"})
+    capsys.readouterr()
+    assert cli.main(["grpo", "tiny", "--workdir", str(base / "straight"), "--no-progress", *args]) == 0
+    assert "held-out (4 problems, k=2): pass@1" in capsys.readouterr().out
+    killed = _grpo_cli(base / "resumed", args, {**compile_cache, TR.KILL_ENV: "3"})
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL, not a clean stop
     assert sorted(os.listdir(base / "resumed" / "checkpoints")) == ["2"]
-    resumed = _grpo_cli(base / "resumed", args, jax_cache_env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "(GRPO step 2)" in resumed.stdout
+    assert cli.main(["grpo", "tiny", "--workdir", str(base / "resumed"), "--no-progress", *args]) == 0
+    assert "(GRPO step 2)" in capsys.readouterr().out
 
     cfg = load_config("tiny", args)
     finals = [_restore(base / d, cfg) for d in ("straight", "resumed")]

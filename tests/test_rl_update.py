@@ -265,7 +265,7 @@ def test_micro_batches_give_the_whole_batch_step(setup, aggregation):
         np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-4, atol=1e-6, err_msg=k)
 
 
-def test_sampling_mask_replay(setup):
+def test_sampling_mask_replay(setup, grpo_step):
     """record_support: each token's kept set (top-50, then top-0.95) is the one the full forward's logits give, the
     token is in it, the sampler's log-prob is under that set's renormalized distribution, and the trainer over the
     same sets (Rollouts.support) reproduces it, where over the full softmax it does not; the GRPO step's
@@ -299,8 +299,7 @@ def test_sampling_mask_replay(setup):
     assert np.abs(full[m] - b.old_logp[m]).max() > 1e-3  # the truncation matters on this batch
     np.testing.assert_allclose(np.asarray(update.jit_token_logprobs(graphdef, params, b, TEMP, replay_support=True))[m],
                                kept[m], atol=1e-5)
-    opt = optim.adamw(1e-4, TS.split_params(params)[0])
-    step = jax.jit(update.make_grpo_step(graphdef, cfg, opt, G.GRPOConfig(beta=0.0, group_size=GROUP), TEMP))
+    opt, step = grpo_step  # the shared step: beta 0, "grpo" aggregation
     _, metrics = step(TS.init_state(params, opt, 0), _jnp(b))
     assert float(metrics["sampler_trainer_logp_gap_max"]) < 2e-5
     _, metrics = step(TS.init_state(params, opt, 0), _jnp(b._replace(support=None)))

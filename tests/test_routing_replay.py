@@ -108,7 +108,7 @@ def test_replay_uses_the_recorded_experts(tiny):
     def loss(p):
         return jnp.sum(jax.nn.log_softmax(update._forward(graphdef, p, b.tokens, b.positions, b.segment_ids, None,
                                                           routes).logits)[..., 0])
-    grads = jax.grad(loss)(moved)
+    grads = jax.jit(jax.grad(loss))(moved)  # (jitted: compiled once, not op by op)
     gate = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if M.path_str(path).startswith("moe_layers.ffn.gate.")]
     assert gate and all(float(jnp.abs(g).max()) > 0 for g in gate)
 

@@ -241,8 +241,8 @@ def _ragged_dot_impl(M: int, K: int, N: int, G: int):
         return impl
     if getattr(jax.devices()[0], "compute_capability", None) != "9.0":
         return impl
-    # lazy on purpose: see _tokamax
-    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu as mg, pallas_mosaic_gpu_common as common
+    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu as mg  # lazy on purpose: see _tokamax
+    from tokamax._src.ops.ragged_dot import pallas_mosaic_gpu_common as common  # lazy on purpose: see _tokamax
     config = mg.Config(**SM90_RAGGED_DOT, grid_minor_dim=common.MatmulDimension.M, grid_tile_width=1)
     return (mg.PallasMosaicGpuRaggedDot(config=config),)
 
