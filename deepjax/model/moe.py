@@ -173,7 +173,8 @@ def routed_experts(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, kernels
     """The routed experts on one device, by `ModelConfig.kernels` (`ops.resolve`): tokamax grouped matmuls, or
     the XLA blocked form. Both compute only the chosen experts."""
     if ops.resolve(kernels, x_TD.dtype) == "tokamax":
-        gmm = lambda x, w, g: ops.grouped_matmul(x, w, g, "tokamax")  # noqa: E731
+        # every (token, expert) assignment is a row of some group: no rows past the groups to zero
+        gmm = lambda x, w, g: ops.grouped_matmul(x, w, g, "tokamax", all_rows=True)  # noqa: E731
         return routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, ragged_dot=gmm)
     block = block_rows(idx_TK.size, w_gate_EDI.shape[0])
     return routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, block=block)

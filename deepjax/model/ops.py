@@ -247,26 +247,27 @@ def _ragged_dot_impl(M: int, K: int, N: int, G: int):
     return (mg.PallasMosaicGpuRaggedDot(config=config),)
 
 
-def _tokamax_ragged_dot(x_MK, w_GKN, sizes_G):
+def _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows: bool = False):
     impl = _ragged_dot_impl(x_MK.shape[0], x_MK.shape[1], w_GKN.shape[2], w_GKN.shape[0])
-    return _rows_in_groups(_tokamax().ragged_dot(x_MK, w_GKN, sizes_G, implementation=impl), sizes_G)
+    y_MN = _tokamax().ragged_dot(x_MK, w_GKN, sizes_G, implementation=impl)
+    return y_MN if all_rows else _rows_in_groups(y_MN, sizes_G)
 
 
-@jax.custom_vjp
-def _grouped_matmul_gpu(x_MK, w_GKN, sizes_G):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped_matmul_gpu(x_MK, w_GKN, sizes_G, all_rows):
     """tokamax's Mosaic GPU kernels for the output and the input gradient; the weight gradient from
     `gmm_grad.grouped_dw` (tokamax's own bf16 weight gradient is wrong on the H200: see that module)."""
-    return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G)
+    return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows)
 
 
-def _gmm_fwd(x_MK, w_GKN, sizes_G):
-    return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G), (x_MK, w_GKN, sizes_G)
+def _gmm_fwd(x_MK, w_GKN, sizes_G, all_rows):
+    return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows), (x_MK, w_GKN, sizes_G)
 
 
-def _gmm_bwd(res, dy_MN):
+def _gmm_bwd(all_rows, res, dy_MN):
     x_MK, w_GKN, sizes_G = res
     dy_MN = dy_MN.astype(x_MK.dtype)
-    dx_MK = _tokamax_ragged_dot(dy_MN, jnp.swapaxes(w_GKN, 1, 2), sizes_G)
+    dx_MK = _tokamax_ragged_dot(dy_MN, jnp.swapaxes(w_GKN, 1, 2), sizes_G, all_rows)
     dw_GKN = gmm_grad.grouped_dw(x_MK, dy_MN, sizes_G).astype(w_GKN.dtype)
     return dx_MK, dw_GKN, None
 
@@ -274,14 +275,16 @@ def _gmm_bwd(res, dy_MN):
 _grouped_matmul_gpu.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def grouped_matmul(x_MK, w_GKN, sizes_G, kernels: str = "auto"):
+def grouped_matmul(x_MK, w_GKN, sizes_G, kernels: str = "auto", all_rows: bool = False):
     """`lax.ragged_dot` semantics: x's rows sorted by group, group g's rows times w[g] ([M, N]); rows past
     sum(sizes) come out zero on every path. On tokamax: its kernels (with this module's weight gradient on GPU);
-    on XLA: `lax.ragged_dot`."""
+    on XLA: `lax.ragged_dot`. all_rows: the caller's groups cover every row (sum(sizes) == M, as the dropless
+    experts on one device), so the kernels' outputs need no zeroing of rows past the groups (a pass over [M, N]
+    each, forward and backward, otherwise)."""
     if resolve(kernels, x_MK.dtype) == "tokamax":
         if platform() in ("gpu", "cuda") and gmm_grad.supported(x_MK.shape[1], w_GKN.shape[2]):
-            return _grouped_matmul_gpu(x_MK, w_GKN, sizes_G)
-        return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G)
+            return _grouped_matmul_gpu(x_MK, w_GKN, sizes_G, all_rows)
+        return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows)
     return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
 
 
