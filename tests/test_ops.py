@@ -236,3 +236,35 @@ def test_auto_takes_the_kernels_on_gpu_for_bf16_only(monkeypatch):
     assert ops.resolve("auto", jnp.float32) == "xla"
     monkeypatch.setattr(ops, "platform", lambda: "tpu")
     assert ops.resolve("auto", jnp.bfloat16) == "xla"  # compiled for v5p, never run on one
+
+
+def test_lm_head_ce_chunks_count_tokens_per_device(monkeypatch):
+    """CE_CHUNK_TOKENS is per device: under a mesh that splits the batch 8 ways, 8 rows of 64 tokens with 64
+    tokens per chunk are one chunk per device, not 8 (the global batch read as one device's made DeepSeek-V3 on
+    512 chips take 512 chunks, each all-reducing a [D, V] float32 weight-gradient partial)."""
+    from deepjax.parallel import sharding as S
+    monkeypatch.setattr(ops, "CE_CHUNK_TOKENS", 64)
+    B, T, D, V = 8, 64, 16, 32
+    h, w = jnp.ones((B, T, D)), jnp.ones((D, V))
+    tgt, wt = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T))
+
+    def scan_lengths(f):
+        jaxpr = jax.make_jaxpr(jax.grad(f))(h, w, tgt, wt)
+        found = []
+
+        def walk(j):
+            for e in j.eqns:
+                if e.primitive.name == "scan":
+                    found.append(e.params["length"])
+                for sub in jax.core.subjaxprs(e) if hasattr(jax.core, "subjaxprs") else []:
+                    walk(sub)
+                for p in e.params.values():
+                    if hasattr(p, "jaxpr"):
+                        walk(p.jaxpr if hasattr(p.jaxpr, "eqns") else p.jaxpr.jaxpr)
+        walk(jaxpr.jaxpr)
+        return found
+
+    assert scan_lengths(ops.lm_head_ce) == [8]  # one device: 64 tokens a chunk over 8 rows, 8 chunks
+    mesh = S.make_mesh(S.MeshConfig(data=8, fsdp=1))
+    with S.use_mesh(mesh, S.rules_for(S.MeshConfig().rules)):
+        assert scan_lengths(ops.lm_head_ce) == [1]  # one row per device: the whole row is one chunk

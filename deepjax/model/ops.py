@@ -40,7 +40,7 @@ from deepjax.model.config import KERNELS
 from deepjax.parallel import sharding
 
 Q_BLOCK = 1024  # XLA attention: queries per block when T is longer (scores live as [B, N, Q_BLOCK, S])
-CE_CHUNK_TOKENS = 4096  # lm_head_ce: B x chunk tokens per step ([4096, V] float32 logits at a time)
+CE_CHUNK_TOKENS = 4096  # lm_head_ce: rows x chunk tokens per step on each device ([4096, V] float32 logits at a time)
 
 
 @functools.cache
@@ -294,7 +294,12 @@ def _ce_chunks(h_BTD, w_DV, targets_BT, weights_BT, with_grad: bool):
     """(loss, dh, dw): sum over positions of weights x CE(h @ w, target), by chunks of positions along T."""
     B, T, D = h_BTD.shape
     V = w_DV.shape[1]
-    c = max(1, min(T, CE_CHUNK_TOKENS // B))
+    # CE_CHUNK_TOKENS per device: under a mesh B is the global batch, split over the batch shards (counting it as
+    # one device's made DeepSeek-V3 on 512 chips take 8-token chunks: 512 steps, each all-reducing a [D, V]
+    # float32 partial weight gradient; docs/LOG.md session 16)
+    ctx = sharding.current()
+    local_B = max(1, B // sharding.batch_shards(*ctx)) if ctx is not None else B
+    c = max(1, min(T, CE_CHUNK_TOKENS // local_B))
     n = -(-T // c)
     pad = n * c - T
     if pad:

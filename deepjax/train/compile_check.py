@@ -232,6 +232,8 @@ def report(compiled, cfg=None, params=None, batch: int = 0, seq: int = 0, mesh=N
     # the step time the counted work implies at the chip's peaks (a lower bound: no overlap loss, no collectives)
     out["step_s_at_peak"] = max(counted.total / peak_flops, counted.bytes / peak_bytes_s)
     out["flops_by_kind"] = counted.by_kind
+    top = sorted(counted.bytes_by_source.items(), key=lambda kv: -kv[1])[:12]
+    out["bytes_by_source_top"] = {k: float(v) for k, v in top}  # where the traffic goes (jax source of each op)
     out["kernels"] = counted.kernels
     out["uncounted_kernels"] = counted.uncounted
     out["loops"] = {"counted": len(counted.loops), "trip_count_from_condition": len(counted.derived_loops),

@@ -60,6 +60,7 @@ class Flops:
     kernels: dict = field(default_factory=dict)  # custom-call target / kernel name -> FLOPs
     bytes: float = 0.0  # HBM traffic: operands + results of every unfused instruction / fusion, loop-aware
     by_source: dict = field(default_factory=dict)  # the op's jax source (metadata op_name) -> FLOPs
+    bytes_by_source: dict = field(default_factory=dict)  # the same -> memory traffic
 
 
 def types(type_text: str) -> list[tuple[str, list[int]]]:
@@ -376,7 +377,11 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
         for ins in instrs:
             op = ins.opcode
             if top and op not in _NO_TRAFFIC:
-                res.bytes += mult * _traffic(ins, [_nbytes([type_of(typed, o)]) for o in ins.operands], comps)
+                b = mult * _traffic(ins, [_nbytes([type_of(typed, o)]) for o in ins.operands], comps)
+                res.bytes += b
+                m = re.search(r'op_name="([^"]*)"', ins.attrs)
+                src = _source(m.group(1)) if m else op
+                res.bytes_by_source[src] = res.bytes_by_source.get(src, 0.0) + b
             if op == "dot":
                 out = dims(ins.shape)[0]
                 lhs = shape_of(shapes, ins.operands[0])
