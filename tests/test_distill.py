@@ -53,16 +53,10 @@ def _compile_once(tmp_path_factory):
     """A persistent compilation cache for this module: the runs below build the same jitted programs again (a straight
     run, a stopped one, its resumption: each a new run object; the SIGKILLed subprocess gets it through the
     environment), and each is compiled once. The executables are the ones a compile makes, so results are the same."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    old = {k: getattr(jax.config, k) for k in CACHE}
+    from conftest import persistent_compile_cache
     CACHE["jax_compilation_cache_dir"] = str(tmp_path_factory.mktemp("jax_cache"))
-    for k, v in CACHE.items():
-        jax.config.update(k, v)
-    cc.reset_cache()  # taken up at the next compile
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
+    with persistent_compile_cache(CACHE["jax_compilation_cache_dir"]):
+        yield
 
 
 EX = {"question": "Compute 3 + 4", "answer": "7", "task": "arithmetic", "meta": json.dumps({"expression": "3 + 4"})}

@@ -168,7 +168,7 @@ def attention_kernel_flops(name: str, operands: list, outputs: list) -> Optional
         width is the one counted: the work the kernel does."""
     gpu_fwd = re.match(r"flash_attention_sm\d+", name) is not None
     gpu_bwd = name == "batched_body"
-    if not (gpu_fwd or gpu_bwd or "splash" in name or "flash" in name):
+    if not (gpu_bwd or "splash" in name or "flash" in name):
         return None
     arrays = [d for dtype, d in operands if dtype in ("bf16", "f16", "f32") and len(d) >= 3]
     if len(arrays) < 3:

@@ -367,6 +367,11 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
         src = _source(m.group(1)) if m else "?"
         res.by_source[src] = res.by_source.get(src, 0.0) + f * mult
 
+    def dot_flops(ins: Instr, contract: list, shapes: dict) -> float:
+        """2 x prod(output dims) x prod(lhs contracting dims) (a custom call's output is its tuple's first)."""
+        lhs = shape_of(shapes, ins.operands[0])
+        return 2.0 * math.prod(dims(ins.shape)[0]) * math.prod(lhs[c] for c in contract)
+
     def comp_flops(name: str, mult: float, top: bool = True) -> float:
         """FLOPs of one execution of computation `name`; records kinds (and, for computations that are not fusion
         bodies, memory traffic) scaled by `mult` executions."""
@@ -383,10 +388,8 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
                 src = _source(m.group(1)) if m else op
                 res.bytes_by_source[src] = res.bytes_by_source.get(src, 0.0) + b
             if op == "dot":
-                out = dims(ins.shape)[0]
-                lhs = shape_of(shapes, ins.operands[0])
                 contract = [int(c) for c in (_attr(ins.attrs, "lhs_contracting_dims") or "").split(",") if c]
-                f = 2.0 * math.prod(out) * math.prod(lhs[c] for c in contract)
+                f = dot_flops(ins, contract, shapes)
                 add("dot", f, mult, ins)
                 total += f
             elif op == "convolution":
@@ -405,10 +408,8 @@ def count(hlo_text: str, kernel_flops: Optional[KernelFlops] = None) -> Flops:
                 gemm = cfg.get("gemm_backend_config")
                 f = None
                 if isinstance(gemm, dict):  # a cuBLAS / cuBLASLt matmul (XLA:GPU's dots): a dot's count
-                    out = dims(ins.shape)[0]
-                    lhs = shape_of(shapes, ins.operands[0])
                     contract = (gemm.get("dot_dimension_numbers") or {}).get("lhs_contracting_dimensions") or []
-                    f = 2.0 * math.prod(out) * math.prod(lhs[int(c)] for c in contract)
+                    f = dot_flops(ins, [int(c) for c in contract], shapes)
                     kname = "cublas"
                 elif any(z in target for z in _NO_FLOP_TARGETS):
                     f = 0.0
