@@ -113,7 +113,8 @@ def one(args) -> dict:
         last = float(m["loss"])
         stats = jax.devices()[0].memory_stats() or {}
         if args.profile:
-            with jax.profiler.trace(os.path.join(args.profile, k), create_perfetto_trace=True):
+            with jax.profiler.trace(os.path.join(args.profile, f"{k}_{cfg.remat}_{cfg.param_dtype}_{B}x{T}"),
+                                    create_perfetto_trace=True):
                 for _ in range(3):
                     state, m = step(state, batch)
                 jax.block_until_ready(m)
@@ -210,7 +211,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after the compile and 2 warmup steps)")
     ap.add_argument("--mesh", nargs="+", action="append", metavar="AXIS=N",
                     help="a mesh over all devices, e.g. --mesh fsdp=2 expert=4 (repeatable: one row each)")
-    ap.add_argument("--profile", metavar="DIR", help="trace 3 more steps of each configuration into DIR/KERNELS")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="trace 3 more steps of each configuration into DIR/KERNELS_REMAT_PARAMDTYPE_BxT")
     ap.add_argument("--autotune", metavar="FILE", help="after timing a tokamax configuration, run tokamax's "
                     "autotuner on its step, write the configs to FILE (JSON) and time the step again under them")
     ap.add_argument("--timeout", type=float, default=540.0, help="seconds per subprocess")

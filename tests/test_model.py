@@ -338,19 +338,19 @@ def test_remat_policies_match(tiny):
     expected_policy = {"none": None, "full": None,
                        "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
     results = {}
-    for policy in ("none", "full", "save_dots", "save_outputs"):
+    for policy in ("none", "full", "save_dots", "save_outputs", "save_experts"):
         g = graphdef if policy == "none" else M.abstract_init(dataclasses.replace(cfg, remat=policy))[0]
         # The config is honoured: both layer scans (dense, MoE) are rematerialized with the named policy.
         found = _remat_policies(jax.make_jaxpr(lambda p, g=g: M.forward(g, p, tokens).logits)(params))
         if policy == "none":
             assert found == []
-        elif policy == "save_outputs":  # a fresh save_only_these_names("attn_out", "ffn_out") per trace
+        elif policy in ("save_outputs", "save_experts"):  # a fresh save_only_these_names(...) per trace
             assert len(found) == 2 and all(f is not None for f in found), found
         else:
             assert len(found) == 2 and all(f is expected_policy[policy] for f in found), (policy, found)
         results[policy] = _value_and_grad(g, trainable, rest, tokens, seg)
     (loss0, (_, logits0)), grads0 = results["none"]
-    for policy in ("full", "save_dots", "save_outputs"):
+    for policy in ("full", "save_dots", "save_outputs", "save_experts"):
         (loss, (_, logits)), grads = results[policy]
         np.testing.assert_allclose(loss, loss0, rtol=1e-6)
         np.testing.assert_allclose(logits, logits0, rtol=1e-5, atol=1e-6)

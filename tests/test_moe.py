@@ -409,3 +409,37 @@ def test_ragged_dot_tile_only_for_large_groups_on_hopper(monkeypatch):
     assert ops._ragged_dot_impl(8 * 2048 * 6, 1024, 1024, 64) == "mosaic_gpu"  # not Hopper
     monkeypatch.setattr(ops, "_impl", lambda op: "xla")
     assert ops._ragged_dot_impl(8 * 2048 * 6, 1024, 1024, 64) == "xla"
+
+
+def _expert_products(jaxpr, D: int, I: int) -> int:
+    """Expert matmuls in a jaxpr: dots / ragged dots against [*, D, I], [*, D, 2I] (gate and up joined) or
+    [*, I, D] weights."""
+    return sum(1 for e in _eqns(jaxpr) if e.primitive.name in ("dot_general", "ragged_dot", "ragged_dot_general")
+               and any(v.aval.ndim == 3 and v.aval.shape[-2:] in ((D, I), (D, 2 * I), (I, D)) for v in e.invars))
+
+
+@pytest.mark.parametrize("path", ["dropless", "dropless_joined", "blocked"])
+def test_save_experts_remat_recomputes_no_expert_matmul(monkeypatch, path):
+    """`model.remat=save_experts` keeps the experts' rows and products (their checkpoint names in moe.py): the
+    backward recomputes none of the expert matmuls that `full` recomputes, and the gradients are the same."""
+    from deepjax.model import moe, ops
+    from deepjax.model.transformer import remat_policy
+    if path == "dropless_joined":  # gate and up as one grouped matmul, as at training shapes
+        monkeypatch.setattr(ops, "LARGE_GROUP_ROWS", 0)
+    rng = np.random.default_rng(5)
+    T, D, I, E, K = 40, 16, 8, 8, 2
+    x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
+    w = jnp.asarray(rng.random((T, K)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]), jnp.int32)
+    ws = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
+    fn = moe.routed_experts_blocked if path == "blocked" else moe.routed_experts_dropless
+
+    def grads(policy):
+        f = lambda x, *ws: jnp.sin(fn(x, w, idx, *ws)).sum()  # noqa: E731
+        return jax.grad(f if policy == "none" else jax.checkpoint(f, policy=remat_policy(policy)),
+                        argnums=(0, 1, 2, 3))
+
+    n = {p: _expert_products(jax.make_jaxpr(grads(p))(x, *ws).jaxpr, D, I) for p in ("none", "full", "save_experts")}
+    assert n["none"] >= 3 and n["full"] >= n["none"] + 2 and n["save_experts"] == n["none"], n
+    for a, b in zip(grads("save_experts")(x, *ws), grads("full")(x, *ws)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -16,7 +16,7 @@ from deepjax.schema import ConfigError, bad, check_finite, check_types, checker,
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_outputs")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_outputs", "save_experts")
 KERNELS = ("auto", "xla", "tokamax")
 ROPE_TYPES = ("yarn",)
 
@@ -81,7 +81,7 @@ class ModelConfig:
     initializer_range: float = 0.006  # V3 paper section 4.2 (the released configs say 0.02)
     dtype: str = "float32"  # activations and matmul inputs
     param_dtype: str = "float32"
-    remat: str = "none"  # per-layer rematerialization: none | full | save_dots | save_outputs (transformer.remat_policy)
+    remat: str = "none"  # per-layer rematerialization, REMAT_POLICIES (transformer.remat_policy)
     kernels: str = "auto"  # attention / grouped-matmul implementation: auto | xla | tokamax (deepjax/model/ops.py)
     capacity_factor: Optional[float] = None  # None: dropless MoE; c: expert-parallel slots = c x balanced load
 

@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from deepjax.model import ops
 from deepjax.model.config import ModelConfig
@@ -143,11 +144,12 @@ def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
     T, K = idx_TK.shape
     E = w_gate_EDI.shape[0]
     flat_X = idx_TK.reshape(-1)
-    order_X = jnp.argsort(flat_X, stable=True)
-    group_sizes_E = jnp.bincount(flat_X, length=E).astype(jnp.int32)
-    xs_XD = sorted_tokens(x_TD, order_X, K)
+    # the names are what `model.remat=save_experts` keeps for the backward (transformer.remat_policy)
+    order_X = checkpoint_name(jnp.argsort(flat_X, stable=True), "moe_order")
+    group_sizes_E = checkpoint_name(jnp.bincount(flat_X, length=E).astype(jnp.int32), "moe_order")
+    xs_XD = checkpoint_name(sorted_tokens(x_TD, order_X, K), "moe_rows")
     y_XD = grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, lambda x, w: ragged_dot(x, w, group_sizes_E))
-    return unsort_sum(y_XD, order_X, w_TK).astype(x_TD.dtype)
+    return unsort_sum(checkpoint_name(y_XD, "moe_rows"), order_X, w_TK).astype(x_TD.dtype)
 
 
 def grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm):
@@ -158,9 +160,11 @@ def grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm):
     would copy them every step: two grouped matmuls."""
     E, _, I = w_gate_EDI.shape
     if xs_XD.shape[0] < ops.LARGE_GROUP_ROWS * E:
-        return gmm(jax.nn.silu(gmm(xs_XD, w_gate_EDI)) * gmm(xs_XD, w_up_EDI), w_down_EID)
-    gu_XI2 = gmm(xs_XD, jnp.concatenate([w_gate_EDI, w_up_EDI], axis=-1))
-    return gmm(jax.nn.silu(gu_XI2[:, :I]) * gu_XI2[:, I:], w_down_EID)
+        g_XI, u_XI = (checkpoint_name(gmm(xs_XD, w), "moe_rows") for w in (w_gate_EDI, w_up_EDI))
+    else:
+        gu_XI2 = checkpoint_name(gmm(xs_XD, jnp.concatenate([w_gate_EDI, w_up_EDI], axis=-1)), "moe_rows")
+        g_XI, u_XI = gu_XI2[:, :I], gu_XI2[:, I:]
+    return gmm(checkpoint_name(jax.nn.silu(g_XI) * u_XI, "moe_rows"), w_down_EID)
 
 
 def block_rows(X: int, E: int) -> int:
@@ -202,10 +206,12 @@ def routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID,
                                                         indices_are_sorted=True)
     block_e = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_blocks) * block, side="right")
     block_e = jnp.minimum(block_e, E - 1)  # blocks past the last expert's rows hold zeros
-    xb = xs_RD.reshape(n_blocks, block, D)
-    h = jax.nn.silu(jnp.einsum("nbd,ndi->nbi", xb, w_gate_EDI[block_e])) * jnp.einsum(
-        "nbd,ndi->nbi", xb, w_up_EDI[block_e])
-    y_RD = jnp.einsum("nbi,nid->nbd", h, w_down_EID[block_e]).reshape(R, D)
+    # the names: what `model.remat=save_experts` keeps, as in routed_experts_dropless
+    order_X, dest_X, block_e = (checkpoint_name(a, "moe_order") for a in (order_X, dest_X, block_e))
+    xb = checkpoint_name(xs_RD.reshape(n_blocks, block, D), "moe_rows")
+    g, u = (checkpoint_name(jnp.einsum("nbd,ndi->nbi", xb, w[block_e]), "moe_rows") for w in (w_gate_EDI, w_up_EDI))
+    h = checkpoint_name(jax.nn.silu(g) * u, "moe_rows")
+    y_RD = checkpoint_name(jnp.einsum("nbi,nid->nbd", h, w_down_EID[block_e]).reshape(R, D), "moe_rows")
     y_XD = y_RD.at[dest_X].get(unique_indices=True, indices_are_sorted=True)
     return unsort_sum(y_XD, order_X, w_TK).astype(x_TD.dtype)
 
