@@ -401,3 +401,24 @@ def test_mtp_learns_repeating_sequence(tiny):
     assert np.isfinite(history).all()
     assert history[0] > 0.8 * math.log(cfg.vocab_size)  # starts near chance
     assert history[-1] < 0.2 * history[0], history  # 6.3 -> 0.2 in practice
+
+
+@pytest.mark.parametrize("remat", ["none", "save_experts"])
+def test_unrolled_layers_equal_scanned(tiny, remat):
+    """`model.scan_layers=False` (a Python loop over the stacked layers, for GPUs where the scan's stacked
+    residuals cost more than they save) gives the scan's loss, logits and gradients, and no scan is left."""
+    cfg, graphdef, params = tiny
+    tokens, seg = _toy_batch(cfg.vocab_size)
+    trainable, rest = nnx.split_state(params, nnx.Param, ...)
+    scanned = M.abstract_init(dataclasses.replace(cfg, remat=remat))[0]
+    unrolled = M.abstract_init(dataclasses.replace(cfg, remat=remat, scan_layers=False))[0]
+    n_scans = {g: str(jax.make_jaxpr(lambda p, g=g: M.forward(g, p, tokens).logits)(params)).count(" scan[")
+               for g in (scanned, unrolled)}
+    assert n_scans[scanned] == n_scans[unrolled] + 2, n_scans  # the dense and the MoE stacks
+    (loss0, (_, logits0)), grads0 = _value_and_grad(scanned, trainable, rest, tokens, seg)
+    (loss, (_, logits)), grads = _value_and_grad(unrolled, trainable, rest, tokens, seg)
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+    np.testing.assert_allclose(logits, logits0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(grads)) > 1e-3

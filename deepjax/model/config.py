@@ -82,6 +82,7 @@ class ModelConfig:
     dtype: str = "float32"  # activations and matmul inputs
     param_dtype: str = "float32"
     remat: str = "none"  # per-layer rematerialization, REMAT_POLICIES (transformer.remat_policy)
+    scan_layers: bool = True  # training: each layer stack as one lax.scan (False: a Python loop over the layers)
     kernels: str = "auto"  # attention / grouped-matmul implementation: auto | xla | tokamax (deepjax/model/ops.py)
     capacity_factor: Optional[float] = None  # None: dropless MoE; c: expert-parallel slots = c x balanced load
 
@@ -223,7 +224,8 @@ class ModelConfig:
         d = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("dtype", "param_dtype", "remat", "kernels", "capacity_factor", "rope_scaling")
+            if f.name not in ("dtype", "param_dtype", "remat", "scan_layers", "kernels", "capacity_factor",
+                              "rope_scaling")
         }
         d["rope_scaling"] = None if self.rope_scaling is None else dataclasses.asdict(self.rope_scaling)
         d["model_type"] = "deepseek_v3" if is_v3 else "deepseek_v2"

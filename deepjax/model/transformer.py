@@ -51,6 +51,23 @@ class Output(NamedTuple):
     route_diff: Optional[jnp.ndarray] = None  # [L_moe]: tokens with given routes whose own routing differs
 
 
+def _unrolled(body, x, state, routes_LBTK):
+    """`lax.scan(body, x, (state, None, routes))` as a Python loop over the layers (`ModelConfig.scan_layers` False):
+    each layer's residuals are arrays of their own, where a scan stacks them into [L, ...] buffers (zero-filled,
+    updated in place each iteration, sliced again in the backward: copies that cost more than the recomputation
+    they save on an H100, docs/LOG.md session 17). The stacks are split with `lax.split`, whose transpose
+    concatenates the layers' gradients once (a slice's would pad each to the whole stack)."""
+    leaves, treedef = jax.tree.flatten(state)
+    L = leaves[0].shape[0]
+    parts = [[p.reshape(p.shape[1:]) for p in jax.lax.split(a, (1,) * L, axis=0)] for a in leaves]
+    outs = []
+    for l in range(L):
+        layer = jax.tree.unflatten(treedef, [p[l] for p in parts])
+        x, out = body(x, (layer, None, None if routes_LBTK is None else routes_LBTK[l]))
+        outs.append(out)
+    return x, jax.tree.map(lambda *v: jnp.stack(v), *outs)
+
+
 def remat_policy(name: str):
     """The `jax.checkpoint` policy of a `ModelConfig.remat` name, or False for no rematerialization:
       none          keep every intermediate of the layer for the backward (fastest, most memory)
@@ -157,7 +174,9 @@ class Transformer(nnx.Module):
         policy = remat_policy(self.cfg.remat)
         if policy is not False and kv_LBSc is None:
             body = jax.checkpoint(body, policy=policy)
-        return jax.lax.scan(body, x_BTD, (state, kv_LBSc, routes_LBTK))
+        if self.cfg.scan_layers or kv_LBSc is not None:
+            return jax.lax.scan(body, x_BTD, (state, kv_LBSc, routes_LBTK))
+        return _unrolled(body, x_BTD, state, routes_LBTK)
 
     def embed_tokens(self, tokens_BT):
         # Cast before the lookup: the table's gradient (a scatter-add, full [V, D] per device under FSDP)
