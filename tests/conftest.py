@@ -86,6 +86,23 @@ def compile_cache(jax_cache_env):
         yield jax_cache_env
 
 
+@pytest.fixture
+def expert_problem():
+    """make(seed, T, D, I, E, K): a routed-experts problem in float32, (x [T, D], routing weights [T, K], expert
+    ids [T, K] (K distinct per token), [w_gate [E, D, I], w_up [E, D, I], w_down [E, I, D]])."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    def make(seed: int, T: int, D: int, I: int, E: int, K: int):
+        rng = np.random.default_rng(seed)
+        x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
+        w = jnp.asarray(rng.random((T, K)), jnp.float32)
+        idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]), jnp.int32)
+        ws = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
+        return x, w, idx, ws
+    return make
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
     """Drop every compiled program when a test module ends. XLA:CPU maps memory for each executable it loads (about 6

@@ -252,17 +252,12 @@ def test_expert_load_counts_valid_tokens_only():
 
 
 @pytest.mark.parametrize("skew", [False, True])
-def test_blocked_grouped_matmul_equals_dense_reference(skew):
+def test_blocked_grouped_matmul_equals_dense_reference(skew, expert_problem):
     from deepjax.model import moe
-    rng = np.random.default_rng(3)
     T, D, I, E, K = 60, 16, 8, 8, 3
-    x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
-    w = jnp.asarray(rng.random((T, K)), jnp.float32)
-    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(T)])
+    x, w, idx, ws = expert_problem(3, T, D, I, E, K)
     if skew:  # every token to experts 0..K-1: one expert's rows span many blocks, the others are empty
-        idx = np.tile(np.arange(K), (T, 1))
-    idx = jnp.asarray(idx, jnp.int32)
-    ws = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
+        idx = jnp.asarray(np.tile(np.arange(K), (T, 1)), jnp.int32)
     ref = moe.routed_experts_dense(x, w, idx, *ws)
     for block in (4, 16, 128):
         np.testing.assert_allclose(moe.routed_experts_blocked(x, w, idx, *ws, block=block), ref, rtol=1e-5,
@@ -419,19 +414,15 @@ def _expert_products(jaxpr, D: int, I: int) -> int:
 
 
 @pytest.mark.parametrize("path", ["dropless", "dropless_joined", "blocked"])
-def test_save_experts_remat_recomputes_no_expert_matmul(monkeypatch, path):
+def test_save_experts_remat_recomputes_no_expert_matmul(monkeypatch, path, expert_problem):
     """`model.remat=save_experts` keeps the experts' rows and products (their checkpoint names in moe.py): the
     backward recomputes none of the expert matmuls that `full` recomputes, and the gradients are the same."""
     from deepjax.model import moe, ops
     from deepjax.model.transformer import remat_policy
     if path == "dropless_joined":  # gate and up as one grouped matmul, as at training shapes
         monkeypatch.setattr(ops, "LARGE_GROUP_ROWS", 0)
-    rng = np.random.default_rng(5)
     T, D, I, E, K = 40, 16, 8, 8, 2
-    x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
-    w = jnp.asarray(rng.random((T, K)), jnp.float32)
-    idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]), jnp.int32)
-    ws = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
+    x, w, idx, ws = expert_problem(5, T, D, I, E, K)
     fn = moe.routed_experts_blocked if path == "blocked" else moe.routed_experts_dropless
 
     def grads(policy):

@@ -73,14 +73,10 @@ def test_cached_decode_equals_full_forward_teacher_forced(tiny, attention):
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=2e-5)
 
 
-def test_decode_expert_paths_agree():
+def test_decode_expert_paths_agree(expert_problem):
     from deepjax.model import moe
-    rng = np.random.default_rng(0)
     T, D, I, E, K = 5, 16, 8, 8, 3
-    x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
-    w = jnp.asarray(rng.random((T, K)), jnp.float32)
-    idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]), jnp.int32)
-    ws = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
+    x, w, idx, ws = expert_problem(0, T, D, I, E, K)
     ref = moe.routed_experts_dense(x, w, idx, *ws)
     gu, down = jnp.swapaxes(jnp.concatenate(ws[:2], -1), 1, 2), jnp.swapaxes(ws[2], 1, 2)  # contracted axis last
     np.testing.assert_allclose(DF.experts_gathered(x, w, idx, gu, down), ref, rtol=1e-5, atol=1e-5)
