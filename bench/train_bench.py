@@ -77,14 +77,14 @@ def one(args) -> dict:
     """One configuration, in this process: its JSON record."""
     k = args.one
     rec = dict(what="train_step", kernels=k, preset=args.preset, B=args.batch, T=args.seq, docs=args.docs,
-               remat=args.remat[0], layers=args.layers[0], param_dtype=args.param_dtype[0], jax=jax.__version__,
+               remat=args.remat[0], layer_loop=args.layer_loop[0], param_dtype=args.param_dtype[0], jax=jax.__version__,
                device=jax.devices()[0].device_kind)
     try:
         rec["resolved"] = ops.resolve(k, jnp.bfloat16)
     except Exception as e:  # noqa: BLE001
         rec["resolved"] = f"unavailable ({type(e).__name__}: {e})"[:200]
     cfg = dataclasses.replace(getattr(presets, args.preset)(), dtype="bfloat16", param_dtype=args.param_dtype[0],
-                              remat=args.remat[0], scan_layers=args.layers[0] == "scan", kernels=k)
+                              remat=args.remat[0], layer_loop=args.layer_loop[0], kernels=k)
     cfg.validate()
     o, t = OptimConfig(), TrainConfig()
     # as deepjax/train/run.py (abstract_train_state, Run, jit_update) and loop.py (TrainRun) on one device
@@ -113,7 +113,7 @@ def one(args) -> dict:
         last = float(m["loss"])
         stats = jax.devices()[0].memory_stats() or {}
         if args.profile:
-            with jax.profiler.trace(os.path.join(args.profile, f"{k}_{cfg.remat}_{args.layers[0]}_{cfg.param_dtype}_{B}x{T}"),
+            with jax.profiler.trace(os.path.join(args.profile, f"{k}_{cfg.remat}_{cfg.layer_loop}_{cfg.param_dtype}_{B}x{T}"),
                                     create_perfetto_trace=True):
                 for _ in range(3):
                     state, m = step(state, batch)
@@ -206,8 +206,9 @@ def main(argv=None):
     ap.add_argument("--remat", nargs="+", default=["none"],
                     help="ModelConfig.remat policies, one row each: none | full | save_dots | save_outputs | "
                     "save_experts")
-    ap.add_argument("--layers", nargs="+", default=["scan"], choices=["scan", "loop"],
-                    help="the layer stacks as a lax.scan or a Python loop (ModelConfig.scan_layers), one row each")
+    ap.add_argument("--layer-loop", nargs="+", default=["auto"], choices=["auto", "scan", "python"],
+                    help="ModelConfig.layer_loop values, one row each: the layer stacks as a lax.scan or a Python "
+                    "loop (auto: the loop on GPU for the bench preset)")
     ap.add_argument("--param-dtype", nargs="+", default=["float32"], help="parameter dtypes, one row each")
     ap.add_argument("--shapes", nargs="+", metavar="BxT",
                     help="batch x length shapes, one row (and one HF anchor) each; default --batch x --seq")
@@ -215,7 +216,7 @@ def main(argv=None):
     ap.add_argument("--mesh", nargs="+", action="append", metavar="AXIS=N",
                     help="a mesh over all devices, e.g. --mesh fsdp=2 expert=4 (repeatable: one row each)")
     ap.add_argument("--profile", metavar="DIR",
-                    help="trace 3 more steps of each configuration into DIR/KERNELS_REMAT_LAYERS_PARAMDTYPE_BxT")
+                    help="trace 3 more steps of each configuration into DIR/KERNELS_REMAT_LAYERLOOP_PARAMDTYPE_BxT")
     ap.add_argument("--autotune", metavar="FILE", help="after timing a tokamax configuration, run tokamax's "
                     "autotuner on its step, write the configs to FILE (JSON) and time the step again under them")
     ap.add_argument("--timeout", type=float, default=540.0, help="seconds per subprocess")
@@ -244,10 +245,10 @@ def main(argv=None):
     for B, T in shapes:
         rows = []
         for k in args.kernels:
-            for remat, layers, pd, mesh in itertools.product(args.remat, args.layers, args.param_dtype,
+            for remat, loop, pd, mesh in itertools.product(args.remat, args.layer_loop, args.param_dtype,
                                                              args.mesh or [None]):
                 common = ["--preset", args.preset, "--batch", str(B), "--seq", str(T), "--docs", str(args.docs),
-                          "--remat", remat, "--layers", layers, "--param-dtype", pd, "--steps", str(args.steps)] + (
+                          "--remat", remat, "--layer-loop", loop, "--param-dtype", pd, "--steps", str(args.steps)] + (
                     ["--profile", args.profile] if args.profile else []) + (
                     ["--autotune", args.autotune] if args.autotune else []) + (["--mesh", *mesh] if mesh else [])
                 recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
@@ -266,7 +267,7 @@ def main(argv=None):
         for r in rows:
             device = device or r.get("device", "")
             mesh = ",".join(f"{a}{n}" for a, n in (r.get("mesh") or {}).items() if n > 1) or "1 device"
-            loop = " (loop)" if r.get("layers") == "loop" else ""
+            loop = f" ({r['layer_loop']})" if r.get("layer_loop", "auto") != "auto" else ""
             head = f"| {B} x {T} | {r['kernels']} | {r.get('remat')}{loop} | {r.get('param_dtype')} | {mesh} |"
             if "error" in r:
                 table.append(f"{head} error: {r['error'][:100]} | | | | | | | | |")

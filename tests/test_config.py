@@ -235,7 +235,7 @@ PUBLISHED = {
         bos_token_id=100000, eos_token_id=100001),
 }
 # Every DeepSeek config.json field is pinned above; the rest are deepjax's own.
-DEEPJAX_ONLY = {"initializer_range", "dtype", "param_dtype", "remat", "scan_layers", "kernels", "capacity_factor"}
+DEEPJAX_ONLY = {"initializer_range", "dtype", "param_dtype", "remat", "layer_loop", "kernels", "capacity_factor"}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

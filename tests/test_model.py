@@ -405,13 +405,21 @@ def test_mtp_learns_repeating_sequence(tiny):
 
 @pytest.mark.parametrize("remat", ["none", "save_experts"])
 def test_unrolled_layers_equal_scanned(tiny, remat):
-    """`model.scan_layers=False` (a Python loop over the stacked layers, for GPUs where the scan's stacked
-    residuals cost more than they save) gives the scan's loss, logits and gradients, and no scan is left."""
+    """`model.layer_loop=python` (a Python loop over the stacked layers, for GPUs where the scan's stacked
+    residuals cost more than they save) gives the scan's loss, logits and gradients, and no scan is left; "auto"
+    scans on the CPU and loops on a GPU for small models."""
     cfg, graphdef, params = tiny
     tokens, seg = _toy_batch(cfg.vocab_size)
     trainable, rest = nnx.split_state(params, nnx.Param, ...)
     scanned = M.abstract_init(dataclasses.replace(cfg, remat=remat))[0]
-    unrolled = M.abstract_init(dataclasses.replace(cfg, remat=remat, scan_layers=False))[0]
+    unrolled = M.abstract_init(dataclasses.replace(cfg, remat=remat, layer_loop="python"))[0]
+    from deepjax.model import transformer
+    assert not transformer.python_layer_loop(cfg)  # auto on the CPU
+    assert transformer.python_layer_loop(dataclasses.replace(cfg, layer_loop="python"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transformer.ops, "platform", lambda: "gpu")
+        assert transformer.python_layer_loop(cfg) and not transformer.python_layer_loop(presets.deepseek_v3())
+        assert not transformer.python_layer_loop(dataclasses.replace(cfg, layer_loop="scan"))
     n_scans = {g: str(jax.make_jaxpr(lambda p, g=g: M.forward(g, p, tokens).logits)(params)).count(" scan[")
                for g in (scanned, unrolled)}
     assert n_scans[scanned] == n_scans[unrolled] + 2, n_scans  # the dense and the MoE stacks

@@ -16,6 +16,7 @@ from deepjax.schema import ConfigError, bad, check_finite, check_types, checker,
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 DTYPES = ("float32", "bfloat16", "float16")
+LAYER_LOOPS = ("auto", "scan", "python")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_outputs", "save_experts")
 KERNELS = ("auto", "xla", "tokamax")
 ROPE_TYPES = ("yarn",)
@@ -82,7 +83,7 @@ class ModelConfig:
     dtype: str = "float32"  # activations and matmul inputs
     param_dtype: str = "float32"
     remat: str = "none"  # per-layer rematerialization, REMAT_POLICIES (transformer.remat_policy)
-    scan_layers: bool = True  # training: each layer stack as one lax.scan (False: a Python loop over the layers)
+    layer_loop: str = "auto"  # training's loop over each layer stack, LAYER_LOOPS (transformer.python_layer_loop)
     kernels: str = "auto"  # attention / grouped-matmul implementation: auto | xla | tokamax (deepjax/model/ops.py)
     capacity_factor: Optional[float] = None  # None: dropless MoE; c: expert-parallel slots = c x balanced load
 
@@ -161,6 +162,8 @@ class ModelConfig:
             fail("remat", f"unknown; choose from {REMAT_POLICIES}")
         if m.kernels not in KERNELS:
             fail("kernels", f"unknown; choose from {KERNELS}")
+        if m.layer_loop not in LAYER_LOOPS:
+            fail("layer_loop", f"unknown; choose from {LAYER_LOOPS}")
         if m.rope_scaling is not None:
             m.rope_scaling.validate()
         check_finite(m, "model.")  # last: an inf passes "must be positive" (initializer_range=inf)
@@ -224,7 +227,7 @@ class ModelConfig:
         d = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("dtype", "param_dtype", "remat", "scan_layers", "kernels", "capacity_factor",
+            if f.name not in ("dtype", "param_dtype", "remat", "layer_loop", "kernels", "capacity_factor",
                               "rope_scaling")
         }
         d["rope_scaling"] = None if self.rope_scaling is None else dataclasses.asdict(self.rope_scaling)

@@ -51,12 +51,25 @@ class Output(NamedTuple):
     route_diff: Optional[jnp.ndarray] = None  # [L_moe]: tokens with given routes whose own routing differs
 
 
+# model.layer_loop=auto takes the Python loop on GPUs for models of at most this many layers: each layer is then
+# compiled on its own (the bench preset's 12 layers: 175 s against the scan's 39 s on an H100).
+AUTO_PYTHON_LOOP_MAX_LAYERS = 16
+
+
+def python_layer_loop(cfg: ModelConfig) -> bool:
+    """Whether training runs the layer stacks as a Python loop (`ModelConfig.layer_loop`): "python", or "auto" on
+    a GPU with at most AUTO_PYTHON_LOOP_MAX_LAYERS layers. With `lax.scan` XLA:GPU stacks every residual the
+    backward keeps into a zero-filled [L, ...] buffer, updates it each layer and slices it again: at the bench
+    preset (remat none, H100) 101 ms a step as a loop against 139 ms as a scan (docs/LOG.md, session 17)."""
+    if cfg.layer_loop == "auto":
+        return ops.platform() in ("gpu", "cuda") and cfg.num_hidden_layers <= AUTO_PYTHON_LOOP_MAX_LAYERS
+    return cfg.layer_loop == "python"
+
+
 def _unrolled(body, x, state, routes_LBTK):
-    """`lax.scan(body, x, (state, None, routes))` as a Python loop over the layers (`ModelConfig.scan_layers` False):
-    each layer's residuals are arrays of their own, where a scan stacks them into [L, ...] buffers (zero-filled,
-    updated in place each iteration, sliced again in the backward: copies that cost more than the recomputation
-    they save on an H100, docs/LOG.md session 17). The stacks are split with `lax.split`, whose transpose
-    concatenates the layers' gradients once (a slice's would pad each to the whole stack)."""
+    """`lax.scan(body, x, (state, None, routes))` as a Python loop over the layers (`python_layer_loop`): each
+    layer's residuals are arrays of their own. The stacks are split with `lax.split`, whose transpose concatenates
+    the layers' gradients once (a slice's would pad each to the whole stack)."""
     leaves, treedef = jax.tree.flatten(state)
     L = leaves[0].shape[0]
     parts = [[p.reshape(p.shape[1:]) for p in jax.lax.split(a, (1,) * L, axis=0)] for a in leaves]
@@ -174,7 +187,7 @@ class Transformer(nnx.Module):
         policy = remat_policy(self.cfg.remat)
         if policy is not False and kv_LBSc is None:
             body = jax.checkpoint(body, policy=policy)
-        if self.cfg.scan_layers or kv_LBSc is not None:
+        if kv_LBSc is not None or not python_layer_loop(self.cfg):
             return jax.lax.scan(body, x_BTD, (state, kv_LBSc, routes_LBTK))
         return _unrolled(body, x_BTD, state, routes_LBTK)
 

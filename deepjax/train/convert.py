@@ -61,7 +61,7 @@ from deepjax.train.checkpoint import TMP_SUFFIX, list_steps, verify_step, write_
 from deepjax.train.run import abstract_train_state
 
 # ModelConfig fields an HF config.json does not carry: taken from --run-config, never compared with the checkpoint.
-LOCAL_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "kernels", "capacity_factor")
+LOCAL_FIELDS = ("dtype", "param_dtype", "remat", "layer_loop", "kernels", "capacity_factor")
 # DeepSeek-V3's release config.json entry for its FP8 weights.
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "weight_block_size": [hf.FP8_BLOCK, hf.FP8_BLOCK]}
