@@ -95,6 +95,10 @@ def test_replay_uses_the_recorded_experts(tiny):
     differ = (_as_sets(own.routes) != want).any(-1)[:, real]  # [L, n_real]
     assert differ.any() and not differ.all(), differ.mean()  # the perturbation moved some routes, not all
     np.testing.assert_array_equal(_as_sets(replayed.routes)[:, real], want[:, real])  # replayed: the recorded ones
+    # the layers as a Python loop (`model.layer_loop`, GPU's default) replay each layer's own routes too
+    loop = _forward(M.abstract_init(dataclasses.replace(cfg, layer_loop="python"))[0], moved, b, routes)
+    np.testing.assert_array_equal(np.asarray(loop.routes), np.asarray(replayed.routes))
+    np.testing.assert_allclose(np.asarray(loop.logits), np.asarray(replayed.logits), atol=1e-5)
     # per layer, the tokens whose own choice differs: in the first MoE layer those of the unreplayed forward; deeper,
     # the trainer's own choice on the replayed path's hidden states
     assert float(replayed.route_diff[0]) == differ[0].sum() and (np.asarray(replayed.route_diff) > 0).all()

@@ -53,9 +53,13 @@ def _rel(a, b):
     return float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-30))
 
 
-@pytest.mark.parametrize("name", list(MESHES))
+@pytest.mark.parametrize("name", list(MESHES) + ["data2_fsdp2_expert2/python"])
 def test_sharded_equals_single_device(reference, name):
+    """.../python: the layer stacks as a Python loop (`model.layer_loop`, GPU's default) under the mesh."""
     cfg, tokens, loss, load, grads, graphdef, params = reference
+    name, _, loop = name.partition("/")
+    if loop:
+        graphdef = M.abstract_init(dataclasses.replace(cfg, layer_loop=loop))[0]
     mcfg = MESHES[name]
     mesh, rules = S.make_mesh(mcfg), S.rules_for(mcfg.rules)
     shardings = M.param_shardings(params, mesh, rules)
