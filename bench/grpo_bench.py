@@ -398,7 +398,7 @@ def main(argv=None):
     ap.add_argument("--param-dtype", default="float32", help="deepjax's model.param_dtype (TRL: float32 + bf16 "
                     "autocast)")
     ap.add_argument("--remat", default="full", help="model.remat of the update (none | full | save_dots | "
-                    "save_outputs)")
+                    "save_outputs | save_experts)")
     ap.add_argument("--micro-batches", type=int, default=16, help="rl.micro_batches: the update's rows in this many "
                     "sequential parts (must divide --prompts x --group)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

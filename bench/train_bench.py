@@ -3,7 +3,9 @@ run's mesh, state donated), per `ModelConfig.kernels`, beside the HF transformer
 
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/train_bench.py --kernels xla tokamax
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/train_bench.py --kernels tokamax --shapes 8x2048 2x8192 \
-        --remat none full save_dots save_outputs --param-dtype float32 bfloat16     # issue 32's table
+        --remat none full save_dots save_outputs save_experts --param-dtype float32 bfloat16     # issue 32's table
+    JAX_PLATFORMS=cuda PYTHONPATH=. python bench/train_bench.py --kernels tokamax --remat none full \
+        --layer-loop scan python --param-dtype bfloat16     # the layer stacks as a scan or a Python loop
     PYTHONPATH=. python bench/train_bench.py --batch 1 --seq 64 --steps 1 --preset tiny --no-hf --kernels xla  # CPU
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/train_bench.py --kernels tokamax --batch 64 --no-hf \
         --mesh data=1 fsdp=-1 expert=1   --mesh fsdp=1 expert=8        # 8 GPUs: FSDP, then expert parallel (issue 24)
@@ -113,8 +115,9 @@ def one(args) -> dict:
         last = float(m["loss"])
         stats = jax.devices()[0].memory_stats() or {}
         if args.profile:
-            with jax.profiler.trace(os.path.join(args.profile, f"{k}_{cfg.remat}_{cfg.layer_loop}_{cfg.param_dtype}_{B}x{T}"),
-                                    create_perfetto_trace=True):
+            name = f"{k}_{cfg.remat}_{cfg.layer_loop}_{cfg.param_dtype}_{B}x{T}" + "".join(
+                f"_{a}{n}" for a, n in rec["mesh"].items() if n > 1)
+            with jax.profiler.trace(os.path.join(args.profile, name), create_perfetto_trace=True):
                 for _ in range(3):
                     state, m = step(state, batch)
                 jax.block_until_ready(m)
@@ -253,8 +256,8 @@ def main(argv=None):
                     ["--autotune", args.autotune] if args.autotune else []) + (["--mesh", *mesh] if mesh else [])
                 recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
                 r = next((r for r in recs if r.get("what") == "train_step"), None)
-                rows.append(r or emit(what="train_step", kernels=k, remat=remat, param_dtype=pd, B=B, T=T,
-                                      mesh=mesh, error=f"no result: {err}"))
+                rows.append(r or emit(what="train_step", kernels=k, remat=remat, layer_loop=loop, param_dtype=pd,
+                                      B=B, T=T, mesh=mesh, error=f"no result: {err}"))
         hf = None
         if not args.no_hf:
             env = dict(os.environ, B=str(B), T=str(T))

@@ -403,3 +403,22 @@ def test_nested_rl_configs_override_round_trip_and_name_the_field():
     bad["rl"]["loss"]["aggregation"] = "mean"
     with pytest.raises(ConfigError, match="rl.loss: GRPOConfig.aggregation"):
         from_dict(bad)
+
+
+def test_resume_check_takes_missing_fields_as_defaults_and_ignores_execution_only_ones():
+    """A checkpoint written before a model field existed resumes (the field counts as its default); layer_loop may
+    differ (the same parameters and math); any other difference is one clear error naming the field."""
+    from deepjax.config import to_dict
+    from deepjax.train.run import check_same_model
+    cfg = Config(model=presets.tiny())
+    saved = to_dict(cfg)
+    del saved["model"]["layer_loop"]
+    check_same_model(saved, cfg, "old/ckpt")
+    saved["model"]["layer_loop"] = "python"
+    check_same_model(saved, cfg, "old/ckpt")
+    saved["model"]["vocab_size"] = cfg.model.vocab_size + 1
+    with pytest.raises(ConfigError, match=r"model.vocab_size=512 but the checkpoint in old/ckpt"):
+        check_same_model(saved, cfg, "old/ckpt")
+    del saved["model"]["vocab_size"]  # missing: the default (V3's), not this tiny model's
+    with pytest.raises(ConfigError, match=r"model.vocab_size"):
+        check_same_model(saved, cfg, "old/ckpt")

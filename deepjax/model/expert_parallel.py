@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, PartitionSpec as P
 
 from deepjax.model import moe, ops
@@ -51,9 +52,11 @@ def _axes(spec_entry) -> tuple[str, ...]:
 def _local_experts(xs, local_e, E_l, wg, wu, wd, kernels: str):
     """Dropless grouped matmul over received rows; rows with id E_l (empty slots, sorted last and outside every
     group) give zeros."""
-    o2 = jnp.argsort(local_e, stable=True)
-    sizes = jnp.bincount(local_e, length=E_l + 1)[:E_l].astype(jnp.int32)
-    xs = xs.at[o2].get(unique_indices=True)  # a permutation: its gradient scatters without collisions
+    # the names: what `model.remat=save_experts` keeps (moe.routed_experts_dropless); with several token blocks
+    # (TOKEN_CHUNK) each block is rematerialized whole anyway
+    o2 = checkpoint_name(jnp.argsort(local_e, stable=True), "moe_order")
+    sizes = checkpoint_name(jnp.bincount(local_e, length=E_l + 1)[:E_l].astype(jnp.int32), "moe_order")
+    xs = checkpoint_name(xs.at[o2].get(unique_indices=True), "moe_rows")  # a permutation: scatters without collisions
     ys = moe.grouped_swiglu(xs, wg, wu, wd, lambda x, w: ops.grouped_matmul(x, w, sizes, kernels))
     ys = jnp.where((local_e[o2] < E_l)[:, None], ys, 0)
     return ys.at[inverse_permutation(o2)].get(unique_indices=True)

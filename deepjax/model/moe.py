@@ -270,6 +270,9 @@ class MoE(nnx.Module):
             route_diff = jnp.sum((given_BT & routes_differ(routes_BTK, own_BTK)).astype(jnp.float32))
             if not replay:
                 w_BTK, idx_BTK, scores_BTE = route(logits_BTE, bias, cfg)
+        # kept under `model.remat=save_experts` with the experts' own sort: a backward that recomputed the choices
+        # could break a near-tie the other way than the kept rows did
+        idx_BTK = checkpoint_name(idx_BTK, "moe_order")
         dt = x_BTD.dtype
         y_TD = experts_fn(x_BTD.reshape(B * T, D), w_BTK.reshape(B * T, -1), idx_BTK.reshape(B * T, -1),
                           self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))

@@ -72,6 +72,8 @@ def _unrolled(body, x, state, routes_LBTK):
     the layers' gradients once (a slice's would pad each to the whole stack)."""
     leaves, treedef = jax.tree.flatten(state)
     L = leaves[0].shape[0]
+    if routes_LBTK is not None and routes_LBTK.shape[0] != L:
+        raise ValueError(f"routes for {routes_LBTK.shape[0]} layers, the stack has {L}")
     parts = [[p.reshape(p.shape[1:]) for p in jax.lax.split(a, (1,) * L, axis=0)] for a in leaves]
     outs = []
     for l in range(L):

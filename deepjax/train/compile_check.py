@@ -111,7 +111,8 @@ def model_flops(cfg, params, batch: int, seq: int) -> dict:
     """The model's FLOPs per optimizer step (all chips): {"main", "mtp", "remat"}. main and mtp are the PaLM
     convention (6 x matmul-active parameters + non-causal attention, per token); remat is the forward of the
     scanned layers that cfg.remat recomputes in the backward (full / save_outputs: all of it; save_dots: the
-    attention products, the one matmul family with batch dimensions it does not save)."""
+    attention products, the one matmul family with batch dimensions it does not save; save_experts: all but the
+    routed experts' products)."""
     tokens = batch * seq
     D, V = cfg.hidden_size, cfg.vocab_size
     attn = 6 * cfg.num_attention_heads * seq * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
@@ -123,7 +124,10 @@ def model_flops(cfg, params, batch: int, seq: int) -> dict:
     mtp = (6 * (mtp_params - n_mtp * unchosen + n_mtp * D * V) + n_mtp * attn) * tokens
     layers = active - 2 * V * D  # without the embedding and the head
     L = cfg.num_hidden_layers
-    remat = {"none": 0.0, "save_dots": L * attn / 3 * tokens}.get(cfg.remat, (2 * layers + L * attn / 3) * tokens)
+    routed = cfg.n_moe_layers * cfg.num_experts_per_tok * 3 * D * cfg.moe_intermediate_size  # kept by save_experts
+    remat = {"none": 0.0, "save_dots": L * attn / 3 * tokens,
+             "save_experts": (2 * (layers - routed) + L * attn / 3) * tokens}.get(
+        cfg.remat, (2 * layers + L * attn / 3) * tokens)
     return {"main": float(main), "mtp": float(mtp), "remat": float(remat)}
 
 
@@ -150,7 +154,7 @@ def expert_overhead(cfg, tokens_local: int, ep: int, kernels: str) -> dict:
         b = moe.block_rows(X, E)
         rows = math.ceil((X + E * (b - 1)) / b) * b
     in_model = cfg.remat in ("full", "save_outputs")  # model_flops' remat term recomputes the real rows
-    recompute = in_model or blocks > 1 or (cfg.remat != "none" and kernels == "tokamax")
+    recompute = in_model or blocks > 1 or (cfg.remat not in ("none", "save_experts") and kernels == "tokamax")
     per_row = 3 * 2 * cfg.hidden_size * cfg.moe_intermediate_size * (cfg.n_moe_layers + cfg.num_nextn_predict_layers)
     return {"expert_rows": float((rows - X) * per_row * (3 + recompute)),
             "expert_block_remat": float(X * per_row if recompute and not in_model else 0.0)}

@@ -61,10 +61,18 @@ def check_vocab(cfg: Config, tokenizer) -> None:
                           f"({tokenizer.vocab_size} ids, data.tokenizer={cfg.data.tokenizer!r})")
 
 
+# Model fields that say how the step runs, not what it computes (the same parameters, the same math): a run may
+# resume or start from a checkpoint with another value.
+EXECUTION_ONLY_FIELDS = ("layer_loop",)
+
+
 def check_same_model(saved: dict, cfg: Config, where: str) -> None:
+    """The checkpoint's model is this config's model. A field the saved config lacks (written before the field
+    existed) counts as its default."""
     now = to_dict(cfg)["model"]
-    old = saved.get("model", {})
-    diff = [k for k in sorted(set(now) | set(old)) if now.get(k) != old.get(k)]
+    default = to_dict(Config())["model"]
+    old = {**default, **saved.get("model", {})}
+    diff = [k for k in sorted(set(now) | set(old)) if now.get(k) != old.get(k) and k not in EXECUTION_ONLY_FIELDS]
     if diff:
         k = diff[0]
         raise ConfigError(f"model.{k}={now.get(k)!r} but the checkpoint in {where} was trained with "
