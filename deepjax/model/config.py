@@ -19,6 +19,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 LAYER_LOOPS = ("auto", "scan", "python")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_outputs", "save_experts")
 KERNELS = ("auto", "xla", "tokamax")
+# deepjax's own ModelConfig fields, how it runs the model rather than what the model is: an HF config.json does not
+# carry them (`ModelConfig.to_hf`, deepjax.train.convert).
+LOCAL_FIELDS = ("dtype", "param_dtype", "remat", "layer_loop", "kernels", "capacity_factor")
 ROPE_TYPES = ("yarn",)
 
 
@@ -227,8 +230,7 @@ class ModelConfig:
         d = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("dtype", "param_dtype", "remat", "layer_loop", "kernels", "capacity_factor",
-                              "rope_scaling")
+            if f.name not in LOCAL_FIELDS + ("rope_scaling",)
         }
         d["rope_scaling"] = None if self.rope_scaling is None else dataclasses.asdict(self.rope_scaling)
         d["model_type"] = "deepseek_v3" if is_v3 else "deepseek_v2"

@@ -56,12 +56,13 @@ from deepjax.infer import sample as SA
 from deepjax.config import Config, apply_overrides, from_dict, to_dict
 from deepjax.errors import CheckpointError, ConfigError, UserError
 from deepjax.model import hf
+from deepjax.model.config import LOCAL_FIELDS
 from deepjax.parallel import sharding as S
 from deepjax.train.checkpoint import TMP_SUFFIX, list_steps, verify_step, write_manifest
 from deepjax.train.run import abstract_train_state
 
-# ModelConfig fields an HF config.json does not carry: taken from --run-config, never compared with the checkpoint.
-LOCAL_FIELDS = ("dtype", "param_dtype", "remat", "layer_loop", "kernels", "capacity_factor")
+# ModelConfig fields an HF config.json does not carry (LOCAL_FIELDS): taken from --run-config, never compared with
+# the checkpoint.
 # DeepSeek-V3's release config.json entry for its FP8 weights.
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "weight_block_size": [hf.FP8_BLOCK, hf.FP8_BLOCK]}
