@@ -4,6 +4,11 @@ with: the shipped autotuning cache has none of these shapes). The companion of b
 
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/attention_tune.py               # bench preset, B 8 x T 2048
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/attention_tune.py --batch 2 --seq 8192
+    JAX_PLATFORMS=cuda PYTHONPATH=. python bench/attention_tune.py --impls --docs 1 4   # tokamax vs cuDNN vs XLA
+
+--impls times the implementations of `ops.causal_attention` instead (`model.attention`: tokamax's Mosaic kernel,
+cuDNN's packed flash attention, XLA), forward and forward + backward, with --docs documents per row, each checked
+against the XLA path in float32 on the same inputs (output and the q / k / v gradients: largest absolute error).
 
 The call is the one `ops.causal_attention` makes with kernels=tokamax on GPU: q, k [B, T, N, 96], v [B, T, N, 64]
 (MLA's qk_nope + qk_rope and v widths at the bench preset), bf16, causal within documents (a k_start per query;
@@ -15,6 +20,7 @@ output (forward) or gradients (backward); then the fastest of each.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import time
@@ -53,6 +59,49 @@ def timed(f, args, reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def compare_impls(args):
+    """`ops.causal_attention` per implementation: microseconds forward and forward + backward, and the largest error
+    of the output and gradients against the XLA path in float32."""
+    from deepjax.model import ops
+
+    B, T, N = args.batch, args.seq, args.heads
+    kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(kq, (B, T, N, args.dqk), jnp.bfloat16)
+    k = jax.random.normal(kk, (B, T, N, args.dqk), jnp.bfloat16)
+    v = jax.random.normal(kv, (B, T, N, args.dv), jnp.bfloat16)
+    dout = jax.random.normal(kg, (B, T, N, args.dv), jnp.bfloat16)
+    scale = float(args.dqk) ** -0.5
+    for docs in args.docs:
+        seg = jnp.broadcast_to(jnp.minimum(jnp.arange(T) // (T // docs), docs - 1), (B, T))
+        start = ops.doc_starts(seg)
+
+        def fwd_bwd(f):
+            def g(q, k, v, dout):
+                out, pull = jax.vjp(lambda q, k, v: f(q, k, v, start, scale), q, k, v)
+                return (out, *pull(dout))
+            return g
+
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        ref = jax.jit(fwd_bwd(ops._xla_causal))(f32(q), f32(k), f32(v), f32(dout))
+        impls = {"tokamax": ops._tokamax_causal, "cudnn": ops._cudnn_causal, "xla": ops._xla_causal,
+                 "cudnn_native": functools.partial(ops._cudnn_causal, pad_heads=False)}  # K != V unpadded
+        for name in args.impl_list:
+            rec = dict(kind="impl", impl=name, B=B, T=T, N=N, docs=docs)
+            try:
+                f = impls[name]
+                fb = jax.jit(fwd_bwd(f))
+                got = jax.block_until_ready(fb(q, k, v, dout))
+                for label, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+                    rec[f"err_{label}"] = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
+                rec["ref_max_abs_dq"] = float(jnp.max(jnp.abs(ref[1])))
+                rec["fwd_us"] = round(timed(jax.jit(lambda q, k, v: f(q, k, v, start, scale)), (q, k, v),
+                                            args.reps) * 1e6, 1)
+                rec["fwd_bwd_us"] = round(timed(fb, (q, k, v, dout), args.reps) * 1e6, 1)
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(json.dumps(rec), flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -62,7 +111,12 @@ def main(argv=None):
     ap.add_argument("--dv", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--only", choices=["fwd", "bwd"], help="one sweep")
+    ap.add_argument("--impls", action="store_true", help="compare the implementations of ops.causal_attention")
+    ap.add_argument("--impl-list", nargs="+", default=["tokamax", "cudnn", "xla"], help="with --impls: which")
+    ap.add_argument("--docs", type=int, nargs="+", default=[1, 4], help="with --impls: documents per row")
     args = ap.parse_args(argv)
+    if args.impls:
+        return compare_impls(args)
     base, fa, _, vjp, _ = _mods()
     B, T, N = args.batch, args.seq, args.heads
     kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)

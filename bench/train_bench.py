@@ -79,14 +79,16 @@ def one(args) -> dict:
     """One configuration, in this process: its JSON record."""
     k = args.one
     rec = dict(what="train_step", kernels=k, preset=args.preset, B=args.batch, T=args.seq, docs=args.docs,
-               remat=args.remat[0], layer_loop=args.layer_loop[0], param_dtype=args.param_dtype[0], jax=jax.__version__,
+               remat=args.remat[0], layer_loop=args.layer_loop[0], attention=args.attention[0],
+               param_dtype=args.param_dtype[0], jax=jax.__version__,
                device=jax.devices()[0].device_kind)
     try:
         rec["resolved"] = ops.resolve(k, jnp.bfloat16)
     except Exception as e:  # noqa: BLE001
         rec["resolved"] = f"unavailable ({type(e).__name__}: {e})"[:200]
     cfg = dataclasses.replace(getattr(presets, args.preset)(), dtype="bfloat16", param_dtype=args.param_dtype[0],
-                              remat=args.remat[0], layer_loop=args.layer_loop[0], kernels=k)
+                              remat=args.remat[0], layer_loop=args.layer_loop[0], attention=args.attention[0],
+                              kernels=k)
     cfg.validate()
     o, t = OptimConfig(), TrainConfig()
     # as deepjax/train/run.py (abstract_train_state, Run, jit_update) and loop.py (TrainRun) on one device
@@ -115,7 +117,7 @@ def one(args) -> dict:
         last = float(m["loss"])
         stats = jax.devices()[0].memory_stats() or {}
         if args.profile:
-            name = f"{k}_{cfg.remat}_{cfg.layer_loop}_{cfg.param_dtype}_{B}x{T}" + "".join(
+            name = f"{k}_{cfg.attention}_{cfg.remat}_{cfg.layer_loop}_{cfg.param_dtype}_{B}x{T}" + "".join(
                 f"_{a}{n}" for a, n in rec["mesh"].items() if n > 1)
             with jax.profiler.trace(os.path.join(args.profile, name), create_perfetto_trace=True):
                 for _ in range(3):
@@ -212,6 +214,8 @@ def main(argv=None):
     ap.add_argument("--layer-loop", nargs="+", default=["auto"], choices=["auto", "scan", "python"],
                     help="ModelConfig.layer_loop values, one row each: the layer stacks as a lax.scan or a Python "
                     "loop (auto: the loop on GPU for the bench preset)")
+    ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "xla", "tokamax", "cudnn"],
+                    help="ModelConfig.attention values, one row each (auto: as --kernels resolves)")
     ap.add_argument("--param-dtype", nargs="+", default=["float32"], help="parameter dtypes, one row each")
     ap.add_argument("--shapes", nargs="+", metavar="BxT",
                     help="batch x length shapes, one row (and one HF anchor) each; default --batch x --seq")
@@ -248,15 +252,16 @@ def main(argv=None):
     for B, T in shapes:
         rows = []
         for k in args.kernels:
-            for remat, loop, pd, mesh in itertools.product(args.remat, args.layer_loop, args.param_dtype,
-                                                             args.mesh or [None]):
+            for remat, loop, attn, pd, mesh in itertools.product(args.remat, args.layer_loop, args.attention,
+                                                                   args.param_dtype, args.mesh or [None]):
                 common = ["--preset", args.preset, "--batch", str(B), "--seq", str(T), "--docs", str(args.docs),
-                          "--remat", remat, "--layer-loop", loop, "--param-dtype", pd, "--steps", str(args.steps)] + (
+                          "--remat", remat, "--layer-loop", loop, "--attention", attn, "--param-dtype", pd, "--steps", str(args.steps)] + (
                     ["--profile", args.profile] if args.profile else []) + (
                     ["--autotune", args.autotune] if args.autotune else []) + (["--mesh", *mesh] if mesh else [])
                 recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
                 r = next((r for r in recs if r.get("what") == "train_step"), None)
-                rows.append(r or emit(what="train_step", kernels=k, remat=remat, layer_loop=loop, param_dtype=pd,
+                rows.append(r or emit(what="train_step", kernels=k, remat=remat, layer_loop=loop, attention=attn,
+                                      param_dtype=pd,
                                       B=B, T=T, mesh=mesh, error=f"no result: {err}"))
         hf = None
         if not args.no_hf:
@@ -270,7 +275,7 @@ def main(argv=None):
         for r in rows:
             device = device or r.get("device", "")
             mesh = ",".join(f"{a}{n}" for a, n in (r.get("mesh") or {}).items() if n > 1) or "1 device"
-            loop = f" ({r['layer_loop']})" if r.get("layer_loop", "auto") != "auto" else ""
+            loop = "".join(f" ({r[f]})" for f in ("layer_loop", "attention") if r.get(f, "auto") != "auto")
             head = f"| {B} x {T} | {r['kernels']} | {r.get('remat')}{loop} | {r.get('param_dtype')} | {mesh} |"
             if "error" in r:
                 table.append(f"{head} error: {r['error'][:100]} | | | | | | | | |")

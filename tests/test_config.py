@@ -51,6 +51,7 @@ def _error(overrides, base: str = "tiny") -> str:
     ("dtype=int8", "model.dtype='int8': unknown"),
     ("param_dtype=float64", "model.param_dtype='float64': unknown"),
     ("remat=sometimes", "model.remat='sometimes': unknown"),
+    ("attention=flash", "model.attention='flash': unknown; choose from ('auto', 'xla', 'tokamax', 'cudnn')"),
     ("capacity_factor=0", "model.capacity_factor=0.0: must be positive"),
     ("rope_scaling.type=linear", "model.rope_scaling.type='linear': unknown"),
     ("rope_scaling.factor=0", "model.rope_scaling.factor=0.0: must be positive"),
@@ -235,7 +236,8 @@ PUBLISHED = {
         bos_token_id=100000, eos_token_id=100001),
 }
 # Every DeepSeek config.json field is pinned above; the rest are deepjax's own.
-DEEPJAX_ONLY = {"initializer_range", "dtype", "param_dtype", "remat", "layer_loop", "kernels", "capacity_factor"}
+DEEPJAX_ONLY = {"initializer_range", "dtype", "param_dtype", "remat", "layer_loop", "kernels", "attention",
+                "capacity_factor"}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -415,6 +417,8 @@ def test_resume_check_takes_missing_fields_as_defaults_and_ignores_execution_onl
     del saved["model"]["layer_loop"]
     check_same_model(saved, cfg, "old/ckpt")
     saved["model"]["layer_loop"] = "python"
+    check_same_model(saved, cfg, "old/ckpt")
+    saved["model"]["attention"] = "cudnn"  # the same math by another kernel
     check_same_model(saved, cfg, "old/ckpt")
     saved["model"]["vocab_size"] = cfg.model.vocab_size + 1
     with pytest.raises(ConfigError, match=r"model.vocab_size=512 but the checkpoint in old/ckpt"):

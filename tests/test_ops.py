@@ -95,6 +95,136 @@ def test_query_blocks_equal_one_block(monkeypatch):
                                rtol=1e-6, atol=1e-6)
 
 
+def _doc_segments_by_loop(start, M):
+    """doc_segments' format by a plain loop over each row's document starts."""
+    start = np.asarray(start)
+    B, T = start.shape
+    seqlen, offsets, n = np.full((B, M), -1), np.full((B, M + 1), -1), np.zeros(B, int)
+    for b in range(B):
+        starts = [t for t in range(T) if start[b, t] == t]
+        ends = starts[1:] + [T]
+        n[b] = len(starts)
+        for m, (s0, s1) in enumerate(zip(starts[:M], ends[:M])):
+            seqlen[b, m], offsets[b, m] = s1 - s0, s0
+    return seqlen, offsets, n
+
+
+@pytest.mark.parametrize("M", [1, 4, 6])
+def test_doc_segments_equals_a_loop(M):
+    """Rows of 1..M documents at random lengths, one with exactly M, one with more than M (n_docs reports it),
+    trailing padding (segment 0, its own document) on one; under jit."""
+    rng = np.random.default_rng(M)
+    B, T = 7, 40
+    n_docs = [1, M, M + 3, 2, 1, M, max(1, M - 1)]
+    seg = np.zeros((B, T), np.int32)
+    for b, n in enumerate(n_docs):
+        cuts = np.sort(rng.choice(np.arange(1, T), size=n - 1, replace=False))
+        seg[b] = np.searchsorted(cuts, np.arange(T), side="right") + 1
+    seg[4, -6:] = 0  # one document + padding: 2 documents
+    start = ops.doc_starts(jnp.asarray(seg))
+    got = jax.jit(ops.doc_segments, static_argnums=1)(start, M)
+    want = _doc_segments_by_loop(start, M)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.int32
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(got[2], [n + (b == 4) for b, n in enumerate(n_docs)])
+    assert int(got[2][2]) > M
+
+
+def test_doc_segments_format():
+    """The layout jax's cuDNN attention takes: 3 documents at 0, 170, 340 with M = 3 -> offsets [0, 170, 340, -1]."""
+    seg = jnp.asarray([[1] * 170 + [2] * 170 + [3] * 172, [1] * 190 + [2] * 322])
+    seqlen, offsets, n = ops.doc_segments(ops.doc_starts(seg), 3)
+    np.testing.assert_array_equal(seqlen, [[170, 170, 172], [190, 322, -1]])
+    np.testing.assert_array_equal(offsets, [[0, 170, 340, -1], [0, 190, -1, -1]])
+    np.testing.assert_array_equal(n, [3, 2])
+
+
+def _fake_cudnn(seen):
+    """jax's cuDNN `dot_product_attention` (BTNH, PADDING_CAUSAL over packed segments) in XLA, from its seqlen /
+    offsets arguments alone: a query attends to the keys at or before it in its own segment."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    def fake(q, k, v, bias=None, mask=None, q_seqlen=None, kv_seqlen=None, q_offsets=None, kv_offsets=None, *,
+             scale=1.0, mask_type=fa.MaskType.NO_MASK, qkv_layout="BTNH", **_):
+        assert qkv_layout == "BTNH" and mask_type == fa.MaskType.PADDING_CAUSAL and q.dtype == v.dtype
+        seen.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        T = q.shape[1]
+        t_T = jnp.arange(T)
+        lo_BM, hi_BM = q_offsets[:, :-1], q_offsets[:, :-1] + q_seqlen
+        in_BMT = ((t_T[None, None] >= lo_BM[..., None]) & (t_T[None, None] < hi_BM[..., None])
+                  & (q_seqlen >= 0)[..., None])
+        seg_BT = jnp.where(in_BMT.any(1), jnp.argmax(in_BMT, axis=1), -1 - t_T[None])  # outside all: alone
+        mask_BTS = (seg_BT[:, :, None] == seg_BT[:, None, :]) & (t_T[None, None, :] <= t_T[None, :, None])
+        return ops._attend(q, k, v, mask_BTS, scale)
+
+    return fake
+
+
+@pytest.mark.parametrize("pad_heads", [True, False])
+def test_cudnn_path_plumbing_with_a_fake_kernel(monkeypatch, pad_heads):
+    """`_cudnn_causal` on CPU with jax's cuDNN call replaced by an XLA stand-in that reads only the segments: equals
+    the XLA path (outputs and gradients) for rows of 1..M documents; a batch with a row of more than M documents
+    takes the fallback (the stand-in would merge its documents); V is zero-padded to K's width with pad_heads."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    seen = []
+    monkeypatch.setattr(fa, "dot_product_attention", _fake_cudnn(seen))
+    monkeypatch.setattr(ops, "CUDNN_MAX_DOCS", 4)
+    B, T, K, V = 3, 24, 24, 16
+    q, k, v = _qkv(B, T, K=K, V=V)
+    w = jax.random.normal(jax.random.key(5), (B, T, 3, V))
+    # each row's document starts after 0; the second batch has 5 > M = 4 documents in row 1, the last one long
+    for cuts in ([[], [3, 4, 17], [7, 8]], [[11], [2, 5, 7, 9], []]):
+        seg = np.stack([np.searchsorted(c, np.arange(T), side="right") for c in cuts])
+        start = ops.doc_starts(jnp.asarray(seg))
+        ref = lambda q, k, v: ops._xla_causal(q, k, v, start, 0.3)  # noqa: E731
+        got = lambda q, k, v: ops._cudnn_causal(q, k, v, start, 0.3, pad_heads=pad_heads)  # noqa: E731
+        np.testing.assert_allclose(jax.jit(got)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+        loss = lambda f: lambda *a: (f(*a) * w).sum()  # noqa: E731
+        for a, b in zip(jax.jit(jax.grad(loss(got), argnums=(0, 1, 2)))(q, k, v),
+                        jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert set(seen) == {(K, K, K) if pad_heads else (K, K, V)}
+
+
+def test_attention_xla_ignores_kernels():
+    """attention=xla is the XLA reference whatever `kernels` says; attention=auto follows kernels."""
+    B, T = 2, 37
+    q, k, v = _qkv(B, T)
+    start = ops.doc_starts(_segments(B, T, 3))
+    ref = ops._xla_causal(q, k, v, start, 0.3)
+    for kernels in ("xla", "tokamax", "auto"):  # kernels=tokamax without tokamax: attention=xla never resolves it
+        np.testing.assert_array_equal(ops.causal_attention(q, k, v, start, 0.3, kernels, "xla"), ref)
+    np.testing.assert_array_equal(ops.causal_attention(q, k, v, start, 0.3, "xla", "auto"), ref)
+    with pytest.raises(ValueError, match="attention='flash'"):
+        ops.causal_attention(q, k, v, start, 0.3, "xla", "flash")
+
+
+def test_attention_cudnn_off_gpu_names_the_field():
+    from deepjax.schema import ConfigError
+    B, T = 2, 16
+    q, k, v = _qkv(B, T, dtype=jnp.bfloat16)
+    start = ops.doc_starts(_segments(B, T, 4))
+    with pytest.raises(ConfigError, match=r"model\.attention='cudnn': cuDNN attention runs on CUDA GPUs only"):
+        jax.jit(lambda q: ops.causal_attention(q, k, v, start, 0.3, "auto", "cudnn"))(q)
+
+
+def test_model_attention_field_reaches_the_op(monkeypatch):
+    """ModelConfig.attention is what the model's attention is called with."""
+    seen = []
+    real = ops.causal_attention
+
+    def spy(*a, **kw):
+        seen.append(a[6] if len(a) > 6 else kw.get("attention"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ops, "causal_attention", spy)
+    cfg = dataclasses.replace(presets.tiny(), kernels="xla", attention="xla")
+    graphdef, params = M.init(cfg, jax.random.key(0))
+    M.forward(graphdef, params, jnp.zeros((1, 8), jnp.int32), None, None)
+    assert seen and set(seen) == {"xla"}
+
+
 # ---- grouped matmul -------------------------------------------------------------------------------------------
 
 GROUPS = [  # (rows, group sizes): empty groups, a one-row group, uneven sizes, rows past sum(sizes)

@@ -19,9 +19,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 LAYER_LOOPS = ("auto", "scan", "python")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_outputs", "save_experts")
 KERNELS = ("auto", "xla", "tokamax")
+# ModelConfig.attention: the causal attention's implementation (deepjax/model/ops.py); auto: what `kernels` picks
+ATTENTION_KERNELS = ("auto", "xla", "tokamax", "cudnn")
 # deepjax's own ModelConfig fields, how it runs the model rather than what the model is: an HF config.json does not
 # carry them (`ModelConfig.to_hf`, deepjax.train.convert).
-LOCAL_FIELDS = ("dtype", "param_dtype", "remat", "layer_loop", "kernels", "capacity_factor")
+LOCAL_FIELDS = ("dtype", "param_dtype", "remat", "layer_loop", "kernels", "attention", "capacity_factor")
 ROPE_TYPES = ("yarn",)
 
 
@@ -88,6 +90,7 @@ class ModelConfig:
     remat: str = "none"  # per-layer rematerialization, REMAT_POLICIES (transformer.remat_policy)
     layer_loop: str = "auto"  # training's loop over each layer stack, LAYER_LOOPS (transformer.python_layer_loop)
     kernels: str = "auto"  # attention / grouped-matmul implementation: auto | xla | tokamax (deepjax/model/ops.py)
+    attention: str = "auto"  # causal attention alone, ATTENTION_KERNELS: auto (= kernels) | xla | tokamax | cudnn
     capacity_factor: Optional[float] = None  # None: dropless MoE; c: expert-parallel slots = c x balanced load
 
     # ---- derived values ---------------------------------------------------------------------
@@ -165,6 +168,8 @@ class ModelConfig:
             fail("remat", f"unknown; choose from {REMAT_POLICIES}")
         if m.kernels not in KERNELS:
             fail("kernels", f"unknown; choose from {KERNELS}")
+        if m.attention not in ATTENTION_KERNELS:
+            fail("attention", f"unknown; choose from {ATTENTION_KERNELS}")
         if m.layer_loop not in LAYER_LOOPS:
             fail("layer_loop", f"unknown; choose from {LAYER_LOOPS}")
         if m.rope_scaling is not None:

@@ -125,7 +125,8 @@ class MLA(nnx.Module):
         if kv_BSc is not None and pos_BT is not None:
             o_BTNV = ops.masked_attention(q_BTNK, k_BSNK, v_BSNV, mask_BTS, cfg.softmax_scale)
         else:
-            o_BTNV = ops.causal_attention(q_BTNK, k_BSNK, v_BSNV, start_BT, cfg.softmax_scale, cfg.kernels)
+            o_BTNV = ops.causal_attention(q_BTNK, k_BSNK, v_BSNV, start_BT, cfg.softmax_scale, cfg.kernels,
+                                          cfg.attention)
         out = jnp.einsum("btnv,nvd->btd", o_BTNV, self.wo[...].astype(dt))
         if kv_BSc is None:
             return out

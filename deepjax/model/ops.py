@@ -9,6 +9,10 @@ sm100, Mosaic TPU), chosen by `ModelConfig.kernels`:
              kernels passed their tests there (GPU: tests/test_gpu_ops.py on an H100, docs/LOG.md 2026-12-06; not yet
              TPU); XLA otherwise.
 
+`ModelConfig.attention` overrides the choice for the causal attention alone: auto (what `kernels` picks), xla,
+tokamax, or cudnn (GPU only: cuDNN's flash attention through jax's packed-segments layout, `_cudnn_causal`; rows
+with more than CUDNN_MAX_DOCS documents take tokamax's kernel instead, decided at run time).
+
 Shape key: B batch, T queries, S keys, N heads, K qk head dim, V v head dim (K != V in MLA), D hidden,
 G groups (experts), M rows.
 
@@ -17,7 +21,8 @@ The ops:
                        run of equal segment ids; each query t attends to keys [doc_start[t], t]. The kernel gets
                        doc_start as tokamax's `k_start` ([B, T] int32) and skips the key blocks outside it; the
                        XLA path builds each query block's mask from the same iota compare. Neither holds a
-                       [B, T, S] mask, and the kernel never holds [B, N, T, S] scores.
+                       [B, T, S] mask, and the kernel never holds [B, N, T, S] scores. cuDNN gets each row's
+                       documents as segments (`doc_segments`: lengths and start offsets).
     grouped_matmul     `lax.ragged_dot` semantics (rows sorted by group, group g's rows times w[g]). On GPU: tokamax's
                        Mosaic kernels for the output and the input gradient (against the transposed weights), and
                        the weight gradient per group from `gmm_grad.grouped_dw` (a Pallas kernel: tokamax's bf16
@@ -36,8 +41,9 @@ import jax
 import jax.numpy as jnp
 
 from deepjax.model import gmm_grad
-from deepjax.model.config import KERNELS
+from deepjax.model.config import ATTENTION_KERNELS, KERNELS
 from deepjax.parallel import sharding
+from deepjax.schema import bad
 
 Q_BLOCK = 1024  # XLA attention: queries per block when T is longer (scores live as [B, N, Q_BLOCK, S])
 CE_CHUNK_TOKENS = 4096  # lm_head_ce: rows x chunk tokens per step on each device ([4096, V] float32 logits at a time)
@@ -168,10 +174,92 @@ def _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float):
                                                        q_sharding=q_sharding)
 
 
-def causal_attention(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, kernels: str = "auto"):
+def doc_segments(start_BT: jax.Array, max_docs: int):
+    """Each row's documents as cuDNN's packed layout takes them, from `doc_starts`' [B, T] document starts (position
+    t starts a document iff start_BT[b, t] == t): (seqlen_BM, offsets_BM1, n_docs_B), M = max_docs.
+    seqlen_BM [B, M] int32: the length of each of the row's first M documents, -1 past its last one;
+    offsets_BM1 [B, M + 1] int32: their start positions, then -1 (3 documents at 0, 170, 340 and M = 3:
+    [0, 170, 340, -1]); n_docs_B [B] int32: the row's number of documents. Where n_docs > M the segments cover only
+    the first M documents (the last one's length runs to the next document's start): the caller must not use them."""
+    B, T = start_BT.shape
+    t_T = jnp.arange(T, dtype=jnp.int32)
+    first_BT = start_BT == t_T[None]
+    n_docs_B = jnp.sum(first_BT, axis=1, dtype=jnp.int32)
+    # the first M + 1 starts, padded with T: document m runs from starts[m] to starts[m + 1]
+    starts_BM1 = jax.vmap(lambda f: jnp.nonzero(f, size=max_docs + 1, fill_value=T)[0])(first_BT).astype(jnp.int32)
+    live_BM = jnp.arange(max_docs, dtype=jnp.int32)[None] < n_docs_B[:, None]
+    seqlen_BM = jnp.where(live_BM, starts_BM1[:, 1:] - starts_BM1[:, :-1], -1)
+    offsets_BM1 = jnp.concatenate([jnp.where(live_BM, starts_BM1[:, :-1], -1), jnp.full((B, 1), -1, jnp.int32)], 1)
+    return seqlen_BM, offsets_BM1, n_docs_B
+
+
+CUDNN_MAX_DOCS = 16  # cuDNN's packed attention: segments per row (more in some row: _cudnn_causal's fallback)
+# Packed segments with K != V: jax scales q_offsets and kv_offsets by N x the *query's* head dim, and XLA's cuDNN graph
+# gives V kv_offsets and O q_offsets (openxla/xla cuda_dnn.cc, GetCudnnFlashAttentionOperationGraph), so V's and O's
+# segment offsets would be in K's units. Zero-padding the narrower head dim to the wider one (exact: zero columns add
+# nothing to q.k and give zero output columns, sliced off) keeps every offset right, at (K - V) / (K + V) more
+# flops (a fifth at K 96, V 64), and needs no cuDNN 9.10 "mla" support. False: cuDNN's own K != V path
+# (tests/test_gpu_ops.py checks both).
+CUDNN_PAD_HEADS = True
+
+
+def _cudnn_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, pad_heads: bool | None = None):
+    """Causal attention within documents by cuDNN's flash attention (GPU, bf16 / f16), each row's documents as packed
+    segments (`doc_segments`) under a padding-causal mask: causal within each segment. K != V: the narrower head dim
+    zero-padded to the wider one (pad_heads, default CUDNN_PAD_HEADS; without it cuDNN needs >= 9.10 on Hopper or
+    later). A batch where some row has more than M = min(CUDNN_MAX_DOCS, T) documents takes tokamax's kernel (XLA
+    without tokamax) under `lax.cond`, so a row's documents are never silently merged."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa  # lazy on purpose: private, GPU-only
+    except ImportError as e:
+        raise RuntimeError(f"model.attention=cudnn: jax {jax.__version__} has no cuDNN attention module "
+                           f"(jax._src.cudnn.fused_attention_stablehlo: {e}); use model.attention=auto / tokamax / "
+                           f"xla") from e
+    T, K, V = q_BTNK.shape[1], q_BTNK.shape[-1], v_BSNV.shape[-1]
+    M = min(CUDNN_MAX_DOCS, T)
+    pad_heads = CUDNN_PAD_HEADS if pad_heads is None else pad_heads
+
+    def widen(a, width):  # zero columns up to `width` on the head dim
+        return jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, width - a.shape[-1]))) if pad_heads else a
+
+    def call(q_BTNK, k_BSNK, v_BSNV, **segments):
+        H = max(K, V)
+        o = fa.dot_product_attention(widen(q_BTNK, H), widen(k_BSNK, H), widen(v_BSNV, H), scale=scale,
+                                     qkv_layout="BTNH", **segments)
+        return o[..., :V]
+
+    if M == 1:  # one position per row: one document
+        return call(q_BTNK, k_BSNK, v_BSNV, mask_type=fa.MaskType.CAUSAL)
+
+    seqlen_BM, offsets_BM1, n_docs_B = doc_segments(start_BT, M)
+
+    def cudnn(q_BTNK, k_BSNK, v_BSNV):
+        return call(q_BTNK, k_BSNK, v_BSNV, q_seqlen=seqlen_BM, kv_seqlen=seqlen_BM, q_offsets=offsets_BM1,
+                    kv_offsets=offsets_BM1, mask_type=fa.MaskType.PADDING_CAUSAL)
+
+    def fallback(q_BTNK, k_BSNK, v_BSNV):
+        f = _tokamax_causal if _tokamax() is not None else _xla_causal
+        return f(q_BTNK, k_BSNK, v_BSNV, start_BT, scale).astype(q_BTNK.dtype)
+
+    return jax.lax.cond(jnp.max(n_docs_B) <= M, cudnn, fallback, q_BTNK, k_BSNK, v_BSNV)
+
+
+def causal_attention(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, kernels: str = "auto", attention: str = "auto"):
     """Causal attention within documents: query t attends to keys doc_start[t]..t (`doc_starts`), softmax in float32.
-    T == S (training and prefill from position 0)."""
-    if resolve(kernels, q_BTNK.dtype) == "tokamax":
+    T == S (training and prefill from position 0). attention (`ModelConfig.attention`): auto takes what `kernels`
+    resolves to; xla / tokamax / cudnn that implementation."""
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"ModelConfig.attention={attention!r}: choose from {ATTENTION_KERNELS}")
+    if attention == "cudnn":
+        if platform() not in ("gpu", "cuda"):
+            raise bad("model.attention", attention, f"cuDNN attention runs on CUDA GPUs only, and this program is "
+                      f"for {platform()} (use model.attention=auto / xla / tokamax)")
+        if jnp.dtype(q_BTNK.dtype) not in GPU_KERNEL_DTYPES:
+            raise bad("model.attention", attention, f"cuDNN attention takes bfloat16 or float16, not "
+                      f"{jnp.dtype(q_BTNK.dtype).name} (set model.dtype=bfloat16)")
+        return _cudnn_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale)
+    impl = "xla" if attention == "xla" else resolve(kernels if attention == "auto" else attention, q_BTNK.dtype)
+    if impl == "tokamax":
         if platform() == "tpu":  # tokamax's TPU attention takes no per-query k_start: jax's splash kernel
             return splash_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale)
         return _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale)

@@ -63,7 +63,7 @@ def check_vocab(cfg: Config, tokenizer) -> None:
 
 # Model fields that say how the step runs, not what it computes (the same parameters, the same math): a run may
 # resume or start from a checkpoint with another value.
-EXECUTION_ONLY_FIELDS = ("layer_loop",)
+EXECUTION_ONLY_FIELDS = ("layer_loop", "attention")
 
 
 def check_same_model(saved: dict, cfg: Config, where: str) -> None:
