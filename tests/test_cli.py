@@ -65,3 +65,21 @@ def test_ci_runs_the_readme_test_command():
     from deepjax import cli
     assert cli.parser().parse_args(["r1zero"]).config == "r1zero"
     assert os.access(os.path.join(REPO, ".ci", "run"), os.X_OK)
+
+
+def test_compile_cache_env(tmp_path):
+    """DEEPJAX_COMPILE_CACHE=DIR writes jax's persistent compilation cache there; off (and the CPU default) writes
+    none."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"), DEEPJAX_COMPILE_CACHE_MIN_SECS="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    run = lambda **kw: subprocess.run([sys.executable, "-m", "deepjax", "info", "tiny"], cwd=REPO,  # noqa: E731
+                                      capture_output=True, text=True, timeout=300, env=dict(env, **kw))
+    cache = tmp_path / "cache"
+    r = run(DEEPJAX_COMPILE_CACHE=str(cache))
+    assert r.returncode == 0, r.stderr
+    assert cache.is_dir() and any(cache.iterdir())
+    r = run(DEEPJAX_COMPILE_CACHE="off")
+    assert r.returncode == 0, r.stderr
+    r = run()  # unset: off on CPU
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "xdg" / "deepjax").exists()
