@@ -20,7 +20,6 @@ output (forward) or gradients (backward); then the fastest of each.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import time
@@ -83,8 +82,7 @@ def compare_impls(args):
 
         f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
         ref = jax.jit(fwd_bwd(ops._xla_causal))(f32(q), f32(k), f32(v), f32(dout))
-        impls = {"tokamax": ops._tokamax_causal, "cudnn": ops._cudnn_causal, "xla": ops._xla_causal,
-                 "cudnn_native": functools.partial(ops._cudnn_causal, pad_heads=False)}  # K != V unpadded
+        impls = {"tokamax": ops._tokamax_causal, "cudnn": ops._cudnn_causal, "xla": ops._xla_causal}
         for name in args.impl_list:
             rec = dict(kind="impl", impl=name, B=B, T=T, N=N, docs=docs)
             try:

@@ -161,11 +161,10 @@ def _fake_cudnn(seen):
     return fake
 
 
-@pytest.mark.parametrize("pad_heads", [True, False])
-def test_cudnn_path_plumbing_with_a_fake_kernel(monkeypatch, pad_heads):
+def test_cudnn_path_plumbing_with_a_fake_kernel(monkeypatch):
     """`_cudnn_causal` on CPU with jax's cuDNN call replaced by an XLA stand-in that reads only the segments: equals
     the XLA path (outputs and gradients) for rows of 1..M documents; a batch with a row of more than M documents
-    takes the fallback (the stand-in would merge its documents); V is zero-padded to K's width with pad_heads."""
+    takes the fallback (the stand-in would merge its documents); V is zero-padded to K's width."""
     from jax._src.cudnn import fused_attention_stablehlo as fa
     seen = []
     monkeypatch.setattr(fa, "dot_product_attention", _fake_cudnn(seen))
@@ -178,13 +177,13 @@ def test_cudnn_path_plumbing_with_a_fake_kernel(monkeypatch, pad_heads):
         seg = np.stack([np.searchsorted(c, np.arange(T), side="right") for c in cuts])
         start = ops.doc_starts(jnp.asarray(seg))
         ref = lambda q, k, v: ops._xla_causal(q, k, v, start, 0.3)  # noqa: E731
-        got = lambda q, k, v: ops._cudnn_causal(q, k, v, start, 0.3, pad_heads=pad_heads)  # noqa: E731
+        got = lambda q, k, v: ops._cudnn_causal(q, k, v, start, 0.3)  # noqa: E731
         np.testing.assert_allclose(jax.jit(got)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
         loss = lambda f: lambda *a: (f(*a) * w).sum()  # noqa: E731
         for a, b in zip(jax.jit(jax.grad(loss(got), argnums=(0, 1, 2)))(q, k, v),
                         jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    assert set(seen) == {(K, K, K) if pad_heads else (K, K, V)}
+    assert set(seen) == {(K, K, K)}
 
 
 def test_attention_xla_ignores_kernels():

@@ -196,19 +196,19 @@ def doc_segments(start_BT: jax.Array, max_docs: int):
 CUDNN_MAX_DOCS = 16  # cuDNN's packed attention: segments per row (more in some row: _cudnn_causal's fallback)
 # Packed segments with K != V: jax scales q_offsets and kv_offsets by N x the *query's* head dim, and XLA's cuDNN graph
 # gives V kv_offsets and O q_offsets (openxla/xla cuda_dnn.cc, GetCudnnFlashAttentionOperationGraph), so V's and O's
-# segment offsets would be in K's units. Zero-padding the narrower head dim to the wider one (exact: zero columns add
-# nothing to q.k and give zero output columns, sliced off) keeps every offset right, at (K - V) / (K + V) more
-# flops (a fifth at K 96, V 64), and needs no cuDNN 9.10 "mla" support. False: cuDNN's own K != V path
-# (tests/test_gpu_ops.py checks both).
-CUDNN_PAD_HEADS = True
+# segment offsets would be in K's units. So the narrower head dim is zero-padded to the wider one (exact: zero columns
+# add nothing to q.k and give zero output columns, sliced off), at (K - V) / (K + V) more flops (a fifth at K 96,
+# V 64). cuDNN's own K != V path, unpadded, was measured on an H100 (jax 0.11.2, docs/LOG.md session 18): wrong
+# output and NaN gradients with one document per row, CUDA_ERROR_ILLEGAL_INSTRUCTION with four; it is not offered.
 
 
-def _cudnn_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, pad_heads: bool | None = None):
+def _cudnn_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float):
     """Causal attention within documents by cuDNN's flash attention (GPU, bf16 / f16), each row's documents as packed
     segments (`doc_segments`) under a padding-causal mask: causal within each segment. K != V: the narrower head dim
-    zero-padded to the wider one (pad_heads, default CUDNN_PAD_HEADS; without it cuDNN needs >= 9.10 on Hopper or
-    later). A batch where some row has more than M = min(CUDNN_MAX_DOCS, T) documents takes tokamax's kernel (XLA
-    without tokamax) under `lax.cond`, so a row's documents are never silently merged."""
+    is zero-padded to the wider one (see above). A batch where some row has more than M = min(CUDNN_MAX_DOCS, T)
+    documents takes tokamax's kernel (XLA without tokamax) under `lax.cond`, so a row's documents are never silently
+    merged. On an H100 (docs/LOG.md session 18) it is slower than tokamax's kernel with one document per row (fwd +
+    bwd 1,732 against 1,244 us at B 8 x T 2048 x 16 heads) and faster with four (983 against 1,111 us)."""
     try:
         from jax._src.cudnn import fused_attention_stablehlo as fa  # lazy on purpose: private, GPU-only
     except ImportError as e:
@@ -217,10 +217,9 @@ def _cudnn_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, pad_heads: boo
                            f"xla") from e
     T, K, V = q_BTNK.shape[1], q_BTNK.shape[-1], v_BSNV.shape[-1]
     M = min(CUDNN_MAX_DOCS, T)
-    pad_heads = CUDNN_PAD_HEADS if pad_heads is None else pad_heads
 
     def widen(a, width):  # zero columns up to `width` on the head dim
-        return jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, width - a.shape[-1]))) if pad_heads else a
+        return jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, width - a.shape[-1])))
 
     def call(q_BTNK, k_BSNK, v_BSNV, **segments):
         H = max(K, V)
