@@ -1,0 +1,72 @@
+"""How fast a stack of per-layer gradients becomes one [L, ...] array on this device: the question behind the
+layer loop's `loop_concatenate_fusion` kernels (the H100 profile of the bench preset's step, docs/LOG.md session 18:
+three a step, ~2 ms each for 738 MB stacks, about a quarter of the copy bandwidth).
+
+    JAX_PLATFORMS=cuda PYTHONPATH=. python bench/stack_grads.py          # bench preset's expert stacks, bf16
+    PYTHONPATH=. python bench/stack_grads.py --shape 4 64 32              # CPU smoke run
+
+`transformer._unrolled` splits each stacked parameter with `lax.split`; the transpose of that split concatenates the
+layers' gradients. Timed here on L arrays that arrive as jit inputs (as the gradient kernels' outputs do, which XLA
+cannot fuse into the concatenation), each way of building the stack, beside `x + 1` over the whole stack (a read and
+a write: the copy roofline):
+    split_transpose  jax.vjp of the split (what the training step runs)
+    concat / stack   jnp.concatenate / jnp.stack
+    dus              a zero-filled buffer, each layer written into its slice (dynamic_update_slice, in place)
+"""
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def timed(f, *a, reps: int = 20) -> float:
+    for _ in range(3):
+        jax.block_until_ready(f(*a))
+    t = time.perf_counter()
+    for _ in range(reps):
+        y = f(*a)
+    jax.block_until_ready(y)
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def ways(L: int, shape: tuple, dtype):
+    def dus(*p):
+        buf = jnp.zeros((L, *shape), dtype)
+        for i, x in enumerate(p):
+            buf = jax.lax.dynamic_update_slice(buf, x[None], (i,) + (0,) * len(shape))
+        return buf
+
+    def split_transpose(*p):
+        pieces = lambda a: [q.reshape(q.shape[1:]) for q in jax.lax.split(a, (1,) * L, axis=0)]  # noqa: E731
+        return jax.vjp(pieces, jnp.zeros((L, *shape), dtype))[1](list(p))[0]
+
+    return {"split_transpose": split_transpose, "concat": lambda *p: jnp.concatenate([x[None] for x in p]),
+            "stack": lambda *p: jnp.stack(p), "dus": dus}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=11, help="L: the bench preset's MoE layers")
+    ap.add_argument("--shape", type=int, nargs="+", default=[64, 1024, 512], help="one layer's stacked parameter")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args(argv)
+    L, shape, dtype = args.layers, tuple(args.shape), jnp.dtype(args.dtype)
+    ps = [jnp.full(shape, i, dtype) for i in range(L)]
+    gb = 2 * L * ps[0].size * dtype.itemsize / 1e9  # read the layers, write the stack
+    ref = None
+    print(f"{jax.devices()[0].device_kind}: {L} x {shape} {dtype.name} ({gb / 2:.2f} GB a stack)")
+    for name, f in ways(L, shape, dtype).items():
+        f = jax.jit(f)
+        out = f(*ps)
+        ref = out if ref is None else ref
+        ms = timed(f, *ps, reps=args.reps)
+        print(f"{name:16s} {ms:8.3f} ms  {gb / ms:6.2f} TB/s  equal: {bool(jnp.array_equal(out, ref))}", flush=True)
+    big = jnp.zeros((L, *shape), dtype)
+    ms = timed(jax.jit(lambda x: x + 1), big, reps=args.reps)
+    print(f"{'x + 1 (copy)':16s} {ms:8.3f} ms  {gb / ms:6.2f} TB/s")
+
+
+if __name__ == "__main__":
+    main()
