@@ -283,7 +283,7 @@ def test_expert_gradients_scatter_without_collisions(path):
     """The dispatch x[order // K], the unsort and the blocked path's padding are permutations: gathers marked
     unique (`moe.sorted_tokens`, `moe.unsort_sum`), so every scatter-add of activations in the gradient has
     unique indices (no atomics; scatter-adds with collisions were 10% of the H100 training step, docs/LOG.md
-    session 15). Gradients equal the dense reference, and forward mode still works."""
+    session 15). Gradients equal the dense reference, per example under vmap too (the blocked path)."""
     from deepjax.model import moe
     rng = np.random.default_rng(5)
     T, D, I, E, K = 40, 16, 8, 8, 3
@@ -301,9 +301,11 @@ def test_expert_gradients_scatter_without_collisions(path):
     for name, a, b in zip(("x", "w", "w_gate", "w_up", "w_down"), grads(fn)(x, w, *ws),
                           grads(moe.routed_experts_dense)(x, w, *ws)):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
-    _, t_out = jax.jvp(lambda x: fn(x, w, idx, *ws), (x,), (ct,))
-    _, t_ref = jax.jvp(lambda x: moe.routed_experts_dense(x, w, idx, *ws), (x,), (ct,))
-    np.testing.assert_allclose(t_out, t_ref, atol=1e-4, rtol=1e-4)
+    if path == "blocked":  # per-example gradients (vmap of grad) through the custom-VJP permutations; the dropless
+        # path's lax.ragged_dot has no vmap rule in jax ("ragged_dot vmap over any dim but 0 - NYI")
+        per = lambda f: jax.vmap(jax.grad(lambda x: jnp.sum(f(x, w, idx, *ws) ** 2)))  # noqa: E731
+        xs = jnp.stack([x, 2 * x])
+        np.testing.assert_allclose(per(fn)(xs), per(moe.routed_experts_dense)(xs), atol=1e-3, rtol=1e-4)
 
     def colliding(jaxpr):
         return [e for e in _eqns(jaxpr) if e.primitive.name == "scatter-add" and not e.params["unique_indices"]
@@ -313,6 +315,38 @@ def test_expert_gradients_scatter_without_collisions(path):
     assert not bad, [str(e)[:200] for e in bad]
     # the plain gather's gradient collides: the check above can fail
     assert colliding(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(x[jnp.argsort(idx.reshape(-1)) // K] ** 2)))(x).jaxpr)
+
+
+def test_permuted_rows_gradients_gather():
+    """`moe.permute_rows` (a permutation gather whose gradient gathers by the inverse) has the plain gather's
+    gradient bit for bit, and the dropless experts' gradient moves no activation rows by a scatter (it was two
+    scatter kernels per MoE layer in the H100 profile, docs/LOG.md session 18); the plain gather's gradient does,
+    so the check can fail."""
+    from deepjax.model import moe
+    rng = np.random.default_rng(7)
+    X, D = 24, 6
+    x = jnp.asarray(rng.normal(size=(X, D)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(X, D)), jnp.float32)
+    perm = jnp.asarray(rng.permutation(X), jnp.int32)
+    inv = moe.inverse_permutation(perm)
+    loss = lambda f: lambda x: jnp.sum(f(x) * g)  # noqa: E731
+    mine = jax.grad(loss(lambda x: moe.permute_rows(x, perm, inv)))
+    plain = jax.grad(loss(lambda x: x.at[perm].get(unique_indices=True)))
+    np.testing.assert_array_equal(mine(x), plain(x))
+    np.testing.assert_array_equal(moe.permute_rows(x, perm, inv), x[perm])
+
+    def row_scatters(jaxpr):
+        return [e for e in _eqns(jaxpr) if e.primitive.name.startswith("scatter") and e.invars[0].aval.ndim == 2]
+
+    assert not row_scatters(jax.make_jaxpr(mine)(x).jaxpr)
+    assert row_scatters(jax.make_jaxpr(plain)(x).jaxpr)
+    T, I, E, K = 10, 8, 4, 2
+    xt = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
+    w = jnp.asarray(rng.random((T, K)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]), jnp.int32)
+    ws = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((E, D, I), (E, D, I), (E, I, D))]
+    grad = jax.grad(lambda x, w, *ws: jnp.sum(moe.routed_experts_dropless(x, w, idx, *ws)), argnums=(0, 1, 2, 3, 4))
+    assert not row_scatters(jax.make_jaxpr(grad)(xt, w, *ws).jaxpr)
 
 
 def _dots(jaxpr):

@@ -121,22 +121,47 @@ def inverse_permutation(order_X):
     return jnp.zeros_like(order_X).at[order_X].set(jnp.arange(order_X.shape[0], dtype=order_X.dtype))
 
 
-def unsort_sum(y_XD, order_X, w_TK):
+@jax.custom_vjp
+def permute_rows(x_XD, perm_X, inv_X):
+    """x_XD[perm_X] for a permutation perm_X whose inverse is inv_X. Its gradient is the gather by the inverse,
+    g[inv_X], where autodiff of the gather would scatter g into zeros (even with unique indices a scatter kernel:
+    two a MoE layer in the H100 profile of the training step, docs/LOG.md session 18). Exact: both move each row
+    once. A custom VJP: reverse mode, vmap (per-example gradients too, where the grouped matmul has a vmap rule) and
+    remat work; forward mode (jax.jvp) through the routed experts does not (nor through tokamax's kernels, custom VJPs
+    too). jax.custom_derivatives.linear_call would allow it, but then not vmap of a gradient."""
+    return x_XD.at[perm_X].get(unique_indices=True)
+
+
+def _permute_rows_fwd(x_XD, perm_X, inv_X):
+    return permute_rows(x_XD, perm_X, inv_X), (perm_X, inv_X)
+
+
+def _permute_rows_bwd(res, g_XD):
+    _, inv_X = res
+    return g_XD.at[inv_X].get(unique_indices=True), None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def unsort_sum(y_XD, order_X, w_TK, inv_X=None):
     """Rows in expert-sorted order -> each token's sum over its K experts weighted by w_TK, in float32: a gather by
     the inverse permutation and a reduction, not a scatter-add into [T, D] (scatters of activations are slow and
-    memory-hungry on TPU). The gather is marked unique, so its gradient is a scatter without collisions
-    (`sorted_tokens`), and it moves the rows in their own dtype: the weights apply after it, in float32."""
+    memory-hungry on TPU). Its gradient gathers too (`permute_rows`), and it moves the rows in their own dtype: the
+    weights apply after it, in float32. inv_X: inverse_permutation(order_X), when the caller has it."""
     T, K = w_TK.shape
-    y_TKD = y_XD.at[inverse_permutation(order_X)].get(unique_indices=True).reshape(T, K, y_XD.shape[-1])
+    inv_X = inverse_permutation(order_X) if inv_X is None else inv_X
+    y_TKD = permute_rows(y_XD, inv_X, order_X).reshape(T, K, y_XD.shape[-1])
     return jnp.sum(y_TKD.astype(jnp.float32) * w_TK.astype(jnp.float32)[..., None], axis=1)
 
 
-def sorted_tokens(x_TD, order_X, K: int):
+def sorted_tokens(x_TD, order_X, K: int, inv_X=None):
     """x_TD[order_X // K]: each (token, expert) assignment's token row, in expert-sorted order, taken as a
     permutation of x repeated K times. Autodiff of x[order // K] scatter-adds into [T, D] with colliding
     indices (the scatters were 10% of the bench preset's training step on an H100, docs/LOG.md session 15);
-    here the gradient is a scatter with unique indices into [T*K, D] and a sum over each token's K rows."""
-    return jnp.repeat(x_TD, K, axis=0).at[order_X].get(unique_indices=True)
+    here the gradient is a gather by the inverse permutation (`permute_rows`) and a sum over each token's K rows."""
+    inv_X = inverse_permutation(order_X) if inv_X is None else inv_X
+    return permute_rows(jnp.repeat(x_TD, K, axis=0), order_X, inv_X)
 
 
 def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, ragged_dot=jax.lax.ragged_dot):
@@ -147,9 +172,10 @@ def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
     # the names are what `model.remat=save_experts` keeps for the backward (transformer.remat_policy)
     order_X = checkpoint_name(jnp.argsort(flat_X, stable=True), "moe_order")
     group_sizes_E = checkpoint_name(jnp.bincount(flat_X, length=E).astype(jnp.int32), "moe_order")
-    xs_XD = checkpoint_name(sorted_tokens(x_TD, order_X, K), "moe_rows")
+    inv_X = checkpoint_name(inverse_permutation(order_X), "moe_order")
+    xs_XD = checkpoint_name(sorted_tokens(x_TD, order_X, K, inv_X), "moe_rows")
     y_XD = grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, lambda x, w: ragged_dot(x, w, group_sizes_E))
-    return unsort_sum(checkpoint_name(y_XD, "moe_rows"), order_X, w_TK).astype(x_TD.dtype)
+    return unsort_sum(checkpoint_name(y_XD, "moe_rows"), order_X, w_TK, inv_X).astype(x_TD.dtype)
 
 
 def grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm):
