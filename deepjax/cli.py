@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -327,9 +328,21 @@ def parser() -> argparse.ArgumentParser:
 # jax's persistent compilation cache for the commands (what XLA compiled, its autotuning results included), so a
 # resumed or repeated run on a GPU or TPU does not compile again (the bench preset's training step with its layers as
 # a Python loop compiles for about 3 minutes on an H100). DEEPJAX_COMPILE_CACHE=DIR picks the directory (a gs:// path
-# too), =off turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins. Off by default on CPU, where compiles are short.
+# too, with etils[epath]; on several hosts only process 0 writes, so a local directory helps process 0 alone),
+# =off turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins. Off by default where no GPU or TPU plugin is
+# installed or JAX_PLATFORMS=cpu, where compiles are short. Decided without starting jax's backend, which must wait
+# for jax.distributed.initialize on several processes (deepjax.parallel.distributed).
 COMPILE_CACHE_ENV = "DEEPJAX_COMPILE_CACHE"
 COMPILE_CACHE_MIN_SECS = 5.0  # compiles shorter than this are not written
+ACCELERATOR_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "libtpu", "jax_rocm7_plugin",
+                       "jax_rocm60_plugin")
+
+
+def _accelerator_installed() -> bool:
+    platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+    if platforms and all(p.strip() == "cpu" for p in platforms.split(",")):
+        return False
+    return any(importlib.util.find_spec(m) is not None for m in ACCELERATOR_PLUGINS)
 
 
 def compile_cache() -> Optional[str]:
@@ -337,12 +350,16 @@ def compile_cache() -> Optional[str]:
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]  # jax reads it itself
     d = os.environ.get(COMPILE_CACHE_ENV, "")
-    if d.lower() in ("off", "0", "false", "none") or (not d and jax.default_backend() == "cpu"):
+    if d.lower() in ("off", "0", "false", "none") or (not d and not _accelerator_installed()):
         return None
+    secs = os.environ.get(COMPILE_CACHE_ENV + "_MIN_SECS", str(COMPILE_CACHE_MIN_SECS))
+    try:
+        secs = float(secs)
+    except ValueError:
+        raise UserError(f"{COMPILE_CACHE_ENV}_MIN_SECS={secs!r}: not a number of seconds") from None
     d = d or paths.local_cache("xla")
     jax.config.update("jax_compilation_cache_dir", d)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(os.environ.get(COMPILE_CACHE_ENV + "_MIN_SECS", COMPILE_CACHE_MIN_SECS)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", secs)
     return d
 
 
@@ -352,7 +369,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         ap.print_help()
         return 0
-    compile_cache()
+    try:
+        compile_cache()
+    except UserError as e:
+        return _user_error(e)
     if args.command == "sample":
         return sample_command(args, rest)
     if args.command == "convert":

@@ -83,3 +83,12 @@ def test_compile_cache_env(tmp_path):
     r = run()  # unset: off on CPU
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "xdg" / "deepjax").exists()
+    # deciding never starts jax's backend (on several processes jax.distributed.initialize must come first)
+    probe = ("from jax._src import xla_bridge as xb; from deepjax import cli; d = cli.compile_cache(); "
+             "assert not xb.backends_are_initialized(); print(d)")
+    import importlib.util
+    plugin = any(importlib.util.find_spec(m) for m in cli.ACCELERATOR_PLUGINS)
+    for platforms, want in (("cpu", "None"), ("", "xla" if plugin else "None")):
+        r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env=dict(env, JAX_PLATFORMS=platforms))
+        assert r.returncode == 0 and want in r.stdout, (platforms, r.stdout, r.stderr)

@@ -208,6 +208,28 @@ def test_attention_cudnn_off_gpu_names_the_field():
         jax.jit(lambda q: ops.causal_attention(q, k, v, start, 0.3, "auto", "cudnn"))(q)
 
 
+def test_attention_cudnn_under_a_mesh_names_the_field(monkeypatch):
+    """Under a mesh of several devices cuDNN attention is refused by name (jax's partitioner does not tie the
+    segment arrays to q's rows); a one-device mesh, as `deepjax train` runs on one GPU, is allowed."""
+    from deepjax.parallel import sharding as S
+    from deepjax.schema import ConfigError
+    monkeypatch.setattr(ops, "platform", lambda: "gpu")
+    calls = []
+    monkeypatch.setattr(ops, "_cudnn_causal", lambda q, *a: calls.append(q.shape) or q[..., :2])
+    B, T = 2, 16
+    q, k, v = _qkv(B, T, dtype=jnp.bfloat16)
+    start = ops.doc_starts(_segments(B, T, 4))
+    for n, ok in ((2, False), (1, True)):
+        mc = S.MeshConfig(data=n, fsdp=1)
+        with S.use_mesh(S.make_mesh(mc, jax.devices()[:n]), S.rules_for(mc.rules)):
+            if ok:
+                ops.causal_attention(q, k, v, start, 0.3, "auto", "cudnn")
+            else:
+                with pytest.raises(ConfigError, match=r"model\.attention='cudnn': .*this mesh has 2"):
+                    ops.causal_attention(q, k, v, start, 0.3, "auto", "cudnn")
+    assert calls == [q.shape]
+
+
 def test_model_attention_field_reaches_the_op(monkeypatch):
     """ModelConfig.attention is what the model's attention is called with."""
     seen = []

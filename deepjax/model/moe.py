@@ -118,7 +118,8 @@ def sequence_balance_loss(scores_BTE, idx_BTK, valid_BT, cfg: ModelConfig) -> jn
 
 
 def inverse_permutation(order_X):
-    return jnp.zeros_like(order_X).at[order_X].set(jnp.arange(order_X.shape[0], dtype=order_X.dtype))
+    return jnp.zeros_like(order_X).at[order_X].set(jnp.arange(order_X.shape[0], dtype=order_X.dtype),
+                                                   unique_indices=True)
 
 
 @jax.custom_vjp
@@ -228,7 +229,8 @@ def routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID,
     dest_X = start_E[e_X] + jnp.arange(X) - first_E[e_X]  # padded row of each sorted assignment
     n_blocks = -(-(X + E * (block - 1)) // block)
     R = n_blocks * block
-    xs_RD = jnp.zeros((R, D), x_TD.dtype).at[dest_X].set(sorted_tokens(x_TD, order_X, K), unique_indices=True,
+    inv_X = checkpoint_name(inverse_permutation(order_X), "moe_order")
+    xs_RD = jnp.zeros((R, D), x_TD.dtype).at[dest_X].set(sorted_tokens(x_TD, order_X, K, inv_X), unique_indices=True,
                                                         indices_are_sorted=True)
     block_e = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_blocks) * block, side="right")
     block_e = jnp.minimum(block_e, E - 1)  # blocks past the last expert's rows hold zeros
@@ -239,7 +241,7 @@ def routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID,
     h = checkpoint_name(jax.nn.silu(g) * u, "moe_rows")
     y_RD = checkpoint_name(jnp.einsum("nbi,nid->nbd", h, w_down_EID[block_e]).reshape(R, D), "moe_rows")
     y_XD = y_RD.at[dest_X].get(unique_indices=True, indices_are_sorted=True)
-    return unsort_sum(y_XD, order_X, w_TK).astype(x_TD.dtype)
+    return unsort_sum(y_XD, order_X, w_TK, inv_X).astype(x_TD.dtype)
 
 
 def routed_experts_dense(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):

@@ -256,6 +256,10 @@ def causal_attention(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, kernels: st
         if jnp.dtype(q_BTNK.dtype) not in GPU_KERNEL_DTYPES:
             raise bad("model.attention", attention, f"cuDNN attention takes bfloat16 or float16, not "
                       f"{jnp.dtype(q_BTNK.dtype).name} (set model.dtype=bfloat16)")
+        ctx = sharding.current()
+        if ctx is not None and ctx[0].devices.size > 1:  # the segments' sharding is not tied to q's rows
+            raise bad("model.attention", attention, f"cuDNN attention runs on one device for now, and this mesh "
+                      f"has {ctx[0].devices.size} (use model.attention=auto / tokamax)")
         return _cudnn_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale)
     impl = "xla" if attention == "xla" else resolve(kernels if attention == "auto" else attention, q_BTNK.dtype)
     if impl == "tokamax":
