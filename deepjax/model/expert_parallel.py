@@ -55,11 +55,12 @@ def _local_experts(xs, local_e, E_l, wg, wu, wd, kernels: str):
     # the names: what `model.remat=save_experts` keeps (moe.routed_experts_dropless); with several token blocks
     # (TOKEN_CHUNK) each block is rematerialized whole anyway
     o2 = checkpoint_name(jnp.argsort(local_e, stable=True), "moe_order")
+    inv2 = checkpoint_name(inverse_permutation(o2), "moe_order")
     sizes = checkpoint_name(jnp.bincount(local_e, length=E_l + 1)[:E_l].astype(jnp.int32), "moe_order")
-    xs = checkpoint_name(xs.at[o2].get(unique_indices=True), "moe_rows")  # a permutation: scatters without collisions
+    xs = checkpoint_name(moe.permute_rows(xs, o2, inv2), "moe_rows")  # a permutation: its gradient gathers too
     ys = moe.grouped_swiglu(xs, wg, wu, wd, lambda x, w: ops.grouped_matmul(x, w, sizes, kernels))
     ys = jnp.where((local_e[o2] < E_l)[:, None], ys, 0)
-    return ys.at[inverse_permutation(o2)].get(unique_indices=True)
+    return moe.permute_rows(ys, inv2, o2)
 
 
 class _Plan(NamedTuple):
