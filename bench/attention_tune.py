@@ -58,17 +58,23 @@ def timed(f, args, reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
+def inputs(args):
+    """q, k [B, T, N, dqk], v and the output cotangent [B, T, N, dv], bf16, from fixed keys."""
+    B, T, N = args.batch, args.seq, args.heads
+    kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+    return (jax.random.normal(kq, (B, T, N, args.dqk), jnp.bfloat16),
+            jax.random.normal(kk, (B, T, N, args.dqk), jnp.bfloat16),
+            jax.random.normal(kv, (B, T, N, args.dv), jnp.bfloat16),
+            jax.random.normal(kg, (B, T, N, args.dv), jnp.bfloat16))
+
+
 def compare_impls(args):
     """`ops.causal_attention` per implementation: microseconds forward and forward + backward, and the largest error
     of the output and gradients against the XLA path in float32."""
     from deepjax.model import ops
 
     B, T, N = args.batch, args.seq, args.heads
-    kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(kq, (B, T, N, args.dqk), jnp.bfloat16)
-    k = jax.random.normal(kk, (B, T, N, args.dqk), jnp.bfloat16)
-    v = jax.random.normal(kv, (B, T, N, args.dv), jnp.bfloat16)
-    dout = jax.random.normal(kg, (B, T, N, args.dv), jnp.bfloat16)
+    q, k, v, dout = inputs(args)
     scale = float(args.dqk) ** -0.5
     for docs in args.docs:
         seg = jnp.broadcast_to(jnp.minimum(jnp.arange(T) // (T // docs), docs - 1), (B, T))
@@ -114,14 +120,12 @@ def main(argv=None):
     ap.add_argument("--docs", type=int, nargs="+", default=[1, 4], help="with --impls: documents per row")
     args = ap.parse_args(argv)
     if args.impls:
+        if max(args.docs) > args.seq:
+            ap.error(f"--docs {max(args.docs)}: at most --seq {args.seq}")
         return compare_impls(args)
     base, fa, _, vjp, _ = _mods()
     B, T, N = args.batch, args.seq, args.heads
-    kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(kq, (B, T, N, args.dqk), jnp.bfloat16)
-    k = jax.random.normal(kk, (B, T, N, args.dqk), jnp.bfloat16)
-    v = jax.random.normal(kv, (B, T, N, args.dv), jnp.bfloat16)
-    dout = jax.random.normal(kg, (B, T, N, args.dv), jnp.bfloat16)
+    q, k, v, dout = inputs(args)
     mask = base.Mask(k_start=jnp.zeros((B, 1, T), jnp.int32), is_causal=True)
     scale = float(args.dqk) ** -0.5
 

@@ -14,20 +14,11 @@ a write: the copy roofline):
     dus              a zero-filled buffer, each layer written into its slice (dynamic_update_slice, in place)
 """
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 
-
-def timed(f, *a, reps: int = 20) -> float:
-    for _ in range(3):
-        jax.block_until_ready(f(*a))
-    t = time.perf_counter()
-    for _ in range(reps):
-        y = f(*a)
-    jax.block_until_ready(y)
-    return (time.perf_counter() - t) / reps * 1e3
+from attention_tune import timed  # bench/: seconds per call after 3 warmup calls
 
 
 def ways(L: int, shape: tuple, dtype):
@@ -61,10 +52,10 @@ def main(argv=None):
         f = jax.jit(f)
         out = f(*ps)
         ref = out if ref is None else ref
-        ms = timed(f, *ps, reps=args.reps)
+        ms = timed(f, ps, args.reps) * 1e3
         print(f"{name:16s} {ms:8.3f} ms  {gb / ms:6.2f} TB/s  equal: {bool(jnp.array_equal(out, ref))}", flush=True)
     big = jnp.zeros((L, *shape), dtype)
-    ms = timed(jax.jit(lambda x: x + 1), big, reps=args.reps)
+    ms = timed(jax.jit(lambda x: x + 1), (big,), args.reps) * 1e3
     print(f"{'x + 1 (copy)':16s} {ms:8.3f} ms  {gb / ms:6.2f} TB/s")
 
 
