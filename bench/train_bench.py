@@ -223,7 +223,8 @@ def main(argv=None):
     ap.add_argument("--mesh", nargs="+", action="append", metavar="AXIS=N",
                     help="a mesh over all devices, e.g. --mesh fsdp=2 expert=4 (repeatable: one row each)")
     ap.add_argument("--profile", metavar="DIR",
-                    help="trace 3 more steps of each configuration into DIR/KERNELS_REMAT_LAYERLOOP_PARAMDTYPE_BxT")
+                    help="trace 3 more steps of each configuration into "
+                    "DIR/KERNELS_ATTENTION_REMAT_LAYERLOOP_PARAMDTYPE_BxT")
     ap.add_argument("--autotune", metavar="FILE", help="after timing a tokamax configuration, run tokamax's "
                     "autotuner on its step, write the configs to FILE (JSON) and time the step again under them")
     ap.add_argument("--timeout", type=float, default=540.0, help="seconds per subprocess")
@@ -255,14 +256,14 @@ def main(argv=None):
             for remat, loop, attn, pd, mesh in itertools.product(args.remat, args.layer_loop, args.attention,
                                                                    args.param_dtype, args.mesh or [None]):
                 common = ["--preset", args.preset, "--batch", str(B), "--seq", str(T), "--docs", str(args.docs),
-                          "--remat", remat, "--layer-loop", loop, "--attention", attn, "--param-dtype", pd, "--steps", str(args.steps)] + (
+                          "--remat", remat, "--layer-loop", loop, "--attention", attn, "--param-dtype", pd,
+                          "--steps", str(args.steps)] + (
                     ["--profile", args.profile] if args.profile else []) + (
                     ["--autotune", args.autotune] if args.autotune else []) + (["--mesh", *mesh] if mesh else [])
                 recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
                 r = next((r for r in recs if r.get("what") == "train_step"), None)
                 rows.append(r or emit(what="train_step", kernels=k, remat=remat, layer_loop=loop, attention=attn,
-                                      param_dtype=pd,
-                                      B=B, T=T, mesh=mesh, error=f"no result: {err}"))
+                                      param_dtype=pd, B=B, T=T, mesh=mesh, error=f"no result: {err}"))
         hf = None
         if not args.no_hf:
             env = dict(os.environ, B=str(B), T=str(T))

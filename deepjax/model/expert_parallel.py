@@ -67,6 +67,7 @@ class _Plan(NamedTuple):
     """Step 1 for X = T*K assignments, sorted by expert (hence by destination device)."""
 
     order: jax.Array  # [X] assignment index (t*K + k) in sorted position
+    inv: jax.Array  # [X] sorted position of each assignment (order's inverse)
     local_e: jax.Array  # [X] expert id on its destination device
     dest: jax.Array  # [X] destination device
     counts: jax.Array  # [P] assignments per destination
@@ -83,13 +84,14 @@ def _plan(idx_TK, E_l: int, ep: int, capacity: int) -> _Plan:
     counts = jnp.bincount(dest, length=ep).astype(jnp.int32)
     starts = jnp.cumsum(counts) - counts
     pos = jnp.arange(flat_e.shape[0]) - starts[dest]
-    return _Plan(order, (e_sorted % E_l).astype(jnp.int32), dest, counts, starts, pos, pos < capacity)
+    return _Plan(order, inverse_permutation(order), (e_sorted % E_l).astype(jnp.int32), dest, counts, starts, pos,
+                 pos < capacity)
 
 
 def _combine(y_X, w_TK, plan: _Plan, T: int, K: int):
     """Step 4's end: gate-weight the returned rows (dropped ones weigh 0), back to tokens."""
-    keep_TK = plan.keep.at[inverse_permutation(plan.order)].get(unique_indices=True).reshape(T, K)
-    return unsort_sum(y_X, plan.order, jnp.where(keep_TK, w_TK, 0.0)), T * K - plan.keep.sum()
+    keep_TK = plan.keep.at[plan.inv].get(unique_indices=True).reshape(T, K)
+    return unsort_sum(y_X, plan.order, plan.inv, jnp.where(keep_TK, w_TK, 0.0)), T * K - plan.keep.sum()
 
 
 def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: str, kernels: str):
@@ -105,8 +107,8 @@ def _exchange_ragged(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, 
     at_sender = jax.lax.all_gather(plan.starts, axis)  # replies land where each source's block began
     recv = table[:, me]
     R = ep * capacity
-    rows = ragged_all_to_all(sorted_tokens(x_TD, plan.order, K), jnp.zeros((R, D), x_TD.dtype), plan.starts, send,
-                             at_receiver[me], recv, axis_name=axis)
+    rows = ragged_all_to_all(sorted_tokens(x_TD, plan.order, plan.inv, K), jnp.zeros((R, D), x_TD.dtype),
+                             plan.starts, send, at_receiver[me], recv, axis_name=axis)
     ids = ragged_all_to_all(plan.local_e, jnp.full((R,), E_l, jnp.int32), plan.starts, send,
                             at_receiver[me], recv, axis_name=axis)
     ys = _local_experts(rows, ids, E_l, wg, wu, wd, kernels).astype(x_TD.dtype)
@@ -121,8 +123,8 @@ def _exchange(x_TD, w_TK, idx_TK, wg, wu, wd, *, ep: int, capacity: int, axis: s
     E_l, D = wg.shape[0], x_TD.shape[-1]
     plan = _plan(idx_TK, E_l, ep, capacity)
     slot = jnp.where(plan.keep, plan.pos, capacity)  # out of range: dropped by mode="drop"
-    send_x = jnp.zeros((ep, capacity, D), x_TD.dtype).at[plan.dest, slot].set(sorted_tokens(x_TD, plan.order, K),
-                                                                              mode="drop")
+    send_x = jnp.zeros((ep, capacity, D), x_TD.dtype).at[plan.dest, slot].set(
+        sorted_tokens(x_TD, plan.order, plan.inv, K), mode="drop")
     send_e = jnp.full((ep, capacity), E_l, jnp.int32).at[plan.dest, slot].set(plan.local_e, mode="drop")
     recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True).reshape(ep * capacity, D)
     recv_e = jax.lax.all_to_all(send_e, axis, 0, 0, tiled=True).reshape(ep * capacity)

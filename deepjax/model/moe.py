@@ -134,34 +134,32 @@ def permute_rows(x_XD, perm_X, inv_X):
 
 
 def _permute_rows_fwd(x_XD, perm_X, inv_X):
-    return permute_rows(x_XD, perm_X, inv_X), (perm_X, inv_X)
+    return permute_rows(x_XD, perm_X, inv_X), inv_X
 
 
-def _permute_rows_bwd(res, g_XD):
-    _, inv_X = res
+def _permute_rows_bwd(inv_X, g_XD):
     return g_XD.at[inv_X].get(unique_indices=True), None, None
 
 
 permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
-def unsort_sum(y_XD, order_X, w_TK, inv_X=None):
+def unsort_sum(y_XD, order_X, inv_X, w_TK):
     """Rows in expert-sorted order -> each token's sum over its K experts weighted by w_TK, in float32: a gather by
     the inverse permutation and a reduction, not a scatter-add into [T, D] (scatters of activations are slow and
     memory-hungry on TPU). Its gradient gathers too (`permute_rows`), and it moves the rows in their own dtype: the
-    weights apply after it, in float32. inv_X: inverse_permutation(order_X), when the caller has it."""
+    weights apply after it, in float32. inv_X: inverse_permutation(order_X)."""
     T, K = w_TK.shape
-    inv_X = inverse_permutation(order_X) if inv_X is None else inv_X
     y_TKD = permute_rows(y_XD, inv_X, order_X).reshape(T, K, y_XD.shape[-1])
     return jnp.sum(y_TKD.astype(jnp.float32) * w_TK.astype(jnp.float32)[..., None], axis=1)
 
 
-def sorted_tokens(x_TD, order_X, K: int, inv_X=None):
+def sorted_tokens(x_TD, order_X, inv_X, K: int):
     """x_TD[order_X // K]: each (token, expert) assignment's token row, in expert-sorted order, taken as a
     permutation of x repeated K times. Autodiff of x[order // K] scatter-adds into [T, D] with colliding
     indices (the scatters were 10% of the bench preset's training step on an H100, docs/LOG.md session 15);
-    here the gradient is a gather by the inverse permutation (`permute_rows`) and a sum over each token's K rows."""
-    inv_X = inverse_permutation(order_X) if inv_X is None else inv_X
+    here the gradient is a gather by the inverse permutation inv_X (`permute_rows`) and a sum over each token's K
+    rows."""
     return permute_rows(jnp.repeat(x_TD, K, axis=0), order_X, inv_X)
 
 
@@ -174,9 +172,9 @@ def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
     order_X = checkpoint_name(jnp.argsort(flat_X, stable=True), "moe_order")
     group_sizes_E = checkpoint_name(jnp.bincount(flat_X, length=E).astype(jnp.int32), "moe_order")
     inv_X = checkpoint_name(inverse_permutation(order_X), "moe_order")
-    xs_XD = checkpoint_name(sorted_tokens(x_TD, order_X, K, inv_X), "moe_rows")
+    xs_XD = checkpoint_name(sorted_tokens(x_TD, order_X, inv_X, K), "moe_rows")
     y_XD = grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, lambda x, w: ragged_dot(x, w, group_sizes_E))
-    return unsort_sum(checkpoint_name(y_XD, "moe_rows"), order_X, w_TK, inv_X).astype(x_TD.dtype)
+    return unsort_sum(checkpoint_name(y_XD, "moe_rows"), order_X, inv_X, w_TK).astype(x_TD.dtype)
 
 
 def grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm):
@@ -230,7 +228,7 @@ def routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID,
     n_blocks = -(-(X + E * (block - 1)) // block)
     R = n_blocks * block
     inv_X = checkpoint_name(inverse_permutation(order_X), "moe_order")
-    xs_RD = jnp.zeros((R, D), x_TD.dtype).at[dest_X].set(sorted_tokens(x_TD, order_X, K, inv_X), unique_indices=True,
+    xs_RD = jnp.zeros((R, D), x_TD.dtype).at[dest_X].set(sorted_tokens(x_TD, order_X, inv_X, K), unique_indices=True,
                                                         indices_are_sorted=True)
     block_e = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_blocks) * block, side="right")
     block_e = jnp.minimum(block_e, E - 1)  # blocks past the last expert's rows hold zeros
@@ -241,7 +239,7 @@ def routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID,
     h = checkpoint_name(jax.nn.silu(g) * u, "moe_rows")
     y_RD = checkpoint_name(jnp.einsum("nbi,nid->nbd", h, w_down_EID[block_e]).reshape(R, D), "moe_rows")
     y_XD = y_RD.at[dest_X].get(unique_indices=True, indices_are_sorted=True)
-    return unsort_sum(y_XD, order_X, w_TK, inv_X).astype(x_TD.dtype)
+    return unsort_sum(y_XD, order_X, inv_X, w_TK).astype(x_TD.dtype)
 
 
 def routed_experts_dense(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID):
