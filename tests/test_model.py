@@ -430,3 +430,24 @@ def test_unrolled_layers_equal_scanned(tiny, remat):
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(grads)) > 1e-3
+
+
+def test_stack_gradients_in_place_equal_concat(tiny):
+    """The Python loop's stack gradients written layer by layer into a zero-filled stack (`_split_dus`, in place)
+    equal the split's transpose (one concatenation), and the gradient then writes the stacks in place."""
+    from deepjax.model import transformer
+    cfg, graphdef, params = tiny
+    tokens, seg = _toy_batch(cfg.vocab_size)
+    trainable, rest = nnx.split_state(params, nnx.Param, ...)
+    unrolled = M.abstract_init(dataclasses.replace(cfg, layer_loop="python"))[0]
+    out = {}
+    for way in ("concat", "dus"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(transformer, "STACK_GRADIENTS", way)
+            grad = jax.grad(lambda t: _train_loss(unrolled, t, rest, tokens, seg)[0])  # traced under the switch
+            out[way] = jax.jit(grad)(trainable)
+            jaxpr = str(jax.make_jaxpr(grad)(trainable))
+            out[way + "_dus"] = jaxpr.count("dynamic_update_slice")
+    for a, b in zip(jax.tree.leaves(out["dus"]), jax.tree.leaves(out["concat"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8)  # the same sums; XLA fuses them differently
+    assert out["dus_dus"] > out["concat_dus"]

@@ -66,6 +66,35 @@ def python_layer_loop(cfg: ModelConfig) -> bool:
     return cfg.layer_loop == "python"
 
 
+def _split(a):
+    return [p.reshape(p.shape[1:]) for p in jax.lax.split(a, (1,) * a.shape[0], axis=0)]
+
+
+@jax.custom_vjp
+def _split_dus(a):
+    """`_split` whose gradient writes each layer's cotangent into its slice of a zero-filled stack
+    (dynamic_update_slice, in place) instead of the split's transpose (one concatenation of the L cotangents)."""
+    return _split(a)
+
+
+def _split_dus_fwd(a):
+    return _split(a), jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+
+def _split_dus_bwd(like, cts):
+    buf = jnp.zeros(like.shape, like.dtype)
+    for l, ct in enumerate(cts):
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, ct[None].astype(like.dtype), l, axis=0)
+    return (buf,)
+
+
+_split_dus.defvjp(_split_dus_fwd, _split_dus_bwd)
+
+# How `_unrolled` builds the stacks' gradients: "concat" (the split's transpose) or "dus" (`_split_dus`). A bench
+# switch (bench/train_bench.py --stack-grad) until the GPU has measured both on the step.
+STACK_GRADIENTS = "concat"
+
+
 def _unrolled(body, x, state, routes_LBTK):
     """`lax.scan(body, x, (state, None, routes))` as a Python loop over the layers (`python_layer_loop`): each
     layer's residuals are arrays of their own. The stacks are split with `lax.split`, whose transpose concatenates
@@ -74,7 +103,8 @@ def _unrolled(body, x, state, routes_LBTK):
     L = leaves[0].shape[0]
     if routes_LBTK is not None and routes_LBTK.shape[0] != L:
         raise ValueError(f"routes for {routes_LBTK.shape[0]} layers, the stack has {L}")
-    parts = [[p.reshape(p.shape[1:]) for p in jax.lax.split(a, (1,) * L, axis=0)] for a in leaves]
+    split = {"concat": _split, "dus": _split_dus}[STACK_GRADIENTS]
+    parts = [split(a) for a in leaves]
     outs = []
     for l in range(L):
         layer = jax.tree.unflatten(treedef, [p[l] for p in parts])
