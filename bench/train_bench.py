@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from deepjax import model as M
 from deepjax.config import set_path
-from deepjax.model import ops, presets, transformer
+from deepjax.model import ops, presets
 from deepjax.parallel import sharding as S
 from deepjax.train import optim, step as TS
 from deepjax.train.config import OptimConfig, TrainConfig
@@ -78,8 +78,7 @@ def make_batch(B: int, T: int, docs: int, vocab: int) -> TS.Batch:
 def one(args) -> dict:
     """One configuration, in this process: its JSON record."""
     k = args.one
-    transformer.STACK_GRADIENTS = os.environ.get("DEEPJAX_STACK_GRADIENTS", transformer.STACK_GRADIENTS)
-    rec = dict(stack_gradients=transformer.STACK_GRADIENTS, what="train_step", kernels=k, preset=args.preset, B=args.batch, T=args.seq, docs=args.docs,
+    rec = dict(what="train_step", kernels=k, preset=args.preset, B=args.batch, T=args.seq, docs=args.docs,
                remat=args.remat[0], layer_loop=args.layer_loop[0], attention=args.attention[0],
                param_dtype=args.param_dtype[0], jax=jax.__version__,
                device=jax.devices()[0].device_kind)
