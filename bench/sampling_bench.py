@@ -7,7 +7,7 @@
     PYTHONPATH=. python bench/sampling_bench.py --no-hf --batches 64 256 --mesh expert=8   # experts over 8 devices
 
 The path column is the decoder `sampling.decoder=auto` resolves to for that batch (`sampling.resolve_decoder`):
-`pallas` / `fused` (one device, up to DENSE_DECODE_MAX_TOKENS rows) or `model` (the model's modules; always under
+`pallas` / `fused` (one device, up to FUSED_DECODE_MAX_TOKENS rows) or `model` (the model's modules; always under
 --mesh, which shards the parameters and rows over a `MeshConfig` of all devices as `deepjax eval` / `grpo` do).
 
 Prints JSON lines, then a table: tokens/s (new tokens over the whole generate call, prefill included, as HF's

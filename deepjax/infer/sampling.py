@@ -25,7 +25,7 @@ absorbed form (never expanding keys or values per head) or, as a check, expanded
     pallas     fused, with the Pallas GPU kernels (`deepjax.infer.fast.kernels`, which of them: `kernel_set`)
     interpret  fused, with the Pallas kernels in Pallas' interpreter (tests)
     auto       pallas on one GPU, fused on one device of another backend, model under a multi-device mesh, with
-               a caller's experts_fn, or above DENSE_DECODE_MAX_TOKENS rows a step (`resolve_decoder`)
+               a caller's experts_fn, or above FUSED_DECODE_MAX_TOKENS rows a step (`resolve_decoder`)
 The fused decoders raise an error naming the field for a config they do not implement (`fused.check_supported`);
 tests/test_decode_contract.py holds every decoder to the full forward.
 
@@ -155,6 +155,13 @@ def cache_bytes_per_token(cfg: ModelConfig) -> int:
 #   otherwise      the prefill path (sorted grouped matmul)
 # Under a mesh, decode uses the training dispatch (all-to-all over `expert`).
 DENSE_DECODE_MAX_TOKENS = 128
+
+# `decoder="auto"` takes the fused step on one device for up to this many tokens a step (past
+# DENSE_DECODE_MAX_TOKENS its experts run every expert on every token, and it is still the faster step there): on an
+# H100 at the bench preset (greedy, prompt 128, 256 new tokens) the fused Pallas step decodes 512 rows at 128.6k
+# tokens/s against the modules' 113.3k, and 256 rows at 104.9k against 74.0k (docs/LOG.md, sessions 14 and 19).
+# Larger steps are not measured; they keep the modules (sorted grouped matmuls).
+FUSED_DECODE_MAX_TOKENS = 512
 
 
 def prefill_experts_fn(cfg: ModelConfig):
@@ -295,8 +302,8 @@ FUSED_DECODERS = ("fused", "pallas", "interpret")
 
 def resolve_decoder(sc: SamplingConfig, experts_fn=None, n_tokens: int = 1, one_device: Optional[bool] = None) -> str:
     """The decoder `sc.decoder` means here (never "auto"), for n_tokens rows x tokens per step. "auto" takes the
-    fused step on one device with the default experts and at most DENSE_DECODE_MAX_TOKENS tokens a step (beyond
-    that the sorted grouped matmul reads less), with the Pallas kernels on GPU; else the model's modules. A fused
+    fused step on one device with the default experts and at most FUSED_DECODE_MAX_TOKENS tokens a step, with the
+    Pallas kernels on GPU; else the model's modules. A fused
     decoder named explicitly where it cannot run (a multi-device mesh, a caller's experts_fn) is an error.
     one_device: whether the step runs on one device (None: outside a `sharding.use_mesh` context)."""
     one_device = sharding.current() is None if one_device is None else one_device
@@ -306,7 +313,7 @@ def resolve_decoder(sc: SamplingConfig, experts_fn=None, n_tokens: int = 1, one_
                               "model's own experts (not under a multi-device mesh or with experts_fn); use "
                               "'model' or 'auto'")
         return sc.decoder
-    if one_device and experts_fn is None and n_tokens <= DENSE_DECODE_MAX_TOKENS:
+    if one_device and experts_fn is None and n_tokens <= FUSED_DECODE_MAX_TOKENS:
         return "pallas" if jax.default_backend() == "gpu" else "fused"
     return "model"
 

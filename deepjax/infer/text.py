@@ -39,7 +39,7 @@ _SAID: set = set()
 def decode_path(sc: SP.SamplingConfig, mesh, n_rows: int) -> str:
     """The decoder `complete` takes (`sampling.resolve_decoder`, a value of sampling.DECODERS other than "auto"). A
     one-device mesh samples outside the mesh, so "auto" takes the fused decode there (up to
-    sampling.DENSE_DECODE_MAX_TOKENS rows); on a mesh of several devices "auto" is the model's modules, sharded
+    sampling.FUSED_DECODE_MAX_TOKENS rows); on a mesh of several devices "auto" is the model's modules, sharded
     over it, and a fused decoder named explicitly is an error naming sampling.decoder."""
     return SP.resolve_decoder(sc, None, n_rows, one_device=mesh.devices.size == 1)
 
