@@ -135,7 +135,19 @@ def main(argv=None):
     ap.add_argument("--kernels", nargs="+", default=["auto"], help="fused path's kernels: auto (Pallas on GPU) | "
                     "xla | pallas | a comma list of Pallas kernels (attention,route,experts); several are timed one "
                     "after the other")
+    ap.add_argument("--tuning", nargs="+", action="append", metavar="KERNEL.SETTING=VALUE",
+                    help="Pallas kernel tuning overrides (SamplingConfig.kernel_tuning), e.g. --tuning "
+                    "grouped.decode_min_tokens=256 (the fused decode's experts as grouped matmuls): one more row of "
+                    "the fused path each, beside the defaults' (repeatable)")
     args = ap.parse_args(argv)
+    tunings = [()]
+    for group in args.tuning or []:
+        try:
+            tunings.append(tuple((*kv.split("=", 1)[0].split(".", 1), json.loads(kv.split("=", 1)[1]))
+                                 for kv in group))
+            SP.KN.tuning(tunings[-1])
+        except (ValueError, IndexError, TypeError) as e:
+            ap.error(f"--tuning {' '.join(group)}: KERNEL.SETTING=VALUE, VALUE in JSON ({e})")
 
     dev = jax.devices()[0]
     emit(what="device", kind=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__)
@@ -155,13 +167,15 @@ def main(argv=None):
     emit(what="model", preset=args.preset, params=M.count_params(params), cache_bytes_per_token=SP.cache_bytes_per_token(cfg))
     rows = []
     for B in args.batches:
-        runs = [(True, k) for k in args.kernels] + ([(False, "xla")] if args.module else [])
-        for fused, kernels in runs:
+        runs = [(True, k, t) for k in args.kernels for t in tunings] + ([(False, "xla", ())] if args.module else [])
+        for fused, kernels, tu in runs:
             ks = SP.KN.KERNELS
             if "," in kernels or kernels in ks:
                 kernels, ks = "auto", tuple(kernels.split(","))
-            r = time_generate(graphdef, params, cfg, B, args.prompt, args.new, args.reps, fused, kernels, ks,
+            r = time_generate(graphdef, params, cfg, B, args.prompt, args.new, args.reps, fused, kernels, ks, tu,
                               mesh=mesh, rules=rules)
+            if tu:
+                r.update(path=r["path"] + "+" + ",".join(f"{k}.{n}={v}" for k, n, v in tu), tuning=tu)
             mid = args.prompt + args.new // 2  # mean cache positions read per decode step
             by = step_bytes(cfg, params, B, mid)
             r.update(step_bytes=by["total"], roofline_tokens_per_s=B / (by["total"] / bw),

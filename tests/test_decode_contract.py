@@ -21,6 +21,7 @@ Paths (chosen by `SamplingConfig` fields, built from sampling's public pieces as
     pallas_split  kernel_set without attn_in / moe_in: latent_attention_pre ("attn_pre", with q_lora_rank), the
                 route kernel, then the gathered experts' kernels
     pallas_all  decoder="interpret" at many tokens a step: attn_pre, the route kernel, all experts in XLA
+    pallas_grouped  the same with kernel_tuning grouped.decode_min_tokens: the experts as grouped matmuls
     mtp         mtp_draft=True (decoder="fused"): two tokens a step (fused, tokens_per_row=2) and the MTP module
     mtp_module  mtp_draft=True, decoder="model"
     mtp_pallas  mtp_draft=True, decoder="interpret": the route kernel at two tokens a step, the MTP block fused
@@ -29,18 +30,19 @@ Axes (ModelConfig): topk_method x scoring_func x q_lora_rank (None / 16, not kv_
 n_shared_experts (0 / 2) x norm_topk_prob x num_nextn_predict_layers (0 / 1) x rope_scaling (None / YaRN with
 mscale != mscale_all_dim: cos/sin and softmax_scale both scaled) x first_k_dense_replace (1: a dense layer then
 a MoE layer / 0: two MoE layers, a MoE block's pending output summed by the next block). The full product is
-3 x 2^7 = 384 configs x 10 paths; this is a covering design of 6 configs (2 layers, tiny dims: 16 experts in 4
+3 x 2^7 = 384 configs x 11 paths; this is a covering design of 6 configs (2 layers, tiny dims: 16 experts in 4
 groups, top-4 from 2 groups, so group-limited routing differs from plain top-k), each compiled once per path:
 
     config      topk_method           scoring q_lora shared norm mtp rope dense | paths
     g_soft      greedy                softmax 16     2      T    1   yarn 0     | fused pallas mtp mtp_pallas module
     g_sig       greedy                sigmoid None   0      F    1   yarn 1     | fused fused_all pallas_split mtp
                                                                                   mtp_module module
-    glg_sig     group_limited_greedy  sigmoid None   0      F    0   -    1     | fused pallas pallas_all naive mtp*
+    glg_sig     group_limited_greedy  sigmoid None   0      F    0   -    1     | fused pallas pallas_all
+                                                                                  pallas_grouped naive mtp*
     glg_soft    group_limited_greedy  softmax 16     2      F    0   yarn 0     | fused fused_all pallas_split naive
                                                                                   mtp*
-    noaux_sig   noaux_tc              sigmoid 16     2      T    1   yarn 1     | fused pallas pallas_all mtp
-                                                                                  mtp_module
+    noaux_sig   noaux_tc              sigmoid 16     2      T    1   yarn 1     | fused pallas pallas_all
+                                                                                  pallas_grouped mtp mtp_module
     noaux_soft  noaux_tc              softmax None   2      T    1   -    0     | fused mtp mtp_pallas
 
 Every value of every axis appears; every topk_method x scoring_func pair, and every q_lora_rank x path pair,
@@ -86,10 +88,11 @@ DESIGN = {
     "g_soft": ("greedy", "softmax", 16, 2, True, 1, YARN, 0, "fused pallas mtp mtp_pallas module"),
     "g_sig": ("greedy", "sigmoid", None, 0, False, 1, YARN, 1, "fused fused_all pallas_split mtp mtp_module module"),
     "glg_sig": ("group_limited_greedy", "sigmoid", None, 0, False, 0, None, 1,
-                "fused pallas pallas_all naive mtp mtp_module mtp_pallas"),
+                "fused pallas pallas_all pallas_grouped naive mtp mtp_module mtp_pallas"),
     "glg_soft": ("group_limited_greedy", "softmax", 16, 2, False, 0, YARN, 0,
                  "fused fused_all pallas_split naive mtp mtp_module mtp_pallas"),
-    "noaux_sig": ("noaux_tc", "sigmoid", 16, 2, True, 1, YARN, 1, "fused pallas pallas_all mtp mtp_module"),
+    "noaux_sig": ("noaux_tc", "sigmoid", 16, 2, True, 1, YARN, 1,
+                  "fused pallas pallas_all pallas_grouped mtp mtp_module"),
     "noaux_soft": ("noaux_tc", "softmax", None, 2, True, 1, None, 0, "fused mtp mtp_pallas"),
 }
 AXES = ("topk_method", "scoring_func", "q_lora_rank", "n_shared_experts", "norm_topk_prob",
@@ -105,6 +108,8 @@ PATHS = {
     "pallas_split": (SP.SamplingConfig(decoder="interpret", kernel_set=("attention", "route", "experts", "grouped",
                                                                         "attn_pre")), 1),
     "pallas_all": (SP.SamplingConfig(decoder="interpret"), 64),
+    "pallas_grouped": (SP.SamplingConfig(decoder="interpret", kernel_tuning=(("grouped", "decode_min_tokens", 64),)),
+                       64),
     "mtp": (SP.SamplingConfig(decoder="fused", temperature=0.0, mtp_draft=True), None),
     "mtp_module": (SP.SamplingConfig(decoder="model", temperature=0.0, mtp_draft=True), None),
     "mtp_pallas": (SP.SamplingConfig(decoder="interpret", temperature=0.0, mtp_draft=True), None),
@@ -114,6 +119,7 @@ PATHS = {
 KERNELS_USED = {"pallas": ({"attention", "moe_in", "experts", "grouped"}, {"attn_in"}),
                 "pallas_split": ({"attention", "route", "experts", "grouped"}, {"attn_pre"}),
                 "pallas_all": ({"attention", "route", "grouped"}, {"attn_pre"}),
+                "pallas_grouped": ({"attention", "route", "grouped", "grouped_decode"}, {"attn_pre"}),
                 "mtp_pallas": ({"route", "grouped"}, set())}
 
 
@@ -185,12 +191,14 @@ def teacher_forced(graphdef, params, cfg, path: str):
         prompts_BP, lengths_B, cont_BN = jnp.asarray(prompts), jnp.asarray(lengths), jnp.asarray(cont)
         decoder = SP.resolve_decoder(sc, None, n_tokens)
         if decoder in SP.FUSED_DECODERS:
-            layers = SP.fuse_layers(model, n_tokens, SP.kernel_mode(decoder), S, sc.kernel_set, T)
+            layers = SP.fuse_layers(model, n_tokens, SP.kernel_mode(decoder), S, sc.kernel_set, T,
+                                    KN.tuning(sc.kernel_tuning))
         else:
             layers = SP.unstack_layers(model)
         for blk in (layers["dense_layers"] or []) + (layers["moe_layers"] or []):
             if isinstance(blk, dict):
                 used.update(k for k, mode in blk["kernels"].items() if mode)
+                used.update(["grouped_decode"] if blk["grouped_decode"] else [])  # decode's experts grouped
         cache = SP.init_cache(cfg, B, S)
         if SP.fused_prefill_ok(layers, prompts.size):
             logits, cache, h = SP.prefill_fused(model, layers, prompts_BP, lengths_B, cache, return_hidden=True)

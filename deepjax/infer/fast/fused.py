@@ -226,7 +226,8 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
                kernel_set=KN.KERNELS, tokens_per_row: int = 1, tuning: dict | None = None) -> dict:
     """One block's decode weights (see the module docstring) for steps of n_tokens tokens: a dict of arrays, with
     static entries "cfg" (the model config), "gathered" (which experts function; it sets the expert weights'
-    layout), "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`;
+    layout), "grouped_decode" (the all-experts layout decoded as grouped matmuls: `kernels.TUNING["grouped"]`),
+    "kernels" ({kernel: mode or None}: the Pallas kernels this block uses, `kernels.supported`;
     "grouped" is the prefill's), "folded" (norm weights folded into w_in / w_q, merged w_o: with "attn_pre") and
     "tuning" (the kernels' block sizes: `kernels.tuning()`'s table, or the one passed).
     Made once per generate call inside the jitted generate. The arrays pass an optimization barrier: without it
@@ -252,8 +253,10 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
                                  blk.attn_norm.weight[...] if folded else None)}
     if not folded:
         w["attn_norm"] = blk.attn_norm.weight[...].astype(dt)
+    at = table["grouped"]["decode_min_tokens"]
+    grouped_decode = not gathered and bool(use["grouped"]) and at > 0 and n_tokens >= at  # (the kernels only)
     return {"cfg": cfg, "gathered": gathered, "kernels": use, "folded": folded, "tuning": table,
-            **jax.lax.optimization_barrier(w)}
+            "grouped_decode": grouped_decode, **jax.lax.optimization_barrier(w)}
 
 
 # ----------------------------------------------------------------------------------------------------- the step
@@ -405,6 +408,9 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
         return x_TD.reshape(B, T, D), kv_BSc, routes(idx_TX)
     if w["gathered"]:
         y = experts_gathered(h, w_TX, idx_TX, f["w_gu"], f["w_down"])
+    elif w.get("grouped_decode"):  # many tokens a step: sorted rows and grouped matmuls, as the prefill
+        y = KG.experts_grouped(h, w_TX, idx_TX, f["w_gu"].reshape(E + S, -1, D), f["w_down"],
+                               w["kernels"]["grouped"], flat=True)
     else:
         if dense_TE is None:
             comb_TX = jnp.einsum("tk,tke->te", w_TX, jax.nn.one_hot(idx_TX, E + S, dtype=jnp.float32))

@@ -88,6 +88,10 @@ TUNING = {
     "attn_in": {"br": 16, "num_warps": 4},
     "attn_q": {"bc": 32, "num_warps": 4},
     "moe_in": {"be": 4, "num_warps": 4},
+    # decode_min_tokens: from this many tokens a step the fused decode runs its routed experts as the prefill's
+    # grouped matmuls over sorted rows (`grouped.experts_grouped`) instead of every expert on every token; 0: never.
+    # Off until the GPU has timed it against every-expert at GRPO's 512 rows (bench/sampling_bench.py --tuning).
+    "grouped": {"decode_min_tokens": 0},
 }
 
 
