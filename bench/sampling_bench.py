@@ -174,7 +174,7 @@ def main(argv=None):
                 kernels, ks = "auto", tuple(kernels.split(","))
             r = time_generate(graphdef, params, cfg, B, args.prompt, args.new, args.reps, fused, kernels, ks, tu,
                               mesh=mesh, rules=rules)
-            if tu:
+            if tu and r["path"].split("(")[0] in ("pallas", "interpret"):  # (the tuning is the kernels')
                 r.update(path=r["path"] + "+" + ",".join(f"{k}.{n}={v}" for k, n, v in tu), tuning=tu)
             mid = args.prompt + args.new // 2  # mean cache positions read per decode step
             by = step_bytes(cfg, params, B, mid)

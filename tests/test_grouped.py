@@ -192,6 +192,10 @@ def test_prefill_fused_equals_prefill():
     cache = SP.init_cache(cfg, 3, 32)
     layers = SP.fuse_layers(model, 3, "interpret", 32)
     assert SP.fused_prefill_ok(layers, 48) and not SP.fused_prefill_ok(SP.fuse_layers(model, 3, None, 32), 48)
+    # the fused prefill's [B, N, P, P] float32 scores past FUSED_PREFILL_MAX_SCORE_BYTES: the modules prefill
+    N = model.cfg.num_attention_heads
+    big = int((SP.FUSED_PREFILL_MAX_SCORE_BYTES / (4 * N)) ** 0.5) + 1  # B = 1, P = big
+    assert SP.fused_prefill_ok(layers, big - 1, big - 1) and not SP.fused_prefill_ok(layers, big, big)
     assert not SP.fused_prefill_ok(SP.fuse_layers(model, 3, "interpret", 32, ("attention", "experts")), 48)
     assert KG.fits(8192, 8, 66, 1024, 512) and not KG.fits(262144, 8, 66, 1024, 512)  # int32 offsets on GPU
     want = SP.prefill(model, prompts, lengths, cache, SP.prefill_experts_fn(cfg), return_hidden=True)

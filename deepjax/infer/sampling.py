@@ -236,14 +236,22 @@ def prefill(model: Transformer, prompts_BP, lengths_B, cache: Cache, experts_fn,
                     return_routes)
 
 
-def fused_prefill_ok(layers, n_tokens: int) -> bool:
-    """Whether `prefill_fused` runs on n_tokens prompt tokens (B x P): fused layers (`fuse_layers`) with the
-    "grouped" kernels on (kernel_set; shapes `grouped.supported` takes), and on GPU few enough rows for
-    their int32 offsets (`grouped.fits`; beyond that, `prefill`)."""
+# `prefill_fused`'s attention holds a layer's [B, N, P, P] float32 scores at once (`absorbed_attention`); past this
+# many bytes the prompts prefill through the modules' flash attention instead (`fused_prefill_ok`).
+FUSED_PREFILL_MAX_SCORE_BYTES = 4 << 30
+
+
+def fused_prefill_ok(layers, n_tokens: int, prompt_len: int = 0) -> bool:
+    """Whether `prefill_fused` runs on n_tokens prompt tokens (B x P, P = prompt_len): fused layers (`fuse_layers`)
+    with the "grouped" kernels on (kernel_set; shapes `grouped.supported` takes), scores of at most
+    FUSED_PREFILL_MAX_SCORE_BYTES, and on GPU few enough rows for their int32 offsets (`grouped.fits`; beyond
+    these, `prefill`)."""
     blks = None if layers is None else (layers["moe_layers"] or layers["dense_layers"])
     if not blks or not isinstance(blks[0], dict) or not blks[0]["kernels"]["grouped"]:
         return False
     cfg = blks[0]["cfg"]
+    if n_tokens * cfg.num_attention_heads * prompt_len * 4 > FUSED_PREFILL_MAX_SCORE_BYTES:
+        return False
     X, A = cfg.n_routed_experts + cfg.n_shared_experts, cfg.num_experts_per_tok + cfg.n_shared_experts
     return blks[0]["kernels"]["grouped"] == "interpret" or KG.fits(n_tokens, A, X, cfg.hidden_size,
                                                                       cfg.moe_intermediate_size)
@@ -274,7 +282,7 @@ def prefill_fused(model: Transformer, layers: dict, prompts_BP, lengths_B, cache
 
 
 def _prefill(model, layers, prompts_BP, lengths_B, cache, prefill_fn, return_hidden=False, return_routes=False):
-    if fused_prefill_ok(layers, prompts_BP.size):
+    if fused_prefill_ok(layers, prompts_BP.size, prompts_BP.shape[1]):
         return prefill_fused(model, layers, prompts_BP, lengths_B, cache, return_hidden, return_routes)
     return prefill(model, prompts_BP, lengths_B, cache, prefill_fn, return_hidden, return_routes)
 

@@ -254,7 +254,8 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
     if not folded:
         w["attn_norm"] = blk.attn_norm.weight[...].astype(dt)
     at = table["grouped"]["decode_min_tokens"]
-    grouped_decode = not gathered and bool(use["grouped"]) and at > 0 and n_tokens >= at  # (the kernels only)
+    grouped_decode = ("router" in w["ffn"] and not gathered and bool(use["grouped"])  # (MoE blocks, the kernels)
+                      and 0 < at <= n_tokens)
     return {"cfg": cfg, "gathered": gathered, "kernels": use, "folded": folded, "tuning": table,
             "grouped_decode": grouped_decode, **jax.lax.optimization_barrier(w)}
 

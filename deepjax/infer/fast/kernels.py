@@ -103,6 +103,9 @@ def tuning(overrides=()) -> dict:
         if not (isinstance(item, tuple) and len(item) == 3 and item[0] in out and item[1] in out[item[0]]):
             raise ValueError(f"kernel tuning {item!r}: a (kernel, setting, value) triple of "
                              f"{ {k: sorted(v) for k, v in TUNING.items()} }")
+        want = type(TUNING[item[0]][item[1]])
+        if type(item[2]) is not want:  # (an int setting takes no bool or float, a bool setting no int)
+            raise ValueError(f"kernel tuning {item!r}: {item[0]}.{item[1]} takes a {want.__name__}")
         out[item[0]][item[1]] = item[2]
     return out
 
