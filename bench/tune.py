@@ -364,7 +364,7 @@ def ab(a):
     res = {v: [] for v in a.variants}
     for r in range(a.rounds):
         for v in a.variants:
-            table = tuple((k, name, val) for k, d in parsed[v].items() for name, val in d.items())
+            table = tuple(f"{k}.{name}={val!r}" for k, d in parsed[v].items() for name, val in d.items())
             t = time_generate(graphdef, params, cfg, a.batch, a.prompt, a.new, a.reps, kernel_tuning=table)
             res[v].append((t["tokens_per_s"], t["decode_tokens_per_s"], t["prefill_s"]))
             print(json.dumps({"round": r, "variant": v, **{k: t[k] for k in ("tokens_per_s", "decode_tokens_per_s",

@@ -390,15 +390,19 @@ def test_nested_rl_configs_override_round_trip_and_name_the_field():
 
     cfg = load_config("tiny", ["--config.rl.loss.beta=0", "--config.rl.loss.group_size=4",
                                "--config.rl.reward.format=0.5", "--config.rl.rollout.top_k=20",
-                               "--config.rl.rollout.eos_ids=3,7", "--config.rl.eval.every=5"])
+                               "--config.rl.rollout.eos_ids=3,7", "--config.rl.eval.every=5",
+                               "--config.rl.rollout.kernel_tuning=grouped.decode_min_tokens=256,route.num_warps=4"])
     assert (cfg.rl.loss.beta, cfg.rl.loss.group_size, cfg.rl.reward.format) == (0.0, 4, 0.5)
     assert (cfg.rl.rollout.top_k, cfg.rl.rollout.eos_ids, cfg.rl.eval.every) == (20, (3, 7), 5)
+    assert cfg.rl.rollout.kernel_tuning == ("grouped.decode_min_tokens=256", "route.num_warps=4")
     assert cfg.rl.grpo().max_completion_length == cfg.rl.rollout.max_new_tokens  # Dr. GRPO's L
     assert from_dict(to_dict(cfg)) == cfg
     for override, match in [("rl.loss.eps_low=1.5", "rl.loss.eps_low=1.5: GRPOConfig.eps_low"),
                             ("rl.rollout.temperature=-1", "rl.rollout.temperature=-1.0"),
                             ("rl.rollout.eos_ids=a", "rl.rollout.eos_ids: expected int"),
-                            ("rl.eval.k=0", "rl.eval.k=0"), ("rl.group_size=4", "unknown override key 'group_size'")]:
+                            ("rl.eval.k=0", "rl.eval.k=0"), ("rl.group_size=4", "unknown override key 'group_size'"),
+                            ("rl.rollout.kernel_tuning=grouped.decode_min_tokens=x", "rl.rollout.kernel_tuning"),
+                            ("rl.rollout.kernel_tuning=route.num_warps=True", "route.num_warps takes a int")]:
         with pytest.raises(ConfigError, match=re.escape(match)):
             load_config("tiny", ["--config." + override])
     bad = to_dict(cfg)

@@ -76,8 +76,9 @@ class SamplingConfig:
     cache_len: Optional[int] = None  # cache positions; None: prompt length + max_new_tokens, rounded up to 16
     unstack_layers: bool = True  # per-layer weight copies for the decode loop (faster on GPU; see unstack_layers)
     kernel_set: tuple[str, ...] = KN.KERNELS  # decoder pallas / interpret: which kernels (deepjax.infer.fast.kernels)
-    # (kernel, setting, value) overrides of the kernels' block sizes (kernels.TUNING's defaults; bench/tune.py)
-    kernel_tuning: tuple = ()
+    # "kernel.setting=value" overrides of the kernels' settings (kernels.TUNING's defaults; bench/tune.py), e.g.
+    # sampling.kernel_tuning=grouped.decode_min_tokens=256,route.num_warps=4
+    kernel_tuning: tuple[str, ...] = ()
     mtp_draft: bool = False  # greedy only: the MTP module drafts one extra token per step, the main model checks it
     record_routes: bool = False  # Output.routes: the experts every token used in every MoE layer (routing replay)
     # Output.support: the token ids of the truncated set each token was drawn from (top-k, then top-p; sampling-mask

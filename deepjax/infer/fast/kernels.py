@@ -30,6 +30,7 @@ backend, for tests). Triton blocks are powers of two: `supported(cfg, ...)` says
 
 from __future__ import annotations
 
+import ast
 import functools
 
 import jax
@@ -95,11 +96,26 @@ TUNING = {
 }
 
 
+def _triple(item):
+    """A "kernel.setting=value" string (value a Python literal: 256, True) as its (kernel, setting, value) triple;
+    anything else as given."""
+    if not isinstance(item, str):
+        return item
+    key, eq, value = item.partition("=")
+    kernel, dot, setting = key.strip().partition(".")
+    try:
+        if not (eq and dot):
+            raise ValueError
+        return kernel, setting, ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        raise ValueError(f"kernel tuning {item!r}: KERNEL.SETTING=VALUE, e.g. grouped.decode_min_tokens=256") from None
+
+
 def tuning(overrides=()) -> dict:
-    """A fresh table: TUNING with `overrides`, (kernel, setting, value) triples, applied (ValueError naming an
-    unknown one)."""
+    """A fresh table: TUNING with `overrides`, (kernel, setting, value) triples or "kernel.setting=value" strings
+    (`SamplingConfig.kernel_tuning`), applied (ValueError naming an unknown one or a value of the wrong type)."""
     out = {k: dict(v) for k, v in TUNING.items()}
-    for item in overrides:
+    for item in map(_triple, overrides):
         if not (isinstance(item, tuple) and len(item) == 3 and item[0] in out and item[1] in out[item[0]]):
             raise ValueError(f"kernel tuning {item!r}: a (kernel, setting, value) triple of "
                              f"{ {k: sorted(v) for k, v in TUNING.items()} }")
