@@ -137,8 +137,8 @@ def main(argv=None):
                     "after the other")
     ap.add_argument("--tuning", nargs="+", action="append", metavar="KERNEL.SETTING=VALUE",
                     help="Pallas kernel tuning overrides (SamplingConfig.kernel_tuning, VALUE a Python literal), "
-                    "e.g. --tuning grouped.decode_min_tokens=256 (the fused decode's experts as grouped matmuls): one more row of "
-                    "the fused path each, beside the defaults' (repeatable)")
+                    "e.g. --tuning grouped.decode_min_tokens=256 (the fused decode's experts as grouped matmuls): "
+                    "one more row of the fused path each, beside the defaults' (repeatable)")
     args = ap.parse_args(argv)
     tunings = [()]
     for group in args.tuning or []:

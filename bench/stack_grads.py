@@ -5,11 +5,11 @@ three a step, ~2 ms each for 738 MB stacks, about a quarter of the copy bandwidt
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/stack_grads.py          # bench preset's expert stacks, bf16
     PYTHONPATH=. python bench/stack_grads.py --shape 4 64 32              # CPU smoke run
 
-`transformer._unrolled` splits each stacked parameter with `lax.split`; the transpose of that split concatenates the
-layers' gradients. Timed here on L arrays that arrive as jit inputs (as the gradient kernels' outputs do, which XLA
+`transformer._unrolled` split each stacked parameter with `lax.split`, whose transpose concatenates the layers'
+gradients; it now splits with `transformer._split_dus`, whose gradient is the "dus" way below. Timed here on L arrays that arrive as jit inputs (as the gradient kernels' outputs do, which XLA
 cannot fuse into the concatenation), each way of building the stack, beside `x + 1` over the whole stack (a read and
 a write: the copy roofline):
-    split_transpose  jax.vjp of the split (what the training step runs)
+    split_transpose  jax.vjp of `transformer._split` (what the training step ran before session 19)
     concat / stack   jnp.concatenate / jnp.stack
     dus              a zero-filled buffer, each layer written into its slice (dynamic_update_slice, in place)
 """
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from attention_tune import timed  # bench/: seconds per call after 3 warmup calls
+from deepjax.model import transformer
 
 
 def ways(L: int, shape: tuple, dtype):
@@ -29,8 +30,7 @@ def ways(L: int, shape: tuple, dtype):
         return buf
 
     def split_transpose(*p):
-        pieces = lambda a: [q.reshape(q.shape[1:]) for q in jax.lax.split(a, (1,) * L, axis=0)]  # noqa: E731
-        return jax.vjp(pieces, jnp.zeros((L, *shape), dtype))[1](list(p))[0]
+        return jax.vjp(transformer._split, jnp.zeros((L, *shape), dtype))[1](list(p))[0]
 
     return {"split_transpose": split_transpose, "concat": lambda *p: jnp.concatenate([x[None] for x in p]),
             "stack": lambda *p: jnp.stack(p), "dus": dus}

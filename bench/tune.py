@@ -37,7 +37,6 @@ of these sweeps timed the same trace under every setting).
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import contextlib
 import copy
@@ -341,17 +340,15 @@ def layouts(a, T=64, L=11):
 # ---------------------------------------------------------------------------------------------------- A / B
 
 
-def parse_variant(variant: str) -> dict:
-    """{kernel: {key: value}} from "kernel.key=value,..." (values Python literals)."""
-    out = {}
-    for item in filter(None, variant.split(",")):
-        key, _, value = item.partition("=")
-        kernel, _, name = key.partition(".")
-        if kernel not in KN.TUNING or name not in KN.TUNING[kernel]:
-            raise SystemExit(f"tune.py ab: unknown setting {key!r} (kernels.TUNING has "
-                             f"{ {k: sorted(v) for k, v in KN.TUNING.items()} })")
-        out.setdefault(kernel, {})[name] = ast.literal_eval(value)
-    return out
+def parse_variant(variant: str) -> tuple:
+    """The `SamplingConfig.kernel_tuning` of "kernel.key=value,..." (values Python literals), checked by
+    `kernels.tuning`."""
+    table = tuple(filter(None, variant.split(",")))
+    try:
+        KN.tuning(table)
+    except ValueError as e:
+        raise SystemExit(f"tune.py ab: {e}") from None
+    return table
 
 
 def ab(a):
@@ -360,12 +357,11 @@ def ab(a):
 
     cfg = bench_cfg()
     graphdef, params = M.init(cfg, jax.random.key(0))
-    parsed = {v: parse_variant(v) for v in a.variants}  # all checked before the first run
+    tables = {v: parse_variant(v) for v in a.variants}  # all checked before the first run
     res = {v: [] for v in a.variants}
     for r in range(a.rounds):
         for v in a.variants:
-            table = tuple(f"{k}.{name}={val!r}" for k, d in parsed[v].items() for name, val in d.items())
-            t = time_generate(graphdef, params, cfg, a.batch, a.prompt, a.new, a.reps, kernel_tuning=table)
+            t = time_generate(graphdef, params, cfg, a.batch, a.prompt, a.new, a.reps, kernel_tuning=tables[v])
             res[v].append((t["tokens_per_s"], t["decode_tokens_per_s"], t["prefill_s"]))
             print(json.dumps({"round": r, "variant": v, **{k: t[k] for k in ("tokens_per_s", "decode_tokens_per_s",
                                                                             "prefill_s")}}), flush=True)

@@ -86,7 +86,7 @@ def _split_dus_fwd(a):
 def _split_dus_bwd(like, cts):
     buf = jnp.zeros(like.shape, like.dtype)
     for l, ct in enumerate(cts):
-        buf = jax.lax.dynamic_update_slice_in_dim(buf, ct[None].astype(like.dtype), l, axis=0)
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, ct[None], l, axis=0)
     return (buf,)
 
 
