@@ -7,8 +7,9 @@ with: the shipped autotuning cache has none of these shapes). The companion of b
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/attention_tune.py --impls --docs 1 4   # tokamax vs cuDNN vs XLA
 
 --impls times the implementations of `ops.causal_attention` instead (`model.attention`: tokamax's Mosaic kernel,
-cuDNN's packed flash attention, XLA), forward and forward + backward, with --docs documents per row, each checked
-against the XLA path in float32 on the same inputs (output and the q / k / v gradients: largest absolute error).
+cuDNN's packed flash attention, XLA; tokamax_kstart: tokamax with the k_start mask even for one document per row),
+forward and forward + backward, with --docs documents per row, each checked against the XLA path in float32 on the
+same inputs (output and the q / k / v gradients: largest absolute error).
 
 The call is the one `ops.causal_attention` makes with kernels=tokamax on GPU: q, k [B, T, N, 96], v [B, T, N, 64]
 (MLA's qk_nope + qk_rope and v widths at the bench preset), bf16, causal within documents (a k_start per query;
@@ -20,6 +21,7 @@ output (forward) or gradients (backward); then the fastest of each.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import time
@@ -91,7 +93,8 @@ def compare_impls(args):
 
         f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
         ref = jax.jit(fwd_bwd(ops._xla_causal))(f32(q), f32(k), f32(v), f32(dout))
-        impls = {"tokamax": ops._tokamax_causal, "cudnn": ops._cudnn_causal, "xla": ops._xla_causal}
+        impls = {"tokamax": ops._tokamax_causal, "cudnn": ops._cudnn_causal, "xla": ops._xla_causal,
+                 "tokamax_kstart": functools.partial(ops._tokamax_causal, single_doc_branch=False)}
         for name in args.impl_list:
             rec = dict(kind="impl", impl=name, B=B, T=T, N=N, docs=docs)
             try:

@@ -6,7 +6,8 @@
   weight gradient, which this path replaces, must fail the same check (if a tokamax release fixes it, this test
   says so);
 - causal attention within packed documents: tokamax's Mosaic kernel with the per-query k_start mask against the
-  XLA path in float32, outputs and gradients, several documents per row at odd lengths;
+  XLA path in float32, outputs and gradients, several documents per row at odd lengths, and one document per row
+  (the plain causal kernel `ops._tokamax_causal` takes then);
 - cuDNN's packed (segments) flash attention, `ops._cudnn_causal` (model.attention=cudnn), in bf16 against the
   XLA path in float32, outputs and gradients: one and three documents per row, and a batch with a row of more than
   CUDNN_MAX_DOCS documents (the tokamax fallback);
@@ -96,14 +97,15 @@ def _segments(B, T, seed):
     return jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("T", [256, 2048])
-def test_packed_causal_attention_kernel_equals_xla(T):
+@pytest.mark.parametrize("T,packed", [(256, True), (2048, True), (2048, False)])
+def test_packed_causal_attention_kernel_equals_xla(T, packed):
+    """packed: six documents per row (tokamax's k_start mask); else one per row (its plain causal kernel)."""
     B, N, K, V = 2, 16, 96, 64  # MLA's head dims at the bench preset: q/k 64 + 32, v 64
     ks = jax.random.split(jax.random.key(1), 4)
     q, k = (jax.random.normal(kk, (B, T, N, K), jnp.bfloat16) for kk in ks[:2])
     v = jax.random.normal(ks[2], (B, T, N, V), jnp.bfloat16)
     do = jax.random.normal(ks[3], (B, T, N, V), jnp.float32)
-    start = ops.doc_starts(_segments(B, T, T))
+    start = ops.doc_starts(_segments(B, T, T) if packed else jnp.ones((B, T), jnp.int32))
 
     def run(kernels, dtype):
         f = lambda q, k, v: ops.causal_attention(q, k, v, start, K ** -0.5, kernels)  # noqa: E731
@@ -113,7 +115,7 @@ def test_packed_causal_attention_kernel_equals_xla(T):
     ref = [np.asarray(a, np.float64) for a in run("xla", jnp.float32)]
     got = [np.asarray(a, np.float64) for a in run("tokamax", jnp.bfloat16)]
     rel = [float(np.abs(a - r).max() / np.abs(r).max()) for a, r in zip(got, ref)]
-    print(f"attention T={T} relative errors o, dq, dk, dv:", rel)
+    print(f"attention T={T} packed={packed} relative errors o, dq, dk, dv:", rel)
     assert max(rel) < 2e-2, rel
 
 

@@ -62,6 +62,29 @@ def test_causal_attention_within_documents_equals_the_explicit_mask(kernels):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@needs_tokamax
+@pytest.mark.parametrize("packed", [True, False])
+def test_tokamax_single_document_branch_equals_the_document_mask(packed):
+    """`_tokamax_causal` takes the plain causal kernel at run time when every row is one document: it equals the
+    k_start path (and the XLA reference), output and gradients, on packed rows and on one-document rows."""
+    B, T = 2, 37
+    q, k, v = _qkv(B, T)
+    start = ops.doc_starts(_segments(B, T, 2) if packed else jnp.ones((B, T), jnp.int32))
+    w = jnp.cos(jnp.arange(B * T * 3 * 16.0)).reshape(B, T, 3, 16)
+
+    def run(f):
+        loss = lambda q, k, v: (f(q, k, v) * w).sum()  # noqa: E731
+        with jax.numpy_rank_promotion("allow"):
+            return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    xla = run(lambda q, k, v: ops._xla_causal(q, k, v, start, 0.3))
+    branch = run(lambda q, k, v: ops._tokamax_causal(q, k, v, start, 0.3))
+    docs = run(lambda q, k, v: ops._tokamax_causal(q, k, v, start, 0.3, single_doc_branch=False))
+    for a, b, c in zip(jax.tree.leaves(branch), jax.tree.leaves(docs), jax.tree.leaves(xla)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
 def test_splash_attention_equals_xla_with_documents():
     """The TPU path (jax's splash kernel, Pallas interpreter here): documents as segment ids (their start
     positions) give the same output and gradients as the XLA reference."""

@@ -19,8 +19,8 @@ G groups (experts), M rows.
 The ops:
     causal_attention   softmax attention, causal within each document of a packed row. A document is a maximal
                        run of equal segment ids; each query t attends to keys [doc_start[t], t]. The kernel gets
-                       doc_start as tokamax's `k_start` ([B, T] int32) and skips the key blocks outside it; the
-                       XLA path builds each query block's mask from the same iota compare. Neither holds a
+                       doc_start as tokamax's `k_start` ([B, T] int32) and skips the key blocks outside it (a batch
+                       of one document per row takes its plain causal kernel, chosen at run time); the XLA path builds each query block's mask from the same iota compare. Neither holds a
                        [B, T, S] mask, and the kernel never holds [B, N, T, S] scores. cuDNN gets each row's
                        documents as segments (`doc_segments`: lengths and start offsets).
     grouped_matmul     `lax.ragged_dot` semantics (rows sorted by group, group g's rows times w[g]). On GPU: tokamax's
@@ -157,7 +157,7 @@ def _xla_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float):
     return _by_query_blocks(block, q_BTNK, start_BT, v_BSNV.shape[-1])
 
 
-def _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float):
+def _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, single_doc_branch: bool = True):
     # tokamax's public dot_product_attention takes only a boolean [B, N, T, S] mask; its Mask type (k_start per
     # query) is what its kernels take, so the op is called through its implementation table.
     from tokamax._src.ops.attention import api, base  # lazy on purpose: see _tokamax; pinned in pyproject
@@ -168,10 +168,20 @@ def _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float):
         mesh, rules = ctx
         q_sharding = jax.sharding.NamedSharding(
             mesh, sharding.logical_to_spec(("batch", "length", "heads", None), rules, mesh))
-    mask = base.Mask(k_start=start_BT[:, None, :], is_causal=True)
-    with jax.numpy_rank_promotion("allow"):  # tokamax broadcasts its mask by implicit rank promotion
+    def call(mask, q_BTNK, k_BSNK, v_BSNV):
         return api.IMPLEMENTATIONS[_impl("attention")](q_BTNK, k_BSNK, v_BSNV, mask=mask, logits_scale=scale,
                                                        q_sharding=q_sharding)
+
+    docs = functools.partial(call, base.Mask(k_start=start_BT[:, None, :], is_causal=True))
+    # tokamax broadcasts its mask by implicit rank promotion (the cond's JVP traces its branches again, inside)
+    with jax.numpy_rank_promotion("allow"):
+        if not single_doc_branch:
+            return docs(q_BTNK, k_BSNK, v_BSNV)
+        # One document per row (every start 0) needs the causal mask alone. tokamax's backward applies k_start on
+        # every block it visits (a load and a select per block, never a skipped block), so that case takes the
+        # plain causal kernel, decided at run time: packed rows still get their documents.
+        return jax.lax.cond(jnp.all(start_BT == 0), functools.partial(call, base.Mask(is_causal=True)), docs,
+                            q_BTNK, k_BSNK, v_BSNV)
 
 
 def doc_segments(start_BT: jax.Array, max_docs: int):
