@@ -310,6 +310,10 @@ def test_grouped_dw_kernel_equals_per_group_products(M_, sizes):
     assert got.shape == (len(sizes), 32, 48) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, _per_group_dw(x, dy, gs), rtol=1e-5, atol=1e-4)
     assert not np.asarray(got)[np.asarray(sizes) == 0].any()  # an empty group: exactly zero
+    # a bf16 gradient is the float32 accumulation rounded once, at the store
+    low = gmm_grad.grouped_dw(x, dy, gs, interpret=True, out_dtype=jnp.bfloat16)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(low, np.float32), np.asarray(got.astype(jnp.bfloat16), np.float32))
 
 
 def _check_grouped(f, M_, sizes, rtol=1e-5, atol=1e-4):

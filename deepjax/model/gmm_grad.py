@@ -3,7 +3,8 @@ interpreter elsewhere (tests).
 
 For rows sorted by group (group g owns rows [start_g, end_g)), y = x w[g] row by row, and the weight gradient is
 
-    dw[g] = x[start_g:end_g]^T dy[start_g:end_g]            [G, K, N], accumulated in float32
+    dw[g] = x[start_g:end_g]^T dy[start_g:end_g]            [G, K, N], accumulated in float32, stored in the
+                                                             weights' dtype
 
 tokamax's Mosaic GPU kernel for this ragged-contracting product returns wrong values in bf16 on the H200 (its error
 reaches a third of the entries' size in every group: docs/LOG.md), so `ops.grouped_matmul` keeps tokamax's forward
@@ -55,14 +56,15 @@ def _kernel(bm: int, bk: int, bn: int):
             return acc + jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(start // bm, (end + bm - 1) // bm, body, jnp.zeros((bk, bn), jnp.float32))
-        dw_ref[g, cols_k, cols_n] = acc
+        dw_ref[g, cols_k, cols_n] = acc.astype(dw_ref.dtype)
 
     return kernel
 
 
-def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None):
-    """[G, K, N] float32: dw[g] = x[rows of g]^T dy[rows of g], rows sorted by group (`lax.ragged_dot` order).
-    interpret: None runs Triton on GPU and the interpreter elsewhere."""
+def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jnp.float32):
+    """[G, K, N] out_dtype: dw[g] = x[rows of g]^T dy[rows of g], rows sorted by group (`lax.ragged_dot` order),
+    accumulated in float32 and cast as each tile is stored (a bf16 gradient costs no separate cast pass over a
+    float32 one). interpret: None runs Triton on GPU and the interpreter elsewhere."""
     M, K = x_MK.shape
     N = dy_MN.shape[1]
     G = sizes_G.shape[0]
@@ -81,5 +83,5 @@ def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None):
     params = {} if interpret else {"compiler_params": pltriton.CompilerParams(
         num_warps=TILES["num_warps"], num_stages=TILES["num_stages"])}
     return pl.pallas_call(
-        _kernel(bm, bk, bn), out_shape=jax.ShapeDtypeStruct((G, K, N), jnp.float32), grid=(N // bn, K // bk, G),
+        _kernel(bm, bk, bn), out_shape=jax.ShapeDtypeStruct((G, K, N), out_dtype), grid=(N // bn, K // bk, G),
         interpret=interpret, name="grouped_dw", **params)(start_G, end_G, x_MK, dy_MN)

@@ -76,12 +76,14 @@ class MLA(nnx.Module):
         """(q_nope [B,T,N,H], rotated q_pe [B,T,N,R])."""
         cfg, dt = self.cfg, x_BTD.dtype
         if cfg.q_lora_rank is not None:
-            cq_BTQ = self.q_norm(x_BTD @ self.wq_a[...].astype(dt))
-            q_BTNK = jnp.einsum("btq,qnk->btnk", cq_BTQ, self.wq_b[...].astype(dt))
+            x_BTQ, w_QNK = self.q_norm(x_BTD @ self.wq_a[...].astype(dt)), self.wq_b[...].astype(dt)
         else:
-            q_BTNK = jnp.einsum("btd,dnk->btnk", x_BTD, self.wq[...].astype(dt))
+            x_BTQ, w_QNK = x_BTD, self.wq[...].astype(dt)
         H = cfg.qk_nope_head_dim
-        return q_BTNK[..., :H], apply_rope(q_BTNK[..., H:], cos_BTP, sin_BTP)
+        # two products against the weight's column slices rather than slices of one [B, T, N, H + R] product, whose
+        # backward would pad each slice's gradient back to H + R and add them (activation-sized passes)
+        q_nope_BTNH = jnp.einsum("btq,qnh->btnh", x_BTQ, w_QNK[..., :H])
+        return q_nope_BTNH, apply_rope(jnp.einsum("btq,qnr->btnr", x_BTQ, w_QNK[..., H:]), cos_BTP, sin_BTP)
 
     def latent(self, x_BTD, cos_BTP, sin_BTP):
         """What the decode cache keeps: normalized latent c [B,T,C] and rotated shared key k_pe [B,T,R]."""
@@ -117,8 +119,8 @@ class MLA(nnx.Module):
             c_BSC, k_pe_BSR = kv_BSc[..., :C], kv_BSc[..., C:]
         else:
             c_BSC, k_pe_BSR = c_BTC, k_pe_BTR
-        kv_BSNK = jnp.einsum("bsc,cnk->bsnk", c_BSC, wkv_b)
-        k_nope_BSNH, v_BSNV = kv_BSNK[..., :H], kv_BSNK[..., H:]
+        k_nope_BSNH = jnp.einsum("bsc,cnh->bsnh", c_BSC, wkv_b[..., :H])  # two products, as in `query`
+        v_BSNV = jnp.einsum("bsc,cnv->bsnv", c_BSC, wkv_b[..., H:])
         k_pe_BSNR = jnp.broadcast_to(k_pe_BSR[:, :, None, :], (*k_pe_BSR.shape[:2], N, k_pe_BSR.shape[-1]))
         q_BTNK = jnp.concatenate([q_nope_BTNH, q_pe_BTNR], axis=-1)
         k_BSNK = jnp.concatenate([k_nope_BSNH, k_pe_BSNR], axis=-1)

@@ -369,7 +369,7 @@ def _gmm_bwd(all_rows, res, dy_MN):
     x_MK, w_GKN, sizes_G = res
     dy_MN = dy_MN.astype(x_MK.dtype)
     dx_MK = _tokamax_ragged_dot(dy_MN, jnp.swapaxes(w_GKN, 1, 2), sizes_G, all_rows)
-    dw_GKN = gmm_grad.grouped_dw(x_MK, dy_MN, sizes_G).astype(w_GKN.dtype)
+    dw_GKN = gmm_grad.grouped_dw(x_MK, dy_MN, sizes_G, out_dtype=w_GKN.dtype)
     return dx_MK, dw_GKN, None
 
 
