@@ -62,6 +62,16 @@ def test_causal_attention_within_documents_equals_the_explicit_mask(kernels):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_one_document_per_row():
+    """The predicate that sends a batch to tokamax's plain causal kernel: one document in every row only (a row
+    with packed documents, or ending in padding, keeps the batch on the document mask)."""
+    ones = jnp.ones((2, 9), jnp.int32)
+    assert bool(ops.one_document_per_row(ops.doc_starts(ones)))
+    assert bool(jax.jit(ops.one_document_per_row)(ops.doc_starts(ones * 7)))
+    assert not bool(ops.one_document_per_row(ops.doc_starts(ones.at[1, 5:].set(2))))
+    assert not bool(ops.one_document_per_row(ops.doc_starts(ones.at[0, -2:].set(0))))
+
+
 @needs_tokamax
 @pytest.mark.parametrize("packed", [True, False])
 def test_tokamax_single_document_branch_equals_the_document_mask(packed):

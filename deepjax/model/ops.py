@@ -20,9 +20,10 @@ The ops:
     causal_attention   softmax attention, causal within each document of a packed row. A document is a maximal
                        run of equal segment ids; each query t attends to keys [doc_start[t], t]. The kernel gets
                        doc_start as tokamax's `k_start` ([B, T] int32) and skips the key blocks outside it (a batch
-                       of one document per row takes its plain causal kernel, chosen at run time); the XLA path builds each query block's mask from the same iota compare. Neither holds a
-                       [B, T, S] mask, and the kernel never holds [B, N, T, S] scores. cuDNN gets each row's
-                       documents as segments (`doc_segments`: lengths and start offsets).
+                       of one document per row takes its plain causal kernel, chosen at run time:
+                       `one_document_per_row`); the XLA path builds each query block's mask from the same iota
+                       compare. Neither holds a [B, T, S] mask, and the kernel never holds [B, N, T, S] scores.
+                       cuDNN gets each row's documents as segments (`doc_segments`: lengths and start offsets).
     grouped_matmul     `lax.ragged_dot` semantics (rows sorted by group, group g's rows times w[g]). On GPU: tokamax's
                        Mosaic kernels for the output and the input gradient (against the transposed weights), and
                        the weight gradient per group from `gmm_grad.grouped_dw` (a Pallas kernel: tokamax's bf16
@@ -180,8 +181,14 @@ def _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, single_doc_b
         # One document per row (every start 0) needs the causal mask alone. tokamax's backward applies k_start on
         # every block it visits (a load and a select per block, never a skipped block), so that case takes the
         # plain causal kernel, decided at run time: packed rows still get their documents.
-        return jax.lax.cond(jnp.all(start_BT == 0), functools.partial(call, base.Mask(is_causal=True)), docs,
-                            q_BTNK, k_BSNK, v_BSNV)
+        return jax.lax.cond(one_document_per_row(start_BT), functools.partial(call, base.Mask(is_causal=True)),
+                            docs, q_BTNK, k_BSNK, v_BSNV)
+
+
+def one_document_per_row(start_BT: jax.Array) -> jax.Array:
+    """bool []: whether every row of `doc_starts`' [B, T] document starts is a single document (every start 0), where
+    the causal mask alone is the documents' mask. A row ending in padding (segment 0) has a second document."""
+    return jnp.all(start_BT == 0)
 
 
 def doc_segments(start_BT: jax.Array, max_docs: int):

@@ -92,7 +92,7 @@ TUNING = {
     # decode_min_tokens: from this many tokens a step the fused decode runs its routed experts as the prefill's
     # grouped matmuls over sorted rows (`grouped.experts_grouped`) instead of every expert on every token; 0: never.
     # At GRPO's 512 rows it beat every-expert by 2.5% on an H200 (141,455 vs 137,962 tokens/s, bench preset,
-    # bench/sampling_bench.py --tuning, docs/LOG.md session 20); smaller steps were not timed, so they keep every-expert.
+    # bench/sampling_bench.py --tuning, docs/LOG.md session 20); smaller steps were not timed: every-expert.
     "grouped": {"decode_min_tokens": 512},
 }
 
