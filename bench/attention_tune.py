@@ -11,9 +11,9 @@ cuDNN's packed flash attention, XLA; tokamax_kstart: tokamax with the k_start ma
 forward and forward + backward, with --docs documents per row, each checked against the XLA path in float32 on the
 same inputs (output and the q / k / v gradients: largest absolute error).
 
-The call is the one `ops.causal_attention` makes with kernels=tokamax on GPU: q, k [B, T, N, 96], v [B, T, N, 64]
-(MLA's qk_nope + qk_rope and v widths at the bench preset), bf16, causal within documents (a k_start per query;
-one document per row here). Forward configs (block_q, block_kv, num_stages, persistent) are timed on the forward
+The call is the one `ops.causal_attention` makes with kernels=tokamax on GPU for one document per row: q, k
+[B, T, N, 96], v [B, T, N, 64] (MLA's qk_nope + qk_rope and v widths at the bench preset), bf16, the plain causal
+mask (--k-start: the packed-documents mask, a k_start per query, as packed rows get). Forward configs (block_q, block_kv, num_stages, persistent) are timed on the forward
 alone; backward configs (the dk/dv and the dq kernels' blocks apart, compute warpgroups) on forward + backward with
 the default forward. One JSON line each: microseconds per call and the largest difference from the defaults'
 output (forward) or gradients (backward); then the fastest of each.
@@ -121,6 +121,8 @@ def main(argv=None):
     ap.add_argument("--dv", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--only", choices=["fwd", "bwd"], help="one sweep")
+    ap.add_argument("--k-start", action="store_true", help="sweep under the packed-documents mask (a k_start per "
+                    "query, all 0 here) instead of the plain causal one")
     ap.add_argument("--impls", action="store_true", help="compare the implementations of ops.causal_attention")
     ap.add_argument("--impl-list", nargs="+", default=["tokamax", "cudnn", "xla"], help="with --impls: which")
     ap.add_argument("--docs", type=int, nargs="+", default=[1, 4], help="with --impls: documents per row")
@@ -132,7 +134,9 @@ def main(argv=None):
     base, fa, _, vjp, _ = _mods()
     B, T, N = args.batch, args.seq, args.heads
     q, k, v, dout = inputs(args)
-    mask = base.Mask(k_start=jnp.zeros((B, 1, T), jnp.int32), is_causal=True)
+    # the mask the step's kernel gets: one document per row takes the plain causal kernel (`ops.one_document_per_row`)
+    mask = (base.Mask(k_start=jnp.zeros((B, 1, T), jnp.int32), is_causal=True) if args.k_start
+            else base.Mask(is_causal=True))
     scale = float(args.dqk) ** -0.5
 
     def call(op):
