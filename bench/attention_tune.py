@@ -7,24 +7,28 @@ with: the shipped autotuning cache has none of these shapes). The companion of b
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/attention_tune.py --impls --docs 1 4   # tokamax vs cuDNN vs XLA
 
 --impls times the implementations of `ops.causal_attention` instead (`model.attention`: tokamax's Mosaic kernel,
-cuDNN's packed flash attention, XLA; tokamax_kstart: tokamax with the k_start mask even for one document per row),
+cuDNN's packed flash attention, XLA; tokamax_kstart: tokamax with the k_start mask even for one document per row;
+tokamax_bwd96: tokamax with its backward's head dim padded to 96 rather than 128, `backward_head_multiple`),
 forward and forward + backward, with --docs documents per row, each checked against the XLA path in float32 on the
 same inputs (output and the q / k / v gradients: largest absolute error).
 
 The call is the one `ops.causal_attention` makes with kernels=tokamax on GPU for one document per row: q, k
 [B, T, N, 96], v [B, T, N, 64] (MLA's qk_nope + qk_rope and v widths at the bench preset), bf16, the plain causal
-mask (--k-start: the packed-documents mask, a k_start per query, as packed rows get). Forward configs (block_q, block_kv, num_stages, persistent) are timed on the forward
-alone; backward configs (the dk/dv and the dq kernels' blocks apart, compute warpgroups) on forward + backward with
-the default forward. One JSON line each: microseconds per call and the largest difference from the defaults'
+mask (--k-start: the packed-documents mask, a k_start per query, as packed rows get). Forward configs (block_q,
+block_kv, num_stages, persistent) are timed on the forward alone; backward configs (the dk/dv and the dq kernels'
+blocks apart, compute warpgroups) on forward + backward with the default forward (--bwd-head-multiple: under
+`backward_head_multiple`). One JSON line each: microseconds per call and the largest difference from the defaults'
 output (forward) or gradients (backward); then the fastest of each.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +38,28 @@ def _mods():
     from tokamax._src.ops.attention import base, pallas_mosaic_gpu as fa, pallas_mosaic_gpu_kernel_sm90 as sm90
     from tokamax._src.ops.attention import pallas_mosaic_gpu_vjp as vjp, pallas_mosaic_gpu_vjp_common as vjpc
     return base, fa, sm90, vjp, vjpc
+
+
+@contextlib.contextmanager
+def backward_head_multiple(multiple: int | None):
+    """An experiment on tokamax 0.0.17's sm90 backward, which pads the head dim to a multiple of 64 (q, k 96 -> 128:
+    18% more matmul work than 96, and a pad and a slice of q, k, dq, dk) where its forward pads to 16: while active,
+    traces of the backward pad the head dim to `multiple` instead (None: tokamax's own). Only that module's head-dim
+    pad changes (its sequence pads use other multiples)."""
+    if multiple is None:
+        yield
+        return
+    from tokamax._src import shape as shape_lib
+    from tokamax._src.ops.attention import pallas_mosaic_gpu_vjp_kernel_sm90 as vk
+
+    def pad(x, m, axis, **kw):
+        return shape_lib.pad_to_next_multiple_of(x, multiple if (m == 64 and axis == -1) else m, axis, **kw)
+
+    vk.shape_lib = types.SimpleNamespace(**{**vars(shape_lib), "pad_to_next_multiple_of": pad})
+    try:
+        yield
+    finally:
+        vk.shape_lib = shape_lib
 
 
 def fwd_configs():
@@ -85,21 +111,23 @@ def compare_impls(args):
         seg = jnp.broadcast_to(jnp.minimum(jnp.arange(T) // (T // docs), docs - 1), (B, T))
         start = ops.doc_starts(seg)
 
-        def fwd_bwd(f):
+        def fwd_bwd(f, multiple=None):
             def g(q, k, v, dout):
-                out, pull = jax.vjp(lambda q, k, v: f(q, k, v, start, scale), q, k, v)
-                return (out, *pull(dout))
+                with backward_head_multiple(multiple):  # g runs once, as jit traces it
+                    out, pull = jax.vjp(lambda q, k, v: f(q, k, v, start, scale), q, k, v)
+                    return (out, *pull(dout))
             return g
 
         f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
         ref = jax.jit(fwd_bwd(ops._xla_causal))(f32(q), f32(k), f32(v), f32(dout))
         impls = {"tokamax": ops._tokamax_causal, "cudnn": ops._cudnn_causal, "xla": ops._xla_causal,
-                 "tokamax_kstart": functools.partial(ops._tokamax_causal, single_doc_branch=False)}
+                 "tokamax_kstart": functools.partial(ops._tokamax_causal, single_doc_branch=False),
+                 "tokamax_bwd96": ops._tokamax_causal}  # its backward's head dim padded to 32s (96), not 64s
         for name in args.impl_list:
             rec = dict(kind="impl", impl=name, B=B, T=T, N=N, docs=docs)
             try:
                 f = impls[name]
-                fb = jax.jit(fwd_bwd(f))
+                fb = jax.jit(fwd_bwd(f, 32 if name == "tokamax_bwd96" else None))
                 got = jax.block_until_ready(fb(q, k, v, dout))
                 for label, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
                     rec[f"err_{label}"] = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
@@ -121,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--dv", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--only", choices=["fwd", "bwd"], help="one sweep")
+    ap.add_argument("--bwd-head-multiple", type=int, metavar="N", help="sweeps: pad the backward's head dim to a "
+                    "multiple of N instead of tokamax's 64 (`backward_head_multiple`)")
     ap.add_argument("--k-start", action="store_true", help="sweep under the packed-documents mask (a k_start per "
                     "query, all 0 here) instead of the plain causal one")
     ap.add_argument("--impls", action="store_true", help="compare the implementations of ops.causal_attention")
@@ -149,8 +179,9 @@ def main(argv=None):
         f = call(op)
 
         def g(q, k, v, dout):
-            out, pull = jax.vjp(f, q, k, v)
-            return (out, *pull(dout))
+            with backward_head_multiple(args.bwd_head_multiple):
+                out, pull = jax.vjp(f, q, k, v)
+                return (out, *pull(dout))
         return g
 
     best = {}
