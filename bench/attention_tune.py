@@ -120,14 +120,15 @@ def compare_impls(args):
 
         f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
         ref = jax.jit(fwd_bwd(ops._xla_causal))(f32(q), f32(k), f32(v), f32(dout))
-        impls = {"tokamax": ops._tokamax_causal, "cudnn": ops._cudnn_causal, "xla": ops._xla_causal,
-                 "tokamax_kstart": functools.partial(ops._tokamax_causal, single_doc_branch=False),
-                 "tokamax_bwd96": ops._tokamax_causal}  # its backward's head dim padded to 32s (96), not 64s
+        impls = {"tokamax": (ops._tokamax_causal, None), "cudnn": (ops._cudnn_causal, None),
+                 "xla": (ops._xla_causal, None),
+                 "tokamax_kstart": (functools.partial(ops._tokamax_causal, single_doc_branch=False), None),
+                 "tokamax_bwd96": (ops._tokamax_causal, 32)}  # (implementation, `backward_head_multiple`)
         for name in args.impl_list:
             rec = dict(kind="impl", impl=name, B=B, T=T, N=N, docs=docs)
             try:
-                f = impls[name]
-                fb = jax.jit(fwd_bwd(f, 32 if name == "tokamax_bwd96" else None))
+                f, multiple = impls[name]
+                fb = jax.jit(fwd_bwd(f, multiple))
                 got = jax.block_until_ready(fb(q, k, v, dout))
                 for label, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
                     rec[f"err_{label}"] = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))

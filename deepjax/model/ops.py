@@ -169,6 +169,7 @@ def _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, single_doc_b
         mesh, rules = ctx
         q_sharding = jax.sharding.NamedSharding(
             mesh, sharding.logical_to_spec(("batch", "length", "heads", None), rules, mesh))
+
     def call(mask, q_BTNK, k_BSNK, v_BSNV):
         return api.IMPLEMENTATIONS[_impl("attention")](q_BTNK, k_BSNK, v_BSNV, mask=mask, logits_scale=scale,
                                                        q_sharding=q_sharding)
