@@ -8,7 +8,8 @@ with: the shipped autotuning cache has none of these shapes). The companion of b
 
 --impls times the implementations of `ops.causal_attention` instead (`model.attention`: tokamax's Mosaic kernel,
 cuDNN's packed flash attention, XLA; tokamax_kstart: tokamax with the k_start mask even for one document per row;
-tokamax_bwd96: tokamax with its backward's head dim padded to 96 rather than 128, `backward_head_multiple`),
+tokamax_bwd96: tokamax with its backward's head dim padded to 96 rather than 128, `backward_head_multiple`;
+cudnn_plain: cuDNN under its plain CAUSAL mask, no segments: one document per row only),
 forward and forward + backward, with --docs documents per row, each checked against the XLA path in float32 on the
 same inputs (output and the q / k / v gradients: largest absolute error).
 
@@ -99,6 +100,15 @@ def inputs(args):
             jax.random.normal(kg, (B, T, N, args.dv), jnp.bfloat16))
 
 
+def cudnn_plain_causal(q, k, v, start, scale):
+    """cuDNN's flash attention under its plain CAUSAL mask (no segments: one document per row only; `start` is
+    ignored), v zero-padded to q's head dim as `ops._cudnn_causal` does."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    H, V = q.shape[-1], v.shape[-1]
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, H - V)))
+    return fa.dot_product_attention(q, k, v, scale=scale, qkv_layout="BTNH", mask_type=fa.MaskType.CAUSAL)[..., :V]
+
+
 def compare_impls(args):
     """`ops.causal_attention` per implementation: microseconds forward and forward + backward, and the largest error
     of the output and gradients against the XLA path in float32."""
@@ -123,7 +133,8 @@ def compare_impls(args):
         impls = {"tokamax": (ops._tokamax_causal, None), "cudnn": (ops._cudnn_causal, None),
                  "xla": (ops._xla_causal, None),
                  "tokamax_kstart": (functools.partial(ops._tokamax_causal, single_doc_branch=False), None),
-                 "tokamax_bwd96": (ops._tokamax_causal, 32)}  # (implementation, `backward_head_multiple`)
+                 "tokamax_bwd96": (ops._tokamax_causal, 32),  # (implementation, `backward_head_multiple`)
+                 "cudnn_plain": (cudnn_plain_causal, None)}
         for name in args.impl_list:
             rec = dict(kind="impl", impl=name, B=B, T=T, N=N, docs=docs)
             try:
