@@ -446,3 +446,20 @@ def test_stack_gradients_in_place_equal_concat():
     assert not np.asarray(got[2]).any() and np.asarray(got[0]).any()
     jaxpr = str(jax.make_jaxpr(jax.grad(loss(transformer._split_dus)))(a))
     assert "dynamic_update_slice" in jaxpr and "concatenate" not in jaxpr
+
+
+def test_stack_gradient_writes_every_slice(monkeypatch):
+    """The stack `_split_dus`'s gradient writes into is uninitialized outside a mesh (`lax.empty`, zeros on CPU):
+    filled with NaN here, every layer's slice, an unused layer's zeros included, is overwritten; under a mesh it is
+    zeros (no `empty` in the gradient's program)."""
+    from deepjax.model import transformer
+    from deepjax.parallel import sharding
+    a = jax.random.normal(jax.random.key(0), (4, 3, 2))
+    loss = lambda a: sum(jnp.sum(jnp.cos(p)) for i, p in enumerate(transformer._split_dus(a)) if i != 1)  # noqa
+    want = jax.grad(lambda a: sum(jnp.sum(jnp.cos(p)) for i, p in enumerate(a) if i != 1))(a)
+    assert " empty[" in str(jax.make_jaxpr(jax.grad(loss))(a))
+    with sharding.use_mesh(jax.make_mesh((1,), ("data",)), {}):
+        under_mesh = str(jax.make_jaxpr(jax.grad(loss))(a))
+    assert " empty[" not in under_mesh and "dynamic_update_slice" in under_mesh
+    monkeypatch.setattr(transformer.jax.lax, "empty", lambda shape, dtype: jnp.full(shape, jnp.nan, dtype))
+    np.testing.assert_array_equal(jax.grad(loss)(a), want)

@@ -72,7 +72,7 @@ def _split(a):
 
 @jax.custom_vjp
 def _split_dus(a):
-    """`_split`, whose gradient writes each layer's cotangent into its slice of a zero-filled stack
+    """`_split`, whose gradient writes each layer's cotangent into its slice of one stack (`_stack_buffer`)
     (dynamic_update_slice, in place) instead of the split's transpose (one concatenation of the L cotangents).
     On an H100 (bench/stack_grads.py, 11 x [64, 1024, 512] bf16) 0.91 ms against the concatenation's 1.75 ms
     for each of the bench preset's three expert stacks (docs/LOG.md, session 19)."""
@@ -83,8 +83,15 @@ def _split_dus_fwd(a):
     return _split(a), jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
+def _stack_buffer(shape, dtype):
+    """The stack `_split_dus_bwd` writes every layer's slice of: uninitialized (`lax.empty`: on GPU a buffer with
+    no fill pass, ~2.4 GB of writes a step at the bench preset) outside a mesh; zeros under one, where a buffer
+    without a sharding would be partitioned as replicated and resharded."""
+    return jnp.zeros(shape, dtype) if sharding.current() is not None else jax.lax.empty(shape, dtype)
+
+
 def _split_dus_bwd(like, cts):
-    buf = jnp.zeros(like.shape, like.dtype)
+    buf = _stack_buffer(like.shape, like.dtype)
     for l, ct in enumerate(cts):
         buf = jax.lax.dynamic_update_slice_in_dim(buf, ct[None], l, axis=0)
     return (buf,)
