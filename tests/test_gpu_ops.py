@@ -1,7 +1,7 @@
 """The kernel seam on the GPU (deepjax/model/ops.py with tokamax; skipped without a GPU or tokamax), against float32
 / float64 references computed in the same process:
 
-- grouped matmul in bf16: output, dx and dW against per-group float64 products of the same bf16 values, on empty,
+- grouped matmul in bf16 (the input gradient from tokamax or from `gmm_grad.grouped_dx`): output, dx and dW against per-group float64 products of the same bf16 values, on empty,
   one-row and uneven groups and rows past sum(group_sizes) (which must come out zero); and tokamax's own bf16
   weight gradient, which this path replaces, must fail the same check (if a tokamax release fixes it, this test
   says so);
@@ -72,7 +72,10 @@ def _errors(f):
     return rel, past
 
 
-def test_grouped_matmul_bf16_output_and_gradients():
+@pytest.mark.parametrize("input_grad", ["tokamax", "triton"])
+def test_grouped_matmul_bf16_output_and_gradients(monkeypatch, input_grad):
+    """input_grad: ops.GMM_INPUT_GRAD, tokamax's kernel against the transposed weights or `gmm_grad.grouped_dx`."""
+    monkeypatch.setattr(ops, "GMM_INPUT_GRAD", input_grad)
     rel, past = _errors(lambda x, w, g: ops.grouped_matmul(x, w, g, "tokamax"))
     print("grouped_matmul relative errors y, dx, dW:", rel)
     assert max(rel) < 1e-2, rel  # bf16 outputs: relative rounding 2^-8

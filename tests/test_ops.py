@@ -355,11 +355,35 @@ def test_grouped_matmul_and_its_gradients(kernels, M_, sizes):
     _check_grouped(lambda x, w, g: ops.grouped_matmul(x, w, g, kernels), M_, sizes)
 
 
-@needs_tokamax
 @pytest.mark.parametrize("M_, sizes", GROUPS)
-def test_gpu_custom_vjp_wiring_on_cpu(M_, sizes):
-    """The GPU path's custom VJP (tokamax output and input gradient, `gmm_grad.grouped_dw` weight gradient), run on
-    CPU through tokamax's XLA implementation and the Pallas interpreter."""
+def test_grouped_dx_kernel_equals_per_group_products(monkeypatch, M_, sizes):
+    """`gmm_grad.grouped_dx` (the input gradient, w read untransposed): each group's rows dy w[g]^T, row blocks that
+    straddle groups and empty groups included."""
+    gs = jnp.array(sizes, jnp.int32)
+    G, K, N = len(sizes), 32, 48
+    dy = jax.random.normal(jax.random.key(2), (M_, N))
+    w = jax.random.normal(jax.random.key(4), (G, K, N))
+    used = int(sum(sizes))
+    want = np.zeros((used, K))
+    s = 0
+    for g, n in enumerate(sizes):
+        want[s:s + n] = np.asarray(dy, np.float64)[s:s + n] @ np.asarray(w, np.float64)[g].T
+        s += n
+    for bm in (64, 8):  # 8: blocks of 8 rows, most groups spanning several and several blocks straddling two
+        monkeypatch.setitem(gmm_grad.DX_TILES, "bm", bm)
+        got = np.asarray(gmm_grad.grouped_dx(dy, w, gs, interpret=True))
+        assert got.shape == (M_, K)
+        np.testing.assert_allclose(got[:used], want, rtol=1e-5, atol=1e-4)
+
+
+@needs_tokamax
+@pytest.mark.parametrize("input_grad", ["tokamax", "triton"])
+@pytest.mark.parametrize("M_, sizes", GROUPS)
+def test_gpu_custom_vjp_wiring_on_cpu(monkeypatch, input_grad, M_, sizes):
+    """The GPU path's custom VJP (tokamax output, the input gradient from tokamax or `gmm_grad.grouped_dx`,
+    `gmm_grad.grouped_dw` weight gradient), run on CPU through tokamax's XLA implementation and the Pallas
+    interpreter."""
+    monkeypatch.setattr(ops, "GMM_INPUT_GRAD", input_grad)
     _check_grouped(lambda x, w, g: ops._grouped_matmul_gpu(x, w, g, False), M_, sizes)
     if sum(sizes) == M_:  # groups over every row: the zeroing of rows past them is skipped, same results
         _check_grouped(lambda x, w, g: ops._grouped_matmul_gpu(x, w, g, True), M_, sizes)

@@ -85,3 +85,94 @@ def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jn
     return pl.pallas_call(
         _kernel(bm, bk, bn), out_shape=jax.ShapeDtypeStruct((G, K, N), out_dtype), grid=(N // bn, K // bk, G),
         interpret=interpret, name="grouped_dw", **params)(start_G, end_G, x_MK, dy_MN)
+
+
+# ---- the input gradient ---------------------------------------------------------------------------------------------
+#
+#     dx[r] = dy[r] w[g(r)]^T                                  [M, K], w [G, K, N] read as it is stored
+#
+# tokamax's ragged dot takes w^T: the caller transposes every expert's weights each step (a [G, N, K] copy per
+# grouped matmul, 4.4 GB of the bench preset's T 2048 step on the H200: docs/LOG.md session 20). Here one program
+# per (work item, K tile): a work item is one (row block, group) pair whose rows intersect, at most M / bm + G of
+# them (a block that straddles groups is one item per group, each storing only its group's rows). The program walks
+# N in blocks of bn, loads its dy block with the other groups' rows masked to zero, and accumulates
+# dy_blk w[g, k tile, n blk]^T in float32.
+
+DX_TILES = {"bm": 64, "bk": 128, "bn": 64, "num_warps": 4, "num_stages": 3}
+
+
+def _dx_items(sizes_G, M: int, bm: int):
+    """The (row block, group) work items of `grouped_dx`, padded to M / bm + G: each item's first row, its group,
+    and the group's row range [start, end) (start = end = 0 for the padding items, which store nothing)."""
+    G = sizes_G.shape[0]
+    nt = -(-M // bm)
+    W = nt + G
+    end_G = jnp.cumsum(sizes_G)
+    start_G = end_G - sizes_G
+    total = end_G[-1]
+    lo_t = jnp.arange(nt, dtype=jnp.int32) * bm
+    hi_t = jnp.minimum(lo_t + bm, total)  # exclusive
+    live_t = lo_t < total
+    # the groups holding the block's first and last rows (searchsorted 'right' on the ends skips empty groups)
+    g0_t = jnp.searchsorted(end_G, lo_t, side="right").astype(jnp.int32)
+    g1_t = jnp.searchsorted(end_G, hi_t - 1, side="right").astype(jnp.int32)
+    count_t = jnp.where(live_t, g1_t - g0_t + 1, 0)
+    off_t = jnp.cumsum(count_t)  # inclusive
+    w_W = jnp.arange(W, dtype=jnp.int32)
+    t_W = jnp.minimum(jnp.searchsorted(off_t, w_W, side="right").astype(jnp.int32), nt - 1)
+    valid_W = w_W < off_t[-1]
+    g_W = jnp.clip(g0_t[t_W] + w_W - (off_t[t_W] - count_t[t_W]), 0, G - 1)
+    start_W = jnp.where(valid_W, start_G[g_W], 0)
+    end_W = jnp.where(valid_W, end_G[g_W], 0)
+    return t_W * bm, g_W, start_W, end_W
+
+
+def _dx_kernel(bm: int, bk: int, bn: int, nb: int):
+    def kernel(r0_ref, g_ref, start_ref, end_ref, dy_ref, w_ref, dx_ref):
+        i, j = pl.program_id(0), pl.program_id(1)
+        r0, g, start, end = r0_ref[i], g_ref[i], start_ref[i], end_ref[i]
+        cols_k = pl.ds(j * bk, bk)
+        rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+        live = (rows >= start) & (rows < end)  # [bm, 1]
+
+        def body(b, acc):
+            cols_n = pl.ds(b * bn, bn)
+            dy = pltriton.load(dy_ref.at[pl.ds(r0, bm), cols_n], mask=live, other=0)  # [bm, bn]
+            w = w_ref[g, cols_k, cols_n]  # [bk, bn]
+            return acc + jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+        trip = jnp.where(end > start, nb, 0)
+        acc = jax.lax.fori_loop(0, trip, body, jnp.zeros((bm, bk), jnp.float32))
+        pltriton.store(dx_ref.at[pl.ds(r0, bm), cols_k], acc.astype(dx_ref.dtype), mask=live)
+    return kernel
+
+
+def dx_supported(K: int, N: int) -> bool:
+    """Whether `grouped_dx`'s Triton tiles (16+, dividing K and N) fit these widths."""
+    return _tile(K, DX_TILES["bk"]) >= 16 and _tile(N, DX_TILES["bn"]) >= 16
+
+
+def grouped_dx(dy_MN, w_GKN, sizes_G, interpret: bool | None = None):
+    """[M, K] in dy's dtype: dx[r] = dy[r] w[g]^T for the rows r of group g, rows sorted by group (`lax.ragged_dot`'s
+    input gradient, w read in its stored layout), accumulated in float32. Rows past sum(sizes) are left undefined
+    (the caller zeroes them where it needs to, as for tokamax's kernels). interpret: None runs Triton on GPU and the
+    interpreter elsewhere."""
+    M, N = dy_MN.shape
+    G, K, _ = w_GKN.shape
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    bm = DX_TILES["bm"]
+    bk, bn = _tile(K, DX_TILES["bk"]), _tile(N, DX_TILES["bn"])
+    if not interpret and min(bk, bn) < 16:
+        raise ValueError(f"grouped_dx: K={K}, N={N}: Triton needs tiles of 16+ dividing both (gmm_grad.dx_supported)")
+    Mp = -(-M // bm) * bm
+    if Mp != M:  # every block of rows lies inside the arrays
+        dy_MN = jnp.pad(dy_MN, ((0, Mp - M), (0, 0)))
+    r0_W, g_W, start_W, end_W = _dx_items(sizes_G.astype(jnp.int32), Mp, bm)
+    params = {} if interpret else {"compiler_params": pltriton.CompilerParams(
+        num_warps=DX_TILES["num_warps"], num_stages=DX_TILES["num_stages"])}
+    dx = pl.pallas_call(
+        _dx_kernel(bm, bk, bn, N // bn), out_shape=jax.ShapeDtypeStruct((Mp, K), dy_MN.dtype),
+        grid=(r0_W.shape[0], K // bk), interpret=interpret, name="grouped_dx", **params)(
+            r0_W, g_W, start_W, end_W, dy_MN, w_GKN)
+    return dx[:M] if Mp != M else dx

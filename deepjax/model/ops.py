@@ -364,8 +364,9 @@ def _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows: bool = False):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _grouped_matmul_gpu(x_MK, w_GKN, sizes_G, all_rows):
-    """tokamax's Mosaic GPU kernels for the output and the input gradient; the weight gradient from
-    `gmm_grad.grouped_dw` (tokamax's own bf16 weight gradient is wrong on the H200: see that module)."""
+    """tokamax's Mosaic GPU kernels for the output and the input gradient (or `gmm_grad.grouped_dx`:
+    GMM_INPUT_GRAD); the weight gradient from `gmm_grad.grouped_dw` (tokamax's own bf16 weight gradient is wrong on
+    the H200: see that module)."""
     return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows)
 
 
@@ -373,10 +374,19 @@ def _gmm_fwd(x_MK, w_GKN, sizes_G, all_rows):
     return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows), (x_MK, w_GKN, sizes_G)
 
 
+# Where `_grouped_matmul_gpu`'s input gradient comes from: "tokamax" (its ragged dot against the weights
+# transposed, a [G, N, K] copy of them each step) or "triton" (`gmm_grad.grouped_dx`, the weights read as stored).
+GMM_INPUT_GRAD = "tokamax"
+
+
 def _gmm_bwd(all_rows, res, dy_MN):
     x_MK, w_GKN, sizes_G = res
     dy_MN = dy_MN.astype(x_MK.dtype)
-    dx_MK = _tokamax_ragged_dot(dy_MN, jnp.swapaxes(w_GKN, 1, 2), sizes_G, all_rows)
+    if GMM_INPUT_GRAD == "triton" and gmm_grad.dx_supported(w_GKN.shape[1], w_GKN.shape[2]):
+        dx_MK = gmm_grad.grouped_dx(dy_MN, w_GKN, sizes_G)
+        dx_MK = dx_MK if all_rows else _rows_in_groups(dx_MK, sizes_G)
+    else:
+        dx_MK = _tokamax_ragged_dot(dy_MN, jnp.swapaxes(w_GKN, 1, 2), sizes_G, all_rows)
     dw_GKN = gmm_grad.grouped_dw(x_MK, dy_MN, sizes_G, out_dtype=w_GKN.dtype)
     return dx_MK, dw_GKN, None
 
