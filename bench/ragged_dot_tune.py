@@ -4,7 +4,7 @@ has none of these shapes).
 
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/ragged_dot_tune.py                 # bench preset, B 8 x T 2048
     JAX_PLATFORMS=cuda PYTHONPATH=. python bench/ragged_dot_tune.py --rows 98304 --quick
-    JAX_PLATFORMS=cuda PYTHONPATH=. python bench/ragged_dot_tune.py --dx     # the input gradient: tokamax vs Triton
+    JAX_PLATFORMS=cuda PYTHONPATH=. python bench/ragged_dot_tune.py --rows-kernels --quick   # tokamax vs Triton
 
 Shapes (M = B T K rows sorted by expert, G experts, bf16): the gate/up product x [M, D] w [G, D, 2I] (its input
 gradient has the same shape), the down product h [M, I] w [G, I, D], and its input gradient dy [M, D] w [G, D, I].
@@ -14,10 +14,10 @@ with microseconds per call, TFLOP/s and the largest difference from the default'
 config per shape. tokamax's full autotuner (`train_bench --autotune`) searches ~380 configs per shape; this tries
 the axes that matter for large M (block_m, block_k, stages, persistence).
 
---dx times the grouped matmuls' input gradients (dx = dy w[g]^T, w as stored: gate/up [G, D, 2I], down
-[G, I, D]) the two ways `ops.GMM_INPUT_GRAD` offers: tokamax's kernel (the step's tile) against the weights transposed,
-the transpose included, and `gmm_grad.grouped_dx` (Triton) over a sweep of its tiles (DX_TILES), each checked
-against the first.
+--rows-kernels times the expert products (gate/up w [G, D, 2I], down [G, I, D]) and their input gradients
+(dx = dy w[g]^T, w as stored) two ways: tokamax's kernel with the step's tile (the gradient against the weights
+transposed, the transpose included: `ops.GMM_INPUT_GRAD` "tokamax") and gmm_grad's Triton row kernels
+(`grouped_matmul`, `grouped_dx`) over a sweep of their tiles (ROW_TILES), each checked against tokamax.
 """
 from __future__ import annotations
 
@@ -57,47 +57,54 @@ def timed(f, xs, w, sizes, reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
-def dx_tiles(quick: bool):
+def row_tiles(quick: bool):
     axes = ([64, 128], [64, 128], [32, 64], [4, 8], [3, 4]) if not quick else ([64, 128], [128], [64], [4, 8], [3])
-    for bm, bk, bn, warps, stages in itertools.product(*axes):
-        yield dict(bm=bm, bk=bk, bn=bn, num_warps=warps, num_stages=stages)
+    for bm, bo, bc, warps, stages in itertools.product(*axes):
+        yield dict(bm=bm, bo=bo, bc=bc, num_warps=warps, num_stages=stages)
 
 
-def input_grads(args):
-    """tokamax against the transposed weights (ops' path, transpose included) vs gmm_grad.grouped_dx's tiles."""
+def row_kernels(args):
+    """The expert products and their input gradients: tokamax (ops' path; the gradient's weight transpose included)
+    vs gmm_grad's Triton row kernels over ROW_TILES sweeps."""
     from deepjax.model import gmm_grad, ops
     M, G, D, I = args.rows, args.experts, args.hidden, args.inter
     rng = np.random.default_rng(0)
     sizes = jnp.asarray(rng.multinomial(M, np.full(G, 1.0 / G)), jnp.int32)
     best = {}
-    for name, (K, N) in {"gate_up dx": (D, 2 * I), "down dx": (I, D)}.items():  # w [G, K, N], dy [M, N]
+    cases = {  # name: (w [G, K, N], the activation's width, tokamax's call, the Triton kernel)
+        "gate_up": ((D, 2 * I), D, lambda a, w, s: ops._tokamax_ragged_dot(a, w, s, True), gmm_grad.grouped_matmul),
+        "down": ((I, D), I, lambda a, w, s: ops._tokamax_ragged_dot(a, w, s, True), gmm_grad.grouped_matmul),
+        "gate_up dx": ((D, 2 * I), 2 * I, lambda a, w, s: ops._tokamax_ragged_dot(a, jnp.swapaxes(w, 1, 2), s, True),
+                       gmm_grad.grouped_dx),
+        "down dx": ((I, D), D, lambda a, w, s: ops._tokamax_ragged_dot(a, jnp.swapaxes(w, 1, 2), s, True),
+                    gmm_grad.grouped_dx)}
+    for name, ((K, N), C, tk, triton) in cases.items():
         k1, k2, k3 = jax.random.split(jax.random.key(len(name)), 3)
-        dys = [jax.random.normal(k, (M, N), jnp.bfloat16) for k in (k1, k2)]
-        w = (jax.random.normal(k3, (G, K, N), jnp.float32) / np.sqrt(N)).astype(jnp.bfloat16)
+        acts = [jax.random.normal(k, (M, C), jnp.bfloat16) for k in (k1, k2)]
+        w = (jax.random.normal(k3, (G, K, N), jnp.float32) / np.sqrt(C)).astype(jnp.bfloat16)
         flops = 2.0 * M * K * N
-        variants = [("tokamax (transposed w)", lambda dy, w, s: ops._tokamax_ragged_dot(
-            dy, jnp.swapaxes(w, 1, 2), s, True), None)]
-        variants += [(json.dumps(t), lambda dy, w, s: gmm_grad.grouped_dx(dy, w, s), t) for t in dx_tiles(args.quick)]
+        variants = [("tokamax", tk, None)] + [(json.dumps(t), lambda a, w, s, f=triton: f(a, w, s), t)
+                                              for t in row_tiles(args.quick)]
         ref = None
-        saved = dict(gmm_grad.DX_TILES)
+        saved = dict(gmm_grad.ROW_TILES)
         for label, fn, tiles in variants:
-            gmm_grad.DX_TILES.update(tiles or {})
+            gmm_grad.ROW_TILES.update(tiles or {})
             rec = dict(shape=name, M=M, K=K, N=N, G=G, impl=label)
             try:
                 f = jax.jit(fn)
-                y = jax.block_until_ready(f(dys[0], w, sizes))
+                y = jax.block_until_ready(f(acts[0], w, sizes))
                 if ref is None:
                     ref = y
                 rec["max_diff_vs_tokamax"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - ref.astype(jnp.float32))))
-                dt = timed(f, dys, w, sizes, args.reps)
+                dt = timed(f, acts, w, sizes, args.reps)
                 rec.update(us=round(dt * 1e6, 1), tflops=round(flops / dt / 1e12, 1))
                 if rec["max_diff_vs_tokamax"] < 0.05 and (name not in best or dt < best[name][1]):
                     best[name] = (label, dt)
             except Exception as e:  # noqa: BLE001
                 rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             finally:
-                gmm_grad.DX_TILES.clear()
-                gmm_grad.DX_TILES.update(saved)
+                gmm_grad.ROW_TILES.clear()
+                gmm_grad.ROW_TILES.update(saved)
             print(json.dumps(rec), flush=True)
     for name, (label, dt) in best.items():
         print(f"fastest {name}: {label} {dt * 1e6:.1f} us")
@@ -111,11 +118,11 @@ def main(argv=None):
     ap.add_argument("--inter", type=int, default=512, help="moe_intermediate_size I")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="4 configs per shape instead of 16")
-    ap.add_argument("--dx", action="store_true", help="the input gradient: tokamax (transposed weights) vs "
-                    "gmm_grad.grouped_dx's tiles")
+    ap.add_argument("--rows-kernels", action="store_true", help="tokamax vs gmm_grad's Triton row kernels "
+                    "(forward and input gradient)")
     args = ap.parse_args(argv)
-    if args.dx:
-        return input_grads(args)
+    if args.rows_kernels:
+        return row_kernels(args)
     import tokamax
     mg, _ = _ops()
     M, G, D, I = args.rows, args.experts, args.hidden, args.inter

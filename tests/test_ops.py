@@ -357,8 +357,8 @@ def test_grouped_matmul_and_its_gradients(kernels, M_, sizes):
 
 @pytest.mark.parametrize("M_, sizes", GROUPS)
 def test_grouped_dx_kernel_equals_per_group_products(monkeypatch, M_, sizes):
-    """`gmm_grad.grouped_dx` (the input gradient, w read untransposed): each group's rows dy w[g]^T, row blocks that
-    straddle groups and empty groups included."""
+    """`gmm_grad.grouped_dx` (the input gradient, w read untransposed) and `gmm_grad.grouped_matmul` (the forward by
+    the same kernel): each group's rows against w[g], row blocks that straddle groups and empty groups included."""
     gs = jnp.array(sizes, jnp.int32)
     G, K, N = len(sizes), 32, 48
     dy = jax.random.normal(jax.random.key(2), (M_, N))
@@ -370,10 +370,14 @@ def test_grouped_dx_kernel_equals_per_group_products(monkeypatch, M_, sizes):
         want[s:s + n] = np.asarray(dy, np.float64)[s:s + n] @ np.asarray(w, np.float64)[g].T
         s += n
     for bm in (64, 8):  # 8: blocks of 8 rows, most groups spanning several and several blocks straddling two
-        monkeypatch.setitem(gmm_grad.DX_TILES, "bm", bm)
+        monkeypatch.setitem(gmm_grad.ROW_TILES, "bm", bm)
         got = np.asarray(gmm_grad.grouped_dx(dy, w, gs, interpret=True))
         assert got.shape == (M_, K)
         np.testing.assert_allclose(got[:used], want, rtol=1e-5, atol=1e-4)
+        x = dy[:, :K]  # the forward, the same kernel with w untransposed: [M, K] x [G, K, N]
+        y = np.asarray(gmm_grad.grouped_matmul(x, w, gs, interpret=True))
+        assert y.shape == (M_, N)
+        np.testing.assert_allclose(y[:used], _per_group(x, w, gs)[:used], rtol=1e-5, atol=1e-4)
 
 
 @needs_tokamax

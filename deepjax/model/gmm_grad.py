@@ -87,23 +87,24 @@ def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jn
         interpret=interpret, name="grouped_dw", **params)(start_G, end_G, x_MK, dy_MN)
 
 
-# ---- the input gradient ---------------------------------------------------------------------------------------------
+# ---- row-grouped products: the input gradient (and the forward) ---------------------------------------------------
 #
-#     dx[r] = dy[r] w[g(r)]^T                                  [M, K], w [G, K, N] read as it is stored
+#     dx[r] = dy[r] w[g(r)]^T      (grouped_dx)                [M, K], w [G, K, N] read as it is stored
+#     y[r]  = x[r] w[g(r)]         (grouped_matmul)            [M, N]
 #
-# tokamax's ragged dot takes w^T: the caller transposes every expert's weights each step (a [G, N, K] copy per
-# grouped matmul, 4.4 GB of the bench preset's T 2048 step on the H200: docs/LOG.md session 20). Here one program
-# per (work item, K tile): a work item is one (row block, group) pair whose rows intersect, at most M / bm + G of
-# them (a block that straddles groups is one item per group, each storing only its group's rows). The program walks
-# N in blocks of bn, loads its dy block with the other groups' rows masked to zero, and accumulates
-# dy_blk w[g, k tile, n blk]^T in float32.
+# tokamax's ragged dot takes w^T for the input gradient: the caller transposes every expert's weights each step (a
+# [G, N, K] copy per grouped matmul, 4.4 GB of the bench preset's T 2048 step on the H200: docs/LOG.md session 20).
+# Here one program per (work item, output column tile): a work item is one (row block, group) pair whose rows
+# intersect, at most M / bm + G of them (a block that straddles groups is one item per group, each storing only its
+# group's rows). The program walks the contraction in blocks of `bc`, loads its row block with the other groups'
+# rows masked to zero, and accumulates against w[g]'s tile in float32.
 
-DX_TILES = {"bm": 64, "bk": 128, "bn": 64, "num_warps": 4, "num_stages": 3}
+ROW_TILES = {"bm": 64, "bo": 128, "bc": 64, "num_warps": 4, "num_stages": 3}  # rows, output columns, contraction
 
 
-def _dx_items(sizes_G, M: int, bm: int):
-    """The (row block, group) work items of `grouped_dx`, padded to M / bm + G: each item's first row, its group,
-    and the group's row range [start, end) (start = end = 0 for the padding items, which store nothing)."""
+def _row_items(sizes_G, M: int, bm: int):
+    """The (row block, group) work items, padded to M / bm + G: each item's first row, its group, and the group's
+    row range [start, end) (start = end = 0 for the padding items, which store nothing)."""
     G = sizes_G.shape[0]
     nt = -(-M // bm)
     W = nt + G
@@ -127,29 +128,57 @@ def _dx_items(sizes_G, M: int, bm: int):
     return t_W * bm, g_W, start_W, end_W
 
 
-def _dx_kernel(bm: int, bk: int, bn: int, nb: int):
-    def kernel(r0_ref, g_ref, start_ref, end_ref, dy_ref, w_ref, dx_ref):
+def _rows_kernel(bm: int, bo: int, bc: int, nc: int, trans_w: bool):
+    """out[rows of g, o tile] = a[rows of g] (w[g]^T if trans_w else w[g]) [:, o tile], over nc contraction blocks."""
+    def kernel(r0_ref, g_ref, start_ref, end_ref, a_ref, w_ref, out_ref):
         i, j = pl.program_id(0), pl.program_id(1)
         r0, g, start, end = r0_ref[i], g_ref[i], start_ref[i], end_ref[i]
-        cols_k = pl.ds(j * bk, bk)
+        cols_o = pl.ds(j * bo, bo)
         rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
         live = (rows >= start) & (rows < end)  # [bm, 1]
 
         def body(b, acc):
-            cols_n = pl.ds(b * bn, bn)
-            dy = pltriton.load(dy_ref.at[pl.ds(r0, bm), cols_n], mask=live, other=0)  # [bm, bn]
-            w = w_ref[g, cols_k, cols_n]  # [bk, bn]
-            return acc + jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            cols_c = pl.ds(b * bc, bc)
+            a = pltriton.load(a_ref.at[pl.ds(r0, bm), cols_c], mask=live, other=0)  # [bm, bc]
+            if trans_w:
+                w, dims = w_ref[g, cols_o, cols_c], (((1,), (1,)), ((), ()))  # [bo, bc]
+            else:
+                w, dims = w_ref[g, cols_c, cols_o], (((1,), (0,)), ((), ()))  # [bc, bo]
+            return acc + jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32)
 
-        trip = jnp.where(end > start, nb, 0)
-        acc = jax.lax.fori_loop(0, trip, body, jnp.zeros((bm, bk), jnp.float32))
-        pltriton.store(dx_ref.at[pl.ds(r0, bm), cols_k], acc.astype(dx_ref.dtype), mask=live)
+        trip = jnp.where(end > start, nc, 0)
+        acc = jax.lax.fori_loop(0, trip, body, jnp.zeros((bm, bo), jnp.float32))
+        pltriton.store(out_ref.at[pl.ds(r0, bm), cols_o], acc.astype(out_ref.dtype), mask=live)
     return kernel
 
 
-def dx_supported(K: int, N: int) -> bool:
-    """Whether `grouped_dx`'s Triton tiles (16+, dividing K and N) fit these widths."""
-    return _tile(K, DX_TILES["bk"]) >= 16 and _tile(N, DX_TILES["bn"]) >= 16
+def rows_supported(K: int, N: int) -> bool:
+    """Whether the row-grouped kernels' Triton tiles (16+, dividing K and N) fit these widths."""
+    return min(_tile(K, ROW_TILES["bo"]), _tile(N, ROW_TILES["bo"]), _tile(K, ROW_TILES["bc"]),
+               _tile(N, ROW_TILES["bc"])) >= 16
+
+
+def _rows_call(a_MC, w_GKN, sizes_G, trans_w: bool, interpret, name: str):
+    M, C = a_MC.shape
+    O = w_GKN.shape[1] if trans_w else w_GKN.shape[2]
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    bm = ROW_TILES["bm"]
+    bo, bc = _tile(O, ROW_TILES["bo"]), _tile(C, ROW_TILES["bc"])
+    if not interpret and min(bo, bc) < 16:
+        raise ValueError(f"{name}: widths {C} -> {O}: Triton needs tiles of 16+ dividing both "
+                         f"(gmm_grad.rows_supported)")
+    Mp = -(-M // bm) * bm
+    if Mp != M:  # every block of rows lies inside the arrays
+        a_MC = jnp.pad(a_MC, ((0, Mp - M), (0, 0)))
+    r0_W, g_W, start_W, end_W = _row_items(sizes_G.astype(jnp.int32), Mp, bm)
+    params = {} if interpret else {"compiler_params": pltriton.CompilerParams(
+        num_warps=ROW_TILES["num_warps"], num_stages=ROW_TILES["num_stages"])}
+    out = pl.pallas_call(
+        _rows_kernel(bm, bo, bc, C // bc, trans_w), out_shape=jax.ShapeDtypeStruct((Mp, O), a_MC.dtype),
+        grid=(r0_W.shape[0], O // bo), interpret=interpret, name=name, **params)(
+            r0_W, g_W, start_W, end_W, a_MC, w_GKN)
+    return out[:M] if Mp != M else out
 
 
 def grouped_dx(dy_MN, w_GKN, sizes_G, interpret: bool | None = None):
@@ -157,22 +186,10 @@ def grouped_dx(dy_MN, w_GKN, sizes_G, interpret: bool | None = None):
     input gradient, w read in its stored layout), accumulated in float32. Rows past sum(sizes) are left undefined
     (the caller zeroes them where it needs to, as for tokamax's kernels). interpret: None runs Triton on GPU and the
     interpreter elsewhere."""
-    M, N = dy_MN.shape
-    G, K, _ = w_GKN.shape
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    bm = DX_TILES["bm"]
-    bk, bn = _tile(K, DX_TILES["bk"]), _tile(N, DX_TILES["bn"])
-    if not interpret and min(bk, bn) < 16:
-        raise ValueError(f"grouped_dx: K={K}, N={N}: Triton needs tiles of 16+ dividing both (gmm_grad.dx_supported)")
-    Mp = -(-M // bm) * bm
-    if Mp != M:  # every block of rows lies inside the arrays
-        dy_MN = jnp.pad(dy_MN, ((0, Mp - M), (0, 0)))
-    r0_W, g_W, start_W, end_W = _dx_items(sizes_G.astype(jnp.int32), Mp, bm)
-    params = {} if interpret else {"compiler_params": pltriton.CompilerParams(
-        num_warps=DX_TILES["num_warps"], num_stages=DX_TILES["num_stages"])}
-    dx = pl.pallas_call(
-        _dx_kernel(bm, bk, bn, N // bn), out_shape=jax.ShapeDtypeStruct((Mp, K), dy_MN.dtype),
-        grid=(r0_W.shape[0], K // bk), interpret=interpret, name="grouped_dx", **params)(
-            r0_W, g_W, start_W, end_W, dy_MN, w_GKN)
-    return dx[:M] if Mp != M else dx
+    return _rows_call(dy_MN, w_GKN, sizes_G, True, interpret, "grouped_dx")
+
+
+def grouped_matmul(x_MK, w_GKN, sizes_G, interpret: bool | None = None):
+    """[M, N] in x's dtype: `lax.ragged_dot(x, w, sizes)` by the same kernel as `grouped_dx` (w untransposed); rows
+    past sum(sizes) left undefined. Timed against tokamax's forward by `bench/ragged_dot_tune.py --dx`."""
+    return _rows_call(x_MK, w_GKN, sizes_G, False, interpret, "grouped_matmul")

@@ -382,7 +382,7 @@ GMM_INPUT_GRAD = "tokamax"
 def _gmm_bwd(all_rows, res, dy_MN):
     x_MK, w_GKN, sizes_G = res
     dy_MN = dy_MN.astype(x_MK.dtype)
-    if GMM_INPUT_GRAD == "triton" and gmm_grad.dx_supported(w_GKN.shape[1], w_GKN.shape[2]):
+    if GMM_INPUT_GRAD == "triton" and gmm_grad.rows_supported(w_GKN.shape[1], w_GKN.shape[2]):
         dx_MK = gmm_grad.grouped_dx(dy_MN, w_GKN, sizes_G)
         dx_MK = dx_MK if all_rows else _rows_in_groups(dx_MK, sizes_G)
     else:
