@@ -74,8 +74,11 @@ def _errors(f):
 
 @pytest.mark.parametrize("input_grad", ["tokamax", "triton"])
 def test_grouped_matmul_bf16_output_and_gradients(monkeypatch, input_grad):
-    """input_grad: ops.GMM_INPUT_GRAD, tokamax's kernel against the transposed weights or `gmm_grad.grouped_dx`."""
+    """input_grad: ops.GMM_FORWARD and GMM_INPUT_GRAD, tokamax's kernels (the gradient against the transposed
+    weights) or gmm_grad's Triton row kernels."""
     monkeypatch.setattr(ops, "GMM_INPUT_GRAD", input_grad)
+    monkeypatch.setattr(ops, "GMM_FORWARD", input_grad)
+    monkeypatch.setattr(ops, "LARGE_GROUP_ROWS", 1)  # the test's 4,096 rows take the forward's switch too
     rel, past = _errors(lambda x, w, g: ops.grouped_matmul(x, w, g, "tokamax"))
     print("grouped_matmul relative errors y, dx, dW:", rel)
     assert max(rel) < 1e-2, rel  # bf16 outputs: relative rounding 2^-8

@@ -384,10 +384,12 @@ def test_grouped_dx_kernel_equals_per_group_products(monkeypatch, M_, sizes):
 @pytest.mark.parametrize("input_grad", ["tokamax", "triton"])
 @pytest.mark.parametrize("M_, sizes", GROUPS)
 def test_gpu_custom_vjp_wiring_on_cpu(monkeypatch, input_grad, M_, sizes):
-    """The GPU path's custom VJP (tokamax output, the input gradient from tokamax or `gmm_grad.grouped_dx`,
+    """The GPU path's custom VJP (output and input gradient from tokamax or gmm_grad's Triton row kernels,
     `gmm_grad.grouped_dw` weight gradient), run on CPU through tokamax's XLA implementation and the Pallas
     interpreter."""
     monkeypatch.setattr(ops, "GMM_INPUT_GRAD", input_grad)
+    monkeypatch.setattr(ops, "GMM_FORWARD", input_grad)
+    monkeypatch.setattr(ops, "LARGE_GROUP_ROWS", 1)  # the forward's switch applies from 1 row a group on
     _check_grouped(lambda x, w, g: ops._grouped_matmul_gpu(x, w, g, False), M_, sizes)
     if sum(sizes) == M_:  # groups over every row: the zeroing of rows past them is skipped, same results
         _check_grouped(lambda x, w, g: ops._grouped_matmul_gpu(x, w, g, True), M_, sizes)

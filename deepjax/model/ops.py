@@ -362,16 +362,29 @@ def _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows: bool = False):
     return y_MN if all_rows else _rows_in_groups(y_MN, sizes_G)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _grouped_matmul_gpu(x_MK, w_GKN, sizes_G, all_rows):
-    """tokamax's Mosaic GPU kernels for the output and the input gradient (or `gmm_grad.grouped_dx`:
-    GMM_INPUT_GRAD); the weight gradient from `gmm_grad.grouped_dw` (tokamax's own bf16 weight gradient is wrong on
-    the H200: see that module)."""
+# Where `_grouped_matmul_gpu`'s forward comes from, for LARGE_GROUP_ROWS rows per group or more (training, prefill):
+# "tokamax" (its Mosaic GPU kernel) or "triton" (`gmm_grad.grouped_matmul`, the kernel of `gmm_grad.grouped_dx`).
+GMM_FORWARD = "tokamax"
+
+
+def _gmm_forward(x_MK, w_GKN, sizes_G, all_rows):
+    M, K, N, G = x_MK.shape[0], x_MK.shape[1], w_GKN.shape[2], w_GKN.shape[0]
+    if GMM_FORWARD == "triton" and M >= LARGE_GROUP_ROWS * G and gmm_grad.rows_supported(K, N):
+        y_MN = gmm_grad.grouped_matmul(x_MK, w_GKN, sizes_G)
+        return y_MN if all_rows else _rows_in_groups(y_MN, sizes_G)
     return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped_matmul_gpu(x_MK, w_GKN, sizes_G, all_rows):
+    """tokamax's Mosaic GPU kernels for the output and the input gradient (or gmm_grad's Triton row kernels:
+    GMM_FORWARD, GMM_INPUT_GRAD); the weight gradient from `gmm_grad.grouped_dw` (tokamax's own bf16 weight gradient is wrong on
+    the H200: see that module)."""
+    return _gmm_forward(x_MK, w_GKN, sizes_G, all_rows)
+
+
 def _gmm_fwd(x_MK, w_GKN, sizes_G, all_rows):
-    return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows), (x_MK, w_GKN, sizes_G)
+    return _gmm_forward(x_MK, w_GKN, sizes_G, all_rows), (x_MK, w_GKN, sizes_G)
 
 
 # Where `_grouped_matmul_gpu`'s input gradient comes from: "tokamax" (its ragged dot against the weights
