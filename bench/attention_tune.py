@@ -8,7 +8,8 @@ with: the shipped autotuning cache has none of these shapes). The companion of b
 
 --impls times the implementations of `ops.causal_attention` instead (`model.attention`: tokamax's Mosaic kernel,
 cuDNN's packed flash attention, XLA; tokamax_kstart: tokamax with the k_start mask even for one document per row;
-tokamax_bwd96: tokamax with its backward's head dim padded to 96 rather than 128, `backward_head_multiple`;
+tokamax_pad128: tokamax with its own backward head-dim pad, 96 -> 128, where the product pads to 96
+(`ops.TOKAMAX_BWD_HEAD_PAD`);
 cudnn_plain: cuDNN under its plain CAUSAL mask, no segments: one document per row only),
 forward and forward + backward, with --docs documents per row, each checked against the XLA path in float32 on the
 same inputs (output and the q / k / v gradients: largest absolute error).
@@ -121,25 +122,25 @@ def compare_impls(args):
         seg = jnp.broadcast_to(jnp.minimum(jnp.arange(T) // (T // docs), docs - 1), (B, T))
         start = ops.doc_starts(seg)
 
-        def fwd_bwd(f, multiple=None):
+        def fwd_bwd(f):
             def g(q, k, v, dout):
-                with backward_head_multiple(multiple):  # g runs once, as jit traces it
-                    out, pull = jax.vjp(lambda q, k, v: f(q, k, v, start, scale), q, k, v)
-                    return (out, *pull(dout))
+                out, pull = jax.vjp(lambda q, k, v: f(q, k, v, start, scale), q, k, v)
+                return (out, *pull(dout))
             return g
 
         f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
         ref = jax.jit(fwd_bwd(ops._xla_causal))(f32(q), f32(k), f32(v), f32(dout))
-        impls = {"tokamax": (ops._tokamax_causal, None), "cudnn": (ops._cudnn_causal, None),
-                 "xla": (ops._xla_causal, None),
-                 "tokamax_kstart": (functools.partial(ops._tokamax_causal, single_doc_branch=False), None),
-                 "tokamax_bwd96": (ops._tokamax_causal, 32),  # (implementation, `backward_head_multiple`)
-                 "cudnn_plain": (cudnn_plain_causal, None)}
+        own = ops.TOKAMAX_BWD_HEAD_PAD
+        impls = {"tokamax": (ops._tokamax_causal, own), "cudnn": (ops._cudnn_causal, own),
+                 "xla": (ops._xla_causal, own),
+                 "tokamax_kstart": (functools.partial(ops._tokamax_causal, single_doc_branch=False), own),
+                 "tokamax_pad128": (ops._tokamax_causal, {}),  # (implementation, ops.TOKAMAX_BWD_HEAD_PAD)
+                 "cudnn_plain": (cudnn_plain_causal, own)}
         for name in args.impl_list:
             rec = dict(kind="impl", impl=name, B=B, T=T, N=N, docs=docs)
             try:
-                f, multiple = impls[name]
-                fb = jax.jit(fwd_bwd(f, multiple))
+                f, ops.TOKAMAX_BWD_HEAD_PAD = impls[name]  # read as each jit below traces
+                fb = jax.jit(fwd_bwd(f))
                 got = jax.block_until_ready(fb(q, k, v, dout))
                 for label, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
                     rec[f"err_{label}"] = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
@@ -149,6 +150,8 @@ def compare_impls(args):
                 rec["fwd_bwd_us"] = round(timed(fb, (q, k, v, dout), args.reps) * 1e6, 1)
             except Exception as e:  # noqa: BLE001
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            finally:
+                ops.TOKAMAX_BWD_HEAD_PAD = own
             print(json.dumps(rec), flush=True)
 
 

@@ -62,6 +62,44 @@ def test_causal_attention_within_documents_equals_the_explicit_mask(kernels):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_backward_head_pad_shim():
+    """`ops._pad_head_to` changes only a head-dim pad to a multiple of 64 of a listed width; other pads (sequence,
+    other widths, pad values) are tokamax's."""
+    import types
+    calls = []
+    lib = types.SimpleNamespace(pad_to_next_multiple_of=lambda x, m, axis=0, pad_value=0: calls.append(
+        (x.shape, m, axis, pad_value)) or x)
+    pad = ops._pad_head_to(lib, {96: 96, 80: 96})
+    assert pad(jnp.ones((2, 3, 96)), 64, -1).shape == (2, 3, 96)
+    out = pad(jnp.ones((2, 3, 80)), 64, -1, pad_value=0)
+    assert out.shape == (2, 3, 96) and not np.asarray(out[..., 80:]).any() and calls == []
+    pad(jnp.ones((2, 3, 128)), 64, -1)
+    pad(jnp.ones((5, 3, 96)), 8, -3)
+    pad(jnp.ones((7,)), 8, -1, pad_value=jnp.inf)
+    assert calls == [((2, 3, 128), 64, -1, 0), ((5, 3, 96), 8, -3, 0), ((7,), 8, -1, jnp.inf)]
+
+
+@needs_tokamax
+def test_backward_head_pad_is_installed_and_removed(monkeypatch):
+    """TOKAMAX_BWD_HEAD_PAD goes into tokamax's sm90 attention backward as `_tokamax_causal` is traced, and empty
+    puts tokamax's own shape module back."""
+    from tokamax._src import shape as shape_lib
+    from tokamax._src.ops.attention import pallas_mosaic_gpu_vjp_kernel_sm90 as vk
+    monkeypatch.setattr(vk, "shape_lib", shape_lib)
+    q = jnp.ones((1, 8, 2, 96), jnp.float32)
+    v = jnp.ones((1, 8, 2, 64), jnp.float32)
+    start = jnp.zeros((1, 8), jnp.int32)
+    monkeypatch.setattr(ops, "TOKAMAX_BWD_HEAD_PAD", {96: 96})
+    jax.make_jaxpr(lambda q: ops._tokamax_causal(q, q, v, start, 0.1))(q)
+    assert vk.shape_lib is not shape_lib and vk.shape_lib.deepjax_head_pad == {96: 96}
+    assert vk.shape_lib.pad_to_next_multiple_of(q, 64, -1).shape == q.shape
+    assert vk.shape_lib.pad_to_next_multiple_of(v, 64, -1).shape == v.shape
+    assert vk.shape_lib.pad_to_next_multiple_of(jnp.ones((2, 112)), 64, -1).shape == (2, 128)
+    monkeypatch.setattr(ops, "TOKAMAX_BWD_HEAD_PAD", {})
+    jax.make_jaxpr(lambda q: ops._tokamax_causal(q, q, v, start, 0.1))(q)
+    assert vk.shape_lib is shape_lib
+
+
 def test_one_document_per_row():
     """The predicate that sends a batch to tokamax's plain causal kernel: one document in every row only (a row
     with packed documents, or ending in padding, keeps the batch on the document mask)."""

@@ -146,8 +146,9 @@ def _rows_kernel(bm: int, bo: int, bc: int, nc: int, trans_w: bool):
                 w, dims = w_ref[g, cols_c, cols_o], (((1,), (0,)), ((), ()))  # [bc, bo]
             return acc + jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32)
 
-        trip = jnp.where(end > start, nc, 0)
-        acc = jax.lax.fori_loop(0, trip, body, jnp.zeros((bm, bo), jnp.float32))
+        zero = start - start  # Triton's loop wants both bounds of one type: both from the int32 refs
+        trip = jnp.where(end > start, zero + nc, zero)
+        acc = jax.lax.fori_loop(zero, trip, body, jnp.zeros((bm, bo), jnp.float32))
         pltriton.store(out_ref.at[pl.ds(r0, bm), cols_o], acc.astype(out_ref.dtype), mask=live)
     return kernel
 

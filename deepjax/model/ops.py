@@ -37,6 +37,7 @@ The ops:
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -158,10 +159,53 @@ def _xla_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float):
     return _by_query_blocks(block, q_BTNK, start_BT, v_BSNV.shape[-1])
 
 
+# tokamax 0.0.17's Hopper attention backward pads the head dim to a multiple of 64 (its forward: of 16). For these
+# widths it pads to the value instead: MLA's q / k at the bench preset are 64 + 32 = 96 wide, which that pad makes
+# 128 (a third more matmul work in both backward kernels, and a pad and slice of q, k, dq, dk). Measured on an H100
+# (bench/attention_tune.py --impls --impl-list tokamax tokamax_bwd96 --docs 1, docs/LOG.md session 21): forward +
+# backward 1,174 -> 950 us at B 8 x T 2048, 3,331 -> 3,048 us at B 2 x T 8192, the same errors against float32.
+# Empty: tokamax's own pad everywhere.
+TOKAMAX_BWD_HEAD_PAD = {96: 96}
+
+
+def _pad_head_to(shape_lib, widths: dict):
+    """shape_lib.pad_to_next_multiple_of, except that a head-dim pad to a multiple of 64 of an array whose last dim
+    is a key of `widths` pads it to that value (no pad when they are equal)."""
+    def pad(x, multiple, axis=0, pad_value=0):
+        if multiple == 64 and axis == -1 and x.shape[-1] in widths:
+            width = widths[x.shape[-1]]
+            if width == x.shape[-1]:
+                return x
+            return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])], constant_values=pad_value)
+        return shape_lib.pad_to_next_multiple_of(x, multiple, axis, pad_value=pad_value)
+    return pad
+
+
+def _tokamax_backward_head_pad():
+    """Puts TOKAMAX_BWD_HEAD_PAD into tokamax's sm90 attention backward (its module's `shape_lib`, whose head-dim
+    pad is its only multiple-of-64 pad), or tokamax's own module back when it is empty. Called as `_tokamax_causal`
+    is traced: the backward kernel is traced after it, with the widths current then. A tokamax without that
+    module is left as it is."""
+    try:
+        from tokamax._src import shape as shape_lib  # lazy on purpose: see _tokamax
+        from tokamax._src.ops.attention import pallas_mosaic_gpu_vjp_kernel_sm90 as vk
+    except ImportError:
+        return
+    widths = dict(TOKAMAX_BWD_HEAD_PAD)
+    if not widths:
+        vk.shape_lib = shape_lib
+        return
+    if getattr(vk.shape_lib, "deepjax_head_pad", None) != widths:
+        vk.shape_lib = types.SimpleNamespace(**{**vars(shape_lib), "deepjax_head_pad": widths,
+                                                "pad_to_next_multiple_of": _pad_head_to(shape_lib, widths)})
+
+
 def _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, single_doc_branch: bool = True):
     # tokamax's public dot_product_attention takes only a boolean [B, N, T, S] mask; its Mask type (k_start per
     # query) is what its kernels take, so the op is called through its implementation table.
     from tokamax._src.ops.attention import api, base  # lazy on purpose: see _tokamax; pinned in pyproject
+
+    _tokamax_backward_head_pad()
 
     q_sharding = None
     ctx = sharding.current()
