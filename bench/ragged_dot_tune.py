@@ -93,12 +93,14 @@ def row_kernels(args):
             try:
                 f = jax.jit(fn)
                 y = jax.block_until_ready(f(acts[0], w, sizes))
-                if ref is None:
+                if tiles is None:  # tokamax: the reference
                     ref = y
-                rec["max_diff_vs_tokamax"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) - ref.astype(jnp.float32))))
+                if ref is not None:
+                    rec["max_diff_vs_tokamax"] = float(jnp.max(jnp.abs(y.astype(jnp.float32) -
+                                                                   ref.astype(jnp.float32))))
                 dt = timed(f, acts, w, sizes, args.reps)
                 rec.update(us=round(dt * 1e6, 1), tflops=round(flops / dt / 1e12, 1))
-                if rec["max_diff_vs_tokamax"] < 0.05 and (name not in best or dt < best[name][1]):
+                if rec.get("max_diff_vs_tokamax", 1.0) < 0.05 and (name not in best or dt < best[name][1]):
                     best[name] = (label, dt)
             except Exception as e:  # noqa: BLE001
                 rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"

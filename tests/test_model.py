@@ -449,16 +449,18 @@ def test_stack_gradients_in_place_equal_concat():
 
 
 def test_stack_gradient_writes_every_slice(monkeypatch):
-    """The stack `_split_dus`'s gradient writes into is uninitialized outside a mesh (`lax.empty`, zeros on CPU):
-    filled with NaN here, every layer's slice, an unused layer's zeros included, is overwritten; under a mesh it is
-    zeros (no `empty` in the gradient's program)."""
+    """The stack `_split_dus`'s gradient writes into is uninitialized outside a mesh and on a one-device mesh
+    (`lax.empty`, zeros on CPU): filled with NaN here, every layer's slice, an unused layer's zeros included, is
+    overwritten; on a larger mesh it is zeros (no `empty` in the gradient's program)."""
     from deepjax.model import transformer
     from deepjax.parallel import sharding
     a = jax.random.normal(jax.random.key(0), (4, 3, 2))
     loss = lambda a: sum(jnp.sum(jnp.cos(p)) for i, p in enumerate(transformer._split_dus(a)) if i != 1)  # noqa
     want = jax.grad(lambda a: sum(jnp.sum(jnp.cos(p)) for i, p in enumerate(a) if i != 1))(a)
     assert " empty[" in str(jax.make_jaxpr(jax.grad(loss))(a))
-    with sharding.use_mesh(jax.make_mesh((1,), ("data",)), {}):
+    with sharding.use_mesh(jax.make_mesh((1,), ("data",)), {}):  # one device: as `deepjax train` on one GPU
+        assert " empty[" in str(jax.make_jaxpr(jax.grad(loss))(a))
+    with sharding.use_mesh(jax.make_mesh((2,), ("data",)), {}):
         under_mesh = str(jax.make_jaxpr(jax.grad(loss))(a))
     assert " empty[" not in under_mesh and "dynamic_update_slice" in under_mesh
     monkeypatch.setattr(transformer.jax.lax, "empty", lambda shape, dtype: jnp.full(shape, jnp.nan, dtype))

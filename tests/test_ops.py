@@ -416,6 +416,7 @@ def test_grouped_dx_kernel_equals_per_group_products(monkeypatch, M_, sizes):
         y = np.asarray(gmm_grad.grouped_matmul(x, w, gs, interpret=True))
         assert y.shape == (M_, N)
         np.testing.assert_allclose(y[:used], _per_group(x, w, gs)[:used], rtol=1e-5, atol=1e-4)
+    assert gmm_grad.grouped_dx(dy[:0], w, gs * 0, interpret=True).shape == (0, K)  # no rows, as lax.ragged_dot
 
 
 @needs_tokamax

@@ -162,6 +162,8 @@ def rows_supported(K: int, N: int) -> bool:
 def _rows_call(a_MC, w_GKN, sizes_G, trans_w: bool, interpret, name: str):
     M, C = a_MC.shape
     O = w_GKN.shape[1] if trans_w else w_GKN.shape[2]
+    if M == 0:
+        return jnp.zeros((0, O), a_MC.dtype)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     bm = ROW_TILES["bm"]

@@ -85,9 +85,11 @@ def _split_dus_fwd(a):
 
 def _stack_buffer(shape, dtype):
     """The stack `_split_dus_bwd` writes every layer's slice of: uninitialized (`lax.empty`: on GPU a buffer with
-    no fill pass, ~2.4 GB of writes a step at the bench preset) outside a mesh; zeros under one, where a buffer
-    without a sharding would be partitioned as replicated and resharded."""
-    return jnp.zeros(shape, dtype) if sharding.current() is not None else jax.lax.empty(shape, dtype)
+    no fill pass, ~2.4 GB of writes a step at the bench preset) outside a mesh or on a one-device mesh (`deepjax
+    train` and bench/train_bench.py on one GPU); zeros on a larger mesh, where a buffer without a sharding would
+    be partitioned as replicated and resharded."""
+    ctx = sharding.current()
+    return jnp.zeros(shape, dtype) if ctx is not None and ctx[0].devices.size > 1 else jax.lax.empty(shape, dtype)
 
 
 def _split_dus_bwd(like, cts):
