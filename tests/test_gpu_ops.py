@@ -1,7 +1,8 @@
 """The kernel seam on the GPU (deepjax/model/ops.py with tokamax; skipped without a GPU or tokamax), against float32
 / float64 references computed in the same process:
 
-- grouped matmul in bf16 (the input gradient from tokamax or from `gmm_grad.grouped_dx`): output, dx and dW against per-group float64 products of the same bf16 values, on empty,
+- grouped matmul in bf16 (tokamax's kernels or gmm_grad's Triton row kernels; a pair of weights without their
+  concatenation): output, dx and dW against per-group float64 products of the same bf16 values, on empty,
   one-row and uneven groups and rows past sum(group_sizes) (which must come out zero); and tokamax's own bf16
   weight gradient, which this path replaces, must fail the same check (if a tokamax release fixes it, this test
   says so);
@@ -82,6 +83,23 @@ def test_grouped_matmul_bf16_output_and_gradients(monkeypatch, input_grad):
     rel, past = _errors(lambda x, w, g: ops.grouped_matmul(x, w, g, "tokamax"))
     print("grouped_matmul relative errors y, dx, dW:", rel)
     assert max(rel) < 1e-2, rel  # bf16 outputs: relative rounding 2^-8
+    assert past == 0.0
+
+
+@pytest.mark.parametrize("input_grad", ["tokamax", "triton"])
+def test_grouped_matmul_pair_bf16(monkeypatch, input_grad):
+    """A pair of weights (w's two column halves) through `ops._grouped_matmul_pair_gpu` (GMM_FORWARD triton: no
+    concatenation), the same check as the joined product's."""
+    monkeypatch.setattr(ops, "GMM_FORWARD", "triton")
+    monkeypatch.setattr(ops, "GMM_INPUT_GRAD", input_grad)
+    monkeypatch.setattr(ops, "LARGE_GROUP_ROWS", 1)
+    half = N_OUT // 2
+
+    def f(x, w, g):
+        return ops.grouped_matmul(x, (w[..., :half], w[..., half:]), g, "tokamax")
+    rel, past = _errors(f)
+    print("pair relative errors y, dx, dW:", rel)
+    assert max(rel) < 1e-2, rel
     assert past == 0.0
 
 

@@ -419,6 +419,50 @@ def test_grouped_dx_kernel_equals_per_group_products(monkeypatch, M_, sizes):
     assert gmm_grad.grouped_dx(dy[:0], w, gs * 0, interpret=True).shape == (0, K)  # no rows, as lax.ragged_dot
 
 
+@pytest.mark.parametrize("input_grad", [pytest.param("tokamax", marks=needs_tokamax), "triton"])
+@pytest.mark.parametrize("M_, sizes", GROUPS)
+def test_pair_custom_vjp_on_cpu(monkeypatch, input_grad, M_, sizes):
+    """`ops._grouped_matmul_pair_gpu` (x against the concatenation of two weights without forming it: Triton row
+    kernels, `grouped_dw` over each weight's columns), run on CPU through the Pallas interpreter: output and the
+    three gradients equal those of the concatenated product."""
+    monkeypatch.setattr(ops, "GMM_INPUT_GRAD", input_grad)
+    gs = jnp.array(sizes, jnp.int32)
+    G, K, N = len(sizes), 32, 48
+    x = jax.random.normal(jax.random.key(3), (M_, K))
+    wa = jax.random.normal(jax.random.key(4), (G, K, N))
+    wb = jax.random.normal(jax.random.key(6), (G, K, N))
+    dy = jax.random.normal(jax.random.key(5), (M_, 2 * N))
+    for all_rows in ([False, True] if sum(sizes) == M_ else [False]):
+        y, vjp = jax.vjp(lambda x, wa, wb: ops._grouped_matmul_pair_gpu(x, wa, wb, gs, all_rows), x, wa, wb)
+        y0, vjp0 = jax.vjp(lambda x, wa, wb: jax.lax.ragged_dot(x, jnp.concatenate([wa, wb], -1), gs), x, wa, wb)
+        np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-4)
+        assert not np.asarray(y)[int(sum(sizes)):].any()
+        for a, b in zip(vjp(dy), vjp0(dy)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_grouped_matmul_takes_pairs(monkeypatch):
+    """`ops.grouped_matmul` with a pair of weights is the product with their concatenation on the XLA path, and
+    `moe.grouped_swiglu(pairs=True)` hands it the pair."""
+    from deepjax.model import moe
+    monkeypatch.setattr(ops, "LARGE_GROUP_ROWS", 1)  # gate and up as one product from 1 row a group
+    gs = jnp.array([3, 0, 5], jnp.int32)
+    x = jax.random.normal(jax.random.key(0), (8, 16))
+    wg, wu = (jax.random.normal(jax.random.key(i), (3, 16, 8)) for i in (1, 2))
+    wd = jax.random.normal(jax.random.key(3), (3, 8, 16))
+    np.testing.assert_allclose(ops.grouped_matmul(x, (wg, wu), gs, "xla"),
+                               jax.lax.ragged_dot(x, jnp.concatenate([wg, wu], -1), gs), rtol=1e-6)
+    seen = []
+
+    def gmm(x, w):
+        seen.append(type(w))
+        return ops.grouped_matmul(x, w, gs, "xla")
+    got = moe.grouped_swiglu(x, wg, wu, wd, gmm, pairs=True)
+    want = moe.grouped_swiglu(x, wg, wu, wd, lambda x, w: jax.lax.ragged_dot(x, w, gs))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert seen[0] is tuple, seen  # gate and up as a pair, then down
+
+
 @needs_tokamax
 @pytest.mark.parametrize("input_grad", ["tokamax", "triton"])
 @pytest.mark.parametrize("M_, sizes", GROUPS)

@@ -58,7 +58,7 @@ def _local_experts(xs, local_e, E_l, wg, wu, wd, kernels: str):
     inv2 = checkpoint_name(inverse_permutation(o2), "moe_order")
     sizes = checkpoint_name(jnp.bincount(local_e, length=E_l + 1)[:E_l].astype(jnp.int32), "moe_order")
     xs = checkpoint_name(moe.permute_rows(xs, o2, inv2), "moe_rows")  # a permutation: its gradient gathers too
-    ys = moe.grouped_swiglu(xs, wg, wu, wd, lambda x, w: ops.grouped_matmul(x, w, sizes, kernels))
+    ys = moe.grouped_swiglu(xs, wg, wu, wd, lambda x, w: ops.grouped_matmul(x, w, sizes, kernels), pairs=True)
     ys = jnp.where((local_e[o2] < E_l)[:, None], ys, 0)
     return moe.permute_rows(ys, inv2, o2)
 

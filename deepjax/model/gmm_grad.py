@@ -18,6 +18,8 @@ past the last group's end are never read into a sum. Tiles are powers of two of 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -41,11 +43,11 @@ def supported(K: int, N: int) -> bool:
     return _tile(K, TILES["bk"]) >= 16 and _tile(N, TILES["bn"]) >= 16
 
 
-def _kernel(bm: int, bk: int, bn: int):
+def _kernel(bm: int, bk: int, bn: int, c0: int = 0):
     def kernel(start_ref, end_ref, x_ref, dy_ref, dw_ref):
         j, i, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         start, end = start_ref[g], end_ref[g]
-        cols_k, cols_n = pl.ds(i * bk, bk), pl.ds(j * bn, bn)
+        cols_k, cols_n, out_n = pl.ds(i * bk, bk), pl.ds(c0 + j * bn, bn), pl.ds(j * bn, bn)
 
         def body(b, acc):
             r0 = b * bm
@@ -56,17 +58,20 @@ def _kernel(bm: int, bk: int, bn: int):
             return acc + jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(start // bm, (end + bm - 1) // bm, body, jnp.zeros((bk, bn), jnp.float32))
-        dw_ref[g, cols_k, cols_n] = acc.astype(dw_ref.dtype)
+        dw_ref[g, cols_k, out_n] = acc.astype(dw_ref.dtype)
 
     return kernel
 
 
-def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jnp.float32):
+def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jnp.float32,
+               cols: tuple[int, int] | None = None):
     """[G, K, N] out_dtype: dw[g] = x[rows of g]^T dy[rows of g], rows sorted by group (`lax.ragged_dot` order),
     accumulated in float32 and cast as each tile is stored (a bf16 gradient costs no separate cast pass over a
-    float32 one). interpret: None runs Triton on GPU and the interpreter elsewhere."""
+    float32 one). cols (start, width): dy's columns [start, start + width) only, N = width (the gradient of one
+    weight of a pair whose products were joined: no slice of dy or of a joint gradient). interpret: None runs
+    Triton on GPU and the interpreter elsewhere."""
     M, K = x_MK.shape
-    N = dy_MN.shape[1]
+    c0, N = cols if cols is not None else (0, dy_MN.shape[1])
     G = sizes_G.shape[0]
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -83,7 +88,7 @@ def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jn
     params = {} if interpret else {"compiler_params": pltriton.CompilerParams(
         num_warps=TILES["num_warps"], num_stages=TILES["num_stages"])}
     return pl.pallas_call(
-        _kernel(bm, bk, bn), out_shape=jax.ShapeDtypeStruct((G, K, N), out_dtype), grid=(N // bn, K // bk, G),
+        _kernel(bm, bk, bn, c0), out_shape=jax.ShapeDtypeStruct((G, K, N), out_dtype), grid=(N // bn, K // bk, G),
         interpret=interpret, name="grouped_dw", **params)(start_G, end_G, x_MK, dy_MN)
 
 
@@ -128,28 +133,32 @@ def _row_items(sizes_G, M: int, bm: int):
     return t_W * bm, g_W, start_W, end_W
 
 
-def _rows_kernel(bm: int, bo: int, bc: int, nc: int, trans_w: bool):
-    """out[rows of g, o tile] = a[rows of g] (w[g]^T if trans_w else w[g]) [:, o tile], over nc contraction blocks."""
-    def kernel(r0_ref, g_ref, start_ref, end_ref, a_ref, w_ref, out_ref):
+def _rows_kernel(bm: int, bo: int, bc: int, parts: tuple, trans_w: bool, o0: int, aliased: bool):
+    """out[rows of g, o0 + o tile] = sum over parts p of a[rows of g, part p's columns] against w_p[g] (w_p[g]^T if
+    trans_w) [:, o tile]; parts: (contraction blocks, a's first column) per weight. aliased: the output arrives as an
+    input too (a second call writing its other columns), untouched."""
+    def kernel(r0_ref, g_ref, start_ref, end_ref, a_ref, *refs):
+        w_refs, out_ref = refs[:len(parts)], refs[-1]
         i, j = pl.program_id(0), pl.program_id(1)
         r0, g, start, end = r0_ref[i], g_ref[i], start_ref[i], end_ref[i]
         cols_o = pl.ds(j * bo, bo)
         rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
         live = (rows >= start) & (rows < end)  # [bm, 1]
-
-        def body(b, acc):
-            cols_c = pl.ds(b * bc, bc)
-            a = pltriton.load(a_ref.at[pl.ds(r0, bm), cols_c], mask=live, other=0)  # [bm, bc]
-            if trans_w:
-                w, dims = w_ref[g, cols_o, cols_c], (((1,), (1,)), ((), ()))  # [bo, bc]
-            else:
-                w, dims = w_ref[g, cols_c, cols_o], (((1,), (0,)), ((), ()))  # [bc, bo]
-            return acc + jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32)
-
         zero = start - start  # Triton's loop wants both bounds of one type: both from the int32 refs
-        trip = jnp.where(end > start, zero + nc, zero)
-        acc = jax.lax.fori_loop(zero, trip, body, jnp.zeros((bm, bo), jnp.float32))
-        pltriton.store(out_ref.at[pl.ds(r0, bm), cols_o], acc.astype(out_ref.dtype), mask=live)
+        acc = jnp.zeros((bm, bo), jnp.float32)
+        for w_ref, (nc, a0) in zip(w_refs, parts):
+            def body(b, acc, w_ref=w_ref, a0=a0):
+                a = pltriton.load(a_ref.at[pl.ds(r0, bm), pl.ds(a0 + b * bc, bc)], mask=live, other=0)  # [bm, bc]
+                cols_c = pl.ds(b * bc, bc)
+                if trans_w:
+                    w, dims = w_ref[g, cols_o, cols_c], (((1,), (1,)), ((), ()))  # [bo, bc]
+                else:
+                    w, dims = w_ref[g, cols_c, cols_o], (((1,), (0,)), ((), ()))  # [bc, bo]
+                return acc + jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32)
+
+            acc = jax.lax.fori_loop(zero, jnp.where(end > start, zero + nc, zero), body, acc)
+        pltriton.store(out_ref.at[pl.ds(r0, bm), pl.ds(o0 + j * bo, bo)], acc.astype(out_ref.dtype), mask=live)
+    del aliased  # the aliased input is the same buffer as out_ref: nothing to read
     return kernel
 
 
@@ -159,40 +168,62 @@ def rows_supported(K: int, N: int) -> bool:
                _tile(N, ROW_TILES["bc"])) >= 16
 
 
-def _rows_call(a_MC, w_GKN, sizes_G, trans_w: bool, interpret, name: str):
+def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str):
+    """The row kernel for the weights `ws`: trans_w (the input gradient), their contractions side by side along a's
+    columns, one call; else (the forward) their outputs side by side, one call per weight writing its columns of one
+    buffer (each later call takes it as an aliased input)."""
     M, C = a_MC.shape
-    O = w_GKN.shape[1] if trans_w else w_GKN.shape[2]
+    outs = [w.shape[1] if trans_w else w.shape[2] for w in ws]
+    cons = [w.shape[2] if trans_w else w.shape[1] for w in ws]
+    O = outs[0] if trans_w else sum(outs)
     if M == 0:
         return jnp.zeros((0, O), a_MC.dtype)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     bm = ROW_TILES["bm"]
-    bo, bc = _tile(O, ROW_TILES["bo"]), _tile(C, ROW_TILES["bc"])
+    bo = min(_tile(o, ROW_TILES["bo"]) for o in outs)
+    bc = min(_tile(c, ROW_TILES["bc"]) for c in cons)
     if not interpret and min(bo, bc) < 16:
-        raise ValueError(f"{name}: widths {C} -> {O}: Triton needs tiles of 16+ dividing both "
+        raise ValueError(f"{name}: widths {cons} -> {outs}: Triton needs tiles of 16+ dividing all of them "
                          f"(gmm_grad.rows_supported)")
     Mp = -(-M // bm) * bm
     if Mp != M:  # every block of rows lies inside the arrays
         a_MC = jnp.pad(a_MC, ((0, Mp - M), (0, 0)))
-    r0_W, g_W, start_W, end_W = _row_items(sizes_G.astype(jnp.int32), Mp, bm)
+    items = _row_items(sizes_G.astype(jnp.int32), Mp, bm)
     params = {} if interpret else {"compiler_params": pltriton.CompilerParams(
         num_warps=ROW_TILES["num_warps"], num_stages=ROW_TILES["num_stages"])}
-    out = pl.pallas_call(
-        _rows_kernel(bm, bo, bc, C // bc, trans_w), out_shape=jax.ShapeDtypeStruct((Mp, O), a_MC.dtype),
-        grid=(r0_W.shape[0], O // bo), interpret=interpret, name=name, **params)(
-            r0_W, g_W, start_W, end_W, a_MC, w_GKN)
+    call = functools.partial(pl.pallas_call, out_shape=jax.ShapeDtypeStruct((Mp, O), a_MC.dtype),
+                             interpret=interpret, name=name, **params)
+    W = items[0].shape[0]
+    if trans_w:
+        parts = tuple((c // bc, sum(cons[:p])) for p, c in enumerate(cons))
+        out = call(_rows_kernel(bm, bo, bc, parts, True, 0, False), grid=(W, outs[0] // bo))(*items, a_MC, *ws)
+    else:
+        out, o0 = None, 0
+        for w, o in zip(ws, outs):
+            kernel = _rows_kernel(bm, bo, bc, ((C // bc, 0),), False, o0, out is not None)
+            if out is None:
+                out = call(kernel, grid=(W, o // bo))(*items, a_MC, w)
+            else:  # inputs: the 4 item arrays, a, w, then the buffer, aliased to the output
+                out = call(kernel, grid=(W, o // bo), input_output_aliases={6: 0})(*items, a_MC, w, out)
+            o0 += o
     return out[:M] if Mp != M else out
 
 
-def grouped_dx(dy_MN, w_GKN, sizes_G, interpret: bool | None = None):
+def grouped_dx(dy_MN, w_GKN, sizes_G, interpret: bool | None = None, w2_GKN=None):
     """[M, K] in dy's dtype: dx[r] = dy[r] w[g]^T for the rows r of group g, rows sorted by group (`lax.ragged_dot`'s
-    input gradient, w read in its stored layout), accumulated in float32. Rows past sum(sizes) are left undefined
-    (the caller zeroes them where it needs to, as for tokamax's kernels). interpret: None runs Triton on GPU and the
-    interpreter elsewhere."""
-    return _rows_call(dy_MN, w_GKN, sizes_G, True, interpret, "grouped_dx")
+    input gradient, w read in its stored layout), accumulated in float32. w2_GKN: a second weight whose products
+    were joined to w's (dy [M, N + N2]: dx = dy[:, :N] w[g]^T + dy[:, N:] w2[g]^T). Rows past sum(sizes) are left
+    undefined (the caller zeroes them where it needs to, as for tokamax's kernels). interpret: None runs Triton on
+    GPU and the interpreter elsewhere."""
+    ws = (w_GKN,) if w2_GKN is None else (w_GKN, w2_GKN)
+    return _rows_call(dy_MN, ws, sizes_G, True, interpret, "grouped_dx")
 
 
-def grouped_matmul(x_MK, w_GKN, sizes_G, interpret: bool | None = None):
-    """[M, N] in x's dtype: `lax.ragged_dot(x, w, sizes)` by the same kernel as `grouped_dx` (w untransposed); rows
-    past sum(sizes) left undefined. Timed against tokamax's forward by `bench/ragged_dot_tune.py --dx`."""
-    return _rows_call(x_MK, w_GKN, sizes_G, False, interpret, "grouped_matmul")
+def grouped_matmul(x_MK, w_GKN, sizes_G, interpret: bool | None = None, w2_GKN=None):
+    """[M, N] in x's dtype: `lax.ragged_dot(x, w, sizes)` by the same kernel as `grouped_dx` (w untransposed); with
+    w2_GKN, [M, N + N2]: the products with w and w2 side by side, as against their concatenation, without forming
+    it. Rows past sum(sizes) left undefined. Timed against tokamax's forward by `bench/ragged_dot_tune.py
+    --rows-kernels`."""
+    ws = (w_GKN,) if w2_GKN is None else (w_GKN, w2_GKN)
+    return _rows_call(x_MK, ws, sizes_G, False, interpret, "grouped_matmul")

@@ -456,12 +456,63 @@ def grouped_matmul(x_MK, w_GKN, sizes_G, kernels: str = "auto", all_rows: bool =
     sum(sizes) come out zero on every path. On tokamax: its kernels (with this module's weight gradient on GPU);
     on XLA: `lax.ragged_dot`. all_rows: the caller's groups cover every row (sum(sizes) == M, as the dropless
     experts on one device), so the kernels' outputs need no zeroing of rows past the groups (a pass over [M, N]
-    each, forward and backward, otherwise)."""
-    if resolve(kernels, x_MK.dtype) == "tokamax":
-        if platform() in ("gpu", "cuda") and gmm_grad.supported(x_MK.shape[1], w_GKN.shape[2]):
+    each, forward and backward, otherwise). w_GKN may be a pair (w_a, w_b) of [G, K, N_a], [G, K, N_b] weights:
+    the product with their concatenation, [M, N_a + N_b], which GMM_FORWARD "triton" computes without forming it
+    (`_grouped_matmul_pair_gpu`); the other paths concatenate them."""
+    pair = isinstance(w_GKN, tuple)
+    if resolve(kernels, x_MK.dtype) == "tokamax" and platform() in ("gpu", "cuda"):
+        if pair and _pair_on_triton(x_MK, *w_GKN):
+            return _grouped_matmul_pair_gpu(x_MK, *w_GKN, sizes_G, all_rows)
+        w_GKN = jnp.concatenate(w_GKN, axis=-1) if pair else w_GKN
+        if gmm_grad.supported(x_MK.shape[1], w_GKN.shape[2]):
             return _grouped_matmul_gpu(x_MK, w_GKN, sizes_G, all_rows)
         return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows)
+    w_GKN = jnp.concatenate(w_GKN, axis=-1) if pair else w_GKN
+    if resolve(kernels, x_MK.dtype) == "tokamax":
+        return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows)
     return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
+
+
+def _pair_on_triton(x_MK, wa_GKN, wb_GKN) -> bool:
+    """Whether a pair's product takes `_grouped_matmul_pair_gpu`: GMM_FORWARD "triton", groups of LARGE_GROUP_ROWS
+    rows or more on average, widths the Triton tiles take (the pair's weight gradients come from `grouped_dw`)."""
+    K, G = x_MK.shape[1], wa_GKN.shape[0]
+    return (GMM_FORWARD == "triton" and x_MK.shape[0] >= LARGE_GROUP_ROWS * G
+            and all(gmm_grad.rows_supported(K, w.shape[2]) and gmm_grad.supported(K, w.shape[2])
+                    for w in (wa_GKN, wb_GKN)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grouped_matmul_pair_gpu(x_MK, wa_GKN, wb_GKN, sizes_G, all_rows):
+    """x against the concatenation of wa and wb without forming it: gmm_grad's Triton row kernel writes each
+    weight's columns of one output; the input gradient reads both weights (`grouped_dx` with w2, or tokamax's
+    kernel against the transposed concatenation: GMM_INPUT_GRAD) and each weight's gradient is `grouped_dw` over
+    its own columns of dy. No [G, K, N_a + N_b] concatenation in the forward, nor its gradient's split."""
+    return _pair_fwd(x_MK, wa_GKN, wb_GKN, sizes_G, all_rows)[0]
+
+
+def _pair_fwd(x_MK, wa_GKN, wb_GKN, sizes_G, all_rows):
+    y_MN = gmm_grad.grouped_matmul(x_MK, wa_GKN, sizes_G, w2_GKN=wb_GKN)
+    y_MN = y_MN if all_rows else _rows_in_groups(y_MN, sizes_G)
+    return y_MN, (x_MK, wa_GKN, wb_GKN, sizes_G)
+
+
+def _pair_bwd(all_rows, res, dy_MN):
+    x_MK, wa_GKN, wb_GKN, sizes_G = res
+    dy_MN = dy_MN.astype(x_MK.dtype)
+    Na = wa_GKN.shape[2]
+    if GMM_INPUT_GRAD == "triton":
+        dx_MK = gmm_grad.grouped_dx(dy_MN, wa_GKN, sizes_G, w2_GKN=wb_GKN)
+        dx_MK = dx_MK if all_rows else _rows_in_groups(dx_MK, sizes_G)
+    else:
+        w_GNK = jnp.swapaxes(jnp.concatenate([wa_GKN, wb_GKN], axis=-1), 1, 2)
+        dx_MK = _tokamax_ragged_dot(dy_MN, w_GNK, sizes_G, all_rows)
+    dwa = gmm_grad.grouped_dw(x_MK, dy_MN, sizes_G, out_dtype=wa_GKN.dtype, cols=(0, Na))
+    dwb = gmm_grad.grouped_dw(x_MK, dy_MN, sizes_G, out_dtype=wb_GKN.dtype, cols=(Na, wb_GKN.shape[2]))
+    return dx_MK, dwa, dwb, None
+
+
+_grouped_matmul_pair_gpu.defvjp(_pair_fwd, _pair_bwd)
 
 
 # ---- LM head + cross-entropy --------------------------------------------------------------------
