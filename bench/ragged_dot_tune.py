@@ -14,8 +14,9 @@ with microseconds per call, TFLOP/s and the largest difference from the default'
 config per shape. tokamax's full autotuner (`train_bench --autotune`) searches ~380 configs per shape; this tries
 the axes that matter for large M (block_m, block_k, stages, persistence).
 
---rows-kernels times the expert products (gate/up w [G, D, 2I], down [G, I, D]) and their input gradients
-(dx = dy w[g]^T, w as stored) two ways: tokamax's kernel with the step's tile (the gradient against the weights
+--rows-kernels times the expert products (gate/up w [G, D, 2I], down [G, I, D]; gate and up as a pair of [G, D, I]
+weights, which tokamax's path concatenates each step) and their input gradients (dx = dy w[g]^T, w as stored) two
+ways: tokamax's kernel with the step's tile (the gradient against the weights
 transposed, the transpose included: `ops.GMM_INPUT_GRAD` "tokamax") and gmm_grad's Triton row kernels
 (`grouped_matmul`, `grouped_dx`) over a sweep of their tiles (ROW_TILES), each checked against tokamax.
 """
@@ -77,12 +78,20 @@ def row_kernels(args):
         "gate_up dx": ((D, 2 * I), 2 * I, lambda a, w, s: ops._tokamax_ragged_dot(a, jnp.swapaxes(w, 1, 2), s, True),
                        gmm_grad.grouped_dx),
         "down dx": ((I, D), D, lambda a, w, s: ops._tokamax_ragged_dot(a, jnp.swapaxes(w, 1, 2), s, True),
-                    gmm_grad.grouped_dx)}
+                    gmm_grad.grouped_dx),
+        # gate and up as a pair of [G, D, I] weights: the step's tokamax path concatenates them first (included)
+        "gate_up pair": ((D, I), D, lambda a, w, s: ops._tokamax_ragged_dot(a, jnp.concatenate(w, -1), s, True),
+                         lambda a, w, s: gmm_grad.grouped_matmul(a, w[0], s, w2_GKN=w[1])),
+        "gate_up pair dx": ((D, I), 2 * I, lambda a, w, s: ops._tokamax_ragged_dot(
+            a, jnp.swapaxes(jnp.concatenate(w, -1), 1, 2), s, True),
+            lambda a, w, s: gmm_grad.grouped_dx(a, w[0], s, w2_GKN=w[1]))}
     for name, ((K, N), C, tk, triton) in cases.items():
         k1, k2, k3 = jax.random.split(jax.random.key(len(name)), 3)
         acts = [jax.random.normal(k, (M, C), jnp.bfloat16) for k in (k1, k2)]
         w = (jax.random.normal(k3, (G, K, N), jnp.float32) / np.sqrt(C)).astype(jnp.bfloat16)
-        flops = 2.0 * M * K * N
+        if "pair" in name:
+            w = (w, w[::-1])
+        flops = 2.0 * M * K * N * (2 if "pair" in name else 1)
         variants = [("tokamax", tk, None)] + [(json.dumps(t), lambda a, w, s, f=triton: f(a, w, s), t)
                                               for t in row_tiles(args.quick)]
         ref = None
