@@ -18,6 +18,9 @@ Bench preset, B 8 x T 2048, bf16 compute, fp32 params; each row a packed batch o
     mfu       tokens/s x matmul_flops_per_token / the bf16 8192^3 matmul rate measured in the same process
               (per device on a mesh of several: tokens/s per device)
 
+--ops NAME=VALUE ... (repeatable: one row each) sets `deepjax.model.ops` module settings in that row's process
+(GMM_FORWARD, GMM_INPUT_GRAD, TOKAMAX_BWD_HEAD_PAD, ...): A/B rows of one kernel choice in one command.
+
 --mesh AXIS=N ... (repeatable: one row each) runs the step on a `deepjax.parallel.sharding.MeshConfig` over all
 devices (data / fsdp / expert / tensor, one of them -1 for the rest), --batch being the global batch; default: one
 device, as `deepjax train` runs there.
@@ -75,13 +78,34 @@ def make_batch(B: int, T: int, docs: int, vocab: int) -> TS.Batch:
     return TS.Batch(tok, row(seg_T + 1), row(pos_T))
 
 
+def ops_settings(items) -> dict:
+    """--ops NAME=VALUE ...: `deepjax.model.ops` module settings, VALUE a Python literal (else a string); a name ops
+    does not have is an error."""
+    import ast
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not hasattr(ops, name):
+            raise SystemExit(f"--ops {item}: NAME=VALUE with NAME a setting of deepjax.model.ops")
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name] = value
+    return out
+
+
 def one(args) -> dict:
     """One configuration, in this process: its JSON record."""
     k = args.one
+    settings = ops_settings(args.ops[0] if args.ops else None)
+    for name, value in settings.items():
+        setattr(ops, name, value)
     rec = dict(what="train_step", kernels=k, preset=args.preset, B=args.batch, T=args.seq, docs=args.docs,
                remat=args.remat[0], layer_loop=args.layer_loop[0], attention=args.attention[0],
                param_dtype=args.param_dtype[0], jax=jax.__version__,
                device=jax.devices()[0].device_kind)
+    if settings:
+        rec["ops"] = settings
     try:
         rec["resolved"] = ops.resolve(k, jnp.bfloat16)
     except Exception as e:  # noqa: BLE001
@@ -229,6 +253,9 @@ def main(argv=None):
                     "autotuner on its step, write the configs to FILE (JSON) and time the step again under them")
     ap.add_argument("--timeout", type=float, default=540.0, help="seconds per subprocess")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers anchor")
+    ap.add_argument("--ops", nargs="+", action="append", metavar="NAME=VALUE",
+                    help="deepjax.model.ops settings for a row (repeatable: one row each), e.g. --ops "
+                    "GMM_FORWARD=triton GMM_INPUT_GRAD=triton --ops 'TOKAMAX_BWD_HEAD_PAD={}'")
     ap.add_argument("--one", metavar="KERNELS", help=argparse.SUPPRESS)  # child: one configuration
     args = ap.parse_args(argv)
     if not 1 <= args.docs <= args.seq:
@@ -253,13 +280,16 @@ def main(argv=None):
     for B, T in shapes:
         rows = []
         for k in args.kernels:
-            for remat, loop, attn, pd, mesh in itertools.product(args.remat, args.layer_loop, args.attention,
-                                                                   args.param_dtype, args.mesh or [None]):
+            for remat, loop, attn, pd, mesh, opset in itertools.product(
+                    args.remat, args.layer_loop, args.attention, args.param_dtype, args.mesh or [None],
+                    args.ops or [None]):
+                ops_settings(opset)  # a bad setting stops here, before any child runs
                 common = ["--preset", args.preset, "--batch", str(B), "--seq", str(T), "--docs", str(args.docs),
                           "--remat", remat, "--layer-loop", loop, "--attention", attn, "--param-dtype", pd,
                           "--steps", str(args.steps)] + (
                     ["--profile", args.profile] if args.profile else []) + (
-                    ["--autotune", args.autotune] if args.autotune else []) + (["--mesh", *mesh] if mesh else [])
+                    ["--autotune", args.autotune] if args.autotune else []) + (["--mesh", *mesh] if mesh else []) + (
+                    ["--ops", *opset] if opset else [])
                 recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
                 r = next((r for r in recs if r.get("what") == "train_step"), None)
                 rows.append(r or emit(what="train_step", kernels=k, remat=remat, layer_loop=loop, attention=attn,
@@ -277,6 +307,7 @@ def main(argv=None):
             device = device or r.get("device", "")
             mesh = ",".join(f"{a}{n}" for a, n in (r.get("mesh") or {}).items() if n > 1) or "1 device"
             loop = "".join(f" ({r[f]})" for f in ("layer_loop", "attention") if r.get(f, "auto") != "auto")
+            loop += "".join(f" {n}={v}" for n, v in (r.get("ops") or {}).items())
             head = f"| {B} x {T} | {r['kernels']} | {r.get('remat')}{loop} | {r.get('param_dtype')} | {mesh} |"
             if "error" in r:
                 table.append(f"{head} error: {r['error'][:100]} | | | | | | | | |")
