@@ -99,7 +99,7 @@ def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jn
 #
 # tokamax's ragged dot takes w^T for the input gradient: the caller transposes every expert's weights each step (a
 # [G, N, K] copy per grouped matmul, 4.4 GB of the bench preset's T 2048 step on the H200: docs/LOG.md session 20).
-# Here one program per (work item, output column tile): a work item is one (row block, group) pair whose rows
+# Here one program per (output column tile, work item): a work item is one (row block, group) pair whose rows
 # intersect, at most M / bm + G of them (a block that straddles groups is one item per group, each storing only its
 # group's rows). The program walks the contraction in blocks of `bc`, loads its row block with the other groups'
 # rows masked to zero, and accumulates against w[g]'s tile in float32.
@@ -139,7 +139,9 @@ def _rows_kernel(bm: int, bo: int, bc: int, parts: tuple, trans_w: bool, o0: int
     input too (a second call writing its other columns), untouched."""
     def kernel(r0_ref, g_ref, start_ref, end_ref, a_ref, *refs):
         w_refs, out_ref = refs[:len(parts)], refs[-1]
-        i, j = pl.program_id(0), pl.program_id(1)
+        # the output tile varies fastest: the programs of one row block run together and share its rows in L2
+        # (with the work item fastest, each row block would be read from memory once per output tile)
+        j, i = pl.program_id(0), pl.program_id(1)
         r0, g, start, end = r0_ref[i], g_ref[i], start_ref[i], end_ref[i]
         cols_o = pl.ds(j * bo, bo)
         rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
@@ -197,15 +199,15 @@ def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str):
     W = items[0].shape[0]
     if trans_w:
         parts = tuple((c // bc, sum(cons[:p])) for p, c in enumerate(cons))
-        out = call(_rows_kernel(bm, bo, bc, parts, True, 0, False), grid=(W, outs[0] // bo))(*items, a_MC, *ws)
+        out = call(_rows_kernel(bm, bo, bc, parts, True, 0, False), grid=(outs[0] // bo, W))(*items, a_MC, *ws)
     else:
         out, o0 = None, 0
         for w, o in zip(ws, outs):
             kernel = _rows_kernel(bm, bo, bc, ((C // bc, 0),), False, o0, out is not None)
             if out is None:
-                out = call(kernel, grid=(W, o // bo))(*items, a_MC, w)
+                out = call(kernel, grid=(o // bo, W))(*items, a_MC, w)
             else:  # inputs: the 4 item arrays, a, w, then the buffer, aliased to the output
-                out = call(kernel, grid=(W, o // bo), input_output_aliases={6: 0})(*items, a_MC, w, out)
+                out = call(kernel, grid=(o // bo, W), input_output_aliases={6: 0})(*items, a_MC, w, out)
             o0 += o
     return out[:M] if Mp != M else out
 
