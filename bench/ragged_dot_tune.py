@@ -59,7 +59,8 @@ def timed(f, xs, w, sizes, reps: int) -> float:
 
 
 def row_tiles(quick: bool):
-    axes = ([64, 128], [64, 128], [32, 64], [4, 8], [3, 4]) if not quick else ([64, 128], [128], [64], [4, 8], [3])
+    axes = ([64, 128], [64, 128, 256], [32, 64], [4, 8], [3, 4]) if not quick else (
+        [64, 128], [128, 256], [64], [8], [3, 4])
     for bm, bo, bc, warps, stages in itertools.product(*axes):
         yield dict(bm=bm, bo=bo, bc=bc, num_warps=warps, num_stages=stages)
 

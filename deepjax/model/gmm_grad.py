@@ -104,7 +104,9 @@ def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jn
 # group's rows). The program walks the contraction in blocks of `bc`, loads its row block with the other groups'
 # rows masked to zero, and accumulates against w[g]'s tile in float32.
 
-ROW_TILES = {"bm": 64, "bo": 128, "bc": 64, "num_warps": 4, "num_stages": 3}  # rows, output columns, contraction
+# rows, output columns, contraction: Triton's usual Hopper matmul tile, unmeasured here (bench/ragged_dot_tune.py
+# --rows-kernels sweeps them)
+ROW_TILES = {"bm": 128, "bo": 128, "bc": 64, "num_warps": 8, "num_stages": 3}
 
 
 def _row_items(sizes_G, M: int, bm: int):
