@@ -292,7 +292,8 @@ def main(argv=None):
                     ["--ops", *opset] if opset else [])
                 recs, err = child([sys.executable, me, "--one", k, *common], dict(os.environ), args.timeout)
                 r = next((r for r in recs if r.get("what") == "train_step"), None)
-                rows.append(r or emit(what="train_step", kernels=k, remat=remat, layer_loop=loop, attention=attn,
+                rows.append(r or emit(what="train_step", kernels=k, ops=ops_settings(opset), remat=remat,
+                                      layer_loop=loop, attention=attn,
                                       param_dtype=pd, B=B, T=T, mesh=mesh, error=f"no result: {err}"))
         hf = None
         if not args.no_hf:

@@ -417,6 +417,10 @@ def test_grouped_dx_kernel_equals_per_group_products(monkeypatch, M_, sizes):
         assert y.shape == (M_, N)
         np.testing.assert_allclose(y[:used], _per_group(x, w, gs)[:used], rtol=1e-5, atol=1e-4)
     assert gmm_grad.grouped_dx(dy[:0], w, gs * 0, interpret=True).shape == (0, K)  # no rows, as lax.ragged_dot
+    with pytest.raises(ValueError, match="grouped_dx"):  # dy's width is not w's N: one clear error, no bad read
+        gmm_grad.grouped_dx(dy[:, :N - 16], w, gs, interpret=True)
+    with pytest.raises(ValueError, match="grouped_dw"):
+        gmm_grad.grouped_dw(dy[:, :K], dy, gs, interpret=True, cols=(16, N))
 
 
 @pytest.mark.parametrize("input_grad", [pytest.param("tokamax", marks=needs_tokamax), "triton"])
@@ -426,6 +430,7 @@ def test_pair_custom_vjp_on_cpu(monkeypatch, input_grad, M_, sizes):
     kernels, `grouped_dw` over each weight's columns), run on CPU through the Pallas interpreter: output and the
     three gradients equal those of the concatenated product."""
     monkeypatch.setattr(ops, "GMM_INPUT_GRAD", input_grad)
+    monkeypatch.setitem(gmm_grad.ROW_TILES, "bm", 8)  # several row blocks, some straddling groups
     gs = jnp.array(sizes, jnp.int32)
     G, K, N = len(sizes), 32, 48
     x = jax.random.normal(jax.random.key(3), (M_, K))

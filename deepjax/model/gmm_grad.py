@@ -72,6 +72,9 @@ def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jn
     Triton on GPU and the interpreter elsewhere."""
     M, K = x_MK.shape
     c0, N = cols if cols is not None else (0, dy_MN.shape[1])
+    if c0 < 0 or N < 1 or c0 + N > dy_MN.shape[1] or dy_MN.shape[0] != M:
+        raise ValueError(f"grouped_dw: x {x_MK.shape}, dy {dy_MN.shape}, cols {cols}: dy needs x's rows and the "
+                         f"columns [start, start + width) inside it")
     G = sizes_G.shape[0]
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -180,6 +183,11 @@ def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str):
     outs = [w.shape[1] if trans_w else w.shape[2] for w in ws]
     cons = [w.shape[2] if trans_w else w.shape[1] for w in ws]
     O = outs[0] if trans_w else sum(outs)
+    K0 = ws[0].shape[1]
+    if any(w.shape[0] != ws[0].shape[0] or w.shape[1] != K0 for w in ws) or (
+            C != (sum(cons) if trans_w else cons[0])):
+        raise ValueError(f"{name}: rows of width {C} against weights {[w.shape for w in ws]}: the weights must "
+                         f"share G and K, and the rows' width must be " + ("their N's sum" if trans_w else "K"))
     if M == 0:
         return jnp.zeros((0, O), a_MC.dtype)
     if interpret is None:
