@@ -188,7 +188,7 @@ def _tokamax_backward_head_pad():
     module is left as it is."""
     try:
         from tokamax._src import shape as shape_lib  # lazy on purpose: see _tokamax
-        from tokamax._src.ops.attention import pallas_mosaic_gpu_vjp_kernel_sm90 as vk
+        from tokamax._src.ops.attention import pallas_mosaic_gpu_vjp_kernel_sm90 as vk  # lazy on purpose: same
     except ImportError:
         return
     widths = dict(TOKAMAX_BWD_HEAD_PAD)
@@ -422,8 +422,8 @@ def _gmm_forward(x_MK, w_GKN, sizes_G, all_rows):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _grouped_matmul_gpu(x_MK, w_GKN, sizes_G, all_rows):
     """tokamax's Mosaic GPU kernels for the output and the input gradient (or gmm_grad's Triton row kernels:
-    GMM_FORWARD, GMM_INPUT_GRAD); the weight gradient from `gmm_grad.grouped_dw` (tokamax's own bf16 weight gradient is wrong on
-    the H200: see that module)."""
+    GMM_FORWARD, GMM_INPUT_GRAD); the weight gradient from `gmm_grad.grouped_dw` (tokamax's own bf16 weight
+    gradient is wrong on the H200: see that module)."""
     return _gmm_forward(x_MK, w_GKN, sizes_G, all_rows)
 
 
