@@ -30,7 +30,6 @@ import functools
 import itertools
 import json
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -43,25 +42,22 @@ def _mods():
 
 
 @contextlib.contextmanager
-def backward_head_multiple(multiple: int | None):
-    """An experiment on tokamax 0.0.17's sm90 backward, which pads the head dim to a multiple of 64 (q, k 96 -> 128:
-    18% more matmul work than 96, and a pad and a slice of q, k, dq, dk) where its forward pads to 16: while active,
-    traces of the backward pad the head dim to `multiple` instead (None: tokamax's own). Only that module's head-dim
-    pad changes (its sequence pads use other multiples)."""
+def backward_head_multiple(multiple: int | None, widths: tuple[int, ...]):
+    """tokamax 0.0.17's sm90 backward pads the head dim to a multiple of 64 where its forward pads to 16: while
+    active, traces of the backward pad `widths` (the q / k and v head dims) to a multiple of `multiple` instead
+    (None: tokamax's own), through the product's mechanism (`ops.TOKAMAX_BWD_HEAD_PAD`)."""
     if multiple is None:
         yield
         return
-    from tokamax._src import shape as shape_lib
-    from tokamax._src.ops.attention import pallas_mosaic_gpu_vjp_kernel_sm90 as vk
-
-    def pad(x, m, axis, **kw):
-        return shape_lib.pad_to_next_multiple_of(x, multiple if (m == 64 and axis == -1) else m, axis, **kw)
-
-    vk.shape_lib = types.SimpleNamespace(**{**vars(shape_lib), "pad_to_next_multiple_of": pad})
+    from deepjax.model import ops
+    saved = ops.TOKAMAX_BWD_HEAD_PAD
+    ops.TOKAMAX_BWD_HEAD_PAD = {w: -(-w // multiple) * multiple for w in widths}
+    ops._tokamax_backward_head_pad()
     try:
         yield
     finally:
-        vk.shape_lib = shape_lib
+        ops.TOKAMAX_BWD_HEAD_PAD = saved
+        ops._tokamax_backward_head_pad()
 
 
 def fwd_configs():
@@ -200,7 +196,7 @@ def main(argv=None):
         f = call(op)
 
         def g(q, k, v, dout):
-            with backward_head_multiple(args.bwd_head_multiple):
+            with backward_head_multiple(args.bwd_head_multiple, (args.dqk, args.dv)):
                 out, pull = jax.vjp(f, q, k, v)
                 return (out, *pull(dout))
         return g

@@ -93,6 +93,7 @@ def row_kernels(args):
         if "pair" in name:
             w = (w, w[::-1])
         flops = 2.0 * M * K * N * (2 if "pair" in name else 1)
+        # a new function per tile: jit traces each again, under its ROW_TILES
         variants = [("tokamax", tk, None)] + [(json.dumps(t), lambda a, w, s, f=triton: f(a, w, s), t)
                                               for t in row_tiles(args.quick)]
         ref = None

@@ -138,10 +138,10 @@ def _row_items(sizes_G, M: int, bm: int):
     return t_W * bm, g_W, start_W, end_W
 
 
-def _rows_kernel(bm: int, bo: int, bc: int, parts: tuple, trans_w: bool, o0: int, aliased: bool):
+def _rows_kernel(bm: int, bo: int, bc: int, parts: tuple, trans_w: bool, o0: int):
     """out[rows of g, o0 + o tile] = sum over parts p of a[rows of g, part p's columns] against w_p[g] (w_p[g]^T if
-    trans_w) [:, o tile]; parts: (contraction blocks, a's first column) per weight. aliased: the output arrives as an
-    input too (a second call writing its other columns), untouched."""
+    trans_w) [:, o tile]; parts: (contraction blocks, a's first column) per weight. An output that arrives as an
+    input too (aliased: a later call writing its other columns) sits between the weights and out_ref, unread."""
     def kernel(r0_ref, g_ref, start_ref, end_ref, a_ref, *refs):
         w_refs, out_ref = refs[:len(parts)], refs[-1]
         # the output tile varies fastest: the programs of one row block run together and share its rows in L2
@@ -165,7 +165,6 @@ def _rows_kernel(bm: int, bo: int, bc: int, parts: tuple, trans_w: bool, o0: int
 
             acc = jax.lax.fori_loop(zero, jnp.where(end > start, zero + nc, zero), body, acc)
         pltriton.store(out_ref.at[pl.ds(r0, bm), pl.ds(o0 + j * bo, bo)], acc.astype(out_ref.dtype), mask=live)
-    del aliased  # the aliased input is the same buffer as out_ref: nothing to read
     return kernel
 
 
@@ -209,11 +208,11 @@ def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str):
     W = items[0].shape[0]
     if trans_w:
         parts = tuple((c // bc, sum(cons[:p])) for p, c in enumerate(cons))
-        out = call(_rows_kernel(bm, bo, bc, parts, True, 0, False), grid=(outs[0] // bo, W))(*items, a_MC, *ws)
+        out = call(_rows_kernel(bm, bo, bc, parts, True, 0), grid=(outs[0] // bo, W))(*items, a_MC, *ws)
     else:
         out, o0 = None, 0
         for w, o in zip(ws, outs):
-            kernel = _rows_kernel(bm, bo, bc, ((C // bc, 0),), False, o0, out is not None)
+            kernel = _rows_kernel(bm, bo, bc, ((C // bc, 0),), False, o0)
             if out is None:
                 out = call(kernel, grid=(o // bo, W))(*items, a_MC, w)
             else:  # inputs: the 4 item arrays, a, w, then the buffer, aliased to the output

@@ -162,7 +162,7 @@ def _xla_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float):
 # tokamax 0.0.17's Hopper attention backward pads the head dim to a multiple of 64 (its forward: of 16). For these
 # widths it pads to the value instead: MLA's q / k at the bench preset are 64 + 32 = 96 wide, which that pad makes
 # 128 (a third more matmul work in both backward kernels, and a pad and slice of q, k, dq, dk). Measured on an H100
-# (bench/attention_tune.py --impls --impl-list tokamax tokamax_bwd96 --docs 1, docs/LOG.md session 21): forward +
+# (bench/attention_tune.py --impls --impl-list tokamax_pad128 tokamax --docs 1, docs/LOG.md session 21): forward +
 # backward 1,174 -> 950 us at B 8 x T 2048, 3,331 -> 3,048 us at B 2 x T 8192, the same errors against float32.
 # Empty: tokamax's own pad everywhere.
 TOKAMAX_BWD_HEAD_PAD = {96: 96}
@@ -459,16 +459,15 @@ def grouped_matmul(x_MK, w_GKN, sizes_G, kernels: str = "auto", all_rows: bool =
     each, forward and backward, otherwise). w_GKN may be a pair (w_a, w_b) of [G, K, N_a], [G, K, N_b] weights:
     the product with their concatenation, [M, N_a + N_b], which GMM_FORWARD "triton" computes without forming it
     (`_grouped_matmul_pair_gpu`); the other paths concatenate them."""
-    pair = isinstance(w_GKN, tuple)
-    if resolve(kernels, x_MK.dtype) == "tokamax" and platform() in ("gpu", "cuda"):
-        if pair and _pair_on_triton(x_MK, *w_GKN):
+    tokamax = resolve(kernels, x_MK.dtype) == "tokamax"
+    gpu = tokamax and platform() in ("gpu", "cuda")
+    if isinstance(w_GKN, tuple):
+        if gpu and _pair_on_triton(x_MK, *w_GKN):
             return _grouped_matmul_pair_gpu(x_MK, *w_GKN, sizes_G, all_rows)
-        w_GKN = jnp.concatenate(w_GKN, axis=-1) if pair else w_GKN
-        if gmm_grad.supported(x_MK.shape[1], w_GKN.shape[2]):
-            return _grouped_matmul_gpu(x_MK, w_GKN, sizes_G, all_rows)
-        return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows)
-    w_GKN = jnp.concatenate(w_GKN, axis=-1) if pair else w_GKN
-    if resolve(kernels, x_MK.dtype) == "tokamax":
+        w_GKN = jnp.concatenate(w_GKN, axis=-1)
+    if gpu and gmm_grad.supported(x_MK.shape[1], w_GKN.shape[2]):
+        return _grouped_matmul_gpu(x_MK, w_GKN, sizes_G, all_rows)
+    if tokamax:
         return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows)
     return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
 
