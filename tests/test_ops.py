@@ -100,6 +100,35 @@ def test_backward_head_pad_is_installed_and_removed(monkeypatch):
     assert vk.shape_lib is shape_lib
 
 
+@needs_tokamax
+def test_attention_kernel_configs_reach_tokamax(monkeypatch):
+    """TOKAMAX_ATTENTION_FWD_CONFIG / _BWD_CONFIG become the Mosaic GPU op's configs (None: tokamax's shared op and
+    its heuristics), `_tokamax_causal` calls the op they build, and a wrong field is one error naming the setting."""
+    from tokamax._src.ops.attention import api, pallas_mosaic_gpu_kernel_sm90 as sm90
+    from tokamax._src.ops.attention import pallas_mosaic_gpu_vjp_common as vjpc
+    assert ops._tokamax_attention_op("mosaic_gpu") is api.IMPLEMENTATIONS["mosaic_gpu"]
+    bwd = dict(block_q_dkv=128, block_kv_dkv=64, block_q_dq=64, block_kv_dq=128, num_stages=2, compute_wgs=1)
+    monkeypatch.setattr(ops, "TOKAMAX_ATTENTION_BWD_CONFIG", bwd)
+    op = ops._tokamax_attention_op("mosaic_gpu")
+    assert op.config is None and op.vjp.config == vjpc.Config(**bwd)
+    fwd = dict(block_q=64, block_kv=64, num_stages=3, persistent=False)
+    monkeypatch.setattr(ops, "TOKAMAX_ATTENTION_FWD_CONFIG", fwd)
+    op = ops._tokamax_attention_op("mosaic_gpu")
+    assert op.config == sm90.Config(**fwd) and op.vjp.config == vjpc.Config(**bwd)
+    assert ops._tokamax_attention_op("xla") is api.IMPLEMENTATIONS["xla"]  # configs are Mosaic GPU's only
+    monkeypatch.setattr(ops, "TOKAMAX_ATTENTION_BWD_CONFIG", dict(block_q=64))
+    with pytest.raises(ValueError, match="TOKAMAX_ATTENTION_BWD_CONFIG"):
+        ops._tokamax_attention_op("mosaic_gpu")
+
+    made = []
+    real = ops._tokamax_attention_op
+    monkeypatch.setattr(ops, "_tokamax_attention_op", lambda impl: made.append(impl) or real(impl))
+    monkeypatch.setattr(ops, "TOKAMAX_ATTENTION_BWD_CONFIG", None)
+    q = jnp.ones((1, 8, 2, 96), jnp.float32)
+    jax.make_jaxpr(lambda q: ops._tokamax_causal(q, q, q[..., :64], jnp.zeros((1, 8), jnp.int32), 0.1))(q)
+    assert made == [ops._impl("attention")]
+
+
 def test_one_document_per_row():
     """The predicate that sends a batch to tokamax's plain causal kernel: one document in every row only (a row
     with packed documents, or ending in padding, keeps the batch on the document mask)."""

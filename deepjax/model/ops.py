@@ -200,12 +200,42 @@ def _tokamax_backward_head_pad():
                                                 "pad_to_next_multiple_of": _pad_head_to(shape_lib, widths)})
 
 
+# tokamax's Mosaic GPU attention kernel configs (None: tokamax's heuristics: forward block_q 64, block_kv 128; backward
+# 64 x 64 blocks in both kernels, 2 stages, 2 compute warpgroups). FWD: fields of its sm90 `Config` (block_q,
+# block_kv, num_stages, persistent); BWD: fields of its vjp `Config` (block_q_dkv, block_kv_dkv, block_q_dq,
+# block_kv_dq, num_stages, compute_wgs). bench/attention_tune.py sweeps both on the step's shapes.
+TOKAMAX_ATTENTION_FWD_CONFIG: dict | None = None
+TOKAMAX_ATTENTION_BWD_CONFIG: dict | None = None
+
+
+def _tokamax_attention_op(impl: str):
+    """tokamax's attention implementation `impl`, on Mosaic GPU with TOKAMAX_ATTENTION_FWD_CONFIG /
+    TOKAMAX_ATTENTION_BWD_CONFIG where either is set."""
+    from tokamax._src.ops.attention import api  # lazy on purpose: see _tokamax; pinned in pyproject
+    fwd, bwd = TOKAMAX_ATTENTION_FWD_CONFIG, TOKAMAX_ATTENTION_BWD_CONFIG
+    if impl != "mosaic_gpu" or (fwd is None and bwd is None):
+        return api.IMPLEMENTATIONS[impl]
+    from tokamax._src.ops.attention import (  # lazy on purpose: see _tokamax; Mosaic GPU only where configured
+        pallas_mosaic_gpu as fa, pallas_mosaic_gpu_kernel_sm90 as sm90, pallas_mosaic_gpu_vjp as vjp,
+        pallas_mosaic_gpu_vjp_common as vjpc)
+
+    def config(cls, fields, name):
+        try:
+            return None if fields is None else cls(**fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"deepjax.model.ops.{name}={fields!r}: not a tokamax {cls.__module__}.Config: {e}")
+    return fa.PallasMosaicGpuFlashAttention(
+        config=config(sm90.Config, fwd, "TOKAMAX_ATTENTION_FWD_CONFIG"),
+        vjp=vjp.PallasMosaicGpuFlashAttentionVjp(config=config(vjpc.Config, bwd, "TOKAMAX_ATTENTION_BWD_CONFIG")))
+
+
 def _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, single_doc_branch: bool = True):
     # tokamax's public dot_product_attention takes only a boolean [B, N, T, S] mask; its Mask type (k_start per
     # query) is what its kernels take, so the op is called through its implementation table.
-    from tokamax._src.ops.attention import api, base  # lazy on purpose: see _tokamax; pinned in pyproject
+    from tokamax._src.ops.attention import base  # lazy on purpose: see _tokamax; pinned in pyproject
 
     _tokamax_backward_head_pad()
+    op = _tokamax_attention_op(_impl("attention"))
 
     q_sharding = None
     ctx = sharding.current()
@@ -215,8 +245,7 @@ def _tokamax_causal(q_BTNK, k_BSNK, v_BSNV, start_BT, scale: float, single_doc_b
             mesh, sharding.logical_to_spec(("batch", "length", "heads", None), rules, mesh))
 
     def call(mask, q_BTNK, k_BSNK, v_BSNV):
-        return api.IMPLEMENTATIONS[_impl("attention")](q_BTNK, k_BSNK, v_BSNV, mask=mask, logits_scale=scale,
-                                                       q_sharding=q_sharding)
+        return op(q_BTNK, k_BSNK, v_BSNV, mask=mask, logits_scale=scale, q_sharding=q_sharding)
 
     docs = functools.partial(call, base.Mask(k_start=start_BT[:, None, :], is_causal=True))
     # tokamax broadcasts its mask by implicit rank promotion (the cond's JVP traces its branches again, inside)
