@@ -497,6 +497,25 @@ def test_grouped_matmul_takes_pairs(monkeypatch):
     assert seen[0] is tuple, seen  # gate and up as a pair, then down
 
 
+def test_grouped_matmul_kernel_choices(monkeypatch):
+    """GMM_FORWARD / GMM_INPUT_GRAD: "triton" takes the row kernels for pairs and single weights, "pairs" for pairs
+    only, "tokamax" for neither; another value is one error naming the setting."""
+    for value, single, pair in (("triton", True, True), ("pairs", False, True), ("tokamax", False, False)):
+        for name in ("GMM_FORWARD", "GMM_INPUT_GRAD"):
+            monkeypatch.setattr(ops, name, value)
+            assert (ops._gmm_choice(name, False), ops._gmm_choice(name, True)) == (single, pair), (name, value)
+    monkeypatch.setattr(ops, "LARGE_GROUP_ROWS", 1)
+    x = jnp.zeros((64, 32), jnp.bfloat16)
+    w = jnp.zeros((2, 32, 16), jnp.bfloat16)
+    monkeypatch.setattr(ops, "GMM_FORWARD", "pairs")
+    assert ops._pair_on_triton(x, w, w)
+    monkeypatch.setattr(ops, "GMM_FORWARD", "tokamax")
+    assert not ops._pair_on_triton(x, w, w)
+    monkeypatch.setattr(ops, "GMM_INPUT_GRAD", "Triton")
+    with pytest.raises(ValueError, match="GMM_INPUT_GRAD='Triton'"):
+        ops._gmm_choice("GMM_INPUT_GRAD", True)
+
+
 @needs_tokamax
 @pytest.mark.parametrize("input_grad", ["tokamax", "triton"])
 @pytest.mark.parametrize("M_, sizes", GROUPS)

@@ -435,14 +435,34 @@ def _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows: bool = False):
     return y_MN if all_rows else _rows_in_groups(y_MN, sizes_G)
 
 
-# Where `_grouped_matmul_gpu`'s forward comes from, for LARGE_GROUP_ROWS rows per group or more (training, prefill):
-# "tokamax" (its Mosaic GPU kernel) or "triton" (`gmm_grad.grouped_matmul`, the kernel of `gmm_grad.grouped_dx`).
-GMM_FORWARD = "tokamax"
+# Where the grouped matmuls' forward (GMM_FORWARD) and input gradient (GMM_INPUT_GRAD) come from, for
+# LARGE_GROUP_ROWS rows per group or more (training, prefill):
+#   "tokamax"  its Mosaic GPU ragged dot (the input gradient against the weights transposed, a [G, N, K] copy of them
+#              each step; a pair of weights concatenated each step, `grouped_matmul`);
+#   "triton"   gmm_grad's Triton row kernels (`grouped_matmul`, `grouped_dx`: the weights read as stored, a pair
+#              without concatenation, `_grouped_matmul_pair_gpu`);
+#   "pairs"    the row kernels for a pair of weights (the experts' gate / up), tokamax for single weights (down).
+# On an H100 (docs/LOG.md session 22, bench preset, B 8 x T 2048, remat none) the step ran 95.2 ms with tokamax and
+# 91.7 ms with "triton" for both (+3.7%, +0.75 GiB peak). Per product (bench/ragged_dot_tune.py --rows-kernels), the
+# row kernels win on the gate / up pair (forward 581-641 us against tokamax's 628 with the concatenation, input
+# gradient 598 against 638) and lose on down (496 against 347, input gradient 462 against 337): "pairs" is the
+# next A/B (`bench/train_bench.py --ops GMM_FORWARD=pairs GMM_INPUT_GRAD=pairs`).
+GMM_CHOICES = ("tokamax", "triton", "pairs")
+GMM_FORWARD = "triton"
+
+
+def _gmm_choice(name: str, pair: bool) -> bool:
+    """Whether the setting `name` ("GMM_FORWARD" or "GMM_INPUT_GRAD") takes the row kernels for a pair (pair) or a
+    single weight."""
+    value = globals()[name]
+    if value not in GMM_CHOICES:
+        raise ValueError(f"deepjax.model.ops.{name}={value!r}: one of {', '.join(GMM_CHOICES)}")
+    return value == "triton" or (pair and value == "pairs")
 
 
 def _gmm_forward(x_MK, w_GKN, sizes_G, all_rows):
     M, K, N, G = x_MK.shape[0], x_MK.shape[1], w_GKN.shape[2], w_GKN.shape[0]
-    if GMM_FORWARD == "triton" and M >= LARGE_GROUP_ROWS * G and gmm_grad.rows_supported(K, N):
+    if _gmm_choice("GMM_FORWARD", False) and M >= LARGE_GROUP_ROWS * G and gmm_grad.rows_supported(K, N):
         y_MN = gmm_grad.grouped_matmul(x_MK, w_GKN, sizes_G)
         return y_MN if all_rows else _rows_in_groups(y_MN, sizes_G)
     return _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows)
@@ -460,15 +480,13 @@ def _gmm_fwd(x_MK, w_GKN, sizes_G, all_rows):
     return _gmm_forward(x_MK, w_GKN, sizes_G, all_rows), (x_MK, w_GKN, sizes_G)
 
 
-# Where `_grouped_matmul_gpu`'s input gradient comes from: "tokamax" (its ragged dot against the weights
-# transposed, a [G, N, K] copy of them each step) or "triton" (`gmm_grad.grouped_dx`, the weights read as stored).
-GMM_INPUT_GRAD = "tokamax"
+GMM_INPUT_GRAD = "triton"  # see GMM_FORWARD
 
 
 def _gmm_bwd(all_rows, res, dy_MN):
     x_MK, w_GKN, sizes_G = res
     dy_MN = dy_MN.astype(x_MK.dtype)
-    if GMM_INPUT_GRAD == "triton" and gmm_grad.rows_supported(w_GKN.shape[1], w_GKN.shape[2]):
+    if _gmm_choice("GMM_INPUT_GRAD", False) and gmm_grad.rows_supported(w_GKN.shape[1], w_GKN.shape[2]):
         dx_MK = gmm_grad.grouped_dx(dy_MN, w_GKN, sizes_G)
         dx_MK = dx_MK if all_rows else _rows_in_groups(dx_MK, sizes_G)
     else:
@@ -486,8 +504,8 @@ def grouped_matmul(x_MK, w_GKN, sizes_G, kernels: str = "auto", all_rows: bool =
     on XLA: `lax.ragged_dot`. all_rows: the caller's groups cover every row (sum(sizes) == M, as the dropless
     experts on one device), so the kernels' outputs need no zeroing of rows past the groups (a pass over [M, N]
     each, forward and backward, otherwise). w_GKN may be a pair (w_a, w_b) of [G, K, N_a], [G, K, N_b] weights:
-    the product with their concatenation, [M, N_a + N_b], which GMM_FORWARD "triton" computes without forming it
-    (`_grouped_matmul_pair_gpu`); the other paths concatenate them."""
+    the product with their concatenation, [M, N_a + N_b], which GMM_FORWARD "triton" or "pairs" computes without
+    forming it (`_grouped_matmul_pair_gpu`); the other paths concatenate them."""
     tokamax = resolve(kernels, x_MK.dtype) == "tokamax"
     gpu = tokamax and platform() in ("gpu", "cuda")
     if isinstance(w_GKN, tuple):
@@ -502,10 +520,11 @@ def grouped_matmul(x_MK, w_GKN, sizes_G, kernels: str = "auto", all_rows: bool =
 
 
 def _pair_on_triton(x_MK, wa_GKN, wb_GKN) -> bool:
-    """Whether a pair's product takes `_grouped_matmul_pair_gpu`: GMM_FORWARD "triton", groups of LARGE_GROUP_ROWS
-    rows or more on average, widths the Triton tiles take (the pair's weight gradients come from `grouped_dw`)."""
+    """Whether a pair's product takes `_grouped_matmul_pair_gpu`: GMM_FORWARD "triton" or "pairs", groups of
+    LARGE_GROUP_ROWS rows or more on average, widths the Triton tiles take (the pair's weight gradients come from
+    `grouped_dw`)."""
     K, G = x_MK.shape[1], wa_GKN.shape[0]
-    return (GMM_FORWARD == "triton" and x_MK.shape[0] >= LARGE_GROUP_ROWS * G
+    return (_gmm_choice("GMM_FORWARD", True) and x_MK.shape[0] >= LARGE_GROUP_ROWS * G
             and all(gmm_grad.rows_supported(K, w.shape[2]) and gmm_grad.supported(K, w.shape[2])
                     for w in (wa_GKN, wb_GKN)))
 
@@ -529,7 +548,7 @@ def _pair_bwd(all_rows, res, dy_MN):
     x_MK, wa_GKN, wb_GKN, sizes_G = res
     dy_MN = dy_MN.astype(x_MK.dtype)
     Na = wa_GKN.shape[2]
-    if GMM_INPUT_GRAD == "triton":
+    if _gmm_choice("GMM_INPUT_GRAD", True):
         dx_MK = gmm_grad.grouped_dx(dy_MN, wa_GKN, sizes_G, w2_GKN=wb_GKN)
         dx_MK = dx_MK if all_rows else _rows_in_groups(dx_MK, sizes_G)
     else:
