@@ -114,7 +114,7 @@ def _unrolled(body, x, state, routes_LBTK):
     # One jitted layer: traced and lowered once, called L times (XLA inlines the calls, so the compiled step is the
     # same). At the bench preset on the GPU paths (lowered for CUDA on a 2-core CPU) the step traced in 24.5 s and
     # lowered in 31.1 s with the layers written out L times, 4.0 s and 4.4 s this way; on an H100 the B 8 x T 2048
-    # step compiled in 87.5 s (session 19: 174.9 s) (docs/LOG.md, session 22).
+    # step compiled in 87.5 s (session 19: 155.6 s) (docs/LOG.md, session 22).
     body = jax.jit(body)
     outs = []
     for l in range(L):
