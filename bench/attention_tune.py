@@ -230,6 +230,9 @@ def main(argv=None):
             run("fwd+bwd", json.dumps(label), fwd_bwd(op), (q, k, v, dout), ref)
     for kind, (label, dt) in best.items():
         print(f"fastest {kind}: {label} {dt * 1e6:.1f} us")
+        if label != "default":  # the product's setting for it, as a train_bench A/B row
+            name = "TOKAMAX_ATTENTION_FWD_CONFIG" if kind == "fwd" else "TOKAMAX_ATTENTION_BWD_CONFIG"
+            print(f'  in the step: bench/train_bench.py --ops "{name}={json.loads(label)!r}"')
 
 
 if __name__ == "__main__":
