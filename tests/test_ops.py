@@ -4,7 +4,9 @@ products, the chunked LM-head cross-entropy vs optax on full logits. Where tokam
 its path (its XLA implementations on CPU, with this project's custom VJP) is compared with the XLA path too; the
 GPU kernels are compared in tests/test_gpu_ops.py."""
 
+import collections
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -529,6 +531,45 @@ def test_gpu_custom_vjp_wiring_on_cpu(monkeypatch, input_grad, M_, sizes):
     _check_grouped(lambda x, w, g: ops._grouped_matmul_gpu(x, w, g, False), M_, sizes)
     if sum(sizes) == M_:  # groups over every row: the zeroing of rows past them is skipped, same results
         _check_grouped(lambda x, w, g: ops._grouped_matmul_gpu(x, w, g, True), M_, sizes)
+
+
+@needs_tokamax
+@pytest.mark.parametrize("gmm", ["triton", "tokamax"])
+def test_gpu_train_step_lowers_with_its_kernels(monkeypatch, gmm):
+    """The training step's GPU program, the paths `kernels=auto` takes on a GPU (tokamax's Mosaic attention and ragged
+    dot, gmm_grad's Triton kernels, the layers as a Python loop), lowers for CUDA on this CPU machine (tokamax's
+    cross-compile mode, an sm90 device assumed). A kernel that no longer lowers, or a dispatch that stops reaching
+    one, fails here before any GPU run. The loop calls one jitted layer: each kernel appears once, whatever the
+    number of layers."""
+    from deepjax.train import optim, step as TS
+    from deepjax.train.config import OptimConfig
+    from tokamax._src import config as tokamax_config, gpu_utils
+    monkeypatch.setattr(ops, "platform", lambda: "gpu")
+    monkeypatch.setattr(gmm_grad, "on_gpu", lambda: True)
+    monkeypatch.setattr(gpu_utils, "_compute_capability", lambda device=None: 9.0)
+    monkeypatch.setattr(ops, "LARGE_GROUP_ROWS", 1)  # the small batch's experts take the training paths
+    monkeypatch.setattr(ops, "GMM_FORWARD", gmm)
+    monkeypatch.setattr(ops, "GMM_INPUT_GRAD", gmm)
+    cfg = dataclasses.replace(presets.bench(), num_hidden_layers=3, vocab_size=512, dtype="bfloat16",
+                              param_dtype="bfloat16", remat="none", layer_loop="python", kernels="auto")
+    graphdef, params = M.abstract_init(cfg)[:2]
+    optimizer, schedule = optim.make_optimizer(OptimConfig(), TS.split_params(params)[0], 10)
+    state = jax.eval_shape(lambda p: TS.init_state(p, optimizer, 0), params)
+    B, T = 2, 256
+    row = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    step = jax.jit(TS.make_train_step(graphdef, cfg, optimizer, schedule), donate_argnums=0)
+    # an H100 for the Triton lowering (jax's abstract device, as for ahead-of-time compiles)
+    h100 = jax.sharding.AbstractMesh((1,), ("data",), (jax.sharding.AxisType.Auto,), abstract_device=(
+        jax.sharding.AbstractDevice("NVIDIA H100 80GB HBM3", None, "cuda")))
+    with tokamax_config.cross_compile(True), jax.sharding.use_abstract_mesh(h100):
+        text = step.trace(state, TS.Batch(row, row, row)).lower(lowering_platforms=("cuda",)).as_text()
+    triton = collections.Counter(re.findall(r'name = "(\w+)"', text))
+    # forward: gate / up (a pair: two calls) and down; backward: their input gradients (one call for the pair) and
+    # the three weight gradients; on tokamax's rows only the weight gradients are Triton's (gate / up concatenated)
+    want = {"grouped_matmul": 3, "grouped_dx": 2, "grouped_dw": 3} if gmm == "triton" else {"grouped_dw": 2}
+    assert dict(triton) == want, triton
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == sum(want.values())
+    assert text.count("custom_call @mosaic_gpu") >= (6 if gmm == "triton" else 10)  # attention (+ ragged dots)
 
 
 # ---- LM head + cross-entropy ----------------------------------------------------------------------------------

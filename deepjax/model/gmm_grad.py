@@ -30,6 +30,12 @@ from jax.experimental.pallas import triton as pltriton
 TILES = {"bm": 64, "bk": 128, "bn": 128, "num_warps": 8, "num_stages": 3}
 
 
+def on_gpu() -> bool:
+    """Whether the kernels compile for Triton (else the Pallas interpreter runs them): on a GPU backend. A test that
+    lowers the GPU program on a CPU machine replaces it."""
+    return jax.default_backend() == "gpu"
+
+
 def _tile(n: int, cap: int) -> int:
     """The largest power of two dividing n, at most cap."""
     t = 1
@@ -77,7 +83,7 @@ def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jn
                          f"columns [start, start + width) inside it")
     G = sizes_G.shape[0]
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = not on_gpu()
     bm = TILES["bm"]
     bk, bn = _tile(K, TILES["bk"]), _tile(N, TILES["bn"])
     if not interpret and min(bk, bn) < 16:
@@ -190,7 +196,7 @@ def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str):
     if M == 0:
         return jnp.zeros((0, O), a_MC.dtype)
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = not on_gpu()
     bm = ROW_TILES["bm"]
     bo = min(_tile(o, ROW_TILES["bo"]) for o in outs)
     bc = min(_tile(c, ROW_TILES["bc"]) for c in cons)
