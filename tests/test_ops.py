@@ -516,6 +516,8 @@ def test_grouped_matmul_kernel_choices(monkeypatch):
     monkeypatch.setattr(ops, "GMM_INPUT_GRAD", "Triton")
     with pytest.raises(ValueError, match="GMM_INPUT_GRAD='Triton'"):
         ops._gmm_choice("GMM_INPUT_GRAD", True)
+    with pytest.raises(ValueError, match="GMM_INPUT_GRAD='Triton'"):  # on every platform, not only the GPU's
+        ops.grouped_matmul(x, w, jnp.array([32, 32], jnp.int32), "xla")
 
 
 @needs_tokamax

@@ -203,7 +203,8 @@ def _tokamax_backward_head_pad():
 # tokamax's Mosaic GPU attention kernel configs (None: tokamax's heuristics: forward block_q 64, block_kv 128; backward
 # 64 x 64 blocks in both kernels, 2 stages, 2 compute warpgroups). FWD: fields of its sm90 `Config` (block_q,
 # block_kv, num_stages, persistent); BWD: fields of its vjp `Config` (block_q_dkv, block_kv_dkv, block_q_dq,
-# block_kv_dq, num_stages, compute_wgs). bench/attention_tune.py sweeps both on the step's shapes.
+# block_kv_dq, num_stages, compute_wgs). Hopper (sm90) configs: tokamax runs its sm90 kernel for them.
+# bench/attention_tune.py sweeps both on the step's shapes.
 TOKAMAX_ATTENTION_FWD_CONFIG: dict | None = None
 TOKAMAX_ATTENTION_BWD_CONFIG: dict | None = None
 
@@ -223,7 +224,7 @@ def _tokamax_attention_op(impl: str):
         try:
             return None if fields is None else cls(**fields)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"deepjax.model.ops.{name}={fields!r}: not a tokamax {cls.__module__}.Config: {e}")
+            raise ValueError(f"deepjax.model.ops.{name}={fields!r}: not a {cls.__module__}.Config: {e}")
     return fa.PallasMosaicGpuFlashAttention(
         config=config(sm90.Config, fwd, "TOKAMAX_ATTENTION_FWD_CONFIG"),
         vjp=vjp.PallasMosaicGpuFlashAttentionVjp(config=config(vjpc.Config, bwd, "TOKAMAX_ATTENTION_BWD_CONFIG")))
@@ -486,7 +487,9 @@ GMM_INPUT_GRAD = "triton"  # see GMM_FORWARD
 def _gmm_bwd(all_rows, res, dy_MN):
     x_MK, w_GKN, sizes_G = res
     dy_MN = dy_MN.astype(x_MK.dtype)
-    if _gmm_choice("GMM_INPUT_GRAD", False) and gmm_grad.rows_supported(w_GKN.shape[1], w_GKN.shape[2]):
+    M, G = x_MK.shape[0], w_GKN.shape[0]
+    if (_gmm_choice("GMM_INPUT_GRAD", False) and M >= LARGE_GROUP_ROWS * G
+            and gmm_grad.rows_supported(w_GKN.shape[1], w_GKN.shape[2])):
         dx_MK = gmm_grad.grouped_dx(dy_MN, w_GKN, sizes_G)
         dx_MK = dx_MK if all_rows else _rows_in_groups(dx_MK, sizes_G)
     else:
@@ -508,6 +511,7 @@ def grouped_matmul(x_MK, w_GKN, sizes_G, kernels: str = "auto", all_rows: bool =
     forming it (`_grouped_matmul_pair_gpu`); the other paths concatenate them."""
     tokamax = resolve(kernels, x_MK.dtype) == "tokamax"
     gpu = tokamax and platform() in ("gpu", "cuda")
+    _gmm_choice("GMM_FORWARD", False), _gmm_choice("GMM_INPUT_GRAD", False)  # a bad setting fails on every platform
     if isinstance(w_GKN, tuple):
         if gpu and _pair_on_triton(x_MK, *w_GKN):
             return _grouped_matmul_pair_gpu(x_MK, *w_GKN, sizes_G, all_rows)
