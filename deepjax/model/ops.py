@@ -511,7 +511,8 @@ def grouped_matmul(x_MK, w_GKN, sizes_G, kernels: str = "auto", all_rows: bool =
     forming it (`_grouped_matmul_pair_gpu`); the other paths concatenate them."""
     tokamax = resolve(kernels, x_MK.dtype) == "tokamax"
     gpu = tokamax and platform() in ("gpu", "cuda")
-    _gmm_choice("GMM_FORWARD", False), _gmm_choice("GMM_INPUT_GRAD", False)  # a bad setting fails on every platform
+    for name in ("GMM_FORWARD", "GMM_INPUT_GRAD"):  # a bad setting fails on every platform, not only on GPUs
+        _gmm_choice(name, False)
     if isinstance(w_GKN, tuple):
         if gpu and _pair_on_triton(x_MK, *w_GKN):
             return _grouped_matmul_pair_gpu(x_MK, *w_GKN, sizes_G, all_rows)
