@@ -164,34 +164,46 @@ def with_mu(cfg, mu: int):
     return dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, loss=dataclasses.replace(cfg.rl.loss, mu=mu)))
 
 
-_CALLS: list[float] = []  # --breakdown: seconds of each sampler call in the rollout (outputs ready)
+_PARTS: dict[str, float] = {}  # --breakdown: seconds of each part of the iteration (outputs ready), summed per call
 
 
-def timed_sampler():
-    """Wraps the sampler the rollout calls (`text.SP.jit_generate`) so that each call blocks on its outputs and
-    appends its seconds to _CALLS (--breakdown)."""
+def timed_parts(run):
+    """--breakdown: wraps the pieces one iteration calls so that each blocks on its outputs and adds its seconds to
+    _PARTS: prompts (`next_prompts`), sampler (`text.SP.jit_generate`, the rollout's sampler call), to_host (its
+    outputs to the host: `text.D.host_arrays`), score (`score`), advantages (`group_advantages`), batch (`batch`: the
+    rollouts as training arrays on the mesh), update (`update`: the mu optimizer steps, metrics fetched). What the
+    iteration spends outside them (the rollout's text decode and padding, the metrics record) is `other`."""
     import jax
 
     from deepjax.infer import text
+    from deepjax.rl import loop
 
-    inner = text.SP.jit_generate
+    def wrap(owner, name, part):
+        inner = getattr(owner, name)
 
-    def call(*a, **k):
-        t = time.perf_counter()
-        out = jax.block_until_ready(inner(*a, **k))
-        _CALLS.append(time.perf_counter() - t)
-        return out
+        def call(*a, **k):
+            t = time.perf_counter()
+            out = jax.block_until_ready(inner(*a, **k))
+            _PARTS[part] = _PARTS.get(part, 0.0) + time.perf_counter() - t
+            return out
 
-    text.SP.jit_generate = call
+        setattr(owner, name, call)
+
+    wrap(text.SP, "jit_generate", "sampler")
+    wrap(text.D, "host_arrays", "to_host")
+    wrap(loop.G, "group_advantages", "advantages")
+    for name, part in (("next_prompts", "prompts"), ("score", "score"), ("batch", "batch"), ("update", "update")):
+        wrap(run, name, part)
 
 
 def iteration(run, s: int) -> dict:
     """One iteration of `deepjax grpo`'s loop (`GRPORun.iteration`: evaluation and checkpoints aside), timed."""
-    _CALLS.clear()
+    _PARTS.clear()
     t0 = time.perf_counter()
     rec = run.iteration(s)
     s_total = time.perf_counter() - t0
-    extra = {"sampler_call_s": sum(_CALLS)} if _CALLS else {}
+    extra = {"sampler_call_s": _PARTS.get("sampler", 0.0),
+             "parts_s": {**_PARTS, "other": s_total - sum(_PARTS.values())}} if _PARTS else {}
     n_tokens = int(round(rec["response_length"] * run.rows))
     return {"s": s_total, "rollout_s": rec["rollout_s"], "update_s": rec["update_s"], "generate_s": rec["generate_s"],
             "generate_tokens_per_s": n_tokens / rec["generate_s"], "completion_tokens": n_tokens, **extra,
@@ -261,7 +273,7 @@ def run_deepjax(args) -> dict:
              template=args.template, decode_path=text.decode_path(run.sampling, run.mesh, rows),
              mesh=dict(run.mesh.shape), prompt_iterator=prompts_kind, build_s=time.perf_counter() - t)
         if args.breakdown:
-            timed_sampler()
+            timed_parts(run)
         s = 0
         for i, mu in enumerate(args.mu):
             run.cfg = with_mu(cfg, mu)  # GRPORun.update reads rl.loss.mu; the jitted step does not depend on it
@@ -406,8 +418,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sampler-alone", action="store_true", help="after the iterations, time the sampler alone on "
                     "the same rows: as the rollout calls it, and as sampling_bench does (bf16, greedy)")
-    ap.add_argument("--breakdown", action="store_true", help="time the rollout's sampler call alone (blocking on its "
-                    "outputs) and report it per iteration as sampler_call_s; the rest of generate_s is host work")
+    ap.add_argument("--breakdown", action="store_true", help="time each part of an iteration, blocking on its "
+                    "outputs (the sampler call, its outputs to the host, scoring, advantages, the batch, the update; "
+                    "`timed_parts`): parts_s per iteration, sampler_call_s the sampler's")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL anchor")
     ap.add_argument("--no-deepjax", action="store_true", help="run only the TRL anchor")
     ap.add_argument("--trl-micro", type=int, default=32, help="TRL rows per forward / backward "

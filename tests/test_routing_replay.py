@@ -10,6 +10,7 @@ routing_mismatch equals the share computed by hand."""
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ def _rollouts(graphdef, params, decoder: str):
     sc = SP.SamplingConfig(max_new_tokens=N_NEW, temperature=1.0, decoder=decoder, record_routes=True)
     out = SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(3), sc)
     assert out.routes is not None and out.routes.shape[:2] == (len(PROMPTS), SP.cache_length(sc, prompts.shape[1]))
+    assert out.routes.dtype == jnp.int16  # converted in the sampler's program: half the bytes to the host
     T = prompts.shape[1] + N_NEW
     return update.rollouts_from_samples(prompts, lengths, np.asarray(out.tokens), np.asarray(out.logprobs),
                                         np.asarray(out.lengths), np.zeros(len(PROMPTS)), T,
@@ -155,3 +157,11 @@ def test_grpo_objective_reports_the_share_of_routes_that_differ(tiny):
     assert float(metrics["routing_mismatch"]) == 0
     _, (metrics, _) = objective(*TS.split_params(params), graphdef, b._replace(routes=None), gcfg, 1.0, None, True)
     assert "routing_mismatch" not in metrics
+
+
+def test_routes_out_keeps_int32_past_int16_expert_ids():
+    routes = jnp.full((1, 2, 1, 2), 32_767, jnp.int32)
+    assert SP.routes_out(routes, SimpleNamespace(n_routed_experts=32_767)).dtype == jnp.int16
+    wide = SP.routes_out(routes, SimpleNamespace(n_routed_experts=32_768))
+    assert wide.dtype == jnp.int32 and int(wide.max()) == 32_767
+    assert SP.routes_out(None, SimpleNamespace(n_routed_experts=8)) is None

@@ -512,9 +512,9 @@ class Output(NamedTuple):
     done: jax.Array  # [B] bool: the row stopped on an EOS (False: it ran out of max_new_tokens)
     drafts_proposed: Optional[jax.Array] = None  # [B] int32, with mtp_draft: MTP drafts checked by the main model
     drafts_accepted: Optional[jax.Array] = None  # [B] int32: of those, the ones equal to the main model's token
-    # [B, S, L_moe, K] int32, with record_routes: the experts each token fed to the model used in each MoE layer, at
-    # its position (prompt at [0, length), the i-th new token at length + i; the last sampled token is never fed:
-    # -1 there and wherever nothing was recorded)
+    # [B, S, L_moe, K] int16 (int32 past 32,767 experts: `routes_out`), with record_routes: the experts each token
+    # fed to the model used in each MoE layer, at its position (prompt at [0, length), the i-th new token at
+    # length + i; the last sampled token is never fed: -1 there and wherever nothing was recorded)
     routes: Optional[jax.Array] = None
     # [B, N, top_k] int32, with record_support: the ids of the truncated set each new token was drawn from (-1 past
     # the top-p cut and after a row stopped); logprobs are then under that set's renormalized distribution
@@ -633,7 +633,14 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
 
     carry = (jnp.int32(0), tok, lp, out_tok, out_lp, done, n_new, cache, key, routes, ids, out_ids)
     _, _, _, out_tok, out_lp, done, n_new, _, _, routes, _, out_ids = jax.lax.while_loop(cond, body, carry)
-    return Output(out_tok, out_lp, n_new, done, routes=routes, support=out_ids)
+    return Output(out_tok, out_lp, n_new, done, routes=routes_out(routes, model.cfg), support=out_ids)
+
+
+def routes_out(routes, cfg):
+    """Output.routes as returned: int16 while every expert id fits (n_routed_experts <= 32,767), converted inside the
+    sampler's program. They are its largest output and go to the host (text.complete): half the bytes, and no
+    conversion after the call."""
+    return routes if routes is None or cfg.n_routed_experts > 2**15 - 1 else routes.astype(jnp.int16)
 
 
 def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig, S: int, prefill_fn, decode_fn,
@@ -738,7 +745,8 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
     return out, np.asarray([len(p) for p in prompts], np.int32)
 
 
-__all__ = ["SamplingConfig", "DECODERS", "resolve_decoder", "kernel_mode", "attn_impl", "generate", "jit_generate", "prefill", "decode_step", "decode_tokens", "sample",
+__all__ = ["SamplingConfig", "DECODERS", "resolve_decoder", "kernel_mode", "attn_impl", "generate", "jit_generate",
+           "routes_out", "prefill", "decode_step", "decode_tokens", "sample",
            "truncate_logits", "mtp_prefill", "mtp_decode",
            "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "cache_length", "decode_experts_fn",
            "fuse_layers", "unstack_layers", "use_fused", "prefill_fused", "fused_prefill_ok"]

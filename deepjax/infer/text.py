@@ -68,9 +68,8 @@ def complete(graphdef, params, tokenizer, prompts: Sequence[Sequence[int]], key,
                   "runs on one device)")
     with contextlib.nullcontext() if one_device else S.use_mesh(mesh, rules):
         out = SP.jit_generate(graphdef, params, D.from_host(P, mesh, rules), D.from_host(L, mesh, rules), key, sc)
-    # routes go to the host as int16 (expert ids < 32,768; -1 past the row): half the bytes of the largest output
-    routes = None if out.routes is None else out.routes.astype("int16")
-    toks, lps, lens, done, routes, support = D.host_arrays(out.tokens, out.logprobs, out.lengths, out.done, routes,
+    # (routes come as int16: `sampling.routes_out`)
+    toks, lps, lens, done, routes, support = D.host_arrays(out.tokens, out.logprobs, out.lengths, out.done, out.routes,
                                                            out.support)
     texts = [tokenizer.decode(toks[i, :int(lens[i]) - int(done[i])], errors="replace") for i in range(len(toks))]
     return Completions(P, L, toks, lps, lens, done, texts, routes, support)

@@ -125,6 +125,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
 ADVANTAGE_NORMS = ("std", "mean")
@@ -252,27 +253,32 @@ class GRPOConfig:
             bad("mis_level", f"one of {MIS_LEVELS}")
 
 
-def group_advantages(rewards, group_size: int, mode: str = "std", eps: float = 1e-6) -> jax.Array:
+def group_advantages(rewards, group_size: int, mode: str = "std", eps: float = 1e-6):
     """A_i per output from the rewards r_i: [N] (N = P x G, each group of G on consecutive entries) or [P, G] -> [N].
 
     mode "std": (r_i - mean(group)) / (std(group) + eps), population std (ddof = 0)   (GRPO)
     mode "mean": r_i - mean(group)                                                     (Dr. GRPO)
+
+    A jax array in gives a jax array (jittable); anything else (the host's rewards) a float32 numpy array, computed
+    on the host in float64: the GRPO loop's rewards and advantages never leave it (`rollouts_from_samples` takes
+    numpy).
     """
     if not _is_int(group_size) or group_size < 1:
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     if mode not in ADVANTAGE_NORMS:
         raise ValueError(f"mode must be one of {ADVANTAGE_NORMS}, got {mode!r}")
-    r = jnp.asarray(rewards, jnp.float32)
+    xp = jnp if isinstance(rewards, jax.Array) else np
+    r = xp.asarray(rewards, jnp.float32 if xp is jnp else np.float64)
     if r.ndim == 1:
         if r.shape[0] % group_size:
             raise ValueError(f"rewards: {r.shape[0]} entries are not a whole number of groups of {group_size}")
         r = r.reshape(-1, group_size)
     elif r.ndim != 2 or r.shape[1] != group_size:
         raise ValueError(f"rewards must be [N] or [P, group_size={group_size}], got shape {r.shape}")
-    centred = r - jnp.mean(r, axis=1, keepdims=True)
+    centred = r - xp.mean(r, axis=1, keepdims=True)
     if mode == "std":
-        centred = centred / (jnp.std(r, axis=1, keepdims=True) + eps)
-    return centred.reshape(-1)
+        centred = centred / (xp.std(r, axis=1, keepdims=True) + eps)
+    return centred.reshape(-1).astype(xp.float32)
 
 
 def k3_kl(logp, ref_logp, max_log_ratio: float = 20.0) -> jax.Array:
