@@ -22,10 +22,10 @@ checked here against transformers 5.17 and huggingface-hub 1.33, the image's.) T
 
 A TRL that does not import prints one skip line and the table shows deepjax alone. --no-deepjax / --no-trl run one
 side (two calls, when one does not fit a call's 10 minutes). deepjax's GRPO step takes the rows in --micro-batches
-sequential parts (rl.micro_batches: gradient accumulation, exact; default 16 here, 32 rows of prompt + --new tokens
-each) with --remat (default full). On an H100 80GB, 8 micro-batches with remat none asked for a 141.65 GiB
-temporary and ran out of memory; 16 with full ran (docs/LOG.md, 2026-12-06). An update that runs out of memory
-prints its error line; more micro-batches are the knob to try.
+sequential parts (rl.micro_batches: gradient accumulation, exact; default 8 here, 64 rows of prompt + --new tokens
+each) with --remat (default none). On an H100 80GB that peaks at 57 GiB and updates in 1.30 s (16 micro-batches:
+39 GiB, 1.46 s; docs/LOG.md, session 23). An update that runs out of memory prints its error line; more
+micro-batches, then --remat full, are the knobs to try.
 
 What one iteration is, on each side (--prompts x --group completions of up to --new tokens, temperature 1):
   deepjax  the body of `deepjax.rl.loop.grpo`'s step loop, run on a `GRPORun` built from the config as `deepjax
@@ -282,7 +282,7 @@ def run_deepjax(args) -> dict:
                 iteration(run, s)
                 s += 1
                 emit(what="deepjax_grpo_warmup", mu=mu, iteration=w, s=time.perf_counter() - t,
-                     note="compiles the sampler and the update")
+                     note="compiles the sampler and the update" if w == 0 else "untimed")
             recs = []
             for k in range(args.steps):
                 recs.append(iteration(run, s))
@@ -404,14 +404,15 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=512, help="max new tokens per completion (rl.rollout.max_new_tokens)")
     ap.add_argument("--mu", type=int, nargs="+", default=[1, 2], help="optimizer updates per batch (rl.loss.mu)")
     ap.add_argument("--steps", type=int, default=1, help="timed iterations per mu (the median is reported)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed iterations before the first mu, on each side")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed iterations before the first mu, on each side (on "
+                    "an H100 deepjax's first iteration after the compiling one still spent 0.33 s more on the host)")
     ap.add_argument("--template", default="plain", help="prompt template: plain | r1 (data.template)")
     ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient on both sides (0: no reference model)")
     ap.add_argument("--param-dtype", default="float32", help="deepjax's model.param_dtype (TRL: float32 + bf16 "
                     "autocast)")
-    ap.add_argument("--remat", default="full", help="model.remat of the update (none | full | save_dots | "
+    ap.add_argument("--remat", default="none", help="model.remat of the update (none | full | save_dots | "
                     "save_outputs | save_experts)")
-    ap.add_argument("--micro-batches", type=int, default=16, help="rl.micro_batches: the update's rows in this many "
+    ap.add_argument("--micro-batches", type=int, default=8, help="rl.micro_batches: the update's rows in this many "
                     "sequential parts (must divide --prompts x --group)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="more deepjax config overrides, e.g. --set model.remat=full (repeatable)")
