@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -167,12 +168,28 @@ def with_mu(cfg, mu: int):
 _PARTS: dict[str, float] = {}  # --breakdown: seconds of each part of the iteration (outputs ready), summed per call
 
 
+_GC: dict = {"s": 0.0, "n": 0, "t": None}  # --breakdown: Python's garbage collections in an iteration
+
+
+def _gc_timer(phase: str, info: dict) -> None:
+    """gc.callbacks hook: seconds and count of full (generation 2) collections, which walk every tracked object."""
+    if info.get("generation") != 2:
+        return
+    if phase == "start":
+        _GC["t"] = time.perf_counter()
+    elif _GC["t"] is not None:
+        _GC["s"] += time.perf_counter() - _GC["t"]
+        _GC["n"] += 1
+        _GC["t"] = None
+
+
 def timed_parts(run):
     """--breakdown: wraps the pieces one iteration calls so that each blocks on its outputs and adds its seconds to
     _PARTS: prompts (`next_prompts`), sampler (`text.SP.jit_generate`, the rollout's sampler call), to_host (its
     outputs to the host: `text.D.host_arrays`), score (`score`), advantages (`group_advantages`), batch (`batch`: the
     rollouts as training arrays on the mesh), update (`update`: the mu optimizer steps, metrics fetched). What the
-    iteration spends outside them (the rollout's text decode and padding, the metrics record) is `other`."""
+    iteration spends outside them (the rollout's text decode and padding, the metrics record) is `other`. Python's
+    full garbage collections are timed too (gc_full_s / gc_full_n: their seconds also fall in whichever part ran)."""
     import jax
 
     from deepjax.infer import text
@@ -189,6 +206,7 @@ def timed_parts(run):
 
         setattr(owner, name, call)
 
+    gc.callbacks.append(_gc_timer)
     wrap(text.SP, "jit_generate", "sampler")
     wrap(text.D, "host_arrays", "to_host")
     wrap(loop.G, "group_advantages", "advantages")
@@ -199,11 +217,14 @@ def timed_parts(run):
 def iteration(run, s: int) -> dict:
     """One iteration of `deepjax grpo`'s loop (`GRPORun.iteration`: evaluation and checkpoints aside), timed."""
     _PARTS.clear()
+    _GC.update(s=0.0, n=0)
     t0 = time.perf_counter()
     rec = run.iteration(s)
     s_total = time.perf_counter() - t0
     extra = {"sampler_call_s": _PARTS.get("sampler", 0.0),
-             "parts_s": {**_PARTS, "other": s_total - sum(_PARTS.values())}} if _PARTS else {}
+             "parts_s": {**_PARTS, "other": s_total - sum(_PARTS.values())},
+             # full collections inside the iteration (their seconds are also in whichever part they fell in)
+             "gc_full_s": _GC["s"], "gc_full_n": _GC["n"]} if _PARTS else {}
     n_tokens = int(round(rec["response_length"] * run.rows))
     return {"s": s_total, "rollout_s": rec["rollout_s"], "update_s": rec["update_s"], "generate_s": rec["generate_s"],
             "generate_tokens_per_s": n_tokens / rec["generate_s"], "completion_tokens": n_tokens, **extra,
