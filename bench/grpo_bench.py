@@ -45,11 +45,11 @@ token ids (so the same prompt lengths, and the same EOS id: random weights rarel
 tokens), beta --beta (default 0: no reference model on either side).
 
 Excluded: building the model, the optimizer state and the trainer; compilation (deepjax) and CUDA / allocator
-warm-up (TRL): --warmup untimed iterations before the first mu on each side (later mus reuse the warm process; on
-deepjax's side the same run and compiled step, only rl.loss.mu changed, so nothing compiles again). The held-out
-evaluation and checkpoints of `deepjax grpo` are not part of an iteration. The prompts come from deepjax.data.tasks
-without TFDS / Grain (the GPU image has neither): `Run`'s data sources are the generated lists, and Grain's prompt
-iterator, when Grain is absent, a seeded shuffle of them (`generated_prompts`).
+warm-up (TRL): --warmup (deepjax) and --trl-warmup untimed iterations before the first mu (later mus reuse the warm
+process; on deepjax's side the same run and compiled step, only rl.loss.mu changed, so nothing compiles again). The
+held-out evaluation and checkpoints of `deepjax grpo` are not part of an iteration. The prompts come from
+deepjax.data.tasks without TFDS / Grain (the GPU image has neither): `Run`'s data sources are the generated lists,
+and Grain's prompt iterator, when Grain is absent, a seeded shuffle of them (`generated_prompts`).
 
 --sampler-alone then times the sampler alone on the same rows and prompts, as the rollout calls it and as
 bench/sampling_bench.py does (bf16 weights, greedy, no routes): issue 19.3's comparison inside one process.
@@ -188,7 +188,8 @@ def timed_parts(run):
     _PARTS: prompts (`next_prompts`), sampler (`text.SP.jit_generate`, the rollout's sampler call), to_host (its
     outputs to the host: `text.D.host_arrays`), score (`score`), advantages (`group_advantages`), batch (`batch`: the
     rollouts as training arrays on the mesh), update (`update`: the mu optimizer steps, metrics fetched). What the
-    iteration spends outside them (the rollout's text decode and padding, the metrics record) is `other`. Python's
+    iteration spends outside them (the rollout's text decode, the prompts' padding and transfer, the reference's
+    refresh when it falls due, the metrics record) is `other`. Python's
     full garbage collections are timed too (gc_full_s / gc_full_n: their seconds also fall in whichever part ran)."""
     import jax
 
@@ -357,7 +358,7 @@ def run_trl(args) -> dict:
         hf = hf_config_file(args, tmp)
         cmd = [args.trl_python, os.path.join(here, "anchors", "trl_grpo.py"), "--prompts", str(args.prompts),
                "--group", str(args.group), "--new", str(args.new), "--mu", *map(str, args.mu),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--micro", str(args.trl_micro),
+               "--steps", str(args.steps), "--warmup", str(args.trl_warmup), "--micro", str(args.trl_micro),
                "--beta", str(args.beta), "--template", args.template, "--dtype", args.trl_dtype] + \
             (["--hf-config", hf] if hf else [])
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", JAX_PLATFORMS="cpu",
@@ -425,8 +426,10 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=512, help="max new tokens per completion (rl.rollout.max_new_tokens)")
     ap.add_argument("--mu", type=int, nargs="+", default=[1, 2], help="optimizer updates per batch (rl.loss.mu)")
     ap.add_argument("--steps", type=int, default=1, help="timed iterations per mu (the median is reported)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed iterations before the first mu, on each side (on "
-                    "an H100 deepjax's first iteration after the compiling one still spent 0.33 s more on the host)")
+    ap.add_argument("--warmup", type=int, default=2, help="deepjax's untimed iterations before the first mu (on an "
+                    "H100 its first iteration after the compiling one still spent 0.33 s more on the host)")
+    ap.add_argument("--trl-warmup", type=int, default=1, help="TRL's untimed iterations before the first mu (its "
+                    "first after warm-up ran as fast as the next: session 14)")
     ap.add_argument("--template", default="plain", help="prompt template: plain | r1 (data.template)")
     ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient on both sides (0: no reference model)")
     ap.add_argument("--param-dtype", default="float32", help="deepjax's model.param_dtype (TRL: float32 + bf16 "
@@ -451,8 +454,8 @@ def main(argv=None):
                     help="TRL's model weights (float32: fp32 master weights under bf16 autocast, as deepjax)")
     ap.add_argument("--trl-python", default=sys.executable, help="the Python that runs the TRL anchor")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.prompts < 1 or args.group < 2 or args.new < 1:
-        ap.error("--steps >= 1, --warmup >= 0, --prompts >= 1, --group >= 2, --new >= 1")
+    if args.steps < 1 or args.warmup < 0 or args.trl_warmup < 0 or args.prompts < 1 or args.group < 2 or args.new < 1:
+        ap.error("--steps >= 1, --warmup >= 0, --trl-warmup >= 0, --prompts >= 1, --group >= 2, --new >= 1")
 
     # TRL first: the GPU is still free (JAX takes its memory pool when deepjax's side first touches the device).
     trl = {"skipped": "--no-trl"} if args.no_trl else run_trl(args)

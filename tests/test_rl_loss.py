@@ -101,6 +101,18 @@ def test_group_advantages_on_host_and_device_agree(mode):
     device = jax.jit(group_advantages, static_argnums=(1, 2))(jnp.asarray(rewards), 4, mode)
     assert isinstance(host, np.ndarray) and host.dtype == np.float32 and isinstance(device, jax.Array)
     np.testing.assert_allclose(host, np.asarray(device), rtol=1e-5, atol=1e-6)
+    # a list of traced scalars stays on the jnp path
+    listed = jax.jit(lambda r: group_advantages([r[i] for i in range(4)], 4, mode))(jnp.asarray(rewards[0]))
+    np.testing.assert_allclose(np.asarray(listed), host[:4], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("as_jax", [False, True])
+def test_group_advantages_all_equal_group_is_exactly_zero(as_jax):
+    # float32's mean of [0.1] * 3 is not 0.1: without the guard, / (std + eps) turned the rounding into -0.0074
+    rewards = np.array([0.1, 0.1, 0.1, 1.0, 0.0, 0.5], np.float32)
+    a = np.asarray(group_advantages(jnp.asarray(rewards) if as_jax else rewards, 3, "std"))
+    np.testing.assert_array_equal(a[:3], 0.0)
+    assert np.abs(a[3:]).max() > 0.5
 
 
 def test_group_advantages_hand_values():

@@ -161,7 +161,7 @@ def test_grpo_objective_reports_the_share_of_routes_that_differ(tiny):
 
 def test_routes_out_keeps_int32_past_int16_expert_ids():
     routes = jnp.full((1, 2, 1, 2), 32_767, jnp.int32)
-    assert SP.routes_out(routes, SimpleNamespace(n_routed_experts=32_767)).dtype == jnp.int16
-    wide = SP.routes_out(routes, SimpleNamespace(n_routed_experts=32_768))
+    assert SP.routes_out(routes, SimpleNamespace(n_routed_experts=32_768)).dtype == jnp.int16  # ids <= 32,767
+    wide = SP.routes_out(routes, SimpleNamespace(n_routed_experts=32_769))
     assert wide.dtype == jnp.int32 and int(wide.max()) == 32_767
     assert SP.routes_out(None, SimpleNamespace(n_routed_experts=8)) is None

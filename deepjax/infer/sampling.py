@@ -512,7 +512,7 @@ class Output(NamedTuple):
     done: jax.Array  # [B] bool: the row stopped on an EOS (False: it ran out of max_new_tokens)
     drafts_proposed: Optional[jax.Array] = None  # [B] int32, with mtp_draft: MTP drafts checked by the main model
     drafts_accepted: Optional[jax.Array] = None  # [B] int32: of those, the ones equal to the main model's token
-    # [B, S, L_moe, K] int16 (int32 past 32,767 experts: `routes_out`), with record_routes: the experts each token
+    # [B, S, L_moe, K] int16 (int32 past 32,768 experts: `routes_out`), with record_routes: the experts each token
     # fed to the model used in each MoE layer, at its position (prompt at [0, length), the i-th new token at
     # length + i; the last sampled token is never fed: -1 there and wherever nothing was recorded)
     routes: Optional[jax.Array] = None
@@ -637,10 +637,10 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
 
 
 def routes_out(routes, cfg):
-    """Output.routes as returned: int16 while every expert id fits (n_routed_experts <= 32,767), converted inside the
-    sampler's program. They are its largest output and go to the host (text.complete): half the bytes, and no
-    conversion after the call."""
-    return routes if routes is None or cfg.n_routed_experts > 2**15 - 1 else routes.astype(jnp.int16)
+    """Output.routes as returned: int16 while every expert id fits (ids 0 .. n_routed_experts - 1 <= 32,767; -1 marks
+    no route), converted inside the sampler's program. They are its largest output and go to the host
+    (text.complete): half the bytes, and no conversion after the call."""
+    return routes if routes is None or cfg.n_routed_experts > 2**15 else routes.astype(jnp.int16)
 
 
 def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig, S: int, prefill_fn, decode_fn,

@@ -259,15 +259,15 @@ def group_advantages(rewards, group_size: int, mode: str = "std", eps: float = 1
     mode "std": (r_i - mean(group)) / (std(group) + eps), population std (ddof = 0)   (GRPO)
     mode "mean": r_i - mean(group)                                                     (Dr. GRPO)
 
-    A jax array in gives a jax array (jittable); anything else (the host's rewards) a float32 numpy array, computed
-    on the host in float64: the GRPO loop's rewards and advantages never leave it (`rollouts_from_samples` takes
-    numpy).
+    Rewards that hold a jax array (traced included) give a jax array (jittable); host values (numpy, numbers) a
+    float32 numpy array, computed on the host in float64: the GRPO loop's rewards and advantages never leave it
+    (`rollouts_from_samples` takes numpy). A group whose rewards are all equal gets advantages of exactly 0.
     """
     if not _is_int(group_size) or group_size < 1:
         raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     if mode not in ADVANTAGE_NORMS:
         raise ValueError(f"mode must be one of {ADVANTAGE_NORMS}, got {mode!r}")
-    xp = jnp if isinstance(rewards, jax.Array) else np
+    xp = jnp if any(isinstance(x, jax.Array) for x in jax.tree.leaves(rewards)) else np
     r = xp.asarray(rewards, jnp.float32 if xp is jnp else np.float64)
     if r.ndim == 1:
         if r.shape[0] % group_size:
@@ -275,7 +275,10 @@ def group_advantages(rewards, group_size: int, mode: str = "std", eps: float = 1
         r = r.reshape(-1, group_size)
     elif r.ndim != 2 or r.shape[1] != group_size:
         raise ValueError(f"rewards must be [N] or [P, group_size={group_size}], got shape {r.shape}")
-    centred = r - xp.mean(r, axis=1, keepdims=True)
+    # an all-equal group is no signal: exactly 0 (float32's mean of [0.1] * 3 is not 0.1, and / (std + eps) would
+    # blow the rounding up)
+    same = xp.max(r, axis=1, keepdims=True) == xp.min(r, axis=1, keepdims=True)
+    centred = xp.where(same, 0.0, r - xp.mean(r, axis=1, keepdims=True))
     if mode == "std":
         centred = centred / (xp.std(r, axis=1, keepdims=True) + eps)
     return centred.reshape(-1).astype(xp.float32)
