@@ -65,6 +65,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import math
 import os
 import shutil
 import statistics
@@ -157,8 +158,13 @@ def config(args):
             f"--config.rl.loss.mu={args.mu[0]}", f"--config.rl.rollout.max_new_tokens={args.new}",
             "--config.rl.rollout.temperature=1.0", f"--config.rl.loss.beta={args.beta}",
             f"--config.rl.steps={args.warmup + args.steps * len(args.mu)}", f"--config.seed={args.seed}",
-            f"--config.rl.micro_batches={args.micro_batches}", f"--config.model.remat={args.remat}"]
+            f"--config.rl.micro_batches={micro_batches(args)}", f"--config.model.remat={args.remat}"]
     return load_config(args.preset, sets + [s if s.startswith("--") else f"--config.{s}" for s in args.set])
+
+
+def micro_batches(args) -> int:
+    """--micro-batches, or by default gcd(8, rows): 8 at the bench shape (its fastest that fits an H100)."""
+    return args.micro_batches or math.gcd(8, args.prompts * args.group)
 
 
 def with_mu(cfg, mu: int):
@@ -436,8 +442,8 @@ def main(argv=None):
                     "autocast)")
     ap.add_argument("--remat", default="none", help="model.remat of the update (none | full | save_dots | "
                     "save_outputs | save_experts)")
-    ap.add_argument("--micro-batches", type=int, default=8, help="rl.micro_batches: the update's rows in this many "
-                    "sequential parts (must divide --prompts x --group)")
+    ap.add_argument("--micro-batches", type=int, default=None, help="rl.micro_batches: the update's rows in this many "
+                    "sequential parts (must divide --prompts x --group; default: the greatest common divisor of 8 and the rows)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="more deepjax config overrides, e.g. --set model.remat=full (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
