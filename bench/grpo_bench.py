@@ -443,7 +443,8 @@ def main(argv=None):
     ap.add_argument("--remat", default="none", help="model.remat of the update (none | full | save_dots | "
                     "save_outputs | save_experts)")
     ap.add_argument("--micro-batches", type=int, default=None, help="rl.micro_batches: the update's rows in this many "
-                    "sequential parts (must divide --prompts x --group; default: the greatest common divisor of 8 and the rows)")
+                    "sequential parts (must divide --prompts x --group; default: the greatest common divisor of 8 "
+                    "and the rows)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="more deepjax config overrides, e.g. --set model.remat=full (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
