@@ -446,8 +446,9 @@ def _tokamax_ragged_dot(x_MK, w_GKN, sizes_G, all_rows: bool = False):
 # On an H100 (docs/LOG.md session 22, bench preset, B 8 x T 2048, remat none) the step ran 95.2 ms with tokamax and
 # 91.7 ms with "triton" for both (+3.7%, +0.75 GiB peak). Per product (bench/ragged_dot_tune.py --rows-kernels), the
 # row kernels win on the gate / up pair (forward 581-641 us against tokamax's 628 with the concatenation, input
-# gradient 598 against 638) and lose on down (496 against 347, input gradient 462 against 337): "pairs" is the
-# next A/B (`bench/train_bench.py --ops GMM_FORWARD=pairs GMM_INPUT_GRAD=pairs`).
+# gradient 598 against 638) and lose on down (496 against 347, input gradient 462 against 337); yet in the step
+# "pairs" ran 93.1 ms against "triton"'s 91.6 ms (session 23, H100, `bench/train_bench.py --ops GMM_FORWARD=pairs
+# GMM_INPUT_GRAD=pairs`), so "triton" stays the default.
 GMM_CHOICES = ("tokamax", "triton", "pairs")
 GMM_FORWARD = "triton"
 
