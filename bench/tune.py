@@ -263,14 +263,22 @@ def grouped(a):
         dn = jax.jit(functools.partial(KG.grouped_down, mode="gpu", bm=bm, flat=False))
         add("  kernel down (gathered)", dn, sw(xs, block_e_N, n_blocks, w_gu), block_e_N, n_blocks, w_down,
             whole=False)
-        disp = jax.jit(lambda idx, x: jnp.take(jnp.concatenate([x, jnp.zeros((1, D), x.dtype)]),
-                                               KG.dispatch(idx, X, bm)[0], axis=0))
-        add("  dispatch + row gather", disp, idx, x, whole=False)
+        for method in ("count", "sort"):
+            disp = jax.jit(lambda idx, x, m=method: jnp.take(jnp.concatenate([x, jnp.zeros((1, D), x.dtype)]),
+                                                             KG.dispatch(idx, X, bm, m)[0], axis=0))
+            add(f"  dispatch ({method}) + row gather", disp, idx, x, whole=False)
         for block in sorted({128, bm}):
             f = jax.jit(functools.partial(routed_experts_blocked, block=block))
             add(f"xla routed_experts_blocked b={block}", f, x, w, idx, *native,
                 err=f"diff {max_err(f(x, w, idx, *native), ref):.1e}")
-        if T <= 512:
+        if 256 < T <= 2048:  # decode steps of many rows (GRPO's 512): larger blocks than block_rows' (bm, tiles)
+            sweep = [("bm32", 32, None, None), ("bm32 sw bn64 w4", 32, t(64, 64, 4, 3), None),
+                     ("bm64", 64, None, None), ("bm64 sw bn128 w8", 64, t(128, 64, 8, 3), None),
+                     ("bm64 sw bn128 bk128 w8", 64, t(128, 128, 8, 3), None),
+                     ("bm64 sw bn32 w4 s4", 64, t(32, 64, 4, 4), None),
+                     ("bm64 dn bn64", 64, None, t(64, 64, 4, 3)), ("bm64 dn bn256 w8", 64, None, t(256, 64, 8, 3)),
+                     ("bm64 dn bk128", 64, None, t(128, 128, 4, 3)), ("bm128", 128, None, None)]
+        elif T <= 512:
             sweep = [("sw bn64", None, t(64, 64, 4, 4), None), ("sw bn256 w8", None, t(256, 64, 8, 3), None),
                      ("sw bk128 s3", None, t(128, 128, 4, 3), None), ("sw w8 s5", None, t(128, 64, 8, 5), None),
                      ("dn bn64", None, None, t(64, 64, 4, 4)), ("dn bn256 w8", None, None, t(256, 64, 8, 3)),

@@ -5,6 +5,7 @@ Triton on GPU (tests/test_gpu_kernels.py compares them there; `test_lowers_for_g
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -99,14 +100,15 @@ def test_block_rows_rule():
     assert KG.block_rows(8192 * 8, 66) == 128 and KG.block_rows(1, 66) == 16
 
 
+@pytest.mark.parametrize("method", ["count", "sort"])
 @pytest.mark.parametrize("bm", [4, 16])
-def test_dispatch_bookkeeping(bm):
+def test_dispatch_bookkeeping(bm, method):
     """Every assignment gets its own padded row, inside a block of its expert, whose source token is the
     assignment's token; padding rows point at token T; blocks in expert order; n_blocks = sum ceil(count / bm);
     blocks past the data (the static bound has slack) hold expert X - 1."""
     rng = np.random.default_rng(2)
     idx, _ = _routing(rng)
-    token_R, block_e_N, n_blocks, row_TA = (np.asarray(a) for a in KG.dispatch(idx, X, bm))
+    token_R, block_e_N, n_blocks, row_TA = (np.asarray(a) for a in KG.dispatch(idx, X, bm, method))
     idx = np.asarray(idx)
     N = KG.n_blocks_bound(T * A, X, bm)
     assert token_R.shape == (N * bm,) and block_e_N.shape == (N,)
@@ -124,6 +126,24 @@ def test_dispatch_bookkeeping(bm):
     for e in range(X):
         r = np.sort(rows[idx.ravel() == e])
         assert (np.diff(token_R[r]) >= 0).all()
+
+
+def test_dispatch_methods_agree(monkeypatch):
+    """Counting and sorting give the same layout, skewed routing (empty experts) included; "auto" switches at
+    COUNT_MAX one-hot elements; an unknown method is an error."""
+    rng = np.random.default_rng(5)
+    for idx in (_routing(rng)[0], jnp.asarray(rng.integers(0, 3, (T, A)), jnp.int32)):
+        for bm in (4, 16):
+            count, sort = KG.dispatch(idx, X, bm, "count"), KG.dispatch(idx, X, bm, "sort")
+            for a, b in zip(count, sort):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    def sorts():  # a sort primitive anywhere in the traced program (nested jaxprs included)
+        return re.search(r"\bsort\[", str(jax.make_jaxpr(lambda i: KG.dispatch(i, X, 16))(idx))) is not None
+    assert not sorts()
+    monkeypatch.setattr(KG, "COUNT_MAX", T * A * X - 1)
+    assert sorts()
+    with pytest.raises(ValueError, match="method"):
+        KG.dispatch(idx, X, 16, "radix")
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -205,3 +225,10 @@ def test_prefill_fused_equals_prefill():
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         np.testing.assert_allclose(np.asarray(a)[:, :16][valid], np.asarray(b)[:, :16][valid], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got[2])[valid], np.asarray(want[2])[valid], rtol=1e-4, atol=1e-4)
+
+
+def test_decode_block_rows_rule():
+    """A decode step's blocks hold about one expert's rows: the smallest power of two at least the mean, in
+    [16, bm_max]. Bench preset (66 experts, 8 a token): 512 rows a step -> 64, 1024 -> 128, 64 -> 16."""
+    assert KG.decode_block_rows(512 * 8, 66) == 64 and KG.decode_block_rows(1024 * 8, 66) == 128
+    assert KG.decode_block_rows(64 * 8, 66) == 16 and KG.decode_block_rows(8192 * 8, 66) == KG.TUNING["bm_max"]

@@ -152,6 +152,9 @@ def test_kernel_choice_follows_shapes_and_settings(tiny_blocks):
         few, many = (KN.supported(bench, 384, mode, n) for n in (KN.STEP_MAX_TOKENS, KN.STEP_MAX_TOKENS + 1))
         assert few["attn_in"] and few["moe_in"] and not many["attn_in"] and not many["moe_in"]
         assert many["attention"] and many["route"] and many["experts"]
+        top = KN.TUNING["route"]["max_tokens"]  # above it XLA routes (the kernel loses at 512 tokens a step)
+        assert KN.supported(bench, 384, mode, top)["route"] and not KN.supported(bench, 384, mode, top + 1)["route"]
+        assert KN.supported(bench, 384, mode, top + 1, KN.tuning(("route.max_tokens=1024",)))["route"]
     cfg, layers = tiny_blocks
     Q, C, R, N = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
     blk = layers["moe_layers"][0]

@@ -410,8 +410,9 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
     if w["gathered"]:
         y = experts_gathered(h, w_TX, idx_TX, f["w_gu"], f["w_down"])
     elif w.get("grouped_decode"):  # many tokens a step: sorted rows and grouped matmuls, as the prefill
+        bm = w["tuning"]["grouped"]["decode_bm"] or KG.decode_block_rows(idx_TX.size, E + S)
         y = KG.experts_grouped(h, w_TX, idx_TX, f["w_gu"].reshape(E + S, -1, D), f["w_down"],
-                               w["kernels"]["grouped"], flat=True)
+                               w["kernels"]["grouped"], flat=True, bm=bm)
     else:
         if dense_TE is None:
             comb_TX = jnp.einsum("tk,tke->te", w_TX, jax.nn.one_hot(idx_TX, E + S, dtype=jnp.float32))

@@ -6,7 +6,8 @@ weights (`w_gate_EDI[block_e]`): at batch 64 on the bench preset that copies ~1.
 scatter into the blocks and the unsort it is most of the prefill. Here each block's program reads its expert's
 weights in place, and the dispatch moves only int32 indices until the two row gathers:
 
-    dispatch        stable sort of the T*A assignments by expert; each expert's rows padded to a multiple of bm;
+    dispatch        the T*A assignments ordered by expert, token order within one (by counting, or a stable sort for
+                    many); each expert's rows padded to a multiple of bm;
                     padded row -> source token (padding rows -> an appended zero row) by an int32 scatter
     grouped_swiglu  per block of bm rows of expert e = block_e[n]: silu(x W_gate_e^T) * (x W_up_e^T) -> h [R, I]
     grouped_down    per block: h W_down_e^T -> y [R, D] float32, for either layout of w_down
@@ -82,6 +83,19 @@ def block_rows(n_assign: int, n_experts: int) -> int:
     half = n_assign / max(n_experts, 1) / 2
     bm = 16
     while bm * 2 <= min(half, TUNING["bm_max"]):
+        bm *= 2
+    return bm
+
+
+def decode_block_rows(n_assign: int, n_experts: int) -> int:
+    """Rows per block for a decode step's grouped experts: the smallest power of two at least the mean rows per
+    expert, clamped to [16, TUNING["bm_max"]], so most experts take one block and their weights are read once. A
+    step reads every expert's weights for few rows each; padding rows cost tensor-core time it has to spare.
+    Bench preset, 512 rows a step (4,096 assignments over 66 experts): 64, where `block_rows` gives 16; measured
+    0.298 against 0.336 ms a layer (bench/tune.py grouped 512, one H100, docs/LOG.md session 24)."""
+    mean = n_assign / max(n_experts, 1)
+    bm = 16
+    while bm < min(mean, TUNING["bm_max"]):
         bm *= 2
     return bm
 
@@ -250,26 +264,47 @@ def n_blocks_bound(n_assign: int, n_experts: int, bm: int) -> int:
     return -(-(n_assign + min(n_experts, n_assign) * (bm - 1)) // bm)
 
 
-def dispatch(idx_TA, n_experts: int, bm: int):
+# `dispatch` ranks the assignments within their expert by counting (a cumulative sum over a one-hot [T*A, X]) up to
+# this many one-hot elements, else by a stable sort. Both give the same layout. At 512 decode rows on the bench
+# preset (4,096 assignments x 66 experts) XLA:GPU's sort took 31 us of a ~290 us layer, on its critical path
+# (bench/profile.py, one H100, docs/LOG.md session 24).
+COUNT_MAX = 1 << 23
+
+
+def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto"):
     """The block layout of the T*A assignments (token t to expert idx[t, a]), all int32:
     (token_R: source token of each padded row, T for padding rows; block_e_N: expert of each block, X - 1 for the
     blocks past the data; n_blocks: blocks holding data, a scalar; row_TA: each assignment's padded row).
-    Stable sort by expert, so within an expert the rows keep token order."""
+    Within an expert the rows keep token order (a stable sort's order). method: "count" (each assignment's rank in
+    its expert from a cumulative sum over the one-hot [T*A, X]), "sort" (a stable argsort by expert), "auto"
+    (count up to COUNT_MAX one-hot elements)."""
     T, A = idx_TA.shape
     M = T * A
     X = n_experts
     N = n_blocks_bound(M, X, bm)
+    if method == "auto":
+        method = "count" if M * X <= COUNT_MAX else "sort"
+    if method not in ("count", "sort"):
+        raise ValueError(f"grouped.dispatch: method must be 'auto', 'count' or 'sort', not {method!r}")
     flat_M = idx_TA.reshape(-1).astype(jnp.int32)
-    order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
-    e_M = flat_M[order_M]  # sorted
     counts_X = jnp.bincount(flat_M, length=X).astype(jnp.int32)
     padded_X = (counts_X + bm - 1) // bm * bm
     end_X = jnp.cumsum(padded_X)
     start_X = end_X - padded_X  # first padded row of each expert
-    first_X = jnp.cumsum(counts_X) - counts_X  # first sorted assignment of each expert
-    dest_M = start_X[e_M] + jnp.arange(M, dtype=jnp.int32) - first_X[e_M]  # padded row of each sorted assignment
-    token_R = jnp.full((N * bm,), T, jnp.int32).at[dest_M].set(order_M // A, unique_indices=True)
-    row_M = jnp.zeros((M,), jnp.int32).at[order_M].set(dest_M, unique_indices=True)
+    arange_M = jnp.arange(M, dtype=jnp.int32)
+    if method == "count":
+        hot_MX = (flat_M[:, None] == jnp.arange(X, dtype=jnp.int32)[None, :]).astype(jnp.int32)
+        before_MX = jnp.cumsum(hot_MX, 0) - hot_MX  # earlier assignments to each expert
+        rank_M = (before_MX * hot_MX).sum(1)  # (one nonzero term: the assignment's own expert)
+        row_M = start_X[flat_M] + rank_M  # padded row of each assignment
+        token_R = jnp.full((N * bm,), T, jnp.int32).at[row_M].set(arange_M // A, unique_indices=True)
+    else:
+        order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
+        e_M = flat_M[order_M]  # sorted
+        first_X = jnp.cumsum(counts_X) - counts_X  # first sorted assignment of each expert
+        dest_M = start_X[e_M] + arange_M - first_X[e_M]  # padded row of each sorted assignment
+        token_R = jnp.full((N * bm,), T, jnp.int32).at[dest_M].set(order_M // A, unique_indices=True)
+        row_M = jnp.zeros((M,), jnp.int32).at[order_M].set(dest_M, unique_indices=True)
     # expert of block n: the number of experts whose padded rows end at or before the block's first row
     block_e_N = (end_X[None, :] <= (jnp.arange(N, dtype=jnp.int32) * bm)[:, None]).sum(1, dtype=jnp.int32)
     return token_R, jnp.minimum(block_e_N, X - 1), end_X[-1] // bm, row_M.reshape(T, A)
@@ -294,5 +329,5 @@ def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm:
     # precision, and it fuses the gather into the reduction
     return (y_TAD * w_TA.astype(jnp.float32)[..., None]).sum(1).astype(x_TD.dtype)
 
-__all__ = ["TUNING", "block_rows", "dispatch", "experts_grouped", "grouped_down", "grouped_swiglu", "n_blocks_bound",
+__all__ = ["TUNING", "block_rows", "decode_block_rows", "dispatch", "experts_grouped", "grouped_down", "grouped_swiglu", "n_blocks_bound",
            "supported"]

@@ -83,7 +83,10 @@ TUNING = {
     # route: 5.0 us at 64 tokens with 8 warps against 6.1 with 4 (`bench/tune.py kernels`; one H100); bt tokens per
     # program; logits: the kernel computes the norm and the router logits (`route` from x) in chunks of bd columns,
     # else XLA does
-    "route": {"num_warps": 8, "bt": 1, "bd": 128, "logits": True},
+    # max_tokens: above this many tokens a step XLA routes instead (`fused.route_by_rank`): at 512 the kernel took
+    # 25 us a layer, and turning it off made the whole decode 23% faster (bench preset, one H100, docs/LOG.md
+    # session 24)
+    "route": {"num_warps": 8, "bt": 1, "bd": 128, "logits": True, "max_tokens": 256},
     "gate_up": {"bi": 8, "num_warps": 8},
     "down": {"bo": 16, "num_warps": 8, "split": True},
     "attn_in": {"br": 16, "num_warps": 4},
@@ -93,7 +96,10 @@ TUNING = {
     # grouped matmuls over sorted rows (`grouped.experts_grouped`) instead of every expert on every token; 0: never.
     # At GRPO's 512 rows it beat every-expert by 2.5% on an H200 (141,455 vs 137,962 tokens/s, bench preset,
     # bench/sampling_bench.py --tuning, docs/LOG.md session 20); smaller steps were not timed: every-expert.
-    "grouped": {"decode_min_tokens": 512},
+    # decode_bm: rows per block of those grouped matmuls (a power of two >= 16; 0: `grouped.decode_block_rows`, about
+    # one block per expert). At 512 rows, bench preset, one H100, greedy, prompt 48 + 512 new: 64 (the rule's) made
+    # 137,972 tokens/s, 32 133,451, 16 (the prefill's rule) 124,467 (docs/LOG.md session 24).
+    "grouped": {"decode_min_tokens": 512, "decode_bm": 0},
 }
 
 
@@ -143,8 +149,9 @@ def supported(cfg: ModelConfig, cache_len: int, mode: str = "gpu", n_tokens: int
     """Which kernels the shapes allow ({kernel: bool} over KERNELS) for steps of n_tokens tokens. On GPU: Triton's
     power-of-two blocks and tl.dot's 16-row minimum; "attn_in" needs a query compression (q_lora_rank), and
     "attn_in" and "moe_in" at most STEP_MAX_TOKENS tokens. The interpreter takes any shape. Either way "route" and
-    "moe_in" need a router the kernels implement (`routes`)."""
+    "moe_in" need a router the kernels implement (`routes`), and "route" at most TUNING's route.max_tokens tokens."""
     ok = _supported_shapes(cfg, cache_len, mode, n_tokens, table)
+    ok["route"] = ok["route"] and n_tokens <= _tu(table, "route")["max_tokens"]
     return ok if routes(cfg) else {**ok, **dict.fromkeys(ROUTING_KERNELS, False)}
 
 
