@@ -594,6 +594,34 @@ def test_lm_head_ce_equals_full_logits(monkeypatch, T):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("T,dtype", [(5, jnp.float32), (24, jnp.float32), (24, jnp.bfloat16)])
+def test_lm_head_logprobs_equal_full_logits(monkeypatch, T, dtype):
+    """Chunked log-probs and entropy equal log_softmax over the whole [B, T, V] logits (rounded to h's dtype as
+    Transformer.logits rounds them), and so does the gradient of a nonlinear function of the log-probs, through the
+    recomputing backward; the entropy has no gradient."""
+    monkeypatch.setattr(ops, "CE_CHUNK_TOKENS", 8)  # several chunks, the last one padded at T = 5 x B = 2
+    B, D, V, tau = 2, 16, 40, 0.7
+    h = (jax.random.normal(jax.random.key(6), (B, T, D))).astype(dtype)
+    w = (jax.random.normal(jax.random.key(7), (D, V)) * 0.3).astype(dtype)
+    t = jax.random.randint(jax.random.key(8), (B, T), 0, V)
+    c = jax.random.normal(jax.random.key(9), (B, T))
+
+    def ref(h, w):
+        lp_BTV = jax.nn.log_softmax((h @ w).astype(jnp.float32) / tau, -1)
+        return jnp.take_along_axis(lp_BTV, t[..., None], -1)[..., 0], -(jnp.exp(lp_BTV) * lp_BTV).sum(-1)
+
+    got = lambda h, w: ops.lm_head_logprobs(h, w, t, tau)  # noqa: E731
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-3, atol=2e-3)
+    for a, b in zip(got(h, w), ref(h, w)):
+        np.testing.assert_allclose(a, b, **tol)
+    f = lambda fn: lambda h, w: (jnp.exp(fn(h, w)[0]) * c).sum()  # noqa: E731  (a nonlinear use of logp)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == jnp.float32 else dict(rtol=3e-2, atol=3e-2)
+    for a, b in zip(jax.grad(f(got), argnums=(0, 1))(h, w), jax.grad(f(ref), argnums=(0, 1))(h, w)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+    g = jax.grad(lambda h: got(h, w)[1].sum())(h)
+    assert not np.asarray(g, np.float32).any()
+
+
 # ---- the model through the seam -------------------------------------------------------------------------------
 
 @needs_tokamax

@@ -107,6 +107,34 @@ def test_token_logprobs_equal_the_samplers(setup, grpo_step):
     np.testing.assert_allclose(float(metrics["entropy"]), ent[m].mean(), rtol=1e-5)
 
 
+def test_chunked_policy_logprobs_equal_the_logits(setup, monkeypatch):
+    """The objective's log-probs from the hidden state by chunks (ops.lm_head_logprobs, several chunks here) give
+    the loss, metrics and gradients that log_softmax over the forward's [B, T, V] logits gives."""
+    cfg, graphdef, params, prompts, lengths, out, batch = setup
+    monkeypatch.setattr(M.ops, "CE_CHUNK_TOKENS", 24)  # 8 rows x 3 positions a chunk, the last one padded
+    b = _jnp(batch._replace(advantages=np.asarray(batch.advantages) + 0.3,  # (nonzero everywhere)
+                            old_logp=np.asarray(batch.old_logp) - 0.05))
+    gc = G.GRPOConfig(beta=0.0, aggregation="grpo", group_size=GROUP)
+    trainable, bias = TS.split_params(params)
+
+    def run():
+        fn = jax.value_and_grad(update.grpo_objective, has_aux=True)
+        return fn(trainable, bias, graphdef, b, gc, TEMP)
+
+    (loss, (metrics, _)), grads = run()
+    monkeypatch.setattr(update, "policy_logprobs", lambda g, p, o, t, s, tau, k=None: update.logprobs_from_logits(
+        o.logits, t, s, tau, k))
+    (loss_ref, (metrics_ref, _)), grads_ref = run()
+    assert abs(float(loss_ref)) > 1e-3
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    for k in ("entropy", "ratio_mean", "sampler_trainer_logp_gap"):
+        np.testing.assert_allclose(metrics[k], metrics_ref[k], rtol=1e-5, atol=1e-6)
+    leaves, leaves_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
+    assert max(float(jnp.abs(g).max()) for g in leaves_ref) > 1e-3
+    for a, r in zip(leaves, leaves_ref):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6)
+
+
 def test_mu_1_loss_is_zero_but_the_update_is_not(setup, grpo_step):
     cfg, graphdef, params, prompts, lengths, out, batch = setup
     opt, step = grpo_step

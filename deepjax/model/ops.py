@@ -32,6 +32,8 @@ The ops:
                        `moe.routed_experts_blocked` instead.)
     lm_head_ce         the LM head and cross-entropy over token chunks with the gradient computed chunk by chunk
                        in the forward: [B, T, V] float32 logits never exist, forward or backward.
+    lm_head_logprobs   the LM head's log-probs of given tokens and its entropy over token chunks (GRPO's policy
+                       log-probs), the backward recomputing each chunk's logits: no [B, T, V] either.
 """
 
 from __future__ import annotations
@@ -570,23 +572,38 @@ _grouped_matmul_pair_gpu.defvjp(_pair_fwd, _pair_bwd)
 
 # ---- LM head + cross-entropy --------------------------------------------------------------------
 
+def _chunks(B: int, T: int):
+    """(c, n): positions per chunk and chunk count for the chunked LM-head ops, CE_CHUNK_TOKENS rows x positions a
+    chunk per device. Under a mesh B is the global batch, split over the batch shards (counting it as one device's
+    made DeepSeek-V3 on 512 chips take 8-token chunks: 512 steps, each all-reducing a [D, V] float32 partial
+    weight gradient; docs/LOG.md session 16)."""
+    ctx = sharding.current()
+    local_B = max(1, B // sharding.batch_shards(*ctx)) if ctx is not None else B
+    c = max(1, min(T, CE_CHUNK_TOKENS // local_B))
+    return c, -(-T // c)
+
+
+def _split_chunks(c: int, n: int, *arrays):
+    """Each [B, T, ...] array padded to n * c positions and split into [n, B, c, ...] chunks."""
+    out = []
+    for a in arrays:
+        B, T = a.shape[:2]
+        a = jnp.pad(a, ((0, 0), (0, n * c - T)) + ((0, 0),) * (a.ndim - 2))
+        out.append(jnp.moveaxis(a.reshape(B, n, c, *a.shape[2:]), 1, 0))
+    return out
+
+
+def _unchunk(a_nBC, T: int):
+    """[n, B, c, ...] chunk outputs as [B, T, ...] (padding dropped)."""
+    n, B, c = a_nBC.shape[:3]
+    return jnp.moveaxis(a_nBC, 0, 1).reshape(B, n * c, *a_nBC.shape[3:])[:, :T]
+
+
 def _ce_chunks(h_BTD, w_DV, targets_BT, weights_BT, with_grad: bool):
     """(loss, dh, dw): sum over positions of weights x CE(h @ w, target), by chunks of positions along T."""
     B, T, D = h_BTD.shape
     V = w_DV.shape[1]
-    # CE_CHUNK_TOKENS per device: under a mesh B is the global batch, split over the batch shards (counting it as
-    # one device's made DeepSeek-V3 on 512 chips take 8-token chunks: 512 steps, each all-reducing a [D, V]
-    # float32 partial weight gradient; docs/LOG.md session 16)
-    ctx = sharding.current()
-    local_B = max(1, B // sharding.batch_shards(*ctx)) if ctx is not None else B
-    c = max(1, min(T, CE_CHUNK_TOKENS // local_B))
-    n = -(-T // c)
-    pad = n * c - T
-    if pad:
-        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-        weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
-    split = lambda a: jnp.moveaxis(a.reshape(B, n, c, *a.shape[2:]), 1, 0)  # noqa: E731
+    c, n = _chunks(B, T)
     v_V = jnp.arange(V, dtype=jnp.int32)
 
     def body(dw_DV, xs):
@@ -607,11 +624,10 @@ def _ce_chunks(h_BTD, w_DV, targets_BT, weights_BT, with_grad: bool):
 
     dw0 = jnp.zeros((D, V), jnp.float32) if with_grad else jnp.zeros((), jnp.float32)
     dw_DV, (loss_n, dh_nBCD) = jax.lax.scan(
-        body, dw0, (split(h_BTD), split(targets_BT), split(weights_BT.astype(jnp.float32))))
+        body, dw0, tuple(_split_chunks(c, n, h_BTD, targets_BT, weights_BT.astype(jnp.float32))))
     if not with_grad:
         return loss_n.sum(), None, None
-    dh_BTD = jnp.moveaxis(dh_nBCD, 0, 1).reshape(B, n * c, D)[:, :T]
-    return loss_n.sum(), dh_BTD, dw_DV
+    return loss_n.sum(), _unchunk(dh_nBCD, T), dw_DV
 
 
 @jax.custom_vjp
@@ -634,3 +650,66 @@ def _ce_bwd(res, g):
 
 
 lm_head_ce.defvjp(_ce_fwd, _ce_bwd)
+
+
+def _scaled_logits(h_BCD, w_DV, tau: float):
+    """As `Transformer.logits` (the product in h's dtype, then float32), divided by the temperature."""
+    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV).astype(jnp.float32)
+    return sharding.constrain(logits_BCV, ("batch", "length", "vocab")) / tau
+
+
+def _logp_chunks(h_BTD, w_DV, targets_BT, tau: float):
+    """(logp, entropy, lse) [B, T] by chunks of positions (`lm_head_logprobs`)."""
+    B, T, _ = h_BTD.shape
+    c, n = _chunks(B, T)
+    v_V = jnp.arange(w_DV.shape[1], dtype=jnp.int32)
+
+    def body(_, xs):
+        h_BCD, t_BC = xs
+        s_BCV = _scaled_logits(h_BCD, w_DV, tau)
+        lse_BC = jax.nn.logsumexp(s_BCV, axis=-1)
+        tgt_BC = jnp.sum(jnp.where(v_V[None, None] == t_BC[..., None], s_BCV, 0.0), axis=-1)
+        p_BCV = jnp.exp(s_BCV - lse_BC[..., None])
+        return None, (tgt_BC - lse_BC, lse_BC - jnp.sum(p_BCV * s_BCV, axis=-1), lse_BC)
+
+    _, outs = jax.lax.scan(body, None, tuple(_split_chunks(c, n, h_BTD, targets_BT)))
+    return tuple(_unchunk(o, T) for o in outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lm_head_logprobs(h_BTD, w_DV, targets_BT, tau: float):
+    """(logp, entropy) [B, T] float32: log softmax(h[b, t] @ w / tau)[targets[b, t]] and the entropy of that
+    distribution, with the logits rounded as `Transformer.logits` rounds them, computed over chunks of positions:
+    the [B, T, V] logits are never held, forward or backward (which recomputes each chunk's logits: one more head
+    matmul, for [B, T, V] float32 tensors that at GRPO's 64 rows x 560 positions are 4.6 GB each). The entropy
+    carries no gradient (a metric); targets get none. The policy log-probs of `deepjax.rl.update`."""
+    return _logp_chunks(h_BTD, w_DV, targets_BT, tau)[:2]
+
+
+def _logp_fwd(h_BTD, w_DV, targets_BT, tau):
+    logp, ent, lse = _logp_chunks(h_BTD, w_DV, targets_BT, tau)
+    return (logp, ent), (h_BTD, w_DV, targets_BT, lse)
+
+
+def _logp_bwd(tau, res, g):
+    h_BTD, w_DV, targets_BT, lse_BT = res
+    g_BT = g[0].astype(jnp.float32)  # (the entropy's cotangent is dropped: no gradient)
+    B, T, D = h_BTD.shape
+    c, n = _chunks(B, T)
+    v_V = jnp.arange(w_DV.shape[1], dtype=jnp.int32)
+
+    def body(dw_DV, xs):
+        h_BCD, t_BC, lse_BC, g_BC = xs
+        p_BCV = jnp.exp(_scaled_logits(h_BCD, w_DV, tau) - lse_BC[..., None])
+        d_BCV = ((v_V[None, None] == t_BC[..., None]) - p_BCV) * (g_BC / tau)[..., None]
+        d_BCV = d_BCV.astype(h_BCD.dtype)  # (the transpose of the logits' cast to float32)
+        dh_BCD = jnp.einsum("bcv,dv->bcd", d_BCV, w_DV)
+        dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, d_BCV, preferred_element_type=jnp.float32)
+        return sharding.constrain(dw_DV, ("embed", "vocab")), dh_BCD
+
+    dw_DV, dh_nBCD = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32),
+                                  tuple(_split_chunks(c, n, h_BTD, targets_BT, lse_BT, g_BT)))
+    return _unchunk(dh_nBCD, T), dw_DV.astype(w_DV.dtype), None
+
+
+lm_head_logprobs.defvjp(_logp_fwd, _logp_bwd)

@@ -286,6 +286,15 @@ class Transformer(nnx.Module):
         logits_BTV = (norm(h_BTD) @ self.head[...].astype(h_BTD.dtype)).astype(jnp.float32)
         return sharding.constrain(logits_BTV, ("batch", "length", "vocab"))
 
+    def token_logprobs(self, h_BTD, tokens_BT, temperature: float = 1.0):
+        """(logp, entropy) [B, T] float32 from the main head on h (`Output.hidden`, before the final norm): at t >= 1
+        log softmax(logits[t-1] / temperature)[tokens[t]] and that distribution's entropy (no gradient); 0 at t = 0.
+        The same numbers as from `logits` (`ops.lm_head_logprobs`: by chunks of positions, no [B, T, V] array)."""
+        lp, ent = ops.lm_head_logprobs(self.norm(h_BTD[:, :-1]), self.head[...].astype(h_BTD.dtype), tokens_BT[:, 1:],
+                                       float(temperature))
+        pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731
+        return pad(lp), pad(ent)
+
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, experts_fn=None, targets=None,
                  routes=None, replay_routes: bool = True) -> Output:
         """targets: None, or one (targets_BT, weights_BT) pair per prediction depth (main head, then each MTP

@@ -158,10 +158,26 @@ def logprobs_from_logits(logits_BTV, tokens_BT, segment_ids_BT, temperature: flo
         lp = jnp.where(has, lp - jax.nn.logsumexp(jnp.where(has[..., None], kept, 0.0), axis=-1), lp)
     lpv = jax.lax.stop_gradient(logp_BTV)
     ent = -jnp.sum(jnp.exp(lpv) * lpv, axis=-1)
+    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731
+    return _in_documents(pad(lp), pad(ent), segment_ids_BT)
+
+
+def _in_documents(lp_BT, ent_BT, segment_ids_BT):
+    """lp and ent zeroed at t = 0, on padding and at a document's first token."""
     seg = segment_ids_BT
-    valid = (seg[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
-    pad = lambda x: jnp.pad(jnp.where(valid, x, 0.0), ((0, 0), (1, 0)))  # noqa: E731
-    return pad(lp), pad(ent)
+    valid = jnp.pad((seg[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1]), ((0, 0), (1, 0)))
+    return jnp.where(valid, lp_BT, 0.0), jnp.where(valid, ent_BT, 0.0)
+
+
+def policy_logprobs(graphdef, params, out, tokens_BT, segment_ids_BT, temperature: float, support_BTk=None):
+    """`logprobs_from_logits` of a forward's output `out` (of the model `params`): from its logits with a support,
+    else by chunks from its hidden state (`Transformer.token_logprobs`), never holding [B, T, V] float32 logits
+    (under jit the forward's unused logits are not computed). The same numbers up to float rounding
+    (tests/test_rl_update.py)."""
+    if support_BTk is not None:
+        return logprobs_from_logits(out.logits, tokens_BT, segment_ids_BT, temperature, support_BTk)
+    lp, ent = nnx.merge(graphdef, params).token_logprobs(out.hidden, tokens_BT, _scale(temperature))
+    return _in_documents(lp, ent, segment_ids_BT)
 
 
 def _forward(graphdef, params, tokens, positions, segment_ids, experts_fn, routes=None, replay: bool = True):
@@ -180,7 +196,7 @@ def token_logprobs_and_entropy(graphdef, params, tokens, positions, segment_ids,
     sampler's expert choices to replay (`Rollouts.routes`), or None; support: the sampler's kept sets
     (`Rollouts.support`), or None."""
     out = _forward(graphdef, params, tokens, positions, segment_ids, experts_fn, routes)
-    return logprobs_from_logits(out.logits, tokens, segment_ids, temperature, support)
+    return policy_logprobs(graphdef, params, out, tokens, segment_ids, temperature, support)
 
 
 def token_logprobs(graphdef, params, tokens, positions, segment_ids, temperature: float, experts_fn=None,
@@ -228,9 +244,10 @@ def grpo_objective(trainable, bias, graphdef, batch: Rollouts, grpo_cfg: G.GRPOC
     way `routing_mismatch` is the share of (token, layer) pairs, over tokens with a recorded route, whose expert set
     differs between the sampler and the trainer's own router. denominator: the whole batch's aggregation denominator
     when `batch` is a micro-batch of it (`grpo_loss`)."""
-    out = _forward(graphdef, nnx.merge_state(trainable, bias), batch.tokens, batch.positions, batch.segment_ids,
-                   experts_fn, batch.routes, routing_replay)
-    logp, ent = logprobs_from_logits(out.logits, batch.tokens, batch.segment_ids, temperature, batch.support)
+    params = nnx.merge_state(trainable, bias)
+    out = _forward(graphdef, params, batch.tokens, batch.positions, batch.segment_ids, experts_fn, batch.routes,
+                   routing_replay)
+    logp, ent = policy_logprobs(graphdef, params, out, batch.tokens, batch.segment_ids, temperature, batch.support)
     mask = batch.completion_mask
     loss, metrics = G.grpo_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages, mask, grpo_cfg,
                                 sampler_logp=batch.sampler_logp, denominator=denominator)
@@ -327,5 +344,5 @@ def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTr
     return step
 
 
-__all__ = ["Rollouts", "rollouts_from_samples", "logprobs_from_logits", "token_logprobs",
+__all__ = ["Rollouts", "rollouts_from_samples", "logprobs_from_logits", "policy_logprobs", "token_logprobs",
            "token_logprobs_and_entropy", "jit_token_logprobs", "grpo_objective", "make_grpo_step"]
