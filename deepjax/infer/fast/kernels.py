@@ -83,10 +83,10 @@ TUNING = {
     # route: 5.0 us at 64 tokens with 8 warps against 6.1 with 4 (`bench/tune.py kernels`; one H100); bt tokens per
     # program; logits: the kernel computes the norm and the router logits (`route` from x) in chunks of bd columns,
     # else XLA does
-    # max_tokens: above this many tokens a step XLA routes instead (`fused.route_by_rank`): at 512 the kernel took
-    # 25 us a layer, and turning it off made the whole decode 23% faster (bench preset, one H100, docs/LOG.md
-    # session 24)
-    "route": {"num_warps": 8, "bt": 1, "bd": 128, "logits": True, "max_tokens": 256},
+    # max_tokens: above this many tokens a step XLA routes instead (`fused.route_by_rank`): at 128 and 256 rows a
+    # step that decoded 1.5% faster than the kernel (68,331 vs 67,339 and 110,451 vs 108,882 tokens/s), at GRPO's
+    # 512 rows the sampler call took the same time (1.579 vs 1.563 s; bench preset, one H100, docs/LOG.md session 24)
+    "route": {"num_warps": 8, "bt": 1, "bd": 128, "logits": True, "max_tokens": 64},
     "gate_up": {"bi": 8, "num_warps": 8},
     "down": {"bo": 16, "num_warps": 8, "split": True},
     "attn_in": {"br": 16, "num_warps": 4},
@@ -97,8 +97,8 @@ TUNING = {
     # At GRPO's 512 rows it beat every-expert by 2.5% on an H200 (141,455 vs 137,962 tokens/s, bench preset,
     # bench/sampling_bench.py --tuning, docs/LOG.md session 20); smaller steps were not timed: every-expert.
     # decode_bm: rows per block of those grouped matmuls (a power of two >= 16; 0: `grouped.decode_block_rows`, about
-    # one block per expert). At 512 rows, bench preset, one H100, greedy, prompt 48 + 512 new: 64 (the rule's) made
-    # 137,972 tokens/s, 32 133,451, 16 (the prefill's rule) 124,467 (docs/LOG.md session 24).
+    # one block per expert): at 512 rows, bench preset, one H100, 64 (the rule's) took 0.298 ms a layer, 32 0.311,
+    # 16 (the prefill's `block_rows`) 0.336 (bench/tune.py grouped 512, docs/LOG.md session 24).
     "grouped": {"decode_min_tokens": 512, "decode_bm": 0},
 }
 
