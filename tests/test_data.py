@@ -326,6 +326,34 @@ def test_byte_tokenizer_round_trip_and_specials():
     assert tok.decode(np.array(ids, dtype=np.int32)) == text
 
 
+def test_byte_tokenizer_decodes_as_the_byte_runs_apart():
+    """decode splices the specials' text and U+FFFD for spare ids into one UTF-8 decode: the same text as decoding
+    each run of bytes between them on its own (the definition), over random rows rich in truncated and invalid
+    UTF-8 sequences next to specials and spare ids."""
+    import numpy as np
+
+    tok = ByteTokenizer()
+    special = {i: s for s, i in tok.special_ids.items()}
+
+    def apart(ids):
+        out, run = [], []
+        for i in ids:
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            out += [bytes(run).decode("utf-8", errors="replace"), special.get(i, "\ufffd")]
+            run = []
+        return "".join(out + [bytes(run).decode("utf-8", errors="replace")])
+
+    rng = np.random.default_rng(0)
+    pool = np.asarray([0x41, 0x7F, 0x80, 0xBF, 0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0x99, 0x82, 0xFF]
+                      + list(range(256, 263)) + [263, 5000, 31999])
+    for _ in range(300):
+        ids = rng.choice(pool, rng.integers(0, 24))
+        assert tok.decode(ids, errors="replace") == apart(ids.tolist()), ids.tolist()
+    assert tok.decode([0xE2, 0x82, 257, 0xAC]) == "\ufffd<eos>\ufffd"
+
+
 @pytest.mark.parametrize("bad", [263, 1000, -1])
 def test_byte_tokenizer_rejects_ids_out_of_range(bad):
     with pytest.raises(ValueError, match=str(bad)):

@@ -87,7 +87,7 @@ def rollouts_from_samples(prompts_BP, prompt_lengths_B, sample_tokens_BN, sample
     Numpy in, numpy out (the host-side path after scoring); jax arrays in, jax arrays out (jittable, T static).
     `sampling.generate`'s Output gives sample_tokens / sample_logprobs / sample_lengths directly, and with
     record_routes the `routes` [B, S, L_moe, K] (indexed by position as the rows here are: cut or padded with -1
-    to T), and with record_support the `support` [B, N, k] (placed with the completion tokens)."""
+    to T; int16 kept, any other dtype as int32), and with record_support the `support` [B, N, k] (placed with the completion tokens)."""
     arrays = (prompts_BP, prompt_lengths_B, sample_tokens_BN, sample_logprobs_BN, sample_lengths_B, advantages_B)
     xp = jnp if any(isinstance(x, jax.Array) for x in arrays) else np
     prompts = xp.asarray(prompts_BP).astype(xp.int32)
@@ -119,10 +119,14 @@ def rollouts_from_samples(prompts_BP, prompt_lengths_B, sample_tokens_BN, sample
     tokens = xp.where(in_prompt, take(prompts, xp.broadcast_to(t, (B, T))), xp.where(in_completion, take(toks, j),
                                                                                         pad_id)).astype(xp.int32)
     old_logp = xp.where(in_completion, take(lps, j), 0.0).astype(xp.float32)
-    if routes is not None:
-        routes = xp.asarray(routes).astype(xp.int32)[:, :T]
-        routes = xp.pad(routes, ((0, 0), (0, T - routes.shape[1]), (0, 0), (0, 0)), constant_values=-1)
-        routes = xp.where(real[:, :, None, None], routes, -1)
+    if routes is not None:  # int16 stays int16 (the sampler's, `sampling.routes_out`: half the bytes to copy and
+        # move to the device; the forward casts them), anything else becomes int32
+        routes = xp.asarray(routes)
+        routes = routes if routes.dtype in (xp.int16, xp.int32) else routes.astype(xp.int32)
+        routes = routes[:, :T]
+        if routes.shape[1] < T:
+            routes = xp.pad(routes, ((0, 0), (0, T - routes.shape[1]), (0, 0), (0, 0)), constant_values=-1)
+        routes = xp.where(real[:, :, None, None], routes, xp.asarray(-1, routes.dtype))
     if support is not None:
         support = xp.asarray(support).astype(xp.int32)
         at = xp.broadcast_to(xp.clip(j, 0, N - 1)[:, :, None], (B, T, support.shape[-1]))
@@ -184,7 +188,7 @@ def _forward(graphdef, params, tokens, positions, segment_ids, experts_fn, route
     """The model's forward; routes [B, T, L_moe, K] (the sampler's, -1 where none): replayed, or with replay=False
     only compared with the trainer's own (Output.route_diff)."""
     if routes is not None:
-        routes = jnp.moveaxis(routes, 2, 0)
+        routes = jnp.moveaxis(routes, 2, 0).astype(jnp.int32)
     return M.forward(graphdef, params, tokens, positions, segment_ids, experts_fn, routes=routes,
                      replay_routes=replay)
 
