@@ -267,8 +267,9 @@ def n_blocks_bound(n_assign: int, n_experts: int, bm: int) -> int:
 # `dispatch` ranks the assignments within their expert by counting (a cumulative sum over a one-hot [T*A, X]) up to
 # this many one-hot elements, else by a stable sort. Both give the same layout. At 512 decode rows on the bench
 # preset (4,096 assignments x 66 experts) XLA:GPU's sort took 31 us of a ~290 us layer, on its critical path
-# (bench/profile.py, one H100, docs/LOG.md session 24).
-COUNT_MAX = 1 << 23
+# (bench/profile.py, one H100, docs/LOG.md session 24). The bound keeps prefills of many tokens (8,192 x 8
+# assignments: 4.3M elements), where counting was not timed, on the sort.
+COUNT_MAX = 1 << 20
 
 
 def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto"):
