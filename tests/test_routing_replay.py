@@ -165,3 +165,23 @@ def test_routes_out_keeps_int32_past_int16_expert_ids():
     wide = SP.routes_out(routes, SimpleNamespace(n_routed_experts=32_769))
     assert wide.dtype == jnp.int32 and int(wide.max()) == 32_767
     assert SP.routes_out(None, SimpleNamespace(n_routed_experts=8)) is None
+
+
+def test_routes_on_device_equal_the_host_path(tiny):
+    """GRPO's rollout leaves the routes on the device (`text.complete(routes_on_device=True)`): placed there by
+    `update.routes_on_device`, they equal `rollouts_from_samples`' host placement, cut to the rows' width or padded
+    with -1 past the sampler's cache, int16 kept."""
+    cfg, graphdef, params = tiny
+    prompts, lengths = SP.pad_prompts(list(PROMPTS))
+    sc = SP.SamplingConfig(max_new_tokens=N_NEW, temperature=1.0, record_routes=True)
+    out = SP.jit_generate(graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(3), sc)
+    S = out.routes.shape[1]
+    for T in (prompts.shape[1] + N_NEW, S + 5):  # cut (T < S), padded (T > S)
+        b = update.rollouts_from_samples(prompts, lengths, np.asarray(out.tokens), np.asarray(out.logprobs),
+                                         np.asarray(out.lengths), np.zeros(len(PROMPTS)), T,
+                                         routes=np.asarray(out.routes))
+        got = update.routes_on_device(out.routes, jnp.asarray(b.segment_ids))
+        assert got.dtype == jnp.int16 and got.shape == b.routes.shape == (len(PROMPTS), T, cfg.n_moe_layers,
+                                                                           cfg.num_experts_per_tok)
+        np.testing.assert_array_equal(np.asarray(got), b.routes)
+        assert (b.routes[b.segment_ids == 0] == -1).all() and (b.routes[b.segment_ids > 0] >= 0).all()

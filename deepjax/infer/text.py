@@ -8,6 +8,7 @@ import dataclasses
 import sys
 from typing import NamedTuple, Optional, Sequence
 
+import jax
 import numpy as np
 
 from deepjax.data.tokenizer import TEMPLATES
@@ -24,7 +25,9 @@ class Completions(NamedTuple):
     lengths: np.ndarray  # [B] tokens generated, EOS included
     done: np.ndarray  # [B] the row stopped at an EOS
     texts: list[str]  # each row decoded up to, not including, its EOS
-    routes: Optional[np.ndarray] = None  # [B, S, L_moe, K] with sampling.record_routes (sampling.Output.routes)
+    # [B, S, L_moe, K] with sampling.record_routes (sampling.Output.routes); the sampler's jax array with
+    # complete(routes_on_device=True) on one process
+    routes: Optional[np.ndarray] = None
     support: Optional[np.ndarray] = None  # [B, N, top_k] with sampling.record_support (sampling.Output.support)
 
 
@@ -57,10 +60,12 @@ def sampler_inputs(tokenizer, prompts: Sequence[Sequence[int]], sc: SP.SamplingC
 
 
 def complete(graphdef, params, tokenizer, prompts: Sequence[Sequence[int]], key, sc: SP.SamplingConfig, mesh, rules,
-             pad_multiple: int = 16) -> Completions:
+             pad_multiple: int = 16, routes_on_device: bool = False) -> Completions:
     """Samples one completion per prompt (a row each) with `sc`, the tokenizer's EOS and pad ids, on `mesh`: rows
     split over the batch axes (every process passes all rows and gets all back). The decode is `decode_path`'s;
-    on a mesh of several devices it says once (stderr) that the fused decode needs one device."""
+    on a mesh of several devices it says once (stderr) that the fused decode needs one device.
+    routes_on_device: on one process the recorded routes stay the sampler's jax array (for GRPO's update:
+    `update.routes_on_device`), not copied to the host."""
     P, L, sc = sampler_inputs(tokenizer, prompts, sc, pad_multiple)
     one_device = mesh.devices.size == 1
     if decode_path(sc, mesh, len(P)) == "model" and sc.decoder == "auto" and not one_device:
@@ -69,8 +74,10 @@ def complete(graphdef, params, tokenizer, prompts: Sequence[Sequence[int]], key,
     with contextlib.nullcontext() if one_device else S.use_mesh(mesh, rules):
         out = SP.jit_generate(graphdef, params, D.from_host(P, mesh, rules), D.from_host(L, mesh, rules), key, sc)
     # (routes come as int16: `sampling.routes_out`)
-    toks, lps, lens, done, routes, support = D.host_arrays(out.tokens, out.logprobs, out.lengths, out.done, out.routes,
-                                                           out.support)
+    keep = routes_on_device and out.routes is not None and jax.process_count() == 1
+    toks, lps, lens, done, routes, support = D.host_arrays(out.tokens, out.logprobs, out.lengths, out.done,
+                                                           None if keep else out.routes, out.support)
+    routes = out.routes if keep else routes
     texts = [tokenizer.decode(toks[i, :int(lens[i]) - int(done[i])], errors="replace") for i in range(len(toks))]
     return Completions(P, L, toks, lps, lens, done, texts, routes, support)
 

@@ -166,7 +166,7 @@ class GRPORun(Run):
         """Samples G completions per example (rows i*G ... i*G + G-1)."""
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
         return text.complete(self.graphdef, self.policy_params(), self.tokenizer, self.rollout_prompts(examples), key,
-                             self.sampling, self.mesh, self.rules)
+                             self.sampling, self.mesh, self.rules, routes_on_device=True)
 
     def score(self, examples: list[dict], texts: list[str]) -> dict[str, np.ndarray]:
         G_ = self.cfg.rl.loss.group_size
@@ -175,9 +175,15 @@ class GRPORun(Run):
 
     def batch(self, ro: text.Completions, advantages: np.ndarray) -> update.Rollouts:
         Tlen = update.padded_length(ro.prompts.shape[1], ro.lengths, self.cfg.rl.rollout.max_new_tokens)
+        on_device = isinstance(ro.routes, jax.Array)  # (`text.complete(routes_on_device=True)`, one process)
         b = update.rollouts_from_samples(ro.prompts, ro.prompt_lengths, ro.tokens, ro.logprobs, ro.lengths, advantages,
-                                     Tlen, pad_id=self.tokenizer.pad_id, routes=ro.routes, support=ro.support)
+                                         Tlen, pad_id=self.tokenizer.pad_id, routes=None if on_device else ro.routes,
+                                         support=ro.support)
         b = update.Rollouts(*(None if x is None else self.to_global(np.asarray(x)) for x in b))
+        if on_device:
+            with self.on_mesh():
+                routes = update.routes_on_device(ro.routes, b.segment_ids)
+            b = b._replace(routes=jax.device_put(routes, S.batch_spec(self.mesh, self.rules, ndim=routes.ndim)))
         temperature = self.cfg.rl.rollout.temperature
         with self.on_mesh():
             if self.ref_needed:
