@@ -620,6 +620,8 @@ def test_lm_head_logprobs_equal_full_logits(monkeypatch, T, dtype):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
     g = jax.grad(lambda h: got(h, w)[1].sum())(h)
     assert not np.asarray(g, np.float32).any()
+    dh, dw = jax.grad(f(got), argnums=(0, 1))(h, w.astype(jnp.float32))  # mixed dtypes: each gradient in its own
+    assert dh.dtype == h.dtype and dw.dtype == jnp.float32
 
 
 # ---- the model through the seam -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ class Completions(NamedTuple):
     texts: list[str]  # each row decoded up to, not including, its EOS
     # [B, S, L_moe, K] with sampling.record_routes (sampling.Output.routes); the sampler's jax array with
     # complete(routes_on_device=True) on one process
-    routes: Optional[np.ndarray] = None
+    routes: Optional[np.ndarray | jax.Array] = None
     support: Optional[np.ndarray] = None  # [B, N, top_k] with sampling.record_support (sampling.Output.support)
 
 

@@ -669,8 +669,8 @@ def _logp_chunks(h_BTD, w_DV, targets_BT, tau: float):
         s_BCV = _scaled_logits(h_BCD, w_DV, tau)
         lse_BC = jax.nn.logsumexp(s_BCV, axis=-1)
         tgt_BC = jnp.sum(jnp.where(v_V[None, None] == t_BC[..., None], s_BCV, 0.0), axis=-1)
-        p_BCV = jnp.exp(s_BCV - lse_BC[..., None])
-        return None, (tgt_BC - lse_BC, lse_BC - jnp.sum(p_BCV * s_BCV, axis=-1), lse_BC)
+        lp_BCV = s_BCV - lse_BC[..., None]
+        return None, (tgt_BC - lse_BC, -jnp.sum(jnp.exp(lp_BCV) * lp_BCV, axis=-1), lse_BC)
 
     _, outs = jax.lax.scan(body, None, tuple(_split_chunks(c, n, h_BTD, targets_BT)))
     return tuple(_unchunk(o, T) for o in outs)
@@ -703,7 +703,7 @@ def _logp_bwd(tau, res, g):
         p_BCV = jnp.exp(_scaled_logits(h_BCD, w_DV, tau) - lse_BC[..., None])
         d_BCV = ((v_V[None, None] == t_BC[..., None]) - p_BCV) * (g_BC / tau)[..., None]
         d_BCV = d_BCV.astype(h_BCD.dtype)  # (the transpose of the logits' cast to float32)
-        dh_BCD = jnp.einsum("bcv,dv->bcd", d_BCV, w_DV)
+        dh_BCD = jnp.einsum("bcv,dv->bcd", d_BCV, w_DV).astype(h_BCD.dtype)
         dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, d_BCV, preferred_element_type=jnp.float32)
         return sharding.constrain(dw_DV, ("embed", "vocab")), dh_BCD
 

@@ -273,7 +273,7 @@ COUNT_MAX = 1 << 20
 
 
 def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto"):
-    """The block layout of the T*A assignments (token t to expert idx[t, a]), all int32:
+    """The block layout of the T*A assignments (token t to expert idx[t, a], every id in [0, X)), all int32:
     (token_R: source token of each padded row, T for padding rows; block_e_N: expert of each block, X - 1 for the
     blocks past the data; n_blocks: blocks holding data, a scalar; row_TA: each assignment's padded row).
     Within an expert the rows keep token order (a stable sort's order). method: "count" (each assignment's rank in

@@ -129,6 +129,8 @@ def tuning(overrides=()) -> dict:
         want = type(TUNING[item[0]][item[1]])
         if type(item[2]) is not want:  # (an int setting takes no bool or float, a bool setting no int)
             raise ValueError(f"kernel tuning {item!r}: {item[0]}.{item[1]} takes a {want.__name__}")
+        if item[:2] == ("grouped", "decode_bm") and item[2] and not (item[2] >= 16 and item[2] & (item[2] - 1) == 0):
+            raise ValueError(f"kernel tuning {item!r}: grouped.decode_bm is 0 (automatic) or a power of two >= 16")
         out[item[0]][item[1]] = item[2]
     return out
 
