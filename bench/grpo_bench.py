@@ -24,8 +24,8 @@ A TRL that does not import prints one skip line and the table shows deepjax alon
 side (two calls, when one does not fit a call's 10 minutes). deepjax's GRPO step takes the rows in --micro-batches
 sequential parts (rl.micro_batches: gradient accumulation, exact; default 8 here, 64 rows of prompt + --new tokens
 each) with --remat (default none). On an H100 80GB that peaks at 49.9 GiB and updates in 1.32 s (session 24; 4
-micro-batches asked 58.8 GiB of temporaries there and did not fit; docs/LOG.md). An update that runs out of memory prints its error line; more
-micro-batches, then --remat full, are the knobs to try.
+micro-batches asked 58.8 GiB of temporaries there and did not fit; docs/LOG.md). An update that runs out of memory
+prints its error line; more micro-batches, then --remat full, are the knobs to try.
 
 What one iteration is, on each side (--prompts x --group completions of up to --new tokens, temperature 1):
   deepjax  the body of `deepjax.rl.loop.grpo`'s step loop, run on a `GRPORun` built from the config as `deepjax

@@ -246,7 +246,8 @@ def test_bad_sampling_settings_are_named(tiny):
              (dict(kernel_set=("attention", "mlp")), "kernel_set"),
              (dict(kernel_tuning=("route.warps=4",)), "kernel_tuning"),
              (dict(kernel_tuning=("grouped.decode_min_tokens='64'",)), "kernel_tuning"),
-             (dict(kernel_tuning=("down.split=1",)), "kernel_tuning"), (dict(kernel_tuning=("down=1",)), "kernel_tuning"),
+             (dict(kernel_tuning=("down.split=1",)), "kernel_tuning"),
+             (dict(kernel_tuning=("down=1",)), "kernel_tuning"),
              (dict(kernel_tuning=("grouped.decode_bm=48",)), "kernel_tuning")]
     if jax.default_backend() != "gpu":
         cases.append((dict(decoder="pallas"), "decoder"))  # Pallas here compiles for GPU only

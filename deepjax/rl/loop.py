@@ -181,8 +181,7 @@ class GRPORun(Run):
                                          support=ro.support)
         b = update.Rollouts(*(None if x is None else self.to_global(np.asarray(x)) for x in b))
         if on_device:
-            with self.on_mesh():
-                routes = update.routes_on_device(ro.routes, b.segment_ids)
+            routes = update.routes_on_device(ro.routes, b.segment_ids)
             b = b._replace(routes=jax.device_put(routes, S.batch_spec(self.mesh, self.rules, ndim=routes.ndim)))
         temperature = self.cfg.rl.rollout.temperature
         with self.on_mesh():

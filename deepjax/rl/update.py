@@ -87,7 +87,8 @@ def rollouts_from_samples(prompts_BP, prompt_lengths_B, sample_tokens_BN, sample
     Numpy in, numpy out (the host-side path after scoring); jax arrays in, jax arrays out (jittable, T static).
     `sampling.generate`'s Output gives sample_tokens / sample_logprobs / sample_lengths directly, and with
     record_routes the `routes` [B, S, L_moe, K] (indexed by position as the rows here are: cut or padded with -1
-    to T; int16 kept, any other dtype as int32), and with record_support the `support` [B, N, k] (placed with the completion tokens)."""
+    to T; int16 kept, any other dtype as int32), and with record_support the `support` [B, N, k] (placed with the
+    completion tokens)."""
     arrays = (prompts_BP, prompt_lengths_B, sample_tokens_BN, sample_logprobs_BN, sample_lengths_B, advantages_B)
     xp = jnp if any(isinstance(x, jax.Array) for x in arrays) else np
     prompts = xp.asarray(prompts_BP).astype(xp.int32)
@@ -362,5 +363,6 @@ def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTr
     return step
 
 
-__all__ = ["Rollouts", "rollouts_from_samples", "routes_on_device", "logprobs_from_logits", "policy_logprobs", "token_logprobs",
+__all__ = ["Rollouts", "rollouts_from_samples", "routes_on_device", "logprobs_from_logits", "policy_logprobs",
+           "token_logprobs",
            "token_logprobs_and_entropy", "jit_token_logprobs", "grpo_objective", "make_grpo_step"]

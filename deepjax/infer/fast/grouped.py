@@ -333,5 +333,5 @@ def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm:
     # precision, and it fuses the gather into the reduction
     return (y_TAD * w_TA.astype(jnp.float32)[..., None]).sum(1).astype(x_TD.dtype)
 
-__all__ = ["TUNING", "block_rows", "decode_block_rows", "dispatch", "experts_grouped", "grouped_down", "grouped_swiglu", "n_blocks_bound",
-           "supported"]
+__all__ = ["TUNING", "block_rows", "decode_block_rows", "dispatch", "experts_grouped", "grouped_down", "grouped_swiglu",
+           "n_blocks_bound", "supported"]
