@@ -244,6 +244,34 @@ def iteration(run, s: int) -> dict:
                                        "ratio_max", "clip_frac")}}
 
 
+def traced_iteration(run, s: int, part: str, out: str) -> None:
+    """--trace: one more iteration with `part` (update: `GRPORun.update`; sampler: the rollout's `jit_generate`)
+    under jax.profiler.trace into `out`, then bench/profile.py's summary of its GPU kernels (top kernels, and for
+    the sampler the decode loop alone)."""
+    import jax
+
+    from deepjax.infer import text
+
+    owner, name = (run, "update") if part == "update" else (text.SP, "jit_generate")
+    inner = getattr(owner, name)
+
+    def traced(*a, **k):
+        with jax.profiler.trace(out, create_perfetto_trace=True):
+            return jax.block_until_ready(inner(*a, **k))
+
+    setattr(owner, name, traced)
+    try:
+        emit(what="deepjax_traced_iteration", part=part, dir=out, **iteration(run, s))
+    finally:
+        setattr(owner, name, inner)
+    import importlib.util  # lazy on purpose: only --trace loads bench/profile.py (by path: `profile` is also stdlib)
+
+    spec = importlib.util.spec_from_file_location("bench_profile", os.path.join(os.path.dirname(__file__), "profile.py"))
+    P = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(P)
+    P.summarize(out, top=30, top_host=8, split_at=0.5 if part == "sampler" else None)
+
+
 def sampler_alone(run, s: int, reps: int = 2) -> None:
     """Issue 19.3's comparison in one process: the same rows and prompts as the rollout, the sampler alone
     (`sampling.jit_generate`, no text decode, no scoring), first as the rollout calls it (float32 master weights,
@@ -322,6 +350,9 @@ def run_deepjax(args) -> dict:
                  new=args.new)
         if args.sampler_alone:
             sampler_alone(run, s)
+        for part in args.trace or ():
+            traced_iteration(run, s, part, os.path.join(args.trace_dir, part))
+            s += 1
         if jax.default_backend() == "gpu":
             stats = dev.memory_stats() or {}
             emit(what="deepjax_memory", peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
@@ -453,6 +484,10 @@ def main(argv=None):
     ap.add_argument("--breakdown", action="store_true", help="time each part of an iteration, blocking on its "
                     "outputs (the sampler call, its outputs to the host, scoring, advantages, the batch, the update; "
                     "`timed_parts`): parts_s per iteration, sampler_call_s the sampler's")
+    ap.add_argument("--trace", nargs="+", choices=("update", "sampler"), help="after the iterations, one more for "
+                    "each part named, with that part under jax.profiler.trace (into --trace-dir/PART), and a summary "
+                    "of its GPU kernels")
+    ap.add_argument("--trace-dir", default="/tmp/grpo_trace", help="where --trace writes")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL anchor")
     ap.add_argument("--no-deepjax", action="store_true", help="run only the TRL anchor")
     ap.add_argument("--trl-micro", type=int, default=32, help="TRL rows per forward / backward "
