@@ -23,8 +23,8 @@ checked here against transformers 5.17 and huggingface-hub 1.33, the image's.) T
 A TRL that does not import prints one skip line and the table shows deepjax alone. --no-deepjax / --no-trl run one
 side (two calls, when one does not fit a call's 10 minutes). deepjax's GRPO step takes the rows in --micro-batches
 sequential parts (rl.micro_batches: gradient accumulation, exact; default 8 here, 64 rows of prompt + --new tokens
-each) with --remat (default none). On an H100 80GB that peaks at 49.9 GiB and updates in 1.32 s (session 24; 4
-micro-batches asked 58.8 GiB of temporaries there and did not fit; docs/LOG.md). An update that runs out of memory
+each; 4 on a GPU with 110 GiB or more for JAX, an H200) with --remat (default none). On an H100 80GB 8 peak at
+49.9 GiB and update in 1.32 s (session 24; 4 asked 58.8 GiB of temporaries there and did not fit; docs/LOG.md). An update that runs out of memory
 prints its error line; more micro-batches, then --remat full, are the knobs to try.
 
 What one iteration is, on each side (--prompts x --group completions of up to --new tokens, temperature 1):
@@ -162,9 +162,20 @@ def config(args):
     return load_config(args.preset, sets + [s if s.startswith("--") else f"--config.{s}" for s in args.set])
 
 
+BIG_GPU_GIB = 110  # a GPU with at least this much memory for JAX (an H200: ~132 GiB) takes 4 micro-batches
+
+
 def micro_batches(args) -> int:
-    """--micro-batches, or by default gcd(8, rows): 8 at the bench shape (its fastest that fits an H100)."""
-    return args.micro_batches or math.gcd(8, args.prompts * args.group)
+    """--micro-batches, or by default the fewest measured to fit at the bench shape: gcd(8, rows) (8 at the bench
+    shape: its fastest that fits an H100, whose 4 asked 58.8 GiB of temporaries beside ~22 GiB of weights and
+    optimizer state, session 24), or gcd(4, rows) on a GPU with BIG_GPU_GIB or more for JAX (an H200)."""
+    if args.micro_batches:
+        return args.micro_batches
+    import jax  # lazy on purpose: TRL's subprocess runs first, before JAX takes the GPU
+
+    stats = jax.devices()[0].memory_stats() or {}
+    parts = 4 if stats.get("bytes_limit", 0) >= BIG_GPU_GIB * 2**30 else 8
+    return math.gcd(parts, args.prompts * args.group)
 
 
 def with_mu(cfg, mu: int):
@@ -326,6 +337,7 @@ def run_deepjax(args) -> dict:
         rows = run.rows
         emit(what="deepjax_run", preset=args.preset, params=M.count_params(run.policy_params()),
              dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, rows=rows, new=args.new, beta=args.beta,
+             micro_batches=cfg.rl.micro_batches,
              template=args.template, decode_path=text.decode_path(run.sampling, run.mesh, rows),
              mesh=dict(run.mesh.shape), prompt_iterator=prompts_kind, build_s=time.perf_counter() - t)
         if args.breakdown:

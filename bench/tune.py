@@ -2,6 +2,7 @@
 it replaces, over block-size settings, and an end-to-end A/B of settings.
 
     PYTHONPATH=. python bench/tune.py kernels [--only experts,route,attention,attn_pre]
+    PYTHONPATH=. python bench/tune.py kernels --only attn_pre --attn-batch 512 --cache 576 --stages 1,2,3
     PYTHONPATH=. python bench/tune.py grouped [T ...]          (default: 128 8192)
     PYTHONPATH=. python bench/tune.py layouts
     PYTHONPATH=. python bench/tune.py ab --batch 64 route.logits=1 route.logits=0
@@ -13,7 +14,8 @@ kernels  the decode kernels (`deepjax.infer.fast.kernels`): each function runs R
          experts: the gathered experts at T = 1 (gate/up bi and warps, down rows, warps, split or looped), with
          each setting's max error against XLA; route: T = 1 and 64, from XLA's logits and from the residual
          stream (norm + router logits in the kernel), over warps (and bd); attention: B = 1 and 64 over cache
-         rows per step and warps; attn_pre (latent_attention_pre) at B = 64 over the same.
+         rows per step and warps; attn_pre (latent_attention_pre) at B = 64 over the same. --attn-batch, --cache
+         and --stages set their batches, cache rows and Triton pipeline stages (GRPO's rollout: 512 rows, ~560).
 grouped  the prefill's grouped-matmul experts (`deepjax.infer.fast.grouped`; 64 routed experts, 6 per token, + 2
          shared on every token) against `moe.routed_experts_blocked` (the prefill before them): whole calls for
          both w_down layouts, the two kernels and the dispatch alone, and a sweep of TUNING tiles, each with its
@@ -162,21 +164,25 @@ def tune_route(cfg, rng):
                     show(f"route pallas T={T} (from x) w={nw} bd={bd}", gpu_time(f, x))
 
 
-def tune_attention(cfg, rng, pre: bool):
+def tune_attention(cfg, rng, pre: bool, batches=None, cache: int = 384, stages=(2,)):
+    """The attention kernels over cache rows per step (bs), warps and pipeline stages, at each batch in `batches`
+    with a cache of `cache` rows (positions about half of it, as a rollout's mean); the GB/s column is the cache
+    rows read (positions x (C + R) values) over the GPU time."""
     bf = jnp.bfloat16
     C, Rr, N, D, Q, S = (cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads, cfg.hidden_size,
-                         cfg.q_lora_rank, 384)
+                         cfg.q_lora_rank, cache)
     arr = lambda *s, d=bf: jnp.asarray(rng.normal(size=s), jnp.float32).astype(d)  # noqa: E731
-    for B in ((64,) if pre else (1, 64)):
+    for B in (batches or ((64,) if pre else (1, 64))):
         kvs = [arr(B, S, C + Rr) for _ in range(4)]
         if pre:
             x, zu, qu = arr(R, B, D), arr(R, B, Q + C + 2 * Rr), arr(R, B, N, C + 2 * Rr)
             cs, kvn = arr(B, 2, Rr, d=jnp.float32), arr(C)
-            pos = jnp.asarray(rng.integers(200, 300, B), jnp.int32)
+            lo = max(1, S // 2 - 50) if batches else 200
+            pos = jnp.asarray(rng.integers(lo, min(S - 1, lo + 100), B), jnp.int32)
             args = (x, zu, qu, kvs)
         else:
             q, row = arr(R, B, N, C + Rr), arr(R, B, C + Rr)
-            pos = jnp.full((B,), 256, jnp.int32)
+            pos = jnp.full((B,), min(256, S - 1), jnp.int32)
             w_uv, wo = jnp.zeros((N, 64, C + Rr), bf), jnp.zeros((D, N, 64), bf)
             mask = jnp.arange(S)[None, None] <= pos[:, None, None]
             args = (q, row, kvs)
@@ -189,16 +195,24 @@ def tune_attention(cfg, rng, pre: bool):
                 return out
 
             show(f"attention xla B={B} (+w_uv, wo)", gpu_time(jax.jit(xla), *args))
+        read = float(jnp.sum(pos)) * (C + Rr) * 2  # bytes of cache rows a call reads
         for bs in (32, 64, 128):
             for nw in ((2, 4, 8) if pre else (4, 8)):
-                with tuned(KN.TUNING, attention={"bs": bs, "num_warps": nw}):
-                    if pre:
-                        f = jax.jit(lambda x, zu, qu, kvs: [KN.latent_attention_pre(
-                            x[r], zu[r], qu[r], cs, kvn, kvs[r % 4], pos, cfg, "gpu")[0] for r in range(R)])
-                    else:
-                        f = jax.jit(lambda q, row, kvs: [KN.latent_attention(
-                            q[r], row[r], kvs[r % 4], pos, cfg, "gpu")[0] for r in range(R)])
-                    show(f"{'attn_pre' if pre else 'attention'} pallas B={B} bs={bs} w={nw}", gpu_time(f, *args))
+                for ns in stages:
+                    with tuned(KN.TUNING, attention={"bs": bs, "num_warps": nw, "num_stages": ns}):
+                        if pre:
+                            f = jax.jit(lambda x, zu, qu, kvs: [KN.latent_attention_pre(
+                                x[r], zu[r], qu[r], cs, kvn, kvs[r % 4], pos, cfg, "gpu")[0] for r in range(R)])
+                        else:
+                            f = jax.jit(lambda q, row, kvs: [KN.latent_attention(
+                                q[r], row[r], kvs[r % 4], pos, cfg, "gpu")[0] for r in range(R)])
+                        label = f"{'attn_pre' if pre else 'attention'} pallas B={B} bs={bs} w={nw} st={ns}"
+                        try:
+                            res = gpu_time(f, *args)
+                        except Exception as e:  # e.g. a tile past the shared memory
+                            print(f"{label:48s} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                            continue
+                        show(label, res, f"{read / res[0] / 1e3:7.0f} GB/s ")
 
 
 def kernels(a):
@@ -209,10 +223,11 @@ def kernels(a):
         tune_experts(cfg, rng)
     if "route" in only:
         tune_route(cfg, rng)
+    stages = tuple(int(v) for v in a.stages.split(","))
     if "attention" in only:
-        tune_attention(cfg, rng, pre=False)
+        tune_attention(cfg, rng, False, a.attn_batch, a.cache, stages)
     if "attn_pre" in only:
-        tune_attention(cfg, rng, pre=True)
+        tune_attention(cfg, rng, True, a.attn_batch, a.cache, stages)
 
 
 # --------------------------------------------------------------------------------------------- grouped experts
@@ -384,6 +399,10 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("kernels", help="Pallas decode kernels vs XLA, block-size sweeps")
     p.add_argument("--only", default="", help="comma list of experts, route, attention, attn_pre (default: all)")
+    p.add_argument("--attn-batch", type=int, nargs="+", help="attention / attn_pre batches (default: 1 and 64 / 64)")
+    p.add_argument("--cache", type=int, default=384, help="attention cache rows (positions about half of them with "
+                   "--attn-batch, 200-300 without)")
+    p.add_argument("--stages", default="2", help="attention num_stages values, a comma list")
     p = sub.add_parser("grouped", help="grouped prefill experts vs XLA's block-sorted path, tile sweep")
     p.add_argument("tokens", type=int, nargs="*", default=[128, 8192], help="token counts T")
     sub.add_parser("layouts", help="batch-64 all-experts matmuls in each weight orientation")

@@ -161,6 +161,36 @@ def test_sampled_frequencies_match_the_truncated_softmax():
     close(freqs(SP.SamplingConfig(temperature=0.8, top_p=0.75)), nucleus / nucleus.sum())
 
 
+def test_categorical_by_cdf_draws_the_softmax_and_never_a_zero_probability_entry():
+    """The two-level CDF search over a vocabulary of 1,000 (7 full blocks of 128 and a partial one) with masked
+    entries (-inf: probability 0), a whole masked block and masked entries at both ends: frequencies within 5
+    standard errors of the softmax's, masked entries never drawn, log-probs equal to log_softmax's."""
+    rng = np.random.default_rng(0)
+    V = 1000
+    logits = rng.normal(size=V) * 2.0
+    logits[[0, 1, 2, V - 1, 500]] = -np.inf
+    logits[256:384] = -np.inf
+    scaled = jnp.asarray(logits[None], jnp.float32)
+    p = np.asarray(jax.nn.softmax(scaled[0]))
+    n = 60_000
+    keys = jax.random.split(jax.random.key(1), n)
+    tok, lp = jax.jit(jax.vmap(lambda k: SP.categorical_by_cdf(scaled, k)))(keys)
+    tok = np.asarray(tok[:, 0])
+    assert tok.min() >= 0 and tok.max() < V and np.all(p[tok] > 0)
+    np.testing.assert_allclose(np.asarray(lp[:, 0]), np.log(p[tok]), atol=2e-5)
+    f = np.bincount(tok, minlength=V) / n
+    assert np.all(np.abs(f - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-9)
+    # the 12 most likely entries' frequencies, together, within 5 standard errors too (a coarser check with power)
+    top = np.argsort(-p)[:12]
+    q = p[top].sum()
+    assert abs(f[top].sum() - q) <= 5 * np.sqrt(q * (1 - q) / n)
+    # one-hot rows (all mass on one entry, at a block's first and last position and at the end) draw it every time
+    for j in (0, 127, 128, V - 1):
+        one = jnp.full((2, V), -jnp.inf).at[:, j].set(0.0)
+        t, l = SP.categorical_by_cdf(one, jax.random.key(j))
+        assert np.asarray(t).tolist() == [j, j] and np.allclose(np.asarray(l), 0.0)
+
+
 def test_eos_and_max_length_per_row(tiny):
     cfg, graphdef, params = tiny
     prompts, lengths = SP.pad_prompts(list(PROMPTS))

@@ -488,13 +488,52 @@ def kept_logprobs(scaled_BV, ids_BK, tok_B):
     return jnp.take_along_axis(scaled_BV, tok_B[:, None], axis=-1)[:, 0] - lse
 
 
+CDF_BLOCK = 128  # `categorical_by_cdf`: vocabulary entries per block of the two-level search
+
+
+def categorical_by_cdf(scaled_BV, key):
+    """(tokens [B] int32, their log-probs [B]) drawn from softmax(scaled_BV) by inverting its CDF with one uniform
+    per row: the unnormalized probabilities exp(s - max) summed in blocks of CDF_BLOCK entries, the block whose
+    running sum first passes u * total, then the entry inside it the same way. The same distribution as
+    `jax.random.categorical` (Gumbel-max) up to float32 sums, without its V random numbers a row: at GRPO's 512
+    rows x 32,000 entries the Gumbel draw's threefry bits were most of the step's sampling time (one 88 us fusion
+    a step on an H100, docs/LOG.md session 25). Zero-probability entries are never drawn (the searches stop at the
+    last block and entry with mass); tests/test_sampling.py checks the frequencies."""
+    B, V = scaled_BV.shape
+    W = CDF_BLOCK
+    nb = -(-V // W)
+    m_B = jnp.max(scaled_BV, axis=-1)
+    p_BV = jnp.exp(scaled_BV - m_B[:, None])
+    sums_BN = jnp.pad(p_BV, ((0, 0), (0, nb * W - V))).reshape(B, nb, W).sum(-1)
+    cum_BN = jnp.cumsum(sums_BN, axis=-1)
+    total_B = cum_BN[:, -1]
+    u_B = jax.random.uniform(key, (B,), jnp.float32) * total_B
+
+    def first_past(cum, mass, u):  # the first index whose running sum passes u, at most the last one with mass
+        last = cum.shape[-1] - 1 - jnp.argmax(mass[:, ::-1] > 0, axis=-1)
+        return jnp.minimum(jnp.sum(cum <= u[:, None], axis=-1), last)
+
+    blk_B = first_past(cum_BN, sums_BN, u_B)
+    at = lambda a, i: jnp.take_along_axis(a, i[:, None], axis=-1)[:, 0]  # noqa: E731
+    r_B = u_B - (at(cum_BN, blk_B) - at(sums_BN, blk_B))  # u past the blocks before
+    # the chosen block's probabilities recomputed from the logits (no [B, V] array of them is kept)
+    idx_BW = blk_B[:, None] * W + jnp.arange(W)[None, :]
+    p_BW = jnp.where(idx_BW < V, jnp.exp(jnp.take_along_axis(scaled_BV, jnp.minimum(idx_BW, V - 1), axis=-1)
+                                         - m_B[:, None]), 0.0)
+    tok = (blk_B * W + first_past(jnp.cumsum(p_BW, axis=-1), p_BW, r_B)).astype(jnp.int32)
+    return tok, at(scaled_BV, tok) - m_B - jnp.log(total_B)
+
+
 def sample(logits_BV, key, sc: SamplingConfig):
     """(tokens [B], log-probs [B]), and with sc.record_support the kept set's ids [B, top_k] (`kept_set`): see the
-    module docstring for which distribution the log-probs are under."""
+    module docstring for which distribution the log-probs are under. Without truncation (top_k 0, top_p 1) the
+    draw is `categorical_by_cdf`'s."""
     logits_BV = logits_BV.astype(jnp.float32)
     if sc.temperature == 0:
         tok = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
         logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    elif not sc.top_k and sc.top_p >= 1.0 and not sc.record_support:
+        return categorical_by_cdf(logits_BV / sc.temperature, key)
     else:
         scaled = logits_BV / sc.temperature
         logp_BV = jax.nn.log_softmax(scaled, axis=-1)
@@ -746,7 +785,7 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
 
 
 __all__ = ["SamplingConfig", "DECODERS", "resolve_decoder", "kernel_mode", "attn_impl", "generate", "jit_generate",
-           "routes_out", "prefill", "decode_step", "decode_tokens", "sample",
+           "routes_out", "prefill", "decode_step", "decode_tokens", "sample", "categorical_by_cdf",
            "truncate_logits", "mtp_prefill", "mtp_decode",
            "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "cache_length", "decode_experts_fn",
            "fuse_layers", "unstack_layers", "use_fused", "prefill_fused", "fused_prefill_ok"]

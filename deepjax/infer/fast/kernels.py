@@ -79,7 +79,8 @@ def check_router(cfg: ModelConfig) -> None:
 # table in the block's weights dict); nothing reads settings from global state while tracing. A kernel function
 # called without a table (tests, bench/tune.py's single-kernel sweeps) uses these.
 TUNING = {
-    "attention": {"bs": 128, "num_warps": 4},
+    # attention: bs cache rows per loop step, num_stages Triton's software pipelining of the loop's loads
+    "attention": {"bs": 128, "num_warps": 4, "num_stages": 2},
     # route: 5.0 us at 64 tokens with 8 warps against 6.1 with 4 (`bench/tune.py kernels`; one H100); bt tokens per
     # program; logits: the kernel computes the norm and the router logits (`route` from x) in chunks of bd columns,
     # else XLA does
@@ -256,8 +257,9 @@ def _attention_call(name: str, cfg: ModelConfig, mode: str, table, o_cols: int, 
                          "(kernels.supported says which shapes the GPU kernel takes)")
     kernel = _make_attention_kernel(cfg.kv_lora_rank, cfg.qk_rope_head_dim, bn, bs, cfg.softmax_scale, pre)
     out_shape = (jax.ShapeDtypeStruct((B, N, o_cols), q_BNx.dtype), jax.ShapeDtypeStruct(kv_BSc.shape, kv_BSc.dtype))
-    return call(kernel, mode, out_shape, (B, N // bn), name, _tu(table, "attention")["num_warps"],
-                 input_output_aliases={len(rest) + 1: 1})(pos_B.astype(jnp.int32), q_BNx, *rest)
+    tu = _tu(table, "attention")
+    return call(kernel, mode, out_shape, (B, N // bn), name, tu["num_warps"], tu["num_stages"],
+                input_output_aliases={len(rest) + 1: 1})(pos_B.astype(jnp.int32), q_BNx, *rest)
 
 
 def _finish_query_and_row(b, heads, x_ref, q_ref, z_ref, cs_ref, kvn_ref, C: int, R: int, Q: int, eps: float, dt):
