@@ -149,7 +149,7 @@ def generated_prompts():
 # ------------------------------------------------------------------------------------------------------ deepjax
 
 
-def config(args):
+def config(args, probe: bool = False):
     from deepjax.config import load_config
 
     sets = ["--config.model.dtype=bfloat16", f"--config.model.param_dtype={args.param_dtype}",
@@ -158,19 +158,21 @@ def config(args):
             f"--config.rl.loss.mu={args.mu[0]}", f"--config.rl.rollout.max_new_tokens={args.new}",
             "--config.rl.rollout.temperature=1.0", f"--config.rl.loss.beta={args.beta}",
             f"--config.rl.steps={args.warmup + args.steps * len(args.mu)}", f"--config.seed={args.seed}",
-            f"--config.rl.micro_batches={micro_batches(args)}", f"--config.model.remat={args.remat}"]
+            f"--config.rl.micro_batches={micro_batches(args, probe)}", f"--config.model.remat={args.remat}"]
     return load_config(args.preset, sets + [s if s.startswith("--") else f"--config.{s}" for s in args.set])
 
 
 BIG_GPU_GIB = 110  # a GPU with at least this much memory for JAX (an H200: ~132 GiB) takes 4 micro-batches
 
 
-def micro_batches(args) -> int:
+def micro_batches(args, probe: bool = False) -> int:
     """--micro-batches, or by default the fewest measured to fit at the bench shape: gcd(8, rows) (8 at the bench
     shape: its fastest that fits an H100, whose 4 asked 58.8 GiB of temporaries beside ~22 GiB of weights and
-    optimizer state, session 24), or gcd(4, rows) on a GPU with BIG_GPU_GIB or more for JAX (an H200)."""
-    if args.micro_batches:
-        return args.micro_batches
+    optimizer state, session 24), or gcd(4, rows) on a GPU with BIG_GPU_GIB or more for JAX (an H200). probe:
+    JAX may start on the device to ask its memory (deepjax's side only: TRL's side runs first, in a subprocess,
+    while JAX has not taken the GPU)."""
+    if args.micro_batches or not probe:
+        return args.micro_batches or math.gcd(8, args.prompts * args.group)
     import jax  # lazy on purpose: TRL's subprocess runs first, before JAX takes the GPU
 
     stats = jax.devices()[0].memory_stats() or {}
@@ -326,7 +328,7 @@ def run_deepjax(args) -> dict:
     dev = jax.devices()[0]
     emit(what="device", kind=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
          devices=jax.device_count())
-    cfg = config(args)
+    cfg = config(args, probe=True)
     workdir = tempfile.mkdtemp(prefix="grpo_bench_")
     out: dict = {}
     run = None
@@ -407,7 +409,8 @@ def run_trl(args) -> dict:
         hf = hf_config_file(args, tmp)
         cmd = [args.trl_python, os.path.join(here, "anchors", "trl_grpo.py"), "--prompts", str(args.prompts),
                "--group", str(args.group), "--new", str(args.new), "--mu", *map(str, args.mu),
-               "--steps", str(args.steps), "--warmup", str(args.trl_warmup), "--micro", str(args.trl_micro),
+               "--steps", str(args.trl_steps or args.steps), "--warmup", str(args.trl_warmup),
+               "--micro", str(args.trl_micro),
                "--beta", str(args.beta), "--template", args.template, "--dtype", args.trl_dtype] + \
             (["--hf-config", hf] if hf else [])
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", JAX_PLATFORMS="cpu",
@@ -502,6 +505,8 @@ def main(argv=None):
     ap.add_argument("--trace-dir", default="/tmp/grpo_trace", help="where --trace writes")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL anchor")
     ap.add_argument("--no-deepjax", action="store_true", help="run only the TRL anchor")
+    ap.add_argument("--trl-steps", type=int, default=None, help="TRL's timed iterations per mu (default --steps; "
+                    "each ~55 s at the bench shape on an H100)")
     ap.add_argument("--trl-micro", type=int, default=32, help="TRL rows per forward / backward "
                     "(per_device_train_batch_size; gradient accumulation over the rest)")
     ap.add_argument("--trl-dtype", default="bfloat16", choices=("bfloat16", "float32"),

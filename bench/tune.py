@@ -177,7 +177,7 @@ def tune_attention(cfg, rng, pre: bool, batches=None, cache: int = 384, stages=(
         if pre:
             x, zu, qu = arr(R, B, D), arr(R, B, Q + C + 2 * Rr), arr(R, B, N, C + 2 * Rr)
             cs, kvn = arr(B, 2, Rr, d=jnp.float32), arr(C)
-            lo = max(1, S // 2 - 50) if batches else 200
+            lo = max(1, S // 2 - 50) if batches else max(1, min(200, S - 101))
             pos = jnp.asarray(rng.integers(lo, min(S - 1, lo + 100), B), jnp.int32)
             args = (x, zu, qu, kvs)
         else:

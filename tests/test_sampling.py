@@ -191,6 +191,27 @@ def test_categorical_by_cdf_draws_the_softmax_and_never_a_zero_probability_entry
         assert np.asarray(t).tolist() == [j, j] and np.allclose(np.asarray(l), 0.0)
 
 
+def test_cdf_draw_at_block_boundaries_never_takes_a_masked_entry():
+    """`cdf_draw` at uniforms on the float32 grid around every block boundary of a 16,000-entry vocabulary whose
+    blocks start and end with masked entries: rounding in the block-level sums must not land on them (a review
+    found r < 0 picking a block's masked first entry); u = 0 and the largest float32 below 1 too."""
+    V = 16000
+    x = np.random.default_rng(0).normal(size=V).astype(np.float32) * 2
+    x[::128] = -np.inf
+    x[127::128] = -np.inf
+    scaled = jnp.asarray(x)[None]
+    p = np.exp(x - x.max())
+    cum = np.cumsum(p.reshape(-1, 128).sum(1), dtype=np.float64) / p.sum()
+    # the 8 float32 values on each side of each boundary (the bit patterns next to it), then 0 and 1 - 2^-24
+    near = (cum.astype(np.float32).view(np.int32)[:, None] + np.arange(-8, 9, dtype=np.int32)).view(np.float32)
+    u = jnp.asarray(np.clip(np.append(near.ravel(), [0.0, 1 - 2.0 ** -24]), 0.0, 1 - 2.0 ** -24), jnp.float32)
+    tok, lp = jax.jit(SP.cdf_draw)(jnp.broadcast_to(scaled, (u.shape[0], V)), u)
+    tok = np.asarray(tok)
+    assert tok.min() >= 0 and tok.max() < V
+    assert np.all(np.isfinite(x[tok])), np.unique(tok[~np.isfinite(x[tok])])
+    assert np.all(np.isfinite(np.asarray(lp)))
+
+
 def test_eos_and_max_length_per_row(tiny):
     cfg, graphdef, params = tiny
     prompts, lengths = SP.pad_prompts(list(PROMPTS))

@@ -499,6 +499,11 @@ def categorical_by_cdf(scaled_BV, key):
     rows x 32,000 entries the Gumbel draw's threefry bits were most of the step's sampling time (one 88 us fusion
     a step on an H100, docs/LOG.md session 25). Zero-probability entries are never drawn (the searches stop at the
     last block and entry with mass); tests/test_sampling.py checks the frequencies."""
+    return cdf_draw(scaled_BV, jax.random.uniform(key, (scaled_BV.shape[0],), jnp.float32))
+
+
+def cdf_draw(scaled_BV, u_B):
+    """`categorical_by_cdf` for given uniforms u [B] in [0, 1): the entry whose CDF interval holds u."""
     B, V = scaled_BV.shape
     W = CDF_BLOCK
     nb = -(-V // W)
@@ -507,7 +512,7 @@ def categorical_by_cdf(scaled_BV, key):
     sums_BN = jnp.pad(p_BV, ((0, 0), (0, nb * W - V))).reshape(B, nb, W).sum(-1)
     cum_BN = jnp.cumsum(sums_BN, axis=-1)
     total_B = cum_BN[:, -1]
-    u_B = jax.random.uniform(key, (B,), jnp.float32) * total_B
+    u_B = u_B * total_B
 
     def first_past(cum, mass, u):  # the first index whose running sum passes u, at most the last one with mass
         last = cum.shape[-1] - 1 - jnp.argmax(mass[:, ::-1] > 0, axis=-1)
@@ -515,7 +520,9 @@ def categorical_by_cdf(scaled_BV, key):
 
     blk_B = first_past(cum_BN, sums_BN, u_B)
     at = lambda a, i: jnp.take_along_axis(a, i[:, None], axis=-1)[:, 0]  # noqa: E731
-    r_B = u_B - (at(cum_BN, blk_B) - at(sums_BN, blk_B))  # u past the blocks before
+    # u past the blocks before; the difference rounds, and a negative r would stop the search at the block's first
+    # entry even without mass (found by review: ~1e-6 of draws with a masked first entry)
+    r_B = jnp.maximum(u_B - (at(cum_BN, blk_B) - at(sums_BN, blk_B)), 0.0)
     # the chosen block's probabilities recomputed from the logits (no [B, V] array of them is kept)
     idx_BW = blk_B[:, None] * W + jnp.arange(W)[None, :]
     p_BW = jnp.where(idx_BW < V, jnp.exp(jnp.take_along_axis(scaled_BV, jnp.minimum(idx_BW, V - 1), axis=-1)
@@ -785,7 +792,7 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):
 
 
 __all__ = ["SamplingConfig", "DECODERS", "resolve_decoder", "kernel_mode", "attn_impl", "generate", "jit_generate",
-           "routes_out", "prefill", "decode_step", "decode_tokens", "sample", "categorical_by_cdf",
+           "routes_out", "prefill", "decode_step", "decode_tokens", "sample", "categorical_by_cdf", "cdf_draw",
            "truncate_logits", "mtp_prefill", "mtp_decode",
            "init_cache", "Cache", "Output", "cache_bytes_per_token", "pad_prompts", "cache_length", "decode_experts_fn",
            "fuse_layers", "unstack_layers", "use_fused", "prefill_fused", "fused_prefill_ok"]
