@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from deepjax.infer.fast import grouped as KG
+from deepjax.infer.fast import kernels as KN
 
 T, A, X, D, I = 37, 3, 6, 64, 32  # T*A = 111 assignments: not a multiple of any block size
 SMALL_TILES = {"bn": 16, "bk": 16, "num_warps": 4, "num_stages": 2, "rows_fastest": False}  # loops of 2-4 steps
@@ -53,15 +54,20 @@ def _close(got, want, tol):
     return np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max() <= tol
 
 
-@pytest.mark.parametrize("dtype,flat,tiles", [
-    ("float32", False, "small"), ("float32", True, "small"), ("float32", False, "default"),
-    ("bfloat16", False, "default"), ("bfloat16", True, "small"),
+OLD = {"gather_rows": False, "y_dtype": jnp.float32}  # XLA's row gather before the kernels, float32 down rows
+# ("new": experts_grouped's defaults, rows gathered in the kernel, down rows in x's dtype)
+
+
+@pytest.mark.parametrize("dtype,flat,tiles,path", [
+    ("float32", False, "small", "new"), ("float32", True, "small", "new"), ("float32", False, "default", "new"),
+    ("bfloat16", False, "default", "new"), ("bfloat16", True, "small", "new"),
+    ("float32", True, "small", "old"), ("bfloat16", False, "default", "old"),
 ])
-def test_experts_grouped_equals_dense(dtype, flat, tiles, monkeypatch):
-    """Both w_down layouts, float32 (1e-5) and bfloat16 (h rounded to bf16 between the kernels: 2e-2), several
-    blocks for one expert, empty experts, a token on one expert twice; small tiles run several column programs and
-    contraction steps per block. Also checks that the tolerance would catch swapped gate/up halves or a block
-    reading the wrong expert's weights."""
+def test_experts_grouped_equals_dense(dtype, flat, tiles, path, monkeypatch):
+    """Both w_down layouts, float32 (1e-5) and bfloat16 (h and, by default, the down rows rounded to bf16: 2e-2),
+    several blocks for one expert, empty experts, a token on one expert twice; small tiles run several column
+    programs and contraction steps per block; the defaults ("new") and the earlier path ("old"). Also checks that the
+    tolerance would catch swapped gate/up halves or a block reading the wrong expert's weights."""
     if tiles == "small":
         for kind in ("swiglu", "down"):
             monkeypatch.setitem(KG.TUNING, kind, {16: SMALL_TILES})
@@ -70,7 +76,8 @@ def test_experts_grouped_equals_dense(dtype, flat, tiles, monkeypatch):
     idx, w = _routing(rng)
     x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32).astype(dt)
     w_gu, w_down = _weights(rng, dt)
-    got = KG.experts_grouped(x, w, idx, w_gu, _flat(w_down) if flat else w_down, "interpret", flat, bm=16)
+    got = KG.experts_grouped(x, w, idx, w_gu, _flat(w_down) if flat else w_down, "interpret", flat, bm=16,
+                             **(OLD if path == "old" else {}))
     assert got.dtype == dt and got.shape == (T, D)
     want = dense_reference(x, w, idx, w_gu, w_down)
     tol = 1e-5 if dtype == "float32" else 2e-2
@@ -170,6 +177,85 @@ def test_kernels_skip_blocks_past_the_data(flat, monkeypatch):
         np.testing.assert_allclose(y[blk], h[blk] @ wd[e].T, rtol=1e-5, atol=1e-5)
 
 
+def _layout(rng, bm, N, n_live, T_):
+    """A hand-made block layout: token_R a shuffle of the T_ tokens with padding rows (token T_, the zero row) spread
+    through the live blocks, blocks n_live .. N - 1 pointing at real tokens (their rows must still come out zero);
+    block_e with repeats and an expert past the data."""
+    token = rng.permutation(np.resize(np.arange(T_), N * bm)).astype(np.int32)
+    token[rng.choice(n_live * bm, n_live * bm // 4, replace=False)] = T_  # padding rows
+    return jnp.asarray(token), jnp.asarray([2, 0, 0, 1, 3, 5][:N], jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_gathers_rows_in_kernel(dtype, monkeypatch):
+    """grouped_swiglu with token_R (rows gathered from x_pad in the kernel) equals it on rows XLA gathered before,
+    exactly (the interpreter runs the same dots on the same values); blocks past n_blocks hold zeros although their
+    token_R rows are real tokens, padding rows (the zero row) give zero h."""
+    for kind in ("swiglu", "down"):
+        monkeypatch.setitem(KG.TUNING, kind, {16: SMALL_TILES})
+    rng = np.random.default_rng(6)
+    dt = jnp.dtype(dtype)
+    bm, N, n_live, T_ = 16, 6, 4, 29
+    token_R, block_e = _layout(rng, bm, N, n_live, T_)
+    x = jnp.asarray(rng.normal(size=(T_, D)), jnp.float32).astype(dt)
+    x_pad = jnp.concatenate([x, jnp.zeros((1, D), dt)])
+    w_gu, _ = _weights(rng, dt)
+    got = KG.grouped_swiglu(x_pad, block_e, jnp.int32(n_live), w_gu, "interpret", bm, token_R)
+    want = KG.grouped_swiglu(jnp.take(x_pad, token_R, axis=0), block_e, jnp.int32(n_live), w_gu, "interpret", bm)
+    assert got.dtype == dt and got.shape == (N * bm, I)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    got = np.asarray(got, np.float32)
+    assert (got[n_live * bm:] == 0).all() and (got[np.asarray(token_R) == T_] == 0).all()
+    assert (np.abs(got[:n_live * bm][np.asarray(token_R)[:n_live * bm] < T_]).max(1) > 0).all()
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_down_output_in_x_dtype(flat, monkeypatch):
+    """grouped_down with out_dtype bf16 (float32 accumulation, rounded at the store) equals its float32 output
+    rounded to bf16, exactly; blocks past n_blocks hold zeros."""
+    for kind in ("swiglu", "down"):
+        monkeypatch.setitem(KG.TUNING, kind, {16: SMALL_TILES})
+    rng = np.random.default_rng(7)
+    bf = jnp.bfloat16
+    bm, N, n_live = 16, 6, 4
+    block_e = jnp.asarray([2, 0, 0, 1, 3, 5], jnp.int32)
+    h = jnp.asarray(rng.normal(size=(N * bm, I)), jnp.float32).astype(bf)
+    _, w_down = _weights(rng, bf)
+    wd = _flat(w_down) if flat else w_down
+    y32 = KG.grouped_down(h, block_e, jnp.int32(n_live), wd, "interpret", bm, flat)
+    y16 = KG.grouped_down(h, block_e, jnp.int32(n_live), wd, "interpret", bm, flat, bf)
+    assert y32.dtype == jnp.float32 and y16.dtype == bf and y16.shape == (N * bm, D)
+    np.testing.assert_array_equal(np.asarray(y16, np.float32), np.asarray(y32.astype(bf), np.float32))
+    assert not np.array_equal(np.asarray(y16, np.float32), np.asarray(y32))  # the rounding happened
+    assert (np.asarray(y16, np.float32)[n_live * bm:] == 0).all()
+
+
+def test_new_options_match_old_path():
+    """experts_grouped's defaults against the earlier path (XLA's row gather, float32 down rows) on bf16: the
+    in-kernel gather alone changes nothing (exact); bf16 down rows change the result by at most their rounding."""
+    rng = np.random.default_rng(8)
+    bf = jnp.bfloat16
+    idx, w = _routing(rng)
+    x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32).astype(bf)
+    w_gu, w_down = _weights(rng, bf)
+    run = functools.partial(KG.experts_grouped, x, w, idx, w_gu, w_down, "interpret", False, 16)
+    old = np.asarray(run(**OLD), np.float64)
+    gathered = np.asarray(run(gather_rows=True, y_dtype=jnp.float32), np.float64)
+    np.testing.assert_array_equal(gathered, old)
+    new = np.asarray(run(), np.float64)
+    assert 0 < np.abs(new - old).max() <= 2.0 ** -6 * np.abs(old).max()  # an ulp of the output (2^-7) and a bit
+
+
+def test_options_from_tuning():
+    """`grouped.options` reads a tuning table's grouped.gather_in_kernel / down_out (defaults: both new options on);
+    an unknown down_out is an error."""
+    assert KG.options(KN.tuning()["grouped"]) == {"gather_rows": True, "y_dtype": None}
+    old = KN.tuning(("grouped.gather_in_kernel=False", "grouped.down_out='float32'"))["grouped"]
+    assert KG.options(old) == OLD
+    with pytest.raises(ValueError, match="down_out"):
+        KG.options(KN.tuning(("grouped.down_out='bf16'",))["grouped"])
+
+
 def test_supported_shapes():
     assert KG.supported(1024, 512, 16) and KG.supported(1024, 512, 128)  # bench preset
     assert KG.supported(64, 32, 16)  # tiny preset
@@ -178,18 +264,19 @@ def test_supported_shapes():
     assert not KG.supported(1024, 512, 8) and not KG.supported(1024, 520, 16) and not KG.supported(1024, 512, 48)
 
 
-@pytest.mark.parametrize("dtype,T_,flat", [("bfloat16", 128, False), ("bfloat16", 8192, True),
-                                           ("bfloat16", 8192, False), ("float32", 128, True)])
-def test_lowers_for_gpu(dtype, T_, flat):
+@pytest.mark.parametrize("dtype,T_,flat,path", [("bfloat16", 128, False, "new"), ("bfloat16", 8192, True, "new"),
+                                                ("bfloat16", 8192, False, "old"), ("float32", 128, True, "new")])
+def test_lowers_for_gpu(dtype, T_, flat, path):
     """Mode "gpu" lowers through Pallas' Triton backend for CUDA without a GPU (bench preset: D = 1024, I = 512,
-    66 experts, 8 per token; automatic bm: 16 at 128 tokens, 128 at 8192). Catches most Triton-only errors
-    (block shapes, dot operands, loop and indexing lowering); Triton's own compile runs only on the GPU."""
+    66 experts, 8 per token; automatic bm: 16 at 128 tokens, 128 at 8192), rows gathered in the kernel (an int32
+    array indexer in the load) or before it. Catches most Triton-only errors (block shapes, dot operands, loop and
+    indexing lowering); Triton's own compile runs only on the GPU."""
     dt = jnp.dtype(dtype)
     Xb, Ab, Db, Ib = 66, 8, 1024, 512
     S = jax.ShapeDtypeStruct
     args = (S((T_, Db), dt), S((T_, Ab), jnp.float32), S((T_, Ab), jnp.int32), S((Xb, 2 * Ib, Db), dt),
             S((Db, Xb * Ib), dt) if flat else S((Xb, Db, Ib), dt))
-    fn = functools.partial(KG.experts_grouped, mode="gpu", flat=flat)
+    fn = functools.partial(KG.experts_grouped, mode="gpu", flat=flat, **(OLD if path == "old" else {}))
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2
 

@@ -397,7 +397,7 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
             w_TX, idx_TX = _with_shared(*moe_route(logits_TE, f["bias"], cfg)[:2], cfg)
             w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array
             y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["kernels"]["grouped"],
-                                   flat=not w["gathered"])
+                                   flat=not w["gathered"], **KG.options(w["tuning"]["grouped"]))
             return x_BTD + y.reshape(B, T, D), kv_BSc, routes(idx_TX)
         if use.get("route"):
             idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"], table=w["tuning"])
@@ -412,7 +412,7 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
     elif w.get("grouped_decode"):  # many tokens a step: sorted rows and grouped matmuls, as the prefill
         bm = w["tuning"]["grouped"]["decode_bm"] or KG.decode_block_rows(idx_TX.size, E + S)
         y = KG.experts_grouped(h, w_TX, idx_TX, f["w_gu"].reshape(E + S, -1, D), f["w_down"],
-                               w["kernels"]["grouped"], flat=True, bm=bm)
+                               w["kernels"]["grouped"], flat=True, bm=bm, **KG.options(w["tuning"]["grouped"]))
     else:
         if dense_TE is None:
             comb_TX = jnp.einsum("tk,tke->te", w_TX, jax.nn.one_hot(idx_TX, E + S, dtype=jnp.float32))

@@ -4,13 +4,16 @@ interpreter on CPU (tests).
 `moe.routed_experts_blocked` sorts the assignments by expert into blocks of rows, then gathers each block's expert
 weights (`w_gate_EDI[block_e]`): at batch 64 on the bench preset that copies ~1.3 GB per layer, and with the row
 scatter into the blocks and the unsort it is most of the prefill. Here each block's program reads its expert's
-weights in place, and the dispatch moves only int32 indices until the two row gathers:
+weights in place, and the dispatch moves only int32 indices until the row gathers:
 
     dispatch        the T*A assignments ordered by expert, token order within one (by counting, or a stable sort for
                     many); each expert's rows padded to a multiple of bm;
                     padded row -> source token (padding rows -> an appended zero row) by an int32 scatter
-    grouped_swiglu  per block of bm rows of expert e = block_e[n]: silu(x W_gate_e^T) * (x W_up_e^T) -> h [R, I]
-    grouped_down    per block: h W_down_e^T -> y [R, D] float32, for either layout of w_down
+    grouped_swiglu  per block of bm rows of expert e = block_e[n]: silu(x W_gate_e^T) * (x W_up_e^T) -> h [R, I];
+                    the block's rows of x gathered in the kernel by their source tokens (token_R), or read from rows
+                    XLA gathered before (xs [R, D]: at 512 decode rows, bench preset, 17 MB written and read back)
+    grouped_down    per block: h W_down_e^T -> y [R, D] in x's dtype (float32 accumulation, rounded at the store,
+                    as the training path's ragged_dot) or float32, for either layout of w_down
     combine         each assignment's row of y gathered back, weighted and summed over a token's A experts in
                     float32 (a gather and a reduction: no scatter-add)
 
@@ -25,7 +28,9 @@ block's x (or h) tile is read from DRAM once and then from L2, and consecutive b
 expert's weights in L2 (TUNING "rows_fastest" flips it).
 
 Triton (mode "gpu"): every block shape a power of two and at least 16 (tl.dot), so bm >= 16 and D, I multiples of
-16 (`supported`); the contracted axis is a `fori_loop` so Triton can software-pipeline its loads (num_stages).
+16 (`supported`); the contracted axis is a `fori_loop` so Triton can software-pipeline its loads (num_stages). The
+in-kernel row gather is an int32 array indexer in the load (`_compute_offsets_from_indices`: a [bm, bk] pointer
+tensor, row offsets token * D, each row's bk columns contiguous); the block's bm token ids load once, before the loop.
 """
 
 from __future__ import annotations
@@ -158,27 +163,32 @@ def _check(mode: str, bm: int, tiles: dict, what: str, *arrays):
 # ------------------------------------------------------------------------------------------------------ kernels
 
 
-def _make_swiglu_kernel(I: int, D: int, bm: int, tiles: dict, dot, pid):
+def _make_swiglu_kernel(I: int, D: int, bm: int, tiles: dict, dot, pid, gather: bool):
+    """gather: operands (block_e, n_blocks, token_R, x_pad, w_gu), the block's rows of x loaded by an int32 array
+    indexer (x_pad[tok, cols]: a gather in Triton's load, one row offset per row); else (block_e, n_blocks, xs, w_gu),
+    the block's rows of xs in place."""
     bn, bk = tiles["bn"], tiles["bk"]
 
-    def kernel(block_e_ref, n_blocks_ref, x_ref, w_ref, h_ref):
+    def kernel(block_e_ref, n_blocks_ref, *refs):
+        tok_ref, x_ref, w_ref, h_ref = refs if gather else (None, *refs)
         n, j = pid()
         e = block_e_ref[n]
         rows = pl.ds(n * bm, bm)
         live = n < n_blocks_ref[0]  # blocks past the data: no loads, zeros written
-
-        def body(k, carry):
-            g, u = carry
-            cols = pl.ds(k * bk, bk)
-            x = x_ref[rows, cols]  # [bm, bk]
-            g = g + dot(x, w_ref[e, pl.ds(j * bn, bn), cols])  # gate rows j*bn ..
-            u = u + dot(x, w_ref[e, pl.ds(I + j * bn, bn), cols])  # the matching up rows
-            return g, u
-
         zero = jnp.zeros((bm, bn), jnp.float32)
 
         @pl.when(live)
         def _():
+            src = tok_ref[rows] if gather else rows  # [bm] source rows of x, loaded once for the loop
+
+            def body(k, carry):
+                g, u = carry
+                cols = pl.ds(k * bk, bk)
+                x = x_ref[src, cols]  # [bm, bk]
+                g = g + dot(x, w_ref[e, pl.ds(j * bn, bn), cols])  # gate rows j*bn ..
+                u = u + dot(x, w_ref[e, pl.ds(I + j * bn, bn), cols])  # the matching up rows
+                return g, u
+
             g, u = jax.lax.fori_loop(0, D // bk, body, (zero, zero))
             h_ref[rows, pl.ds(j * bn, bn)] = (g / (1.0 + jnp.exp(-g)) * u).astype(h_ref.dtype)
 
@@ -210,11 +220,11 @@ def _make_down_kernel(I: int, bm: int, tiles: dict, flat: bool, dot, pid):
 
         @pl.when(live)
         def _():
-            y_ref[rows, out] = jax.lax.fori_loop(0, I // bk, body, zero)
+            y_ref[rows, out] = jax.lax.fori_loop(0, I // bk, body, zero).astype(y_ref.dtype)
 
         @pl.when(jnp.logical_not(live))
         def _():
-            y_ref[rows, out] = zero
+            y_ref[rows, out] = zero.astype(y_ref.dtype)
 
     return kernel
 
@@ -223,31 +233,38 @@ def _scalars(block_e_N, n_blocks):
     return block_e_N.astype(jnp.int32), jnp.reshape(jnp.asarray(n_blocks, jnp.int32), (1,))
 
 
-def grouped_swiglu(x_RD, block_e_N, n_blocks, w_gu_XJD, mode: str, bm: int):
-    """h [R, I] in x's dtype: for each block n of bm rows (rows n*bm .. (n+1)*bm, all of expert e = block_e[n]),
-    silu(x W_gate_e^T) * (x W_up_e^T) with float32 accumulation, W_gate_e = w_gu[e, :I], W_up_e = w_gu[e, I:].
-    Blocks n >= n_blocks (a traced int32 scalar) are skipped and hold zeros."""
-    R, D = x_RD.shape
+def grouped_swiglu(x, block_e_N, n_blocks, w_gu_XJD, mode: str, bm: int, token_R=None):
+    """h [R, I] in x's dtype, R = N*bm: for each block n of bm rows (rows n*bm .. (n+1)*bm, all of expert
+    e = block_e[n]), silu(x W_gate_e^T) * (x W_up_e^T) with float32 accumulation, W_gate_e = w_gu[e, :I],
+    W_up_e = w_gu[e, I:]. x: the blocks' rows themselves, [R, D]; or, with token_R [R] (int32, `dispatch`'s), the
+    source rows [T + 1, D] (row T zeros, for the padding rows), row r of the block layout gathered in the kernel from
+    x[token_R[r]]: the same results without the [R, D] copy. Blocks n >= n_blocks (a traced int32 scalar) are
+    skipped and hold zeros."""
+    D = x.shape[1]
     I = w_gu_XJD.shape[1] // 2
     N = block_e_N.shape[0]
-    assert R == N * bm and w_gu_XJD.shape[2] == D, (x_RD.shape, block_e_N.shape, bm, w_gu_XJD.shape)
-    tiles = _tiles("swiglu", bm, I, D, max(x_RD.dtype.itemsize, w_gu_XJD.dtype.itemsize))
-    _check(mode, bm, tiles, "grouped_swiglu", x_RD, w_gu_XJD, block_e_N)
+    R = N * bm
+    assert w_gu_XJD.shape[2] == D and (x.shape[0] == R if token_R is None else token_R.shape == (R,)), (
+        x.shape, block_e_N.shape, bm, w_gu_XJD.shape, None if token_R is None else token_R.shape)
+    tiles = _tiles("swiglu", bm, I, D, max(x.dtype.itemsize, w_gu_XJD.dtype.itemsize))
+    out = jax.ShapeDtypeStruct((R, I), x.dtype)
+    rows = () if token_R is None else (token_R.astype(jnp.int32),)
+    _check(mode, bm, tiles, "grouped_swiglu", x, w_gu_XJD, block_e_N, out, *rows)
     grid, pid = _grid(N, I // tiles["bn"], tiles["rows_fastest"])
-    kernel = _make_swiglu_kernel(I, D, bm, tiles, _dot_fn(x_RD.dtype, w_gu_XJD.dtype), pid)
-    return _call(kernel, mode, jax.ShapeDtypeStruct((R, I), x_RD.dtype), grid, "grouped_swiglu", tiles)(
-        *_scalars(block_e_N, n_blocks), x_RD, w_gu_XJD)
+    kernel = _make_swiglu_kernel(I, D, bm, tiles, _dot_fn(x.dtype, w_gu_XJD.dtype), pid, bool(rows))
+    return _call(kernel, mode, out, grid, "grouped_swiglu", tiles)(*_scalars(block_e_N, n_blocks), *rows, x, w_gu_XJD)
 
 
-def grouped_down(h_RI, block_e_N, n_blocks, w_down, mode: str, bm: int, flat: bool):
-    """y [R, D] float32: each block's rows h W_down_e^T for its expert e = block_e[n], w_down [X, D, I] or, flat,
-    [D, X*I]. Blocks n >= n_blocks are skipped and hold zeros."""
+def grouped_down(h_RI, block_e_N, n_blocks, w_down, mode: str, bm: int, flat: bool, out_dtype=jnp.float32):
+    """y [R, D] in out_dtype (float32 accumulation, rounded once at the store): each block's rows h W_down_e^T for
+    its expert e = block_e[n], w_down [X, D, I] or, flat, [D, X*I]. Blocks n >= n_blocks are skipped and hold
+    zeros."""
     R, I = h_RI.shape
     N = block_e_N.shape[0]
     D = w_down.shape[0] if flat else w_down.shape[1]
     assert R == N * bm and (w_down.shape[1] % I == 0 if flat else w_down.shape[2] == I), (h_RI.shape, w_down.shape)
     tiles = _tiles("down", bm, D, I, max(h_RI.dtype.itemsize, w_down.dtype.itemsize))
-    out = jax.ShapeDtypeStruct((R, D), jnp.float32)
+    out = jax.ShapeDtypeStruct((R, D), out_dtype)
     _check(mode, bm, tiles, "grouped_down", h_RI, w_down, out)
     grid, pid = _grid(N, D // tiles["bn"], tiles["rows_fastest"])
     kernel = _make_down_kernel(I, bm, tiles, flat, _dot_fn(h_RI.dtype, w_down.dtype), pid)
@@ -311,11 +328,15 @@ def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto"):
     return token_R, jnp.minimum(block_e_N, X - 1), end_X[-1] // bm, row_M.reshape(T, A)
 
 
-def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm: int | None = None):
+def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm: int | None = None,
+                    gather_rows: bool = True, y_dtype=None):
     """[T, D] in x's dtype: sum_a w[t, a] * expert_{idx[t, a]}(x[t]), expert e(x) = W_down_e (silu(W_gate_e x) *
     W_up_e x), every assignment computed (dropless). w_gu [X, 2I, D]; w_down [X, D, I], or [D, X*I] when flat.
-    bm: rows per block (`block_rows` when None). The hidden activations are rounded to x's dtype between the
-    kernels; the down outputs and the weighted sum are float32."""
+    bm: rows per block (`block_rows` when None). gather_rows: the gate/up kernel gathers its rows of x itself
+    (`grouped_swiglu` with token_R); False: XLA gathers them into a padded [R, D] copy first (same results).
+    The hidden activations are rounded to x's dtype between the kernels; the down outputs to y_dtype (None: x's
+    dtype, as the training path's ragged_dot rows; jnp.float32: unrounded); the weighted sum is float32 either
+    way. `options` reads gather_rows and y_dtype from a tuning table."""
     T, D = x_TD.shape
     A = idx_TA.shape[1]
     X = w_gu.shape[0]
@@ -325,13 +346,30 @@ def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm:
     # growing from 6 to 81 us a layer once the layout came from counting instead of a scatter)
     (token_R, block_e_N, n_blocks, row_TA), w_TA = jax.lax.optimization_barrier((dispatch(idx_TA, X, bm), w_TA))
     x_pad = jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)])  # row T: the padding rows' input
-    xs_RD = jnp.take(x_pad, token_R, axis=0, mode="clip")
-    h_RI = grouped_swiglu(xs_RD, block_e_N, n_blocks, w_gu, mode, bm)
-    y_RD = grouped_down(h_RI, block_e_N, n_blocks, w_down, mode, bm, flat)
-    y_TAD = jnp.take(y_RD, row_TA.reshape(-1), axis=0, mode="clip").reshape(T, A, D)
+    if gather_rows:
+        h_RI = grouped_swiglu(x_pad, block_e_N, n_blocks, w_gu, mode, bm, token_R)
+    else:
+        xs_RD = jnp.take(x_pad, token_R, axis=0, mode="clip")
+        h_RI = grouped_swiglu(xs_RD, block_e_N, n_blocks, w_gu, mode, bm)
+    y_RD = grouped_down(h_RI, block_e_N, n_blocks, w_down, mode, bm, flat,
+                        x_TD.dtype if y_dtype is None else y_dtype)
+    y_TAD = jnp.take(y_RD, row_TA.reshape(-1), axis=0, mode="clip").reshape(T, A, D).astype(jnp.float32)
     # a multiply and a reduction, not an einsum: XLA:GPU would make that a float32 dot at its default (tf32)
     # precision, and it fuses the gather into the reduction
     return (y_TAD * w_TA.astype(jnp.float32)[..., None]).sum(1).astype(x_TD.dtype)
 
-__all__ = ["TUNING", "block_rows", "decode_block_rows", "dispatch", "experts_grouped", "grouped_down", "grouped_swiglu",
-           "n_blocks_bound", "supported"]
+
+DOWN_OUT = {"x": None, "float32": jnp.float32}  # a tuning table's grouped.down_out -> experts_grouped's y_dtype
+
+
+def options(table: dict) -> dict:
+    """experts_grouped's gather_rows and y_dtype from a tuning table's "grouped" entry (`kernels.TUNING["grouped"]`,
+    passed as an argument: `fused` passes the block's w["tuning"]["grouped"]): gather_in_kernel -> gather_rows,
+    down_out ("x": x's dtype, "float32") -> y_dtype. ValueError for another down_out."""
+    if table["down_out"] not in DOWN_OUT:
+        raise ValueError(f"kernel tuning grouped.down_out={table['down_out']!r}: one of {sorted(DOWN_OUT)}")
+    return {"gather_rows": bool(table["gather_in_kernel"]), "y_dtype": DOWN_OUT[table["down_out"]]}
+
+
+__all__ = ["TUNING", "DOWN_OUT", "block_rows", "decode_block_rows", "dispatch", "experts_grouped", "grouped_down",
+           "grouped_swiglu", "n_blocks_bound", "options", "supported"]

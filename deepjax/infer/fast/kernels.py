@@ -100,7 +100,13 @@ TUNING = {
     # decode_bm: rows per block of those grouped matmuls (a power of two >= 16; 0: `grouped.decode_block_rows`, about
     # one block per expert): at 512 rows, bench preset, one H100, 64 (the rule's) took 0.298 ms a layer, 32 0.311,
     # 16 (the prefill's `block_rows`) 0.336 (bench/tune.py grouped 512, docs/LOG.md session 24).
-    "grouped": {"decode_min_tokens": 512, "decode_bm": 0},
+    # gather_in_kernel, down_out: `grouped.options`, for the fused prefill's and decode's grouped experts alike.
+    # gather_in_kernel: the gate/up kernel gathers its rows of x by source token, no padded [R, D] copy (at 512 rows,
+    # bench preset, one H100: XLA's row gather took 11 us a layer, 17 MB written and read back); False: that copy.
+    # down_out: the down kernel's output rows in "x" (the activations' dtype, as training's ragged_dot) or "float32"
+    # (34 MB at 512 rows, written and read back by the combine, which weights and sums in float32 either way).
+    # Both on untimed: a GPU A/B against False / "float32" (the earlier behaviour) decides.
+    "grouped": {"decode_min_tokens": 512, "decode_bm": 0, "gather_in_kernel": True, "down_out": "x"},
 }
 
 
