@@ -282,7 +282,18 @@ def traced_iteration(run, s: int, part: str, out: str) -> None:
     spec = importlib.util.spec_from_file_location("bench_profile", os.path.join(os.path.dirname(__file__), "profile.py"))
     P = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(P)
-    P.summarize(out, top=30, top_host=8, split_at=0.5 if part == "sampler" else None)
+    from deepjax import held_jit  # lazy on purpose: as the imports above, only --trace needs it
+
+    sources = {}
+    for i, exe in enumerate(e for h in list(held_jit._LIVE) for e in h.executables.values()):
+        try:
+            text_i = exe.as_text()
+        except Exception:  # noqa: BLE001  (a backend without the text form: no sources, the kernel names stay)
+            continue
+        with open(os.path.join(out, f"hlo_{i}.txt"), "w") as fh:  # for mapping a trace's kernels later
+            fh.write(text_i)
+        sources.update(P.hlo_sources(text_i))
+    P.summarize(out, top=30, top_host=8, split_at=0.5 if part == "sampler" else None, sources=sources)
 
 
 def sampler_alone(run, s: int, reps: int = 2) -> None:

@@ -23,6 +23,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import time
 
 
@@ -140,7 +141,53 @@ def split(ks, frac: float = 0.6, top: int = 12):
     print("memcpy sizes (bytes: count):", sizes.most_common(10))
 
 
-def summarize(out: str, top: int = 25, top_host: int = 25, seq: int = 0, split_at=None):
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*metadata=\{([^}]*)\}")
+
+
+def hlo_sources(text: str, frames: int = 3) -> dict:
+    """{(module, instruction): "file:line function < caller ... | op_name's tail"} for the instructions of an optimized
+    HLO module's text (`Compiled.as_text()`) that carry source metadata: what a trace's kernel names (its `hlo_op`
+    argument: a fusion or a custom call) stand for in the Python code. Reads either form of the metadata: a
+    `stack_frame_id` into the module's StackFrames / FileLocations / FileNames tables (their parent ids printed one
+    higher, 0 for none), or source_file / source_line."""
+    module = re.match(r"HloModule ([\w.\-]+)", text)
+    module = module.group(1) if module else ""
+    tables = {}
+    for section in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+        m = re.search(rf"^{section}\n((?:\d+ .*\n)+)", text, re.M)
+        tables[section] = dict(line.split(" ", 1) for line in m.group(1).splitlines()) if m else {}
+    field = lambda entry, key: (re.search(rf"{key}=(\d+)", entry) or [None, ""])[1]  # noqa: E731
+    strip = lambda v: v.strip().strip('"')  # noqa: E731
+
+    def frame(fid: str) -> tuple:
+        entry = tables["StackFrames"].get(fid, "")
+        loc = tables["FileLocations"].get(field(entry, "file_location_id"), "")
+        name = os.path.basename(strip(tables["FileNames"].get(field(loc, "file_name_id"), "?")))
+        fn = strip(tables["FunctionNames"].get(field(loc, "function_name_id"), "?"))
+        parent = field(entry, "parent_frame_id")
+        return f"{name}:{field(loc, 'line')} {fn}", str(int(parent) - 1) if parent else "0"
+
+    out = {}
+    for line in text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        meta = m.group(2)
+        op = (re.search(r'op_name="([^"]*)"', meta) or [None, ""])[1]
+        chain, fid = [], field(meta, "stack_frame_id")
+        while fid and fid != "0" and len(chain) < frames:
+            where, fid = frame(fid)
+            chain.append(where)
+        sf = re.search(r'source_file="?([^" ]+)', meta)
+        if not chain and sf:
+            chain.append(f"{os.path.basename(sf.group(1))}:{field(meta, 'source_line')}")
+        if chain or op:
+            out[(module, m.group(1))] = " < ".join(chain) + " | " + "/".join(op.split("/")[-2:])
+    return out
+
+
+def summarize(out: str, top: int = 25, top_host: int = 25, seq: int = 0, split_at=None, sources=None):
+    """sources: `hlo_sources` of the traced modules (their union), printed beside each top kernel."""
     events, pids, gpu = load_trace(out)
     ks = gpu_kernels(events, gpu)
     if not ks:
@@ -159,6 +206,10 @@ def summarize(out: str, top: int = 25, top_host: int = 25, seq: int = 0, split_a
     for name, us in tot.most_common(top):
         a = info[name]
         hlo = a.get("long_name") or a.get("hlo_op") or a.get("tf_op") or ""
+        if sources:
+            src = sources.get((a.get("hlo_module", ""), a.get("hlo_op", ""))) or next(
+                (v for (mod, op), v in sources.items() if op == a.get("hlo_op")), None)
+            hlo = src or hlo
         print(f"{us / 1e3:9.2f} ms {100 * us / all_us:5.1f}% {cnt[name]:7d}  {name[:60]}  {str(hlo)[:160]}")
     host, hcnt, _ = _by_name(e for e in events if e.get("ph") == "X" and e.get("pid") not in gpu)
     print("host events (total ms, count):")

@@ -65,3 +65,32 @@ def test_donation_and_tracers():
     out = jax.jit(lambda a: step(a, a)[1])(jnp.full(3, 2.0))
     np.testing.assert_allclose(out, 12.0)
     assert step.compiles == 1
+
+
+def test_profile_maps_kernels_to_source_lines():
+    """bench/profile.py's `hlo_sources` (grpo_bench --trace prints it beside each kernel) reads the held executable's
+    optimized HLO: each instruction's innermost frames and op name."""
+    import importlib.util
+    import inspect
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_profile", os.path.join(os.path.dirname(__file__), "..", "bench", "profile.py"))
+    P = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(P)
+
+    def inner(y):
+        return jnp.sin(y) * 3.0
+
+    def outer(x):
+        return inner(jnp.tanh(x)).sum()
+
+    f = held_jit(outer)
+    f(jnp.ones((8, 8)))
+    (exe,) = f.executables.values()
+    src = P.hlo_sources(exe.as_text())
+    line = inspect.getsourcelines(inner)[1] + 1  # the line of jnp.sin
+    sines = [v for (mod, op), v in src.items() if "/sin" in v]
+    assert sines and all(v.startswith(f"test_held_jit.py:{line} ") and ".inner < test_held_jit.py:" in v
+                         and ".outer < " in v for v in sines), src
+    assert all(mod == next(iter(src))[0] and mod for mod, _ in src)
