@@ -285,7 +285,8 @@ def traced_iteration(run, s: int, part: str, out: str) -> None:
     from deepjax import held_jit  # lazy on purpose: as the imports above, only --trace needs it
 
     sources = {}
-    for i, exe in enumerate(e for h in list(held_jit._LIVE) for e in h.executables.values()):
+    # each held function's most recent executable (the traced one; its shapes' others share its module name)
+    for i, exe in enumerate(next(reversed(h.executables.values())) for h in list(held_jit._LIVE) if h.executables):
         try:
             text_i = exe.as_text()
         except Exception:  # noqa: BLE001  (a backend without the text form: no sources, the kernel names stay)

@@ -70,7 +70,7 @@ def dump_hlo(path: str, batch: int, prompt: int, new: int, fused: bool = True, k
     from deepjax.infer import sampling as SP
 
     graphdef, params, prompts, lengths, sc = _setup(batch, prompt, new, fused, kernels, abstract=True)
-    opts = SP.GPU_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None
+    opts = SP.compiler_options(jax.default_backend(), True, batch)
     f = jax.jit(lambda p, x, l, k: SP.generate(graphdef, p, x, l, k, sc), compiler_options=opts)
     text = f.lower(params, prompts, lengths, jax.random.key(0)).compile().as_text()
     with open(path, "w") as fh:
@@ -206,10 +206,8 @@ def summarize(out: str, top: int = 25, top_host: int = 25, seq: int = 0, split_a
     for name, us in tot.most_common(top):
         a = info[name]
         hlo = a.get("long_name") or a.get("hlo_op") or a.get("tf_op") or ""
-        if sources:
-            src = sources.get((a.get("hlo_module", ""), a.get("hlo_op", ""))) or next(
-                (v for (mod, op), v in sources.items() if op == a.get("hlo_op")), None)
-            hlo = src or hlo
+        if sources:  # by (module, instruction) only: generic names (add.0, loop_convert_fusion) recur in modules
+            hlo = sources.get((str(a.get("hlo_module", "")).split(",")[0], a.get("hlo_op", ""))) or hlo
         print(f"{us / 1e3:9.2f} ms {100 * us / all_us:5.1f}% {cnt[name]:7d}  {name[:60]}  {str(hlo)[:160]}")
     host, hcnt, _ = _by_name(e for e in events if e.get("ph") == "X" and e.get("pid") not in gpu)
     print("host events (total ms, count):")

@@ -252,8 +252,11 @@ def test_options_from_tuning():
     assert KG.options(KN.tuning()["grouped"]) == {"gather_rows": True, "y_dtype": None}
     old = KN.tuning(("grouped.gather_in_kernel=False", "grouped.down_out='float32'"))["grouped"]
     assert KG.options(old) == OLD
+    assert KG.options(KN.tuning(("grouped.down_out=float32",))["grouped"])["y_dtype"] == jnp.float32  # unquoted
+    with pytest.raises(ValueError, match="down_out"):  # at validation, not first at tracing
+        KN.tuning(("grouped.down_out='bf16'",))
     with pytest.raises(ValueError, match="down_out"):
-        KG.options(KN.tuning(("grouped.down_out='bf16'",))["grouped"])
+        KG.options({"gather_in_kernel": True, "down_out": "bf16"})
 
 
 def test_supported_shapes():

@@ -299,7 +299,8 @@ def test_bad_sampling_settings_are_named(tiny):
              (dict(kernel_tuning=("grouped.decode_min_tokens='64'",)), "kernel_tuning"),
              (dict(kernel_tuning=("down.split=1",)), "kernel_tuning"),
              (dict(kernel_tuning=("down=1",)), "kernel_tuning"),
-             (dict(kernel_tuning=("grouped.decode_bm=48",)), "kernel_tuning")]
+             (dict(kernel_tuning=("grouped.decode_bm=48",)), "kernel_tuning"),
+             (dict(kernel_tuning=("grouped.down_out=bf16",)), "kernel_tuning")]
     if jax.default_backend() != "gpu":
         cases.append((dict(decoder="pallas"), "decoder"))  # Pallas here compiles for GPU only
     for kw, field in cases:
@@ -378,3 +379,12 @@ def test_float32_master_weights_are_cast_once_without_changing_samples(decoder, 
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_array_equal(np.asarray(got.routes), np.asarray(want.routes))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), rtol=0, atol=1e-6)
+
+
+def test_compiler_options_by_rows():
+    """jit_generate's XLA options: cuBLAS for XLA's dense products from CUBLAS_MIN_ROWS rows on one GPU (measured at
+    GRPO's 512), the concurrent command buffers on one GPU at any size, nothing on CPU or under a mesh."""
+    many, few = SP.CUBLAS_MIN_ROWS, SP.CUBLAS_MIN_ROWS - 1
+    assert SP.compiler_options("gpu", True, many) == {**SP.GPU_COMPILER_OPTIONS, "xla_gpu_enable_triton_gemm": False}
+    assert SP.compiler_options("gpu", True, few) == SP.GPU_COMPILER_OPTIONS
+    assert SP.compiler_options("gpu", False, many) is None and SP.compiler_options("cpu", True, many) is None

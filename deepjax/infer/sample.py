@@ -382,7 +382,7 @@ class _Plan:
             return SP.advance(model, layers, tok, lengths_B.astype(jnp.int32) + i, cache, key, sc)[:4]
 
         t = time.perf_counter()
-        options = SP.GPU_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None  # as jit_generate on one GPU
+        options = SP.compiler_options(jax.default_backend(), True, prompts_BP.shape[0])  # as jit_generate's
         lowered = jax.jit(prepare).lower(params, prompts_BP, lengths_B, key)  # traced first: it sets self.static
         arrays, cache, tok, _, key = lowered.out_info
         self.prepare = lowered.compile(options)

@@ -754,7 +754,8 @@ def _generate_mtp(model: Transformer, prompts_BP, lengths_B, sc: SamplingConfig,
 def jit_generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, experts_fn=None) -> Output:
     """`generate` under jax.jit (graphdef, sampling config and experts_fn static; retraced per mesh context)."""
     cache_length(sc, prompts_BP.shape[1])
-    return _jitted()(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, sharding.context_key())
+    return _jitted(prompts_BP.shape[0])(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn,
+                                          sharding.context_key())
 
 
 # XLA:GPU compiler options for `jit_generate`. CONCURRENT: the command buffers (CUDA graphs) run kernels without a
@@ -763,21 +764,34 @@ def jit_generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfi
 # tokens/s at batch 64 when it was introduced, batch 1 unchanged; docs/LOG.md). XLA assigns temporaries less
 # tightly under it (more memory for activations).
 GPU_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+# From this many rows a call, XLA's own dense products (the attention's projections, the head) go to cuBLAS instead
+# of XLA's Triton GEMM fusions: at GRPO's 512 rows (bench preset, prompt 48, 512 new tokens, temperature 1, routes
+# recorded, one H100) the sampler call took 1.368 s against 1.416 (docs/LOG.md session 26). Fewer rows were not
+# timed, so they keep XLA's default (decode at batch 1 and 64 is issue 19's other target).
+CUBLAS_MIN_ROWS = 256
 _JITS: dict = {}
 
 
-def _jitted():
-    """The jitted generate for the default backend (built on first use: the backend is not known at import). The
-    compiler options apply on one GPU only: they were measured there, not with a mesh's collectives. A `held_jit`:
-    a GRPO update traced between two rollouts cannot evict the sampler's executable (deepjax/held_jit.py)."""
-    backend = (jax.default_backend(), sharding.current() is None)
-    if backend not in _JITS:
+def compiler_options(backend: str, one_device: bool, rows: int) -> dict | None:
+    """`jit_generate`'s XLA compiler options: on one GPU GPU_COMPILER_OPTIONS, with XLA's Triton GEMM fusions off
+    from CUBLAS_MIN_ROWS rows; None elsewhere (measured on one GPU only, not with a mesh's collectives)."""
+    if backend != "gpu" or not one_device:
+        return None
+    return {**GPU_COMPILER_OPTIONS, **({"xla_gpu_enable_triton_gemm": False} if rows >= CUBLAS_MIN_ROWS else {})}
+
+
+def _jitted(rows: int = 1):
+    """The jitted generate for the default backend and `compiler_options` (built on first use: the backend is not
+    known at import). A `held_jit`: a GRPO update traced between two rollouts cannot evict the sampler's executable
+    (deepjax/held_jit.py)."""
+    options = compiler_options(jax.default_backend(), sharding.current() is None, rows)
+    key = (jax.default_backend(), sharding.current() is None, tuple(sorted((options or {}).items())))
+    if key not in _JITS:
         def f(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn, mesh_context):
             del mesh_context
             return generate(graphdef, params, prompts_BP, lengths_B, key, sc, experts_fn)
-        _JITS[backend] = held_jit(f, static_argnums=(0, 5, 6, 7),
-                                  compiler_options=GPU_COMPILER_OPTIONS if backend == ("gpu", True) else None)
-    return _JITS[backend]
+        _JITS[key] = held_jit(f, static_argnums=(0, 5, 6, 7), compiler_options=options)
+    return _JITS[key]
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int = 0, multiple: int = 8):

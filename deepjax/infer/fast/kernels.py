@@ -122,6 +122,8 @@ def _triple(item):
             raise ValueError
         return kernel, setting, ast.literal_eval(value.strip())
     except (ValueError, SyntaxError):
+        if eq and dot and isinstance(TUNING.get(kernel, {}).get(setting), str) and value.strip():
+            return kernel, setting, value.strip()  # a text setting unquoted (a shell strips the quotes)
         raise ValueError(f"kernel tuning {item!r}: KERNEL.SETTING=VALUE, e.g. grouped.decode_min_tokens=256") from None
 
 
@@ -138,6 +140,8 @@ def tuning(overrides=()) -> dict:
             raise ValueError(f"kernel tuning {item!r}: {item[0]}.{item[1]} takes a {want.__name__}")
         if item[:2] == ("grouped", "decode_bm") and item[2] and not (item[2] >= 16 and item[2] & (item[2] - 1) == 0):
             raise ValueError(f"kernel tuning {item!r}: grouped.decode_bm is 0 (automatic) or a power of two >= 16")
+        if item[:2] == ("grouped", "down_out") and item[2] not in KG.DOWN_OUT:
+            raise ValueError(f"kernel tuning {item!r}: grouped.down_out is one of {sorted(KG.DOWN_OUT)}")
         out[item[0]][item[1]] = item[2]
     return out
 
