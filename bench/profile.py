@@ -183,7 +183,8 @@ def hlo_sources(text: str, frames: int = 3) -> dict:
             chain.append(f"{os.path.basename(sf.group(1))}:{field(meta, 'source_line')}")
         if chain or op:
             out[(module, m.group(1))] = " < ".join(chain) + " | " + "/".join(op.split("/")[-2:])
-    return out
+    # kernels are named after their instruction with "." as "_" (loop_add_fusion.60 -> loop_add_fusion_60)
+    return {**{(mod, name.replace(".", "_")): v for (mod, name), v in out.items()}, **out}
 
 
 def summarize(out: str, top: int = 25, top_host: int = 25, seq: int = 0, split_at=None, sources=None):
@@ -206,8 +207,10 @@ def summarize(out: str, top: int = 25, top_host: int = 25, seq: int = 0, split_a
     for name, us in tot.most_common(top):
         a = info[name]
         hlo = a.get("long_name") or a.get("hlo_op") or a.get("tf_op") or ""
-        if sources:  # by (module, instruction) only: generic names (add.0, loop_convert_fusion) recur in modules
-            hlo = sources.get((str(a.get("hlo_module", "")).split(",")[0], a.get("hlo_op", ""))) or hlo
+        if sources:  # by (module, instruction) only: generic names (add.0, loop_convert_fusion) recur in modules.
+            # Inside a command buffer (CUDA graph) the trace's hlo_op is the buffer; the kernel's name is the fusion's
+            mod = str(a.get("hlo_module", "")).split(",")[0]
+            hlo = sources.get((mod, a.get("hlo_op", ""))) or sources.get((mod, name)) or hlo
         print(f"{us / 1e3:9.2f} ms {100 * us / all_us:5.1f}% {cnt[name]:7d}  {name[:60]}  {str(hlo)[:160]}")
     host, hcnt, _ = _by_name(e for e in events if e.get("ph") == "X" and e.get("pid") not in gpu)
     print("host events (total ms, count):")
