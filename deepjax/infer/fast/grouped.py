@@ -281,11 +281,13 @@ def n_blocks_bound(n_assign: int, n_experts: int, bm: int) -> int:
     return -(-(n_assign + min(n_experts, n_assign) * (bm - 1)) // bm)
 
 
-# `dispatch` ranks the assignments within their expert by counting (a cumulative sum over a one-hot [T*A, X]) up to
-# this many one-hot elements, else by a stable sort. Both give the same layout. At 512 decode rows on the bench
-# preset (4,096 assignments x 66 experts) XLA:GPU's sort took 31 us of a ~290 us layer, on its critical path
-# (bench/profile.py, one H100, docs/LOG.md session 24). The bound keeps prefills of many tokens (8,192 x 8
-# assignments: 4.3M elements), where counting was not timed, on the sort.
+# `dispatch` ranks the assignments within their expert by counting (a cumulative sum over the tokens' expert
+# counts) up to this many elements of the one-hot [T*A, X], else by a stable sort. Both give the same layout. At 512
+# decode rows on the bench preset (4,096 assignments x 66 experts) XLA:GPU's sort took 31 us of a ~290 us layer, on
+# its critical path (bench/profile.py, one H100, docs/LOG.md session 24). The bound keeps prefills of many tokens
+# (8,192 x 8 assignments: 4.3M elements), where counting was not timed, on the sort. The running sum was over the
+# T*A assignments' one-hot until session 26 (two reduce-window kernels, ~6 us a layer at 512 rows); it is over the
+# T tokens' [T, X] counts now (untimed).
 COUNT_MAX = 1 << 20
 
 
@@ -294,8 +296,8 @@ def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto"):
     (token_R: source token of each padded row, T for padding rows; block_e_N: expert of each block, X - 1 for the
     blocks past the data; n_blocks: blocks holding data, a scalar; row_TA: each assignment's padded row).
     Within an expert the rows keep token order (a stable sort's order). method: "count" (each assignment's rank in
-    its expert from a cumulative sum over the one-hot [T*A, X]), "sort" (a stable argsort by expert), "auto"
-    (count up to COUNT_MAX one-hot elements)."""
+    its expert from a cumulative sum over the tokens' expert counts [T, X]), "sort" (a stable argsort by expert),
+    "auto" (count up to COUNT_MAX elements of the one-hot [T*A, X])."""
     T, A = idx_TA.shape
     M = T * A
     X = n_experts
@@ -311,9 +313,16 @@ def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto"):
     start_X = end_X - padded_X  # first padded row of each expert
     arange_M = jnp.arange(M, dtype=jnp.int32)
     if method == "count":
-        hot_MX = (flat_M[:, None] == jnp.arange(X, dtype=jnp.int32)[None, :]).astype(jnp.int32)
-        before_MX = jnp.cumsum(hot_MX, 0) - hot_MX  # earlier assignments to each expert
-        rank_M = (before_MX * hot_MX).sum(1)  # (one nonzero term: the assignment's own expert)
+        # an assignment's rank in its expert: its expert's assignments in earlier tokens (a running sum over the T
+        # tokens of [T, X] counts, A times shorter than one over the T*A assignments) plus the token's own earlier
+        # assignments to it (none under top-k routing; [T, A, A] comparisons)
+        idx_TA = idx_TA.astype(jnp.int32)
+        hot_TX = (idx_TA[:, :, None] == jnp.arange(X, dtype=jnp.int32)[None, None, :]).sum(1, dtype=jnp.int32)
+        before_TX = jnp.cumsum(hot_TX, 0) - hot_TX
+        a_A = jnp.arange(A)
+        earlier_AA = (a_A[None, :] < a_A[:, None])[None]  # [1, A, A]: a' before a
+        within_TA = ((idx_TA[:, :, None] == idx_TA[:, None, :]) & earlier_AA).sum(-1, dtype=jnp.int32)
+        rank_M = (jnp.take_along_axis(before_TX, idx_TA, 1) + within_TA).reshape(-1)
         row_M = start_X[flat_M] + rank_M  # padded row of each assignment
         token_R = jnp.full((N * bm,), T, jnp.int32).at[row_M].set(arange_M // A, unique_indices=True)
     else:
