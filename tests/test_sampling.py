@@ -388,3 +388,32 @@ def test_compiler_options_by_rows():
     assert SP.compiler_options("gpu", True, many) == {**SP.GPU_COMPILER_OPTIONS, "xla_gpu_enable_triton_gemm": False}
     assert SP.compiler_options("gpu", True, few) == SP.GPU_COMPILER_OPTIONS
     assert SP.compiler_options("gpu", False, many) is None and SP.compiler_options("cpu", True, many) is None
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_stop_checked_every_k_steps_changes_nothing(tiny, monkeypatch, early):
+    """With EOS ids the loop checks whether every row has ended once every K steps (`STOP_CHECK_EVERY`, dividing
+    max_new_tokens): tokens, log-probs, lengths, done and each row's routes equal a check after every step, when
+    rows end in different chunks and when every row ends in the first chunk (the chunk then runs on)."""
+    cfg, graphdef, params = tiny
+    prompts, lengths = SP.pad_prompts(list(PROMPTS))
+    args = (graphdef, params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(3))
+    N = 24  # K = gcd(24, 16) = 8: three chunks
+    free = np.asarray(SP.jit_generate(*args, SP.SamplingConfig(max_new_tokens=N, temperature=0.0)).tokens)
+    eos = tuple(sorted({int(t) for t in free[:, 1]})) if early else (int(free[0, 10]), int(free[1, 3]))
+    sc = SP.SamplingConfig(max_new_tokens=N, temperature=0.0, eos_ids=eos, record_routes=True)
+    outs = []
+    for every in (1, SP.STOP_CHECK_EVERY):
+        monkeypatch.setattr(SP, "STOP_CHECK_EVERY", every)
+        SP._JITS.clear()  # (read while tracing)
+        outs.append(SP.jit_generate(*args, sc))
+    one, chunked = outs
+    n = np.asarray(one.lengths)
+    assert (n < N).any() and (n <= 2).all() == early
+    for f in ("tokens", "logprobs", "lengths", "done"):
+        np.testing.assert_array_equal(np.asarray(getattr(one, f)), np.asarray(getattr(chunked, f)), err_msg=f)
+    r1, rk = np.asarray(one.routes), np.asarray(chunked.routes)
+    for b in range(len(PROMPTS)):  # positions up to the row's last token
+        end = int(lengths[b]) + int(n[b])
+        np.testing.assert_array_equal(r1[b, :end], rk[b, :end])
+    assert np.array_equal(r1, rk) != early  # every row ended early: the chunk ran on past them (routes written)
