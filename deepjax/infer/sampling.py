@@ -561,7 +561,9 @@ class Output(NamedTuple):
     drafts_accepted: Optional[jax.Array] = None  # [B] int32: of those, the ones equal to the main model's token
     # [B, S, L_moe, K] int16 (int32 past 32,768 experts: `routes_out`), with record_routes: the experts each token
     # fed to the model used in each MoE layer, at its position (prompt at [0, length), the i-th new token at
-    # length + i; the last sampled token is never fed: -1 there and wherever nothing was recorded)
+    # length + i, up to the row's last new token, which is never fed: -1 there and where nothing was recorded; past
+    # a row's end, the routes of whatever the loop went on feeding it while other rows ran, or while a chunk of the
+    # EOS check finished: `generate`; consumers mask them, as rl.update's routes placement does)
     routes: Optional[jax.Array] = None
     # [B, N, top_k] int32, with record_support: the ids of the truncated set each new token was drawn from (-1 past
     # the top-p cut and after a row stopped); logprobs are then under that set's renormalized distribution
