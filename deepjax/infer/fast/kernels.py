@@ -105,7 +105,8 @@ TUNING = {
     # bench preset, one H100: XLA's row gather took 11 us a layer, 17 MB written and read back); False: that copy.
     # down_out: the down kernel's output rows in "x" (the activations' dtype, as training's ragged_dot) or "float32"
     # (34 MB at 512 rows, written and read back by the combine, which weights and sums in float32 either way).
-    # Both on untimed: a GPU A/B against False / "float32" (the earlier behaviour) decides.
+    # GRPO's 512-row sampler call on one H100 (docs/LOG.md session 26): 1.416 s with both, 1.464 with the XLA
+    # copy, 1.511 with the copy and float32 rows.
     "grouped": {"decode_min_tokens": 512, "decode_bm": 0, "gather_in_kernel": True, "down_out": "x"},
 }
 
