@@ -299,10 +299,12 @@ def traced_iteration(run, s: int, part: str, out: str) -> None:
 
 def sampler_alone(run, s: int, reps: int = 2) -> None:
     """Issue 19.3's comparison in one process: the same rows and prompts as the rollout, the sampler alone
-    (`sampling.jit_generate`, no text decode, no scoring), first as the rollout calls it (float32 master weights,
-    temperature 1, routes recorded), then as bench/sampling_bench.py times it (bf16 weights, greedy, no routes).
-    One JSON line each with tokens/s (new tokens over the call); the rollout's own tokens/s is the iterations'
-    generate_tokens_per_s."""
+    (`sampling.jit_generate`, no text decode, no scoring): as the rollout calls it (float32 master weights,
+    temperature 1, routes recorded, the tokenizer's EOS: the loop checks for the end every
+    `sampling.STOP_CHECK_EVERY` steps), the same with the check after every step (`as_rollout_check_each_step`),
+    the same without EOS ids (`as_rollout_no_eos`: the loop's trip count known), then as bench/sampling_bench.py
+    times it (bf16 weights, greedy, no routes). One JSON line each with tokens/s (new tokens over the call); the
+    rollout's own tokens/s is the iterations' generate_tokens_per_s."""
     import jax
     import jax.numpy as jnp
 
@@ -313,20 +315,29 @@ def sampler_alone(run, s: int, reps: int = 2) -> None:
     P, L = jnp.asarray(P), jnp.asarray(L)
     params = run.policy_params()
     bf16 = SP.compute_params(params, run.cfg.model.dtype)  # as sampling_bench's: the router's gate stays float32
-    for name, p, c in (("as_rollout", params, sc),
-                       ("as_sampling_bench", bf16, dataclasses.replace(sc, temperature=0.0, record_routes=False,
-                                                                       record_support=False))):
-        key = jax.random.key(s)
-        jax.block_until_ready(SP.jit_generate(run.graphdef, p, P, L, key, c).tokens)
-        best, n = float("inf"), 0
-        for _ in range(reps):
-            t = time.perf_counter()
-            out = SP.jit_generate(run.graphdef, p, P, L, key, c)
-            n = int(jax.device_get(out.lengths).sum())
-            best = min(best, time.perf_counter() - t)
+    every = SP.STOP_CHECK_EVERY
+    modes = (("as_rollout", params, sc, every), ("as_rollout_check_each_step", params, sc, 1),
+             ("as_rollout_no_eos", params, dataclasses.replace(sc, eos_ids=()), every),
+             ("as_sampling_bench", bf16, dataclasses.replace(sc, temperature=0.0, record_routes=False,
+                                                             record_support=False, eos_ids=()), every))
+    for name, p, c, stop_every in modes:
+        SP.STOP_CHECK_EVERY = stop_every
+        SP._JITS.clear()  # traced anew: the check interval is read while tracing
+        try:
+            key = jax.random.key(s)
+            jax.block_until_ready(SP.jit_generate(run.graphdef, p, P, L, key, c).tokens)
+            best, n = float("inf"), 0
+            for _ in range(reps):
+                t = time.perf_counter()
+                out = SP.jit_generate(run.graphdef, p, P, L, key, c)
+                n = int(jax.device_get(out.lengths).sum())
+                best = min(best, time.perf_counter() - t)
+        finally:
+            SP.STOP_CHECK_EVERY = every
+            SP._JITS.clear()
         emit(what="deepjax_sampler_alone", mode=name, rows=int(P.shape[0]), prompt_width=int(P.shape[1]),
              new_tokens=n, s=best, tokens_per_s=n / best, temperature=c.temperature,
-             record_routes=c.record_routes)
+             record_routes=c.record_routes, eos_ids=list(c.eos_ids), stop_check_every=stop_every)
 
 
 def run_deepjax(args) -> dict:

@@ -332,3 +332,12 @@ def test_sampling_mask_replay(setup, grpo_step):
     assert float(metrics["sampler_trainer_logp_gap_max"]) < 2e-5
     _, metrics = step(TS.init_state(params, opt, 0), _jnp(b._replace(support=None)))
     assert float(metrics["sampler_trainer_logp_gap_max"]) > 1e-3
+
+
+def test_update_compiler_options_one_gpu_only():
+    """cuBLAS for the update's dense products on one GPU; XLA's defaults on a mesh of several devices and off GPU."""
+    assert update.compiler_options("gpu", True) == {"xla_gpu_enable_triton_gemm": False}
+    assert update.compiler_options("gpu", False) is None and update.compiler_options("cpu", True) is None
+    opts = update.compiler_options("gpu", True)
+    opts["x"] = 1  # a copy: the module's constant is not changed by a caller
+    assert update.GPU_UPDATE_OPTIONS == {"xla_gpu_enable_triton_gemm": False}

@@ -141,7 +141,8 @@ class GRPORun(Run):
         self.ref = self.extras.get("ref")
         if self.ref_needed and self.ref is None:
             self.ref = self.policy_copy()
-        self._update = self.jit_update(make_step(self.graphdef, cfg, self.optimizer, self.schedule))
+        self._update = self.jit_update(make_step(self.graphdef, cfg, self.optimizer, self.schedule),
+                                       update.compiler_options(jax.default_backend(), self.mesh.devices.size == 1))
         # MoE models: rollouts record each token's experts (replayed by the update, or only compared: routing_replay)
         # and with top-k truncation and rl.mask_replay, the set each token was drawn from (sampling-mask replay)
         self.sampling = dataclasses.replace(r.rollout_sampling(), record_routes=cfg.model.n_moe_layers > 0,

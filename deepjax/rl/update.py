@@ -299,6 +299,18 @@ def combine_micro_metrics(per_micro: dict) -> dict:
     return out
 
 
+# XLA:GPU compiler options for the update on one GPU: XLA's own dense products (attention projections, the head and
+# its gradients) on cuBLAS instead of XLA's Triton GEMM fusions. Measured at the bench shape (512 rows, 8
+# micro-batches, one H100) under the global flag in session 26 (update 1.323 s against 1.340, +1.6 GiB peak) and as
+# this program's own option in session 27 (docs/LOG.md). A mesh of several devices keeps XLA's defaults (untimed).
+GPU_UPDATE_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def compiler_options(backend: str, one_device: bool) -> dict | None:
+    """The GRPO update's XLA compiler options: GPU_UPDATE_OPTIONS on one GPU, None (XLA's defaults) elsewhere."""
+    return dict(GPU_UPDATE_OPTIONS) if backend == "gpu" and one_device else None
+
+
 def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
                    grpo_cfg: G.GRPOConfig, temperature: float, *, bias_update_speed: float = 0.0, experts_fn=None,
                    lr_schedule: Optional[optax.Schedule] = None, routing_replay: bool = True,
@@ -365,4 +377,5 @@ def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTr
 
 __all__ = ["Rollouts", "rollouts_from_samples", "routes_on_device", "logprobs_from_logits", "policy_logprobs",
            "token_logprobs",
-           "token_logprobs_and_entropy", "jit_token_logprobs", "grpo_objective", "make_grpo_step"]
+           "token_logprobs_and_entropy", "jit_token_logprobs", "grpo_objective", "make_grpo_step", "compiler_options",
+           "GPU_UPDATE_OPTIONS"]

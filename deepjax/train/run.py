@@ -251,10 +251,12 @@ class Run:
         """The `sharding.use_mesh` context of this run (MoE dispatch, activation constraints)."""
         return S.use_mesh(self.mesh, self.rules)
 
-    def jit_update(self, fn):
-        """`fn(state, batch) -> (state, metrics)` jitted under the mesh: the state donated, kept in its shardings."""
+    def jit_update(self, fn, compiler_options: Optional[dict] = None):
+        """`fn(state, batch) -> (state, metrics)` jitted under the mesh: the state donated, kept in its shardings;
+        compiler_options: XLA's, for this program (None: the defaults)."""
         with self.on_mesh():
-            return held_jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
+            return held_jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None),
+                            compiler_options=compiler_options)
 
     def to_global(self, x: np.ndarray) -> jax.Array:
         """A [rows, ...] host array (the same on every process) as a global array split over the batch axes."""
