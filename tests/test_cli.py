@@ -68,27 +68,26 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_compile_cache_env(tmp_path):
-    """DEEPJAX_COMPILE_CACHE=DIR writes jax's persistent compilation cache there; off (and the CPU default) writes
-    none."""
+    """DEEPJAX_COMPILE_CACHE=DIR writes jax's persistent compilation cache there (a whole `deepjax info` run); off
+    (and the CPU default) turns nothing on and makes no directory, which `cli.main` decides before any command runs
+    (`compile_cache`, probed in fresh processes: the decision never starts jax's backend)."""
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"), DEEPJAX_COMPILE_CACHE_MIN_SECS="0")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    run = lambda **kw: subprocess.run([sys.executable, "-m", "deepjax", "info", "tiny"], cwd=REPO,  # noqa: E731
-                                      capture_output=True, text=True, timeout=300, env=dict(env, **kw))
+    env.pop("DEEPJAX_COMPILE_CACHE", None)
     cache = tmp_path / "cache"
-    r = run(DEEPJAX_COMPILE_CACHE=str(cache))
+    r = subprocess.run([sys.executable, "-m", "deepjax", "info", "tiny"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=dict(env, DEEPJAX_COMPILE_CACHE=str(cache)))
     assert r.returncode == 0, r.stderr
     assert cache.is_dir() and any(cache.iterdir())
-    r = run(DEEPJAX_COMPILE_CACHE="off")
-    assert r.returncode == 0, r.stderr
-    r = run()  # unset: off on CPU
-    assert r.returncode == 0, r.stderr
-    assert not (tmp_path / "xdg" / "deepjax").exists()
     # deciding never starts jax's backend (on several processes jax.distributed.initialize must come first)
-    probe = ("from jax._src import xla_bridge as xb; from deepjax import cli; d = cli.compile_cache(); "
-             "assert not xb.backends_are_initialized(); print(d)")
+    probe = ("import jax; from jax._src import xla_bridge as xb; from deepjax import cli; d = cli.compile_cache(); "
+             "assert not xb.backends_are_initialized(); print(d, jax.config.jax_compilation_cache_dir)")
     import importlib.util
     plugin = any(importlib.util.find_spec(m) for m in cli.ACCELERATOR_PLUGINS)
-    for platforms, want in (("cpu", "None"), ("", "xla" if plugin else "None")):
+    cases = ((dict(JAX_PLATFORMS="cpu"), "None None"), (dict(JAX_PLATFORMS=""), "xla" if plugin else "None None"),
+             (dict(JAX_PLATFORMS="", DEEPJAX_COMPILE_CACHE="off"), "None None"))
+    for extra, want in cases:
         r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env=dict(env, JAX_PLATFORMS=platforms))
-        assert r.returncode == 0 and want in r.stdout, (platforms, r.stdout, r.stderr)
+                           env=dict(env, **extra))
+        assert r.returncode == 0 and want in r.stdout, (extra, r.stdout, r.stderr)
+    assert not (tmp_path / "xdg" / "deepjax").exists() or plugin
