@@ -315,7 +315,7 @@ def sampler_alone(run, s: int, reps: int = 2) -> None:
     P, L = jnp.asarray(P), jnp.asarray(L)
     params = run.policy_params()
     bf16 = SP.compute_params(params, run.cfg.model.dtype)  # as sampling_bench's: the router's gate stays float32
-    every = SP.STOP_CHECK_EVERY
+    every, held = SP.STOP_CHECK_EVERY, dict(SP._JITS)  # (the rollout's compiled sampler, restored after)
     modes = (("as_rollout", params, sc, every), ("as_rollout_check_each_step", params, sc, 1),
              ("as_rollout_no_eos", params, dataclasses.replace(sc, eos_ids=()), every),
              ("as_sampling_bench", bf16, dataclasses.replace(sc, temperature=0.0, record_routes=False,
@@ -335,6 +335,7 @@ def sampler_alone(run, s: int, reps: int = 2) -> None:
         finally:
             SP.STOP_CHECK_EVERY = every
             SP._JITS.clear()
+            SP._JITS.update(held)
         emit(what="deepjax_sampler_alone", mode=name, rows=int(P.shape[0]), prompt_width=int(P.shape[1]),
              new_tokens=n, s=best, tokens_per_s=n / best, temperature=c.temperature,
              record_routes=c.record_routes, eos_ids=list(c.eos_ids), stop_check_every=stop_every)

@@ -80,14 +80,19 @@ def test_compile_cache_env(tmp_path):
     assert r.returncode == 0, r.stderr
     assert cache.is_dir() and any(cache.iterdir())
     # deciding never starts jax's backend (on several processes jax.distributed.initialize must come first)
-    probe = ("import jax; from jax._src import xla_bridge as xb; from deepjax import cli; d = cli.compile_cache(); "
-             "assert not xb.backends_are_initialized(); print(d, jax.config.jax_compilation_cache_dir)")
+    # FAKE: a stand-in accelerator plugin (any importable module), so that "unset" turns the cache on and "off" must
+    # turn it off again
+    probe = ("import jax, os; from jax._src import xla_bridge as xb; from deepjax import cli\n"
+             "if os.environ.get('FAKE'): cli.ACCELERATOR_PLUGINS = ('json',)\n"
+             "d = cli.compile_cache(); assert not xb.backends_are_initialized(); "
+             "print(d, jax.config.jax_compilation_cache_dir)")
     import importlib.util
     plugin = any(importlib.util.find_spec(m) for m in cli.ACCELERATOR_PLUGINS)
     cases = ((dict(JAX_PLATFORMS="cpu"), "None None"), (dict(JAX_PLATFORMS=""), "xla" if plugin else "None None"),
-             (dict(JAX_PLATFORMS="", DEEPJAX_COMPILE_CACHE="off"), "None None"))
+             (dict(JAX_PLATFORMS="", FAKE="1"), str(tmp_path / "xdg")),
+             (dict(JAX_PLATFORMS="cpu", FAKE="1"), "None None"),
+             (dict(JAX_PLATFORMS="", FAKE="1", DEEPJAX_COMPILE_CACHE="off"), "None None"))
     for extra, want in cases:
         r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300,
                            env=dict(env, **extra))
         assert r.returncode == 0 and want in r.stdout, (extra, r.stdout, r.stderr)
-    assert not (tmp_path / "xdg" / "deepjax").exists() or plugin

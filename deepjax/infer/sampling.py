@@ -590,8 +590,9 @@ def generate(graphdef, params, prompts_BP, lengths_B, key, sc: SamplingConfig, e
 
     # With EOS ids the loop's end depends on the data: XLA:GPU then runs the condition and waits for it on the host
     # before each pass (a known trip count lets it queue the passes ahead; ~15 ms of a 512-step call on an H200), so
-    # the condition is checked once every K steps, K dividing N: a chunk that runs past every row's end writes pads and no counts, as the rows that ended
-    # earlier did all along (the routes at positions past a row's end hold whatever it was fed, as before)
+    # the condition is checked once every K steps, K dividing N: a chunk that runs past every row's end writes pads
+    # and no counts, as the rows that ended earlier did all along (the routes at positions past a row's end hold
+    # whatever it was fed, as before)
     K = math.gcd(N, STOP_CHECK_EVERY) if sc.eos_ids else 1
     steps = body if K == 1 else (lambda c: jax.lax.fori_loop(0, K, lambda _, c: body(c), c))
     carry = (jnp.int32(0), tok, lp, out_tok, out_lp, done, n_new, cache, key, routes, ids, out_ids)

@@ -301,8 +301,9 @@ def combine_micro_metrics(per_micro: dict) -> dict:
 
 # XLA:GPU compiler options for the update on one GPU: XLA's own dense products (attention projections, the head and
 # its gradients) on cuBLAS instead of XLA's Triton GEMM fusions. Measured at the bench shape (512 rows, 8
-# micro-batches, one H100) under the global flag in session 26 (update 1.323 s against 1.340, +1.6 GiB peak) and as
-# this program's own option in session 27 (docs/LOG.md). A mesh of several devices keeps XLA's defaults (untimed).
+# micro-batches, one H100) only as the global XLA_FLAGS switch: update 1.323 s against 1.340 (session 26, +1.6 GiB
+# peak) and 1.316 against 1.330 (session 27); as this program's option it is not yet timed against its absence
+# (an H200 with it: 1.120 s; docs/LOG.md). A mesh of several devices keeps XLA's defaults (untimed).
 GPU_UPDATE_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
