@@ -287,12 +287,14 @@ def grouped(a):
             add(f"xla routed_experts_blocked b={block}", f, x, w, idx, *native,
                 err=f"diff {max_err(f(x, w, idx, *native), ref):.1e}")
         if 256 < T <= 2048:  # decode steps of many rows (GRPO's 512): larger blocks than block_rows' (bm, tiles)
-            sweep = [("bm32", 32, None, None), ("bm32 sw bn64 w4", 32, t(64, 64, 4, 3), None),
-                     ("bm64", 64, None, None), ("bm64 sw bn128 w8", 64, t(128, 64, 8, 3), None),
-                     ("bm64 sw bn128 bk128 w8", 64, t(128, 128, 8, 3), None),
-                     ("bm64 sw bn32 w4 s4", 64, t(32, 64, 4, 4), None),
-                     ("bm64 dn bn64", 64, None, t(64, 64, 4, 3)), ("bm64 dn bn256 w8", 64, None, t(256, 64, 8, 3)),
-                     ("bm64 dn bk128", 64, None, t(128, 128, 4, 3)), ("bm128", 128, None, None)]
+            sweep = [("bm32", 32, None, None), ("bm128", 128, None, None)]
+            sweep += [(f"bm64 sw bn{bn} bk{bk} w{w} s{s}", 64, t(bn, bk, w, s), None)
+                      for bn, bk, w, s in ((32, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 5), (64, 64, 8, 4),
+                                           (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 8, 4), (64, 256, 4, 3),
+                                           (64, 256, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (32, 256, 4, 3))]
+            sweep += [(f"bm64 dn bn{bn} bk{bk} w{w} s{s}", 64, None, t(bn, bk, w, s))
+                      for bn, bk, w, s in ((64, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 4, 4),
+                                           (64, 256, 4, 3), (256, 64, 8, 3), (32, 128, 4, 4), (128, 64, 8, 5))]
         elif T <= 512:
             sweep = [("sw bn64", None, t(64, 64, 4, 4), None), ("sw bn256 w8", None, t(256, 64, 8, 3), None),
                      ("sw bk128 s3", None, t(128, 128, 4, 3), None), ("sw w8 s5", None, t(128, 64, 8, 5), None),

@@ -264,3 +264,28 @@ def test_grouped_experts_other_tiles(T, kind, tiles, bm, monkeypatch):
     mx, rms = _grouped_errors(T, False, bm)
     print(f"T {T} {kind} {tiles} bm {bm}: max {mx:.2e} rms {rms:.2e}")
     assert mx < 1e-2 and rms < 1e-2, (mx, rms)
+
+
+def test_router_split_on_gpu_equals_float64():
+    """The GPU's router product (`moe.router_logits` for bf16 activations: the float32 gate in three bf16 parts on
+    the tensor cores) at the bench preset's width and a GRPO micro-batch's rows, jitted: logits and the gate's
+    gradient within float32 summation error of float64 products of the same values, x's gradient within its bf16
+    rounding; and the gate rounded to one bf16 part misses, so the check can fail."""
+    from deepjax.model import moe
+    rng = np.random.default_rng(0)
+    T, D, E = 8192, 1024, 64
+    x = jnp.asarray(rng.normal(size=(T, D)), jnp.bfloat16)
+    gate = jnp.asarray(rng.normal(size=(D, E)) * 0.02, jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(T, E)), jnp.float32)
+    x64, g64, c64 = (np.asarray(a, np.float64) for a in (x.astype(jnp.float32), gate, ct))
+    logits, vjp = jax.jit(lambda x, g: jax.vjp(moe.router_logits, x, g))(x, gate)
+    dx, dg = jax.jit(vjp)(ct)
+    scale = np.abs(x64) @ np.abs(g64)
+    assert np.max(np.abs(np.asarray(logits, np.float64) - x64 @ g64) / scale) < 4e-6
+    dg_want, dg_scale = x64.T @ c64, np.abs(x64.T) @ np.abs(c64)
+    assert np.max(np.abs(np.asarray(dg, np.float64) - dg_want) / dg_scale) < 4e-6
+    dx_want = c64 @ g64.T
+    assert np.max(np.abs(np.asarray(dx.astype(jnp.float32), np.float64) - dx_want)
+                  / (np.abs(dx_want) * 2.0**-8 + np.abs(c64) @ np.abs(g64.T) * 2.0**-14)) <= 1.0
+    one = jax.jit(lambda x, g: jnp.dot(x, g.astype(jnp.bfloat16), preferred_element_type=jnp.float32))(x, gate)
+    assert np.max(np.abs(np.asarray(one, np.float64) - x64 @ g64) / scale) > 4e-6

@@ -357,7 +357,8 @@ def _dots(jaxpr):
 def test_router_logits_ask_for_full_float32_precision():
     """Every path's router product (the training module, the module decode step, the fused decode step's XLA
     branch) carries precision HIGHEST: at XLA:GPU's default a float32 matmul runs in TF32 on A100/H100 and flips
-    near-tied routing choices against HF's float32 router. CPU numerics do not show it, so the jaxprs are read."""
+    near-tied routing choices against HF's float32 router. CPU numerics do not show it, so the jaxprs are read.
+    (On a GPU, bf16 activations take `moe.router_logits_split` instead: the test below.)"""
     from flax import nnx
 
     from deepjax.infer.fast import fused as DF
@@ -468,3 +469,56 @@ def test_save_experts_remat_recomputes_no_expert_matmul(monkeypatch, path, exper
     assert n["none"] >= 3 and n["full"] >= n["none"] + 2 and n["save_experts"] == n["none"], n
     for a, b in zip(grads("save_experts")(x, *ws), grads("full")(x, *ws)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_router_split_equals_the_float32_product():
+    """`moe.router_logits_split` (the GPU's router: bf16 x times the float32 gate in three bf16 parts, on tensor
+    cores) gives the float32 product's logits and gradients: logits to float32 summation order, the gate's gradient
+    likewise, x's within its bf16 rounding. A single bf16 part (the gate rounded to bf16) misses by ~1e-3."""
+    from deepjax.model import moe
+    rng = np.random.default_rng(0)
+    D, E = 256, 16
+    x = jnp.asarray(rng.normal(size=(3, 40, D)), jnp.bfloat16)
+    gate = jnp.asarray(rng.normal(size=(D, E)) * 0.05, jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(3, 40, E)), jnp.float32)
+    x64, g64, c64 = (np.asarray(a, np.float64) for a in (x.astype(jnp.float32), gate, ct))
+    want = x64 @ g64
+    got = np.asarray(moe.router_logits(x, gate, split=True), np.float64)
+    scale = np.abs(x64) @ np.abs(g64)  # the sum of |terms|: float32 summation error is a few ulps of it
+    assert np.max(np.abs(got - want) / scale) < 2e-6
+    highest = np.asarray(moe.router_logits(x, gate, split=False), np.float64)
+    assert np.max(np.abs(highest - want) / scale) < 2e-6
+    one_part = np.asarray(jnp.einsum("...d,de->...e", x, gate.astype(jnp.bfloat16),
+                                     preferred_element_type=jnp.float32), np.float64)
+    assert np.max(np.abs(one_part - want) / scale) > 1e-4  # the check can fail
+
+    _, vjp = jax.vjp(lambda x, g: moe.router_logits(x, g, split=True), x, gate)
+    dx, dg = vjp(ct)
+    assert dx.dtype == jnp.bfloat16 and dg.dtype == jnp.float32
+    dg_want = np.einsum("btd,bte->de", x64, c64)
+    dg_scale = np.einsum("btd,bte->de", np.abs(x64), np.abs(c64))
+    assert np.max(np.abs(np.asarray(dg, np.float64) - dg_want) / dg_scale) < 2e-6
+    dx_want = c64 @ g64.T
+    # bf16 rounding of the exact gradient: at most half a bf16 ulp (2^-9 relative) plus the ~2^-16 of two parts
+    assert np.max(np.abs(np.asarray(dx.astype(jnp.float32), np.float64) - dx_want)
+                  / (np.abs(dx_want) * 2.0**-8 + np.abs(c64) @ np.abs(g64.T) * 2.0**-14)) <= 1.0
+
+
+def test_router_logits_take_the_split_on_gpu(monkeypatch):
+    """router_logits' default: the split form for bf16 activations when the trace compiles for a GPU, the HIGHEST
+    product otherwise (float32 activations anywhere, bf16 on CPU)."""
+    from deepjax.model import moe, ops
+    D, E = 32, 8
+    gate = jnp.ones((D, E), jnp.float32)
+
+    def precisions(x):
+        fresh = lambda x, g: moe.router_logits(x, g)  # noqa: E731  (a new function: no cached trace)
+        return [e.params["precision"] for e in _dots(jax.make_jaxpr(fresh)(x, gate).jaxpr)]
+
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    xb, xf = jnp.ones((4, D), jnp.bfloat16), jnp.ones((4, D), jnp.float32)
+    assert precisions(xb) == [highest] and precisions(xf) == [highest]
+    monkeypatch.setattr(ops, "platform", lambda: "gpu")
+    assert precisions(xf) == [highest]
+    split = precisions(xb)
+    assert len(split) == 1 and split[0] != highest  # one bf16 product against the parts side by side

@@ -9,8 +9,8 @@ presets and hf build on config / transformer.
 from deepjax.model.transformer import (ACT_AXES, Cache, Output, Transformer, abstract_init, count_active_params,
                                        count_params, default_experts_fn, forward, init, init_sharded, jit_forward,
                                        logical_axes, mtp_targets, param_shardings, param_table, path_str,
-                                       spec_table)
+                                       precast_experts, spec_table)
 
 __all__ = ["ACT_AXES", "Cache", "Output", "Transformer", "abstract_init", "count_active_params", "count_params",
            "default_experts_fn", "forward", "init", "init_sharded", "jit_forward", "logical_axes", "mtp_targets",
-           "param_shardings", "param_table", "path_str", "spec_table"]
+           "param_shardings", "param_table", "path_str", "precast_experts", "spec_table"]

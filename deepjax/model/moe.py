@@ -32,12 +32,73 @@ from deepjax.model.config import ModelConfig
 from deepjax.model.layers import MLP, Param, RouterBias, dtype_of, normal_init
 
 
-def router_logits(x_TD: jnp.ndarray, gate_DE: jnp.ndarray) -> jnp.ndarray:
+def router_logits(x_TD: jnp.ndarray, gate_DE: jnp.ndarray, split: bool | None = None) -> jnp.ndarray:
     """The router's float32 logits x . gate at full float32 precision. XLA:GPU's default float32 matmul rounds
     its inputs to TF32 (10-bit mantissa) on A100/H100, which flips near-tied routing choices against DeepSeek's
-    and HF's float32 router (torch does not use TF32 for matmuls by default); the product is small."""
+    and HF's float32 router (torch does not use TF32 for matmuls by default).
+
+    Two implementations of the same product: precision HIGHEST (float32 FMAs, no tensor cores), or `split`: bf16
+    activations times the float32 gate as three bf16 parts (`router_logits_split`, tensor cores, the same values up
+    to float32 summation order). split None: the split form on a GPU for bf16 activations (at the bench preset's
+    GRPO update the HIGHEST products took ~37 ms an iteration on an H100, docs/LOG.md), HIGHEST elsewhere."""
+    if split is None:
+        split = x_TD.dtype == jnp.bfloat16 and ops.platform() in ("gpu", "cuda")
+    if split:
+        return router_logits_split(x_TD.astype(jnp.bfloat16), gate_DE.astype(jnp.float32))
     return jnp.einsum("...d,de->...e", x_TD.astype(jnp.float32), gate_DE.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)
+
+
+def bf16_parts(a: jnp.ndarray, n: int) -> list:
+    """n bf16 arrays whose float32 sum is `a` (float32) to 8n significant bits: three parts hold every float32
+    value exactly, short of the few whose low parts underflow bf16's exponent range."""
+    parts, rest = [], a.astype(jnp.float32)
+    for _ in range(n):
+        parts.append(rest.astype(jnp.bfloat16))
+        rest = rest - parts[-1].astype(jnp.float32)
+    return parts
+
+
+def _split_dot(a, b_parts):
+    """sum_i a . b_parts[i] (bf16 operands, float32 products and sums) as one product against the parts side by side
+    on the last axis: a [..., K], each part [K, N] -> [..., N] float32."""
+    n = b_parts[0].shape[-1]
+    y = jnp.einsum("...k,kn->...n", a, jnp.concatenate(b_parts, axis=-1), preferred_element_type=jnp.float32)
+    y = y.reshape(*y.shape[:-1], len(b_parts), n)
+    return sum(y[..., i, :] for i in reversed(range(len(b_parts))))  # the small parts first
+
+
+@jax.custom_vjp
+def router_logits_split(x_TD, gate_DE):
+    """x [..., D] bf16 . gate [D, E] float32 -> [..., E] float32 on bf16 tensor cores: the gate as three bf16 parts
+    (`bf16_parts`: exact), each product of two bf16 values exact in float32, sums in float32. The gradients: the
+    gate's x^T . ct with ct in three parts (float32 products and sums as above); x's ct . gate^T with two parts of
+    each (relative error ~2^-16, then rounded to bf16 as x is)."""
+    return _split_dot(x_TD, bf16_parts(gate_DE, 3))
+
+
+def _router_split_fwd(x_TD, gate_DE):
+    return router_logits_split(x_TD, gate_DE), (x_TD, gate_DE)
+
+
+def _router_split_bwd(res, ct_TE):
+    x_TD, gate_DE = res
+    ct_TE = ct_TE.astype(jnp.float32)
+    D, E = gate_DE.shape
+    c1, c2, c3 = bf16_parts(ct_TE, 3)
+    g1, g2 = bf16_parts(gate_DE, 2)
+    # d x = ct . gate^T: c1 g1 + c1 g2 + c2 g1 (the dropped c2 g2 is ~2^-16 of it), one product over [3E]
+    dx = jnp.einsum("...e,de->...d", jnp.concatenate([c1, c1, c2], axis=-1), jnp.concatenate([g1, g2, g1], axis=-1),
+                    preferred_element_type=jnp.float32).astype(x_TD.dtype)
+    # d gate = x^T . ct over every leading axis, ct in three parts
+    xf = x_TD.reshape(-1, D)
+    parts = [c.reshape(-1, E) for c in (c1, c2, c3)]
+    dg = jnp.einsum("td,tn->dn", xf, jnp.concatenate(parts, axis=-1), preferred_element_type=jnp.float32)
+    dg = sum(dg[:, i * E:(i + 1) * E] for i in reversed(range(3)))
+    return dx, dg.astype(gate_DE.dtype)
+
+
+router_logits_split.defvjp(_router_split_fwd, _router_split_bwd)
 
 
 def router_scores(logits_TE: jnp.ndarray, bias_E: jnp.ndarray | None, cfg: ModelConfig):

@@ -417,6 +417,24 @@ def param_table(params) -> list[tuple[str, tuple, str]]:
     return [(path_str(path), tuple(v.shape), str(v.dtype)) for path, v in flat]
 
 
+ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # `MoE`'s routed expert stacks
+
+
+def precast_experts(params, dtype):
+    """params with the MoE layers' routed expert stacks (`moe_layers.ffn.w_gate / w_up / w_down`) cast to `dtype`, the
+    compute dtype, which is all the forward ever reads of them (`MoE.__call__` casts them before the experts), so
+    the forward, its values and its gradients are the same; the gradient with respect to a cast stack comes in that
+    dtype (the value the float32 stack's gradient would hold, before its cast back to float32). For a gradient
+    accumulation loop: one cast and one bf16 split of the stacks per update instead of per micro-batch, and each
+    micro-batch's stack gradients written in bf16 (`rl.update.make_grpo_step`)."""
+    def one(path, x):
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        routed = keys[:1] == ["moe_layers"] and keys[-2:-1] == ["ffn"] and keys[-1] in ROUTED_EXPERT_WEIGHTS
+        return x.astype(dtype) if routed else x
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
 def count_params(params, include_mtp: bool = True) -> int:
     total = 0
     for path, shape, _ in param_table(params):

@@ -41,6 +41,7 @@ from deepjax.rl import loss as G
 from deepjax import model as M
 from deepjax.train import step as TS
 from deepjax.model.config import ModelConfig
+from deepjax.model.layers import dtype_of
 
 
 class Rollouts(NamedTuple):
@@ -336,30 +337,35 @@ def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTr
     if not isinstance(grpo_cfg, G.GRPOConfig):
         raise ValueError(f"grpo_cfg must be a GRPOConfig, got {type(grpo_cfg).__name__}")
     tau = _scale(temperature)
-    del model_cfg  # the graphdef carries the model's config; kept for symmetry with make_train_step
+    compute_dtype = dtype_of(model_cfg.dtype)
     grad_fn = jax.value_and_grad(grpo_objective, has_aux=True)
 
-    def grads_of(state, b, denominator=None):
-        (_, (metrics, loads)), grads = grad_fn(state.params, state.router_bias, graphdef, b, grpo_cfg, tau,
-                                               experts_fn, routing_replay, denominator)
+    def grads_of(params, bias, b, denominator=None):
+        (_, (metrics, loads)), grads = grad_fn(params, bias, graphdef, b, grpo_cfg, tau, experts_fn,
+                                               routing_replay, denominator)
         return grads, metrics, loads
 
     def step(state: TS.TrainState, batch: Rollouts):
         if micro_batches == 1:
-            grads, metrics, loads = grads_of(state, batch)
+            grads, metrics, loads = grads_of(state.params, state.router_bias, batch)
         else:
             denominator = G.grpo_loss(batch.old_logp, batch.old_logp, batch.ref_logp, batch.advantages,
                                       batch.completion_mask, grpo_cfg,
                                       sampler_logp=batch.sampler_logp)[1]["agg_denominator"]
             split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]),
                                  batch)
+            # The routed expert stacks cast to the compute dtype once for all micro-batches (XLA cast and split
+            # them in every iteration of the scan: 17.8 ms of an update in 8 micro-batches on an H100, docs/LOG.md
+            # session 27); their gradients come in that dtype and are summed into float32.
+            params = M.precast_experts(state.params, compute_dtype)
 
             def body(acc, b):
-                grads, metrics, loads = grads_of(state, b, denominator)
-                return jax.tree.map(jnp.add, acc, (grads, loads)), metrics
+                grads, metrics, loads = grads_of(params, state.router_bias, b, denominator)
+                return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, (grads, loads)), metrics
 
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                lambda: (lambda g, m, l: (g, l))(*grads_of(state, jax.tree.map(lambda x: x[0], split), denominator))))
+            loads_shape = jax.eval_shape(
+                lambda: grads_of(params, state.router_bias, jax.tree.map(lambda x: x[0], split), denominator)[2])
+            zeros = jax.tree.map(jnp.zeros_like, (state.params, loads_shape))
             (grads, loads), per_micro = jax.lax.scan(body, zeros, split)
             metrics = combine_micro_metrics(per_micro)
         loss = metrics["loss"]
