@@ -624,6 +624,42 @@ def test_lm_head_logprobs_equal_full_logits(monkeypatch, T, dtype):
     assert dh.dtype == h.dtype and dw.dtype == jnp.float32
 
 
+def test_lm_head_logprobs_backward_keeps_the_forward_logits(monkeypatch):
+    """With 16-bit logits under ops.KEEP_LOGITS_MAX_BYTES the backward takes the forward's logits (no head product
+    recomputed: one product fewer in the gradient's jaxpr) and gives the recomputing backward's gradients bit for
+    bit; float32 logits are recomputed."""
+    monkeypatch.setattr(ops, "CE_CHUNK_TOKENS", 8)
+    B, T, D, V, tau = 2, 11, 16, 40, 0.7
+    h = jax.random.normal(jax.random.key(6), (B, T, D)).astype(jnp.bfloat16)
+    w = (jax.random.normal(jax.random.key(7), (D, V)) * 0.3).astype(jnp.bfloat16)
+    t = jax.random.randint(jax.random.key(8), (B, T), 0, V)
+    c = jax.random.normal(jax.random.key(9), (B, T))
+
+    def grads(limit):
+        monkeypatch.setattr(ops, "KEEP_LOGITS_MAX_BYTES", limit)
+        f = lambda h, w: (jnp.exp(ops.lm_head_logprobs(h, w, t, tau)[0]) * c).sum()  # noqa: E731
+        g = jax.grad(f, argnums=(0, 1))
+        products = sum(1 for e in _all_eqns(jax.make_jaxpr(g)(h, w).jaxpr) if e.primitive.name == "dot_general")
+        return jax.jit(g)(h, w), products
+
+    (kept, n_kept), (again, n_again) = grads(1 << 30), grads(0)
+    monkeypatch.setattr(ops, "KEEP_LOGITS_MAX_BYTES", 1 << 30)
+    assert ops._keeps_logits(h, w) and not ops._keeps_logits(h.astype(jnp.float32), w)
+    assert n_kept == n_again - 1, (n_kept, n_again)
+    for a, b in zip(kept, again):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def _all_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)
+
+
 # ---- the model through the seam -------------------------------------------------------------------------------
 
 @needs_tokamax

@@ -33,7 +33,8 @@ The ops:
     lm_head_ce         the LM head and cross-entropy over token chunks with the gradient computed chunk by chunk
                        in the forward: [B, T, V] float32 logits never exist, forward or backward.
     lm_head_logprobs   the LM head's log-probs of given tokens and its entropy over token chunks (GRPO's policy
-                       log-probs), the backward recomputing each chunk's logits: no [B, T, V] either.
+                       log-probs): no [B, T, V] float32 either; the backward reuses the forward's 16-bit logits
+                       (up to KEEP_LOGITS_MAX_BYTES a device) or recomputes each chunk's.
 """
 
 from __future__ import annotations
@@ -577,10 +578,14 @@ def _chunks(B: int, T: int):
     chunk per device. Under a mesh B is the global batch, split over the batch shards (counting it as one device's
     made DeepSeek-V3 on 512 chips take 8-token chunks: 512 steps, each all-reducing a [D, V] float32 partial
     weight gradient; docs/LOG.md session 16)."""
-    ctx = sharding.current()
-    local_B = max(1, B // sharding.batch_shards(*ctx)) if ctx is not None else B
-    c = max(1, min(T, CE_CHUNK_TOKENS // local_B))
+    c = max(1, min(T, CE_CHUNK_TOKENS // _local_rows(B)))
     return c, -(-T // c)
+
+
+def _local_rows(B: int) -> int:
+    """Rows of a global batch of B on one device (B outside a mesh)."""
+    ctx = sharding.current()
+    return max(1, B // sharding.batch_shards(*ctx)) if ctx is not None else B
 
 
 def _split_chunks(c: int, n: int, *arrays):
@@ -652,63 +657,88 @@ def _ce_bwd(res, g):
 lm_head_ce.defvjp(_ce_fwd, _ce_bwd)
 
 
-def _scaled_logits(h_BCD, w_DV, tau: float):
-    """As `Transformer.logits` (the product in h's dtype, then float32), divided by the temperature."""
-    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV).astype(jnp.float32)
-    return sharding.constrain(logits_BCV, ("batch", "length", "vocab")) / tau
+def _scaled_logits(h_BCD, w_DV, tau: float, raw_BCV=None):
+    """As `Transformer.logits` (the product in h's dtype, then float32), divided by the temperature; from the
+    product `raw` (`_raw_logits`) when given."""
+    raw_BCV = _raw_logits(h_BCD, w_DV) if raw_BCV is None else raw_BCV
+    return sharding.constrain(raw_BCV.astype(jnp.float32), ("batch", "length", "vocab")) / tau
 
 
-def _logp_chunks(h_BTD, w_DV, targets_BT, tau: float):
-    """(logp, entropy, lse) [B, T] by chunks of positions (`lm_head_logprobs`)."""
+def _raw_logits(h_BCD, w_DV):
+    return jnp.einsum("bcd,dv->bcv", h_BCD, w_DV)
+
+
+# lm_head_logprobs' backward reuses the forward's logits when they are 16-bit and take at most this many bytes on a
+# device ([B, T, V] bf16: 4.6 GB for a GRPO micro-batch of 128 rows x 560 positions at V = 32,000), instead of
+# recomputing them: the head's product once less per update (~19 TFLOP at the bench preset's GRPO iteration), the
+# same values (the product rounded to bf16 either way). Above it (DeepSeek-V3's 129k vocabulary on long rows) the
+# backward recomputes them chunk by chunk.
+KEEP_LOGITS_MAX_BYTES = 8 << 30
+
+
+def _keeps_logits(h_BTD, w_DV) -> bool:
+    dt = jnp.result_type(h_BTD.dtype, w_DV.dtype)
+    B, T = h_BTD.shape[:2]
+    c, n = _chunks(B, T)
+    return dt.itemsize <= 2 and _local_rows(B) * n * c * w_DV.shape[1] * dt.itemsize <= KEEP_LOGITS_MAX_BYTES
+
+
+def _logp_chunks(h_BTD, w_DV, targets_BT, tau: float, keep_logits: bool = False):
+    """(logp, entropy, lse) [B, T] by chunks of positions (`lm_head_logprobs`), and with keep_logits each chunk's
+    unscaled logits [n, B, c, V] in the product's dtype."""
     B, T, _ = h_BTD.shape
     c, n = _chunks(B, T)
     v_V = jnp.arange(w_DV.shape[1], dtype=jnp.int32)
 
     def body(_, xs):
         h_BCD, t_BC = xs
-        s_BCV = _scaled_logits(h_BCD, w_DV, tau)
+        raw_BCV = _raw_logits(h_BCD, w_DV)
+        s_BCV = _scaled_logits(h_BCD, w_DV, tau, raw_BCV)
         lse_BC = jax.nn.logsumexp(s_BCV, axis=-1)
         tgt_BC = jnp.sum(jnp.where(v_V[None, None] == t_BC[..., None], s_BCV, 0.0), axis=-1)
         lp_BCV = s_BCV - lse_BC[..., None]
-        return None, (tgt_BC - lse_BC, -jnp.sum(jnp.exp(lp_BCV) * lp_BCV, axis=-1), lse_BC)
+        out = (tgt_BC - lse_BC, -jnp.sum(jnp.exp(lp_BCV) * lp_BCV, axis=-1), lse_BC)
+        return None, out + ((raw_BCV,) if keep_logits else ())
 
     _, outs = jax.lax.scan(body, None, tuple(_split_chunks(c, n, h_BTD, targets_BT)))
-    return tuple(_unchunk(o, T) for o in outs)
+    return tuple(_unchunk(o, T) for o in outs[:3]) + tuple(outs[3:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def lm_head_logprobs(h_BTD, w_DV, targets_BT, tau: float):
     """(logp, entropy) [B, T] float32: log softmax(h[b, t] @ w / tau)[targets[b, t]] and the entropy of that
     distribution, with the logits rounded as `Transformer.logits` rounds them, computed over chunks of positions:
-    the [B, T, V] logits are never held, forward or backward (which recomputes each chunk's logits: one more head
-    matmul, for [B, T, V] float32 tensors that at GRPO's 64 rows x 560 positions are 4.6 GB each). The entropy
-    carries no gradient (a metric); targets get none. The policy log-probs of `deepjax.rl.update`."""
+    no [B, T, V] float32 array is held, forward or backward. The backward takes the forward's 16-bit logits when
+    they fit KEEP_LOGITS_MAX_BYTES, else recomputes each chunk's (one more head matmul, for [B, T, V] float32
+    tensors that at GRPO's 64 rows x 560 positions are 4.6 GB each). The entropy carries no gradient (a metric);
+    targets get none. The policy log-probs of `deepjax.rl.update`."""
     return _logp_chunks(h_BTD, w_DV, targets_BT, tau)[:2]
 
 
 def _logp_fwd(h_BTD, w_DV, targets_BT, tau):
-    logp, ent, lse = _logp_chunks(h_BTD, w_DV, targets_BT, tau)
-    return (logp, ent), (h_BTD, w_DV, targets_BT, lse)
+    keep = _keeps_logits(h_BTD, w_DV)
+    logp, ent, lse, *raw = _logp_chunks(h_BTD, w_DV, targets_BT, tau, keep)
+    return (logp, ent), (h_BTD, w_DV, targets_BT, lse, raw[0] if keep else None)
 
 
 def _logp_bwd(tau, res, g):
-    h_BTD, w_DV, targets_BT, lse_BT = res
+    h_BTD, w_DV, targets_BT, lse_BT, raw_nBCV = res
     g_BT = g[0].astype(jnp.float32)  # (the entropy's cotangent is dropped: no gradient)
     B, T, D = h_BTD.shape
     c, n = _chunks(B, T)
     v_V = jnp.arange(w_DV.shape[1], dtype=jnp.int32)
 
     def body(dw_DV, xs):
-        h_BCD, t_BC, lse_BC, g_BC = xs
-        p_BCV = jnp.exp(_scaled_logits(h_BCD, w_DV, tau) - lse_BC[..., None])
+        h_BCD, t_BC, lse_BC, g_BC, *raw = xs
+        p_BCV = jnp.exp(_scaled_logits(h_BCD, w_DV, tau, *raw) - lse_BC[..., None])
         d_BCV = ((v_V[None, None] == t_BC[..., None]) - p_BCV) * (g_BC / tau)[..., None]
         d_BCV = d_BCV.astype(h_BCD.dtype)  # (the transpose of the logits' cast to float32)
         dh_BCD = jnp.einsum("bcv,dv->bcd", d_BCV, w_DV).astype(h_BCD.dtype)
         dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, d_BCV, preferred_element_type=jnp.float32)
         return sharding.constrain(dw_DV, ("embed", "vocab")), dh_BCD
 
-    dw_DV, dh_nBCD = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32),
-                                  tuple(_split_chunks(c, n, h_BTD, targets_BT, lse_BT, g_BT)))
+    xs = tuple(_split_chunks(c, n, h_BTD, targets_BT, lse_BT, g_BT)) + (() if raw_nBCV is None else (raw_nBCV,))
+    dw_DV, dh_nBCD = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32), xs)
     return _unchunk(dh_nBCD, T), dw_DV.astype(w_DV.dtype), None
 
 
