@@ -51,11 +51,16 @@ def router_logits(x_TD: jnp.ndarray, gate_DE: jnp.ndarray, split: bool | None = 
 
 def bf16_parts(a: jnp.ndarray, n: int) -> list:
     """n bf16 arrays whose float32 sum is `a` (float32) to 8n significant bits: three parts hold every float32
-    value exactly, short of the few whose low parts underflow bf16's exponent range."""
+    value exactly, short of the few whose low parts underflow bf16's exponent range. Each part is the rest's top 8
+    significant bits cut by a bit mask (exact in bf16), not a round trip through bf16: XLA:GPU folds
+    convert(convert(f32 -> bf16) -> f32) into its input (`SimplifyFPConversions`, on by default), which would leave
+    every part past the first zero."""
     parts, rest = [], a.astype(jnp.float32)
     for _ in range(n):
-        parts.append(rest.astype(jnp.bfloat16))
-        rest = rest - parts[-1].astype(jnp.float32)
+        bits = jax.lax.bitcast_convert_type(rest, jnp.uint32) & jnp.uint32(0xFFFF0000)
+        hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
+        parts.append(hi.astype(jnp.bfloat16))
+        rest = rest - hi
     return parts
 
 
@@ -72,8 +77,8 @@ def _split_dot(a, b_parts):
 def router_logits_split(x_TD, gate_DE):
     """x [..., D] bf16 . gate [D, E] float32 -> [..., E] float32 on bf16 tensor cores: the gate as three bf16 parts
     (`bf16_parts`: exact), each product of two bf16 values exact in float32, sums in float32. The gradients: the
-    gate's x^T . ct with ct in three parts (float32 products and sums as above); x's ct . gate^T with two parts of
-    each (relative error ~2^-16, then rounded to bf16 as x is)."""
+    gate's x^T . ct with ct in three parts (float32 products and sums as above); x's ct . gate^T from two parts of
+    each (within 3 * 2^-16 of sum |ct| |gate|, then rounded to bf16 as x is)."""
     return _split_dot(x_TD, bf16_parts(gate_DE, 3))
 
 
@@ -84,16 +89,15 @@ def _router_split_fwd(x_TD, gate_DE):
 def _router_split_bwd(res, ct_TE):
     x_TD, gate_DE = res
     ct_TE = ct_TE.astype(jnp.float32)
-    D, E = gate_DE.shape
     c1, c2, c3 = bf16_parts(ct_TE, 3)
     g1, g2 = bf16_parts(gate_DE, 2)
-    # d x = ct . gate^T: c1 g1 + c1 g2 + c2 g1 (the dropped c2 g2 is ~2^-16 of it), one product over [3E]
+    # d x = ct . gate^T as c1 g1 + c1 g2 + c2 g1 in one product over [3E]: the terms left out (c1 g3, c2 g2, c3 g)
+    # are each below 2^-16 of sum |ct| |gate| (truncated parts), far below x's bf16 rounding (2^-9)
     dx = jnp.einsum("...e,de->...d", jnp.concatenate([c1, c1, c2], axis=-1), jnp.concatenate([g1, g2, g1], axis=-1),
                     preferred_element_type=jnp.float32).astype(x_TD.dtype)
-    # d gate = x^T . ct over every leading axis, ct in three parts
-    xf = x_TD.reshape(-1, D)
-    parts = [c.reshape(-1, E) for c in (c1, c2, c3)]
-    dg = jnp.einsum("td,tn->dn", xf, jnp.concatenate(parts, axis=-1), preferred_element_type=jnp.float32)
+    # d gate = x^T . ct over every leading axis, ct in three parts side by side
+    E = gate_DE.shape[1]
+    dg = jnp.einsum("...d,...n->dn", x_TD, jnp.concatenate([c1, c2, c3], axis=-1), preferred_element_type=jnp.float32)
     dg = sum(dg[:, i * E:(i + 1) * E] for i in reversed(range(3)))
     return dx, dg.astype(gate_DE.dtype)
 

@@ -669,18 +669,28 @@ def _raw_logits(h_BCD, w_DV):
 
 
 # lm_head_logprobs' backward reuses the forward's logits when they are 16-bit and take at most this many bytes on a
-# device ([B, T, V] bf16: 4.6 GB for a GRPO micro-batch of 128 rows x 560 positions at V = 32,000), instead of
-# recomputing them: the head's product once less per update (~19 TFLOP at the bench preset's GRPO iteration), the
-# same values (the product rounded to bf16 either way). Above it (DeepSeek-V3's 129k vocabulary on long rows) the
-# backward recomputes them chunk by chunk.
+# device, and at most 1/KEEP_LOGITS_MEMORY_SHARE of its memory where the device reports it ([B, T, V] bf16: 4.6 GB
+# for a GRPO micro-batch of 128 rows x 560 positions at V = 32,000), instead of recomputing them: the head's product
+# once less per update (~19 TFLOP at the bench preset's GRPO iteration), the same values (the product rounded to
+# bf16 either way). Above it (DeepSeek-V3's 129k vocabulary on long rows) the backward recomputes them by chunks.
 KEEP_LOGITS_MAX_BYTES = 8 << 30
+KEEP_LOGITS_MEMORY_SHARE = 16
+
+
+def _keep_limit() -> int:
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001  (a backend without memory statistics)
+        stats = {}
+    limit = stats.get("bytes_limit")
+    return min(KEEP_LOGITS_MAX_BYTES, limit // KEEP_LOGITS_MEMORY_SHARE) if limit else KEEP_LOGITS_MAX_BYTES
 
 
 def _keeps_logits(h_BTD, w_DV) -> bool:
     dt = jnp.result_type(h_BTD.dtype, w_DV.dtype)
     B, T = h_BTD.shape[:2]
     c, n = _chunks(B, T)
-    return dt.itemsize <= 2 and _local_rows(B) * n * c * w_DV.shape[1] * dt.itemsize <= KEEP_LOGITS_MAX_BYTES
+    return dt.itemsize <= 2 and _local_rows(B) * n * c * w_DV.shape[1] * dt.itemsize <= _keep_limit()
 
 
 def _logp_chunks(h_BTD, w_DV, targets_BT, tau: float, keep_logits: bool = False):

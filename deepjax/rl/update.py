@@ -337,7 +337,7 @@ def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTr
     if not isinstance(grpo_cfg, G.GRPOConfig):
         raise ValueError(f"grpo_cfg must be a GRPOConfig, got {type(grpo_cfg).__name__}")
     tau = _scale(temperature)
-    compute_dtype = dtype_of(model_cfg.dtype)
+    del model_cfg  # the graphdef carries the config (the compute dtype too); kept for symmetry with make_train_step
     grad_fn = jax.value_and_grad(grpo_objective, has_aux=True)
 
     def grads_of(params, bias, b, denominator=None):
@@ -357,6 +357,7 @@ def make_grpo_step(graphdef, model_cfg: ModelConfig, optimizer: optax.GradientTr
             # The routed expert stacks cast to the compute dtype once for all micro-batches (XLA cast and split
             # them in every iteration of the scan: 17.8 ms of an update in 8 micro-batches on an H100, docs/LOG.md
             # session 27); their gradients come in that dtype and are summed into float32.
+            compute_dtype = dtype_of(nnx.merge(graphdef, nnx.merge_state(state.params, state.router_bias)).cfg.dtype)
             params = M.precast_experts(state.params, compute_dtype)
 
             def body(acc, b):
