@@ -492,7 +492,8 @@ def test_router_split_equals_the_float32_product():
     split = jax.jit(lambda x, g: moe.router_logits(x, g, split=True))
     assert err(split(x, gate)) < 4e-7
     assert err(jax.jit(lambda x, g: moe.router_logits(x, g, split=False))(x, gate)) < 4e-7
-    assert err(moe._split_dot(x, moe.bf16_parts(gate, 2))) > 4e-7  # two parts: the bound can fail
+    two = jnp.concatenate(moe.bf16_parts(gate, 2) + [jnp.zeros((D, E), jnp.bfloat16)], -1)
+    assert err(moe.router_logits_from_parts(x, two)) > 4e-7  # two parts: the bound can fail
     assert err(jnp.einsum("...d,de->...e", x, gate.astype(jnp.bfloat16), preferred_element_type=jnp.float32)) > 1e-4
 
     dx, dg = jax.jit(lambda x, g, c: jax.vjp(split, x, g)[1](c))(x, gate, ct)
@@ -524,3 +525,30 @@ def test_router_logits_take_the_split_on_gpu(monkeypatch):
     assert precisions(xf) == [highest]
     split = precisions(xb)
     assert len(split) == 1 and split[0] != highest  # one bf16 product against the parts side by side
+
+
+def test_fused_decode_takes_the_router_parts_built_once(monkeypatch):
+    """On a GPU (platform patched) with bf16 weights the fused decode block carries the router's bf16 parts
+    (`moe.router_parts`, built with the block, once per generate call) and its step multiplies them without
+    cutting the gate again (no bitcast in the step's jaxpr): the same logits as `router_logits`' split form."""
+    from deepjax.infer import sampling as SP
+    from deepjax.infer.fast import fused as DF
+    from deepjax.model import moe, ops
+    from deepjax import model as M
+    from flax import nnx
+
+    monkeypatch.setattr(ops, "platform", lambda: "gpu")
+    cfg = presets.tiny()
+    graphdef, params = M.init(cfg, jax.random.key(0))
+    blk = SP.unstack_layers(nnx.merge(graphdef, params))["moe_layers"][0]
+    fused = DF.fuse_block(blk, jnp.bfloat16, 6)
+    want = moe.router_parts(blk.ffn.gate[...])
+    np.testing.assert_array_equal(np.asarray(fused["ffn"]["router_parts"]), np.asarray(want))
+    x = jax.random.normal(jax.random.key(1), (2, 3, cfg.hidden_size)).astype(jnp.bfloat16)
+    step = lambda f: lambda x: DF._ffn_step(f, x, None, f["kernels"], False)[0]  # noqa: E731
+    prims = {e.primitive.name for e in _eqns(jax.make_jaxpr(step(fused))(x).jaxpr)}
+    assert "bitcast_convert_type" not in prims and "dot_general" in prims
+    rebuilt = dict(fused, ffn={k: v for k, v in fused["ffn"].items() if k != "router_parts"})
+    prims = {e.primitive.name for e in _eqns(jax.make_jaxpr(step(rebuilt))(x).jaxpr)}
+    assert "bitcast_convert_type" in prims  # without the parts the step cuts the gate itself (the check can fail)
+    np.testing.assert_array_equal(np.asarray(step(fused)(x), np.float32), np.asarray(step(rebuilt)(x), np.float32))

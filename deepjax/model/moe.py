@@ -39,14 +39,33 @@ def router_logits(x_TD: jnp.ndarray, gate_DE: jnp.ndarray, split: bool | None = 
 
     Two implementations of the same product: precision HIGHEST (float32 FMAs, no tensor cores), or `split`: bf16
     activations times the float32 gate as three bf16 parts (`router_logits_split`, tensor cores, the same values up
-    to float32 summation order). split None: the split form on a GPU for bf16 activations (at the bench preset's
-    GRPO update the HIGHEST products took ~37 ms an iteration on an H100, docs/LOG.md), HIGHEST elsewhere."""
+    to float32 summation order). split None: `splits_router` (the split form on a GPU for bf16 activations: at the
+    bench preset's GRPO update the HIGHEST products took ~37 ms an iteration on an H100, docs/LOG.md)."""
     if split is None:
-        split = x_TD.dtype == jnp.bfloat16 and ops.platform() in ("gpu", "cuda")
+        split = splits_router(x_TD.dtype)
     if split:
         return router_logits_split(x_TD.astype(jnp.bfloat16), gate_DE.astype(jnp.float32))
     return jnp.einsum("...d,de->...e", x_TD.astype(jnp.float32), gate_DE.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)
+
+
+def splits_router(dtype) -> bool:
+    """Whether `router_logits` takes the split form for activations of `dtype`: bf16 on a GPU."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and ops.platform() in ("gpu", "cuda")
+
+
+def router_parts(gate_DE: jnp.ndarray) -> jnp.ndarray:
+    """The float32 gate [D, E] as its three bf16 parts side by side, [D, 3E] (`bf16_parts`): what
+    `router_logits_from_parts` multiplies. The fused decoder builds it once per `generate` call, outside its loop."""
+    return jnp.concatenate(bf16_parts(gate_DE, 3), axis=-1)
+
+
+def router_logits_from_parts(x_TD: jnp.ndarray, parts_DN: jnp.ndarray) -> jnp.ndarray:
+    """`router_logits_split`'s forward from `router_parts`: x [..., D] bf16 -> [..., E] float32 (no gradient rule:
+    the decoder's)."""
+    n = parts_DN.shape[-1] // 3
+    y = jnp.einsum("...k,kn->...n", x_TD.astype(jnp.bfloat16), parts_DN, preferred_element_type=jnp.float32)
+    return sum(y[..., i * n:(i + 1) * n] for i in reversed(range(3)))  # the small parts first
 
 
 def bf16_parts(a: jnp.ndarray, n: int) -> list:
@@ -64,22 +83,13 @@ def bf16_parts(a: jnp.ndarray, n: int) -> list:
     return parts
 
 
-def _split_dot(a, b_parts):
-    """sum_i a . b_parts[i] (bf16 operands, float32 products and sums) as one product against the parts side by side
-    on the last axis: a [..., K], each part [K, N] -> [..., N] float32."""
-    n = b_parts[0].shape[-1]
-    y = jnp.einsum("...k,kn->...n", a, jnp.concatenate(b_parts, axis=-1), preferred_element_type=jnp.float32)
-    y = y.reshape(*y.shape[:-1], len(b_parts), n)
-    return sum(y[..., i, :] for i in reversed(range(len(b_parts))))  # the small parts first
-
-
 @jax.custom_vjp
 def router_logits_split(x_TD, gate_DE):
     """x [..., D] bf16 . gate [D, E] float32 -> [..., E] float32 on bf16 tensor cores: the gate as three bf16 parts
     (`bf16_parts`: exact), each product of two bf16 values exact in float32, sums in float32. The gradients: the
     gate's x^T . ct with ct in three parts (float32 products and sums as above); x's ct . gate^T from two parts of
     each (within 3 * 2^-16 of sum |ct| |gate|, then rounded to bf16 as x is)."""
-    return _split_dot(x_TD, bf16_parts(gate_DE, 3))
+    return router_logits_from_parts(x_TD, router_parts(gate_DE))
 
 
 def _router_split_fwd(x_TD, gate_DE):

@@ -41,7 +41,8 @@ import jax.numpy as jnp
 from deepjax.infer.fast import kernels as KN
 from deepjax.infer.fast import grouped as KG
 from deepjax.model.config import ModelConfig
-from deepjax.model.moe import MoE, gate_weights, router_logits, router_scores
+from deepjax.model.moe import (MoE, gate_weights, router_logits, router_logits_from_parts, router_parts,
+                               router_scores, splits_router)
 from deepjax.model.moe import route as moe_route
 from deepjax.model.layers import rms_norm
 from deepjax.model.mla import absorbed_attention, write_rows  # noqa: F401  (the model's absorbed step; re-exported)
@@ -218,8 +219,11 @@ def _fuse_ffn(ffn, dt, gathered: bool):
         w_down = jnp.swapaxes(w_down, 1, 2)  # [X, D, I]
     else:  # experts_all_flat: [X * 2I, D] and [D, X * I]
         w_gu, w_down = w_gu.reshape(-1, w_gu.shape[-1]), jnp.moveaxis(w_down, 2, 0).reshape(w_down.shape[-1], -1)
-    return {"router": ffn.gate[...].T.astype(jnp.float32), "w_gu": w_gu, "w_down": w_down.astype(dt),
-            "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32)}
+    out = {"router": ffn.gate[...].T.astype(jnp.float32), "w_gu": w_gu, "w_down": w_down.astype(dt),
+           "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32)}
+    if splits_router(dt):  # XLA's router product in bf16 parts (`moe.router_logits`), built here, not every step
+        out["router_parts"] = router_parts(ffn.gate[...].astype(jnp.float32))
+    return out
 
 
 def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len: int = 0,
@@ -392,7 +396,8 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
         idx_TX, w_TX, dense_TE = KN.route(None, f["bias"], cfg, use["route"], x_BTD.reshape(B * T, D),
                                           w["ffn_norm"], f["router"], w["tuning"])
     else:
-        logits_TE = router_logits(h, f["router"].T)
+        logits_TE = (router_logits_from_parts(h, f["router_parts"]) if "router_parts" in f
+                     else router_logits(h, f["router"].T))
         if prefill:  # top-k routing (sorts are cheap next to T tokens' experts), then grouped matmuls
             w_TX, idx_TX = _with_shared(*moe_route(logits_TE, f["bias"], cfg)[:2], cfg)
             w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array
