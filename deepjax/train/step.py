@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepjax import model as M
 from deepjax.model.config import ModelConfig
-from deepjax.model.layers import RouterBias
+from deepjax.model.layers import RouterBias, dtype_of
 from deepjax.parallel import sharding as S
 from deepjax.train.checkpoint import all_finite
 from deepjax.train.optim import adamw, decay_mask  # noqa: F401  (re-exported: the optimizer used by the step)
@@ -160,26 +160,31 @@ def make_train_step(graphdef, cfg: ModelConfig, optimizer: optax.GradientTransfo
     """
     grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
 
-    def grads_of(state, b, denoms=None):
-        (_, (metrics, loads)), grads = grad_fn(state.params, state.router_bias, graphdef, b, cfg, mtp_lambda,
-                                               balance_alpha, experts_fn, denoms, 1.0 / micro_batches)
+    def grads_of(params, bias, b, denoms=None):
+        (_, (metrics, loads)), grads = grad_fn(params, bias, graphdef, b, cfg, mtp_lambda, balance_alpha,
+                                               experts_fn, denoms, 1.0 / micro_batches)
         return grads, metrics, loads
 
     def step(state: TrainState, batch: Batch):
         if micro_batches == 1:
-            grads, metrics, loads = grads_of(state, batch)
+            grads, metrics, loads = grads_of(state.params, state.router_bias, batch)
         else:
             # Exact accumulation: each micro-batch's CE is divided by the whole batch's target count, so the
             # summed gradients equal the whole batch's (not a mean of per-micro-batch means).
             denoms = target_counts(batch, cfg.num_nextn_predict_layers)
             split = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]),
                                  batch)
+            # the routed expert stacks cast to the compute dtype once for all micro-batches, their gradients summed
+            # into float32 (`model.precast_experts`: the same gradients; as GRPO's update)
+            params = M.precast_experts(state.params, dtype_of(cfg.dtype))
 
             def body(acc, b):
-                return jax.tree.map(jnp.add, acc, grads_of(state, b, denoms)), None
+                return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc,
+                                    grads_of(params, state.router_bias, b, denoms)), None
 
-            zeros = jax.tree.map(jnp.zeros_like,
-                                 jax.eval_shape(grads_of, state, jax.tree.map(lambda x: x[0], split), denoms))
+            _, m_shape, l_shape = jax.eval_shape(grads_of, params, state.router_bias,
+                                                 jax.tree.map(lambda x: x[0], split), denoms)
+            zeros = jax.tree.map(jnp.zeros_like, (state.params, m_shape, l_shape))
             (grads, metrics, loads), _ = jax.lax.scan(body, zeros, split)
         total = metrics["loss"] + metrics["mtp_loss"] + metrics["balance_loss"]
         bias = update_router_bias(state.router_bias, loads, bias_update_speed) if bias_update_speed else \
