@@ -1,6 +1,7 @@
 """The `deepjax` command: errors, help; CI = README. (`info` and `train` end to end, run from the installed wheel:
 tests/test_packaging.py.)"""
 
+import json
 import os
 import re
 import subprocess
@@ -70,7 +71,8 @@ def test_ci_runs_the_readme_test_command():
 def test_compile_cache_env(tmp_path):
     """DEEPJAX_COMPILE_CACHE=DIR writes jax's persistent compilation cache there (a whole `deepjax info` run); off
     (and the CPU default) turns nothing on and makes no directory, which `cli.main` decides before any command runs
-    (`compile_cache`, probed in fresh processes: the decision never starts jax's backend)."""
+    (`compile_cache`, probed case by case in one fresh process: each decision starts from an unset cache directory
+    and the environment of its case, and none of them starts jax's backend)."""
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"), DEEPJAX_COMPILE_CACHE_MIN_SECS="0")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env.pop("DEEPJAX_COMPILE_CACHE", None)
@@ -81,18 +83,28 @@ def test_compile_cache_env(tmp_path):
     assert cache.is_dir() and any(cache.iterdir())
     # deciding never starts jax's backend (on several processes jax.distributed.initialize must come first)
     # FAKE: a stand-in accelerator plugin (any importable module), so that "unset" turns the cache on and "off" must
-    # turn it off again
-    probe = ("import jax, os; from jax._src import xla_bridge as xb; from deepjax import cli\n"
-             "if os.environ.get('FAKE'): cli.ACCELERATOR_PLUGINS = ('json',)\n"
-             "d = cli.compile_cache(); assert not xb.backends_are_initialized(); "
-             "print(d, jax.config.jax_compilation_cache_dir)")
+    # turn it off again. One process for the cases (importing deepjax is most of a probe's time): each case sets its
+    # environment (JAX_PLATFORMS in jax's config too, as a fresh process would read it) and an unset cache directory.
+    probe = ("import json, os, sys, jax; from jax._src import xla_bridge as xb; from deepjax import cli\n"
+             "plugins = cli.ACCELERATOR_PLUGINS\n"
+             "for extra in json.loads(sys.argv[1]):\n"
+             "    for k in ('JAX_PLATFORMS', 'FAKE', 'DEEPJAX_COMPILE_CACHE'): os.environ.pop(k, None)\n"
+             "    os.environ.update(extra)\n"
+             "    jax.config.update('jax_platforms', extra['JAX_PLATFORMS'] or None)\n"
+             "    jax.config.update('jax_compilation_cache_dir', None)\n"
+             "    cli.ACCELERATOR_PLUGINS = ('json',) if extra.get('FAKE') else plugins\n"
+             "    d = cli.compile_cache(); assert not xb.backends_are_initialized(), extra\n"
+             "    print(d, jax.config.jax_compilation_cache_dir, flush=True)\n")
     import importlib.util
     plugin = any(importlib.util.find_spec(m) for m in cli.ACCELERATOR_PLUGINS)
     cases = ((dict(JAX_PLATFORMS="cpu"), "None None"), (dict(JAX_PLATFORMS=""), "xla" if plugin else "None None"),
              (dict(JAX_PLATFORMS="", FAKE="1"), str(tmp_path / "xdg")),
              (dict(JAX_PLATFORMS="cpu", FAKE="1"), "None None"),
              (dict(JAX_PLATFORMS="", FAKE="1", DEEPJAX_COMPILE_CACHE="off"), "None None"))
-    for extra, want in cases:
-        r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env=dict(env, **extra))
-        assert r.returncode == 0 and want in r.stdout, (extra, r.stdout, r.stderr)
+    r = subprocess.run([sys.executable, "-c", probe, json.dumps([extra for extra, _ in cases])], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    lines = r.stdout.splitlines()
+    assert len(lines) == len(cases), (r.stdout, r.stderr)
+    for (extra, want), line in zip(cases, lines):
+        assert want in line, (extra, line, r.stderr)

@@ -22,7 +22,8 @@ ARGS = ["--no-progress", "--seed", "1",
         "--config.data.num_train=150", "--config.data.num_test=20", "--config.data.seq_len=96",
         "--config.data.global_batch=8", "--config.train.steps=30", "--config.train.checkpoint_every=5",
         "--config.train.log_every=5",
-        "--config.rl.prompts_per_step=4", "--config.rl.loss.group_size=2", "--config.rl.rollout.max_new_tokens=64",
+        # rollouts and every stage's evaluation (64 rows a batch, padded) decode at most 32 new tokens
+        "--config.rl.prompts_per_step=4", "--config.rl.loss.group_size=2", "--config.rl.rollout.max_new_tokens=32",
         "--config.rl.eval.problems=4", "--config.rl.loss.beta=0",  # no reference policy to compile
         # the filter's correctness and format checks off: a 30-step base is rarely right (tests/test_distill.py
         # tests the filter); it must still finish (EOS) within max_new_tokens

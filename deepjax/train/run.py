@@ -32,7 +32,6 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from deepjax.held_jit import held_jit
@@ -153,6 +152,8 @@ class MetricsLog:
             tb = workdir / "tb"
             purge = resume_step + 1 if resume_step is not None and tb.is_dir() else None
             self.tb = paths.TensorBoardMirror(tb)
+            # tensorboardX imports torch when it is installed (~2 s of every `deepjax` process, `info` included)
+            from tensorboardX import SummaryWriter  # lazy on purpose: only a run that writes metrics needs it
             # a name of its own: tensorboardX names files by the second and opens them with "wb"
             self.writer = SummaryWriter(self.tb.local_dir, purge_step=purge,
                                         filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")
