@@ -93,23 +93,24 @@ def router_logits_split(x_TD, gate_DE):
 
 
 def _router_split_fwd(x_TD, gate_DE):
-    return router_logits_split(x_TD, gate_DE), (x_TD, gate_DE)
+    parts_DN = router_parts(gate_DE)
+    return router_logits_from_parts(x_TD, parts_DN), (x_TD, parts_DN, jnp.zeros((), gate_DE.dtype))
 
 
 def _router_split_bwd(res, ct_TE):
-    x_TD, gate_DE = res
+    x_TD, parts_DN, gate_like = res
+    E = parts_DN.shape[1] // 3
     ct_TE = ct_TE.astype(jnp.float32)
     c1, c2, c3 = bf16_parts(ct_TE, 3)
-    g1, g2 = bf16_parts(gate_DE, 2)
+    g1, g2 = parts_DN[:, :E], parts_DN[:, E:2 * E]  # the forward's parts (the gate's first two)
     # d x = ct . gate^T as c1 g1 + c1 g2 + c2 g1 in one product over [3E]: the terms left out (c1 g3, c2 g2, c3 g)
     # are each below 2^-16 of sum |ct| |gate| (truncated parts), far below x's bf16 rounding (2^-9)
     dx = jnp.einsum("...e,de->...d", jnp.concatenate([c1, c1, c2], axis=-1), jnp.concatenate([g1, g2, g1], axis=-1),
                     preferred_element_type=jnp.float32).astype(x_TD.dtype)
     # d gate = x^T . ct over every leading axis, ct in three parts side by side
-    E = gate_DE.shape[1]
     dg = jnp.einsum("...d,...n->dn", x_TD, jnp.concatenate([c1, c2, c3], axis=-1), preferred_element_type=jnp.float32)
     dg = sum(dg[:, i * E:(i + 1) * E] for i in reversed(range(3)))
-    return dx, dg.astype(gate_DE.dtype)
+    return dx, dg.astype(gate_like.dtype)
 
 
 router_logits_split.defvjp(_router_split_fwd, _router_split_bwd)

@@ -657,15 +657,14 @@ def _ce_bwd(res, g):
 lm_head_ce.defvjp(_ce_fwd, _ce_bwd)
 
 
-def _scaled_logits(h_BCD, w_DV, tau: float, raw_BCV=None):
-    """As `Transformer.logits` (the product in h's dtype, then float32), divided by the temperature; from the
-    product `raw` (`_raw_logits`) when given."""
-    raw_BCV = _raw_logits(h_BCD, w_DV) if raw_BCV is None else raw_BCV
-    return sharding.constrain(raw_BCV.astype(jnp.float32), ("batch", "length", "vocab")) / tau
-
-
 def _raw_logits(h_BCD, w_DV):
+    """The head's product in h's dtype, as `Transformer.logits` rounds it."""
     return jnp.einsum("bcd,dv->bcv", h_BCD, w_DV)
+
+
+def _scaled_logits(raw_BCV, tau: float):
+    """The product (`_raw_logits`) in float32, divided by the temperature."""
+    return sharding.constrain(raw_BCV.astype(jnp.float32), ("batch", "length", "vocab")) / tau
 
 
 # lm_head_logprobs' backward reuses the forward's logits when they are 16-bit and take at most this many bytes on a
@@ -703,7 +702,7 @@ def _logp_chunks(h_BTD, w_DV, targets_BT, tau: float, keep_logits: bool = False)
     def body(_, xs):
         h_BCD, t_BC = xs
         raw_BCV = _raw_logits(h_BCD, w_DV)
-        s_BCV = _scaled_logits(h_BCD, w_DV, tau, raw_BCV)
+        s_BCV = _scaled_logits(raw_BCV, tau)
         lse_BC = jax.nn.logsumexp(s_BCV, axis=-1)
         tgt_BC = jnp.sum(jnp.where(v_V[None, None] == t_BC[..., None], s_BCV, 0.0), axis=-1)
         lp_BCV = s_BCV - lse_BC[..., None]
@@ -740,7 +739,8 @@ def _logp_bwd(tau, res, g):
 
     def body(dw_DV, xs):
         h_BCD, t_BC, lse_BC, g_BC, *raw = xs
-        p_BCV = jnp.exp(_scaled_logits(h_BCD, w_DV, tau, *raw) - lse_BC[..., None])
+        raw_BCV = raw[0] if raw else _raw_logits(h_BCD, w_DV)  # the forward's, or recomputed
+        p_BCV = jnp.exp(_scaled_logits(raw_BCV, tau) - lse_BC[..., None])
         d_BCV = ((v_V[None, None] == t_BC[..., None]) - p_BCV) * (g_BC / tau)[..., None]
         d_BCV = d_BCV.astype(h_BCD.dtype)  # (the transpose of the logits' cast to float32)
         dh_BCD = jnp.einsum("bcv,dv->bcd", d_BCV, w_DV).astype(h_BCD.dtype)
