@@ -153,6 +153,58 @@ def test_dispatch_methods_agree(monkeypatch):
         KG.dispatch(idx, X, 16, "radix")
 
 
+def _distinct_routing(rng, T_=T):
+    """Each token's A experts distinct (top-k routing: two of experts 0-2, skewed toward 0, then the "shared" 5)."""
+    top = np.stack([rng.permutation(3)[:2] for _ in range(T_)])
+    top[rng.random(T_) < 0.5, 0] = 0  # expert 0 on most tokens, first or second
+    top[:, 1] = np.where(top[:, 0] == top[:, 1], (top[:, 1] + 1) % 3, top[:, 1])
+    idx = np.concatenate([top, np.full((T_, 1), X - 1)], 1).astype(np.int32)
+    assert all(len(set(r)) == A for r in idx.tolist())
+    return jnp.asarray(idx)
+
+
+@pytest.mark.parametrize("bm", [4, 16])
+def test_dispatch_distinct_and_pad_token(bm):
+    """With distinct experts per token, `distinct=True` (no ranks among a token's own assignments) gives the counting
+    and the sorting layouts; pad_token moves only the padding rows; counting has no bincount scatter-add, and
+    distinct counting one reduction over [T, A, A] less."""
+    rng = np.random.default_rng(7)
+    idx = _distinct_routing(rng)
+    ref = KG.dispatch(idx, X, bm, "sort")
+    for method, distinct in (("count", True), ("count", False), ("sort", True)):
+        got = KG.dispatch(idx, X, bm, method, distinct=distinct)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    token_R, _, n_blocks, row_TA = (np.asarray(a) for a in KG.dispatch(idx, X, bm, "count", True, pad_token=0))
+    pad = np.setdiff1d(np.arange(token_R.size), np.asarray(row_TA).ravel())
+    assert pad.size and (token_R[pad] == 0).all() and (np.asarray(ref[0])[pad] == T).all()
+    np.testing.assert_array_equal(np.delete(token_R, pad), np.delete(np.asarray(ref[0]), pad))
+    jaxpr = lambda d: str(jax.make_jaxpr(lambda i: KG.dispatch(i, X, bm, "count", distinct=d))(idx))  # noqa: E731
+    assert "scatter-add" not in jaxpr(False) and "scatter-add" in str(
+        jax.make_jaxpr(lambda i: KG.dispatch(i, X, bm, "sort"))(idx))
+    assert jaxpr(True).count("reduce_sum") < jaxpr(False).count("reduce_sum")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_experts_grouped_distinct_equals_dense(dtype):
+    """`distinct=True` (the fused decoder's routing) on distinct routing: the dense reference, and the
+    general path's output bit for bit; the padding rows read token 0 (no padded copy of x)."""
+    rng = np.random.default_rng(8)
+    dt = jnp.dtype(dtype)
+    idx = _distinct_routing(rng)
+    w = jnp.asarray(rng.random((T, A)) + 0.5, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32).astype(dt)
+    w_gu, w_down = _weights(rng, dt)
+    for gather_rows in (True, False):
+        run = functools.partial(KG.experts_grouped, x, w, idx, w_gu, w_down, "interpret", False, 16,
+                                gather_rows=gather_rows)
+        got = run(distinct=True)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(run()))
+        assert _close(got, dense_reference(x, w, idx, w_gu, w_down), 1e-5 if dtype == "float32" else 2e-2)
+    text = str(jax.make_jaxpr(lambda x: KG.experts_grouped(x, w, idx, w_gu, w_down, "interpret", False, 16))(x))
+    assert "concatenate" not in text
+
+
 @pytest.mark.parametrize("flat", [False, True])
 def test_kernels_skip_blocks_past_the_data(flat, monkeypatch):
     """The two kernels on a hand-made layout: blocks of experts 2, 0, 0, 1, then two blocks past n_blocks = 4 with

@@ -109,6 +109,25 @@ def test_route_by_rank_equals_route(preset):
         np.testing.assert_allclose(np.asarray(w2), np.asarray(w), rtol=1e-6)
 
 
+def test_route_by_rank_pieces():
+    """`fused._top2_sum` (one variadic reduction) equals lax.top_k(v, 2)'s sum bit for bit, ties included; and
+    `_rank_desc` with a first class gives the first class the ranks it has with every other entry -inf, the others
+    ranks past them (so the group mask of route_by_rank needs no select)."""
+    rng = np.random.default_rng(3)
+    v = jnp.asarray(np.round(rng.normal(size=(64, 8, 8)), 1), jnp.float32)  # rounded: many ties
+    v = v.at[0].set(1.0).at[1, :, :2].set(-jnp.inf)
+    for f in (DF._top2_sum, jax.jit(DF._top2_sum)):
+        np.testing.assert_array_equal(np.asarray(f(v)), np.asarray(jax.lax.top_k(v, 2)[0].sum(-1)))
+    s = jnp.asarray(np.round(rng.normal(size=(64, 32)), 1), jnp.float32)
+    first = jnp.asarray(rng.random((64, 32)) < 0.4)
+    got = np.asarray(jax.jit(DF._rank_desc)(s, first))
+    want = np.asarray(DF._rank_desc(jnp.where(first, s, -jnp.inf)))
+    f_np = np.asarray(first)
+    np.testing.assert_array_equal(got[f_np], want[f_np])
+    assert (got[~f_np] >= np.broadcast_to(f_np.sum(-1, keepdims=True), got.shape)[~f_np]).all()
+    assert sorted(got[5].tolist()) == list(range(32))  # a permutation
+
+
 def test_greedy_equals_repeated_full_forward_argmax(tiny):
     cfg, graphdef, params = tiny
     prompts, lengths = SP.pad_prompts(list(PROMPTS))

@@ -69,14 +69,34 @@ def check_supported(cfg: ModelConfig) -> None:
 # ---------------------------------------------------------------------------------------------------- routing
 
 
-def _rank_desc(v):
-    """Rank of each entry along the last axis in descending order, ties to the lower index (lax.top_k's order)."""
+def _rank_desc(v, first=None):
+    """Rank of each entry along the last axis in descending order, ties to the lower index (lax.top_k's order).
+    first (bool, v's shape, or None): entries with it set rank before every entry without it, each class ordered
+    as above; the ranks of the first class are those of v with every other entry -inf (one fused comparison
+    instead of a select and a comparison)."""
     n = v.shape[-1]
     i = jnp.arange(n)
     lower = (i[None, :] < i[:, None]).reshape((1,) * (v.ndim - 1) + (n, n))  # f < e
     a, b = v[..., :, None], v[..., None, :]  # entry e (rows) against entry f (columns)
     beats = (b > a) | ((b == a) & lower)
+    if first is not None:
+        fa, fb = first[..., :, None], first[..., None, :]
+        beats = (fb & ~fa) | ((fb == fa) & beats)
     return beats.sum(-1)
+
+
+def _top2_sum(v):
+    """The sum of the two largest entries along the last axis, counted with multiplicity (`lax.top_k(v, 2)[0].sum(-1)`,
+    the same float32 sum of the same two values) as one variadic reduction: (largest, second) pairs combined as
+    (max(a1, b1), max(min(a1, b1), max(a2, b2))), associative and commutative."""
+    neg = jnp.asarray(-jnp.inf, v.dtype)
+
+    def top2(x, y):
+        (a1, a2), (b1, b2) = x, y
+        return jnp.maximum(a1, b1), jnp.maximum(jnp.minimum(a1, b1), jnp.maximum(a2, b2))
+
+    m1, m2 = jax.lax.reduce((v, jnp.full_like(v, neg)), (neg, neg), top2, (v.ndim - 1,))
+    return m1 + m2
 
 
 def route_by_rank(logits_TE, bias_E, cfg: ModelConfig):
@@ -86,16 +106,20 @@ def route_by_rank(logits_TE, bias_E, cfg: ModelConfig):
     check_supported(cfg)
     E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
     scores_TE, choice_TE = router_scores(logits_TE, bias_E, cfg)
+    keep_TE = None
     if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and G > 1:
         grouped_TGe = choice_TE.reshape(*choice_TE.shape[:-1], G, E // G)
         if cfg.topk_method == "noaux_tc":
-            group_TG = jnp.where(_rank_desc(grouped_TGe) < 2, grouped_TGe, 0.0).sum(-1)
+            group_TG = _top2_sum(grouped_TGe)
         else:
             group_TG = grouped_TGe.max(-1)
         keep_TG = _rank_desc(group_TG) < cfg.topk_group
-        choice_TE = jnp.where(jnp.repeat(keep_TG, E // G, axis=-1), choice_TE, -jnp.inf)
+        # the kept groups' experts rank first: their ranks are those with every other expert -inf, and the
+        # config's check (kept groups hold at least K experts) keeps the others out of the top K
+        keep_TE = jnp.repeat(keep_TG, E // G, axis=-1)
     lead = (1,) * (choice_TE.ndim - 1)
-    pick_TKE = _rank_desc(choice_TE)[..., None, :] == jnp.arange(K).reshape(*lead, K, 1)  # e is the k-th choice
+    rank_TE = _rank_desc(choice_TE, keep_TE)
+    pick_TKE = rank_TE[..., None, :] == jnp.arange(K).reshape(*lead, K, 1)  # e is the k-th choice
     idx_TK = jnp.where(pick_TKE, jnp.arange(E, dtype=jnp.int32).reshape(*lead, 1, E), 0).sum(-1)
     w_TK = jnp.where(pick_TKE, scores_TE[..., None, :], 0.0).sum(-1)
     return gate_weights(w_TK, cfg), idx_TK
@@ -402,7 +426,7 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
             w_TX, idx_TX = _with_shared(*moe_route(logits_TE, f["bias"], cfg)[:2], cfg)
             w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array
             y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["kernels"]["grouped"],
-                                   flat=not w["gathered"], **KG.options(w["tuning"]["grouped"]))
+                                   flat=not w["gathered"], distinct=True, **KG.options(w["tuning"]["grouped"]))
             return x_BTD + y.reshape(B, T, D), kv_BSc, routes(idx_TX)
         if use.get("route"):
             idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"], table=w["tuning"])
@@ -417,7 +441,8 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
     elif w.get("grouped_decode"):  # many tokens a step: sorted rows and grouped matmuls, as the prefill
         bm = w["tuning"]["grouped"]["decode_bm"] or KG.decode_block_rows(idx_TX.size, E + S)
         y = KG.experts_grouped(h, w_TX, idx_TX, f["w_gu"].reshape(E + S, -1, D), f["w_down"],
-                               w["kernels"]["grouped"], flat=True, bm=bm, **KG.options(w["tuning"]["grouped"]))
+                               w["kernels"]["grouped"], flat=True, bm=bm, distinct=True,
+                               **KG.options(w["tuning"]["grouped"]))
     else:
         if dense_TE is None:
             comb_TX = jnp.einsum("tk,tke->te", w_TX, jax.nn.one_hot(idx_TX, E + S, dtype=jnp.float32))

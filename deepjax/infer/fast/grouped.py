@@ -8,7 +8,8 @@ weights in place, and the dispatch moves only int32 indices until the row gather
 
     dispatch        the T*A assignments ordered by expert, token order within one (by counting, or a stable sort for
                     many); each expert's rows padded to a multiple of bm;
-                    padded row -> source token (padding rows -> an appended zero row) by an int32 scatter
+                    padded row -> source token (padding rows -> token 0: their outputs are never read) by an
+                    int32 scatter
     grouped_swiglu  per block of bm rows of expert e = block_e[n]: silu(x W_gate_e^T) * (x W_up_e^T) -> h [R, I];
                     the block's rows of x gathered in the kernel by their source tokens (token_R), or read from rows
                     XLA gathered before (xs [R, D]: at 512 decode rows, bench preset, 17 MB written and read back)
@@ -236,9 +237,9 @@ def _scalars(block_e_N, n_blocks):
 def grouped_swiglu(x, block_e_N, n_blocks, w_gu_XJD, mode: str, bm: int, token_R=None):
     """h [R, I] in x's dtype, R = N*bm: for each block n of bm rows (rows n*bm .. (n+1)*bm, all of expert
     e = block_e[n]), silu(x W_gate_e^T) * (x W_up_e^T) with float32 accumulation, W_gate_e = w_gu[e, :I],
-    W_up_e = w_gu[e, I:]. x: the blocks' rows themselves, [R, D]; or, with token_R [R] (int32, `dispatch`'s), the
-    source rows [T + 1, D] (row T zeros, for the padding rows), row r of the block layout gathered in the kernel from
-    x[token_R[r]]: the same results without the [R, D] copy. Blocks n >= n_blocks (a traced int32 scalar) are
+    W_up_e = w_gu[e, I:]. x: the blocks' rows themselves, [R, D]; or, with token_R [R] (int32, `dispatch`'s, every
+    entry a row of x), the source rows, row r of the block layout gathered in the kernel from x[token_R[r]]: the same
+    results without the [R, D] copy. Blocks n >= n_blocks (a traced int32 scalar) are
     skipped and hold zeros."""
     D = x.shape[1]
     I = w_gu_XJD.shape[1] // 2
@@ -291,46 +292,56 @@ def n_blocks_bound(n_assign: int, n_experts: int, bm: int) -> int:
 COUNT_MAX = 1 << 20
 
 
-def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto"):
+def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto", distinct: bool = False,
+             pad_token: int | None = None):
     """The block layout of the T*A assignments (token t to expert idx[t, a], every id in [0, X)), all int32:
-    (token_R: source token of each padded row, T for padding rows; block_e_N: expert of each block, X - 1 for the
-    blocks past the data; n_blocks: blocks holding data, a scalar; row_TA: each assignment's padded row).
-    Within an expert the rows keep token order (a stable sort's order). method: "count" (each assignment's rank in
-    its expert from a cumulative sum over the tokens' expert counts [T, X]), "sort" (a stable argsort by expert),
-    "auto" (count up to COUNT_MAX elements of the one-hot [T*A, X])."""
+    (token_R: source token of each padded row, pad_token for padding rows (default T: a zero row appended to x);
+    block_e_N: expert of each block, X - 1 for the blocks past the data; n_blocks: blocks holding data, a scalar;
+    row_TA: each assignment's padded row). Within an expert the rows keep token order (a stable sort's order).
+    method: "count" (each assignment's rank in its expert from a cumulative sum over the tokens' expert counts
+    [T, X]), "sort" (a stable argsort by expert), "auto" (count up to COUNT_MAX elements of the one-hot [T*A, X]).
+    distinct: each token's A experts are distinct (top-k routing, plus shared experts): counting then skips the
+    ranks among a token's own assignments (always zero then; one reduction less)."""
     T, A = idx_TA.shape
     M = T * A
     X = n_experts
     N = n_blocks_bound(M, X, bm)
+    pad = T if pad_token is None else pad_token
     if method == "auto":
         method = "count" if M * X <= COUNT_MAX else "sort"
     if method not in ("count", "sort"):
         raise ValueError(f"grouped.dispatch: method must be 'auto', 'count' or 'sort', not {method!r}")
     flat_M = idx_TA.reshape(-1).astype(jnp.int32)
-    counts_X = jnp.bincount(flat_M, length=X).astype(jnp.int32)
+    arange_M = jnp.arange(M, dtype=jnp.int32)
+    if method == "count" and T > 0:
+        # an assignment's rank in its expert: its expert's assignments in earlier tokens (a running sum over the T
+        # tokens of [T, X] counts, A times shorter than one over the T*A assignments) plus the token's own earlier
+        # assignments to it (none under top-k routing: `distinct`; else [T, A, A] comparisons). The running sum's
+        # last row is the experts' counts (no bincount scatter).
+        idx_TA = idx_TA.astype(jnp.int32)
+        hot_TX = (idx_TA[:, :, None] == jnp.arange(X, dtype=jnp.int32)[None, None, :]).sum(1, dtype=jnp.int32)
+        through_TX = jnp.cumsum(hot_TX, 0)
+        before_TX = through_TX - hot_TX
+        counts_X = through_TX[-1]
+        rank_TA = jnp.take_along_axis(before_TX, idx_TA, 1)
+        if not distinct:
+            a_A = jnp.arange(A)
+            earlier_AA = (a_A[None, :] < a_A[:, None])[None]  # [1, A, A]: a' before a
+            rank_TA = rank_TA + ((idx_TA[:, :, None] == idx_TA[:, None, :]) & earlier_AA).sum(-1, dtype=jnp.int32)
+    else:
+        counts_X = jnp.bincount(flat_M, length=X).astype(jnp.int32)
     padded_X = (counts_X + bm - 1) // bm * bm
     end_X = jnp.cumsum(padded_X)
     start_X = end_X - padded_X  # first padded row of each expert
-    arange_M = jnp.arange(M, dtype=jnp.int32)
-    if method == "count":
-        # an assignment's rank in its expert: its expert's assignments in earlier tokens (a running sum over the T
-        # tokens of [T, X] counts, A times shorter than one over the T*A assignments) plus the token's own earlier
-        # assignments to it (none under top-k routing; [T, A, A] comparisons)
-        idx_TA = idx_TA.astype(jnp.int32)
-        hot_TX = (idx_TA[:, :, None] == jnp.arange(X, dtype=jnp.int32)[None, None, :]).sum(1, dtype=jnp.int32)
-        before_TX = jnp.cumsum(hot_TX, 0) - hot_TX
-        a_A = jnp.arange(A)
-        earlier_AA = (a_A[None, :] < a_A[:, None])[None]  # [1, A, A]: a' before a
-        within_TA = ((idx_TA[:, :, None] == idx_TA[:, None, :]) & earlier_AA).sum(-1, dtype=jnp.int32)
-        rank_M = (jnp.take_along_axis(before_TX, idx_TA, 1) + within_TA).reshape(-1)
-        row_M = start_X[flat_M] + rank_M  # padded row of each assignment
-        token_R = jnp.full((N * bm,), T, jnp.int32).at[row_M].set(arange_M // A, unique_indices=True)
+    if method == "count" and T > 0:
+        row_M = start_X[flat_M] + rank_TA.reshape(-1)  # padded row of each assignment
+        token_R = jnp.full((N * bm,), pad, jnp.int32).at[row_M].set(arange_M // A, unique_indices=True)
     else:
         order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
         e_M = flat_M[order_M]  # sorted
         first_X = jnp.cumsum(counts_X) - counts_X  # first sorted assignment of each expert
         dest_M = start_X[e_M] + arange_M - first_X[e_M]  # padded row of each sorted assignment
-        token_R = jnp.full((N * bm,), T, jnp.int32).at[dest_M].set(order_M // A, unique_indices=True)
+        token_R = jnp.full((N * bm,), pad, jnp.int32).at[dest_M].set(order_M // A, unique_indices=True)
         row_M = jnp.zeros((M,), jnp.int32).at[order_M].set(dest_M, unique_indices=True)
     # expert of block n: the number of experts whose padded rows end at or before the block's first row
     block_e_N = (end_X[None, :] <= (jnp.arange(N, dtype=jnp.int32) * bm)[:, None]).sum(1, dtype=jnp.int32)
@@ -338,14 +349,15 @@ def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto"):
 
 
 def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm: int | None = None,
-                    gather_rows: bool = True, y_dtype=None):
+                    gather_rows: bool = True, y_dtype=None, distinct: bool = False):
     """[T, D] in x's dtype: sum_a w[t, a] * expert_{idx[t, a]}(x[t]), expert e(x) = W_down_e (silu(W_gate_e x) *
     W_up_e x), every assignment computed (dropless). w_gu [X, 2I, D]; w_down [X, D, I], or [D, X*I] when flat.
     bm: rows per block (`block_rows` when None). gather_rows: the gate/up kernel gathers its rows of x itself
     (`grouped_swiglu` with token_R); False: XLA gathers them into a padded [R, D] copy first (same results).
     The hidden activations are rounded to x's dtype between the kernels; the down outputs to y_dtype (None: x's
     dtype, as the training path's ragged_dot rows; jnp.float32: unrounded); the weighted sum is float32 either
-    way. `options` reads gather_rows and y_dtype from a tuning table."""
+    way. `options` reads gather_rows and y_dtype from a tuning table. distinct: each token's experts in idx_TA are
+    distinct (routing's top-k plus the shared experts; `dispatch`), which the callers in `fused` guarantee."""
     T, D = x_TD.shape
     A = idx_TA.shape[1]
     X = w_gu.shape[0]
@@ -353,12 +365,15 @@ def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm:
     # The layout and the weights pass a barrier: materialized once, never recomputed inside the gathers that read
     # them (XLA:GPU may fuse index arithmetic into its consumers; a decode profile at 512 rows showed the combine
     # growing from 6 to 81 us a layer once the layout came from counting instead of a scatter)
-    (token_R, block_e_N, n_blocks, row_TA), w_TA = jax.lax.optimization_barrier((dispatch(idx_TA, X, bm), w_TA))
-    x_pad = jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)])  # row T: the padding rows' input
+    # Padding rows read token 0's row (with no tokens, an appended zero row): their outputs are never gathered by
+    # the combine, and x needs no padded copy (a kernel a layer at every decode step)
+    layout = dispatch(idx_TA, X, bm, distinct=distinct, pad_token=0 if T else None)
+    (token_R, block_e_N, n_blocks, row_TA), w_TA = jax.lax.optimization_barrier((layout, w_TA))
+    x_src = x_TD if T else jnp.zeros((1, D), x_TD.dtype)
     if gather_rows:
-        h_RI = grouped_swiglu(x_pad, block_e_N, n_blocks, w_gu, mode, bm, token_R)
+        h_RI = grouped_swiglu(x_src, block_e_N, n_blocks, w_gu, mode, bm, token_R)
     else:
-        xs_RD = jnp.take(x_pad, token_R, axis=0, mode="clip")
+        xs_RD = jnp.take(x_src, token_R, axis=0, mode="clip")
         h_RI = grouped_swiglu(xs_RD, block_e_N, n_blocks, w_gu, mode, bm)
     y_RD = grouped_down(h_RI, block_e_N, n_blocks, w_down, mode, bm, flat,
                         x_TD.dtype if y_dtype is None else y_dtype)
