@@ -271,16 +271,17 @@ def grouped(a):
             f = grouped_fn(flat)
             add(f"grouped {'flat' if flat else 'gathered'} (default)", f, x, w, idx, w_gu, wd,
                 err=f"diff {max_err(f(x, w, idx, w_gu, wd), ref):.1e}")
-        token_R, block_e_N, n_blocks, _ = jax.jit(KG.dispatch, static_argnums=(1, 2))(idx, X, bm)
-        xs = jnp.take(jnp.concatenate([x, jnp.zeros((1, D), bf)]), token_R, axis=0)
+        token_R, block_e_N, n_blocks, _ = jax.jit(functools.partial(KG.dispatch, distinct=True, pad_token=0),
+                                                  static_argnums=(1, 2))(idx, X, bm)
+        xs = jnp.take(x, token_R, axis=0)  # padding rows read token 0, as experts_grouped's
         sw = jax.jit(functools.partial(KG.grouped_swiglu, mode="gpu", bm=bm))
         add("  kernel swiglu", sw, xs, block_e_N, n_blocks, w_gu, whole=False)
         dn = jax.jit(functools.partial(KG.grouped_down, mode="gpu", bm=bm, flat=False))
         add("  kernel down (gathered)", dn, sw(xs, block_e_N, n_blocks, w_gu), block_e_N, n_blocks, w_down,
             whole=False)
         for method in ("count", "sort"):
-            disp = jax.jit(lambda idx, x, m=method: jnp.take(jnp.concatenate([x, jnp.zeros((1, D), x.dtype)]),
-                                                             KG.dispatch(idx, X, bm, m)[0], axis=0))
+            disp = jax.jit(lambda idx, x, m=method: jnp.take(
+                x, KG.dispatch(idx, X, bm, m, distinct=True, pad_token=0)[0], axis=0))
             add(f"  dispatch ({method}) + row gather", disp, idx, x, whole=False)
         for block in sorted({128, bm}):
             f = jax.jit(functools.partial(routed_experts_blocked, block=block))

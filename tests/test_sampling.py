@@ -126,6 +126,10 @@ def test_route_by_rank_pieces():
     np.testing.assert_array_equal(got[f_np], want[f_np])
     assert (got[~f_np] >= np.broadcast_to(f_np.sum(-1, keepdims=True), got.shape)[~f_np]).all()
     assert sorted(got[5].tolist()) == list(range(32))  # a permutation
+    # which needs K experts in the kept groups: a config short of them (past ModelConfig.validate) is refused
+    short = dataclasses.replace(presets.tiny(), topk_group=1, num_experts_per_tok=3)
+    with pytest.raises(ValueError, match=r"model\.topk_group"):
+        DF.route_by_rank(jnp.zeros((2, short.n_routed_experts)), None, short)
 
 
 def test_greedy_equals_repeated_full_forward_argmax(tiny):

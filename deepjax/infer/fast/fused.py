@@ -64,6 +64,12 @@ def check_supported(cfg: ModelConfig) -> None:
         raise bad("model.topk_method", cfg.topk_method,
                   f"the fused decode step (deepjax/infer/fast/fused.py, route_by_rank) implements {TOPK_METHODS}; "
                   "implement it there, or decode with sampling.decoder='model' (the model's own moe.route)")
+    if cfg.topk_method != "greedy" and cfg.n_group > 1:
+        kept = cfg.topk_group * (cfg.n_routed_experts // cfg.n_group)
+        if kept < cfg.num_experts_per_tok:  # (ModelConfig.validate refuses it too; a replaced config may skip that)
+            raise bad("model.topk_group", cfg.topk_group,
+                      f"the kept groups hold {kept} experts < num_experts_per_tok={cfg.num_experts_per_tok}: "
+                      "route_by_rank ranks the kept experts first and needs K of them")
 
 
 # ---------------------------------------------------------------------------------------------------- routing
@@ -72,8 +78,8 @@ def check_supported(cfg: ModelConfig) -> None:
 def _rank_desc(v, first=None):
     """Rank of each entry along the last axis in descending order, ties to the lower index (lax.top_k's order).
     first (bool, v's shape, or None): entries with it set rank before every entry without it, each class ordered
-    as above; the ranks of the first class are those of v with every other entry -inf (one fused comparison
-    instead of a select and a comparison)."""
+    as above; for finite v the ranks of the first class are those of v with every other entry -inf (one fused
+    comparison instead of a select and a comparison)."""
     n = v.shape[-1]
     i = jnp.arange(n)
     lower = (i[None, :] < i[:, None]).reshape((1,) * (v.ndim - 1) + (n, n))  # f < e
@@ -87,7 +93,7 @@ def _rank_desc(v, first=None):
 
 def _top2_sum(v):
     """The sum of the two largest entries along the last axis, counted with multiplicity (`lax.top_k(v, 2)[0].sum(-1)`,
-    the same float32 sum of the same two values) as one variadic reduction: (largest, second) pairs combined as
+    the same float32 sum of the same two values, up to the sign of a zero sum) as one variadic reduction: (largest, second) pairs combined as
     (max(a1, b1), max(min(a1, b1), max(a2, b2))), associative and commutative."""
     neg = jnp.asarray(-jnp.inf, v.dtype)
 

@@ -165,8 +165,8 @@ def _check(mode: str, bm: int, tiles: dict, what: str, *arrays):
 
 
 def _make_swiglu_kernel(I: int, D: int, bm: int, tiles: dict, dot, pid, gather: bool):
-    """gather: operands (block_e, n_blocks, token_R, x_pad, w_gu), the block's rows of x loaded by an int32 array
-    indexer (x_pad[tok, cols]: a gather in Triton's load, one row offset per row); else (block_e, n_blocks, xs, w_gu),
+    """gather: operands (block_e, n_blocks, token_R, x, w_gu), the block's rows of x loaded by an int32 array
+    indexer (x[tok, cols]: a gather in Triton's load, one row offset per row); else (block_e, n_blocks, xs, w_gu),
     the block's rows of xs in place."""
     bn, bk = tiles["bn"], tiles["bk"]
 
