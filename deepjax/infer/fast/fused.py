@@ -92,9 +92,9 @@ def _rank_desc(v, first=None):
 
 
 def _top2_sum(v):
-    """The sum of the two largest entries along the last axis, counted with multiplicity (`lax.top_k(v, 2)[0].sum(-1)`,
-    the same float32 sum of the same two values, up to the sign of a zero sum) as one variadic reduction: (largest, second) pairs combined as
-    (max(a1, b1), max(min(a1, b1), max(a2, b2))), associative and commutative."""
+    """The sum of the two largest entries along the last axis, counted with multiplicity, as one variadic reduction:
+    `lax.top_k(v, 2)[0].sum(-1)`, the same float32 sum of the same two values (up to the sign of a zero sum).
+    (largest, second) pairs combine as (max(a1, b1), max(min(a1, b1), max(a2, b2))): associative and commutative."""
     neg = jnp.asarray(-jnp.inf, v.dtype)
 
     def top2(x, y):

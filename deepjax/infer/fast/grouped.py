@@ -313,7 +313,8 @@ def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto", distinct: bo
         raise ValueError(f"grouped.dispatch: method must be 'auto', 'count' or 'sort', not {method!r}")
     flat_M = idx_TA.reshape(-1).astype(jnp.int32)
     arange_M = jnp.arange(M, dtype=jnp.int32)
-    if method == "count" and T > 0:
+    counting = method == "count" and T > 0
+    if counting:
         # an assignment's rank in its expert: its expert's assignments in earlier tokens (a running sum over the T
         # tokens of [T, X] counts, A times shorter than one over the T*A assignments) plus the token's own earlier
         # assignments to it (none under top-k routing: `distinct`; else [T, A, A] comparisons). The running sum's
@@ -333,7 +334,7 @@ def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto", distinct: bo
     padded_X = (counts_X + bm - 1) // bm * bm
     end_X = jnp.cumsum(padded_X)
     start_X = end_X - padded_X  # first padded row of each expert
-    if method == "count" and T > 0:
+    if counting:
         row_M = start_X[flat_M] + rank_TA.reshape(-1)  # padded row of each assignment
         token_R = jnp.full((N * bm,), pad, jnp.int32).at[row_M].set(arange_M // A, unique_indices=True)
     else:
@@ -365,9 +366,9 @@ def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm:
     # The layout and the weights pass a barrier: materialized once, never recomputed inside the gathers that read
     # them (XLA:GPU may fuse index arithmetic into its consumers; a decode profile at 512 rows showed the combine
     # growing from 6 to 81 us a layer once the layout came from counting instead of a scatter)
-    # Padding rows read token 0's row (with no tokens, an appended zero row): their outputs are never gathered by
-    # the combine, and x needs no padded copy (a kernel a layer at every decode step)
-    layout = dispatch(idx_TA, X, bm, distinct=distinct, pad_token=0 if T else None)
+    # Padding rows read token 0's row (with no tokens, a zero row): their outputs are never gathered by the
+    # combine, and x needs no padded copy (a kernel a layer at every decode step)
+    layout = dispatch(idx_TA, X, bm, distinct=distinct, pad_token=0)
     (token_R, block_e_N, n_blocks, row_TA), w_TA = jax.lax.optimization_barrier((layout, w_TA))
     x_src = x_TD if T else jnp.zeros((1, D), x_TD.dtype)
     if gather_rows:
