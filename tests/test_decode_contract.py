@@ -23,6 +23,7 @@ Paths (chosen by `SamplingConfig` fields, built from sampling's public pieces as
     pallas_all  decoder="interpret" at many tokens a step: attn_pre, the route kernel, all experts in XLA
     pallas_grouped  the same as the GPU's default at many rows a step: the experts as grouped matmuls (kernel_tuning
                 grouped.decode_min_tokens) and XLA's routing (route.max_tokens below the step's tokens)
+    pallas_apart  pallas_grouped with the shared experts apart, as the model's one MLP (grouped.shared_dense)
     mtp         mtp_draft=True (decoder="fused"): two tokens a step (fused, tokens_per_row=2) and the MTP module
     mtp_module  mtp_draft=True, decoder="model"
     mtp_pallas  mtp_draft=True, decoder="interpret": the route kernel at two tokens a step, the MTP block fused
@@ -43,8 +44,9 @@ groups, top-4 from 2 groups, so group-limited routing differs from plain top-k),
     glg_soft    group_limited_greedy  softmax 16     2      F    0   yarn 0     | fused fused_all pallas_split naive
                                                                                   mtp*
     noaux_sig   noaux_tc              sigmoid 16     2      T    1   yarn 1     | fused pallas pallas_all
-                                                                                  pallas_grouped mtp mtp_module
-    noaux_soft  noaux_tc              softmax None   2      T    1   -    0     | fused mtp mtp_pallas
+                                                                                  pallas_grouped pallas_apart mtp
+                                                                                  mtp_module
+    noaux_soft  noaux_tc              softmax None   2      T    1   -    0     | fused pallas_apart mtp mtp_pallas
 
 Every value of every axis appears; every topk_method x scoring_func pair, and every q_lora_rank x path pair,
 is covered; the rows of the "pallas" path take every value of every axis. mtp*: the MTP paths on a model
@@ -93,8 +95,8 @@ DESIGN = {
     "glg_soft": ("group_limited_greedy", "softmax", 16, 2, False, 0, YARN, 0,
                  "fused fused_all pallas_split naive mtp mtp_module mtp_pallas"),
     "noaux_sig": ("noaux_tc", "sigmoid", 16, 2, True, 1, YARN, 1,
-                  "fused pallas pallas_all pallas_grouped mtp mtp_module"),
-    "noaux_soft": ("noaux_tc", "softmax", None, 2, True, 1, None, 0, "fused mtp mtp_pallas"),
+                  "fused pallas pallas_all pallas_grouped pallas_apart mtp mtp_module"),
+    "noaux_soft": ("noaux_tc", "softmax", None, 2, True, 1, None, 0, "fused pallas_apart mtp mtp_pallas"),
 }
 AXES = ("topk_method", "scoring_func", "q_lora_rank", "n_shared_experts", "norm_topk_prob",
         "num_nextn_predict_layers", "rope_scaling", "first_k_dense_replace")
@@ -111,6 +113,8 @@ PATHS = {
     "pallas_all": (SP.SamplingConfig(decoder="interpret"), 64),
     "pallas_grouped": (SP.SamplingConfig(decoder="interpret", kernel_tuning=("grouped.decode_min_tokens=64",
                                                                              "route.max_tokens=32")), 64),
+    "pallas_apart": (SP.SamplingConfig(decoder="interpret", kernel_tuning=(
+        "grouped.decode_min_tokens=64", "route.max_tokens=32", "grouped.shared_dense=True")), 64),
     "mtp": (SP.SamplingConfig(decoder="fused", temperature=0.0, mtp_draft=True), None),
     "mtp_module": (SP.SamplingConfig(decoder="model", temperature=0.0, mtp_draft=True), None),
     "mtp_pallas": (SP.SamplingConfig(decoder="interpret", temperature=0.0, mtp_draft=True), None),
@@ -121,6 +125,7 @@ KERNELS_USED = {"pallas": ({"attention", "moe_in", "experts", "grouped"}, {"attn
                 "pallas_split": ({"attention", "route", "experts", "grouped"}, {"attn_pre"}),
                 "pallas_all": ({"attention", "route", "grouped"}, {"attn_pre"}),
                 "pallas_grouped": ({"attention", "grouped", "grouped_decode"}, {"attn_pre"}),
+                "pallas_apart": ({"attention", "grouped", "grouped_decode", "shared_apart"}, {"attn_pre"}),
                 "mtp_pallas": ({"route", "grouped"}, set())}
 
 
@@ -200,6 +205,7 @@ def teacher_forced(graphdef, params, cfg, path: str):
             if isinstance(blk, dict):
                 used.update(k for k, mode in blk["kernels"].items() if mode)
                 used.update(["grouped_decode"] if blk["grouped_decode"] else [])  # decode's experts grouped
+                used.update(["shared_apart"] if "shared_gu" in blk["ffn"] else [])  # shared experts as one MLP
         cache = SP.init_cache(cfg, B, S)
         if SP.fused_prefill_ok(layers, prompts.size):
             logits, cache, h = SP.prefill_fused(model, layers, prompts_BP, lengths_B, cache, return_hidden=True)
@@ -247,7 +253,8 @@ def _assert_matches(name, path, **overrides):
         want_used = (base | (with_q if cfg.q_lora_rank is not None else set())) - (
             set() if KN.routes(cfg) else {"route", "moe_in"})
         assert used >= want_used, (path, used, want_used)
-        assert path != "pallas_grouped" or "route" not in used, used  # (route.max_tokens: routed in XLA)
+        assert path not in ("pallas_grouped", "pallas_apart") or "route" not in used, used  # (route.max_tokens)
+        assert ("shared_apart" in used) == (path == "pallas_apart"), used
     else:
         assert not used, (path, used)
     _check(logits, want[:, :logits.shape[1]], f"{name}/{path} logits")

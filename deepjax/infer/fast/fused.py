@@ -10,7 +10,9 @@ decode loop, so that a layer needs fewer matmuls and no sorts (on one H100, batc
     w_uv   [N, V, C + R]    the value up-projection with R zero columns, so the output reads the whole cache
                             row [c ; k_pe] and never a sliced copy of c
     w_gu   [E + S, 2 I, D]  routed experts' gate and up side by side, the S shared experts appended as
-    w_down [E + S, D, I]    experts of weight 1 (a SwiGLU of width S*I is the sum of S SwiGLUs of width I)
+    w_down [E + S, D, I]    experts of weight 1 (a SwiGLU of width S*I is the sum of S SwiGLUs of width I);
+                            or, for the grouped decode with kernel tuning grouped.shared_dense, the routed ones
+                            only and the shared experts apart as the model's one MLP (shared_gu, shared_down)
 
 and routing ranks the experts by comparisons (`route_by_rank`) instead of three top-k sorts. Every fused matrix
 is stored output-major (the contracted axis last): at batch 1 XLA:GPU lowers a matrix-vector product to a
@@ -231,14 +233,29 @@ def _fuse_attention(attn, dt, attn_in: bool = False, fold_norm=None):
     return w
 
 
-def _fuse_ffn(ffn, dt, gathered: bool):
+def _fuse_mlp(mlp, dt) -> dict:
+    """A SwiGLU MLP's fused weights: w_gu [2F, D] (gate rows, then up rows), w_down [D, F] (`_mlp`)."""
+    return {"w_gu": jnp.concatenate([mlp.w_gate[...], mlp.w_up[...]], -1).T.astype(dt),
+            "w_down": mlp.w_down[...].T.astype(dt)}
+
+
+def _mlp(h_TD, w_gu_FD, w_down_DF):
+    """The model's `MLP` on fused weights: two products (float32 accumulation, outputs in h's dtype) and SwiGLU."""
+    return jnp.einsum("tf,df->td", _swiglu(jnp.einsum("td,fd->tf", h_TD, w_gu_FD)), w_down_DF)
+
+
+def _fuse_ffn(ffn, dt, gathered: bool, shared_dense: bool = False):
+    """shared_dense: the shared experts kept apart as the model's one MLP of width S*I ("shared_gu",
+    "shared_down"; `_mlp`), not appended to the expert stacks (the grouped decode's layout, `fuse_block`)."""
     if not isinstance(ffn, MoE):
-        return {"w_gu": jnp.concatenate([ffn.w_gate[...], ffn.w_up[...]], -1).T.astype(dt),
-                "w_down": ffn.w_down[...].T.astype(dt)}
+        return _fuse_mlp(ffn, dt)
     cfg = ffn.cfg
     w_gu = jnp.concatenate([ffn.w_gate[...], ffn.w_up[...]], -1)  # [E, D, 2I]
     w_down = ffn.w_down[...]  # [E, I, D]
-    if ffn.shared is not None:
+    shared = {}
+    if ffn.shared is not None and shared_dense:
+        shared = {k.replace("w_", "shared_"): v for k, v in _fuse_mlp(ffn.shared, dt).items()}
+    elif ffn.shared is not None:
         S, I = cfg.n_shared_experts, cfg.moe_intermediate_size
         split = lambda w: jnp.moveaxis(w.reshape(w.shape[0], S, I), 1, 0)  # noqa: E731  [D, S*I] -> [S, D, I]
         s_gu = jnp.concatenate([split(ffn.shared.w_gate[...]), split(ffn.shared.w_up[...])], -1)
@@ -250,7 +267,7 @@ def _fuse_ffn(ffn, dt, gathered: bool):
     else:  # experts_all_flat: [X * 2I, D] and [D, X * I]
         w_gu, w_down = w_gu.reshape(-1, w_gu.shape[-1]), jnp.moveaxis(w_down, 2, 0).reshape(w_down.shape[-1], -1)
     out = {"router": ffn.gate[...].T.astype(jnp.float32), "w_gu": w_gu, "w_down": w_down.astype(dt),
-           "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32)}
+           "bias": None if ffn.bias is None else ffn.bias[...].astype(jnp.float32), **shared}
     if splits_router(dt):  # XLA's router product in bf16 parts (`moe.router_logits`), built here, not every step
         out["router_parts"] = router_parts(ffn.gate[...].astype(jnp.float32))
     return out
@@ -282,14 +299,15 @@ def fuse_block(blk, dt, n_tokens: int = 1, kernels: str | None = None, cache_len
     if use["attn_in"] or not use["attention"]:  # attn_q finishes the query for few tokens; attn_pre is in attention
         use["attn_pre"] = None
     folded = bool(use["attn_pre"])
-    w = {"ffn_norm": blk.ffn_norm.weight[...].astype(dt), "ffn": _fuse_ffn(blk.ffn, dt, gathered),
+    at = table["grouped"]["decode_min_tokens"]
+    grouped_decode = (isinstance(blk.ffn, MoE) and not gathered and bool(use["grouped"])  # (the kernels)
+                      and 0 < at <= n_tokens)
+    shared_dense = grouped_decode and bool(table["grouped"]["shared_dense"])
+    w = {"ffn_norm": blk.ffn_norm.weight[...].astype(dt), "ffn": _fuse_ffn(blk.ffn, dt, gathered, shared_dense),
          "attn": _fuse_attention(blk.attn, dt, bool(use["attn_in"]) or folded,
                                  blk.attn_norm.weight[...] if folded else None)}
     if not folded:
         w["attn_norm"] = blk.attn_norm.weight[...].astype(dt)
-    at = table["grouped"]["decode_min_tokens"]
-    grouped_decode = ("router" in w["ffn"] and not gathered and bool(use["grouped"])  # (MoE blocks, the kernels)
-                      and 0 < at <= n_tokens)
     return {"cfg": cfg, "gathered": gathered, "kernels": use, "folded": folded, "tuning": table,
             "grouped_decode": grouped_decode, **jax.lax.optimization_barrier(w)}
 
@@ -417,9 +435,12 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
         return Pending(x_BTD, parts, w_TX), kv_BSc, routes(idx_TX)
     h = rms_norm(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
     if "router" not in f:
-        y = jnp.einsum("tf,df->td", _swiglu(jnp.einsum("td,fd->tf", h, f["w_gu"])), f["w_down"])
-        return x_BTD + y.reshape(B, T, D), kv_BSc, None
-    E, S = cfg.n_routed_experts, cfg.n_shared_experts
+        return x_BTD + _mlp(h, f["w_gu"], f["w_down"]).reshape(B, T, D), kv_BSc, None
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    # the experts in the stacks (the shared ones appended, or kept apart as one MLP: "shared_gu", `fuse_block`)
+    apart = "shared_gu" in f
+    X = E if apart else E + cfg.n_shared_experts
+    add_shared = (lambda y: y + _mlp(h, f["shared_gu"], f["shared_down"])) if apart else (lambda y: y)  # noqa: E731
     if use.get("route") and w["tuning"]["route"]["logits"]:  # the K routed experts, then the S shared ones (weight
         # 1), dense weights [T, E]; the kernel computes the norm and the router logits itself from x: it runs
         # beside gate/up (see `kernels.route`)
@@ -429,15 +450,20 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
         logits_TE = (router_logits_from_parts(h, f["router_parts"]) if "router_parts" in f
                      else router_logits(h, f["router"].T))
         if prefill:  # top-k routing (sorts are cheap next to T tokens' experts), then grouped matmuls
-            w_TX, idx_TX = _with_shared(*moe_route(logits_TE, f["bias"], cfg)[:2], cfg)
-            w_gu = f["w_gu"].reshape(E + S, -1, D)  # the flat layout [X * 2I, D] is the same array
+            w_TX, idx_TX = moe_route(logits_TE, f["bias"], cfg)[:2]
+            w_TX, idx_TX = (w_TX, idx_TX) if apart else _with_shared(w_TX, idx_TX, cfg)
+            w_gu = f["w_gu"].reshape(X, -1, D)  # the flat layout [X * 2I, D] is the same array
             y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["kernels"]["grouped"],
                                    flat=not w["gathered"], distinct=True, **KG.options(w["tuning"]["grouped"]))
-            return x_BTD + y.reshape(B, T, D), kv_BSc, routes(idx_TX)
+            return x_BTD + add_shared(y).reshape(B, T, D), kv_BSc, routes(idx_TX)
         if use.get("route"):
             idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"], table=w["tuning"])
+        elif apart:
+            (w_TX, idx_TX), dense_TE = route_by_rank(logits_TE, f["bias"], cfg), None
         else:
             (w_TX, idx_TX), dense_TE = _with_shared(*route_by_rank(logits_TE, f["bias"], cfg), cfg), None
+    if apart:  # (the route kernel appends the shared experts)
+        idx_TX, w_TX = idx_TX[:, :K], w_TX[:, :K]
     if use.get("experts"):  # gate/up + SwiGLU, then the down projection (kernels), weighted sum + residual
         x_TD = KN.experts_gathered(h, x_BTD.reshape(B * T, D), idx_TX, w_TX, f["w_gu"], f["w_down"], use["experts"],
                                    w["tuning"])
@@ -445,15 +471,15 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
     if w["gathered"]:
         y = experts_gathered(h, w_TX, idx_TX, f["w_gu"], f["w_down"])
     elif w.get("grouped_decode"):  # many tokens a step: sorted rows and grouped matmuls, as the prefill
-        bm = w["tuning"]["grouped"]["decode_bm"] or KG.decode_block_rows(idx_TX.size, E + S)
-        y = KG.experts_grouped(h, w_TX, idx_TX, f["w_gu"].reshape(E + S, -1, D), f["w_down"],
-                               w["kernels"]["grouped"], flat=True, bm=bm, distinct=True,
-                               **KG.options(w["tuning"]["grouped"]))
-    else:
+        bm = w["tuning"]["grouped"]["decode_bm"] or KG.decode_block_rows(idx_TX.size, X)
+        y = add_shared(KG.experts_grouped(h, w_TX, idx_TX, f["w_gu"].reshape(X, -1, D), f["w_down"],
+                                          w["kernels"]["grouped"], flat=True, bm=bm, distinct=True,
+                                          **KG.options(w["tuning"]["grouped"])))
+    else:  # (the shared experts appended: shared_dense is only taken with grouped_decode)
         if dense_TE is None:
-            comb_TX = jnp.einsum("tk,tke->te", w_TX, jax.nn.one_hot(idx_TX, E + S, dtype=jnp.float32))
+            comb_TX = jnp.einsum("tk,tke->te", w_TX, jax.nn.one_hot(idx_TX, X, dtype=jnp.float32))
         else:
-            comb_TX = jnp.concatenate([dense_TE, jnp.ones((B * T, S), jnp.float32)], -1)
+            comb_TX = jnp.concatenate([dense_TE, jnp.ones((B * T, X - E), jnp.float32)], -1)
         y = experts_all_flat(h, comb_TX, f["w_gu"], f["w_down"])
     return x_BTD + y.reshape(B, T, D), kv_BSc, routes(idx_TX)
 

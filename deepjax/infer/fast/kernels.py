@@ -107,7 +107,12 @@ TUNING = {
     # (34 MB at 512 rows, written and read back by the combine, which weights and sums in float32 either way).
     # GRPO's 512-row sampler call on one H100 (docs/LOG.md session 26): 1.416 s with both, 1.464 with the XLA
     # copy, 1.511 with the copy and float32 rows.
-    "grouped": {"decode_min_tokens": 512, "decode_bm": 0, "gather_in_kernel": True, "down_out": "x"},
+    # shared_dense: with the grouped decode, the shared experts run apart as the model's one MLP of width S*I (two
+    # XLA products that read their weights once and do not wait on the routing) instead of as S more experts of the
+    # grouped kernels (bench preset at 512 rows: 16 of the ~81 live 64-row blocks, each re-reading a shared
+    # expert's weights). The sum is the model's: the routed experts' output plus the MLP's, each rounded (untimed).
+    "grouped": {"decode_min_tokens": 512, "decode_bm": 0, "gather_in_kernel": True, "down_out": "x",
+                "shared_dense": False},
 }
 
 
