@@ -185,6 +185,33 @@ def test_dispatch_distinct_and_pad_token(bm):
     assert jaxpr(True).count("reduce_sum") < jaxpr(False).count("reduce_sum")
 
 
+@pytest.mark.parametrize("T_,A_,X_,bm", [(16, 3, 10, 16), (64, 6, 64, 16), (128, 8, 66, 64), (48, 2, 5, 32)])
+def test_dispatch_kernel_equals_counting(T_, A_, X_, bm):
+    """`dispatch_kernel` (one Pallas program, interpreted) gives `dispatch`'s counting layout for distinct experts a
+    token, padding rows at token 0, bit for bit: uniform routing (the decode's), skewed routing with empty experts
+    and an expert on every token (the appended shared experts); a token count it does not take is refused."""
+    rng = np.random.default_rng(T_ + X_)
+    uniform = np.stack([rng.permutation(X_)[:A_] for _ in range(T_)])
+    skewed = np.stack([np.concatenate([rng.permutation(A_)[:A_ - 1], [X_ - 1]]) for _ in range(T_)])
+    for idx in (uniform, skewed):
+        idx = jnp.asarray(idx, jnp.int32)
+        want = KG.dispatch(idx, X_, bm, "count", distinct=True, pad_token=0)
+        got = KG.dispatch_kernel(idx, X_, bm, "interpret")
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        KG.dispatch_kernel(jnp.zeros((24, 2), jnp.int32), X_, bm, "interpret")
+
+
+def test_dispatch_kernel_lowers_for_gpu():
+    """Mode "gpu" lowers through Pallas' Triton backend without a GPU at the decode's shape (512 rows, bench preset:
+    6 routed experts of 64, 64-row blocks; and with the 2 shared experts appended)."""
+    for A_, X_ in ((6, 64), (8, 66)):
+        fn = jax.jit(lambda i: KG.dispatch_kernel(i, X_, 64, "gpu"))  # noqa: B023
+        text = fn.trace(jax.ShapeDtypeStruct((512, A_), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_experts_grouped_distinct_equals_dense(dtype):
     """`distinct=True` (the fused decoder's routing) on distinct routing: the dense reference, and the
@@ -200,6 +227,11 @@ def test_experts_grouped_distinct_equals_dense(dtype):
                                 gather_rows=gather_rows)
         got = run(distinct=True)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(run()))
+        sub = functools.partial(KG.experts_grouped, x[:32], w[:32], idx[:32], w_gu, w_down, "interpret", False, 16,
+                                gather_rows=gather_rows, distinct=True)  # (dispatch_kernel: 16s of tokens)
+        np.testing.assert_array_equal(np.asarray(sub(dispatch_in_kernel=True)), np.asarray(sub()))
+        named = lambda **k: re.search(r"\bname=dispatch\b", str(jax.make_jaxpr(lambda x: sub(**k))(x)))  # noqa: E731
+        assert named(dispatch_in_kernel=True) and not named()
         assert _close(got, dense_reference(x, w, idx, w_gu, w_down), 1e-5 if dtype == "float32" else 2e-2)
     text = str(jax.make_jaxpr(lambda x: KG.experts_grouped(x, w, idx, w_gu, w_down, "interpret", False, 16))(x))
     assert "concatenate" not in text
@@ -301,9 +333,10 @@ def test_new_options_match_old_path():
 def test_options_from_tuning():
     """`grouped.options` reads a tuning table's grouped.gather_in_kernel / down_out (defaults: both new options on);
     an unknown down_out is an error."""
-    assert KG.options(KN.tuning()["grouped"]) == {"gather_rows": True, "y_dtype": None}
+    assert KG.options(KN.tuning()["grouped"]) == {"gather_rows": True, "y_dtype": None, "dispatch_in_kernel": False}
     old = KN.tuning(("grouped.gather_in_kernel=False", "grouped.down_out='float32'"))["grouped"]
-    assert KG.options(old) == OLD
+    assert KG.options(old) == {**OLD, "dispatch_in_kernel": False}
+    assert KG.options(KN.tuning(("grouped.dispatch_kernel=True",))["grouped"])["dispatch_in_kernel"]
     assert KG.options(KN.tuning(("grouped.down_out=float32",))["grouped"])["y_dtype"] == jnp.float32  # unquoted
     with pytest.raises(ValueError, match="down_out"):  # at validation, not first at tracing
         KN.tuning(("grouped.down_out='bf16'",))

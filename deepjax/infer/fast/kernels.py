@@ -111,8 +111,10 @@ TUNING = {
     # XLA products that read their weights once and do not wait on the routing) instead of as S more experts of the
     # grouped kernels (bench preset at 512 rows: 16 of the ~81 live 64-row blocks, each re-reading a shared
     # expert's weights). The sum is the model's: the routed experts' output plus the MLP's, each rounded (untimed).
+    # dispatch_kernel: the grouped experts' layout (distinct experts a token) from one Pallas program
+    # (`grouped.dispatch_kernel`) instead of XLA's one-hot, running sum, scatter and reductions (untimed).
     "grouped": {"decode_min_tokens": 512, "decode_bm": 0, "gather_in_kernel": True, "down_out": "x",
-                "shared_dense": False},
+                "shared_dense": False, "dispatch_kernel": False},
 }
 
 
