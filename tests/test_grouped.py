@@ -201,6 +201,8 @@ def test_dispatch_kernel_equals_counting(T_, A_, X_, bm):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="multiple of 16"):
         KG.dispatch_kernel(jnp.zeros((24, 2), jnp.int32), X_, bm, "interpret")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        KG.dispatch_kernel(jnp.zeros((KG.DISPATCH_KERNEL_MAX_TOKENS + 16, 2), jnp.int32), X_, bm, "interpret")
 
 
 def test_dispatch_kernel_lowers_for_gpu():

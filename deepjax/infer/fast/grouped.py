@@ -350,75 +350,69 @@ def dispatch(idx_TA, n_experts: int, bm: int, method: str = "auto", distinct: bo
     return token_R, jnp.minimum(block_e_N, X - 1), end_X[-1] // bm, row_M.reshape(T, A)
 
 
+DISPATCH_KERNEL_MAX_TOKENS = 2048  # `dispatch_kernel` unrolls its token chunks: a decode step's tokens, not a prefill's
+
+
 def _make_dispatch_kernel(T: int, A: int, X: int, bm: int, N: int, pad: int, tc: int, nb: int, barrier: bool):
     """One program: `dispatch`'s counting layout for distinct experts per token. Lanes: Xp = X padded to a power
-    of two (Triton's block shapes); tokens in chunks of tc, blocks in chunks of nb."""
+    of two (Triton's block shapes); tokens in chunks of tc, blocks in chunks of nb, both unrolled, the expert ids
+    loaded once up front (independent loads, one latency)."""
     Xp = max(16, 1 << (X - 1).bit_length())
-    i32, f32 = jnp.int32, jnp.float32
+    i32 = jnp.int32
 
     def kernel(idx_ref, token_ref, block_e_ref, n_blocks_ref, row_ref):
         e = jnp.arange(Xp, dtype=i32)
+        t = jnp.arange(tc, dtype=i32)
+        ids = [[idx_ref[pl.ds(c * tc, tc), a] for a in range(A)] for c in range(T // tc)]  # [tc] each
 
         def hot(c):  # [tc, Xp]: token c*tc + i assigned to expert e (0 / 1; distinct: at most once)
-            h = jnp.zeros((tc, Xp), i32)
-            for a in range(A):
-                h = h + (idx_ref[pl.ds(c * tc, tc), a][:, None] == e[None, :]).astype(i32)
-            return h
+            return sum((ids[c][a][:, None] == e[None, :]).astype(i32) for a in range(A))
 
-        counts = jax.lax.fori_loop(0, T // tc, lambda c, acc: acc + jnp.sum(hot(c), axis=0), jnp.zeros((Xp,), i32))
+        counts = sum(jnp.sum(hot(c), axis=0) for c in range(T // tc))
         padded = (counts + bm - 1) // bm * bm
         start = jnp.sum(jnp.where(e[None, :] < e[:, None], padded[None, :], 0), axis=1)  # [Xp] first padded row
         end = start + padded
         n_blocks_ref[0] = jnp.sum(padded) // bm
-
-        def blocks(k, _):  # block n's expert: the experts whose rows end at or before its first row; every row: pad
-            n = k * nb + jnp.arange(nb, dtype=i32)
+        for k in range(-(-N // nb)):  # block n's expert: the experts whose rows end at or before its first row
+            s0 = min(k * nb, N - nb)  # (the last chunk overlaps the one before: the same values again)
+            n = s0 + jnp.arange(nb, dtype=i32)
             be = jnp.sum(((end[None, :] <= n[:, None] * bm) & (e[None, :] < X)).astype(i32), axis=1)
-            pltriton.store(block_e_ref.at[pl.ds(k * nb, nb)], jnp.minimum(be, X - 1), mask=n < N)
-            r = (k * nb * bm + jnp.arange(nb * bm, dtype=i32))
-            pltriton.store(token_ref.at[pl.ds(k * nb * bm, nb * bm)], jnp.full((nb * bm,), pad, i32),
-                           mask=r < N * bm)
-            return _
-
-        jax.lax.fori_loop(0, -(-N // nb), blocks, 0)
+            block_e_ref[pl.ds(s0, nb)] = jnp.minimum(be, X - 1)
+            token_ref[pl.ds(s0 * bm, nb * bm)] = jnp.full((nb * bm,), pad, i32)  # overwritten below where assigned
         if barrier:  # (Triton) the padding writes above land before the assignments' rows overwrite theirs
             pltriton.debug_barrier()
-        t = jnp.arange(tc, dtype=i32)
         earlier = (t[None, :] < t[:, None]).astype(jnp.bfloat16)  # [tc, tc]: token j before token i
-
-        def rows(c, carry):  # carry [Xp]: each expert's assignments in the chunks before c
+        carry = jnp.zeros((Xp,), i32)  # each expert's assignments in the chunks before c
+        for c in range(T // tc):
             h = hot(c)
-            before = jnp.dot(earlier, h.astype(jnp.bfloat16), preferred_element_type=f32).astype(i32) + carry[None, :]
-            first = start[None, :] + before  # [tc, Xp]: the padded row of token i's assignment to e, if it has one
+            before = jnp.dot(earlier, h.astype(jnp.bfloat16), preferred_element_type=jnp.float32).astype(i32)
+            first = start[None, :] + carry[None, :] + before  # [tc, Xp]: token i's row for expert e, if assigned
             for a in range(A):
-                mine = idx_ref[pl.ds(c * tc, tc), a][:, None] == e[None, :]
-                row = jnp.sum(jnp.where(mine, first, 0), axis=1)  # [tc]
+                row = jnp.sum(jnp.where(ids[c][a][:, None] == e[None, :], first, 0), axis=1)  # [tc]
                 row_ref[pl.ds(c * tc, tc), a] = row
                 token_ref[row] = c * tc + t
-            return carry + jnp.sum(h, axis=0)
-
-        jax.lax.fori_loop(0, T // tc, rows, jnp.zeros((Xp,), i32))
+            carry = carry + jnp.sum(h, axis=0)
 
     return kernel
 
 
-def dispatch_kernel(idx_TA, n_experts: int, bm: int, mode: str, pad_token: int = 0):
+def dispatch_kernel(idx_TA, n_experts: int, bm: int, mode: str, pad_token: int = 0, num_warps: int = 8):
     """`dispatch(idx_TA, n_experts, bm, "count", distinct=True, pad_token=pad_token)` as one Pallas program
     (Triton on GPU) instead of XLA's one-hot, running sum, scatter and block reductions: the same four arrays.
     idx_TA's experts must be distinct within each token (top-k routing, plus shared experts). T must be a
-    multiple of 16 (chunks of tokens; T = 0 is `dispatch`'s)."""
+    multiple of 16 up to DISPATCH_KERNEL_MAX_TOKENS (T = 0 and the rest are `dispatch`'s)."""
     T, A = idx_TA.shape
     X = n_experts
     N = n_blocks_bound(T * A, X, bm)
-    tc = chunk(T, 64)
-    if T == 0 or tc < 16:
-        raise ValueError(f"grouped.dispatch_kernel: {T} tokens; it takes a positive multiple of 16 "
-                         "(`dispatch` takes any)")
-    nb = min(max(1, 4096 // bm), 1 << max(N - 1, 0).bit_length())  # blocks a loop step: at most 4096 rows
+    tc = chunk(T, 128)
+    if not (tc >= 16 and T <= DISPATCH_KERNEL_MAX_TOKENS):
+        raise ValueError(f"grouped.dispatch_kernel: {T} tokens; it takes a positive multiple of 16 up to "
+                         f"{DISPATCH_KERNEL_MAX_TOKENS} (`dispatch` takes any)")
+    nb = 1 << (min(N, max(1, 4096 // bm)).bit_length() - 1)  # blocks a step: a power of two, <= N, <= 4096 rows
     out_shape = (jax.ShapeDtypeStruct((N * bm,), jnp.int32), jax.ShapeDtypeStruct((N,), jnp.int32),
                  jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((T, A), jnp.int32))
-    token_R, block_e_N, n_blocks, row_TA = call(
-        _make_dispatch_kernel(T, A, X, bm, N, pad_token, tc, nb, mode == "gpu"), mode, out_shape, (1,), "dispatch", 4, 1)(
+    kernel = _make_dispatch_kernel(T, A, X, bm, N, pad_token, tc, nb, mode == "gpu")
+    token_R, block_e_N, n_blocks, row_TA = call(kernel, mode, out_shape, (1,), "dispatch", num_warps, 1)(
         idx_TA.astype(jnp.int32))
     return token_R, block_e_N, n_blocks[0], row_TA
 
@@ -433,8 +427,8 @@ def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm:
     dtype, as the training path's ragged_dot rows; jnp.float32: unrounded); the weighted sum is float32 either
     way. `options` reads gather_rows and y_dtype from a tuning table. distinct: each token's experts in idx_TA are
     distinct (routing's top-k plus the shared experts; `dispatch`), which the callers in `fused` guarantee.
-    dispatch_in_kernel (with distinct, T a positive multiple of 16): the layout from `dispatch_kernel`, one
-    Pallas program, instead of XLA's kernels (the same layout)."""
+    dispatch_in_kernel (with distinct, T a positive multiple of 16 up to DISPATCH_KERNEL_MAX_TOKENS): the layout
+    from `dispatch_kernel`, one Pallas program, instead of XLA's kernels (the same layout)."""
     T, D = x_TD.shape
     A = idx_TA.shape[1]
     X = w_gu.shape[0]
@@ -444,7 +438,7 @@ def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm:
     # growing from 6 to 81 us a layer once the layout came from counting instead of a scatter)
     # Padding rows read token 0's row (with no tokens, a zero row): their outputs are never gathered by the
     # combine, and x needs no padded copy (a kernel a layer at every decode step)
-    if dispatch_in_kernel and distinct and T and T % 16 == 0:
+    if dispatch_in_kernel and distinct and T and T % 16 == 0 and T <= DISPATCH_KERNEL_MAX_TOKENS:
         layout = dispatch_kernel(idx_TA, X, bm, mode, pad_token=0)
     else:
         layout = dispatch(idx_TA, X, bm, distinct=distinct, pad_token=0)
