@@ -23,7 +23,8 @@ Paths (chosen by `SamplingConfig` fields, built from sampling's public pieces as
     pallas_all  decoder="interpret" at many tokens a step: attn_pre, the route kernel, all experts in XLA
     pallas_grouped  the same as the GPU's default at many rows a step: the experts as grouped matmuls (kernel_tuning
                 grouped.decode_min_tokens) and XLA's routing (route.max_tokens below the step's tokens)
-    pallas_apart  pallas_grouped with the shared experts apart, as the model's one MLP (grouped.shared_dense)
+    pallas_apart  pallas_grouped with the shared experts apart, as the model's one MLP (grouped.shared_dense), and
+                the route kernel on XLA's router logits (route.logits=False, route.max_tokens at the step's tokens)
     mtp         mtp_draft=True (decoder="fused"): two tokens a step (fused, tokens_per_row=2) and the MTP module
     mtp_module  mtp_draft=True, decoder="model"
     mtp_pallas  mtp_draft=True, decoder="interpret": the route kernel at two tokens a step, the MTP block fused
@@ -114,7 +115,8 @@ PATHS = {
     "pallas_grouped": (SP.SamplingConfig(decoder="interpret", kernel_tuning=("grouped.decode_min_tokens=64",
                                                                              "route.max_tokens=32")), 64),
     "pallas_apart": (SP.SamplingConfig(decoder="interpret", kernel_tuning=(
-        "grouped.decode_min_tokens=64", "route.max_tokens=32", "grouped.shared_dense=True")), 64),
+        "grouped.decode_min_tokens=64", "route.max_tokens=64", "route.logits=False", "route.bt=4",
+        "grouped.shared_dense=True", "grouped.dispatch_kernel=True")), 64),
     "mtp": (SP.SamplingConfig(decoder="fused", temperature=0.0, mtp_draft=True), None),
     "mtp_module": (SP.SamplingConfig(decoder="model", temperature=0.0, mtp_draft=True), None),
     "mtp_pallas": (SP.SamplingConfig(decoder="interpret", temperature=0.0, mtp_draft=True), None),
@@ -125,7 +127,7 @@ KERNELS_USED = {"pallas": ({"attention", "moe_in", "experts", "grouped"}, {"attn
                 "pallas_split": ({"attention", "route", "experts", "grouped"}, {"attn_pre"}),
                 "pallas_all": ({"attention", "route", "grouped"}, {"attn_pre"}),
                 "pallas_grouped": ({"attention", "grouped", "grouped_decode"}, {"attn_pre"}),
-                "pallas_apart": ({"attention", "grouped", "grouped_decode", "shared_apart"}, {"attn_pre"}),
+                "pallas_apart": ({"attention", "route", "grouped", "grouped_decode", "shared_apart"}, {"attn_pre"}),
                 "mtp_pallas": ({"route", "grouped"}, set())}
 
 
@@ -253,7 +255,7 @@ def _assert_matches(name, path, **overrides):
         want_used = (base | (with_q if cfg.q_lora_rank is not None else set())) - (
             set() if KN.routes(cfg) else {"route", "moe_in"})
         assert used >= want_used, (path, used, want_used)
-        assert path not in ("pallas_grouped", "pallas_apart") or "route" not in used, used  # (route.max_tokens)
+        assert path != "pallas_grouped" or "route" not in used, used  # (route.max_tokens: routed in XLA)
         assert ("shared_apart" in used) == (path == "pallas_apart"), used
     else:
         assert not used, (path, used)

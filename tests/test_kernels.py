@@ -48,6 +48,9 @@ def test_route_kernel_equals_route(preset):
     want = np.zeros((logits.shape[0], E), np.float32)
     np.put_along_axis(want, np.asarray(idx_ref), np.asarray(w_ref), axis=1)
     np.testing.assert_allclose(np.asarray(dense), want, rtol=1e-6)
+    apart = KN.route(logits, bias, cfg, "interpret", shared=False)  # the shared experts apart: routed ones only
+    for a, b in zip(apart, (idx[:, :K], w[:, :K], dense)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # from the residual stream: the kernel's own norm and router product (bf16 rows, float32 router), as XLA's
     x = jnp.asarray(rng.normal(size=(6, 256)) * 3, jnp.bfloat16)
     norm = jnp.asarray(1 + rng.normal(size=256) * 0.1, jnp.bfloat16)

@@ -436,7 +436,7 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
     h = rms_norm(x_BTD, w["ffn_norm"], eps).reshape(B * T, D)
     if "router" not in f:
         return x_BTD + _mlp(h, f["w_gu"], f["w_down"]).reshape(B, T, D), kv_BSc, None
-    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    E = cfg.n_routed_experts
     # the experts in the stacks (the shared ones appended, or kept apart as one MLP: "shared_gu", `fuse_block`)
     apart = "shared_gu" in f
     X = E if apart else E + cfg.n_shared_experts
@@ -445,7 +445,7 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
         # 1), dense weights [T, E]; the kernel computes the norm and the router logits itself from x: it runs
         # beside gate/up (see `kernels.route`)
         idx_TX, w_TX, dense_TE = KN.route(None, f["bias"], cfg, use["route"], x_BTD.reshape(B * T, D),
-                                          w["ffn_norm"], f["router"], w["tuning"])
+                                          w["ffn_norm"], f["router"], w["tuning"], shared=not apart)
     else:
         logits_TE = (router_logits_from_parts(h, f["router_parts"]) if "router_parts" in f
                      else router_logits(h, f["router"].T))
@@ -457,13 +457,12 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
                                    flat=not w["gathered"], distinct=True, **KG.options(w["tuning"]["grouped"]))
             return x_BTD + add_shared(y).reshape(B, T, D), kv_BSc, routes(idx_TX)
         if use.get("route"):
-            idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"], table=w["tuning"])
+            idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"], table=w["tuning"],
+                                              shared=not apart)
         elif apart:
             (w_TX, idx_TX), dense_TE = route_by_rank(logits_TE, f["bias"], cfg), None
         else:
             (w_TX, idx_TX), dense_TE = _with_shared(*route_by_rank(logits_TE, f["bias"], cfg), cfg), None
-    if apart:  # (the route kernel appends the shared experts)
-        idx_TX, w_TX = idx_TX[:, :K], w_TX[:, :K]
     if use.get("experts"):  # gate/up + SwiGLU, then the down projection (kernels), weighted sum + residual
         x_TD = KN.experts_gathered(h, x_BTD.reshape(B * T, D), idx_TX, w_TX, f["w_gu"], f["w_down"], use["experts"],
                                    w["tuning"])

@@ -357,11 +357,12 @@ def _route_vec(logits_E, bias_E, cfg: ModelConfig):
     return w * cfg.routed_scaling_factor, r
 
 
-def _make_route_kernel(cfg: ModelConfig, has_bias: bool, bt: int = 1, bd: int = 0, eps: float = 0.0, dt=None):
+def _make_route_kernel(cfg: ModelConfig, has_bias: bool, bt: int = 1, bd: int = 0, eps: float = 0.0, dt=None,
+                       shared: bool = True):
     """Programs of bt tokens. bd > 0: the first operands are the residual stream x [T, D], the norm weight [D] and
     the router [E, D]; each program computes its tokens' normalized rows (`rms_norm`'s roundings) and their
     float32 logits in chunks of bd columns (the router chunk read once for the bt tokens) before routing."""
-    E, K, S = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_shared_experts
+    E, K, S = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_shared_experts if shared else 0
     f32 = jnp.float32
 
     def kernel(*refs):
@@ -395,7 +396,8 @@ def _make_route_kernel(cfg: ModelConfig, has_bias: bool, bt: int = 1, bd: int = 
     return kernel
 
 
-def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None, router_ED=None, table=None):
+def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None, router_ED=None, table=None,
+          shared: bool = True):
     """(idx [T, K + S] int32, w [T, K + S] float32, dense [T, E] float32): each token's K routed experts in
     `moe.route`'s order followed by the S shared experts (indices E .. E + S - 1, weight 1), and the routed
     gate weights as a dense [T, E] array (zero where unchosen).
@@ -405,10 +407,11 @@ def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None
     path: h rounded to x's dtype, products and sums in float32). It then depends on x only, not on XLA's norm,
     so it is launched before the experts' gate/up matmul (which waits for that norm) and runs beside it (at 64
     tokens on an H100 XLA put its router matmul, its reduction and this kernel after gate/up: ~10 us a layer;
-    docs/LOG.md, session 7). Raises ConfigError naming the field for a router it does not implement (`check_router`)."""
+    docs/LOG.md, session 7). Raises ConfigError naming the field for a router it does not implement (`check_router`).
+    shared=False: the K routed experts only (idx, w [T, K]; the shared experts run apart, `fused.fuse_block`)."""
     check_router(cfg)
     E = cfg.n_routed_experts
-    X = cfg.num_experts_per_tok + cfg.n_shared_experts
+    X = cfg.num_experts_per_tok + (cfg.n_shared_experts if shared else 0)
     tu = _tu(table, "route")
     if logits_TE is None:
         T, D = x_TD.shape
@@ -422,7 +425,7 @@ def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None
     out_shape = (jax.ShapeDtypeStruct((T, X), jnp.int32), jax.ShapeDtypeStruct((T, X), jnp.float32),
                  jax.ShapeDtypeStruct((T, E), jnp.float32))
     args += () if bias_E is None else (bias_E.astype(jnp.float32),)
-    return call(_make_route_kernel(cfg, bias_E is not None, bt, bd, eps, dt), mode, out_shape, (T // bt,), "route",
+    return call(_make_route_kernel(cfg, bias_E is not None, bt, bd, eps, dt, shared), mode, out_shape, (T // bt,), "route",
                  tu["num_warps"])(*args)
 
 
