@@ -103,6 +103,41 @@ def test_grouped_matmul_pair_bf16(monkeypatch, input_grad):
     assert past == 0.0
 
 
+def test_grouped_matmul_rows_bf16_equals_sorted_copy():
+    """`ops.grouped_matmul_rows` (the experts' gate / up product with the tokens' rows gathered in the Triton
+    kernels) inside the routed experts at the bench preset's widths, bf16: output and gradients against the path
+    through `moe.sorted_tokens`' copy (the same kernels on the same values: equal up to the reduction order of x's
+    gradient), both through `moe.routed_experts`."""
+    from deepjax.model import moe
+    T, A, E, D, I = 2048, 6, 64, 1024, 512
+    ks = jax.random.split(jax.random.key(1), 7)
+    idx = jnp.argsort(jax.random.uniform(ks[0], (T, E)), axis=1)[:, :A].astype(jnp.int32)
+    w = jax.random.uniform(ks[1], (T, A))
+    x = jax.random.normal(ks[2], (T, D), jnp.bfloat16)
+    wg, wu = ((jax.random.normal(k, (E, D, I)) * D ** -0.5).astype(jnp.bfloat16) for k in ks[3:5])
+    wd = (jax.random.normal(ks[5], (E, I, D)) * I ** -0.5).astype(jnp.bfloat16)
+    ct = jax.random.normal(ks[6], (T, D), jnp.bfloat16)
+    assert ops.gathers_rows(x, T * A, wg, wu, "tokamax")
+
+    def loss(x, w, wg, wu, wd):
+        return jnp.sum((moe.routed_experts(x, w, idx, wg, wu, wd, kernels="tokamax") * ct).astype(jnp.float32))
+
+    def run(gather):  # a new jit each time: the setting is read while tracing
+        ops.GATHER_ROWS = gather
+        try:
+            return jax.jit(jax.value_and_grad(loss, argnums=range(5)))(x, w, wg, wu, wd)
+        finally:
+            ops.GATHER_ROWS = True
+
+    (l1, g1), (l0, g0) = run(True), run(False)
+    assert np.isfinite(float(l1)) and abs(float(l1) - float(l0)) <= 1e-3 * abs(float(l0)) + 1e-3
+    for name, a, b in zip(("x", "w", "gate", "up", "down"), g1, g0):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        rel = np.abs(a - b).max() / np.abs(b).max()
+        print(f"grouped_matmul_rows vs the sorted copy, d{name}: max rel {rel:.2e}")
+        assert rel < 1e-2, (name, rel)
+
+
 def test_tokamax_own_weight_gradient_fails_the_same_check():
     """Why `ops` replaces tokamax's own VJP: the same check on tokamax.ragged_dot's own kernels fails (on the H200
     its bf16 dW was off by ~20%; on the H100, tokamax 0.0.17, y and dx came out NaN and dW 20% off). If a release

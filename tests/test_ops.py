@@ -6,6 +6,7 @@ GPU kernels are compared in tests/test_gpu_ops.py."""
 
 import collections
 import dataclasses
+import functools
 import re
 
 import jax
@@ -475,6 +476,36 @@ def test_pair_custom_vjp_on_cpu(monkeypatch, input_grad, M_, sizes):
         assert not np.asarray(y)[int(sum(sizes)):].any()
         for a, b in zip(vjp(dy), vjp0(dy)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_grouped_matmul_rows_equals_sorted_copy(monkeypatch):
+    """`ops.grouped_matmul_rows` (the experts' gate / up product with x's rows gathered in the Triton kernels, run
+    here in the Pallas interpreter) inside `moe.routed_experts_dropless`: the output and every gradient equal the
+    path through `moe.sorted_tokens`' copy; `gathers_rows` keeps it off the CPU's products."""
+    from deepjax.model import moe
+    monkeypatch.setitem(gmm_grad.ROW_TILES, "bm", 8)  # several row blocks, some straddling experts
+    T, A, E, D, I = 30, 3, 5, 32, 16
+    rng = np.random.default_rng(4)
+    # distinct experts a token, expert 0 on every even token (skewed: groups of different sizes)
+    idx = jnp.asarray(np.stack([np.r_[0, rng.permutation(np.arange(1, E))[:A - 1]] if t % 2 == 0 else
+                                rng.permutation(E)[:A] for t in range(T)]), jnp.int32)
+    ks = jax.random.split(jax.random.key(0), 6)
+    x, w = jax.random.normal(ks[0], (T, D)), jax.random.uniform(ks[1], (T, A))
+    wg, wu = jax.random.normal(ks[2], (E, D, I)) * 0.2, jax.random.normal(ks[3], (E, D, I)) * 0.2
+    wd, ct = jax.random.normal(ks[4], (E, I, D)) * 0.2, jax.random.normal(ks[5], (T, D))
+    gmm = lambda x, w, g: ops.grouped_matmul(x, w, g, "xla")  # noqa: E731
+
+    def loss(gather, x, w, wg, wu, wd):
+        rows = (lambda x, r, i, g: ops.grouped_matmul_rows(x, r, i, wg, wu, g, True)) if gather else None  # noqa
+        y = moe.routed_experts_dropless(x, w, idx, wg, wu, wd, ragged_dot=gmm, pairs=True, rows_product=rows)
+        return jnp.sum(y * ct), y
+
+    (l1, y1), g1 = jax.value_and_grad(functools.partial(loss, True), argnums=range(5), has_aux=True)(x, w, wg, wu, wd)
+    (l0, y0), g0 = jax.value_and_grad(functools.partial(loss, False), argnums=range(5), has_aux=True)(x, w, wg, wu, wd)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not ops.gathers_rows(x.astype(jnp.bfloat16), T * A, wg, wu, "auto")  # CPU: the copy
 
 
 def test_grouped_matmul_takes_pairs(monkeypatch):

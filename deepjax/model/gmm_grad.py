@@ -49,8 +49,10 @@ def supported(K: int, N: int) -> bool:
     return _tile(K, TILES["bk"]) >= 16 and _tile(N, TILES["bn"]) >= 16
 
 
-def _kernel(bm: int, bk: int, bn: int, c0: int = 0):
-    def kernel(start_ref, end_ref, x_ref, dy_ref, dw_ref):
+def _kernel(bm: int, bk: int, bn: int, c0: int = 0, gather: bool = False):
+    """gather: x's rows come by index (an int32 [M] operand before x: row r of the product is x[src[r]])."""
+    def kernel(start_ref, end_ref, *refs):
+        src_ref, x_ref, dy_ref, dw_ref = refs if gather else (None, *refs)
         j, i, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         start, end = start_ref[g], end_ref[g]
         cols_k, cols_n, out_n = pl.ds(i * bk, bk), pl.ds(c0 + j * bn, bn), pl.ds(j * bn, bn)
@@ -59,7 +61,10 @@ def _kernel(bm: int, bk: int, bn: int, c0: int = 0):
             r0 = b * bm
             rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
             live = (rows >= start) & (rows < end)  # [bm, 1]
-            x = pltriton.load(x_ref.at[pl.ds(r0, bm), cols_k], mask=live, other=0)  # [bm, bk]
+            if gather:  # (every index a row of x: loaded unmasked, the other groups' rows zeroed after)
+                x = jnp.where(live, x_ref[src_ref[pl.ds(r0, bm)], cols_k], 0)  # [bm, bk]
+            else:
+                x = pltriton.load(x_ref.at[pl.ds(r0, bm), cols_k], mask=live, other=0)  # [bm, bk]
             dy = pltriton.load(dy_ref.at[pl.ds(r0, bm), cols_n], mask=live, other=0)  # [bm, bn]
             return acc + jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
@@ -70,13 +75,14 @@ def _kernel(bm: int, bk: int, bn: int, c0: int = 0):
 
 
 def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jnp.float32,
-               cols: tuple[int, int] | None = None):
+               cols: tuple[int, int] | None = None, rows_M=None):
     """[G, K, N] out_dtype: dw[g] = x[rows of g]^T dy[rows of g], rows sorted by group (`lax.ragged_dot` order),
     accumulated in float32 and cast as each tile is stored (a bf16 gradient costs no separate cast pass over a
     float32 one). cols (start, width): dy's columns [start, start + width) only, N = width (the gradient of one
     weight of a pair whose products were joined: no slice of dy or of a joint gradient). interpret: None runs
-    Triton on GPU and the interpreter elsewhere."""
-    M, K = x_MK.shape
+    Triton on GPU and the interpreter elsewhere. rows_M (int32 [M]): x's rows by index, x [T, K] and row r of the
+    product x[rows_M[r]] (the experts' sorted rows read from the tokens: no [M, K] copy)."""
+    M, K = x_MK.shape if rows_M is None else (rows_M.shape[0], x_MK.shape[1])
     c0, N = cols if cols is not None else (0, dy_MN.shape[1])
     if c0 < 0 or N < 1 or c0 + N > dy_MN.shape[1] or dy_MN.shape[0] != M:
         raise ValueError(f"grouped_dw: x {x_MK.shape}, dy {dy_MN.shape}, cols {cols}: dy needs x's rows and the "
@@ -88,17 +94,22 @@ def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jn
     bk, bn = _tile(K, TILES["bk"]), _tile(N, TILES["bn"])
     if not interpret and min(bk, bn) < 16:
         raise ValueError(f"grouped_dw: K={K}, N={N}: Triton needs tiles of 16+ dividing both (gmm_grad.supported)")
+    src = () if rows_M is None else (rows_M.astype(jnp.int32),)
     if M % bm:  # every block of rows lies inside the arrays (the interpreter clamps a slice that does not)
         pad = bm - M % bm
-        x_MK, dy_MN = jnp.pad(x_MK, ((0, pad), (0, 0))), jnp.pad(dy_MN, ((0, pad), (0, 0)))
+        dy_MN = jnp.pad(dy_MN, ((0, pad), (0, 0)))
+        if rows_M is None:
+            x_MK = jnp.pad(x_MK, ((0, pad), (0, 0)))
+        else:
+            src = (jnp.pad(src[0], (0, pad)),)  # (masked rows: row 0, never summed)
     sizes_G = sizes_G.astype(jnp.int32)
     end_G = jnp.cumsum(sizes_G)
     start_G = end_G - sizes_G
     params = {} if interpret else {"compiler_params": pltriton.CompilerParams(
         num_warps=TILES["num_warps"], num_stages=TILES["num_stages"])}
     return pl.pallas_call(
-        _kernel(bm, bk, bn, c0), out_shape=jax.ShapeDtypeStruct((G, K, N), out_dtype), grid=(N // bn, K // bk, G),
-        interpret=interpret, name="grouped_dw", **params)(start_G, end_G, x_MK, dy_MN)
+        _kernel(bm, bk, bn, c0, bool(src)), out_shape=jax.ShapeDtypeStruct((G, K, N), out_dtype),
+        grid=(N // bn, K // bk, G), interpret=interpret, name="grouped_dw", **params)(start_G, end_G, *src, x_MK, dy_MN)
 
 
 # ---- row-grouped products: the input gradient (and the forward) ---------------------------------------------------
@@ -144,11 +155,13 @@ def _row_items(sizes_G, M: int, bm: int):
     return t_W * bm, g_W, start_W, end_W
 
 
-def _rows_kernel(bm: int, bo: int, bc: int, parts: tuple, trans_w: bool, o0: int):
+def _rows_kernel(bm: int, bo: int, bc: int, parts: tuple, trans_w: bool, o0: int, gather: bool = False):
     """out[rows of g, o0 + o tile] = sum over parts p of a[rows of g, part p's columns] against w_p[g] (w_p[g]^T if
     trans_w) [:, o tile]; parts: (contraction blocks, a's first column) per weight. An output that arrives as an
-    input too (aliased: a later call writing its other columns) sits between the weights and out_ref, unread."""
-    def kernel(r0_ref, g_ref, start_ref, end_ref, a_ref, *refs):
+    input too (aliased: a later call writing its other columns) sits between the weights and out_ref, unread.
+    gather: a's rows come by index (an int32 [M] operand before a: row r is a[src[r]])."""
+    def kernel(r0_ref, g_ref, start_ref, end_ref, *refs):
+        src_ref, a_ref, refs = (refs[0], refs[1], refs[2:]) if gather else (None, refs[0], refs[1:])
         w_refs, out_ref = refs[:len(parts)], refs[-1]
         # the output tile varies fastest: the programs of one row block run together and share its rows in L2
         # (with the work item fastest, each row block would be read from memory once per output tile)
@@ -157,11 +170,15 @@ def _rows_kernel(bm: int, bo: int, bc: int, parts: tuple, trans_w: bool, o0: int
         cols_o = pl.ds(j * bo, bo)
         rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
         live = (rows >= start) & (rows < end)  # [bm, 1]
+        src = src_ref[pl.ds(r0, bm)] if gather else None  # a's rows of this block, loaded once
         zero = start - start  # Triton's loop wants both bounds of one type: both from the int32 refs
         acc = jnp.zeros((bm, bo), jnp.float32)
         for w_ref, (nc, a0) in zip(w_refs, parts):
             def body(b, acc, w_ref=w_ref, a0=a0):
-                a = pltriton.load(a_ref.at[pl.ds(r0, bm), pl.ds(a0 + b * bc, bc)], mask=live, other=0)  # [bm, bc]
+                if gather:  # (every index a row of a, loaded unmasked: the masked store drops the other rows)
+                    a = a_ref[src, pl.ds(a0 + b * bc, bc)]  # [bm, bc]
+                else:
+                    a = pltriton.load(a_ref.at[pl.ds(r0, bm), pl.ds(a0 + b * bc, bc)], mask=live, other=0)
                 cols_c = pl.ds(b * bc, bc)
                 if trans_w:
                     w, dims = w_ref[g, cols_o, cols_c], (((1,), (1,)), ((), ()))  # [bo, bc]
@@ -180,11 +197,12 @@ def rows_supported(K: int, N: int) -> bool:
                _tile(N, ROW_TILES["bc"])) >= 16
 
 
-def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str):
+def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str, rows_M=None):
     """The row kernel for the weights `ws`: trans_w (the input gradient), their contractions side by side along a's
     columns, one call; else (the forward) their outputs side by side, one call per weight writing its columns of one
-    buffer (each later call takes it as an aliased input)."""
-    M, C = a_MC.shape
+    buffer (each later call takes it as an aliased input). rows_M (int32 [M]): a's rows by index, a [T, C] and
+    row r of the product a[rows_M[r]]."""
+    M, C = a_MC.shape if rows_M is None else (rows_M.shape[0], a_MC.shape[1])
     outs = [w.shape[1] if trans_w else w.shape[2] for w in ws]
     cons = [w.shape[2] if trans_w else w.shape[1] for w in ws]
     O = outs[0] if trans_w else sum(outs)
@@ -204,7 +222,8 @@ def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str):
         raise ValueError(f"{name}: widths {cons} -> {outs}: Triton needs tiles of 16+ dividing all of them "
                          f"(gmm_grad.rows_supported)")
     Mp = -(-M // bm) * bm
-    if Mp != M:  # every block of rows lies inside the arrays
+    src = () if rows_M is None else (jnp.pad(rows_M.astype(jnp.int32), (0, Mp - M)),)  # (padding: row 0, masked)
+    if Mp != M and rows_M is None:  # every block of rows lies inside the arrays
         a_MC = jnp.pad(a_MC, ((0, Mp - M), (0, 0)))
     items = _row_items(sizes_G.astype(jnp.int32), Mp, bm)
     params = {} if interpret else {"compiler_params": pltriton.CompilerParams(
@@ -214,15 +233,17 @@ def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str):
     W = items[0].shape[0]
     if trans_w:
         parts = tuple((c // bc, sum(cons[:p])) for p, c in enumerate(cons))
-        out = call(_rows_kernel(bm, bo, bc, parts, True, 0), grid=(outs[0] // bo, W))(*items, a_MC, *ws)
+        out = call(_rows_kernel(bm, bo, bc, parts, True, 0, bool(src)), grid=(outs[0] // bo, W))(*items, *src, a_MC,
+                                                                                                  *ws)
     else:
         out, o0 = None, 0
         for w, o in zip(ws, outs):
-            kernel = _rows_kernel(bm, bo, bc, ((C // bc, 0),), False, o0)
+            kernel = _rows_kernel(bm, bo, bc, ((C // bc, 0),), False, o0, bool(src))
             if out is None:
-                out = call(kernel, grid=(o // bo, W))(*items, a_MC, w)
-            else:  # inputs: the 4 item arrays, a, w, then the buffer, aliased to the output
-                out = call(kernel, grid=(o // bo, W), input_output_aliases={6: 0})(*items, a_MC, w, out)
+                out = call(kernel, grid=(o // bo, W))(*items, *src, a_MC, w)
+            else:  # inputs: the 4 item arrays, (the rows,) a, w, then the buffer, aliased to the output
+                out = call(kernel, grid=(o // bo, W), input_output_aliases={6 + len(src): 0})(*items, *src, a_MC, w,
+                                                                                                out)
             o0 += o
     return out[:M] if Mp != M else out
 
@@ -237,10 +258,11 @@ def grouped_dx(dy_MN, w_GKN, sizes_G, interpret: bool | None = None, w2_GKN=None
     return _rows_call(dy_MN, ws, sizes_G, True, interpret, "grouped_dx")
 
 
-def grouped_matmul(x_MK, w_GKN, sizes_G, interpret: bool | None = None, w2_GKN=None):
+def grouped_matmul(x_MK, w_GKN, sizes_G, interpret: bool | None = None, w2_GKN=None, rows_M=None):
     """[M, N] in x's dtype: `lax.ragged_dot(x, w, sizes)` by the same kernel as `grouped_dx` (w untransposed); with
     w2_GKN, [M, N + N2]: the products with w and w2 side by side, as against their concatenation, without forming
     it. Rows past sum(sizes) left undefined. Timed against tokamax's forward by `bench/ragged_dot_tune.py
-    --rows-kernels`."""
+    --rows-kernels`. rows_M (int32 [M]): the rows by index, x [T, K] and row r of the product x[rows_M[r]] (the
+    experts' rows read from the tokens in the kernel's loads: no sorted [M, K] copy)."""
     ws = (w_GKN,) if w2_GKN is None else (w_GKN, w2_GKN)
-    return _rows_call(x_MK, ws, sizes_G, False, interpret, "grouped_matmul")
+    return _rows_call(x_MK, ws, sizes_G, False, interpret, "grouped_matmul", rows_M)

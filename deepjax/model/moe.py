@@ -240,9 +240,11 @@ def sorted_tokens(x_TD, order_X, inv_X, K: int):
 
 
 def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, ragged_dot=jax.lax.ragged_dot,
-                            pairs: bool = False):
+                            pairs: bool = False, rows_product=None):
     """Every token to each of its K experts: sort the T*K assignments by expert, grouped matmuls, unsort. pairs:
-    ragged_dot takes a pair of weights for joined products (`grouped_swiglu`)."""
+    ragged_dot takes a pair of weights for joined products (`grouped_swiglu`). rows_product(x, rows, inv, sizes):
+    the joined gate / up product of the sorted rows read from x itself (`ops.grouped_matmul_rows`: rows = each
+    sorted assignment's token), instead of a sorted copy of x."""
     T, K = idx_TK.shape
     E = w_gate_EDI.shape[0]
     flat_X = idx_TK.reshape(-1)
@@ -250,22 +252,29 @@ def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
     order_X = checkpoint_name(jnp.argsort(flat_X, stable=True), "moe_order")
     group_sizes_E = checkpoint_name(jnp.bincount(flat_X, length=E).astype(jnp.int32), "moe_order")
     inv_X = checkpoint_name(inverse_permutation(order_X), "moe_order")
-    xs_XD = checkpoint_name(sorted_tokens(x_TD, order_X, inv_X, K), "moe_rows")
-    y_XD = grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, lambda x, w: ragged_dot(x, w, group_sizes_E),
-                          pairs=pairs)
+    gmm = lambda x, w: ragged_dot(x, w, group_sizes_E)  # noqa: E731
+    if rows_product is not None:
+        rows_X = (order_X // K).astype(jnp.int32)
+        gu_XI2 = checkpoint_name(rows_product(x_TD, rows_X, inv_X, group_sizes_E), "moe_rows")
+        y_XD = grouped_swiglu(None, w_gate_EDI, w_up_EDI, w_down_EID, gmm, gu_XI2=gu_XI2)
+    else:
+        xs_XD = checkpoint_name(sorted_tokens(x_TD, order_X, inv_X, K), "moe_rows")
+        y_XD = grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm, pairs=pairs)
     return unsort_sum(checkpoint_name(y_XD, "moe_rows"), order_X, inv_X, w_TK).astype(x_TD.dtype)
 
 
-def grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm, pairs: bool = False):
+def grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm, pairs: bool = False, gu_XI2=None):
     """silu(x W_gate) * (x W_up) W_down over rows sorted by expert, with `gmm(x, w)` a grouped matmul. With
     ops.LARGE_GROUP_ROWS rows per expert or more on average (training, prefill), gate and up are one grouped
     matmul against [E, D, 2I]: the rows are read once, one kernel of twice the width, and in the backward one
     input gradient instead of two summed. pairs: gmm takes the pair (W_gate, W_up) for that product
     (`ops.grouped_matmul`, which may compute it without concatenating the weights); else they are concatenated
     here. With fewer rows (decode steps) the weights' reads dominate and joining them would copy them every step:
-    two grouped matmuls."""
+    two grouped matmuls. gu_XI2: the joined gate / up product already made (xs_XD unused)."""
     E, _, I = w_gate_EDI.shape
-    if xs_XD.shape[0] < ops.LARGE_GROUP_ROWS * E:
+    if gu_XI2 is not None:
+        g_XI, u_XI = gu_XI2[:, :I], gu_XI2[:, I:]
+    elif xs_XD.shape[0] < ops.LARGE_GROUP_ROWS * E:
         g_XI, u_XI = (checkpoint_name(gmm(xs_XD, w), "moe_rows") for w in (w_gate_EDI, w_up_EDI))
     else:
         w_gu = (w_gate_EDI, w_up_EDI) if pairs else jnp.concatenate([w_gate_EDI, w_up_EDI], axis=-1)
@@ -286,8 +295,11 @@ def routed_experts(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, kernels
     if ops.resolve(kernels, x_TD.dtype) == "tokamax":
         # every (token, expert) assignment is a row of some group: no rows past the groups to zero
         gmm = lambda x, w, g: ops.grouped_matmul(x, w, g, "tokamax", all_rows=True)  # noqa: E731
+        rows = None
+        if ops.gathers_rows(x_TD, idx_TK.size, w_gate_EDI, w_up_EDI, "tokamax"):  # (the GPU's Triton pair)
+            rows = lambda x, r, i, g: ops.grouped_matmul_rows(x, r, i, w_gate_EDI, w_up_EDI, g, True)  # noqa: E731
         return routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, ragged_dot=gmm,
-                                       pairs=True)
+                                       pairs=True, rows_product=rows)
     block = block_rows(idx_TK.size, w_gate_EDI.shape[0])
     return routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, block=block)
 

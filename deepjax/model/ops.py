@@ -571,6 +571,54 @@ def _pair_bwd(all_rows, res, dy_MN):
 _grouped_matmul_pair_gpu.defvjp(_pair_fwd, _pair_bwd)
 
 
+# The experts' first product with its rows read from the tokens: x_TK[rows_M] against a pair of weights, where
+# rows_M = order // A (each sorted assignment's token) and inv_M the inverse of the sort. The forward and the pair's
+# weight gradients gather x's rows in the kernels' loads, so neither the sorted [M, K] copy (a gather kernel of ~29
+# ms an H100 update of 8 micro-batches, docs/LOG.md session 29) nor its residual (M x K per MoE layer) exists; the
+# input gradient comes in sorted rows and is summed into each token's row by the inverse permutation, as
+# `moe.sorted_tokens`' gradient does.
+GATHER_ROWS = True  # False: `moe.sorted_tokens`' copy, then `grouped_matmul` (untimed against it)
+
+
+def gathers_rows(x_TK, n_rows: int, wa_GKN, wb_GKN, kernels: str = "auto") -> bool:
+    """Whether `grouped_matmul_rows` takes the gathered kernels for these shapes (GATHER_ROWS, on the GPU's tokamax
+    path where the pair's product runs on gmm_grad's Triton row kernels): else the caller copies the sorted rows."""
+    return (GATHER_ROWS and resolve(kernels, x_TK.dtype) == "tokamax" and platform() in ("gpu", "cuda")
+            and _pair_on_triton(jax.ShapeDtypeStruct((n_rows, x_TK.shape[1]), x_TK.dtype), wa_GKN, wb_GKN)
+            and _gmm_choice("GMM_INPUT_GRAD", True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def grouped_matmul_rows(x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G, all_rows: bool = False):
+    """[M, Na + Nb]: `grouped_matmul(x_TK[rows_M], (wa, wb), sizes_G)` with x's rows gathered in the kernels (see
+    above; `gathers_rows` says when the caller may take it). rows_M [M] int32: the sorted rows' tokens, each token
+    A = M / T times; inv_M: the sorted position of assignment t * A + a (so rows_M[inv_M] = repeat(arange(T), A))."""
+    return _rows_fwd(x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G, all_rows)[0]
+
+
+def _rows_fwd(x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G, all_rows):
+    y_MN = gmm_grad.grouped_matmul(x_TK, wa_GKN, sizes_G, w2_GKN=wb_GKN, rows_M=rows_M)
+    y_MN = y_MN if all_rows else _rows_in_groups(y_MN, sizes_G)
+    return y_MN, (x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G)
+
+
+def _rows_bwd(all_rows, res, dy_MN):
+    x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G = res
+    dy_MN = dy_MN.astype(x_TK.dtype)
+    (T, K), M, Na = x_TK.shape, rows_M.shape[0], wa_GKN.shape[2]
+    dxs_MK = gmm_grad.grouped_dx(dy_MN, wa_GKN, sizes_G, w2_GKN=wb_GKN)
+    dxs_MK = dxs_MK if all_rows else _rows_in_groups(dxs_MK, sizes_G)
+    # each token's A rows: gathered into token order, then summed (the transpose of `moe.sorted_tokens`' repeat)
+    dx_TAK = dxs_MK.at[inv_M].get(unique_indices=True).reshape(T, M // T, K)
+    dx_TK = jax.lax.reduce_sum(dx_TAK, (1,))
+    dwa = gmm_grad.grouped_dw(x_TK, dy_MN, sizes_G, out_dtype=wa_GKN.dtype, cols=(0, Na), rows_M=rows_M)
+    dwb = gmm_grad.grouped_dw(x_TK, dy_MN, sizes_G, out_dtype=wb_GKN.dtype, cols=(Na, wb_GKN.shape[2]), rows_M=rows_M)
+    return dx_TK, None, None, dwa, dwb, None
+
+
+grouped_matmul_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
 # ---- LM head + cross-entropy --------------------------------------------------------------------
 
 def _chunks(B: int, T: int):
