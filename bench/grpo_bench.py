@@ -352,6 +352,14 @@ def run_deepjax(args) -> dict:
     dev = jax.devices()[0]
     emit(what="device", kind=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
          devices=jax.device_count())
+    from deepjax.model import ops
+    from train_bench import ops_settings  # bench/ is on sys.path when this script runs
+
+    settings = ops_settings(args.ops or None)
+    for name, value in settings.items():
+        setattr(ops, name, value)
+    if settings:
+        emit(what="ops", **{k: repr(v) for k, v in settings.items()})
     cfg = config(args, probe=True)
     workdir = tempfile.mkdtemp(prefix="grpo_bench_")
     out: dict = {}
@@ -517,6 +525,9 @@ def main(argv=None):
                     "and the rows)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="more deepjax config overrides, e.g. --set model.remat=full (repeatable)")
+    ap.add_argument("--ops", nargs="+", default=[], metavar="NAME=VALUE",
+                    help="deepjax.model.ops settings for deepjax's side (as bench/train_bench.py's --ops), e.g. --ops "
+                    "GATHER_ROWS=True")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sampler-alone", action="store_true", help="after the iterations, time the sampler alone on "
                     "the same rows: as the rollout calls it, and as sampling_bench does (bf16, greedy)")

@@ -103,7 +103,7 @@ def test_grouped_matmul_pair_bf16(monkeypatch, input_grad):
     assert past == 0.0
 
 
-def test_grouped_matmul_rows_bf16_equals_sorted_copy():
+def test_grouped_matmul_rows_bf16_equals_sorted_copy(monkeypatch):
     """`ops.grouped_matmul_rows` (the experts' gate / up product with the tokens' rows gathered in the Triton
     kernels) inside the routed experts at the bench preset's widths, bf16: output and gradients against the path
     through `moe.sorted_tokens`' copy (the same kernels on the same values: equal up to the reduction order of x's
@@ -117,17 +117,15 @@ def test_grouped_matmul_rows_bf16_equals_sorted_copy():
     wg, wu = ((jax.random.normal(k, (E, D, I)) * D ** -0.5).astype(jnp.bfloat16) for k in ks[3:5])
     wd = (jax.random.normal(ks[5], (E, I, D)) * I ** -0.5).astype(jnp.bfloat16)
     ct = jax.random.normal(ks[6], (T, D), jnp.bfloat16)
+    monkeypatch.setattr(ops, "GATHER_ROWS", True)
     assert ops.gathers_rows(x, T * A, wg, wu, "tokamax")
 
     def loss(x, w, wg, wu, wd):
         return jnp.sum((moe.routed_experts(x, w, idx, wg, wu, wd, kernels="tokamax") * ct).astype(jnp.float32))
 
     def run(gather):  # a new jit each time: the setting is read while tracing
-        ops.GATHER_ROWS = gather
-        try:
-            return jax.jit(jax.value_and_grad(loss, argnums=range(5)))(x, w, wg, wu, wd)
-        finally:
-            ops.GATHER_ROWS = True
+        monkeypatch.setattr(ops, "GATHER_ROWS", gather)
+        return jax.jit(jax.value_and_grad(loss, argnums=range(5)))(x, w, wg, wu, wd)
 
     (l1, g1), (l0, g0) = run(True), run(False)
     assert np.isfinite(float(l1)) and abs(float(l1) - float(l0)) <= 1e-3 * abs(float(l0)) + 1e-3

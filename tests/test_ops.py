@@ -18,6 +18,8 @@ import pytest
 from deepjax import model as M
 from deepjax.model import gmm_grad, ops, presets
 
+ops_rows = ops.grouped_matmul_rows  # (the unpatched function, for a test that counts its calls)
+
 has_tokamax = ops._tokamax() is not None
 needs_tokamax = pytest.mark.skipif(not has_tokamax, reason="tokamax needs Python >= 3.12 and jax >= 0.11.1")
 KERNELS = ["xla"] + (["tokamax"] if has_tokamax else [])
@@ -567,8 +569,8 @@ def test_gpu_custom_vjp_wiring_on_cpu(monkeypatch, input_grad, M_, sizes):
 
 
 @needs_tokamax
-@pytest.mark.parametrize("gmm", ["triton", "tokamax"])
-def test_gpu_train_step_lowers_with_its_kernels(monkeypatch, gmm):
+@pytest.mark.parametrize("gmm,gather", [("triton", False), ("triton", True), ("tokamax", False)])
+def test_gpu_train_step_lowers_with_its_kernels(monkeypatch, gmm, gather):
     """The training step's GPU program, the paths `kernels=auto` takes on a GPU (tokamax's Mosaic attention and ragged
     dot, gmm_grad's Triton kernels, the layers as a Python loop), lowers for CUDA on this CPU machine (tokamax's
     cross-compile mode, an sm90 device assumed). A kernel that no longer lowers, or a dispatch that stops reaching
@@ -583,6 +585,9 @@ def test_gpu_train_step_lowers_with_its_kernels(monkeypatch, gmm):
     monkeypatch.setattr(ops, "LARGE_GROUP_ROWS", 1)  # the small batch's experts take the training paths
     monkeypatch.setattr(ops, "GMM_FORWARD", gmm)
     monkeypatch.setattr(ops, "GMM_INPUT_GRAD", gmm)
+    monkeypatch.setattr(ops, "GATHER_ROWS", gather)  # the gate / up product reading the tokens' rows: same kernels
+    taken = []
+    monkeypatch.setattr(ops, "grouped_matmul_rows", lambda *a: taken.append(1) or ops_rows(*a))
     cfg = dataclasses.replace(presets.bench(), num_hidden_layers=3, vocab_size=512, dtype="bfloat16",
                               param_dtype="bfloat16", remat="none", layer_loop="python", kernels="auto")
     graphdef, params = M.abstract_init(cfg)[:2]
@@ -601,6 +606,7 @@ def test_gpu_train_step_lowers_with_its_kernels(monkeypatch, gmm):
     # the three weight gradients; on tokamax's rows only the weight gradients are Triton's (gate / up concatenated)
     want = {"grouped_matmul": 3, "grouped_dx": 2, "grouped_dw": 3} if gmm == "triton" else {"grouped_dw": 2}
     assert dict(triton) == want, triton
+    assert bool(taken) == gather, taken
     assert text.count("custom_call @__gpu$xla.gpu.triton") == sum(want.values())
     assert text.count("custom_call @mosaic_gpu") >= (6 if gmm == "triton" else 10)  # attention (+ ragged dots)
 

@@ -577,7 +577,7 @@ _grouped_matmul_pair_gpu.defvjp(_pair_fwd, _pair_bwd)
 # ms an H100 update of 8 micro-batches, docs/LOG.md session 29) nor its residual (M x K per MoE layer) exists; the
 # input gradient comes in sorted rows and is summed into each token's row by the inverse permutation, as
 # `moe.sorted_tokens`' gradient does.
-GATHER_ROWS = True  # False: `moe.sorted_tokens`' copy, then `grouped_matmul` (untimed against it)
+GATHER_ROWS = False  # True: gathered (untimed; bench/grpo_bench.py --ops GATHER_ROWS=True); False: the sorted copy
 
 
 def gathers_rows(x_TK, n_rows: int, wa_GKN, wb_GKN, kernels: str = "auto") -> bool:
