@@ -103,10 +103,12 @@ def test_grouped_matmul_pair_bf16(monkeypatch, input_grad):
     assert past == 0.0
 
 
-def test_grouped_matmul_rows_bf16_equals_sorted_copy(monkeypatch):
+@pytest.mark.parametrize("gather,scatter", [(True, False), (False, True), (True, True)])
+def test_grouped_matmul_rows_bf16_equals_sorted_copy(monkeypatch, gather, scatter):
     """`ops.grouped_matmul_rows` (the experts' gate / up product with the tokens' rows gathered in the Triton
-    kernels) inside the routed experts at the bench preset's widths, bf16: output and gradients against the path
-    through `moe.sorted_tokens`' copy (the same kernels on the same values: equal up to the reduction order of x's
+    kernels) and `ops.grouped_matmul_unsorted` (the down product stored in token order) inside the routed experts
+    at the bench preset's widths, bf16: output and gradients against the path through `moe.sorted_tokens`' copy
+    and `moe.unsort_sum`'s gather (the same kernels on the same values: equal up to the reduction order of x's
     gradient), both through `moe.routed_experts`."""
     from deepjax.model import moe
     T, A, E, D, I = 2048, 6, 64, 1024, 512
@@ -118,21 +120,24 @@ def test_grouped_matmul_rows_bf16_equals_sorted_copy(monkeypatch):
     wd = (jax.random.normal(ks[5], (E, I, D)) * I ** -0.5).astype(jnp.bfloat16)
     ct = jax.random.normal(ks[6], (T, D), jnp.bfloat16)
     monkeypatch.setattr(ops, "GATHER_ROWS", True)
+    monkeypatch.setattr(ops, "SCATTER_ROWS", True)
     assert ops.gathers_rows(x, T * A, wg, wu, "tokamax")
+    assert ops.scatters_rows(jax.ShapeDtypeStruct((T * A, I), jnp.bfloat16), wd, "tokamax")
 
     def loss(x, w, wg, wu, wd):
         return jnp.sum((moe.routed_experts(x, w, idx, wg, wu, wd, kernels="tokamax") * ct).astype(jnp.float32))
 
-    def run(gather):  # a new jit each time: the setting is read while tracing
+    def run(gather, scatter):  # a new jit each time: the settings are read while tracing
         monkeypatch.setattr(ops, "GATHER_ROWS", gather)
+        monkeypatch.setattr(ops, "SCATTER_ROWS", scatter)
         return jax.jit(jax.value_and_grad(loss, argnums=range(5)))(x, w, wg, wu, wd)
 
-    (l1, g1), (l0, g0) = run(True), run(False)
+    (l1, g1), (l0, g0) = run(gather, scatter), run(False, False)
     assert np.isfinite(float(l1)) and abs(float(l1) - float(l0)) <= 1e-3 * abs(float(l0)) + 1e-3
     for name, a, b in zip(("x", "w", "gate", "up", "down"), g1, g0):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         rel = np.abs(a - b).max() / np.abs(b).max()
-        print(f"grouped_matmul_rows vs the sorted copy, d{name}: max rel {rel:.2e}")
+        print(f"gather {gather} scatter {scatter} vs the sorted copy, d{name}: max rel {rel:.2e}")
         assert rel < 1e-2, (name, rel)
 
 

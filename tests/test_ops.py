@@ -18,7 +18,7 @@ import pytest
 from deepjax import model as M
 from deepjax.model import gmm_grad, ops, presets
 
-ops_rows = ops.grouped_matmul_rows  # (the unpatched function, for a test that counts its calls)
+ops_rows, ops_unsorted = ops.grouped_matmul_rows, ops.grouped_matmul_unsorted  # (unpatched: a test counts calls)
 
 has_tokamax = ops._tokamax() is not None
 needs_tokamax = pytest.mark.skipif(not has_tokamax, reason="tokamax needs Python >= 3.12 and jax >= 0.11.1")
@@ -480,10 +480,13 @@ def test_pair_custom_vjp_on_cpu(monkeypatch, input_grad, M_, sizes):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
-def test_grouped_matmul_rows_equals_sorted_copy(monkeypatch):
-    """`ops.grouped_matmul_rows` (the experts' gate / up product with x's rows gathered in the Triton kernels, run
-    here in the Pallas interpreter) inside `moe.routed_experts_dropless`: the output and every gradient equal the
-    path through `moe.sorted_tokens`' copy; `gathers_rows` keeps it off the CPU's products."""
+@pytest.mark.parametrize("gather,scatter", [(True, False), (False, True), (True, True)])
+def test_grouped_matmul_rows_equals_sorted_copy(monkeypatch, gather, scatter):
+    """`ops.grouped_matmul_rows` (the experts' gate / up product with x's rows gathered in the Triton kernels) and
+    `ops.grouped_matmul_unsorted` (the down product stored in token order, its gradients reading the token-order
+    cotangent by index), run here in the Pallas interpreter inside `moe.routed_experts_dropless`: the output and
+    every gradient equal the path through `moe.sorted_tokens`' copy and `moe.unsort_sum`'s gather; `gathers_rows`
+    and `scatters_rows` keep them off the CPU's products."""
     from deepjax.model import moe
     monkeypatch.setitem(gmm_grad.ROW_TILES, "bm", 8)  # several row blocks, some straddling experts
     T, A, E, D, I = 30, 3, 5, 32, 16
@@ -497,9 +500,10 @@ def test_grouped_matmul_rows_equals_sorted_copy(monkeypatch):
     wd, ct = jax.random.normal(ks[4], (E, I, D)) * 0.2, jax.random.normal(ks[5], (T, D))
     gmm = lambda x, w, g: ops.grouped_matmul(x, w, g, "xla")  # noqa: E731
 
-    def loss(gather, x, w, wg, wu, wd):
-        rows = (lambda x, r, i, g: ops.grouped_matmul_rows(x, r, i, wg, wu, g, True)) if gather else None  # noqa
-        y = moe.routed_experts_dropless(x, w, idx, wg, wu, wd, ragged_dot=gmm, pairs=True, rows_product=rows)
+    def loss(new, x, w, wg, wu, wd):
+        rows = (lambda x, r, i, g: ops.grouped_matmul_rows(x, r, i, wg, wu, g, True)) if new and gather else None  # noqa
+        y = moe.routed_experts_dropless(x, w, idx, wg, wu, wd, ragged_dot=gmm, pairs=True, rows_product=rows,
+                                        unsorted_product=ops.grouped_matmul_unsorted if new and scatter else None)
         return jnp.sum(y * ct), y
 
     (l1, y1), g1 = jax.value_and_grad(functools.partial(loss, True), argnums=range(5), has_aux=True)(x, w, wg, wu, wd)
@@ -508,6 +512,8 @@ def test_grouped_matmul_rows_equals_sorted_copy(monkeypatch):
     for a, b in zip(g1, g0):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert not ops.gathers_rows(x.astype(jnp.bfloat16), T * A, wg, wu, "auto")  # CPU: the copy
+    monkeypatch.setattr(ops, "SCATTER_ROWS", True)
+    assert not ops.scatters_rows(jnp.zeros((T * A, I), jnp.bfloat16), wd, "auto")  # CPU: the unsort
 
 
 def test_grouped_matmul_takes_pairs(monkeypatch):
@@ -569,8 +575,8 @@ def test_gpu_custom_vjp_wiring_on_cpu(monkeypatch, input_grad, M_, sizes):
 
 
 @needs_tokamax
-@pytest.mark.parametrize("gmm,gather", [("triton", False), ("triton", True), ("tokamax", False)])
-def test_gpu_train_step_lowers_with_its_kernels(monkeypatch, gmm, gather):
+@pytest.mark.parametrize("gmm,rows", [("triton", False), ("triton", True), ("tokamax", False)])
+def test_gpu_train_step_lowers_with_its_kernels(monkeypatch, gmm, rows):
     """The training step's GPU program, the paths `kernels=auto` takes on a GPU (tokamax's Mosaic attention and ragged
     dot, gmm_grad's Triton kernels, the layers as a Python loop), lowers for CUDA on this CPU machine (tokamax's
     cross-compile mode, an sm90 device assumed). A kernel that no longer lowers, or a dispatch that stops reaching
@@ -585,9 +591,12 @@ def test_gpu_train_step_lowers_with_its_kernels(monkeypatch, gmm, gather):
     monkeypatch.setattr(ops, "LARGE_GROUP_ROWS", 1)  # the small batch's experts take the training paths
     monkeypatch.setattr(ops, "GMM_FORWARD", gmm)
     monkeypatch.setattr(ops, "GMM_INPUT_GRAD", gmm)
-    monkeypatch.setattr(ops, "GATHER_ROWS", gather)  # the gate / up product reading the tokens' rows: same kernels
+    # rows: the gate / up product reading the tokens' rows, the down product storing them back: the same kernels
+    monkeypatch.setattr(ops, "GATHER_ROWS", rows)
+    monkeypatch.setattr(ops, "SCATTER_ROWS", rows)
     taken = []
-    monkeypatch.setattr(ops, "grouped_matmul_rows", lambda *a: taken.append(1) or ops_rows(*a))
+    monkeypatch.setattr(ops, "grouped_matmul_rows", lambda *a: taken.append("rows") or ops_rows(*a))
+    monkeypatch.setattr(ops, "grouped_matmul_unsorted", lambda *a: taken.append("unsorted") or ops_unsorted(*a))
     cfg = dataclasses.replace(presets.bench(), num_hidden_layers=3, vocab_size=512, dtype="bfloat16",
                               param_dtype="bfloat16", remat="none", layer_loop="python", kernels="auto")
     graphdef, params = M.abstract_init(cfg)[:2]
@@ -606,7 +615,7 @@ def test_gpu_train_step_lowers_with_its_kernels(monkeypatch, gmm, gather):
     # the three weight gradients; on tokamax's rows only the weight gradients are Triton's (gate / up concatenated)
     want = {"grouped_matmul": 3, "grouped_dx": 2, "grouped_dw": 3} if gmm == "triton" else {"grouped_dw": 2}
     assert dict(triton) == want, triton
-    assert bool(taken) == gather, taken
+    assert sorted(set(taken)) == (["rows", "unsorted"] if rows else []), taken
     assert text.count("custom_call @__gpu$xla.gpu.triton") == sum(want.values())
     assert text.count("custom_call @mosaic_gpu") >= (6 if gmm == "triton" else 10)  # attention (+ ragged dots)
 

@@ -49,10 +49,14 @@ def supported(K: int, N: int) -> bool:
     return _tile(K, TILES["bk"]) >= 16 and _tile(N, TILES["bn"]) >= 16
 
 
-def _kernel(bm: int, bk: int, bn: int, c0: int = 0, gather: bool = False):
-    """gather: x's rows come by index (an int32 [M] operand before x: row r of the product is x[src[r]])."""
+def _kernel(bm: int, bk: int, bn: int, c0: int = 0, gather: bool = False, gather_dy: bool = False):
+    """gather / gather_dy: x's / dy's rows come by index (int32 [M] operands before x, in that order: row r of the
+    product is x[src[r]], dy[src_dy[r]])."""
     def kernel(start_ref, end_ref, *refs):
-        src_ref, x_ref, dy_ref, dw_ref = refs if gather else (None, *refs)
+        refs = list(refs)
+        src_ref = refs.pop(0) if gather else None
+        dsrc_ref = refs.pop(0) if gather_dy else None
+        x_ref, dy_ref, dw_ref = refs
         j, i, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         start, end = start_ref[g], end_ref[g]
         cols_k, cols_n, out_n = pl.ds(i * bk, bk), pl.ds(c0 + j * bn, bn), pl.ds(j * bn, bn)
@@ -65,7 +69,10 @@ def _kernel(bm: int, bk: int, bn: int, c0: int = 0, gather: bool = False):
                 x = jnp.where(live, x_ref[src_ref[pl.ds(r0, bm)], cols_k], 0)  # [bm, bk]
             else:
                 x = pltriton.load(x_ref.at[pl.ds(r0, bm), cols_k], mask=live, other=0)  # [bm, bk]
-            dy = pltriton.load(dy_ref.at[pl.ds(r0, bm), cols_n], mask=live, other=0)  # [bm, bn]
+            if gather_dy:
+                dy = jnp.where(live, dy_ref[dsrc_ref[pl.ds(r0, bm)], cols_n], 0)  # [bm, bn]
+            else:
+                dy = pltriton.load(dy_ref.at[pl.ds(r0, bm), cols_n], mask=live, other=0)  # [bm, bn]
             return acc + jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(start // bm, (end + bm - 1) // bm, body, jnp.zeros((bk, bn), jnp.float32))
@@ -75,16 +82,17 @@ def _kernel(bm: int, bk: int, bn: int, c0: int = 0, gather: bool = False):
 
 
 def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jnp.float32,
-               cols: tuple[int, int] | None = None, rows_M=None):
+               cols: tuple[int, int] | None = None, rows_M=None, dy_rows_M=None):
     """[G, K, N] out_dtype: dw[g] = x[rows of g]^T dy[rows of g], rows sorted by group (`lax.ragged_dot` order),
     accumulated in float32 and cast as each tile is stored (a bf16 gradient costs no separate cast pass over a
     float32 one). cols (start, width): dy's columns [start, start + width) only, N = width (the gradient of one
     weight of a pair whose products were joined: no slice of dy or of a joint gradient). interpret: None runs
     Triton on GPU and the interpreter elsewhere. rows_M (int32 [M]): x's rows by index, x [T, K] and row r of the
-    product x[rows_M[r]] (the experts' sorted rows read from the tokens: no [M, K] copy)."""
+    product x[rows_M[r]] (the experts' sorted rows read from the tokens: no [M, K] copy); dy_rows_M likewise for
+    dy's rows (dy [M', N], row r of the product dy[dy_rows_M[r]])."""
     M, K = x_MK.shape if rows_M is None else (rows_M.shape[0], x_MK.shape[1])
     c0, N = cols if cols is not None else (0, dy_MN.shape[1])
-    if c0 < 0 or N < 1 or c0 + N > dy_MN.shape[1] or dy_MN.shape[0] != M:
+    if c0 < 0 or N < 1 or c0 + N > dy_MN.shape[1] or (dy_MN.shape[0] if dy_rows_M is None else dy_rows_M.size) != M:
         raise ValueError(f"grouped_dw: x {x_MK.shape}, dy {dy_MN.shape}, cols {cols}: dy needs x's rows and the "
                          f"columns [start, start + width) inside it")
     G = sizes_G.shape[0]
@@ -94,21 +102,21 @@ def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jn
     bk, bn = _tile(K, TILES["bk"]), _tile(N, TILES["bn"])
     if not interpret and min(bk, bn) < 16:
         raise ValueError(f"grouped_dw: K={K}, N={N}: Triton needs tiles of 16+ dividing both (gmm_grad.supported)")
-    src = () if rows_M is None else (rows_M.astype(jnp.int32),)
-    if M % bm:  # every block of rows lies inside the arrays (the interpreter clamps a slice that does not)
-        pad = bm - M % bm
+    pad = -M % bm  # every block of rows lies inside the arrays (the interpreter clamps a slice that does not)
+    src = tuple(jnp.pad(r.astype(jnp.int32), (0, pad)) for r in (rows_M, dy_rows_M) if r is not None)  # (padding: row
+    # 0, never summed)
+    if pad and rows_M is None:
+        x_MK = jnp.pad(x_MK, ((0, pad), (0, 0)))
+    if pad and dy_rows_M is None:
         dy_MN = jnp.pad(dy_MN, ((0, pad), (0, 0)))
-        if rows_M is None:
-            x_MK = jnp.pad(x_MK, ((0, pad), (0, 0)))
-        else:
-            src = (jnp.pad(src[0], (0, pad)),)  # (masked rows: row 0, never summed)
     sizes_G = sizes_G.astype(jnp.int32)
     end_G = jnp.cumsum(sizes_G)
     start_G = end_G - sizes_G
     params = {} if interpret else {"compiler_params": pltriton.CompilerParams(
         num_warps=TILES["num_warps"], num_stages=TILES["num_stages"])}
     return pl.pallas_call(
-        _kernel(bm, bk, bn, c0, bool(src)), out_shape=jax.ShapeDtypeStruct((G, K, N), out_dtype),
+        _kernel(bm, bk, bn, c0, rows_M is not None, dy_rows_M is not None),
+        out_shape=jax.ShapeDtypeStruct((G, K, N), out_dtype),
         grid=(N // bn, K // bk, G), interpret=interpret, name="grouped_dw", **params)(start_G, end_G, *src, x_MK, dy_MN)
 
 
@@ -155,13 +163,19 @@ def _row_items(sizes_G, M: int, bm: int):
     return t_W * bm, g_W, start_W, end_W
 
 
-def _rows_kernel(bm: int, bo: int, bc: int, parts: tuple, trans_w: bool, o0: int, gather: bool = False):
+def _rows_kernel(bm: int, bo: int, bc: int, parts: tuple, trans_w: bool, o0: int, gather: bool = False,
+                 scatter: int = 0):
     """out[rows of g, o0 + o tile] = sum over parts p of a[rows of g, part p's columns] against w_p[g] (w_p[g]^T if
     trans_w) [:, o tile]; parts: (contraction blocks, a's first column) per weight. An output that arrives as an
     input too (aliased: a later call writing its other columns) sits between the weights and out_ref, unread.
-    gather: a's rows come by index (an int32 [M] operand before a: row r is a[src[r]])."""
+    gather: a's rows come by index (an int32 [M] operand before a: row r is a[src[r]]). scatter = S > 0: row r of
+    the product is stored at out row dst[r] (an int32 [M] operand after src), the other groups' rows at the S +
+    (r - r0)-th row (S spare rows past the data: unmasked stores, which the interpreter takes)."""
     def kernel(r0_ref, g_ref, start_ref, end_ref, *refs):
-        src_ref, a_ref, refs = (refs[0], refs[1], refs[2:]) if gather else (None, refs[0], refs[1:])
+        refs = list(refs)
+        src_ref = refs.pop(0) if gather else None
+        dst_ref = refs.pop(0) if scatter else None
+        a_ref = refs.pop(0)
         w_refs, out_ref = refs[:len(parts)], refs[-1]
         # the output tile varies fastest: the programs of one row block run together and share its rows in L2
         # (with the work item fastest, each row block would be read from memory once per output tile)
@@ -187,7 +201,12 @@ def _rows_kernel(bm: int, bo: int, bc: int, parts: tuple, trans_w: bool, o0: int
                 return acc + jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32)
 
             acc = jax.lax.fori_loop(zero, jnp.where(end > start, zero + nc, zero), body, acc)
-        pltriton.store(out_ref.at[pl.ds(r0, bm), pl.ds(o0 + j * bo, bo)], acc.astype(out_ref.dtype), mask=live)
+        if scatter:
+            r = jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
+            dst = jnp.where((r0 + r >= start) & (r0 + r < end), dst_ref[pl.ds(r0, bm)], scatter + r)
+            out_ref[dst, pl.ds(o0 + j * bo, bo)] = acc.astype(out_ref.dtype)
+        else:
+            pltriton.store(out_ref.at[pl.ds(r0, bm), pl.ds(o0 + j * bo, bo)], acc.astype(out_ref.dtype), mask=live)
     return kernel
 
 
@@ -197,11 +216,12 @@ def rows_supported(K: int, N: int) -> bool:
                _tile(N, ROW_TILES["bc"])) >= 16
 
 
-def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str, rows_M=None):
+def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str, rows_M=None, dst_M=None):
     """The row kernel for the weights `ws`: trans_w (the input gradient), their contractions side by side along a's
     columns, one call; else (the forward) their outputs side by side, one call per weight writing its columns of one
     buffer (each later call takes it as an aliased input). rows_M (int32 [M]): a's rows by index, a [T, C] and
-    row r of the product a[rows_M[r]]."""
+    row r of the product a[rows_M[r]]. dst_M (int32 [M], a permutation): row r of the product stored at row
+    dst_M[r] of the output (rows past sum(sizes) then undefined wherever they land)."""
     M, C = a_MC.shape if rows_M is None else (rows_M.shape[0], a_MC.shape[1])
     outs = [w.shape[1] if trans_w else w.shape[2] for w in ws]
     cons = [w.shape[2] if trans_w else w.shape[1] for w in ws]
@@ -223,46 +243,51 @@ def _rows_call(a_MC, ws, sizes_G, trans_w: bool, interpret, name: str, rows_M=No
                          f"(gmm_grad.rows_supported)")
     Mp = -(-M // bm) * bm
     src = () if rows_M is None else (jnp.pad(rows_M.astype(jnp.int32), (0, Mp - M)),)  # (padding: row 0, masked)
+    src += () if dst_M is None else (jnp.pad(dst_M.astype(jnp.int32), (0, Mp - M)),)
+    spare = Mp if dst_M is not None else 0  # scatter: the other groups' rows go to bm spare rows past Mp
     if Mp != M and rows_M is None:  # every block of rows lies inside the arrays
         a_MC = jnp.pad(a_MC, ((0, Mp - M), (0, 0)))
     items = _row_items(sizes_G.astype(jnp.int32), Mp, bm)
     params = {} if interpret else {"compiler_params": pltriton.CompilerParams(
         num_warps=ROW_TILES["num_warps"], num_stages=ROW_TILES["num_stages"])}
-    call = functools.partial(pl.pallas_call, out_shape=jax.ShapeDtypeStruct((Mp, O), a_MC.dtype),
+    call = functools.partial(pl.pallas_call, out_shape=jax.ShapeDtypeStruct((Mp + (bm if spare else 0), O),
+                                                                             a_MC.dtype),
                              interpret=interpret, name=name, **params)
     W = items[0].shape[0]
     if trans_w:
         parts = tuple((c // bc, sum(cons[:p])) for p, c in enumerate(cons))
-        out = call(_rows_kernel(bm, bo, bc, parts, True, 0, bool(src)), grid=(outs[0] // bo, W))(*items, *src, a_MC,
-                                                                                                  *ws)
+        out = call(_rows_kernel(bm, bo, bc, parts, True, 0, rows_M is not None, spare), grid=(outs[0] // bo, W))(
+            *items, *src, a_MC, *ws)
     else:
         out, o0 = None, 0
         for w, o in zip(ws, outs):
-            kernel = _rows_kernel(bm, bo, bc, ((C // bc, 0),), False, o0, bool(src))
+            kernel = _rows_kernel(bm, bo, bc, ((C // bc, 0),), False, o0, rows_M is not None, spare)
             if out is None:
                 out = call(kernel, grid=(o // bo, W))(*items, *src, a_MC, w)
             else:  # inputs: the 4 item arrays, (the rows,) a, w, then the buffer, aliased to the output
                 out = call(kernel, grid=(o // bo, W), input_output_aliases={6 + len(src): 0})(*items, *src, a_MC, w,
                                                                                                 out)
             o0 += o
-    return out[:M] if Mp != M else out
+    return out[:M] if out.shape[0] != M else out
 
 
-def grouped_dx(dy_MN, w_GKN, sizes_G, interpret: bool | None = None, w2_GKN=None):
+def grouped_dx(dy_MN, w_GKN, sizes_G, interpret: bool | None = None, w2_GKN=None, rows_M=None):
     """[M, K] in dy's dtype: dx[r] = dy[r] w[g]^T for the rows r of group g, rows sorted by group (`lax.ragged_dot`'s
     input gradient, w read in its stored layout), accumulated in float32. w2_GKN: a second weight whose products
     were joined to w's (dy [M, N + N2]: dx = dy[:, :N] w[g]^T + dy[:, N:] w2[g]^T). Rows past sum(sizes) are left
     undefined (the caller zeroes them where it needs to, as for tokamax's kernels). interpret: None runs Triton on
-    GPU and the interpreter elsewhere."""
+    GPU and the interpreter elsewhere. rows_M (int32 [M]): dy's rows by index (row r is dy[rows_M[r]])."""
     ws = (w_GKN,) if w2_GKN is None else (w_GKN, w2_GKN)
-    return _rows_call(dy_MN, ws, sizes_G, True, interpret, "grouped_dx")
+    return _rows_call(dy_MN, ws, sizes_G, True, interpret, "grouped_dx", rows_M)
 
 
-def grouped_matmul(x_MK, w_GKN, sizes_G, interpret: bool | None = None, w2_GKN=None, rows_M=None):
+def grouped_matmul(x_MK, w_GKN, sizes_G, interpret: bool | None = None, w2_GKN=None, rows_M=None, dst_M=None):
     """[M, N] in x's dtype: `lax.ragged_dot(x, w, sizes)` by the same kernel as `grouped_dx` (w untransposed); with
     w2_GKN, [M, N + N2]: the products with w and w2 side by side, as against their concatenation, without forming
     it. Rows past sum(sizes) left undefined. Timed against tokamax's forward by `bench/ragged_dot_tune.py
     --rows-kernels`. rows_M (int32 [M]): the rows by index, x [T, K] and row r of the product x[rows_M[r]] (the
-    experts' rows read from the tokens in the kernel's loads: no sorted [M, K] copy)."""
+    experts' rows read from the tokens in the kernel's loads: no sorted [M, K] copy). dst_M (int32 [M], a
+    permutation): row r of the product stored at output row dst_M[r] (the experts' rows put back in token order by
+    the kernel's stores: no unsort gather)."""
     ws = (w_GKN,) if w2_GKN is None else (w_GKN, w2_GKN)
-    return _rows_call(x_MK, ws, sizes_G, False, interpret, "grouped_matmul", rows_M)
+    return _rows_call(x_MK, ws, sizes_G, False, interpret, "grouped_matmul", rows_M, dst_M)

@@ -226,7 +226,11 @@ def unsort_sum(y_XD, order_X, inv_X, w_TK):
     memory-hungry on TPU). Its gradient gathers too (`permute_rows`), and it moves the rows in their own dtype: the
     weights apply after it, in float32. inv_X: inverse_permutation(order_X)."""
     T, K = w_TK.shape
-    y_TKD = permute_rows(y_XD, inv_X, order_X).reshape(T, K, y_XD.shape[-1])
+    return weighted_sum(permute_rows(y_XD, inv_X, order_X).reshape(T, K, y_XD.shape[-1]), w_TK)
+
+
+def weighted_sum(y_TKD, w_TK):
+    """Each token's K expert rows weighted and summed, in float32."""
     return jnp.sum(y_TKD.astype(jnp.float32) * w_TK.astype(jnp.float32)[..., None], axis=1)
 
 
@@ -240,11 +244,12 @@ def sorted_tokens(x_TD, order_X, inv_X, K: int):
 
 
 def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, ragged_dot=jax.lax.ragged_dot,
-                            pairs: bool = False, rows_product=None):
+                            pairs: bool = False, rows_product=None, unsorted_product=None):
     """Every token to each of its K experts: sort the T*K assignments by expert, grouped matmuls, unsort. pairs:
     ragged_dot takes a pair of weights for joined products (`grouped_swiglu`). rows_product(x, rows, inv, sizes):
     the joined gate / up product of the sorted rows read from x itself (`ops.grouped_matmul_rows`: rows = each
-    sorted assignment's token), instead of a sorted copy of x."""
+    sorted assignment's token), instead of a sorted copy of x. unsorted_product(h, w_down, sizes, order): the down
+    product with its rows stored in the assignments' order (`ops.grouped_matmul_unsorted`), instead of an unsort."""
     T, K = idx_TK.shape
     E = w_gate_EDI.shape[0]
     flat_X = idx_TK.reshape(-1)
@@ -253,24 +258,30 @@ def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
     group_sizes_E = checkpoint_name(jnp.bincount(flat_X, length=E).astype(jnp.int32), "moe_order")
     inv_X = checkpoint_name(inverse_permutation(order_X), "moe_order")
     gmm = lambda x, w: ragged_dot(x, w, group_sizes_E)  # noqa: E731
+    down = None if unsorted_product is None else (
+        lambda h, w: unsorted_product(h, w, group_sizes_E, order_X.astype(jnp.int32)))
     if rows_product is not None:
         rows_X = (order_X // K).astype(jnp.int32)
         gu_XI2 = checkpoint_name(rows_product(x_TD, rows_X, inv_X, group_sizes_E), "moe_rows")
-        y_XD = grouped_swiglu(None, w_gate_EDI, w_up_EDI, w_down_EID, gmm, gu_XI2=gu_XI2)
+        y_XD = grouped_swiglu(None, w_gate_EDI, w_up_EDI, w_down_EID, gmm, gu_XI2=gu_XI2, down=down)
     else:
         xs_XD = checkpoint_name(sorted_tokens(x_TD, order_X, inv_X, K), "moe_rows")
-        y_XD = grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm, pairs=pairs)
-    return unsort_sum(checkpoint_name(y_XD, "moe_rows"), order_X, inv_X, w_TK).astype(x_TD.dtype)
+        y_XD = grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm, pairs=pairs, down=down)
+    y_XD = checkpoint_name(y_XD, "moe_rows")
+    if down is not None:  # rows already in the assignments' order
+        return weighted_sum(y_XD.reshape(T, K, -1), w_TK).astype(x_TD.dtype)
+    return unsort_sum(y_XD, order_X, inv_X, w_TK).astype(x_TD.dtype)
 
 
-def grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm, pairs: bool = False, gu_XI2=None):
+def grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm, pairs: bool = False, gu_XI2=None, down=None):
     """silu(x W_gate) * (x W_up) W_down over rows sorted by expert, with `gmm(x, w)` a grouped matmul. With
     ops.LARGE_GROUP_ROWS rows per expert or more on average (training, prefill), gate and up are one grouped
     matmul against [E, D, 2I]: the rows are read once, one kernel of twice the width, and in the backward one
     input gradient instead of two summed. pairs: gmm takes the pair (W_gate, W_up) for that product
     (`ops.grouped_matmul`, which may compute it without concatenating the weights); else they are concatenated
     here. With fewer rows (decode steps) the weights' reads dominate and joining them would copy them every step:
-    two grouped matmuls. gu_XI2: the joined gate / up product already made (xs_XD unused)."""
+    two grouped matmuls. gu_XI2: the joined gate / up product already made (xs_XD unused). down(h, w_down): the
+    down product (default gmm)."""
     E, _, I = w_gate_EDI.shape
     if gu_XI2 is not None:
         g_XI, u_XI = gu_XI2[:, :I], gu_XI2[:, I:]
@@ -280,7 +291,7 @@ def grouped_swiglu(xs_XD, w_gate_EDI, w_up_EDI, w_down_EID, gmm, pairs: bool = F
         w_gu = (w_gate_EDI, w_up_EDI) if pairs else jnp.concatenate([w_gate_EDI, w_up_EDI], axis=-1)
         gu_XI2 = checkpoint_name(gmm(xs_XD, w_gu), "moe_rows")
         g_XI, u_XI = gu_XI2[:, :I], gu_XI2[:, I:]
-    return gmm(checkpoint_name(jax.nn.silu(g_XI) * u_XI, "moe_rows"), w_down_EID)
+    return (down or gmm)(checkpoint_name(jax.nn.silu(g_XI) * u_XI, "moe_rows"), w_down_EID)
 
 
 def block_rows(X: int, E: int) -> int:
@@ -295,11 +306,14 @@ def routed_experts(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, kernels
     if ops.resolve(kernels, x_TD.dtype) == "tokamax":
         # every (token, expert) assignment is a row of some group: no rows past the groups to zero
         gmm = lambda x, w, g: ops.grouped_matmul(x, w, g, "tokamax", all_rows=True)  # noqa: E731
-        rows = None
+        rows = unsorted = None
         if ops.gathers_rows(x_TD, idx_TK.size, w_gate_EDI, w_up_EDI, "tokamax"):  # (the GPU's Triton pair)
             rows = lambda x, r, i, g: ops.grouped_matmul_rows(x, r, i, w_gate_EDI, w_up_EDI, g, True)  # noqa: E731
+        if ops.scatters_rows(jax.ShapeDtypeStruct((idx_TK.size, w_down_EID.shape[1]), x_TD.dtype), w_down_EID,
+                             "tokamax"):
+            unsorted = ops.grouped_matmul_unsorted
         return routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, ragged_dot=gmm,
-                                       pairs=True, rows_product=rows)
+                                       pairs=True, rows_product=rows, unsorted_product=unsorted)
     block = block_rows(idx_TK.size, w_gate_EDI.shape[0])
     return routed_experts_blocked(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, block=block)
 

@@ -619,6 +619,46 @@ def _rows_bwd(all_rows, res, dy_MN):
 grouped_matmul_rows.defvjp(_rows_fwd, _rows_bwd)
 
 
+# The experts' down product with its rows put back in token order by the kernel's stores (row m of the sorted
+# product stored at row order[m]): no unsort gather in the forward (`moe.unsort_sum`'s permutation), and in the
+# backward the sorted cotangent rows are read from the token-order cotangent in the kernels' loads (the gradient of
+# that gather: ~35 ms of an H100 update in 8 micro-batches, docs/LOG.md session 29).
+SCATTER_ROWS = False  # True: stores in token order (untimed; bench/grpo_bench.py --ops SCATTER_ROWS=True)
+
+
+def scatters_rows(h_MI, w_GIN, kernels: str = "auto") -> bool:
+    """Whether `grouped_matmul_unsorted` takes the kernels (SCATTER_ROWS, on the GPU's tokamax path with gmm_grad's
+    Triton row kernels for the forward and the input gradient): else the caller unsorts the rows itself."""
+    M, G = h_MI.shape[0], w_GIN.shape[0]
+    return (SCATTER_ROWS and resolve(kernels, h_MI.dtype) == "tokamax" and platform() in ("gpu", "cuda")
+            and _gmm_choice("GMM_FORWARD", False) and _gmm_choice("GMM_INPUT_GRAD", False)
+            and M >= LARGE_GROUP_ROWS * G and gmm_grad.rows_supported(w_GIN.shape[1], w_GIN.shape[2])
+            and gmm_grad.supported(w_GIN.shape[1], w_GIN.shape[2]))
+
+
+@jax.custom_vjp
+def grouped_matmul_unsorted(h_MI, w_GIN, sizes_G, order_M):
+    """[M, N]: `grouped_matmul(h, w, sizes)` (h's rows sorted by group, every row in a group) with row m stored at
+    row order_M[m]: the rows in the order before the sort (`scatters_rows` says when the caller may take it)."""
+    return _unsorted_fwd(h_MI, w_GIN, sizes_G, order_M)[0]
+
+
+def _unsorted_fwd(h_MI, w_GIN, sizes_G, order_M):
+    y_MN = gmm_grad.grouped_matmul(h_MI, w_GIN, sizes_G, dst_M=order_M)
+    return y_MN, (h_MI, w_GIN, sizes_G, order_M)
+
+
+def _unsorted_bwd(res, dy_MN):
+    h_MI, w_GIN, sizes_G, order_M = res
+    dy_MN = dy_MN.astype(h_MI.dtype)  # (token order; the kernels read row order[m] for sorted row m)
+    dh_MI = gmm_grad.grouped_dx(dy_MN, w_GIN, sizes_G, rows_M=order_M)
+    dw_GIN = gmm_grad.grouped_dw(h_MI, dy_MN, sizes_G, out_dtype=w_GIN.dtype, dy_rows_M=order_M)
+    return dh_MI, dw_GIN, None, None
+
+
+grouped_matmul_unsorted.defvjp(_unsorted_fwd, _unsorted_bwd)
+
+
 # ---- LM head + cross-entropy --------------------------------------------------------------------
 
 def _chunks(B: int, T: int):
