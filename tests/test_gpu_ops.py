@@ -111,7 +111,7 @@ def test_grouped_matmul_rows_bf16_equals_sorted_copy(monkeypatch, gather, scatte
     and `moe.unsort_sum`'s gather (the same kernels on the same values: equal up to the reduction order of x's
     gradient), both through `moe.routed_experts`."""
     from deepjax.model import moe
-    T, A, E, D, I = 2048, 6, 64, 1024, 512
+    T, A, E, D, I = 4096, 6, 64, 1024, 512  # (T * A >= ops.LARGE_GROUP_ROWS * E: the training paths)
     ks = jax.random.split(jax.random.key(1), 7)
     idx = jnp.argsort(jax.random.uniform(ks[0], (T, E)), axis=1)[:, :A].astype(jnp.int32)
     w = jax.random.uniform(ks[1], (T, A))

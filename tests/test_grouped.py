@@ -203,6 +203,8 @@ def test_dispatch_kernel_equals_counting(T_, A_, X_, bm):
         KG.dispatch_kernel(jnp.zeros((24, 2), jnp.int32), X_, bm, "interpret")
     with pytest.raises(ValueError, match="multiple of 16"):
         KG.dispatch_kernel(jnp.zeros((KG.DISPATCH_KERNEL_MAX_TOKENS + 16, 2), jnp.int32), X_, bm, "interpret")
+    with pytest.raises(ValueError, match="experts"):
+        KG.dispatch_kernel(jnp.zeros((16, 2), jnp.int32), KG.DISPATCH_KERNEL_MAX_EXPERTS + 1, bm, "interpret")
 
 
 def test_dispatch_kernel_lowers_for_gpu():

@@ -89,7 +89,8 @@ def grouped_dw(x_MK, dy_MN, sizes_G, interpret: bool | None = None, out_dtype=jn
     weight of a pair whose products were joined: no slice of dy or of a joint gradient). interpret: None runs
     Triton on GPU and the interpreter elsewhere. rows_M (int32 [M]): x's rows by index, x [T, K] and row r of the
     product x[rows_M[r]] (the experts' sorted rows read from the tokens: no [M, K] copy); dy_rows_M likewise for
-    dy's rows (dy [M', N], row r of the product dy[dy_rows_M[r]])."""
+    dy's rows (dy [M', N], row r of the product dy[dy_rows_M[r]]). Every index must be a row of its array, also
+    for rows outside the groups: the gathered loads are unmasked (Triton would read out of bounds)."""
     M, K = x_MK.shape if rows_M is None else (rows_M.shape[0], x_MK.shape[1])
     c0, N = cols if cols is not None else (0, dy_MN.shape[1])
     if c0 < 0 or N < 1 or c0 + N > dy_MN.shape[1] or (dy_MN.shape[0] if dy_rows_M is None else dy_rows_M.size) != M:
@@ -286,8 +287,9 @@ def grouped_matmul(x_MK, w_GKN, sizes_G, interpret: bool | None = None, w2_GKN=N
     w2_GKN, [M, N + N2]: the products with w and w2 side by side, as against their concatenation, without forming
     it. Rows past sum(sizes) left undefined. Timed against tokamax's forward by `bench/ragged_dot_tune.py
     --rows-kernels`. rows_M (int32 [M]): the rows by index, x [T, K] and row r of the product x[rows_M[r]] (the
-    experts' rows read from the tokens in the kernel's loads: no sorted [M, K] copy). dst_M (int32 [M], a
-    permutation): row r of the product stored at output row dst_M[r] (the experts' rows put back in token order by
-    the kernel's stores: no unsort gather)."""
+    experts' rows read from the tokens in the kernel's loads: no sorted [M, K] copy; every index a row of x, also
+    outside the groups: the gathered loads are unmasked). dst_M (int32 [M], a permutation): row r of the product
+    stored at output row dst_M[r] (the experts' rows put back in token order by the kernel's stores: no unsort
+    gather); rows r past sum(sizes) leave row dst_M[r] undefined."""
     ws = (w_GKN,) if w2_GKN is None else (w_GKN, w2_GKN)
     return _rows_call(x_MK, ws, sizes_G, False, interpret, "grouped_matmul", rows_M, dst_M)

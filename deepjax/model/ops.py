@@ -638,8 +638,10 @@ def scatters_rows(h_MI, w_GIN, kernels: str = "auto") -> bool:
 
 @jax.custom_vjp
 def grouped_matmul_unsorted(h_MI, w_GIN, sizes_G, order_M):
-    """[M, N]: `grouped_matmul(h, w, sizes)` (h's rows sorted by group, every row in a group) with row m stored at
-    row order_M[m]: the rows in the order before the sort (`scatters_rows` says when the caller may take it)."""
+    """[M, N]: `grouped_matmul(h, w, sizes)` (h's rows sorted by group) with row m stored at row order_M[m]: the
+    rows in the order before the sort (`scatters_rows` says when the caller may take it). Every row must be in a
+    group (sum(sizes) == M, as the dropless experts' bincount): rows past the groups are left undefined, in the
+    output and in h's gradient."""
     return _unsorted_fwd(h_MI, w_GIN, sizes_G, order_M)[0]
 
 
