@@ -279,6 +279,39 @@ def test_decode_path_equals_full_forward(name, path):
     _assert_matches(name, path)
 
 
+def test_candidates_at_16_rows_take_their_kernels():
+    """pallas_apart's settings at 16 rows a step (the contract's 3 rows fall back to XLA's dispatch): its fused
+    layers take the route kernel and `grouped.dispatch_kernel` (named in the step's jaxpr), the routes it records
+    are the default grouped decode's, and its logits and cache equal that path's (float32, interpreted)."""
+    cfg, graphdef, params, _ = _model("noaux_sig")
+    B, P = 16, 4
+    rng = np.random.default_rng(3)
+    prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, P)), jnp.int32)
+    tok = jnp.asarray(rng.integers(0, cfg.vocab_size, (B,)), jnp.int32)
+    model = nnx.merge(graphdef, params)
+    S = P + 4
+    cache = SP.prefill(model, prompts, jnp.full((B,), P, jnp.int32), SP.init_cache(cfg, B, S),
+                       SP.prefill_experts_fn(cfg))[1]
+
+    def step(tuning):
+        layers = SP.fuse_layers(model, B, "interpret", S, tuning=KN.tuning(tuning))
+        return SP.decode_step(model, tok, jnp.full((B,), P, jnp.int32), cache, None, "absorbed", layers,
+                              return_routes=True)
+
+    at16 = ("grouped.decode_min_tokens=16",)  # (the grouped decode from 16 rows a step)
+    apart = at16 + ("route.max_tokens=16", "route.logits=False", "route.bt=4", "grouped.shared_dense=True",
+                    "grouped.dispatch_kernel=True")
+    grouped = at16 + ("route.max_tokens=8",)
+    text = str(jax.make_jaxpr(lambda: step(apart))())
+    assert "name=dispatch" in text and "name=route" in text
+    assert "name=dispatch" not in str(jax.make_jaxpr(lambda: step(grouped))())
+    (lg, c, r), (lg0, c0, r0) = jax.jit(lambda: step(apart))(), jax.jit(lambda: step(grouped))()
+    np.testing.assert_array_equal(np.asarray(r), np.asarray(r0))
+    np.testing.assert_allclose(np.asarray(lg), np.asarray(lg0), atol=ATOL, rtol=0)
+    for a, b in zip(jax.tree.leaves(c), jax.tree.leaves(c0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL, rtol=0)
+
+
 def test_design_covers_the_axes():
     """The module docstring's claims about DESIGN."""
     cfgs = {name: make_config(name) for name in DESIGN}
