@@ -18,7 +18,8 @@ import pytest
 from deepjax import model as M
 from deepjax.model import gmm_grad, ops, presets
 
-ops_rows, ops_unsorted = ops.grouped_matmul_rows, ops.grouped_matmul_unsorted  # (unpatched: a test counts calls)
+ops_rows, ops_unsorted = gmm_grad.grouped_matmul_rows, gmm_grad.grouped_matmul_unsorted  # (unpatched: a test counts
+# calls)
 
 has_tokamax = ops._tokamax() is not None
 needs_tokamax = pytest.mark.skipif(not has_tokamax, reason="tokamax needs Python >= 3.12 and jax >= 0.11.1")
@@ -482,11 +483,11 @@ def test_pair_custom_vjp_on_cpu(monkeypatch, input_grad, M_, sizes):
 
 @pytest.mark.parametrize("gather,scatter", [(True, False), (False, True), (True, True)])
 def test_grouped_matmul_rows_equals_sorted_copy(monkeypatch, gather, scatter):
-    """`ops.grouped_matmul_rows` (the experts' gate / up product with x's rows gathered in the Triton kernels) and
-    `ops.grouped_matmul_unsorted` (the down product stored in token order, its gradients reading the token-order
-    cotangent by index), run here in the Pallas interpreter inside `moe.routed_experts_dropless`: the output and
-    every gradient equal the path through `moe.sorted_tokens`' copy and `moe.unsort_sum`'s gather; `gathers_rows`
-    and `scatters_rows` keep them off the CPU's products."""
+    """`gmm_grad.grouped_matmul_rows` (the experts' gate / up product with x's rows gathered in the Triton kernels)
+    and `gmm_grad.grouped_matmul_unsorted` (the down product stored in token order, its gradients reading the
+    token-order cotangent by index), run here in the Pallas interpreter inside `moe.routed_experts_dropless`: the
+    output and every gradient equal the path through `moe.sorted_tokens`' copy and `moe.unsort_sum`'s gather;
+    `gathers_rows` and `scatters_rows` keep them off the CPU's products."""
     from deepjax.model import moe
     monkeypatch.setitem(gmm_grad.ROW_TILES, "bm", 8)  # several row blocks, some straddling experts
     T, A, E, D, I = 30, 3, 5, 32, 16
@@ -501,9 +502,9 @@ def test_grouped_matmul_rows_equals_sorted_copy(monkeypatch, gather, scatter):
     gmm = lambda x, w, g: ops.grouped_matmul(x, w, g, "xla")  # noqa: E731
 
     def loss(new, x, w, wg, wu, wd):
-        rows = (lambda x, r, i, g: ops.grouped_matmul_rows(x, r, i, wg, wu, g, True)) if new and gather else None  # noqa
+        rows = (lambda x, r, i, g: gmm_grad.grouped_matmul_rows(x, r, i, wg, wu, g)) if new and gather else None  # noqa
         y = moe.routed_experts_dropless(x, w, idx, wg, wu, wd, ragged_dot=gmm, pairs=True, rows_product=rows,
-                                        unsorted_product=ops.grouped_matmul_unsorted if new and scatter else None)
+                                        unsorted_product=gmm_grad.grouped_matmul_unsorted if new and scatter else None)
         return jnp.sum(y * ct), y
 
     (l1, y1), g1 = jax.value_and_grad(functools.partial(loss, True), argnums=range(5), has_aux=True)(x, w, wg, wu, wd)
@@ -513,7 +514,7 @@ def test_grouped_matmul_rows_equals_sorted_copy(monkeypatch, gather, scatter):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert not ops.gathers_rows(x.astype(jnp.bfloat16), T * A, wg, wu, "auto")  # CPU: the copy
     monkeypatch.setattr(ops, "SCATTER_ROWS", True)
-    assert not ops.scatters_rows(jnp.zeros((T * A, I), jnp.bfloat16), wd, "auto")  # CPU: the unsort
+    assert not ops.scatters_rows(x.astype(jnp.bfloat16), T * A, wd, "auto")  # CPU: the unsort
 
 
 def test_grouped_matmul_takes_pairs(monkeypatch):
@@ -595,8 +596,8 @@ def test_gpu_train_step_lowers_with_its_kernels(monkeypatch, gmm, rows):
     monkeypatch.setattr(ops, "GATHER_ROWS", rows)
     monkeypatch.setattr(ops, "SCATTER_ROWS", rows)
     taken = []
-    monkeypatch.setattr(ops, "grouped_matmul_rows", lambda *a: taken.append("rows") or ops_rows(*a))
-    monkeypatch.setattr(ops, "grouped_matmul_unsorted", lambda *a: taken.append("unsorted") or ops_unsorted(*a))
+    monkeypatch.setattr(gmm_grad, "grouped_matmul_rows", lambda *a: taken.append("rows") or ops_rows(*a))
+    monkeypatch.setattr(gmm_grad, "grouped_matmul_unsorted", lambda *a: taken.append("unsorted") or ops_unsorted(*a))
     cfg = dataclasses.replace(presets.bench(), num_hidden_layers=3, vocab_size=512, dtype="bfloat16",
                               param_dtype="bfloat16", remat="none", layer_loop="python", kernels="auto")
     graphdef, params = M.abstract_init(cfg)[:2]

@@ -293,3 +293,61 @@ def grouped_matmul(x_MK, w_GKN, sizes_G, interpret: bool | None = None, w2_GKN=N
     gather); rows r past sum(sizes) leave row dst_M[r] undefined."""
     ws = (w_GKN,) if w2_GKN is None else (w_GKN, w2_GKN)
     return _rows_call(x_MK, ws, sizes_G, False, interpret, "grouped_matmul", rows_M, dst_M)
+
+
+# ---- the experts' rows gathered from the tokens / stored back in token order, with their gradients ------------------
+# (`ops.gathers_rows` / `ops.scatters_rows` say when the routed experts take them)
+
+@jax.custom_vjp
+def grouped_matmul_rows(x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G):
+    """[M, Na + Nb]: `grouped_matmul(x_TK[rows_M], wa, sizes_G, w2_GKN=wb)` with x's rows gathered in the kernels'
+    loads (no sorted [M, K] copy, nor such a residual). rows_M [M] int32: the sorted rows' tokens, each token
+    A = M / T times; inv_M: the sorted position of assignment t * A + a (so rows_M[inv_M] = repeat(arange(T), A)).
+    Every row must be in a group (the dropless experts' bincount): rows past the groups are left undefined. x's
+    gradient: the sorted input gradient put in token order and summed over each token's A rows, as
+    `moe.sorted_tokens`' gradient."""
+    return _rows_fwd(x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G)[0]
+
+
+def _rows_fwd(x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G):
+    y_MN = grouped_matmul(x_TK, wa_GKN, sizes_G, w2_GKN=wb_GKN, rows_M=rows_M)
+    return y_MN, (x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G)
+
+
+def _rows_bwd(res, dy_MN):
+    x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G = res
+    dy_MN = dy_MN.astype(x_TK.dtype)
+    (T, K), M, Na = x_TK.shape, rows_M.shape[0], wa_GKN.shape[2]
+    dxs_MK = grouped_dx(dy_MN, wa_GKN, sizes_G, w2_GKN=wb_GKN)
+    # each token's A rows: gathered into token order, then summed (the transpose of `moe.sorted_tokens`' repeat)
+    dx_TK = jax.lax.reduce_sum(dxs_MK.at[inv_M].get(unique_indices=True).reshape(T, M // T, K), (1,))
+    dwa = grouped_dw(x_TK, dy_MN, sizes_G, out_dtype=wa_GKN.dtype, cols=(0, Na), rows_M=rows_M)
+    dwb = grouped_dw(x_TK, dy_MN, sizes_G, out_dtype=wb_GKN.dtype, cols=(Na, wb_GKN.shape[2]), rows_M=rows_M)
+    return dx_TK, None, None, dwa, dwb, None
+
+
+grouped_matmul_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
+@jax.custom_vjp
+def grouped_matmul_unsorted(h_MI, w_GIN, sizes_G, order_M):
+    """[M, N]: `grouped_matmul(h, w, sizes)` (h's rows sorted by group) with row m stored at row order_M[m]: the
+    rows in the order before the sort (no unsort gather). Its backward reads the sorted cotangent rows from the
+    token-order cotangent in the kernels' loads. Every row must be in a group (sum(sizes) == M, as the dropless
+    experts' bincount): rows past the groups are left undefined, in the output and in h's gradient."""
+    return _unsorted_fwd(h_MI, w_GIN, sizes_G, order_M)[0]
+
+
+def _unsorted_fwd(h_MI, w_GIN, sizes_G, order_M):
+    return grouped_matmul(h_MI, w_GIN, sizes_G, dst_M=order_M), (h_MI, w_GIN, sizes_G, order_M)
+
+
+def _unsorted_bwd(res, dy_MN):
+    h_MI, w_GIN, sizes_G, order_M = res
+    dy_MN = dy_MN.astype(h_MI.dtype)  # (token order; the kernels read row order[m] for sorted row m)
+    dh_MI = grouped_dx(dy_MN, w_GIN, sizes_G, rows_M=order_M)
+    dw_GIN = grouped_dw(h_MI, dy_MN, sizes_G, out_dtype=w_GIN.dtype, dy_rows_M=order_M)
+    return dh_MI, dw_GIN, None, None
+
+
+grouped_matmul_unsorted.defvjp(_unsorted_fwd, _unsorted_bwd)

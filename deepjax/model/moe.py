@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from deepjax.model import ops
+from deepjax.model import gmm_grad, ops
 from deepjax.model.config import ModelConfig
 from deepjax.model.layers import MLP, Param, RouterBias, dtype_of, normal_init
 
@@ -247,9 +247,10 @@ def routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID
                             pairs: bool = False, rows_product=None, unsorted_product=None):
     """Every token to each of its K experts: sort the T*K assignments by expert, grouped matmuls, unsort. pairs:
     ragged_dot takes a pair of weights for joined products (`grouped_swiglu`). rows_product(x, rows, inv, sizes):
-    the joined gate / up product of the sorted rows read from x itself (`ops.grouped_matmul_rows`: rows = each
+    the joined gate / up product of the sorted rows read from x itself (`gmm_grad.grouped_matmul_rows`: rows = each
     sorted assignment's token), instead of a sorted copy of x. unsorted_product(h, w_down, sizes, order): the down
-    product with its rows stored in the assignments' order (`ops.grouped_matmul_unsorted`), instead of an unsort."""
+    product with its rows stored in the assignments' order (`gmm_grad.grouped_matmul_unsorted`), instead of an
+    unsort."""
     T, K = idx_TK.shape
     E = w_gate_EDI.shape[0]
     flat_X = idx_TK.reshape(-1)
@@ -308,10 +309,9 @@ def routed_experts(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, kernels
         gmm = lambda x, w, g: ops.grouped_matmul(x, w, g, "tokamax", all_rows=True)  # noqa: E731
         rows = unsorted = None
         if ops.gathers_rows(x_TD, idx_TK.size, w_gate_EDI, w_up_EDI, "tokamax"):  # (the GPU's Triton pair)
-            rows = lambda x, r, i, g: ops.grouped_matmul_rows(x, r, i, w_gate_EDI, w_up_EDI, g, True)  # noqa: E731
-        if ops.scatters_rows(jax.ShapeDtypeStruct((idx_TK.size, w_down_EID.shape[1]), x_TD.dtype), w_down_EID,
-                             "tokamax"):
-            unsorted = ops.grouped_matmul_unsorted
+            rows = lambda x, r, i, g: gmm_grad.grouped_matmul_rows(x, r, i, w_gate_EDI, w_up_EDI, g)  # noqa: E731
+        if ops.scatters_rows(x_TD, idx_TK.size, w_down_EID, "tokamax"):
+            unsorted = gmm_grad.grouped_matmul_unsorted
         return routed_experts_dropless(x_TD, w_TK, idx_TK, w_gate_EDI, w_up_EDI, w_down_EID, ragged_dot=gmm,
                                        pairs=True, rows_product=rows, unsorted_product=unsorted)
     block = block_rows(idx_TK.size, w_gate_EDI.shape[0])

@@ -571,94 +571,32 @@ def _pair_bwd(all_rows, res, dy_MN):
 _grouped_matmul_pair_gpu.defvjp(_pair_fwd, _pair_bwd)
 
 
-# The experts' first product with its rows read from the tokens: x_TK[rows_M] against a pair of weights, where
-# rows_M = order // A (each sorted assignment's token) and inv_M the inverse of the sort. The forward and the pair's
-# weight gradients gather x's rows in the kernels' loads, so neither the sorted [M, K] copy (a gather kernel of ~29
-# ms an H100 update of 8 micro-batches, docs/LOG.md session 29) nor its residual (M x K per MoE layer) exists; the
-# input gradient comes in sorted rows and is summed into each token's row by the inverse permutation, as
-# `moe.sorted_tokens`' gradient does.
-GATHER_ROWS = False  # True: gathered (untimed; bench/grpo_bench.py --ops GATHER_ROWS=True); False: the sorted copy
+# The experts' rows read from the tokens and stored back in token order inside gmm_grad's Triton row kernels
+# (`gmm_grad.grouped_matmul_rows`, `gmm_grad.grouped_matmul_unsorted`): no sorted [M, K] copy of the tokens nor its
+# residual (a gather kernel of ~29 ms of an H100 update in 8 micro-batches, docs/LOG.md session 29), and no unsort
+# gather forward or backward (~35 ms there). Untimed: bench/grpo_bench.py --ops GATHER_ROWS=True SCATTER_ROWS=True.
+GATHER_ROWS = False  # the gate / up product reads each sorted row from the tokens (False: the sorted copy)
+SCATTER_ROWS = False  # the down product stores its rows in token order (False: the unsort gather)
 
 
 def gathers_rows(x_TK, n_rows: int, wa_GKN, wb_GKN, kernels: str = "auto") -> bool:
-    """Whether `grouped_matmul_rows` takes the gathered kernels for these shapes (GATHER_ROWS, on the GPU's tokamax
-    path where the pair's product runs on gmm_grad's Triton row kernels): else the caller copies the sorted rows."""
+    """Whether the experts' gate / up product of n_rows sorted rows takes `gmm_grad.grouped_matmul_rows` (GATHER_ROWS,
+    on the GPU's tokamax path where the pair's product runs on gmm_grad's Triton row kernels): else the caller
+    copies the sorted rows."""
     return (GATHER_ROWS and resolve(kernels, x_TK.dtype) == "tokamax" and platform() in ("gpu", "cuda")
             and _pair_on_triton(jax.ShapeDtypeStruct((n_rows, x_TK.shape[1]), x_TK.dtype), wa_GKN, wb_GKN)
             and _gmm_choice("GMM_INPUT_GRAD", True))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def grouped_matmul_rows(x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G, all_rows: bool = False):
-    """[M, Na + Nb]: `grouped_matmul(x_TK[rows_M], (wa, wb), sizes_G)` with x's rows gathered in the kernels (see
-    above; `gathers_rows` says when the caller may take it). rows_M [M] int32: the sorted rows' tokens, each token
-    A = M / T times; inv_M: the sorted position of assignment t * A + a (so rows_M[inv_M] = repeat(arange(T), A))."""
-    return _rows_fwd(x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G, all_rows)[0]
-
-
-def _rows_fwd(x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G, all_rows):
-    y_MN = gmm_grad.grouped_matmul(x_TK, wa_GKN, sizes_G, w2_GKN=wb_GKN, rows_M=rows_M)
-    y_MN = y_MN if all_rows else _rows_in_groups(y_MN, sizes_G)
-    return y_MN, (x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G)
-
-
-def _rows_bwd(all_rows, res, dy_MN):
-    x_TK, rows_M, inv_M, wa_GKN, wb_GKN, sizes_G = res
-    dy_MN = dy_MN.astype(x_TK.dtype)
-    (T, K), M, Na = x_TK.shape, rows_M.shape[0], wa_GKN.shape[2]
-    dxs_MK = gmm_grad.grouped_dx(dy_MN, wa_GKN, sizes_G, w2_GKN=wb_GKN)
-    dxs_MK = dxs_MK if all_rows else _rows_in_groups(dxs_MK, sizes_G)
-    # each token's A rows: gathered into token order, then summed (the transpose of `moe.sorted_tokens`' repeat)
-    dx_TAK = dxs_MK.at[inv_M].get(unique_indices=True).reshape(T, M // T, K)
-    dx_TK = jax.lax.reduce_sum(dx_TAK, (1,))
-    dwa = gmm_grad.grouped_dw(x_TK, dy_MN, sizes_G, out_dtype=wa_GKN.dtype, cols=(0, Na), rows_M=rows_M)
-    dwb = gmm_grad.grouped_dw(x_TK, dy_MN, sizes_G, out_dtype=wb_GKN.dtype, cols=(Na, wb_GKN.shape[2]), rows_M=rows_M)
-    return dx_TK, None, None, dwa, dwb, None
-
-
-grouped_matmul_rows.defvjp(_rows_fwd, _rows_bwd)
-
-
-# The experts' down product with its rows put back in token order by the kernel's stores (row m of the sorted
-# product stored at row order[m]): no unsort gather in the forward (`moe.unsort_sum`'s permutation), and in the
-# backward the sorted cotangent rows are read from the token-order cotangent in the kernels' loads (the gradient of
-# that gather: ~35 ms of an H100 update in 8 micro-batches, docs/LOG.md session 29).
-SCATTER_ROWS = False  # True: stores in token order (untimed; bench/grpo_bench.py --ops SCATTER_ROWS=True)
-
-
-def scatters_rows(h_MI, w_GIN, kernels: str = "auto") -> bool:
-    """Whether `grouped_matmul_unsorted` takes the kernels (SCATTER_ROWS, on the GPU's tokamax path with gmm_grad's
-    Triton row kernels for the forward and the input gradient): else the caller unsorts the rows itself."""
-    M, G = h_MI.shape[0], w_GIN.shape[0]
-    return (SCATTER_ROWS and resolve(kernels, h_MI.dtype) == "tokamax" and platform() in ("gpu", "cuda")
+def scatters_rows(x_TK, n_rows: int, w_GIN, kernels: str = "auto") -> bool:
+    """Whether the experts' down product of n_rows sorted rows (in x's dtype) takes
+    `gmm_grad.grouped_matmul_unsorted` (SCATTER_ROWS, on the GPU's tokamax path with gmm_grad's Triton row kernels
+    for the forward and the input gradient): else the caller unsorts the rows itself."""
+    K, N = w_GIN.shape[1], w_GIN.shape[2]
+    return (SCATTER_ROWS and resolve(kernels, x_TK.dtype) == "tokamax" and platform() in ("gpu", "cuda")
             and _gmm_choice("GMM_FORWARD", False) and _gmm_choice("GMM_INPUT_GRAD", False)
-            and M >= LARGE_GROUP_ROWS * G and gmm_grad.rows_supported(w_GIN.shape[1], w_GIN.shape[2])
-            and gmm_grad.supported(w_GIN.shape[1], w_GIN.shape[2]))
-
-
-@jax.custom_vjp
-def grouped_matmul_unsorted(h_MI, w_GIN, sizes_G, order_M):
-    """[M, N]: `grouped_matmul(h, w, sizes)` (h's rows sorted by group) with row m stored at row order_M[m]: the
-    rows in the order before the sort (`scatters_rows` says when the caller may take it). Every row must be in a
-    group (sum(sizes) == M, as the dropless experts' bincount): rows past the groups are left undefined, in the
-    output and in h's gradient."""
-    return _unsorted_fwd(h_MI, w_GIN, sizes_G, order_M)[0]
-
-
-def _unsorted_fwd(h_MI, w_GIN, sizes_G, order_M):
-    y_MN = gmm_grad.grouped_matmul(h_MI, w_GIN, sizes_G, dst_M=order_M)
-    return y_MN, (h_MI, w_GIN, sizes_G, order_M)
-
-
-def _unsorted_bwd(res, dy_MN):
-    h_MI, w_GIN, sizes_G, order_M = res
-    dy_MN = dy_MN.astype(h_MI.dtype)  # (token order; the kernels read row order[m] for sorted row m)
-    dh_MI = gmm_grad.grouped_dx(dy_MN, w_GIN, sizes_G, rows_M=order_M)
-    dw_GIN = gmm_grad.grouped_dw(h_MI, dy_MN, sizes_G, out_dtype=w_GIN.dtype, dy_rows_M=order_M)
-    return dh_MI, dw_GIN, None, None
-
-
-grouped_matmul_unsorted.defvjp(_unsorted_fwd, _unsorted_bwd)
+            and n_rows >= LARGE_GROUP_ROWS * w_GIN.shape[0] and gmm_grad.rows_supported(K, N)
+            and gmm_grad.supported(K, N))
 
 
 # ---- LM head + cross-entropy --------------------------------------------------------------------

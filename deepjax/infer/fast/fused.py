@@ -441,6 +441,7 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
     apart = "shared_gu" in f
     X = E if apart else E + cfg.n_shared_experts
     add_shared = (lambda y: y + _mlp(h, f["shared_gu"], f["shared_down"])) if apart else (lambda y: y)  # noqa: E731
+    with_shared = (lambda w, i: (w, i)) if apart else (lambda w, i: _with_shared(w, i, cfg))  # noqa: E731
     if use.get("route") and w["tuning"]["route"]["logits"]:  # the K routed experts, then the S shared ones (weight
         # 1), dense weights [T, E]; the kernel computes the norm and the router logits itself from x: it runs
         # beside gate/up (see `kernels.route`)
@@ -450,8 +451,7 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
         logits_TE = (router_logits_from_parts(h, f["router_parts"]) if "router_parts" in f
                      else router_logits(h, f["router"].T))
         if prefill:  # top-k routing (sorts are cheap next to T tokens' experts), then grouped matmuls
-            w_TX, idx_TX = moe_route(logits_TE, f["bias"], cfg)[:2]
-            w_TX, idx_TX = (w_TX, idx_TX) if apart else _with_shared(w_TX, idx_TX, cfg)
+            w_TX, idx_TX = with_shared(*moe_route(logits_TE, f["bias"], cfg)[:2])
             w_gu = f["w_gu"].reshape(X, -1, D)  # the flat layout [X * 2I, D] is the same array
             y = KG.experts_grouped(h, w_TX, idx_TX, w_gu, f["w_down"], w["kernels"]["grouped"],
                                    flat=not w["gathered"], distinct=True, **KG.options(w["tuning"]["grouped"]))
@@ -459,10 +459,8 @@ def _ffn_step(w: dict, x_BTD, kv_BSc, use: dict, prefill: bool):
         if use.get("route"):
             idx_TX, w_TX, dense_TE = KN.route(logits_TE, f["bias"], cfg, use["route"], table=w["tuning"],
                                               shared=not apart)
-        elif apart:
-            (w_TX, idx_TX), dense_TE = route_by_rank(logits_TE, f["bias"], cfg), None
         else:
-            (w_TX, idx_TX), dense_TE = _with_shared(*route_by_rank(logits_TE, f["bias"], cfg), cfg), None
+            (w_TX, idx_TX), dense_TE = with_shared(*route_by_rank(logits_TE, f["bias"], cfg)), None
     if use.get("experts"):  # gate/up + SwiGLU, then the down projection (kernels), weighted sum + residual
         x_TD = KN.experts_gathered(h, x_BTD.reshape(B * T, D), idx_TX, w_TX, f["w_gu"], f["w_down"], use["experts"],
                                    w["tuning"])

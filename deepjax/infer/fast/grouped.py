@@ -354,6 +354,13 @@ DISPATCH_KERNEL_MAX_TOKENS = 2048  # `dispatch_kernel` unrolls its token chunks:
 DISPATCH_KERNEL_MAX_EXPERTS = 128  # its [X, X] and [tokens, X] tiles in registers (bench preset: 64 or 66)
 
 
+def dispatch_kernel_takes(n_tokens: int, n_experts: int) -> bool:
+    """Whether `dispatch_kernel` takes this step: a positive multiple of 16 tokens up to DISPATCH_KERNEL_MAX_TOKENS
+    (token chunks of 16+ rows: tl.dot), at most DISPATCH_KERNEL_MAX_EXPERTS experts."""
+    return (0 < n_tokens <= DISPATCH_KERNEL_MAX_TOKENS and n_tokens % 16 == 0
+            and n_experts <= DISPATCH_KERNEL_MAX_EXPERTS)
+
+
 def _make_dispatch_kernel(T: int, A: int, X: int, bm: int, N: int, pad: int, tc: int, nb: int, barrier: bool):
     """One program: `dispatch`'s counting layout for distinct experts per token. Lanes: Xp = X padded to a power
     of two (Triton's block shapes); tokens in chunks of tc, blocks in chunks of nb, both unrolled, the expert ids
@@ -405,14 +412,12 @@ def dispatch_kernel(idx_TA, n_experts: int, bm: int, mode: str, pad_token: int =
     `dispatch`'s)."""
     T, A = idx_TA.shape
     X = n_experts
+    if not dispatch_kernel_takes(T, X):
+        raise ValueError(f"grouped.dispatch_kernel: {T} tokens, {X} experts; it takes a positive multiple of 16 "
+                         f"tokens up to {DISPATCH_KERNEL_MAX_TOKENS} and up to {DISPATCH_KERNEL_MAX_EXPERTS} experts "
+                         "(`dispatch` takes any)")
     N = n_blocks_bound(T * A, X, bm)
     tc = chunk(T, 128)
-    if not (tc >= 16 and T <= DISPATCH_KERNEL_MAX_TOKENS):
-        raise ValueError(f"grouped.dispatch_kernel: {T} tokens; it takes a positive multiple of 16 up to "
-                         f"{DISPATCH_KERNEL_MAX_TOKENS} (`dispatch` takes any)")
-    if X > DISPATCH_KERNEL_MAX_EXPERTS:
-        raise ValueError(f"grouped.dispatch_kernel: {X} experts; it takes up to {DISPATCH_KERNEL_MAX_EXPERTS} "
-                         "(`dispatch` takes any)")
     nb = 1 << (min(N, max(1, 4096 // bm)).bit_length() - 1)  # blocks a step: a power of two, <= N, <= 4096 rows
     out_shape = (jax.ShapeDtypeStruct((N * bm,), jnp.int32), jax.ShapeDtypeStruct((N,), jnp.int32),
                  jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((T, A), jnp.int32))
@@ -432,9 +437,8 @@ def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm:
     dtype, as the training path's ragged_dot rows; jnp.float32: unrounded); the weighted sum is float32 either
     way. `options` reads gather_rows and y_dtype from a tuning table. distinct: each token's experts in idx_TA are
     distinct (routing's top-k plus the shared experts; `dispatch`), which the callers in `fused` guarantee.
-    dispatch_in_kernel (with distinct, T a positive multiple of 16 up to DISPATCH_KERNEL_MAX_TOKENS, at most
-    DISPATCH_KERNEL_MAX_EXPERTS experts: a decode step, or a prefill that short): the layout from `dispatch_kernel`,
-    one Pallas program, instead of XLA's kernels (the same layout)."""
+    dispatch_in_kernel (with distinct, where `dispatch_kernel_takes` the step: a decode step, or a prefill that
+    short): the layout from `dispatch_kernel`, one Pallas program, instead of XLA's kernels (the same layout)."""
     T, D = x_TD.shape
     A = idx_TA.shape[1]
     X = w_gu.shape[0]
@@ -444,8 +448,7 @@ def experts_grouped(x_TD, w_TA, idx_TA, w_gu, w_down, mode: str, flat: bool, bm:
     # growing from 6 to 81 us a layer once the layout came from counting instead of a scatter)
     # Padding rows read token 0's row (with no tokens, a zero row): their outputs are never gathered by the
     # combine, and x needs no padded copy (a kernel a layer at every decode step)
-    if (dispatch_in_kernel and distinct and T and T % 16 == 0 and T <= DISPATCH_KERNEL_MAX_TOKENS
-            and X <= DISPATCH_KERNEL_MAX_EXPERTS):
+    if dispatch_in_kernel and distinct and dispatch_kernel_takes(T, X):
         layout = dispatch_kernel(idx_TA, X, bm, mode, pad_token=0)
     else:
         layout = dispatch(idx_TA, X, bm, distinct=distinct, pad_token=0)
@@ -477,5 +480,6 @@ def options(table: dict) -> dict:
             "dispatch_in_kernel": bool(table["dispatch_kernel"])}
 
 
-__all__ = ["TUNING", "DOWN_OUT", "block_rows", "decode_block_rows", "dispatch", "dispatch_kernel", "experts_grouped", "grouped_down",
-           "grouped_swiglu", "n_blocks_bound", "options", "supported"]
+__all__ = ["TUNING", "DOWN_OUT", "block_rows", "decode_block_rows", "dispatch", "dispatch_kernel",
+           "dispatch_kernel_takes", "experts_grouped", "grouped_down", "grouped_swiglu", "n_blocks_bound", "options",
+           "supported"]

@@ -425,8 +425,8 @@ def route(logits_TE, bias_E, cfg: ModelConfig, mode: str, x_TD=None, norm_D=None
     out_shape = (jax.ShapeDtypeStruct((T, X), jnp.int32), jax.ShapeDtypeStruct((T, X), jnp.float32),
                  jax.ShapeDtypeStruct((T, E), jnp.float32))
     args += () if bias_E is None else (bias_E.astype(jnp.float32),)
-    return call(_make_route_kernel(cfg, bias_E is not None, bt, bd, eps, dt, shared), mode, out_shape, (T // bt,), "route",
-                 tu["num_warps"])(*args)
+    kernel = _make_route_kernel(cfg, bias_E is not None, bt, bd, eps, dt, shared)
+    return call(kernel, mode, out_shape, (T // bt,), "route", tu["num_warps"])(*args)
 
 
 # ----------------------------------------------------------------------------------------------- step kernels
